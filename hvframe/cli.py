@@ -1,0 +1,87 @@
+"""`hvframe` command line, in bhyve's terms:
+
+    hvframe run [-c N] [-m SIZE] [-s slot,device[,conf]]... [-l dev,conf]... [-o path=value]...
+                [--kernel FILE [--initrd FILE] [--cmdline TEXT]]
+    hvframe devices
+
+Exit status of `run` is bhyve's: 0 reboot, 1 poweroff, 2 halt, 3 triple fault, 4 error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import HvError
+from .machine import EXIT_ERROR
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, bhyve's error status, no usage dump
+        print(f"hvframe: {message} (see `hvframe {self.prog.split()[-1]} --help`)", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hvframe", description="A bhyve-style virtual machine monitor on KVM.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    r = sub.add_parser("run", help="run a guest (the embedded demo guest when none is given)")
+    r.add_argument("-c", dest="cpus", metavar="N", help="vCPUs: N or cpus=N (default 1)")
+    r.add_argument("-m", dest="memory", metavar="SIZE", help="guest RAM, e.g. 512M or 2G (default 256M; bare number = MiB)")
+    r.add_argument("-s", dest="slots", action="append", default=[], metavar="SLOT,EMU[,CONF]",
+                   help="PCI device: slot[:func] or bus:slot:func, device name, options")
+    r.add_argument("-l", dest="lpc", action="append", default=[], metavar="DEV,CONF",
+                   help="LPC device, e.g. com1,stdio / com2,tcp=127.0.0.1:4444")
+    r.add_argument("-o", dest="options", action="append", default=[], metavar="PATH=VALUE",
+                   help="set a configuration value, e.g. cpu.policy=host")
+    r.add_argument("-k", "--kernel", help="kernel to boot directly (PVH ELF or bzImage)")
+    r.add_argument("-i", "--initrd", help="initial ramdisk for --kernel")
+    r.add_argument("-a", "--cmdline", help="kernel command line")
+    r.add_argument("-v", "--verbose", action="store_true", help="say why the guest stopped")
+    r.add_argument("--timeout", type=float, help="stop the guest after this many seconds (exit 4)")
+    sub.add_parser("devices", help="list installed devices, their options and packages")
+    return p
+
+
+def config_from_args(args, registry):
+    from .config import Config
+    from .runner import add_lpc, add_option, add_slot
+    cfg = Config()
+    # -o first, so that explicit options override; then the short forms.
+    for o in args.options:
+        add_option(cfg, o)
+    if args.cpus is not None:
+        cfg.set("cpus", args.cpus)
+    if args.memory is not None:
+        cfg.set("memory.size", args.memory)
+    for s in args.slots:
+        add_slot(cfg, registry, s)
+    for l in args.lpc:
+        add_lpc(cfg, registry, l)
+    for key, value in (("boot.kernel", args.kernel), ("boot.initrd", args.initrd),
+                       ("boot.cmdline", args.cmdline)):
+        if value is not None:
+            cfg.set(key, value)
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        from .plugins import Registry
+        registry = Registry()
+        if args.command == "devices":
+            print(registry.describe())
+            return 0
+        if args.command != "run":
+            make_parser().print_help()
+            return EXIT_ERROR
+        from .runner import run
+        cfg = config_from_args(args, registry)
+        return run(cfg, registry, verbose=args.verbose, timeout=args.timeout)
+    except HvError as e:
+        print(f"hvframe: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""cffi (API mode) build of the native exit-dispatch core: `hvframe.core_native._hvcore`.
+
+Built by `pip install` through setuptools' cffi_modules. KVM structures are declared
+partially (`...;`) so that their layout comes from the system's <linux/kvm.h>.
+"""
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CDEF = r"""
+typedef uint64_t (*hv_native_fn)(void *opaque, uint64_t offset, uint32_t size,
+                                 uint64_t value, int is_write);
+struct hv_bus { int count; uint64_t unclaimed; ...; };
+struct hv_vcpu {
+    int fd; int index; void *run; size_t run_size;
+    volatile int stop;
+    uint32_t last_exit_reason; int last_errno;
+    uint32_t internal_suberror; uint32_t internal_ndata; uint64_t internal_data[16];
+    uint32_t event_type; uint64_t fail_reason;
+    uint64_t exits_io; uint64_t exits_mmio; uint64_t exits_other;
+    ...;
+};
+enum { HV_EXIT_STOPPED, HV_EXIT_SHUTDOWN, HV_EXIT_INTERNAL, HV_EXIT_HLT,
+       HV_EXIT_SYSTEM_EVENT, HV_EXIT_FAIL_ENTRY, HV_EXIT_UNKNOWN, HV_EXIT_ERROR };
+
+extern "Python" uint64_t hv_py_handler(int handle, uint64_t offset, uint32_t size,
+                                      uint64_t value, int is_write);
+
+struct hv_bus *hv_bus_new(void);
+void hv_bus_free(struct hv_bus *b);
+int hv_bus_add(struct hv_bus *b, uint64_t base, uint64_t len, int py_handle,
+               hv_native_fn fn, void *opaque);
+int hv_bus_remove(struct hv_bus *b, uint64_t base);
+uint64_t hv_bus_dispatch(struct hv_bus *b, uint64_t addr, uint32_t size, uint64_t value,
+                         int is_write);
+int hv_bus_count(struct hv_bus *b);
+uint64_t hv_native_sink(void *opaque, uint64_t offset, uint32_t size, uint64_t value, int is_write);
+void hv_synthetic_pio(struct hv_bus *b, const uint16_t *ports, const uint8_t *sizes,
+                      uint64_t *values, const uint8_t *is_write, size_t n);
+void hv_synthetic_mmio(struct hv_bus *b, const uint64_t *addrs, const uint8_t *sizes,
+                       uint64_t *values, const uint8_t *is_write, size_t n);
+
+int hv_init(void);
+struct hv_vcpu *hv_vcpu_new(int fd, int index, size_t run_size, struct hv_bus *pio,
+                            struct hv_bus *mmio);
+void hv_vcpu_free(struct hv_vcpu *v);
+void hv_vcpu_stop(struct hv_vcpu *v);
+int hv_vcpu_run(struct hv_vcpu *v);
+int hv_floor_run(int fd, void *run_area, uint16_t stop_port, uint64_t *exits);
+int hv_ioctl(int fd, unsigned long request, void *arg);
+int hv_ioctl_int(int fd, unsigned long request, unsigned long arg);
+int hv_irq_line(int vm_fd, uint32_t irq, int level);
+
+/* KVM ABI, laid out by <linux/kvm.h> */
+#define KVM_GET_API_VERSION ...
+#define KVM_CREATE_VM ...
+#define KVM_GET_VCPU_MMAP_SIZE ...
+#define KVM_CHECK_EXTENSION ...
+#define KVM_GET_SUPPORTED_CPUID ...
+#define KVM_CREATE_VCPU ...
+#define KVM_SET_USER_MEMORY_REGION ...
+#define KVM_SET_TSS_ADDR ...
+#define KVM_SET_IDENTITY_MAP_ADDR ...
+#define KVM_CREATE_IRQCHIP ...
+#define KVM_CREATE_PIT2 ...
+#define KVM_GET_REGS ...
+#define KVM_SET_REGS ...
+#define KVM_GET_SREGS ...
+#define KVM_SET_SREGS ...
+#define KVM_SET_CPUID2 ...
+#define KVM_TRANSLATE ...
+#define KVM_GET_MP_STATE ...
+#define KVM_SET_MP_STATE ...
+#define KVM_CAP_IRQCHIP ...
+#define KVM_CAP_PIT2 ...
+#define KVM_CAP_IMMEDIATE_EXIT ...
+#define KVM_CAP_NR_VCPUS ...
+#define KVM_CAP_MAX_VCPUS ...
+#define KVM_PIT_SPEAKER_DUMMY ...
+#define KVM_MEM_READONLY ...
+#define KVM_SYSTEM_EVENT_SHUTDOWN ...
+#define KVM_SYSTEM_EVENT_RESET ...
+#define KVM_SYSTEM_EVENT_CRASH ...
+#define KVM_INTERNAL_ERROR_EMULATION ...
+
+struct kvm_userspace_memory_region {
+    uint32_t slot; uint32_t flags; uint64_t guest_phys_addr; uint64_t memory_size;
+    uint64_t userspace_addr;
+};
+struct kvm_regs {
+    uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
+    uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
+    uint64_t rip, rflags;
+};
+struct kvm_segment {
+    uint64_t base; uint32_t limit; uint16_t selector; uint8_t type; uint8_t present, dpl, db,
+    s, l, g, avl; uint8_t unusable; ...;
+};
+struct kvm_dtable { uint64_t base; uint16_t limit; ...; };
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss; struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    uint64_t cr0, cr2, cr3, cr4, cr8; uint64_t efer; uint64_t apic_base;
+    ...;
+};
+struct kvm_cpuid_entry2 {
+    uint32_t function; uint32_t index; uint32_t flags; uint32_t eax; uint32_t ebx;
+    uint32_t ecx; uint32_t edx; ...;
+};
+struct kvm_cpuid2 { uint32_t nent; struct kvm_cpuid_entry2 entries[]; ...; };
+struct kvm_pit_config { uint32_t flags; ...; };
+struct kvm_translation {
+    uint64_t linear_address; uint64_t physical_address; uint8_t valid; uint8_t writeable;
+    uint8_t usermode; ...;
+};
+struct kvm_mp_state { uint32_t mp_state; };
+"""
+
+
+def make_ffi() -> FFI:
+    ffi = FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source(
+        "hvframe.core_native._hvcore",
+        '#include "hvcore.c"',  # one translation unit, so the static Python callback links
+        include_dirs=[HERE],
+        depends=[os.path.join(HERE, "hvcore.c"), os.path.join(HERE, "hvcore.h")],
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+        libraries=["pthread"],
+    )
+    return ffi
+
+
+ffibuilder = make_ffi()
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=os.path.join(HERE, "..", ".."), verbose=True)

@@ -1,0 +1,404 @@
+/* hvframe native exit-dispatch core.
+ *
+ * Each vCPU thread calls hv_vcpu_run(), which loops on KVM_RUN with the GIL released (cffi
+ * releases it around the call) and routes port and MMIO exits by address range. A range is
+ * served either by a C function or by a Python handler reached through the cffi
+ * `extern "Python"` callback hv_py_handler, which takes the GIL only for that call.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+#include "hvcore.h"
+
+static uint64_t hv_py_handler(int handle, uint64_t offset, uint32_t size, uint64_t value, int is_write);
+
+static inline uint64_t size_mask(uint32_t size)
+{
+    return size >= 8 ? ~0ULL : ((1ULL << (size * 8)) - 1);
+}
+
+/* ---- buses ------------------------------------------------------------------------------ */
+
+struct hv_bus *hv_bus_new(void)
+{
+    struct hv_bus *b = calloc(1, sizeof(*b));
+    if (!b)
+        return NULL;
+    pthread_rwlock_init(&b->lock, NULL);
+    return b;
+}
+
+void hv_bus_free(struct hv_bus *b)
+{
+    if (!b)
+        return;
+    pthread_rwlock_destroy(&b->lock);
+    free(b->ranges);
+    free(b);
+}
+
+/* Index of the first range whose base is > addr. */
+static int upper_bound(const struct hv_bus *b, uint64_t addr)
+{
+    int lo = 0, hi = b->count;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (b->ranges[mid].base <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* 0, -EINVAL (empty or wrapping range), -EEXIST (overlap), -ENOMEM. */
+int hv_bus_add(struct hv_bus *b, uint64_t base, uint64_t len, int py_handle,
+               hv_native_fn fn, void *opaque)
+{
+    if (len == 0 || base + len - 1 < base || (py_handle < 0 && !fn))
+        return -EINVAL;
+    int rc = 0;
+    pthread_rwlock_wrlock(&b->lock);
+    int i = upper_bound(b, base);
+    if (i > 0) {
+        const struct hv_range *prev = &b->ranges[i - 1];
+        if (prev->base + prev->len - 1 >= base)
+            rc = -EEXIST;
+    }
+    if (!rc && i < b->count && b->ranges[i].base <= base + len - 1)
+        rc = -EEXIST;
+    if (!rc && b->count == b->cap) {
+        int ncap = b->cap ? b->cap * 2 : 16;
+        struct hv_range *n = realloc(b->ranges, ncap * sizeof(*n));
+        if (!n)
+            rc = -ENOMEM;
+        else {
+            b->ranges = n;
+            b->cap = ncap;
+        }
+    }
+    if (!rc) {
+        memmove(&b->ranges[i + 1], &b->ranges[i], (b->count - i) * sizeof(*b->ranges));
+        b->ranges[i] = (struct hv_range){ base, len, py_handle, fn, opaque };
+        b->count++;
+    }
+    pthread_rwlock_unlock(&b->lock);
+    return rc;
+}
+
+/* Remove the range that starts at base: 0 or -ENOENT. */
+int hv_bus_remove(struct hv_bus *b, uint64_t base)
+{
+    int rc = -ENOENT;
+    pthread_rwlock_wrlock(&b->lock);
+    int i = upper_bound(b, base) - 1;
+    if (i >= 0 && b->ranges[i].base == base) {
+        memmove(&b->ranges[i], &b->ranges[i + 1], (b->count - i - 1) * sizeof(*b->ranges));
+        b->count--;
+        rc = 0;
+    }
+    pthread_rwlock_unlock(&b->lock);
+    return rc;
+}
+
+/* Find the owner of addr; the range is copied so that the handler runs unlocked and may
+ * itself add or remove ranges (a BAR write moving its own device, say). */
+static int bus_lookup(struct hv_bus *b, uint64_t addr, struct hv_range *out)
+{
+    int found = 0;
+    pthread_rwlock_rdlock(&b->lock);
+    int i = upper_bound(b, addr) - 1;
+    if (i >= 0 && addr - b->ranges[i].base < b->ranges[i].len) {
+        *out = b->ranges[i];
+        found = 1;
+    }
+    pthread_rwlock_unlock(&b->lock);
+    return found;
+}
+
+/* One access: the value read (masked to size; all ones when unclaimed) or 0 for writes. */
+uint64_t hv_bus_dispatch(struct hv_bus *b, uint64_t addr, uint32_t size, uint64_t value,
+                         int is_write)
+{
+    struct hv_range r;
+    uint64_t mask = size_mask(size);
+    if (!bus_lookup(b, addr, &r)) {
+        __atomic_add_fetch(&b->unclaimed, 1, __ATOMIC_RELAXED);
+        return is_write ? 0 : mask;
+    }
+    uint64_t off = addr - r.base;
+    uint64_t v;
+    if (r.py_handle >= 0)
+        v = hv_py_handler(r.py_handle, off, size, value & mask, is_write);
+    else
+        v = r.fn(r.opaque, off, size, value & mask, is_write);
+    return is_write ? 0 : (v & mask);
+}
+
+int hv_bus_count(struct hv_bus *b)
+{
+    pthread_rwlock_rdlock(&b->lock);
+    int n = b->count;
+    pthread_rwlock_unlock(&b->lock);
+    return n;
+}
+
+/* ---- native handlers ---------------------------------------------------------------------- */
+
+/* Accepts writes, reads as zero: a placeholder for ports that must answer but mean nothing. */
+uint64_t hv_native_sink(void *opaque, uint64_t offset, uint32_t size, uint64_t value, int is_write)
+{
+    (void)opaque; (void)offset; (void)size; (void)value; (void)is_write;
+    return 0;
+}
+
+/* ---- synthetic exits -------------------------------------------------------------------- */
+
+/* Feed n port accesses through the dispatch core exactly as the KVM loop would: for the
+ * synthetic backend and device benchmarks. Reads are stored back into values[]. */
+void hv_synthetic_pio(struct hv_bus *b, const uint16_t *ports, const uint8_t *sizes,
+                      uint64_t *values, const uint8_t *is_write, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t v = hv_bus_dispatch(b, ports[i], sizes[i], values[i], is_write[i]);
+        if (!is_write[i])
+            values[i] = v;
+    }
+}
+
+void hv_synthetic_mmio(struct hv_bus *b, const uint64_t *addrs, const uint8_t *sizes,
+                       uint64_t *values, const uint8_t *is_write, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t v = hv_bus_dispatch(b, addrs[i], sizes[i], values[i], is_write[i]);
+        if (!is_write[i])
+            values[i] = v;
+    }
+}
+
+/* ---- vCPU run loop ---------------------------------------------------------------------- */
+
+static int kick_signal;
+
+static void kick_handler(int sig)
+{
+    (void)sig; /* only there to interrupt KVM_RUN with EINTR */
+}
+
+/* Install the signal used to kick vCPUs out of KVM_RUN; returns the signal number. */
+int hv_init(void)
+{
+    if (!kick_signal) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = kick_handler; /* no SA_RESTART: KVM_RUN must see EINTR */
+        sigemptyset(&sa.sa_mask);
+        kick_signal = SIGRTMIN + 4;
+        if (sigaction(kick_signal, &sa, NULL) < 0)
+            return -errno;
+    }
+    return kick_signal;
+}
+
+struct hv_vcpu *hv_vcpu_new(int fd, int index, size_t run_size, struct hv_bus *pio,
+                            struct hv_bus *mmio)
+{
+    struct hv_vcpu *v = calloc(1, sizeof(*v));
+    if (!v)
+        return NULL;
+    v->run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (v->run == MAP_FAILED) {
+        free(v);
+        return NULL;
+    }
+    v->fd = fd;
+    v->index = index;
+    v->run_size = run_size;
+    v->pio = pio;
+    v->mmio = mmio;
+    return v;
+}
+
+void hv_vcpu_free(struct hv_vcpu *v)
+{
+    if (!v)
+        return;
+    munmap(v->run, v->run_size);
+    free(v);
+}
+
+/* Ask the vCPU to leave hv_vcpu_run: safe from any thread, and before the loop starts. */
+void hv_vcpu_stop(struct hv_vcpu *v)
+{
+    struct kvm_run *run = v->run;
+    v->stop = 1;
+    __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    if (v->thread_valid && kick_signal)
+        pthread_kill(v->thread, kick_signal);
+}
+
+static void handle_io(struct hv_vcpu *v, struct kvm_run *run)
+{
+    uint8_t *data = (uint8_t *)run + run->io.data_offset;
+    uint32_t size = run->io.size;
+    int is_write = run->io.direction == KVM_EXIT_IO_OUT;
+    /* String I/O (rep ins/outs) arrives as count elements for the same port. */
+    for (uint32_t i = 0; i < run->io.count; i++, data += size) {
+        uint64_t val = 0;
+        if (is_write) {
+            memcpy(&val, data, size);
+            hv_bus_dispatch(v->pio, run->io.port, size, val, 1);
+        } else {
+            val = hv_bus_dispatch(v->pio, run->io.port, size, 0, 0);
+            memcpy(data, &val, size);
+        }
+    }
+}
+
+static void handle_mmio(struct hv_vcpu *v, struct kvm_run *run)
+{
+    uint32_t len = run->mmio.len;
+    if (len == 0 || len > 8)
+        return;
+    uint64_t val = 0;
+    if (run->mmio.is_write) {
+        memcpy(&val, run->mmio.data, len);
+        hv_bus_dispatch(v->mmio, run->mmio.phys_addr, len, val, 1);
+    } else {
+        val = hv_bus_dispatch(v->mmio, run->mmio.phys_addr, len, 0, 0);
+        memcpy(run->mmio.data, &val, len);
+    }
+}
+
+/* Run until something needs the VMM's attention; returns an HV_EXIT_* code. */
+int hv_vcpu_run(struct hv_vcpu *v)
+{
+    struct kvm_run *run = v->run;
+    v->thread = pthread_self();
+    __atomic_store_n(&v->thread_valid, 1, __ATOMIC_SEQ_CST);
+    int result;
+    for (;;) {
+        if (v->stop) {
+            result = HV_EXIT_STOPPED;
+            break;
+        }
+        if (ioctl(v->fd, KVM_RUN, 0) < 0) {
+            if (errno == EINTR || errno == EAGAIN) {
+                __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+                if (v->stop) {
+                    result = HV_EXIT_STOPPED;
+                    break;
+                }
+                continue;
+            }
+            v->last_errno = errno;
+            result = HV_EXIT_ERROR;
+            break;
+        }
+        v->last_exit_reason = run->exit_reason;
+        switch (run->exit_reason) {
+        case KVM_EXIT_IO:
+            v->exits_io++;
+            handle_io(v, run);
+            continue;
+        case KVM_EXIT_MMIO:
+            v->exits_mmio++;
+            handle_mmio(v, run);
+            continue;
+        case KVM_EXIT_INTR:
+            v->exits_other++;
+            continue;
+        case KVM_EXIT_HLT:
+            result = HV_EXIT_HLT;
+            break;
+        case KVM_EXIT_SHUTDOWN:
+            result = HV_EXIT_SHUTDOWN;
+            break;
+        case KVM_EXIT_INTERNAL_ERROR: {
+            v->internal_suberror = run->internal.suberror;
+            uint32_t n = run->internal.ndata;
+            if (n > 16)
+                n = 16;
+            v->internal_ndata = n;
+            memcpy(v->internal_data, run->internal.data, n * sizeof(uint64_t));
+            result = HV_EXIT_INTERNAL;
+            break;
+        }
+        case KVM_EXIT_SYSTEM_EVENT:
+            v->event_type = run->system_event.type;
+            result = HV_EXIT_SYSTEM_EVENT;
+            break;
+        case KVM_EXIT_FAIL_ENTRY:
+            v->fail_reason = run->fail_entry.hardware_entry_failure_reason;
+            result = HV_EXIT_FAIL_ENTRY;
+            break;
+        default:
+            result = HV_EXIT_UNKNOWN;
+            break;
+        }
+        break;
+    }
+    __atomic_store_n(&v->thread_valid, 0, __ATOMIC_SEQ_CST);
+    return result;
+}
+
+/* ---- the floor -------------------------------------------------------------------------- */
+
+/* The thinnest possible exit loop, for benchmarks: answers every port read with all ones,
+ * drops every write, and returns when the guest writes stop_port (or on any other exit).
+ * *exits counts the port exits taken. */
+int hv_floor_run(int fd, void *run_area, uint16_t stop_port, uint64_t *exits)
+{
+    struct kvm_run *run = run_area;
+    uint64_t n = 0;
+    for (;;) {
+        if (ioctl(fd, KVM_RUN, 0) < 0) {
+            if (errno == EINTR)
+                continue;
+            *exits = n;
+            return -errno;
+        }
+        if (run->exit_reason != KVM_EXIT_IO) {
+            *exits = n;
+            return (int)run->exit_reason;
+        }
+        n++;
+        if (run->io.direction == KVM_EXIT_IO_IN)
+            memset((uint8_t *)run + run->io.data_offset, 0xff, run->io.size * run->io.count);
+        else if (run->io.port == stop_port) {
+            *exits = n;
+            return 0;
+        }
+    }
+}
+
+/* ---- ioctl helpers for the Python side -------------------------------------------------- */
+
+int hv_ioctl(int fd, unsigned long request, void *arg)
+{
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+int hv_ioctl_int(int fd, unsigned long request, unsigned long arg)
+{
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+int hv_irq_line(int vm_fd, uint32_t irq, int level)
+{
+    struct kvm_irq_level l;
+    memset(&l, 0, sizeof(l));
+    l.irq = irq;
+    l.level = level;
+    return hv_ioctl(vm_fd, KVM_IRQ_LINE, &l);
+}

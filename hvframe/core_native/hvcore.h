@@ -1,0 +1,61 @@
+/* hvframe native exit-dispatch core: the per-vCPU KVM_RUN loop and address-range buses. */
+#ifndef HVCORE_H
+#define HVCORE_H
+#include <stdint.h>
+#include <stddef.h>
+#include <pthread.h>
+
+/* A device access handler in C: returns the value for reads; ignored for writes. */
+typedef uint64_t (*hv_native_fn)(void *opaque, uint64_t offset, uint32_t size,
+                                 uint64_t value, int is_write);
+
+struct hv_range {
+    uint64_t base;
+    uint64_t len;
+    int py_handle;          /* >= 0: Python handler index; -1: native */
+    hv_native_fn fn;
+    void *opaque;
+};
+
+struct hv_bus {
+    struct hv_range *ranges; /* sorted by base, never overlapping */
+    int count;
+    int cap;
+    pthread_rwlock_t lock;
+    uint64_t unclaimed;      /* accesses nobody claimed (all-ones reads, dropped writes) */
+};
+
+/* Why hv_vcpu_run returned. */
+enum {
+    HV_EXIT_STOPPED = 0,     /* stop requested (hv_vcpu_stop) */
+    HV_EXIT_SHUTDOWN = 1,    /* triple fault */
+    HV_EXIT_INTERNAL = 2,    /* KVM internal error; details in internal_* */
+    HV_EXIT_HLT = 3,
+    HV_EXIT_SYSTEM_EVENT = 4,
+    HV_EXIT_FAIL_ENTRY = 5,
+    HV_EXIT_UNKNOWN = 6,     /* exit reason in last_exit_reason */
+    HV_EXIT_ERROR = 7,       /* KVM_RUN failed; errno in last_errno */
+};
+
+struct hv_vcpu {
+    int fd;
+    int index;
+    void *run;               /* struct kvm_run mapping */
+    size_t run_size;
+    struct hv_bus *pio;
+    struct hv_bus *mmio;
+    volatile int stop;
+    volatile int thread_valid;
+    pthread_t thread;
+    uint32_t last_exit_reason;
+    int last_errno;
+    uint32_t internal_suberror;
+    uint32_t internal_ndata;
+    uint64_t internal_data[16];
+    uint32_t event_type;     /* KVM_EXIT_SYSTEM_EVENT type */
+    uint64_t fail_reason;
+    uint64_t exits_io;
+    uint64_t exits_mmio;
+    uint64_t exits_other;
+};
+#endif

@@ -1,0 +1,184 @@
+"""Address-range buses over the native dispatch core, and the Python handler trampoline.
+
+A Bus wraps a C `hv_bus`: sorted, non-overlapping ranges, each served by a native function
+or a Python handler object (read(offset, size) / write(offset, size, value)). Python
+handlers are reached from C through the `hv_py_handler` callback with a small integer
+handle, so the per-exit path is: C lookup -> one Python call -> back to C.
+
+A handler that raises never takes the VMM down: the access is answered as if nothing were
+there (reads all ones), and the error is reported once per device.
+"""
+from __future__ import annotations
+
+import errno
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from .core_native import ffi, lib
+from .errors import ConfigError
+
+# Handle -> bound methods. Lists indexed by handle keep the callback to two subscripts.
+_readers: list = []
+_writers: list = []
+_names: list[str] = []
+_free: list[int] = []
+_reported: set = set()
+_table_lock = threading.Lock()
+
+
+def _add_handler(handler: Any, name: str) -> int:
+    with _table_lock:
+        if _free:
+            h = _free.pop()
+            _readers[h], _writers[h], _names[h] = handler.read, handler.write, name
+        else:
+            h = len(_readers)
+            _readers.append(handler.read)
+            _writers.append(handler.write)
+            _names.append(name)
+        return h
+
+
+def _drop_handler(h: int) -> None:
+    with _table_lock:
+        _readers[h] = _writers[h] = None
+        _names[h] = ""
+        _free.append(h)
+
+
+def _handler_failed(exc_type, exc_value, tb):
+    """An exception escaped a device handler: report it once, answer like an empty bus."""
+    frame_locals = tb.tb_frame.f_locals if tb is not None else {}
+    handle = frame_locals.get("handle", -1)
+    name = _names[handle] if 0 <= handle < len(_names) else "?"
+    key = (name, exc_type)
+    if key not in _reported:
+        _reported.add(key)
+        where = f"offset {frame_locals.get('offset', 0):#x}"
+        print(f"hvframe: device {name} failed on {'write' if frame_locals.get('is_write') else 'read'} "
+              f"at {where}: {exc_type.__name__}: {exc_value} (answered as unclaimed; further "
+              f"errors of this kind are not shown)", file=sys.stderr)
+        if __debug__ and "HVFRAME_DEBUG" in __import__("os").environ:
+            traceback.print_exception(exc_type, exc_value, tb)
+    return 0xFFFFFFFFFFFFFFFF
+
+
+@ffi.def_extern(onerror=_handler_failed)
+def hv_py_handler(handle, offset, size, value, is_write):
+    if is_write:
+        _writers[handle](offset, size, value)
+        return 0
+    return _readers[handle](offset, size)
+
+
+@dataclass
+class Range:
+    base: int
+    length: int
+    name: str
+    handler: Any
+    handle: int  # Python handle, or -1 for native
+    fn: Any = None       # native handler (handle == -1)
+    opaque: Any = None
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+
+class Bus:
+    """One address space (port I/O or MMIO) of a machine."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._c = ffi.gc(lib.hv_bus_new(), lib.hv_bus_free)
+        self._ranges: dict[int, Range] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def c_bus(self):
+        return self._c
+
+    def _fmt(self, base: int, length: int) -> str:
+        return f"{base:#x}-{base + length - 1:#x}"
+
+    def _add(self, base, length, name, handler, handle, fn, opaque) -> Range:
+        rc = lib.hv_bus_add(self._c, base, length, handle, fn, opaque)
+        if rc == -errno.EEXIST:
+            other = self.find_overlap(base, length)
+            raise ConfigError(f"{name}: {self.kind} range {self._fmt(base, length)} overlaps "
+                              f"{other.name} at {self._fmt(other.base, other.length)}")
+        if rc < 0:
+            raise ConfigError(f"{name}: bad {self.kind} range {base:#x}+{length:#x}")
+        r = Range(base, length, name, handler, handle, fn, opaque)
+        self._ranges[base] = r
+        return r
+
+    def register(self, base: int, length: int, handler: Any, name: str = "") -> Range:
+        """Route [base, base+length) to a Python handler; overlap raises ConfigError."""
+        name = name or type(handler).__name__
+        with self._lock:
+            h = _add_handler(handler, name)
+            try:
+                return self._add(base, length, name, handler, h, ffi.NULL, ffi.NULL)
+            except Exception:
+                _drop_handler(h)
+                raise
+
+    def register_native(self, base: int, length: int, fn, opaque=ffi.NULL, name: str = "") -> Range:
+        """Route a range to a C handler (an `hv_native_fn` from the core or another cffi module)."""
+        with self._lock:
+            return self._add(base, length, name or "native", None, -1, fn, opaque)
+
+    def unregister(self, base: int) -> None:
+        with self._lock:
+            r = self._ranges.pop(base, None)
+            if r is None:
+                raise KeyError(f"no {self.kind} range at {base:#x}")
+            lib.hv_bus_remove(self._c, base)
+            if r.handle >= 0:
+                _drop_handler(r.handle)
+
+    def move(self, old_base: int, new_base: int) -> None:
+        """Re-map a range at a new base (a guest reprogramming a BAR)."""
+        with self._lock:
+            r = self._ranges[old_base]
+            if new_base == old_base:
+                return
+            lib.hv_bus_remove(self._c, old_base)
+            rc = lib.hv_bus_add(self._c, new_base, r.length, r.handle, r.fn, r.opaque)
+            if rc < 0:  # leave it where it was
+                lib.hv_bus_add(self._c, old_base, r.length, r.handle, r.fn, r.opaque)
+                raise ConfigError(f"{r.name}: cannot move to {self._fmt(new_base, r.length)}")
+            del self._ranges[old_base]
+            r.base = new_base
+            self._ranges[new_base] = r
+
+    def find(self, addr: int) -> Range | None:
+        for r in self._ranges.values():
+            if r.base <= addr < r.end:
+                return r
+        return None
+
+    def find_overlap(self, base: int, length: int) -> Range | None:
+        for r in self._ranges.values():
+            if r.base < base + length and base < r.end:
+                return r
+        return None
+
+    def ranges(self) -> list[Range]:
+        return sorted(self._ranges.values(), key=lambda r: r.base)
+
+    @property
+    def unclaimed(self) -> int:
+        return self._c.unclaimed
+
+    # One access through the C dispatch path (what an exit does); for tests and tools.
+    def read(self, addr: int, size: int) -> int:
+        return lib.hv_bus_dispatch(self._c, addr, size, 0, 0)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        lib.hv_bus_dispatch(self._c, addr, size, value, 1)

@@ -1,0 +1,247 @@
+"""KVM backend: the VM, its memory slots, in-kernel irqchip and PIT, and vCPUs.
+
+Everything is done through ioctls on cffi structures laid out by <linux/kvm.h>; the hot
+loop itself is in the native core (hv_vcpu_run).
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+from .core_native import ffi, lib
+from .cpuid import CpuidEntry, guest_cpuid
+from .errors import HvError
+from .memory import GuestMemory
+
+KVM_API_VERSION = 12
+TSS_ADDR = 0xFFFBD000          # three pages KVM needs for real-mode emulation on VMX
+IDENTITY_MAP_ADDR = 0xFFFBC000
+BOOT_GDT_ADDR = 0x500          # flat GDT for direct kernel entry (0x0-0xfff is the VMM's)
+BOOT_CS, BOOT_DS, BOOT_TSS = 0x10, 0x18, 0x20   # Linux boot protocol selectors
+
+
+class KvmError(HvError):
+    pass
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise KvmError(f"{what} failed: {os.strerror(-rc)}")
+    return rc
+
+
+def kvm_available() -> str | None:
+    """None when /dev/kvm can be used, else the reason it cannot."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible (need rw permission)"
+    return None
+
+
+class Kvm:
+    """The /dev/kvm system handle."""
+
+    def __init__(self):
+        why = kvm_available()
+        if why:
+            raise KvmError(why)
+        self.fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        ver = lib.hv_ioctl_int(self.fd, lib.KVM_GET_API_VERSION, 0)
+        if ver != KVM_API_VERSION:
+            raise KvmError(f"unsupported KVM API version {ver}")
+        self.vcpu_mmap_size = _check(lib.hv_ioctl_int(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, 0),
+                                     "KVM_GET_VCPU_MMAP_SIZE")
+        for cap, name in ((lib.KVM_CAP_IRQCHIP, "in-kernel irqchip"), (lib.KVM_CAP_PIT2, "PIT2"),
+                          (lib.KVM_CAP_IMMEDIATE_EXIT, "immediate_exit")):
+            if lib.hv_ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, cap) <= 0:
+                raise KvmError(f"KVM lacks {name}")
+
+    def max_vcpus(self) -> int:
+        n = lib.hv_ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, lib.KVM_CAP_MAX_VCPUS)
+        return n if n > 0 else max(1, lib.hv_ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, lib.KVM_CAP_NR_VCPUS))
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        n = 128
+        while True:
+            buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + n * ffi.sizeof("struct kvm_cpuid_entry2"))
+            c = ffi.cast("struct kvm_cpuid2 *", buf)
+            c.nent = n
+            rc = lib.hv_ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, c)
+            if rc == -errno.E2BIG:
+                n *= 2
+                continue
+            _check(rc, "KVM_GET_SUPPORTED_CPUID")
+            return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                    for e in (c.entries[i] for i in range(c.nent))]
+
+    def close(self):
+        os.close(self.fd)
+
+
+class KvmVm:
+    def __init__(self, kvm: Kvm, memory: GuestMemory):
+        self.kvm = kvm
+        self.memory = memory
+        self.fd = _check(lib.hv_ioctl_int(kvm.fd, lib.KVM_CREATE_VM, 0), "KVM_CREATE_VM")
+        _check(lib.hv_ioctl_int(self.fd, lib.KVM_SET_TSS_ADDR, TSS_ADDR), "KVM_SET_TSS_ADDR")
+        addr = ffi.new("uint64_t *", IDENTITY_MAP_ADDR)
+        lib.hv_ioctl(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, addr)  # VMX only; harmless elsewhere
+        _check(lib.hv_ioctl_int(self.fd, lib.KVM_CREATE_IRQCHIP, 0), "KVM_CREATE_IRQCHIP")
+        pit = ffi.new("struct kvm_pit_config *")
+        pit.flags = lib.KVM_PIT_SPEAKER_DUMMY
+        _check(lib.hv_ioctl(self.fd, lib.KVM_CREATE_PIT2, pit), "KVM_CREATE_PIT2")
+        self._host_base = int(ffi.cast("uintptr_t", ffi.from_buffer(memory.buffer)))
+        self._next_slot = 0
+        for r in memory.regions:
+            self.add_memory_slot(r.gpa, r.size, self._host_base + r.host_offset)
+
+    def add_memory_slot(self, gpa: int, size: int, host_addr: int, readonly: bool = False) -> int:
+        m = ffi.new("struct kvm_userspace_memory_region *")
+        m.slot = self._next_slot
+        m.flags = lib.KVM_MEM_READONLY if readonly else 0
+        m.guest_phys_addr = gpa
+        m.memory_size = size
+        m.userspace_addr = host_addr
+        _check(lib.hv_ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, m), "KVM_SET_USER_MEMORY_REGION")
+        self._next_slot += 1
+        return m.slot
+
+    def irq_line(self, irq: int, level: int) -> None:
+        lib.hv_irq_line(self.fd, irq, 1 if level else 0)
+
+    def close(self):
+        os.close(self.fd)
+
+
+def _flat_segment(seg, selector: int, code: bool) -> None:
+    seg.base = 0
+    seg.limit = 0xFFFFFFFF
+    seg.selector = selector
+    seg.type = 0xB if code else 0x3   # execute/read or read/write, accessed
+    seg.present = 1
+    seg.dpl = 0
+    seg.db = 1
+    seg.s = 1
+    seg.l = 0
+    seg.g = 1
+    seg.avl = 0
+    seg.unusable = 0
+
+
+def write_boot_gdt(memory: GuestMemory) -> None:
+    """null, null, flat code (0x10), flat data (0x18), TSS (0x20), as the boot protocol wants."""
+    gdt = [0, 0, 0x00CF9B000000FFFF, 0x00CF93000000FFFF, 0x00008B0000000067]
+    memory.write(BOOT_GDT_ADDR, b"".join(d.to_bytes(8, "little") for d in gdt))
+
+
+class KvmVcpu:
+    def __init__(self, vm: KvmVm, index: int, pio_bus, mmio_bus):
+        self.vm = vm
+        self.index = index
+        self.fd = _check(lib.hv_ioctl_int(vm.fd, lib.KVM_CREATE_VCPU, index), "KVM_CREATE_VCPU")
+        self.c = lib.hv_vcpu_new(self.fd, index, vm.kvm.vcpu_mmap_size, pio_bus, mmio_bus)
+        if self.c == ffi.NULL:
+            raise KvmError("mapping the vCPU run area failed")
+
+    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2"))
+        c = ffi.cast("struct kvm_cpuid2 *", buf)
+        c.nent = len(entries)
+        for i, e in enumerate(entries):
+            d = c.entries[i]
+            d.function, d.index, d.flags = e.function, e.index, e.flags
+            d.eax, d.ebx, d.ecx, d.edx = e.eax, e.ebx, e.ecx, e.edx
+        _check(lib.hv_ioctl(self.fd, lib.KVM_SET_CPUID2, c), "KVM_SET_CPUID2")
+
+    def get_regs(self):
+        r = ffi.new("struct kvm_regs *")
+        _check(lib.hv_ioctl(self.fd, lib.KVM_GET_REGS, r), "KVM_GET_REGS")
+        return r
+
+    def set_regs(self, r) -> None:
+        _check(lib.hv_ioctl(self.fd, lib.KVM_SET_REGS, r), "KVM_SET_REGS")
+
+    def get_sregs(self):
+        s = ffi.new("struct kvm_sregs *")
+        _check(lib.hv_ioctl(self.fd, lib.KVM_GET_SREGS, s), "KVM_GET_SREGS")
+        return s
+
+    def set_sregs(self, s) -> None:
+        _check(lib.hv_ioctl(self.fd, lib.KVM_SET_SREGS, s), "KVM_SET_SREGS")
+
+    def enter_protected_mode(self, rip: int, regs: dict[str, int]) -> None:
+        """32-bit flat protected mode, paging and interrupts off: PVH and the 32-bit boot protocol."""
+        s = self.get_sregs()
+        _flat_segment(s.cs, BOOT_CS, True)
+        for seg in (s.ds, s.es, s.fs, s.gs, s.ss):
+            _flat_segment(seg, BOOT_DS, False)
+        s.tr.base, s.tr.limit, s.tr.selector, s.tr.type = 0, 0x67, BOOT_TSS, 0xB
+        s.tr.present, s.tr.s, s.tr.unusable = 1, 0, 0
+        s.gdt.base, s.gdt.limit = BOOT_GDT_ADDR, 5 * 8 - 1
+        s.idt.base, s.idt.limit = 0, 0
+        s.cr0 = 0x11          # PE | ET; caches enabled
+        s.cr3 = s.cr4 = 0
+        s.efer = 0
+        self.set_sregs(s)
+        r = ffi.new("struct kvm_regs *")
+        r.rflags = 0x2
+        r.rip = rip
+        for name, value in regs.items():
+            setattr(r, name, value)
+        self.set_regs(r)
+
+    def translate(self, linear: int) -> int | None:
+        t = ffi.new("struct kvm_translation *")
+        t.linear_address = linear
+        if lib.hv_ioctl(self.fd, lib.KVM_TRANSLATE, t) < 0 or not t.valid:
+            return None
+        return t.physical_address
+
+    def describe_internal_error(self) -> str:
+        """One paragraph for a KVM_EXIT_INTERNAL_ERROR: suberror, RIP and the instruction bytes."""
+        c = self.c
+        msg = f"KVM internal error on vCPU {self.index}: suberror {c.internal_suberror}"
+        if c.internal_suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
+            msg += " (instruction emulation failed)"
+        try:
+            r, s = self.get_regs(), self.get_sregs()
+            linear = (s.cs.base + r.rip) & 0xFFFFFFFFFFFFFFFF
+            msg += f" at RIP {r.rip:#x} (CS base {s.cs.base:#x}, CR0 {s.cr0:#x})"
+            insn = b""
+            # Newer kernels pass the bytes: data[0] flags bit0, data[1] length, data[2..] bytes.
+            if c.internal_suberror == lib.KVM_INTERNAL_ERROR_EMULATION and c.internal_ndata >= 3 \
+                    and c.internal_data[0] & 1:
+                n = min(c.internal_data[1], (c.internal_ndata - 2) * 8, 15)
+                raw = b"".join(int(c.internal_data[2 + i]).to_bytes(8, "little") for i in range(c.internal_ndata - 2))
+                insn = raw[:n]
+            if not insn:
+                gpa = self.translate(linear)
+                if gpa is not None and self.vm.memory.contains(gpa, 1):
+                    n = 15
+                    while n and not self.vm.memory.contains(gpa, n):
+                        n -= 1
+                    insn = self.vm.memory.read(gpa, n)
+            if insn:
+                msg += ", instruction bytes " + insn.hex(" ")
+        except HvError as e:
+            msg += f" (registers unavailable: {e})"
+        if c.internal_ndata:
+            msg += "; data " + " ".join(f"{c.internal_data[i]:#x}" for i in range(c.internal_ndata))
+        return msg
+
+    def close(self):
+        if self.c != ffi.NULL:
+            lib.hv_vcpu_free(self.c)
+            self.c = ffi.NULL
+        os.close(self.fd)
+
+
+def setup_vcpus(vm: KvmVm, ncpus: int, pio_bus, mmio_bus, policy: str) -> list[KvmVcpu]:
+    supported = vm.kvm.supported_cpuid()
+    vcpus = []
+    for i in range(ncpus):
+        v = KvmVcpu(vm, i, pio_bus, mmio_bus)
+        v.set_cpuid(guest_cpuid(supported, i, ncpus, policy))
+        vcpus.append(v)
+    return vcpus

@@ -1,0 +1,202 @@
+"""A machine: guest memory, the port and MMIO buses, interrupt lines, devices and vCPUs.
+
+Devices see only this object (see hvframe/device.py). The backend is KVM for real guests or
+"synthetic" for unit tests and device benchmarks, which drive the same buses with made-up
+exits and record interrupt lines instead of raising them.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Callable
+
+from .core_native import lib
+from .dispatch import Bus
+from .errors import HvError
+from .memory import GuestMemory
+
+# bhyve's exit statuses
+EXIT_REBOOT, EXIT_POWEROFF, EXIT_HALT, EXIT_TRIPLEFAULT, EXIT_ERROR = 0, 1, 2, 3, 4
+
+
+class Machine:
+    def __init__(self, memory_size: int, cpus: int = 1, *, backend: str = "kvm",
+                 cpu_policy: str = "auto"):
+        if cpus < 1:
+            raise HvError("cpus must be at least 1")
+        self.cpus = cpus
+        self.backend = backend
+        self.cpu_policy = cpu_policy
+        self.memory = GuestMemory(memory_size)
+        self.pio = Bus("port")
+        self.mmio = Bus("MMIO")
+        self.devices: list[Any] = []
+        self.irq_levels: dict[int, int] = {}
+        self._irq_sources: dict[int, list[int]] = {}
+        self._irq_lock = threading.Lock()
+        self._closers: list[Callable[[], None]] = []
+        self._exit = threading.Event()
+        self.exit_code: int | None = None
+        self.exit_reason = ""
+        self.vcpus: list = []
+        self.vm = None
+        self._kvm = None
+        if backend == "kvm":
+            from .kvm import Kvm, KvmVm
+            self._kvm = Kvm()
+            limit = self._kvm.max_vcpus()
+            if cpus > limit:
+                raise HvError(f"-c {cpus}: this host's KVM allows at most {limit} vCPUs")
+            self.vm = KvmVm(self._kvm, self.memory)
+        elif backend != "synthetic":
+            raise HvError(f"unknown backend {backend!r}")
+
+    # -- interrupts ------------------------------------------------------------------------
+    def _drive(self, line: int, level: int) -> None:
+        if self.irq_levels.get(line) == level:
+            return
+        self.irq_levels[line] = level
+        if self.vm is not None:
+            self.vm.irq_line(line, level)
+
+    def irq(self, line: int, level: int) -> None:
+        """Set an interrupt line (ISA IRQ / GSI) that has a single source."""
+        with self._irq_lock:
+            self._drive(line, 1 if level else 0)
+
+    def irq_source(self, line: int) -> Callable[[int], None]:
+        """One of several sources sharing a line (COM1 and COM3 on IRQ 4): the line is the OR."""
+        with self._irq_lock:
+            levels = self._irq_sources.setdefault(line, [])
+            slot = len(levels)
+            levels.append(0)
+
+        def set_level(level: int) -> None:
+            with self._irq_lock:
+                levels[slot] = 1 if level else 0
+                self._drive(line, 1 if any(levels) else 0)
+        return set_level
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def add_device(self, device: Any) -> Any:
+        self.devices.append(device)
+        return device
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def request_exit(self, code: int, reason: str) -> None:
+        """End the run with a bhyve exit status; the first request wins."""
+        with self._irq_lock:
+            if self.exit_code is not None:
+                return
+            self.exit_code, self.exit_reason = code, reason
+        self._exit.set()
+        for v in self.vcpus:
+            lib.hv_vcpu_stop(v.c)
+
+    @property
+    def exited(self) -> bool:
+        return self._exit.is_set()
+
+    def start_devices(self) -> None:
+        for d in self.devices:
+            start = getattr(d, "start", None)
+            if start is not None:
+                start()
+
+    def close(self) -> None:
+        for fn in reversed(self._closers):
+            try:
+                fn()
+            except Exception as e:  # closing must go on for the rest
+                print(f"hvframe: while closing: {e}", file=sys.stderr)
+        self._closers.clear()
+        for d in self.devices:
+            close = getattr(d, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception as e:
+                    print(f"hvframe: while closing {type(d).__name__}: {e}", file=sys.stderr)
+        for v in self.vcpus:
+            v.close()
+        self.vcpus = []
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self._kvm is not None:
+            self._kvm.close()
+            self._kvm = None
+
+    # -- running (KVM) ---------------------------------------------------------------------
+    def create_vcpus(self) -> None:
+        from .kvm import setup_vcpus
+        lib.hv_init()
+        self.vcpus = setup_vcpus(self.vm, self.cpus, self.pio.c_bus, self.mmio.c_bus, self.cpu_policy)
+
+    def boot_direct(self, boot) -> None:
+        """Enter a loaded kernel (hvframe.loader.BootState) on the boot vCPU."""
+        from .kvm import write_boot_gdt
+        write_boot_gdt(self.memory)
+        self.vcpus[0].enter_protected_mode(boot.rip, boot.regs)
+
+    def _vcpu_thread(self, vcpu) -> None:
+        try:
+            self._run_vcpu(vcpu)
+        except BaseException as e:  # a VMM bug: report it and end the run, never hang
+            self.request_exit(EXIT_ERROR, f"vCPU {vcpu.index} thread failed: {type(e).__name__}: {e}")
+
+    def _run_vcpu(self, vcpu) -> None:
+        while not self._exit.is_set():
+            rc = lib.hv_vcpu_run(vcpu.c)
+            c = vcpu.c
+            if rc == lib.HV_EXIT_STOPPED:
+                if self._exit.is_set():
+                    return
+                c.stop = 0
+                continue
+            if rc == lib.HV_EXIT_SHUTDOWN:
+                self.request_exit(EXIT_TRIPLEFAULT, f"triple fault on vCPU {vcpu.index}")
+            elif rc == lib.HV_EXIT_INTERNAL:
+                self.request_exit(EXIT_ERROR, vcpu.describe_internal_error())
+            elif rc == lib.HV_EXIT_HLT:
+                self.request_exit(EXIT_HALT, f"vCPU {vcpu.index} halted")
+            elif rc == lib.HV_EXIT_SYSTEM_EVENT:
+                if c.event_type == lib.KVM_SYSTEM_EVENT_RESET:
+                    self.request_exit(EXIT_REBOOT, "guest reset")
+                elif c.event_type == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
+                    self.request_exit(EXIT_POWEROFF, "guest powered off")
+                else:
+                    self.request_exit(EXIT_ERROR, f"guest system event {c.event_type} (crash)")
+            elif rc == lib.HV_EXIT_FAIL_ENTRY:
+                self.request_exit(EXIT_ERROR, f"vCPU {vcpu.index}: KVM entry failed, "
+                                              f"hardware reason {c.fail_reason:#x}")
+            elif rc == lib.HV_EXIT_ERROR:
+                import os
+                self.request_exit(EXIT_ERROR, f"vCPU {vcpu.index}: KVM_RUN failed: {os.strerror(c.last_errno)}")
+            else:
+                self.request_exit(EXIT_ERROR, f"vCPU {vcpu.index}: unhandled KVM exit reason {c.last_exit_reason}")
+            return
+
+    def run(self, timeout: float | None = None) -> int:
+        """Run all vCPUs until the guest or the VMM ends the run; returns the exit status."""
+        if not self.vcpus:
+            raise HvError("no vCPUs: call create_vcpus() first")
+        threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}",
+                                    daemon=True) for v in self.vcpus]
+        for t in threads:
+            t.start()
+        try:
+            # Wait in short slices so that Ctrl-C (when the terminal is not raw) is seen.
+            remaining = timeout
+            while not self._exit.wait(0.2 if remaining is None else min(0.2, remaining)):
+                if remaining is not None:
+                    remaining -= 0.2
+                    if remaining <= 0:
+                        self.request_exit(EXIT_ERROR, f"timed out after {timeout} s")
+        except KeyboardInterrupt:
+            self.request_exit(EXIT_ERROR, "interrupted")
+        for t in threads:
+            t.join(5)
+        return self.exit_code

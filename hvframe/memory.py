@@ -1,0 +1,116 @@
+"""Guest physical memory: RAM laid out around the PCI hole, with bounds-checked access.
+
+Every access a device makes on behalf of the guest (DMA, descriptor reads, boot structures)
+goes through GuestMemory, which refuses anything not entirely inside guest RAM, so a guest
+cannot steer the VMM into host memory outside its RAM.
+"""
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+
+GiB = 1 << 30
+MiB = 1 << 20
+FOUR_GIB = 4 * GiB
+# Like bhyve, RAM below 4 GiB stops at 3 GiB; the top GiB is the PCI hole (MMIO BARs, ECAM,
+# IOAPIC, LAPIC, firmware). RAM beyond that is placed above 4 GiB.
+LOWMEM_LIMIT = 3 * GiB
+PCI_HOLE_START = LOWMEM_LIMIT
+
+E820_RAM = 1
+E820_RESERVED = 2
+E820_ACPI = 3
+E820_NVS = 4
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical range is not (entirely) backed by guest RAM."""
+
+
+@dataclass(frozen=True)
+class RamRegion:
+    gpa: int          # guest-physical start
+    size: int
+    host_offset: int  # offset into the single host mapping
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """All guest RAM as one host mapping, split into guest-physical regions."""
+
+    def __init__(self, size: int, lowmem_limit: int = LOWMEM_LIMIT):
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ValueError(f"memory size must be a positive multiple of {mmap.PAGESIZE}")
+        self.size = size
+        low = min(size, lowmem_limit)
+        regions = [RamRegion(0, low, 0)]
+        if size > low:
+            regions.append(RamRegion(FOUR_GIB, size - low, low))
+        self.regions: tuple[RamRegion, ...] = tuple(regions)
+        self.lowmem_end = low
+        self.highmem_end = regions[-1].end if len(regions) > 1 else 0
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+        self._view = memoryview(self._map)
+
+    # -- translation -----------------------------------------------------------------------
+    def host_offset(self, gpa: int, length: int) -> int:
+        """Offset in the host mapping of [gpa, gpa+length), which must lie in one RAM region."""
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest range {gpa:#x}+{length:#x}")
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.end:
+                return r.host_offset + (gpa - r.gpa)
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self.host_offset(gpa, length)
+            return True
+        except GuestMemoryError:
+            return False
+
+    # -- access ----------------------------------------------------------------------------
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest RAM; raises GuestMemoryError unless all of it is RAM."""
+        off = self.host_offset(gpa, length)
+        return self._view[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data) -> None:
+        data = memoryview(data).cast("B")
+        self.view(gpa, len(data))[:] = data
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 4), "little")
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.view(gpa, 4)[:] = (value & 0xFFFFFFFF).to_bytes(4, "little")
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        v = self.view(gpa, length)
+        v[:] = bytes([byte]) * length
+
+    @property
+    def buffer(self):
+        """The host mapping (for registering with KVM and for native fast paths)."""
+        return self._map
+
+    def e820(self) -> list[tuple[int, int, int]]:
+        """The memory map a PC guest is given: (address, length, type), sorted."""
+        entries = [(0, 0x9FC00, E820_RAM), (0x9FC00, 0x400, E820_RESERVED),
+                   (0xF0000, 0x10000, E820_RESERVED)]
+        if self.lowmem_end > 0x100000:
+            entries.append((0x100000, self.lowmem_end - 0x100000, E820_RAM))
+        if len(self.regions) > 1:
+            hi = self.regions[1]
+            entries.append((hi.gpa, hi.size, E820_RAM))
+        return entries
+
+    def close(self) -> None:
+        self._view.release()
+        self._map.close()

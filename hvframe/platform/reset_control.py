@@ -1,0 +1,19 @@
+"""The PC reset control register at port 0xcf9: writing RST_CPU resets the machine, which
+ends the run with exit status 0 (reboot), as bhyve does."""
+RESET_CONTROL_PORT = 0xCF9
+RST_CPU = 1 << 2
+
+
+class ResetControl:
+    def __init__(self, machine):
+        self.machine = machine
+        self.value = 0
+        machine.pio.register(RESET_CONTROL_PORT, 1, self, name="reset-control")
+
+    def read(self, offset: int, size: int) -> int:
+        return self.value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.value = value & 0x0E
+        if value & RST_CPU:
+            self.machine.request_exit(0, "guest reset (port 0xcf9)")

@@ -1,0 +1,178 @@
+"""From command line to configuration tree to a running machine (`hvframe run`)."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+from .config import Config
+from .cpuid import POLICIES
+from .device import parse_size
+from .errors import ConfigError, HvError
+from .machine import EXIT_ERROR, Machine
+from .plugins import Registry
+
+DEFAULT_MEMORY = "256M"
+TOP_LEVEL_KEYS = {"cpus", "memory", "pci", "lpc", "boot", "cpu", "platform"}
+_PCI_ADDR = re.compile(r"^\d+(:\d+){0,2}$")
+
+
+def parse_cpus(text: str) -> int:
+    """bhyve's -c: N or cpus=N (sockets/cores/threads only describe the same count)."""
+    n = None
+    for item in str(text).split(","):
+        key, eq, val = item.partition("=")
+        if not eq:
+            key, val = "cpus", key
+        if key not in ("cpus", "sockets", "cores", "threads"):
+            raise ConfigError(f"-c {text}: unknown item {key!r}; use -c N or -c cpus=N")
+        if not val.isdigit() or int(val) < 1:
+            raise ConfigError(f"-c {text}: {key} must be a positive number")
+        if key == "cpus":
+            n = int(val)
+    if n is None:
+        raise ConfigError(f"-c {text}: give the number of vCPUs, e.g. -c 2")
+    return n
+
+
+def parse_pci_address(text: str, where: str) -> tuple[int, int, int]:
+    """slot, slot:func or bus:slot:func, as bhyve's -s."""
+    if not _PCI_ADDR.match(text):
+        raise ConfigError(f"{where}: bad PCI slot {text!r}; use slot, slot:func or bus:slot:func")
+    parts = [int(p) for p in text.split(":")]
+    if len(parts) == 3:
+        bus, slot, func = parts
+    else:
+        bus, slot, func = 0, parts[0], (parts[1] if len(parts) > 1 else 0)
+    if bus > 255 or slot > 31 or func > 7:
+        raise ConfigError(f"{where}: PCI address {text} out of range (bus 0-255, slot 0-31, function 0-7)")
+    return bus, slot, func
+
+
+def add_slot(cfg: Config, registry: Registry, arg: str) -> None:
+    where = f"-s {arg}"
+    addr, _, rest = arg.partition(",")
+    emu, _, conf = rest.partition(",")
+    if not emu:
+        raise ConfigError(f"{where}: missing device name; use -s slot,device[,options]")
+    b, s, f = parse_pci_address(addr, where)
+    path = f"pci.{b}.{s}.{f}"
+    if cfg.has(f"{path}.device"):
+        raise ConfigError(f"{where}: PCI slot {b}:{s}:{f} is already used by {cfg.get(path + '.device')}")
+    dt = registry.require(emu, "pci", where)
+    cfg.set(f"{path}.device", dt.name)
+    for k, v in dt.parse_conf(conf).items():
+        cfg.set(f"{path}.{k}", v)
+
+
+def add_lpc(cfg: Config, registry: Registry, arg: str) -> None:
+    where = f"-l {arg}"
+    name, _, conf = arg.partition(",")
+    dt = registry.require(name, "lpc", where)
+    if cfg.has(f"lpc.{name}.device"):
+        raise ConfigError(f"{where}: {name} is already configured")
+    cfg.set(f"lpc.{name}.device", dt.name)
+    for k, v in dt.parse_conf(conf).items():
+        cfg.set(f"lpc.{name}.{k}", v)
+
+
+def add_option(cfg: Config, arg: str) -> None:
+    path, eq, value = arg.partition("=")
+    if not eq:
+        raise ConfigError(f"-o {arg}: use -o path=value")
+    if path.split(".")[0] not in TOP_LEVEL_KEYS:
+        raise ConfigError(f"-o {arg}: unknown setting {path!r}; settings start with "
+                          f"{', '.join(sorted(TOP_LEVEL_KEYS))}")
+    cfg.set(path, value)
+
+
+@dataclass
+class RunPlan:
+    memory_size: int
+    cpus: int
+    cpu_policy: str
+    kernel: str | None
+    initrd: str | None
+    cmdline: str
+    demo: bool
+
+
+def plan(cfg: Config) -> RunPlan:
+    try:
+        mem = parse_size(cfg.get("memory.size", DEFAULT_MEMORY), default_unit="m")
+    except ValueError as e:
+        raise ConfigError(f"-m {cfg.get('memory.size')}: {e}") from None
+    if mem < (1 << 20) or mem % 4096:
+        raise ConfigError(f"-m {cfg.get('memory.size')}: memory must be at least 1M and a multiple of 4K")
+    cpus = parse_cpus(cfg.get("cpus", "1"))
+    policy = cfg.get("cpu.policy", "auto")
+    if policy not in POLICIES:
+        raise ConfigError(f"cpu.policy={policy}: use one of {', '.join(POLICIES)}")
+    kernel = cfg.get("boot.kernel")
+    initrd = cfg.get("boot.initrd")
+    for what, p in (("--kernel", kernel), ("--initrd", initrd)):
+        if p is not None and not os.path.isfile(p):
+            raise ConfigError(f"{what} {p}: no such file")
+    if initrd and not kernel:
+        raise ConfigError("--initrd needs --kernel")
+    return RunPlan(mem, cpus, policy, kernel, initrd, cfg.get("boot.cmdline", ""), kernel is None)
+
+
+def demo_guest_path() -> str:
+    """The demo guest shipped in the package (built at install), else built now and cached."""
+    from . import guests
+    packaged = os.path.join(os.path.dirname(guests.__file__), "demo.elf")
+    if os.path.exists(packaged):
+        return packaged
+    from .guests.build import cached_guest
+    return cached_guest("demo")
+
+
+def build_machine(cfg: Config, registry: Registry, *, backend: str = "kvm") -> tuple[Machine, RunPlan]:
+    p = plan(cfg)
+    if p.demo and not cfg.has("lpc.com1.device") and registry.get("com1", "lpc") is not None:
+        cfg.set("lpc.com1.device", "com1")
+        cfg.set("lpc.com1.backend", "stdio")
+    m = Machine(p.memory_size, p.cpus, backend=backend, cpu_policy=p.cpu_policy)
+    try:
+        for dt in registry.types:
+            if dt.kind == "platform":
+                opts = dt.validate(cfg.group(f"platform.{dt.name}"), where=f"platform.{dt.name}")
+                dev = dt.factory(m, opts)
+                if dev is not None:
+                    m.add_device(dev)
+        for name, group in sorted(cfg.group("lpc").items()):
+            where = f"lpc.{name}"
+            if not isinstance(group, dict) or "device" not in group:
+                raise ConfigError(f"{where}: no device given (use -l {name},...)")
+            dt = registry.require(group["device"], "lpc", where)
+            m.add_device(dt.factory(m, dt.validate(group, where=where)))
+        pci = cfg.group("pci")
+        if pci:
+            raise ConfigError("PCI devices need a PCI bus, which this build does not have yet")
+        if p.demo:
+            kernel, cmdline = demo_guest_path(), p.cmdline
+        else:
+            kernel, cmdline = p.kernel, p.cmdline
+        if backend == "kvm":
+            from .loader import load_kernel
+            boot = load_kernel(m.memory, kernel, cmdline=cmdline, initrd_path=p.initrd)
+            m.create_vcpus()
+            m.boot_direct(boot)
+    except BaseException:
+        m.close()
+        raise
+    return m, p
+
+
+def run(cfg: Config, registry: Registry, *, verbose: bool = False, timeout: float | None = None) -> int:
+    m, _ = build_machine(cfg, registry)
+    try:
+        m.start_devices()
+        code = m.run(timeout=timeout)
+    finally:
+        m.close()
+    if code not in (0, 1) or verbose:
+        print(f"hvframe: {m.exit_reason} (exit {code})", file=sys.stderr)
+    return code if code is not None else EXIT_ERROR

@@ -1,0 +1,1 @@
+"""hvframe ahci plugin package."""

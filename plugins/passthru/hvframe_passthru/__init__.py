@@ -1,0 +1,1 @@
+"""hvframe passthru plugin package."""

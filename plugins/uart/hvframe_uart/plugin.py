@@ -1,0 +1,52 @@
+"""Device types com1-com4: a 16550A at the standard PC port and IRQ, with a chosen backend."""
+from __future__ import annotations
+
+from hvframe.device import DeviceType, Option
+from hvframe.hookspecs import hookimpl
+
+from .backends import SPEC_HELP, open_backend
+from .uart16550 import Uart16550
+
+# name: (I/O base, ISA IRQ). COM3/COM4 share IRQs with COM1/COM2, as on PCs.
+COM_PORTS = {
+    "com1": (0x3F8, 4),
+    "com2": (0x2F8, 3),
+    "com3": (0x3E8, 4),
+    "com4": (0x2E8, 3),
+}
+PORT_COUNT = 8
+
+
+def _make_factory(name: str, base: int, irq: int):
+    def factory(machine, options) -> Uart16550:
+        backend = open_backend(options.get("backend") or "null", label=name)
+        # COM1/COM3 and COM2/COM4 share a line: each port is one source of it.
+        uart = Uart16550(set_irq=machine.irq_source(irq), backend=backend)
+        try:
+            machine.pio.register(base, PORT_COUNT, uart, name=name)
+        except BaseException:
+            backend.close()
+            raise
+        machine.on_close(uart.close)
+        return uart     # the runner calls uart.start() before vCPUs run, uart.close() at exit
+    return factory
+
+
+def uart_device_types() -> list[DeviceType]:
+    return [
+        DeviceType(
+            name=name,
+            kind="lpc",
+            factory=_make_factory(name, base, irq),
+            summary=f"16550A UART at I/O {base:#x}, IRQ {irq}",
+            options=(Option("backend", "str", "null",
+                            help=f"where the port's bytes go: {SPEC_HELP.removeprefix('use ')}"),),
+            positional=("backend",),
+        )
+        for name, (base, irq) in COM_PORTS.items()
+    ]
+
+
+@hookimpl
+def hvframe_device_types() -> list[DeviceType]:
+    return uart_device_types()

@@ -1,0 +1,445 @@
+"""16550A UART register model, per the National PC16550D datasheet, independent of KVM.
+
+The model is driven from three sides:
+  * vCPU threads call `read(offset, size)` / `write(offset, size, value)` for offsets 0-7;
+  * a backend reader thread calls `host_input(data)` with bytes typed by the user;
+  * the UART calls `set_irq(level)` whenever its interrupt output changes.
+
+Choices where the datasheet leaves room, or where a VM differs from a wire:
+  * Transmit is immediate: a byte written to THR leaves for the backend within the same
+    write, so the guest sees THRE/TEMT drop only while another vCPU is mid-transmit. As on
+    real hardware the THRE interrupt is cleared by the THR write and re-armed when the FIFO
+    empties into the transmitter, so the IRQ line pulses low then high (a fresh edge for
+    edge-triggered interrupt controllers).
+  * Character timeout is reported as soon as the RX FIFO holds data below the trigger level
+    (no 4-character-time delay). Host bytes wait in the backlog only while the FIFO is full,
+    so "below trigger" already means "no more input right now": waiting would only add latency.
+  * Host input is never lost. It queues in a bounded backlog (default 64 KiB) that refills the
+    RX FIFO as the guest reads, whatever IER says; when the backlog is full `host_input`
+    blocks the backend reader (backpressure) instead of dropping. FIFO resets and FIFO
+    enable/disable clear loopback bytes as the datasheet says, but host bytes go back to the
+    front of the backlog: guests reset the FIFOs at start-up, and typed-ahead input must
+    survive that. Overrun (LSR.OE) can therefore only come from the loopback path.
+  * In loopback the serial input is disconnected: host bytes stay in the backlog until
+    loopback is turned off.
+  * IRQ line = (IIR reports a pending interrupt) AND MCR.OUT2 AND NOT MCR.LOOP. PC COM ports
+    gate the UART's interrupt with the OUT2 pin, and the datasheet forces the OUT2 pin
+    inactive in loopback, so a PC sees no IRQ in loopback mode.
+  * Without loopback the modem lines read as a connected peer: DCD, DSR and CTS set, RI clear
+    (MSR = 0xB0 after reset).
+  * Parity, framing and break errors are never generated, so LSR bits 2-4 and 7 stay 0.
+    Writes to LSR and MSR (factory test on real parts) are ignored.
+  * The divisor latch resets to 12 (9600 baud, the usual BIOS setting); the datasheet leaves
+    it undefined. Reading RBR with nothing received returns the last byte received.
+
+`set_irq` is called with the state lock held so successive levels can never be reordered
+between threads; it must not call back into this UART.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Callable, Optional, Protocol
+
+# Register offsets (DLAB selects DLL/DLM at 0/1).
+RBR = THR = DLL = 0
+IER = DLM = 1
+IIR = FCR = 2
+LCR = 3
+MCR = 4
+LSR = 5
+MSR = 6
+SCR = 7
+
+IER_ERBFI = 0x01   # received data available / timeout
+IER_ETBEI = 0x02   # transmitter holding register empty
+IER_ELSI = 0x04    # receiver line status
+IER_EDSSI = 0x08   # modem status
+IER_MASK = 0x0F
+
+IIR_MSR = 0x00
+IIR_NONE = 0x01
+IIR_THRE = 0x02
+IIR_RDA = 0x04
+IIR_RLS = 0x06
+IIR_TIMEOUT = 0x0C
+IIR_FIFO_ENABLED = 0xC0
+
+FCR_ENABLE = 0x01
+FCR_RX_RESET = 0x02
+FCR_TX_RESET = 0x04
+RX_TRIGGER_LEVELS = (1, 4, 8, 14)   # indexed by FCR bits 7:6
+
+LCR_DLAB = 0x80
+
+MCR_DTR = 0x01
+MCR_RTS = 0x02
+MCR_OUT1 = 0x04
+MCR_OUT2 = 0x08
+MCR_LOOP = 0x10
+MCR_MASK = 0x1F
+
+LSR_DR = 0x01
+LSR_OE = 0x02
+LSR_THRE = 0x20
+LSR_TEMT = 0x40
+
+MSR_DCTS = 0x01
+MSR_DDSR = 0x02
+MSR_TERI = 0x04
+MSR_DDCD = 0x08
+MSR_CTS = 0x10
+MSR_DSR = 0x20
+MSR_RI = 0x40
+MSR_DCD = 0x80
+MSR_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS
+
+FIFO_SIZE = 16
+DEFAULT_BACKLOG_LIMIT = 64 * 1024
+RESET_DIVISOR = 12
+
+
+class Backend(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def start(self, on_input: Callable[[bytes], None]) -> None: ...
+    def close(self) -> None: ...
+
+
+class Uart16550:
+    """One 16550A. Handler for an 8-port PIO range; see the module docstring for the model."""
+
+    def __init__(self, set_irq: Callable[[int], None], backend: Optional[Backend] = None,
+                 backlog_limit: int = DEFAULT_BACKLOG_LIMIT):
+        if backlog_limit < 1:
+            raise ValueError("backlog_limit must be at least 1")
+        self.backend = backend
+        self._set_irq = set_irq
+        self._backlog_limit = backlog_limit
+        self._lock = threading.Lock()
+        self._backlog_space = threading.Condition(self._lock)
+        # Serialises hand-off to the backend so bytes from different vCPUs keep THR order.
+        self._tx_lock = threading.Lock()
+        self._closed = False
+        self._started = False
+
+        self._ier = 0
+        self._lcr = 0
+        self._mcr = 0
+        self._scr = 0
+        self._dll = RESET_DIVISOR & 0xFF
+        self._dlm = RESET_DIVISOR >> 8
+        self._fifo_enabled = False
+        self._rx_trigger = 1
+        self._rx: deque[tuple[int, bool]] = deque()   # (byte, came from host)
+        self._backlog: deque[int] = deque()           # host bytes not yet in the RX FIFO
+        self._last_rx = 0
+        self._overrun = False
+        self._tx: deque[int] = deque()                # written to THR, not yet handed off
+        self._transmitting = False                    # backend write in progress (TSR busy)
+        self._thre_pending = False
+        self._msr_lines = MSR_CONNECTED
+        self._msr_delta = 0
+        self._irq_level = 0
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start delivering host input (called once all devices exist, before vCPUs run)."""
+        if self._started or self.backend is None:
+            return
+        self._started = True
+        start = getattr(self.backend, "start", None)
+        if start is not None:
+            start(self.host_input)
+
+    def close(self) -> None:
+        """Release a backend reader blocked on backpressure, then close the backend. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._backlog_space.notify_all()
+        if self.backend is not None:
+            self.backend.close()
+
+    @property
+    def irq_level(self) -> int:
+        return self._irq_level
+
+    # ---- host side --------------------------------------------------------------------------
+
+    def host_input(self, data: bytes) -> None:
+        """Queue bytes from the host for the guest. Blocks while the backlog is full."""
+        view = memoryview(bytes(data))
+        with self._lock:
+            while view:
+                if self._closed:
+                    return
+                room = self._backlog_limit - len(self._backlog)
+                if room <= 0:
+                    self._backlog_space.wait()
+                    continue
+                self._backlog.extend(view[:room])
+                view = view[room:]
+                self._refill_rx()
+                self._update_irq()
+
+    # ---- guest side -------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> int:
+        if not 0 <= offset <= 7:
+            return (1 << (8 * size)) - 1
+        with self._lock:
+            return self._read_register(offset)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if not 0 <= offset <= 7:
+            return
+        with self._lock:
+            must_transmit = self._write_register(offset, value & 0xFF)
+        if must_transmit:
+            self._transmit()
+
+    # ---- register access (lock held) --------------------------------------------------------
+
+    def _read_register(self, offset: int) -> int:
+        dlab = self._lcr & LCR_DLAB
+        if offset == RBR:
+            return self._dll if dlab else self._read_rbr()
+        if offset == IER:
+            return self._dlm if dlab else self._ier
+        if offset == IIR:
+            return self._read_iir()
+        if offset == LCR:
+            return self._lcr
+        if offset == MCR:
+            return self._mcr
+        if offset == LSR:
+            return self._read_lsr()
+        if offset == MSR:
+            return self._read_msr()
+        return self._scr
+
+    def _write_register(self, offset: int, value: int) -> bool:
+        """Returns True when bytes were queued for the backend."""
+        dlab = self._lcr & LCR_DLAB
+        if offset == THR:
+            if dlab:
+                self._dll = value
+                return False
+            return self._write_thr(value)
+        if offset == IER:
+            if dlab:
+                self._dlm = value
+            else:
+                self._write_ier(value)
+        elif offset == FCR:
+            self._write_fcr(value)
+        elif offset == LCR:
+            self._lcr = value
+        elif offset == MCR:
+            self._write_mcr(value)
+        elif offset == SCR:
+            self._scr = value
+        # LSR and MSR writes are ignored.
+        return False
+
+    def _read_rbr(self) -> int:
+        if self._rx:
+            self._last_rx, _ = self._rx.popleft()
+            self._refill_rx()
+            self._update_irq()
+        return self._last_rx
+
+    def _read_iir(self) -> int:
+        iid = self._interrupt_id()
+        if iid == IIR_THRE:
+            # Reading IIR while it reports THRE acknowledges that interrupt.
+            self._thre_pending = False
+            self._update_irq()
+        return iid | (IIR_FIFO_ENABLED if self._fifo_enabled else 0)
+
+    def _read_lsr(self) -> int:
+        value = self._lsr()
+        if self._overrun:
+            self._overrun = False
+            self._update_irq()
+        return value
+
+    def _read_msr(self) -> int:
+        value = self._msr_lines | self._msr_delta
+        if self._msr_delta:
+            self._msr_delta = 0
+            self._update_irq()
+        return value
+
+    def _write_thr(self, value: int) -> bool:
+        self._thre_pending = False
+        self._update_irq()
+        if self._mcr & MCR_LOOP:
+            # Loopback: the transmitter feeds the receiver and empties at once.
+            self._loopback_receive(value)
+            self._thre_pending = True
+            self._update_irq()
+            return False
+        if len(self._tx) < self._fifo_capacity():
+            self._tx.append(value)
+        # else: a write to a full FIFO is lost, as on the chip (only reachable with several
+        # vCPUs writing concurrently, since each write drains before returning).
+        return True
+
+    def _write_ier(self, value: int) -> None:
+        old = self._ier
+        self._ier = value & IER_MASK
+        if self._ier & IER_ETBEI and not old & IER_ETBEI and not self._tx:
+            # Enabling ETBEI while THR is empty raises THRE (Linux probes for exactly this).
+            self._thre_pending = True
+        self._update_irq()
+
+    def _write_fcr(self, value: int) -> None:
+        if not value & FCR_ENABLE:
+            # Clearing FCR0 leaves FIFO mode and empties both FIFOs; other bits not programmed.
+            if self._fifo_enabled:
+                self._fifo_enabled = False
+                self._clear_rx()
+                self._clear_tx()
+        else:
+            if not self._fifo_enabled:
+                self._fifo_enabled = True
+                self._clear_rx()
+                self._clear_tx()
+            if value & FCR_RX_RESET:
+                self._clear_rx()
+            if value & FCR_TX_RESET:
+                self._clear_tx()
+            self._rx_trigger = RX_TRIGGER_LEVELS[value >> 6]
+        self._refill_rx()
+        self._update_irq()
+
+    def _write_mcr(self, value: int) -> None:
+        was_loop = self._mcr & MCR_LOOP
+        self._mcr = value & MCR_MASK
+        self._set_modem_lines(self._modem_lines())
+        if was_loop and not self._mcr & MCR_LOOP:
+            self._refill_rx()
+        self._update_irq()
+
+    # ---- internals (lock held) --------------------------------------------------------------
+
+    def _fifo_capacity(self) -> int:
+        return FIFO_SIZE if self._fifo_enabled else 1
+
+    def _lsr(self) -> int:
+        value = 0
+        if self._rx:
+            value |= LSR_DR
+        if self._overrun:
+            value |= LSR_OE
+        if not self._tx:
+            value |= LSR_THRE
+            if not self._transmitting:
+                value |= LSR_TEMT
+        return value
+
+    def _interrupt_id(self) -> int:
+        """Highest-priority pending interrupt, as IIR bits 3:0."""
+        ier = self._ier
+        if ier & IER_ELSI and self._overrun:
+            return IIR_RLS
+        if ier & IER_ERBFI and self._rx:
+            if not self._fifo_enabled or len(self._rx) >= self._rx_trigger:
+                return IIR_RDA
+            return IIR_TIMEOUT
+        if ier & IER_ETBEI and self._thre_pending:
+            return IIR_THRE
+        if ier & IER_EDSSI and self._msr_delta:
+            return IIR_MSR
+        return IIR_NONE
+
+    def _update_irq(self) -> None:
+        gate_open = self._mcr & (MCR_OUT2 | MCR_LOOP) == MCR_OUT2
+        level = 1 if gate_open and self._interrupt_id() != IIR_NONE else 0
+        if level != self._irq_level:
+            self._irq_level = level
+            self._set_irq(level)
+
+    def _refill_rx(self) -> None:
+        if self._mcr & MCR_LOOP or not self._backlog:
+            return
+        capacity = self._fifo_capacity()
+        while len(self._rx) < capacity and self._backlog:
+            self._rx.append((self._backlog.popleft(), True))
+        self._backlog_space.notify_all()
+
+    def _loopback_receive(self, value: int) -> None:
+        if len(self._rx) < self._fifo_capacity():
+            self._rx.append((value, False))
+            return
+        self._overrun = True
+        if not self._fifo_enabled:
+            # 16450 mode: the new character overwrites RBR. A host byte it displaces goes
+            # back to the backlog rather than being lost.
+            old, from_host = self._rx.pop()
+            if from_host:
+                self._backlog.appendleft(old)
+            self._rx.append((value, False))
+        # FIFO mode: the character in the shift register is lost; the FIFO is kept.
+
+    def _clear_rx(self) -> None:
+        host_bytes = [b for b, from_host in self._rx if from_host]
+        self._rx.clear()
+        self._backlog.extendleft(reversed(host_bytes))
+
+    def _clear_tx(self) -> None:
+        if self._tx:
+            self._tx.clear()
+            self._thre_pending = True
+
+    def _modem_lines(self) -> int:
+        mcr = self._mcr
+        if not mcr & MCR_LOOP:
+            return MSR_CONNECTED
+        lines = 0
+        if mcr & MCR_RTS:
+            lines |= MSR_CTS
+        if mcr & MCR_DTR:
+            lines |= MSR_DSR
+        if mcr & MCR_OUT1:
+            lines |= MSR_RI
+        if mcr & MCR_OUT2:
+            lines |= MSR_DCD
+        return lines
+
+    def _set_modem_lines(self, lines: int) -> None:
+        changed = lines ^ self._msr_lines
+        if changed & MSR_CTS:
+            self._msr_delta |= MSR_DCTS
+        if changed & MSR_DSR:
+            self._msr_delta |= MSR_DDSR
+        if changed & MSR_RI and not lines & MSR_RI:
+            self._msr_delta |= MSR_TERI     # trailing edge of RI only
+        if changed & MSR_DCD:
+            self._msr_delta |= MSR_DDCD
+        self._msr_lines = lines
+
+    # ---- transmit (called without the state lock) -------------------------------------------
+
+    def _transmit(self) -> None:
+        with self._tx_lock:
+            with self._lock:
+                if not self._tx:
+                    return
+                data = bytes(self._tx)
+                self._tx.clear()
+                # The FIFO has emptied into the transmitter: THRE is back, so is its interrupt.
+                self._transmitting = True
+                self._thre_pending = True
+                self._update_irq()
+            try:
+                if self.backend is not None:
+                    self.backend.write(data)
+            except OSError:
+                pass    # a broken output path drops output; the guest must not see an error
+            finally:
+                with self._lock:
+                    self._transmitting = False

@@ -1,0 +1,1 @@
+"""hvframe virtio_blk plugin package."""

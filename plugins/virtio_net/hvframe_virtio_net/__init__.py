@@ -1,0 +1,1 @@
+"""hvframe virtio_net plugin package."""

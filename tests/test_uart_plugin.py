@@ -1,0 +1,105 @@
+"""The uart plugin: pluggy hook, com1-com4 types, and what a factory wires into a machine."""
+import pathlib
+import tomllib
+
+import pluggy
+import pytest
+
+from hvframe.errors import ConfigError
+from hvframe_uart import plugin
+
+PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "plugins" / "uart" / "pyproject.toml"
+
+
+class FakePio:
+    def __init__(self):
+        self.ranges = []
+
+    def register(self, base, length, handler, name=""):
+        self.ranges.append((base, length, handler, name))
+
+
+class FakeMachine:
+    def __init__(self):
+        self.pio = FakePio()
+        self.irq_calls = []
+        self.closers = []
+
+    def irq(self, line, level):
+        self.irq_calls.append((line, level))
+
+    def on_close(self, fn):
+        self.closers.append(fn)
+
+
+def device_types():
+    return {t.name: t for t in plugin.hvframe_device_types()}
+
+
+def build(name, conf=""):
+    dtype = device_types()[name]
+    machine = FakeMachine()
+    options = dtype.validate(dtype.parse_conf(conf))
+    device = dtype.factory(machine, options)
+    return machine, device
+
+
+def test_hook_is_found_by_pluggy():
+    class Spec:
+        @pluggy.HookspecMarker("hvframe")
+        def hvframe_device_types(self):
+            """Device types a plugin offers."""
+
+    pm = pluggy.PluginManager("hvframe")
+    pm.add_hookspecs(Spec)
+    pm.register(plugin)
+    names = [t.name for types in pm.hook.hvframe_device_types() for t in types]
+    assert names == ["com1", "com2", "com3", "com4"]
+
+
+def test_pyproject_declares_the_entry_point():
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    assert project["name"] == "hvframe-uart"
+    assert "hvframe" in project["dependencies"]
+    assert project["entry-points"]["hvframe.devices"] == {"uart": "hvframe_uart.plugin"}
+
+
+@pytest.mark.parametrize("name, base, irq", [
+    ("com1", 0x3F8, 4), ("com2", 0x2F8, 3), ("com3", 0x3E8, 4), ("com4", 0x2E8, 3)])
+def test_factory_registers_ports_and_routes_irq(name, base, irq):
+    machine, uart = build(name)
+    assert device_types()[name].kind == "lpc"
+    [(reg_base, length, handler, reg_name)] = machine.pio.ranges
+    assert (reg_base, length, handler, reg_name) == (base, 8, uart, name)
+    handler.write(4, 1, 0x08)                # MCR.OUT2
+    handler.write(1, 1, 0x02)                # IER.ETBEI with THR empty -> THRE interrupt
+    assert machine.irq_calls == [(irq, 1)]
+    assert handler.read(2, 1) == 0x02
+    assert machine.irq_calls == [(irq, 1), (irq, 0)]
+
+
+def test_backend_is_positional_and_closed_at_exit(tmp_path):
+    log = tmp_path / "com1.log"
+    machine, uart = build("com1", f"file={log}")
+    uart.start()
+    for c in b"boot ok":
+        uart.write(0, 1, c)
+    assert machine.closers
+    for fn in machine.closers:
+        fn()
+    uart.close()                             # a second close is harmless
+    assert log.read_bytes() == b"boot ok"
+
+
+def test_backend_defaults_to_null():
+    dtype = device_types()["com2"]
+    assert dtype.validate({})["backend"] == "null"
+    machine, uart = build("com2")
+    uart.start()
+    uart.write(0, 1, ord("x"))
+    uart.close()
+
+
+def test_bad_backend_is_a_config_error_naming_the_port():
+    with pytest.raises(ConfigError, match=r"^com3: unknown backend 'bogus'"):
+        build("com3", "bogus")
