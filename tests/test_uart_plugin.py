@@ -6,30 +6,10 @@ import pluggy
 import pytest
 
 from hvframe.errors import ConfigError
+from hvframe.synthetic import SyntheticMachine
 from hvframe_uart import plugin
 
 PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "plugins" / "uart" / "pyproject.toml"
-
-
-class FakePio:
-    def __init__(self):
-        self.ranges = []
-
-    def register(self, base, length, handler, name=""):
-        self.ranges.append((base, length, handler, name))
-
-
-class FakeMachine:
-    def __init__(self):
-        self.pio = FakePio()
-        self.irq_calls = []
-        self.closers = []
-
-    def irq(self, line, level):
-        self.irq_calls.append((line, level))
-
-    def on_close(self, fn):
-        self.closers.append(fn)
 
 
 def device_types():
@@ -38,20 +18,16 @@ def device_types():
 
 def build(name, conf=""):
     dtype = device_types()[name]
-    machine = FakeMachine()
+    machine = SyntheticMachine()
     options = dtype.validate(dtype.parse_conf(conf))
     device = dtype.factory(machine, options)
     return machine, device
 
 
 def test_hook_is_found_by_pluggy():
-    class Spec:
-        @pluggy.HookspecMarker("hvframe")
-        def hvframe_device_types(self):
-            """Device types a plugin offers."""
-
+    from hvframe import hookspecs
     pm = pluggy.PluginManager("hvframe")
-    pm.add_hookspecs(Spec)
+    pm.add_hookspecs(hookspecs)
     pm.register(plugin)
     names = [t.name for types in pm.hook.hvframe_device_types() for t in types]
     assert names == ["com1", "com2", "com3", "com4"]
@@ -67,15 +43,30 @@ def test_pyproject_declares_the_entry_point():
 @pytest.mark.parametrize("name, base, irq", [
     ("com1", 0x3F8, 4), ("com2", 0x2F8, 3), ("com3", 0x3E8, 4), ("com4", 0x2E8, 3)])
 def test_factory_registers_ports_and_routes_irq(name, base, irq):
+    """Through the dispatch core, as a guest's port exits would go."""
     machine, uart = build(name)
     assert device_types()[name].kind == "lpc"
-    [(reg_base, length, handler, reg_name)] = machine.pio.ranges
-    assert (reg_base, length, handler, reg_name) == (base, 8, uart, name)
-    handler.write(4, 1, 0x08)                # MCR.OUT2
-    handler.write(1, 1, 0x02)                # IER.ETBEI with THR empty -> THRE interrupt
-    assert machine.irq_calls == [(irq, 1)]
-    assert handler.read(2, 1) == 0x02
-    assert machine.irq_calls == [(irq, 1), (irq, 0)]
+    [rng] = [r for r in machine.pio.ranges() if r.name == name]
+    assert (rng.base, rng.length, rng.handler) == (base, 8, uart)
+    machine.io_write(base + 4, 1, 0x08)      # MCR.OUT2
+    machine.io_write(base + 1, 1, 0x02)      # IER.ETBEI with THR empty -> THRE interrupt
+    assert machine.irq_levels[irq] == 1
+    assert machine.io_read(base + 2, 1) == 0x02
+    assert machine.irq_levels[irq] == 0      # the IIR read took the THRE interrupt away
+
+
+def test_com1_and_com3_share_irq4():
+    machine = SyntheticMachine()
+    for name in ("com1", "com3"):
+        dt = device_types()[name]
+        dt.factory(machine, dt.validate({}))
+    for base in (0x3F8, 0x3E8):
+        machine.io_write(base + 4, 1, 0x08)
+        machine.io_write(base + 1, 1, 0x02)
+    machine.io_read(0x3F8 + 2, 1)            # com1's THRE taken, com3's still pending
+    assert machine.irq_levels[4] == 1
+    machine.io_read(0x3E8 + 2, 1)
+    assert machine.irq_levels[4] == 0
 
 
 def test_backend_is_positional_and_closed_at_exit(tmp_path):
@@ -84,9 +75,7 @@ def test_backend_is_positional_and_closed_at_exit(tmp_path):
     uart.start()
     for c in b"boot ok":
         uart.write(0, 1, c)
-    assert machine.closers
-    for fn in machine.closers:
-        fn()
+    machine.close()
     uart.close()                             # a second close is harmless
     assert log.read_bytes() == b"boot ok"
 

@@ -1,0 +1,105 @@
+"""Cost of one port exit: hvframe's Python-handled exit against the thinnest C KVM loop
+(the floor on this host), both running the same guest (tests/guests/portloop.c: N `out`
+instructions to port 0xe0, then power off through port 0x404).
+
+    python -m hvframe.exitbench [--count N] [--rounds R]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from .core_native import ffi, lib
+from .loader import load_kernel
+from .machine import Machine
+
+BENCH_PORT = 0xE0
+POWEROFF_PORT = 0x404
+
+
+class CountingPort:
+    """The Python device on the measured port: it counts the writes it is given."""
+
+    def __init__(self):
+        self.writes = 0
+
+    def read(self, offset, size):
+        return 0
+
+    def write(self, offset, size, value):
+        self.writes += 1
+
+
+def _machine(guest: str, count: int) -> Machine:
+    m = Machine(32 << 20, 1)
+    boot = load_kernel(m.memory, guest, cmdline=f"count={count}")
+    m.create_vcpus()
+    m.boot_direct(boot)
+    return m
+
+
+def floor_run(guest: str, count: int) -> tuple[float, int]:
+    """Seconds and exits for one run under hv_floor_run (no devices at all)."""
+    m = _machine(guest, count)
+    try:
+        exits = ffi.new("uint64_t *")
+        v = m.vcpus[0]
+        t0 = time.perf_counter()
+        rc = lib.hv_floor_run(v.fd, v.c.run, POWEROFF_PORT, exits)
+        dt = time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(f"floor loop ended with {rc}")
+        return dt, exits[0]
+    finally:
+        m.close()
+
+
+def hvframe_run(guest: str, count: int) -> tuple[float, int, int]:
+    """Seconds, port exits and Python-handled port writes for one run under hvframe."""
+    from .platform.acpi_pm import AcpiPm
+    m = _machine(guest, count)
+    try:
+        port = CountingPort()
+        m.pio.register(BENCH_PORT, 1, port, name="bench-port")
+        AcpiPm(m)
+        t0 = time.perf_counter()
+        code = m.run()
+        dt = time.perf_counter() - t0
+        if code != 1:
+            raise RuntimeError(f"guest did not power off: {m.exit_reason}")
+        return dt, m.vcpus[0].c.exits_io, port.writes
+    finally:
+        m.close()
+
+
+def portloop_guest() -> str:
+    from .guests.build import cached_guest
+    return cached_guest("portloop")
+
+
+def compare(count: int = 200000, rounds: int = 3) -> dict:
+    guest = portloop_guest()
+    floor = min(floor_run(guest, count)[0] / count for _ in range(rounds))
+    best = None
+    for _ in range(rounds):
+        dt, exits, writes = hvframe_run(guest, count)
+        assert writes == count, (writes, count)
+        best = dt / count if best is None else min(best, dt / count)
+    return {"count": count, "floor_us": floor * 1e6, "hvframe_us": best * 1e6,
+            "ratio": best / floor}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m hvframe.exitbench", description=__doc__.splitlines()[0])
+    ap.add_argument("--count", type=int, default=200000)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args(argv)
+    r = compare(a.count, a.rounds)
+    print(f"port exits per run: {r['count']}")
+    print(f"C floor loop:          {r['floor_us']:.3f} us/exit")
+    print(f"hvframe Python handler: {r['hvframe_us']:.3f} us/exit")
+    print(f"ratio: {r['ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

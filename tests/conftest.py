@@ -1,0 +1,31 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from hvframe.kvm import kvm_available
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KVM_MISSING = kvm_available()
+
+requires_kvm = pytest.mark.skipif(KVM_MISSING is not None, reason=f"needs KVM: {KVM_MISSING}")
+
+
+def hvframe_cmd():
+    exe = shutil.which("hvframe")
+    return [exe] if exe else [sys.executable, "-m", "hvframe"]
+
+
+def run_hvframe(args, *, input=None, timeout=120):
+    """Run the installed command line as a user would; returns CompletedProcess (text)."""
+    return subprocess.run(hvframe_cmd() + list(args), input=input, capture_output=True,
+                          timeout=timeout, text=isinstance(input, str) or input is None)
+
+
+@pytest.fixture(scope="session")
+def guest_dir(tmp_path_factory):
+    from hvframe.guests.build import build_all
+    out = tmp_path_factory.mktemp("guests")
+    return build_all(out)
