@@ -2,8 +2,8 @@
 
 A Bus wraps a C `hv_bus`: sorted, non-overlapping ranges, each served by a native function
 or a Python handler object (read(offset, size) / write(offset, size, value)). Python
-handlers are reached from C through the `hv_py_handler` callback with a small integer
-handle, so the per-exit path is: C lookup -> one Python call -> back to C.
+handlers are reached from C with a small integer handle, so the per-exit path is:
+C lookup -> the handler's bound read/write method (vectorcall) -> back to C.
 
 A handler that raises never takes the VMM down: the access is answered as if nothing were
 there (reads all ones), and the error is reported once per device.
@@ -11,6 +11,7 @@ there (reads all ones), and the error is reported once per device.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import threading
 import traceback
@@ -20,7 +21,8 @@ from typing import Any
 from .core_native import ffi, lib
 from .errors import ConfigError
 
-# Handle -> bound methods. Lists indexed by handle keep the callback to two subscripts.
+# Handle -> (read, write) bound methods; the C core holds its own references (by id()) and
+# calls them directly, these lists only name the handles and keep the table consistent.
 _readers: list = []
 _writers: list = []
 _names: list[str] = []
@@ -31,47 +33,44 @@ _table_lock = threading.Lock()
 
 def _add_handler(handler: Any, name: str) -> int:
     with _table_lock:
+        read, write = handler.read, handler.write
         if _free:
             h = _free.pop()
-            _readers[h], _writers[h], _names[h] = handler.read, handler.write, name
+            _readers[h], _writers[h], _names[h] = read, write, name
         else:
             h = len(_readers)
-            _readers.append(handler.read)
-            _writers.append(handler.write)
+            _readers.append(read)
+            _writers.append(write)
             _names.append(name)
+        if lib.hv_py_set_handler(h, id(read), id(write)) < 0:
+            raise MemoryError("handler table")
         return h
 
 
 def _drop_handler(h: int) -> None:
     with _table_lock:
+        lib.hv_py_set_handler(h, 0, 0)
         _readers[h] = _writers[h] = None
         _names[h] = ""
         _free.append(h)
 
 
-def _handler_failed(exc_type, exc_value, tb):
-    """An exception escaped a device handler: report it once, answer like an empty bus."""
-    frame_locals = tb.tb_frame.f_locals if tb is not None else {}
-    handle = frame_locals.get("handle", -1)
+def _handler_failed(handle: int, offset: int, is_write: int, exc: BaseException) -> None:
+    """An exception escaped a device handler: report it once per device and kind of error.
+    The C core answers the access like an empty bus (reads all ones)."""
     name = _names[handle] if 0 <= handle < len(_names) else "?"
-    key = (name, exc_type)
-    if key not in _reported:
-        _reported.add(key)
-        where = f"offset {frame_locals.get('offset', 0):#x}"
-        print(f"hvframe: device {name} failed on {'write' if frame_locals.get('is_write') else 'read'} "
-              f"at {where}: {exc_type.__name__}: {exc_value} (answered as unclaimed; further "
-              f"errors of this kind are not shown)", file=sys.stderr)
-        if __debug__ and "HVFRAME_DEBUG" in __import__("os").environ:
-            traceback.print_exception(exc_type, exc_value, tb)
-    return 0xFFFFFFFFFFFFFFFF
+    key = (name, type(exc), bool(is_write))
+    if key in _reported:
+        return
+    _reported.add(key)
+    print(f"hvframe: device {name} failed on {'write' if is_write else 'read'} at offset "
+          f"{offset:#x}: {type(exc).__name__}: {exc} (answered as unclaimed; further errors "
+          f"of this kind are not shown)", file=sys.stderr)
+    if os.environ.get("HVFRAME_DEBUG"):
+        traceback.print_exception(exc)
 
 
-@ffi.def_extern(onerror=_handler_failed)
-def hv_py_handler(handle, offset, size, value, is_write):
-    if is_write:
-        _writers[handle](offset, size, value)
-        return 0
-    return _readers[handle](offset, size)
+lib.hv_py_set_failed(id(_handler_failed))
 
 
 @dataclass

@@ -148,9 +148,10 @@ def build_machine(cfg: Config, registry: Registry, *, backend: str = "kvm") -> t
                 raise ConfigError(f"{where}: no device given (use -l {name},...)")
             dt = registry.require(group["device"], "lpc", where)
             m.add_device(dt.factory(m, dt.validate(group, where=where)))
-        pci = cfg.group("pci")
-        if pci:
-            raise ConfigError("PCI devices need a PCI bus, which this build does not have yet")
+        if cfg.group("pci"):
+            from .pci.bus import add_pci_devices
+            # No firmware assigns BARs on direct kernel boot: do it, and enable decoding.
+            add_pci_devices(m, registry, cfg.group("pci"), direct_boot=True)
         if p.demo:
             kernel, cmdline = demo_guest_path(), p.cmdline
         else:

@@ -12,6 +12,8 @@ from conftest import run_hvframe
     (["run", "-s", "3:9,com1"], "out of range"),
     (["run", "-s", "4"], "missing device name"),
     (["run", "-s", "2,com1"], "(com1 is a lpc device)"),
+    (["run", "-s", "0,hostbridge", "-s", "0:0,hostbridge"], "PCI slot 0:0:0 is already used by hostbridge"),
+    (["run", "-s", "0,hostbridge,devid=pci"], "devid: not an integer"),
     (["run", "-m", "lots"], "-m lots: not a size"),
     (["run", "-m", "0"], "memory must be at least 1M"),
     (["run", "-c", "0"], "-c 0: cpus must be a positive number"),

@@ -79,3 +79,11 @@ def test_portloop_guest_exits_reach_a_python_device(guest_dir):
     dt, exits, writes = hvframe_run(guest_dir["portloop"], 5000)
     assert writes == 5000
     assert exits >= 5000
+
+
+def test_guest_enumerates_the_host_bridge_through_port_cf8():
+    p = run_hvframe(["run", "-s", "0,hostbridge"], input="")
+    assert p.returncode == 1, p.stderr
+    assert "port 0xcf8 pci: yes (00:00.0 8086:1237)" in p.stdout
+    p = run_hvframe(["run", "-s", "0,hostbridge,vendor=0x8086,devid=0x29c0"], input="")
+    assert "port 0xcf8 pci: yes (00:00.0 8086:29c0)" in p.stdout

@@ -25,8 +25,8 @@ struct hv_vcpu {
 enum { HV_EXIT_STOPPED, HV_EXIT_SHUTDOWN, HV_EXIT_INTERNAL, HV_EXIT_HLT,
        HV_EXIT_SYSTEM_EVENT, HV_EXIT_FAIL_ENTRY, HV_EXIT_UNKNOWN, HV_EXIT_ERROR };
 
-extern "Python" uint64_t hv_py_handler(int handle, uint64_t offset, uint32_t size,
-                                      uint64_t value, int is_write);
+int hv_py_set_handler(int handle, uintptr_t reader, uintptr_t writer);
+void hv_py_set_failed(uintptr_t fn);
 
 struct hv_bus *hv_bus_new(void);
 void hv_bus_free(struct hv_bus *b);
@@ -124,7 +124,8 @@ def make_ffi() -> FFI:
     ffi.cdef(CDEF)
     ffi.set_source(
         "hvframe.core_native._hvcore",
-        '#include "hvcore.c"',  # one translation unit, so the static Python callback links
+        '#include "hvcore.c"',
+        py_limited_api=False,  # the exit path calls the interpreter with vectorcall
         include_dirs=[HERE],
         depends=[os.path.join(HERE, "hvcore.c"), os.path.join(HERE, "hvcore.h")],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],

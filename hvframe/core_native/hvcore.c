@@ -3,7 +3,7 @@
  * Each vCPU thread calls hv_vcpu_run(), which loops on KVM_RUN with the GIL released (cffi
  * releases it around the call) and routes port and MMIO exits by address range. A range is
  * served either by a C function or by a Python handler reached through the cffi
- * `extern "Python"` callback hv_py_handler, which takes the GIL only for that call.
+ * direct call into the interpreter (py_call), which takes the GIL only for that call.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -18,7 +18,7 @@
 #include <linux/kvm.h>
 #include "hvcore.h"
 
-static uint64_t hv_py_handler(int handle, uint64_t offset, uint32_t size, uint64_t value, int is_write);
+static uint64_t py_call(int handle, uint64_t offset, uint32_t size, uint64_t value, int is_write);
 
 static inline uint64_t size_mask(uint32_t size)
 {
@@ -137,7 +137,7 @@ uint64_t hv_bus_dispatch(struct hv_bus *b, uint64_t addr, uint32_t size, uint64_
     uint64_t off = addr - r.base;
     uint64_t v;
     if (r.py_handle >= 0)
-        v = hv_py_handler(r.py_handle, off, size, value & mask, is_write);
+        v = py_call(r.py_handle, off, size, value & mask, is_write);
     else
         v = r.fn(r.opaque, off, size, value & mask, is_write);
     return is_write ? 0 : (v & mask);
@@ -149,6 +149,118 @@ int hv_bus_count(struct hv_bus *b)
     int n = b->count;
     pthread_rwlock_unlock(&b->lock);
     return n;
+}
+
+/* ---- Python handlers ------------------------------------------------------------------ */
+
+/* The per-exit path into Python: take the GIL and call the device's bound read or write
+ * method directly with vectorcall. This touches far less interpreter state than a generic
+ * cffi callback, which matters because every exit arrives with caches cold from KVM_RUN.
+ * Anything unusual (an exception, a bad return value) is handed to the Python hook set by
+ * hv_py_set_failed, which reports it; the access is answered like an empty bus. */
+static PyObject **py_readers, **py_writers;
+static int py_cap;
+static PyObject *py_failed;   /* failed(handle, offset, is_write, exception) -> None */
+
+/* Called from Python (without the GIL, as cffi calls are): objects are passed as id(). */
+int hv_py_set_handler(int handle, uintptr_t reader, uintptr_t writer)
+{
+    int rc = 0;
+    PyGILState_STATE g = PyGILState_Ensure();
+    if (handle >= py_cap) {
+        int ncap = py_cap ? py_cap : 64;
+        while (ncap <= handle)
+            ncap *= 2;
+        PyObject **r = PyMem_Calloc(ncap, sizeof(*r)), **w = PyMem_Calloc(ncap, sizeof(*w));
+        if (!r || !w) {
+            PyMem_Free(r);
+            PyMem_Free(w);
+            rc = -ENOMEM;
+            goto out;
+        }
+        if (py_cap) {
+            memcpy(r, py_readers, py_cap * sizeof(*r));
+            memcpy(w, py_writers, py_cap * sizeof(*w));
+        }
+        /* Old arrays are leaked on purpose: a vCPU may be reading them right now. */
+        py_readers = r;
+        py_writers = w;
+        __atomic_store_n(&py_cap, ncap, __ATOMIC_RELEASE);
+    }
+    PyObject *old_r = py_readers[handle], *old_w = py_writers[handle];
+    PyObject *nr = (PyObject *)reader, *nw = (PyObject *)writer;
+    Py_XINCREF(nr);
+    Py_XINCREF(nw);
+    py_readers[handle] = nr;
+    py_writers[handle] = nw;
+    Py_XDECREF(old_r);
+    Py_XDECREF(old_w);
+out:
+    PyGILState_Release(g);
+    return rc;
+}
+
+void hv_py_set_failed(uintptr_t fn)
+{
+    PyGILState_STATE g = PyGILState_Ensure();
+    Py_XINCREF((PyObject *)fn);
+    Py_XSETREF(py_failed, (PyObject *)fn);
+    PyGILState_Release(g);
+}
+
+static void py_report(int handle, uint64_t offset, int is_write)
+{
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (exc && tb)
+        PyException_SetTraceback(exc, tb);
+    if (py_failed) {
+        PyObject *r = PyObject_CallFunction(py_failed, "iKiO", handle, (unsigned long long)offset,
+                                            is_write, exc ? exc : Py_None);
+        Py_XDECREF(r);
+    }
+    PyErr_Clear();
+    Py_XDECREF(type);
+    Py_XDECREF(exc);
+    Py_XDECREF(tb);
+}
+
+static uint64_t py_call(int handle, uint64_t offset, uint32_t size, uint64_t value, int is_write)
+{
+    uint64_t result = is_write ? 0 : ~0ULL;
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *fn = NULL;
+    if (handle < py_cap)
+        fn = is_write ? py_writers[handle] : py_readers[handle];
+    if (!fn)
+        goto out;
+    PyObject *args[3];
+    args[0] = PyLong_FromUnsignedLongLong(offset);
+    args[1] = PyLong_FromLong(size);
+    args[2] = is_write ? PyLong_FromUnsignedLongLong(value) : NULL;
+    PyObject *r = NULL;
+    if (args[0] && args[1] && (!is_write || args[2]))
+        r = PyObject_Vectorcall(fn, args, is_write ? 3 : 2, NULL);
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    Py_XDECREF(args[2]);
+    if (!r) {
+        py_report(handle, offset, is_write);
+        goto out;
+    }
+    if (!is_write) {
+        if (PyLong_Check(r))
+            result = PyLong_AsUnsignedLongLongMask(r);
+        else {
+            PyErr_Format(PyExc_TypeError, "read() returned %.50s, not an int", Py_TYPE(r)->tp_name);
+            py_report(handle, offset, is_write);
+        }
+    }
+    Py_DECREF(r);
+out:
+    PyGILState_Release(g);
+    return result;
 }
 
 /* ---- native handlers ---------------------------------------------------------------------- */

@@ -11,6 +11,7 @@ crash the VMM.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +187,9 @@ class PciFunction:
 
     def set_pin(self, pin: int) -> None:
         """INTx pin: 0 none, 1-4 INTA#-INTD#."""
+        if self.pci_bus is not None:
+            raise ConfigError(f"{self.name}: the interrupt pin must be set before the function "
+                              f"is on a bus")
         if not 0 <= pin <= 4:
             raise ConfigError(f"{self.name}: interrupt pin must be 0 (none) or 1-4 (INTA-INTD)")
         self.config["interrupt_pin"] = pin
@@ -291,10 +295,14 @@ class PciFunction:
     # -- INTx -----------------------------------------------------------------------------
     def set_intx(self, level: int) -> None:
         """Assert (1) or deassert (0) this function's INTx pin."""
-        self._intx_level = 1 if level else 0
-        status = self.config["status"]
-        self.config["status"] = (status | STATUS_INTERRUPT) if level else (status & ~STATUS_INTERRUPT)
-        self._drive_intx()
+        # Under the bus lock: a guest status write (write-1-to-clear) must not race this
+        # read-modify-write of the same register from a device thread.
+        with (self.pci_bus.lock if self.pci_bus is not None else nullcontext()):
+            self._intx_level = 1 if level else 0
+            status = self.config["status"]
+            self.config["status"] = (status | STATUS_INTERRUPT) if level else \
+                (status & ~STATUS_INTERRUPT)
+            self._drive_intx()
 
     def _drive_intx(self) -> None:
         if self._intx_source is not None:

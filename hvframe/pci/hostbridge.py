@@ -1,0 +1,22 @@
+"""The host bridge at 00:00.0 (bhyve's `-s 0,hostbridge`): an i440FX by default."""
+from __future__ import annotations
+
+from .bus import ensure_pci_bus
+from .device import PciFunction
+
+CLASS_HOST_BRIDGE = 0x060000
+I440FX_VENDOR, I440FX_DEVICE = 0x8086, 0x1237
+
+
+class HostBridge(PciFunction):
+    name = "hostbridge"
+
+    def __init__(self, vendor: int = I440FX_VENDOR, device: int = I440FX_DEVICE):
+        super().__init__(vendor, device, CLASS_HOST_BRIDGE)
+
+
+def create(machine, options) -> HostBridge:
+    """DeviceType factory: options carry vendor, devid and pci.address (bus, slot, func)."""
+    hb = HostBridge(options.get("vendor", I440FX_VENDOR), options.get("devid", I440FX_DEVICE))
+    ensure_pci_bus(machine).add(hb, tuple(options.get("pci.address", (0, 0, 0))))
+    return hb
