@@ -515,7 +515,6 @@ def test_config_ports_leave_reset_control_alone(m):
 
 def test_add_pci_devices_from_config_tree(m):
     pm = plugin_manager(entry_points=False)
-    pm.register(pci_plugin, name="hvframe.pci.plugin")
     registry = Registry(pm)
     cfg = Config()
     cfg.set("pci.0.0.0.device", registry.require("hostbridge", "pci", "-s 0,hostbridge").name)
@@ -533,7 +532,6 @@ def test_add_pci_devices_from_config_tree(m):
 def test_add_pci_devices_from_command_line(m):
     from hvframe.runner import add_slot
     pm = plugin_manager(entry_points=False)
-    pm.register(pci_plugin, name="hvframe.pci.plugin")
     registry = Registry(pm)
     cfg = Config()
     add_slot(cfg, registry, "0,hostbridge,devid=0x7190")
