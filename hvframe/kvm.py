@@ -209,12 +209,13 @@ class KvmVcpu:
             linear = (s.cs.base + r.rip) & 0xFFFFFFFFFFFFFFFF
             msg += f" at RIP {r.rip:#x} (CS base {s.cs.base:#x}, CR0 {s.cr0:#x})"
             insn = b""
-            # Newer kernels pass the bytes: data[0] flags bit0, data[1] length, data[2..] bytes.
-            if c.internal_suberror == lib.KVM_INTERNAL_ERROR_EMULATION and c.internal_ndata >= 3 \
+            # kvm_run.emulation_failure: data[0] is flags (bit 0: bytes valid), then a u8
+            # insn_size and up to 15 instruction bytes.
+            if c.internal_suberror == lib.KVM_INTERNAL_ERROR_EMULATION and c.internal_ndata >= 2 \
                     and c.internal_data[0] & 1:
-                n = min(c.internal_data[1], (c.internal_ndata - 2) * 8, 15)
-                raw = b"".join(int(c.internal_data[2 + i]).to_bytes(8, "little") for i in range(c.internal_ndata - 2))
-                insn = raw[:n]
+                raw = b"".join(int(c.internal_data[i]).to_bytes(8, "little")
+                               for i in range(1, c.internal_ndata))
+                insn = raw[1:1 + min(raw[0], 15)]
             if not insn:
                 gpa = self.translate(linear)
                 if gpa is not None and self.vm.memory.contains(gpa, 1):

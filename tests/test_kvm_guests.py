@@ -1,4 +1,7 @@
 """Real guests on /dev/kvm through the `hvframe run` command line."""
+import os
+import re
+
 import pytest
 
 from conftest import requires_kvm, run_hvframe
@@ -87,3 +90,26 @@ def test_guest_enumerates_the_host_bridge_through_port_cf8():
     assert "port 0xcf8 pci: yes (00:00.0 8086:1237)" in p.stdout
     p = run_hvframe(["run", "-s", "0,hostbridge,vendor=0x8086,devid=0x29c0"], input="")
     assert "port 0xcf8 pci: yes (00:00.0 8086:29c0)" in p.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/module/kvm_pvm"),
+                    reason="only KVM's instruction emulator (nested kvm_pvm host) fails on INT3; "
+                           "hardware KVM delivers it as an exception")
+def test_emulation_failure_is_reported_with_rip_and_instruction_bytes(tmp_path):
+    from hvframe.guests.build import build_guest
+    guest = build_guest(["tests/guests/emulation_failure.c"], tmp_path / "emu.elf")
+    p = run_hvframe(["run", "-m", "64M", "-l", "com1,stdio", "--kernel", str(guest)], input="")
+    assert "about to run int3" in p.stdout
+    assert p.returncode == 4
+    msg = p.stderr.strip()
+    assert "KVM internal error on vCPU 0" in msg and "instruction emulation failed" in msg
+    assert re.search(r"at RIP 0x[0-9a-f]+", msg)
+    assert "instruction bytes cc " in msg  # INT3 is the faulting instruction
+
+
+def test_ram_above_4g_for_large_memory():
+    p = run_hvframe(["run", "-m", "5G"], input="")
+    assert p.returncode == 1, p.stderr
+    assert "memory: 5120 MiB RAM" in p.stdout
+    assert "0000000100000000-000000017fffffff RAM" in p.stdout   # 2 GiB above 4 GiB
+    assert "0000000000100000-00000000bfffffff RAM" in p.stdout   # the rest below the PCI hole
