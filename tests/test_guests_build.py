@@ -134,9 +134,12 @@ def test_guest_messages_are_loaded(built, name, text):
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
 def test_no_instructions_kvms_emulator_cannot_run(built):
-    """CPL0 guest code is emulated on nested KVM: no SSE/x87/MMX, no int3, no xsave."""
+    """CPL0 guest code is emulated on nested KVM: no SSE/x87/MMX, no int3, no xsave.
+    (emulation_failure runs int3 on purpose, to test the VMM's report of exactly that.)"""
     bad = re.compile(r"%xmm|%ymm|%mm\d|%st\b|%st\(|\bint3\b|\bxsave|\bxrstor|\bfxsave|\bfld|\bfst")
     for name, path in built[0].items():
+        if name == "emulation_failure":
+            continue
         asm = subprocess.run(["objdump", "-d", path], capture_output=True, text=True,
                              check=True).stdout
         assert "00100000 <" in asm and "<main>:" in asm
