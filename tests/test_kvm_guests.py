@@ -113,3 +113,27 @@ def test_ram_above_4g_for_large_memory():
     assert "memory: 5120 MiB RAM" in p.stdout
     assert "0000000100000000-000000017fffffff RAM" in p.stdout   # 2 GiB above 4 GiB
     assert "0000000000100000-00000000bfffffff RAM" in p.stdout   # the rest below the PCI hole
+
+
+def test_bzimage_through_the_32bit_boot_protocol(tmp_path):
+    """A guest packed as a bzImage (real setup header, protected-mode payload at 1 MiB) sees
+    boot_params through %esi: header copy, command line, e820 and initrd."""
+    import subprocess
+    from hvframe.guests.build import build_guest
+    from test_loader import make_bzimage
+    elf = build_guest(["tests/guests/bzimage.c"], tmp_path / "bz.elf")
+    flat = tmp_path / "bz.bin"
+    subprocess.run(["objcopy", "-O", "binary", "--remove-section=.note.Xen", str(elf), str(flat)], check=True)
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage(flat.read_bytes(), setup_sects=4))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"\x5a" * 12345)
+    p = run_hvframe(["run", "-m", "64M", "-l", "com1,stdio", "--kernel", str(kernel),
+                     "--initrd", str(initrd), "--cmdline", "console=ttyS0 root=/dev/vda"], input="")
+    assert p.returncode == 1, p.stderr + p.stdout
+    assert "start_info none, boot_params at 0x7000" in p.stdout
+    assert "header HdrS version 0x20f loader 0xff" in p.stdout
+    assert 'cmdline: "console=ttyS0 root=/dev/vda"' in p.stdout
+    assert "e820: 4 entries" in p.stdout
+    assert "e820 0000000000100000 +0000000003f00000 type 1" in p.stdout
+    assert re.search(r"initrd at 0x[0-9a-f]+ size 12345", p.stdout)

@@ -226,10 +226,10 @@ static void py_report(int handle, uint64_t offset, int is_write)
     Py_XDECREF(tb);
 }
 
-static uint64_t py_call(int handle, uint64_t offset, uint32_t size, uint64_t value, int is_write)
+/* The call itself; the caller holds the GIL. */
+static uint64_t py_call_locked(int handle, uint64_t offset, uint32_t size, uint64_t value, int is_write)
 {
     uint64_t result = is_write ? 0 : ~0ULL;
-    PyGILState_STATE g = PyGILState_Ensure();
     PyObject *fn = NULL;
     if (handle < py_cap)
         fn = is_write ? py_writers[handle] : py_readers[handle];
@@ -259,7 +259,28 @@ static uint64_t py_call(int handle, uint64_t offset, uint32_t size, uint64_t val
     }
     Py_DECREF(r);
 out:
-    PyGILState_Release(g);
+    return result;
+}
+
+/* Each calling thread's Python thread state, looked up once: attaching it directly is
+ * cheaper than PyGILState_Ensure's bookkeeping on every exit. Callers never hold the GIL
+ * here (cffi releases it around every call into this module). */
+static __thread PyThreadState *thread_state;
+
+static uint64_t py_call(int handle, uint64_t offset, uint32_t size, uint64_t value, int is_write)
+{
+    PyThreadState *ts = thread_state;
+    if (!ts)
+        ts = thread_state = PyGILState_GetThisThreadState();
+    if (!ts) {  /* a thread Python has never seen */
+        PyGILState_STATE g = PyGILState_Ensure();
+        uint64_t result = py_call_locked(handle, offset, size, value, is_write);
+        PyGILState_Release(g);
+        return result;
+    }
+    PyEval_RestoreThread(ts);
+    uint64_t result = py_call_locked(handle, offset, size, value, is_write);
+    PyEval_SaveThread();
     return result;
 }
 

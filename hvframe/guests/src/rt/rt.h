@@ -92,6 +92,7 @@ void halt_forever(void) __attribute__((noreturn));
 
 /* ---- start_info ---- */
 extern const struct hvm_start_info *start_info;    /* NULL if %ebx had no valid magic */
+extern u32 rt_entry_esi;                            /* %esi at entry: boot_params (Linux boot protocol) */
 const char *si_cmdline(void);                       /* "" if none */
 u32 si_memmap_count(void);
 const struct hvm_memmap_entry *si_memmap(u32 i);    /* NULL past the end */

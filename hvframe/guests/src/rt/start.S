@@ -31,6 +31,9 @@ _start:
     movl %eax, %gs
     movl $__stack_top, %esp
     xorl %ebp, %ebp
+    /* The Linux 32-bit boot protocol passes boot_params in %esi: keep it for guests that
+     * are entered that way (a bzImage-format test guest). */
+    movl %esi, rt_entry_esi
 
     /* Zero .bss (loaders zero p_memsz past p_filesz, but don't depend on it). The stack
      * lives in .bss too; nothing is on it yet. */
@@ -62,6 +65,12 @@ gdt_end:
 gdt_desc:
     .word gdt_end - gdt - 1
     .long gdt
+
+    .section .data
+    .p2align 2
+    .globl rt_entry_esi
+rt_entry_esi:
+    .long 0
 
     .section .bss
     .p2align 4
