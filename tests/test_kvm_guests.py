@@ -137,3 +137,15 @@ def test_bzimage_through_the_32bit_boot_protocol(tmp_path):
     assert "e820: 4 entries" in p.stdout
     assert "e820 0000000000100000 +0000000003f00000 type 1" in p.stdout
     assert re.search(r"initrd at 0x[0-9a-f]+ size 12345", p.stdout)
+
+
+def test_busy_guest_is_kicked_out_of_kvm_run_on_stop(guest_dir):
+    """echo with no input polls its UART forever on both vCPUs' watch: the runner's stop must
+    kick every vCPU out of KVM_RUN (immediate_exit plus a signal) and end the run."""
+    import time
+    t0 = time.monotonic()
+    p = run_hvframe(["run", "-c", "2", "-m", "64M", "-l", "com1,null", "--kernel", guest_dir["echo"],
+                     "--timeout", "1.5"], timeout=30)
+    assert p.returncode == 4
+    assert "timed out after 1.5 s" in p.stderr
+    assert time.monotonic() - t0 < 15
