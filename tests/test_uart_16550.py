@@ -5,16 +5,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hvframe_uart.uart16550 import Uart16550
-
-RBR = THR = DLL = 0
-IER = DLM = 1
-IIR = FCR = 2
-LCR = 3
-MCR = 4
-LSR = 5
-MSR = 6
-SCR = 7
+from hvframe_uart.uart16550 import DLL, DLM, FCR, IER, IIR, LCR, LSR, MCR, MSR, RBR, SCR, THR, Uart16550
 
 OUT2 = 0x08
 LOOP = 0x10
