@@ -1,0 +1,35 @@
+"""Linux's own drivers as clients: the test kernel of scripts/build-test-kernel.sh, booted by
+PVH under hvframe, with its console on COM1. Slow (about a minute on nested KVM)."""
+import os
+
+import pytest
+
+from conftest import requires_kvm, run_hvframe
+from linux_kernel import CMDLINE, built_kernel, newc_cpio
+
+KERNEL = built_kernel()
+pytestmark = [requires_kvm, pytest.mark.kvm,
+              pytest.mark.skipif(KERNEL is None, reason="the Linux test kernel is not built: run "
+                                 "scripts/build-test-kernel.sh (about 5 minutes, cached)")]
+
+
+@pytest.fixture(scope="module")
+def initramfs(tmp_path_factory):
+    # /init exists, so the kernel gets as far as starting it; user space itself cannot run on
+    # nested KVM hosts (see shared/linux/README.md), so what it contains does not matter.
+    path = tmp_path_factory.mktemp("initramfs") / "initramfs.cpio"
+    path.write_bytes(newc_cpio({"dev": (0o040755, b""), "init": (0o100755, b"#!/bin/sh\nexit 0\n")}))
+    return str(path)
+
+
+def test_linux_boots_to_init_with_console_on_com1_and_pci_listed(initramfs):
+    p = run_hvframe(["run", "-m", "128M", "-s", "0,hostbridge", "-l", "com1,stdio",
+                     "--kernel", KERNEL, "--initrd", initramfs, "-a", CMDLINE + " acpi=off"],
+                    input="", timeout=400)
+    out = p.stdout
+    assert "Linux version 6.1" in out
+    assert "pci 0000:00:00.0: [8086:1237] type 00 class 0x060000" in out
+    assert "serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A" in out
+    assert "Run /init as init process" in out
+    # No user space here: the kernel gives up on init, panics, and with panic=-1 reboots.
+    assert p.returncode == 0, p.stderr
