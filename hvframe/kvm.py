@@ -110,6 +110,14 @@ class KvmVm:
     def irq_line(self, irq: int, level: int) -> None:
         lib.hv_irq_line(self.fd, irq, 1 if level else 0)
 
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Deliver one MSI through the in-kernel LAPICs; False if KVM refused or nobody took it."""
+        m = ffi.new("struct kvm_msi *")
+        m.address_lo = address & 0xFFFFFFFF
+        m.address_hi = address >> 32
+        m.data = data & 0xFFFFFFFF
+        return lib.hv_ioctl(self.fd, lib.KVM_SIGNAL_MSI, m) > 0
+
     def close(self):
         os.close(self.fd)
 

@@ -32,6 +32,7 @@ class Machine:
         self.mmio = Bus("MMIO")
         self.devices: list[Any] = []
         self.irq_levels: dict[int, int] = {}
+        self.msis: list[tuple[int, int]] = []
         self._irq_sources: dict[int, list[int]] = {}
         self._irq_lock = threading.Lock()
         self._closers: list[Callable[[], None]] = []
@@ -76,6 +77,14 @@ class Machine:
                 levels[slot] = 1 if level else 0
                 self._drive(line, 1 if any(levels) else 0)
         return set_level
+
+    def signal_msi(self, address: int, data: int) -> None:
+        """Send a message-signalled interrupt (an MSI or MSI-X table entry's address/data).
+        The synthetic backend records it in `msis` instead."""
+        if self.vm is not None:
+            self.vm.signal_msi(address, data)
+        else:
+            self.msis.append((address, data))
 
     # -- lifecycle -------------------------------------------------------------------------
     def add_device(self, device: Any) -> Any:
