@@ -11,7 +11,7 @@ from .device import DeviceType
 from .errors import ConfigError
 
 ENTRY_POINT_GROUP = "hvframe.devices"
-BUILTIN_PLUGINS = ("hvframe.platform.plugin", "hvframe.pci.plugin")
+BUILTIN_PLUGINS = ("hvframe.platform.plugin", "hvframe.pci.plugin", "hvframe.lpc.plugin")
 
 
 def plugin_manager(entry_points: bool = True) -> pluggy.PluginManager:

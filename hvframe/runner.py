@@ -69,6 +69,20 @@ def add_slot(cfg: Config, registry: Registry, arg: str) -> None:
 def add_lpc(cfg: Config, registry: Registry, arg: str) -> None:
     where = f"-l {arg}"
     name, _, conf = arg.partition(",")
+    pdt = registry.get(name, "platform")
+    if pdt is not None and registry.get(name, "lpc") is None and pdt.options:
+        # A platform device configured bhyve-style, e.g. -l bootrom,FILE: its settings go
+        # to platform.NAME (the same as -o platform.bootrom.path=FILE).
+        if cfg.group(f"platform.{name}"):
+            raise ConfigError(f"{where}: {name} is already configured")
+        items = pdt.parse_conf(conf)
+        if not items:
+            raise ConfigError(f"{where}: {name} needs its settings, e.g. -l {name},"
+                              f"{(pdt.positional or ('...',))[0].upper()}")
+        pdt.validate(items, where=where)      # report a bad value against the -l argument
+        for k, v in items.items():
+            cfg.set(f"platform.{name}.{k}", v)
+        return
     dt = registry.require(name, "lpc", where)
     if cfg.has(f"lpc.{name}.device"):
         raise ConfigError(f"{where}: {name} is already configured")
@@ -96,6 +110,7 @@ class RunPlan:
     initrd: str | None
     cmdline: str
     demo: bool
+    firmware: bool = False   # a boot ROM (-l bootrom,FILE) starts the guest at the reset vector
 
 
 def plan(cfg: Config) -> RunPlan:
@@ -116,7 +131,11 @@ def plan(cfg: Config) -> RunPlan:
             raise ConfigError(f"{what} {p}: no such file")
     if initrd and not kernel:
         raise ConfigError("--initrd needs --kernel")
-    return RunPlan(mem, cpus, policy, kernel, initrd, cfg.get("boot.cmdline", ""), kernel is None)
+    firmware = bool(cfg.get("platform.bootrom.path"))
+    if firmware and kernel:
+        raise ConfigError("--kernel cannot be used with a boot ROM (-l bootrom): the firmware boots")
+    return RunPlan(mem, cpus, policy, kernel, initrd, cfg.get("boot.cmdline", ""),
+                   kernel is None and not firmware, firmware)
 
 
 def demo_guest_path() -> str:
@@ -151,12 +170,19 @@ def build_machine(cfg: Config, registry: Registry, *, backend: str = "kvm") -> t
         if cfg.group("pci"):
             from .pci.bus import add_pci_devices
             # No firmware assigns BARs on direct kernel boot: do it, and enable decoding.
-            add_pci_devices(m, registry, cfg.group("pci"), direct_boot=True)
+            # With a boot ROM the firmware programs BARs and decoding itself.
+            add_pci_devices(m, registry, cfg.group("pci"), direct_boot=not p.firmware)
+        if p.firmware:
+            # Firmware finds fw_cfg (and through it the serial console) even without -s ,lpc.
+            from .lpc.bridge import setup_fw_cfg
+            setup_fw_cfg(m)
         if p.demo:
             kernel, cmdline = demo_guest_path(), p.cmdline
         else:
             kernel, cmdline = p.kernel, p.cmdline
-        if backend == "kvm":
+        if backend == "kvm" and p.firmware:
+            m.create_vcpus()      # KVM's reset state: vCPU 0 fetches from 0xFFFFFFF0
+        elif backend == "kvm":
             from .loader import load_kernel
             boot = load_kernel(m.memory, kernel, cmdline=cmdline, initrd_path=p.initrd)
             m.create_vcpus()

@@ -1,0 +1,67 @@
+"""The LPC bridge (`-s 31,lpc`): a PCI-to-ISA bridge function with Intel PIIX3 IDs
+(8086:7000, class 0x060100), the ISA bridge SeaBIOS looks for next to an i440FX host bridge.
+
+Its PIRQ route registers (config 0x60-0x63) are writable, initialised to "disabled" (0x80)
+as on PIIX3; they are only recorded (INTx reaches the IOAPIC at GSI 16-19 whatever they say).
+Creating the bridge also creates the fw_cfg interface (hvframe.lpc.fw_cfg), so firmware
+finds one whenever the machine has an LPC bridge; `machine.fw_cfg` is that device.
+"""
+from __future__ import annotations
+
+import struct
+
+from ..pci.bus import ensure_pci_bus
+from ..pci.device import PciFunction
+from .fw_cfg import FwCfg
+
+PIIX3_VENDOR, PIIX3_ISA_DEVICE = 0x8086, 0x7000
+CLASS_ISA_BRIDGE = 0x060100
+PIRQ_ROUTE = 0x60
+COM1_PORT = 0x3F8
+
+
+class LpcBridge(PciFunction):
+    name = "lpc"
+
+    def __init__(self, vendor: int = PIIX3_VENDOR, device: int = PIIX3_ISA_DEVICE):
+        super().__init__(vendor, device, CLASS_ISA_BRIDGE)
+        cs = self.config
+        for i in range(4):
+            cs.put(PIRQ_ROUTE + i, 1, 0x80)
+        cs.set_mask(PIRQ_ROUTE, 4, 0x8F8F8F8F)
+
+    def pirq_routes(self) -> list[int | None]:
+        """The ISA IRQ each of PIRQA-D is routed to, None where disabled."""
+        out = []
+        for i in range(4):
+            v = self.config.get(PIRQ_ROUTE + i, 1)
+            out.append(None if v & 0x80 else v & 0x0F)
+        return out
+
+
+def setup_fw_cfg(machine, *, boot_fail_wait_ms: int | None = None) -> FwCfg:
+    """machine.fw_cfg, created on first use with the files a PC firmware wants."""
+    fw = getattr(machine, "fw_cfg", None)
+    if fw is not None:
+        return fw
+    fw = FwCfg(machine)
+    machine.fw_cfg = fw
+    # SeaBIOS mirrors its console to this port (and reads keys from it).
+    if machine.pio.find_overlap(COM1_PORT, 1) is not None:
+        fw.add_file("etc/sercon-port", struct.pack("<H", COM1_PORT))
+    # No interactive boot menu wait (SeaBIOS shows one unless told not to).
+    fw.add_file("etc/show-boot-menu", struct.pack("<H", 0))
+    fw.add_file("bootorder", b"")
+    if boot_fail_wait_ms is not None:
+        fw.add_file("etc/boot-fail-wait", struct.pack("<I", boot_fail_wait_ms))
+    return fw
+
+
+def create(machine, options) -> LpcBridge:
+    """DeviceType factory: options carry pci.address and reboot-timeout."""
+    bridge = LpcBridge()
+    ensure_pci_bus(machine).add(bridge, tuple(options.get("pci.address", (0, 31, 0))))
+    timeout = options.get("reboot-timeout")
+    setup_fw_cfg(machine, boot_fail_wait_ms=timeout if timeout is not None and timeout >= 0 else None)
+    machine.lpc = bridge
+    return bridge

@@ -1,0 +1,32 @@
+"""The LPC bridge and the legacy PC devices as a built-in plugin:
+
+  rtc       [platform]  RTC/CMOS at 0x70/0x71 (every machine)
+  i8042     [platform]  keyboard controller at 0x60/0x64, the reset line (every machine)
+  lpc       [pci]       PIIX3-style ISA bridge (`-s 31,lpc`); brings fw_cfg at 0x510
+  bootrom   [platform]  firmware image at the top of 4 GiB, when given a path
+                        (`-l bootrom,FILE`, i.e. platform.bootrom.path=FILE)
+"""
+from ..device import DeviceType, Option
+from ..hookspecs import hookimpl
+from . import bootrom, bridge, i8042, rtc
+
+
+@hookimpl
+def hvframe_device_types():
+    return [
+        DeviceType("rtc", "platform", rtc.create,
+                   summary="RTC and CMOS RAM at 0x70/0x71 (memory size bytes for firmware)"),
+        DeviceType("i8042", "platform", i8042.create,
+                   summary="i8042 keyboard controller at 0x60/0x64 (command 0xfe resets)"),
+        DeviceType("lpc", "pci", bridge.create,
+                   summary="LPC/ISA bridge (PIIX3 8086:7000) with QEMU-compatible fw_cfg "
+                           "at 0x510",
+                   options=(Option("reboot-timeout", "int", None,
+                                   "ms SeaBIOS waits after 'No bootable device' before "
+                                   "rebooting (fw_cfg etc/boot-fail-wait)"),)),
+        DeviceType("bootrom", "platform", bootrom.create,
+                   summary="boot firmware (e.g. SeaBIOS bios.bin) mapped below 4 GiB, the "
+                           "guest starting at its reset vector: -l bootrom,FILE",
+                   options=(Option("path", "path", None, "firmware image (none: no ROM)"),),
+                   positional=("path",)),
+    ]

@@ -1,0 +1,50 @@
+"""SeaBIOS (Debian's `seabios` package) boots under hvframe from the boot ROM to
+"No bootable device": the LPC bridge, fw_cfg (etc/sercon-port puts its console on COM1),
+CMOS memory sizing and the reset paths, end to end on /dev/kvm."""
+import os
+
+import pytest
+
+from conftest import KVM_MISSING, run_hvframe
+from hvframe.plugins import Registry
+
+BIOS = "/usr/share/seabios/bios.bin"
+BIOS_256K = "/usr/share/seabios/bios-256k.bin"
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(KVM_MISSING is not None, reason=f"needs KVM: {KVM_MISSING}"),
+]
+
+
+def _need(path):
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is missing (apt-get install seabios)")
+    if Registry().get("com1", "lpc") is None:
+        pytest.skip("the hvframe-uart plugin (com1) is not installed")
+
+
+def boot(bios, *extra):
+    # reboot-timeout=0: SeaBIOS retries at once after "No bootable device" and resets the
+    # machine through port 0xcf9, which ends the run with exit status 0.
+    return run_hvframe(["run", *extra, "-s", "0,hostbridge", "-s", "31,lpc,reboot-timeout=0",
+                        "-l", "com1,stdio", "-l", f"bootrom,{bios}", "-v", "--timeout", "60"],
+                       input="", timeout=90)
+
+
+def check(p):
+    assert "SeaBIOS (version" in p.stdout, (p.stdout, p.stderr)
+    assert "No bootable device" in p.stdout, (p.stdout, p.stderr)
+    assert p.returncode == 0, (p.returncode, p.stderr)
+    assert "guest reset" in p.stderr
+    assert " failed " not in p.stderr      # no device handler raised
+
+
+def test_seabios_reaches_no_bootable_device():
+    _need(BIOS)
+    check(boot(BIOS, "-m", "128M"))
+
+
+def test_seabios_256k_two_cpus_ram_above_4g():
+    _need(BIOS_256K)
+    check(boot(BIOS_256K, "-m", "4G", "-c", "2"))
