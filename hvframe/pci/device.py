@@ -98,6 +98,9 @@ class PciFunction:
         self._intx_source = None           # set by the PciBus from the INTx swizzle
         self.pci_bus = None                # the PciBus, once added
         self.address: tuple[int, int, int] | None = None
+        self.msi = None                    # an MsiCapability (hvframe.pci.msi), if any
+        self.msix = None                   # an MsixCapability, if any
+        self._config_watchers: list[tuple[int, int, Any]] = []
         self.set_pin(pin)
 
     # -- declaration ----------------------------------------------------------------------
@@ -287,6 +290,14 @@ class PciFunction:
             self._decode_changed()
         if (old_cmd ^ self.command) & CMD_INTX_DISABLE:
             self._drive_intx()
+        for start, length, callback in self._config_watchers:
+            if offset < start + length and start < offset + size:
+                callback()
+
+    def watch_config(self, offset: int, length: int, callback) -> None:
+        """Call callback() after every guest config write touching [offset, offset+length)
+        (the MSI/MSI-X capabilities use this to deliver what an unmask lets out)."""
+        self._config_watchers.append((offset, length, callback))
 
     def _decode_changed(self) -> None:
         if self.pci_bus is not None:
@@ -308,6 +319,28 @@ class PciFunction:
         if self._intx_source is not None:
             # The command register's interrupt-disable bit masks the pin, not the status bit.
             self._intx_source(self._intx_level and not self.command & CMD_INTX_DISABLE)
+
+    # -- interrupts ------------------------------------------------------------------------
+    def send_msi(self, address: int, data: int) -> None:
+        """Write one MSI/MSI-X message (dropped while the function is on no bus)."""
+        if self.pci_bus is not None:
+            self.pci_bus.machine.signal_msi(address, data)
+
+    def interrupt(self, vector: int = 0) -> str | None:
+        """Raise interrupt `vector` the way the guest set the function up: through MSI-X if
+        enabled, else MSI if enabled, else by asserting INTx (the device model deasserts it
+        with set_intx(0) when the guest acknowledges). Returns "msix", "msi", "intx" or None
+        (no pin and no message interrupts enabled). A masked message vector stays pending."""
+        if self.msix is not None and self.msix.enabled:
+            self.msix.notify(vector)
+            return "msix"
+        if self.msi is not None and self.msi.enabled:
+            self.msi.notify(vector)
+            return "msi"
+        if self.pin:
+            self.set_intx(1)
+            return "intx"
+        return None
 
     # -- lifecycle --------------------------------------------------------------------------
     def unmap_all(self) -> None:
