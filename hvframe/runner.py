@@ -183,8 +183,12 @@ def build_machine(cfg: Config, registry: Registry, *, backend: str = "kvm") -> t
         if backend == "kvm" and p.firmware:
             m.create_vcpus()      # KVM's reset state: vCPU 0 fetches from 0xFFFFFFF0
         elif backend == "kvm":
+            from .acpi.build import install_direct_boot_tables
             from .loader import load_kernel
-            boot = load_kernel(m.memory, kernel, cmdline=cmdline, initrd_path=p.initrd)
+            # No firmware: the VMM provides the ACPI tables and the MP table itself.
+            tables = install_direct_boot_tables(m)
+            boot = load_kernel(m.memory, kernel, cmdline=cmdline, initrd_path=p.initrd,
+                               e820=tables["e820"], rsdp_paddr=tables["rsdp"])
             m.create_vcpus()
             m.boot_direct(boot)
     except BaseException:

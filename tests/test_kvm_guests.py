@@ -134,8 +134,11 @@ def test_bzimage_through_the_32bit_boot_protocol(tmp_path):
     assert "start_info none, boot_params at 0x7000" in p.stdout
     assert "header HdrS version 0x20f loader 0xff" in p.stdout
     assert 'cmdline: "console=ttyS0 root=/dev/vda"' in p.stdout
-    assert "e820: 4 entries" in p.stdout
+    assert "e820: 6 entries" in p.stdout
     assert "e820 0000000000100000 +0000000003f00000 type 1" in p.stdout
+    assert "e820 00000000000e0000 +0000000000010000 type 3" in p.stdout  # ACPI tables
+    assert "e820 00000000e0000000 +0000000010000000 type 2" in p.stdout  # ECAM window
+    assert "acpi rsdp at 0xe0000" in p.stdout
     assert re.search(r"initrd at 0x[0-9a-f]+ size 12345", p.stdout)
 
 

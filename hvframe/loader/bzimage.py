@@ -127,7 +127,7 @@ def _version(v: int) -> str:
 
 
 def load_bzimage(memory: GuestMemory, data: bytes, path: str, cmdline: str,
-                 initrd_path: str | None, e820: list[tuple[int, int, int]]) -> BootState:
+                 initrd_path: str | None, e820: list[tuple[int, int, int]], rsdp_paddr: int = 0) -> BootState:
     # The zero page starts as zeros with the image's setup header copied in (as long as the
     # image says it is: the short jump at 0x200 skips exactly over it).
     hdr_end = min(0x202 + data[0x201], SETUP_HEADER_LIMIT, len(data))
@@ -187,6 +187,7 @@ def load_bzimage(memory: GuestMemory, data: bytes, path: str, cmdline: str,
         hdr.ramdisk_image, bp.ext_ramdisk_image = addr & 0xFFFFFFFF, addr >> 32
         hdr.ramdisk_size, bp.ext_ramdisk_size = size & 0xFFFFFFFF, size >> 32
 
+    bp.acpi_rsdp_addr = rsdp_paddr   # read by kernels of boot protocol 2.14 and later
     bp.e820_entries = len(e820)
     table = [dict(addr=a, size=s, type=t) for a, s, t in e820]
     table += [dict(addr=0, size=0, type=0)] * (E820_MAX_ENTRIES_ZEROPAGE - len(table))

@@ -75,7 +75,7 @@ def load_segments(memory: GuestMemory, elf: ElfFile, path: str, cmdline_end: int
 
 
 def load_pvh(memory: GuestMemory, elf: ElfFile, entry: int, path: str, cmdline: str,
-             initrd_path: str | None, e820: list[tuple[int, int, int]]) -> BootState:
+             initrd_path: str | None, e820: list[tuple[int, int, int]], rsdp_paddr: int = 0) -> BootState:
     if entry >= 1 << 32:
         raise ConfigError(f"kernel: {path}: PVH entry {entry:#x} is above 4 GiB")
     if len(e820) > MEMMAP_MAX:
@@ -101,7 +101,7 @@ def load_pvh(memory: GuestMemory, elf: ElfFile, entry: int, path: str, cmdline: 
     memory.write(START_INFO_ADDR, HvmStartInfo.build(dict(
         version=HVM_START_VERSION, flags=0,
         nr_modules=nr_modules, modlist_paddr=MODLIST_ADDR if nr_modules else 0,
-        cmdline_paddr=CMDLINE_ADDR, rsdp_paddr=0,
+        cmdline_paddr=CMDLINE_ADDR, rsdp_paddr=rsdp_paddr,
         memmap_paddr=MEMMAP_ADDR, memmap_entries=len(e820), reserved=0)))
     return BootState(rip=entry, regs={"rbx": START_INFO_ADDR},
                      description=f"PVH ELF{elf.bits} {path} entry {entry:#x}")

@@ -23,5 +23,6 @@ int main(const struct hvm_start_info *si)
                rd32(e + 8), rd32(e + 16));
     }
     printf("initrd at 0x%x size %u\n", rd32(bp + 0x218), rd32(bp + 0x21c));
+    printf("acpi rsdp at 0x%x\n", rd32(bp + 0x70));
     return 0;
 }
