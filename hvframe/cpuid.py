@@ -61,6 +61,7 @@ EMULATOR_UNSAFE = {
 # Leaves dropped entirely under emulator-safe: XSAVE state enumeration.
 EMULATOR_UNSAFE_LEAVES = {0xD}
 
+KVM_CPUID_FLAG_SIGNIFICANT_INDEX = 1
 GENUINE_INTEL = (0x756E6547, 0x6C65746E, 0x49656E69)  # EBX, ECX, EDX of leaf 0
 
 
@@ -99,13 +100,13 @@ def guest_cpuid(supported: list[CpuidEntry], cpu_index: int, ncpus: int, policy:
                 e.eax = (e.eax & 0x03FFFFFF) | ((ncpus - 1) << 26)
                 e.eax &= ~(0xFFF << 14)
         elif e.function in (0xB, 0x1F):
-            level = e.index
-            if level == 0:    # SMT: one thread per core
-                e.eax, e.ebx, e.ecx = 0, 1, (1 << 8) | level
-            elif level == 1:  # core level spans the package
-                e.eax, e.ebx, e.ecx = core_shift, ncpus, (2 << 8) | level
-            else:
-                e.eax, e.ebx, e.ecx = 0, 0, level
-            e.edx = cpu_index
+            continue  # rebuilt below: KVM offers only subleaf 0
         out.append(e)
+    # Extended topology: SMT level (one thread per core), core level spanning the package,
+    # then the terminating invalid level. Without the core level, Linux puts every vCPU in a
+    # package of its own.
+    for leaf in sorted({e.function for e in supported} & {0xB, 0x1F}):
+        out += [CpuidEntry(leaf, 0, KVM_CPUID_FLAG_SIGNIFICANT_INDEX, 0, 1, (1 << 8) | 0, cpu_index),
+                CpuidEntry(leaf, 1, KVM_CPUID_FLAG_SIGNIFICANT_INDEX, core_shift, ncpus, (2 << 8) | 1, cpu_index),
+                CpuidEntry(leaf, 2, KVM_CPUID_FLAG_SIGNIFICANT_INDEX, 0, 0, 2, cpu_index)]
     return out

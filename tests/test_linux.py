@@ -23,6 +23,7 @@ def initramfs(tmp_path_factory):
 
 
 def test_linux_boots_to_init_with_console_on_com1_and_pci_listed(initramfs):
+    """acpi=off: interrupt routing comes from hvframe's MP table."""
     p = run_hvframe(["run", "-m", "128M", "-s", "0,hostbridge", "-l", "com1,stdio",
                      "--kernel", KERNEL, "--initrd", initramfs, "-a", CMDLINE + " acpi=off"],
                     input="", timeout=400)
@@ -30,6 +31,24 @@ def test_linux_boots_to_init_with_console_on_com1_and_pci_listed(initramfs):
     assert "Linux version 6.1" in out
     assert "pci 0000:00:00.0: [8086:1237] type 00 class 0x060000" in out
     assert "serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A" in out
+    assert "Intel MultiProcessor Specification v1.4" in out
     assert "Run /init as init process" in out
     # No user space here: the kernel gives up on init, panics, and with panic=-1 reboots.
+    assert p.returncode == 0, p.stderr
+
+
+def test_linux_boots_with_the_acpi_tables(initramfs):
+    """The same kernel without acpi=off: it finds hvframe's RSDP, MADT, MCFG and DSDT (slower:
+    its AML interpreter runs emulated here)."""
+    p = run_hvframe(["run", "-m", "128M", "-s", "0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio",
+                     "--kernel", KERNEL, "--initrd", initramfs, "-a", CMDLINE],
+                    input="", timeout=500)
+    out = p.stdout
+    assert "ACPI: RSDP 0x00000000000E0000" in out
+    assert "ACPI: Using IOAPIC for interrupt routing" in out
+    assert "PCI: MMCONFIG for domain 0000 [bus 00-ff] at [mem 0xe0000000-0xefffffff]" in out
+    assert "ACPI: PCI Root Bridge [PCI0]" in out
+    assert "pci 0000:00:1f.0: [8086:7000] type 00 class 0x060100" in out
+    assert "ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A" in out
+    assert "Run /init as init process" in out
     assert p.returncode == 0, p.stderr
