@@ -100,6 +100,9 @@ class Option:
         return s + (f"  {self.help}" if self.help else "")
 
 
+ROM_OPTION = Option("rom", "path", help="expansion ROM image behind the ROM BAR")
+
+
 @dataclass
 class DeviceType:
     """A kind of device a plugin offers. factory(machine, options) builds one instance."""
@@ -118,6 +121,9 @@ class DeviceType:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"device {self.name}: kind must be one of {KINDS}")
+        if self.kind == "pci" and self.option("rom") is None:
+            # Any PCI device can carry an expansion ROM, as with bhyve's rom=FILE.
+            self.options = (*self.options, ROM_OPTION)
 
     @property
     def names(self) -> tuple[str, ...]:

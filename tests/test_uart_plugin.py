@@ -30,7 +30,7 @@ def test_hook_is_found_by_pluggy():
     pm.add_hookspecs(hookspecs)
     pm.register(plugin)
     names = [t.name for types in pm.hook.hvframe_device_types() for t in types]
-    assert names == ["com1", "com2", "com3", "com4"]
+    assert names == ["uart", "com1", "com2", "com3", "com4"]
 
 
 def test_pyproject_declares_the_entry_point():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from ..pci.bus import ensure_pci_bus
+from ..pci.bus import attach
 from ..pci.device import PciFunction
 from .fw_cfg import FwCfg
 
@@ -60,7 +60,7 @@ def setup_fw_cfg(machine, *, boot_fail_wait_ms: int | None = None) -> FwCfg:
 def create(machine, options) -> LpcBridge:
     """DeviceType factory: options carry pci.address and reboot-timeout."""
     bridge = LpcBridge()
-    ensure_pci_bus(machine).add(bridge, tuple(options.get("pci.address", (0, 31, 0))))
+    attach(machine, bridge, options, default_address=(0, 31, 0))
     timeout = options.get("reboot-timeout")
     setup_fw_cfg(machine, boot_fail_wait_ms=timeout if timeout is not None and timeout >= 0 else None)
     machine.lpc = bridge

@@ -268,6 +268,21 @@ def ensure_pci_bus(machine, **kwargs) -> PciBus:
     return bus
 
 
+def attach(machine, fn: PciFunction, options: dict, default_address=(0, 0, 0)) -> PciFunction:
+    """Put a device's function on the machine's PCI bus at options["pci.address"], with the
+    expansion ROM of options["rom"] (rom=FILE, which every PCI device type accepts)."""
+    rom = options.get("rom")
+    if rom and fn.rom is None:
+        try:
+            with open(rom, "rb") as f:
+                image = f.read()
+        except OSError as e:
+            raise ConfigError(f"{fn.name}: rom={rom}: {e.strerror}") from None
+        fn.set_rom(image)
+    ensure_pci_bus(machine).add(fn, tuple(options.get("pci.address", default_address)))
+    return fn
+
+
 def add_pci_devices(machine, registry, tree: dict, *, direct_boot: bool = True) -> PciBus | None:
     """Build the `-s` devices of a configuration tree ({bus: {slot: {func: {device, ...}}}},
     i.e. cfg.group("pci")), then place their BARs. Each factory gets its typed options plus
@@ -295,7 +310,7 @@ def add_pci_devices(machine, registry, tree: dict, *, direct_boot: bool = True) 
         options["pci.address"] = address
         dev = dt.factory(machine, options)
         if isinstance(dev, PciFunction) and dev.pci_bus is None:
-            pci.add(dev, address)
+            attach(machine, dev, options)
         if dev is not None:
             machine.add_device(dev)
     pci.assign_bars()

@@ -1,7 +1,7 @@
 """The host bridge at 00:00.0 (bhyve's `-s 0,hostbridge`): an i440FX by default."""
 from __future__ import annotations
 
-from .bus import ensure_pci_bus
+from .bus import attach
 from .device import PciFunction
 
 CLASS_HOST_BRIDGE = 0x060000
@@ -18,5 +18,4 @@ class HostBridge(PciFunction):
 def create(machine, options) -> HostBridge:
     """DeviceType factory: options carry vendor, devid and pci.address (bus, slot, func)."""
     hb = HostBridge(options.get("vendor", I440FX_VENDOR), options.get("devid", I440FX_DEVICE))
-    ensure_pci_bus(machine).add(hb, tuple(options.get("pci.address", (0, 0, 0))))
-    return hb
+    return attach(machine, hb, options)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 
-from .bus import ensure_pci_bus
+from .bus import attach
 from .device import PciFunction
 from .msi import MsiCapability, MsixCapability
 
@@ -78,5 +78,4 @@ class PciTestDev(PciFunction):
 def create(machine, options) -> PciTestDev:
     """DeviceType factory: options carry pci.address (bus, slot, func)."""
     dev = PciTestDev()
-    ensure_pci_bus(machine).add(dev, tuple(options.get("pci.address", (0, 0, 0))))
-    return dev
+    return attach(machine, dev, options)

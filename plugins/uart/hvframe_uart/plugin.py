@@ -5,6 +5,7 @@ from hvframe.device import DeviceType, Option
 from hvframe.hookspecs import hookimpl
 
 from .backends import SPEC_HELP, open_backend
+from .pci_uart import pci_uart_factory
 from .uart16550 import Uart16550
 
 # name: (I/O base, ISA IRQ). COM3/COM4 share IRQs with COM1/COM2, as on PCs.
@@ -33,14 +34,18 @@ def _make_factory(name: str, base: int, irq: int):
 
 
 def uart_device_types() -> list[DeviceType]:
-    return [
+    backend_option = Option("backend", "str", "null",
+                            help=f"where the port's bytes go: {SPEC_HELP.removeprefix('use ')}")
+    pci_uart = DeviceType(name="uart", kind="pci", factory=pci_uart_factory,
+                          summary="16550A UART on PCI (1b36:0002), I/O BAR 0, INTA",
+                          options=(backend_option,), positional=("backend",))
+    return [pci_uart] + [
         DeviceType(
             name=name,
             kind="lpc",
             factory=_make_factory(name, base, irq),
             summary=f"16550A UART at I/O {base:#x}, IRQ {irq}",
-            options=(Option("backend", "str", "null",
-                            help=f"where the port's bytes go: {SPEC_HELP.removeprefix('use ')}"),),
+            options=(backend_option,),
             positional=("backend",),
         )
         for name, (base, irq) in COM_PORTS.items()
