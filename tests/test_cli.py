@@ -5,7 +5,7 @@ from conftest import run_hvframe
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "-l", "com9,stdio"], "unknown LPC device 'com9'; installed: com1, com2, com3, com4"),
+    (["run", "-l", "com9,stdio"], "unknown LPC device 'com9'; installed: com1, com2, com3, com4, fwcfg"),
     (["run", "-s", "2,no-such-device"], "unknown PCI device 'no-such-device'"),
     (["run", "-s", "x,com1"], "bad PCI slot 'x'"),
     (["run", "-s", "32,com1"], "out of range"),
@@ -14,6 +14,7 @@ from conftest import run_hvframe
     (["run", "-s", "2,com1"], "(com1 is a lpc device)"),
     (["run", "-s", "0,hostbridge", "-s", "0:0,hostbridge"], "PCI slot 0:0:0 is already used by hostbridge"),
     (["run", "-s", "0,hostbridge,devid=pci"], "devid: not an integer"),
+    (["run", "-l", "fwcfg,bochs"], "flavor: 'bochs' is not one of qemu"),
     (["run", "-m", "lots"], "-m lots: not a size"),
     (["run", "-m", "0"], "memory must be at least 1M"),
     (["run", "-c", "0"], "-c 0: cpus must be a positive number"),

@@ -152,3 +152,10 @@ def test_busy_guest_is_kicked_out_of_kvm_run_on_stop(guest_dir):
     assert p.returncode == 4
     assert "timed out after 1.5 s" in p.stderr
     assert time.monotonic() - t0 < 15
+
+
+def test_fw_cfg_answers_with_its_signature_when_configured():
+    p = run_hvframe(["run", "-l", "fwcfg,qemu"], input="")
+    assert p.returncode == 1, p.stderr
+    assert "port 0x510 fw_cfg: yes" in p.stdout
+    assert "port 0x70 cmos: yes" in p.stdout  # the RTC is in every machine

@@ -42,8 +42,14 @@ class LpcBridge(PciFunction):
 def setup_fw_cfg(machine, *, boot_fail_wait_ms: int | None = None) -> FwCfg:
     """machine.fw_cfg, created on first use with the files a PC firmware wants."""
     fw = getattr(machine, "fw_cfg", None)
-    if fw is not None:
-        return fw
+    if fw is None:
+        fw = _new_fw_cfg(machine)
+    if boot_fail_wait_ms is not None:
+        fw.add_file("etc/boot-fail-wait", struct.pack("<I", boot_fail_wait_ms))
+    return fw
+
+
+def _new_fw_cfg(machine) -> FwCfg:
     fw = FwCfg(machine)
     machine.fw_cfg = fw
     # SeaBIOS mirrors its console to this port (and reads keys from it).
@@ -52,8 +58,6 @@ def setup_fw_cfg(machine, *, boot_fail_wait_ms: int | None = None) -> FwCfg:
     # No interactive boot menu wait (SeaBIOS shows one unless told not to).
     fw.add_file("etc/show-boot-menu", struct.pack("<H", 0))
     fw.add_file("bootorder", b"")
-    if boot_fail_wait_ms is not None:
-        fw.add_file("etc/boot-fail-wait", struct.pack("<I", boot_fail_wait_ms))
     return fw
 
 

@@ -3,6 +3,8 @@
   rtc       [platform]  RTC/CMOS at 0x70/0x71 (every machine)
   i8042     [platform]  keyboard controller at 0x60/0x64, the reset line (every machine)
   lpc       [pci]       PIIX3-style ISA bridge (`-s 31,lpc`); brings fw_cfg at 0x510
+  fwcfg     [lpc]       fw_cfg on its own (`-l fwcfg[,qemu]`, bhyve's spelling); -s ,lpc and a
+                        boot ROM bring it too
   bootrom   [platform]  firmware image at the top of 4 GiB, when given a path
                         (`-l bootrom,FILE`, i.e. platform.bootrom.path=FILE)
 """
@@ -24,6 +26,10 @@ def hvframe_device_types():
                    options=(Option("reboot-timeout", "int", None,
                                    "ms SeaBIOS waits after 'No bootable device' before "
                                    "rebooting (fw_cfg etc/boot-fail-wait)"),)),
+        DeviceType("fwcfg", "lpc", lambda machine, options: bridge.setup_fw_cfg(machine),
+                   summary="QEMU-compatible fw_cfg at 0x510/0x511, DMA at 0x514",
+                   options=(Option("flavor", "choice", "qemu", "interface", choices=("qemu",)),),
+                   positional=("flavor",)),
         DeviceType("bootrom", "platform", bootrom.create,
                    summary="boot firmware (e.g. SeaBIOS bios.bin) mapped below 4 GiB, the "
                            "guest starting at its reset vector: -l bootrom,FILE",
