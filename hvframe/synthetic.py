@@ -43,8 +43,7 @@ class ExitBatch:
     def __init__(self, machine: SyntheticMachine, accesses, mmio: bool):
         self.n = len(accesses)
         self.bus = machine.mmio.c_bus if mmio else machine.pio.c_bus
-        self.fn = lib.hv_synthetic_mmio if mmio else lib.hv_synthetic_pio
-        self.addrs = ffi.new("uint64_t[]" if mmio else "uint16_t[]", [a[0] for a in accesses])
+        self.addrs = ffi.new("uint64_t[]", [a[0] for a in accesses])
         self.sizes = ffi.new("uint8_t[]", [a[1] for a in accesses])
         self.initial = [a[2] for a in accesses]
         self.values = ffi.new("uint64_t[]", self.initial)
@@ -52,9 +51,9 @@ class ExitBatch:
 
     def run(self) -> list[int]:
         self.values[0:self.n] = self.initial
-        self.fn(self.bus, self.addrs, self.sizes, self.values, self.writes, self.n)
+        lib.hv_synthetic_exits(self.bus, self.addrs, self.sizes, self.values, self.writes, self.n)
         return list(self.values)
 
     def run_only(self) -> None:
         """Dispatch again without resetting or collecting values (write-only batches)."""
-        self.fn(self.bus, self.addrs, self.sizes, self.values, self.writes, self.n)
+        lib.hv_synthetic_exits(self.bus, self.addrs, self.sizes, self.values, self.writes, self.n)

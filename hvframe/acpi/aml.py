@@ -210,44 +210,27 @@ Memory32FixedDescriptor = Struct(
     "size" / Int32ul,
 )
 
-WordAddressSpaceDescriptor = Struct(
-    "tag" / Const(0x88, Int8ul),
-    "length" / Const(13, Int16ul),
-    "resource_type" / Int8ul,          # 0 memory, 1 I/O, 2 bus number
-    "general_flags" / Int8ul,
-    "type_flags" / Int8ul,
-    "granularity" / Int16ul,
-    "min" / Int16ul,
-    "max" / Int16ul,
-    "translation" / Int16ul,
-    "range_length" / Int16ul,
-)
 
-DWordAddressSpaceDescriptor = Struct(
-    "tag" / Const(0x87, Int8ul),
-    "length" / Const(23, Int16ul),
-    "resource_type" / Int8ul,
-    "general_flags" / Int8ul,
-    "type_flags" / Int8ul,
-    "granularity" / Int32ul,
-    "min" / Int32ul,
-    "max" / Int32ul,
-    "translation" / Int32ul,
-    "range_length" / Int32ul,
-)
+def _address_space_descriptor(tag: int, field):
+    """Word/DWord/QWord Address Space Descriptors (ACPI 6.4.3.5): the same fields, at the
+    width of `field`; the length counts the bytes after the 3-byte header."""
+    return Struct(
+        "tag" / Const(tag, Int8ul),
+        "length" / Const(3 + 5 * field.sizeof(), Int16ul),
+        "resource_type" / Int8ul,          # 0 memory, 1 I/O, 2 bus number
+        "general_flags" / Int8ul,
+        "type_flags" / Int8ul,
+        "granularity" / field,
+        "min" / field,
+        "max" / field,
+        "translation" / field,
+        "range_length" / field,
+    )
 
-QWordAddressSpaceDescriptor = Struct(
-    "tag" / Const(0x8A, Int8ul),
-    "length" / Const(43, Int16ul),
-    "resource_type" / Int8ul,
-    "general_flags" / Int8ul,
-    "type_flags" / Int8ul,
-    "granularity" / Int64ul,
-    "min" / Int64ul,
-    "max" / Int64ul,
-    "translation" / Int64ul,
-    "range_length" / Int64ul,
-)
+
+WordAddressSpaceDescriptor = _address_space_descriptor(0x88, Int16ul)
+DWordAddressSpaceDescriptor = _address_space_descriptor(0x87, Int32ul)
+QWordAddressSpaceDescriptor = _address_space_descriptor(0x8A, Int64ul)
 
 RES_MEMORY, RES_IO, RES_BUS = 0, 1, 2
 # General flags for a bridge's window: ResourceProducer (bit 0 clear), PosDecode (bit 1 clear),

@@ -37,10 +37,8 @@ uint64_t hv_bus_dispatch(struct hv_bus *b, uint64_t addr, uint32_t size, uint64_
                          int is_write);
 int hv_bus_count(struct hv_bus *b);
 uint64_t hv_native_sink(void *opaque, uint64_t offset, uint32_t size, uint64_t value, int is_write);
-void hv_synthetic_pio(struct hv_bus *b, const uint16_t *ports, const uint8_t *sizes,
-                      uint64_t *values, const uint8_t *is_write, size_t n);
-void hv_synthetic_mmio(struct hv_bus *b, const uint64_t *addrs, const uint8_t *sizes,
-                       uint64_t *values, const uint8_t *is_write, size_t n);
+void hv_synthetic_exits(struct hv_bus *b, const uint64_t *addrs, const uint8_t *sizes,
+                        uint64_t *values, const uint8_t *is_write, size_t n);
 
 int hv_init(void);
 struct hv_vcpu *hv_vcpu_new(int fd, int index, size_t run_size, struct hv_bus *pio,

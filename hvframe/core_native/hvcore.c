@@ -295,20 +295,10 @@ uint64_t hv_native_sink(void *opaque, uint64_t offset, uint32_t size, uint64_t v
 
 /* ---- synthetic exits -------------------------------------------------------------------- */
 
-/* Feed n port accesses through the dispatch core exactly as the KVM loop would: for the
- * synthetic backend and device benchmarks. Reads are stored back into values[]. */
-void hv_synthetic_pio(struct hv_bus *b, const uint16_t *ports, const uint8_t *sizes,
-                      uint64_t *values, const uint8_t *is_write, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        uint64_t v = hv_bus_dispatch(b, ports[i], sizes[i], values[i], is_write[i]);
-        if (!is_write[i])
-            values[i] = v;
-    }
-}
-
-void hv_synthetic_mmio(struct hv_bus *b, const uint64_t *addrs, const uint8_t *sizes,
-                       uint64_t *values, const uint8_t *is_write, size_t n)
+/* Feed n accesses to one bus exactly as the KVM loop would: for the synthetic backend and
+ * device benchmarks. Reads are stored back into values[]. */
+void hv_synthetic_exits(struct hv_bus *b, const uint64_t *addrs, const uint8_t *sizes,
+                        uint64_t *values, const uint8_t *is_write, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         uint64_t v = hv_bus_dispatch(b, addrs[i], sizes[i], values[i], is_write[i]);
