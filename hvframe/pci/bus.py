@@ -138,9 +138,9 @@ class PciBus:
             self.functions[address] = fn
             fn.pci_bus, fn.address = self, address
             if fn.pin:
-                gsi = INTX_GSI_BASE + (s + fn.pin - 1) % 4
-                fn.config["interrupt_line"] = gsi
-                fn._intx_source = self.machine.irq_source(gsi)
+                pirq = (s + fn.pin - 1) % 4
+                fn.config["interrupt_line"] = INTX_GSI_BASE + pirq
+                fn._intx_source = IntxRoute(self.machine, pirq)
             self._update_multifunction(b, s)
         return fn
 
@@ -266,6 +266,39 @@ def ensure_pci_bus(machine, **kwargs) -> PciBus:
         bus.register()
         machine.pci = bus
     return bus
+
+
+RESERVED_ISA_IRQS = (0, 1, 2, 8, 13)
+
+
+class IntxRoute:
+    """Where one function's INTx pin goes, as on PIIX chipsets: always to IOAPIC pin
+    16 + PIRQ (what ACPI's _PRT and the MP table describe), and also to the ISA IRQ the guest
+    programmed into the LPC bridge's PIRQ route register, for firmware-booted systems that
+    use the PIC. The pin's level is the OR of the sources sharing each line."""
+
+    def __init__(self, machine, pirq: int):
+        self.machine = machine
+        self.pirq = pirq
+        self.gsi = machine.irq_source(INTX_GSI_BASE + pirq)
+        self.isa_sources: dict[int, object] = {}
+        self.isa_irq: int | None = None
+        self.level = 0
+
+    def __call__(self, level: int) -> None:
+        self.level = 1 if level else 0
+        self.gsi(self.level)
+        bridge = getattr(self.machine, "lpc", None)
+        route = bridge.pirq_routes()[self.pirq] if bridge is not None else None
+        if route in RESERVED_ISA_IRQS:   # timer, keyboard, cascade, RTC, FPU: not routable
+            route = None
+        if route != self.isa_irq and self.isa_irq is not None:
+            self.isa_sources[self.isa_irq](0)   # the guest moved the route: let go of the old IRQ
+        self.isa_irq = route
+        if route is not None:
+            if route not in self.isa_sources:
+                self.isa_sources[route] = self.machine.irq_source(route)
+            self.isa_sources[route](self.level)
 
 
 def attach(machine, fn: PciFunction, options: dict, default_address=(0, 0, 0)) -> PciFunction:
