@@ -4,9 +4,10 @@ Policies (`-o cpu.policy=...`):
   host           everything KVM_GET_SUPPORTED_CPUID offers (real hardware KVM).
   emulator-safe  for nested KVM whose guest kernel mode is run by KVM's instruction emulator
                  (the `kvm_pvm` module, see shared/PLATFORM.md): vendor GenuineIntel (the AMD
-                 paths of Linux use x87 instructions the emulator lacks) and none of the
+                 paths of Linux use x87 instructions the emulator lacks), none of the
                  features whose instructions it cannot execute (XSAVE family, SMAP/SMEP/UMIP/
-                 PKU, AVX*, BMI, POPCNT, MOVBE, AES, RDRAND, ...).
+                 PKU, AVX*, BMI, POPCNT, MOVBE, AES, RDRAND, ...), and none of KVM's
+                 hypercall-based paravirtual features.
   auto           emulator-safe where /sys/module/kvm_pvm exists, host elsewhere.
 """
 from __future__ import annotations
@@ -56,7 +57,10 @@ EMULATOR_UNSAFE = {
     (7, 1, "eax"): bits(4, 5, 10, 11, 12),
     # leaf 0x80000001 ECX: ABM/LZCNT 5, SSE4A 6, XOP 11, FMA4 16, TBM 21
     (0x80000001, 0, "ecx"): bits(5, 6, 11, 16, 21),
-    # leaf 0x80000001 EDX: RDTSCP 27 (its emulation is fine, but kept off: RDPID's sibling)
+    # KVM's paravirtual features that work by hypercall, which never returns on these hosts
+    # (Linux with 2 vCPUs hung in kvm_hypercall4 from PV IPIs/spinlock kicks): PV_UNHALT 7,
+    # PV_SEND_IPI 11, PV_SCHED_YIELD 13, HC_MAP_GPA_RANGE 16, MIGRATION_CONTROL 17.
+    (0x40000001, 0, "eax"): bits(7, 11, 13, 16, 17),
 }
 # Leaves dropped entirely under emulator-safe: XSAVE state enumeration.
 EMULATOR_UNSAFE_LEAVES = {0xD}
