@@ -24,9 +24,9 @@ def initramfs(tmp_path_factory):
 
 
 def test_linux_boots_to_init_with_console_on_com1_and_pci_listed(initramfs):
-    """acpi=off: interrupt routing comes from hvframe's MP table. A PCI UART in slot 2 is
-    found by Linux's 8250_pci driver."""
-    p = run_hvframe(["run", "-m", "128M", "-s", "0,hostbridge", "-s", "2,uart,null", "-l", "com1,stdio",
+    """acpi=off: CPUs and interrupt routing come from hvframe's MP table; both vCPUs come up.
+    A PCI UART in slot 2 is found by Linux's 8250_pci driver."""
+    p = run_hvframe(["run", "-c", "2", "-m", "128M", "-s", "0,hostbridge", "-s", "2,uart,null", "-l", "com1,stdio",
                      "--kernel", KERNEL, "--initrd", initramfs, "-a", CMDLINE + " acpi=off"],
                     input="", timeout=400)
     out = p.stdout
@@ -34,6 +34,7 @@ def test_linux_boots_to_init_with_console_on_com1_and_pci_listed(initramfs):
     assert "pci 0000:00:00.0: [8086:1237] type 00 class 0x060000" in out
     assert "serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A" in out
     assert "Intel MultiProcessor Specification v1.4" in out
+    assert "smp: Brought up 1 node, 2 CPUs" in out
     assert "pci 0000:00:02.0: [1b36:0002] type 00 class 0x070002" in out
     assert re.search(r"0000:00:02\.0: ttyS\d at I/O 0x[0-9a-f]+ \(irq = \d+, base_baud = 115200\) is a 16550A", out)
     assert "Run /init as init process" in out
