@@ -110,6 +110,19 @@ class KvmVm:
     def irq_line(self, irq: int, level: int) -> None:
         lib.hv_irq_line(self.fd, irq, 1 if level else 0)
 
+    def ioeventfd(self, addr: int, length: int, fd: int, *, pio: bool, datamatch: int | None = None,
+                  assign: bool = True) -> None:
+        """Make guest writes of `length` bytes to addr signal eventfd `fd` inside KVM, with no
+        exit to user space (or undo that, assign=False)."""
+        e = ffi.new("struct kvm_ioeventfd *")
+        e.addr, e.len, e.fd = addr, length, fd
+        e.flags = (lib.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | \
+            (0 if assign else lib.KVM_IOEVENTFD_FLAG_DEASSIGN)
+        if datamatch is not None:
+            e.flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+            e.datamatch = datamatch
+        _check(lib.hv_ioctl(self.fd, lib.KVM_IOEVENTFD, e), "KVM_IOEVENTFD")
+
     def signal_msi(self, address: int, data: int) -> bool:
         """Deliver one MSI through the in-kernel LAPICs; False if KVM refused or nobody took it."""
         m = ffi.new("struct kvm_msi *")

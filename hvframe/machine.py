@@ -6,6 +6,7 @@ exits and record interrupt lines instead of raising them.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from typing import Any, Callable
@@ -17,6 +18,47 @@ from .memory import GuestMemory
 
 # bhyve's exit statuses
 EXIT_REBOOT, EXIT_POWEROFF, EXIT_HALT, EXIT_TRIPLEFAULT, EXIT_ERROR = 0, 1, 2, 3, 4
+
+
+class IoEventFd:
+    """An eventfd KVM signals on guest writes to one address; see Machine.add_ioeventfd."""
+
+    def __init__(self, machine, space: str, addr: int, length: int, datamatch: int | None):
+        self.machine, self.space, self.addr = machine, space, addr
+        self.length, self.datamatch = length, datamatch
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._assign(True)
+
+    def _assign(self, assign: bool) -> None:
+        if self.machine.vm is not None:
+            self.machine.vm.ioeventfd(self.addr, self.length, self.fd, pio=self.space == "pio",
+                                      datamatch=self.datamatch, assign=assign)
+
+    def move(self, addr: int) -> None:
+        """Follow a BAR the guest moved: the old address must stop signalling."""
+        if addr != self.addr:
+            self._assign(False)
+            self.addr = addr
+            self._assign(True)
+
+    def signal(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def take(self) -> int:
+        """Writes seen since the last take (0 if none)."""
+        try:
+            return os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                self._assign(False)
+            except HvError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
 
 
 class Machine:
@@ -85,6 +127,17 @@ class Machine:
             self.vm.signal_msi(address, data)
         else:
             self.msis.append((address, data))
+
+    def add_ioeventfd(self, space: str, addr: int, length: int,
+                      datamatch: int | None = None) -> "IoEventFd":
+        """A doorbell: guest writes to addr (space "pio" or "mmio") increment an eventfd that a
+        device thread waits on. Under KVM the write never leaves the kernel; on the synthetic
+        backend it reaches the bus handler as usual, so a device must treat both alike."""
+        if space not in ("pio", "mmio"):
+            raise ValueError("space must be 'pio' or 'mmio'")
+        ev = IoEventFd(self, space, addr, length, datamatch)
+        self.on_close(ev.close)
+        return ev
 
     # -- lifecycle -------------------------------------------------------------------------
     def add_device(self, device: Any) -> Any:
