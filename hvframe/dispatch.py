@@ -21,10 +21,8 @@ from typing import Any
 from .core_native import ffi, lib
 from .errors import ConfigError
 
-# Handle -> (read, write) bound methods; the C core holds its own references (by id()) and
-# calls them directly, these lists only name the handles and keep the table consistent.
-_readers: list = []
-_writers: list = []
+# Handle -> device name, for error reports. The C core holds the handlers' bound read/write
+# methods itself (set by hv_py_set_handler, which takes its own references).
 _names: list[str] = []
 _free: list[int] = []
 _reported: set = set()
@@ -33,15 +31,14 @@ _table_lock = threading.Lock()
 
 def _add_handler(handler: Any, name: str) -> int:
     with _table_lock:
-        read, write = handler.read, handler.write
         if _free:
             h = _free.pop()
-            _readers[h], _writers[h], _names[h] = read, write, name
+            _names[h] = name
         else:
-            h = len(_readers)
-            _readers.append(read)
-            _writers.append(write)
+            h = len(_names)
             _names.append(name)
+        # Locals keep the bound methods alive until the C table has taken its references.
+        read, write = handler.read, handler.write
         if lib.hv_py_set_handler(h, id(read), id(write)) < 0:
             raise MemoryError("handler table")
         return h
@@ -50,7 +47,6 @@ def _add_handler(handler: Any, name: str) -> int:
 def _drop_handler(h: int) -> None:
     with _table_lock:
         lib.hv_py_set_handler(h, 0, 0)
-        _readers[h] = _writers[h] = None
         _names[h] = ""
         _free.append(h)
 

@@ -240,8 +240,12 @@ static uint64_t py_call_locked(int handle, uint64_t offset, uint32_t size, uint6
     args[1] = PyLong_FromLong(size);
     args[2] = is_write ? PyLong_FromUnsignedLongLong(value) : NULL;
     PyObject *r = NULL;
+    /* Our own reference for the call: another thread may replace this table entry (a device
+     * unmapped while the GIL is switched away mid-call). */
+    Py_INCREF(fn);
     if (args[0] && args[1] && (!is_write || args[2]))
         r = PyObject_Vectorcall(fn, args, is_write ? 3 : 2, NULL);
+    Py_DECREF(fn);
     Py_XDECREF(args[0]);
     Py_XDECREF(args[1]);
     Py_XDECREF(args[2]);
