@@ -76,6 +76,8 @@ class Machine:
         self.irq_levels: dict[int, int] = {}
         self.msis: list[tuple[int, int]] = []
         self._irq_sources: dict[int, list[int]] = {}
+        self._irq_owned: dict[int, Callable[[int], None]] = {}
+        self._irq_owned_lock = threading.Lock()
         self._irq_lock = threading.Lock()
         self._closers: list[Callable[[], None]] = []
         self._exit = threading.Event()
@@ -103,9 +105,15 @@ class Machine:
             self.vm.irq_line(line, level)
 
     def irq(self, line: int, level: int) -> None:
-        """Set an interrupt line (ISA IRQ / GSI) that has a single source."""
-        with self._irq_lock:
-            self._drive(line, 1 if level else 0)
+        """Set a line from a device that owns one source of it (the i8042, the RTC). Like every
+        source, it is ORed with the others on the same line (a PCI PIRQ routed there, say)."""
+        source = self._irq_owned.get(line)
+        if source is None:
+            with self._irq_owned_lock:  # one source per line, even when two threads race here
+                source = self._irq_owned.get(line)
+                if source is None:
+                    source = self._irq_owned[line] = self.irq_source(line)
+        source(level)
 
     def irq_source(self, line: int) -> Callable[[int], None]:
         """One of several sources sharing a line (COM1 and COM3 on IRQ 4): the line is the OR."""

@@ -168,3 +168,17 @@ def test_shared_irq_line_is_the_or_of_its_sources():
     assert m.irq_levels[4] == 1
     com3(0)
     assert m.irq_levels[4] == 0
+
+
+def test_a_device_owned_line_is_ored_with_other_sources():
+    """The i8042's IRQ 12 and a PCI PIRQ routed to 12 must not undo each other."""
+    m = SyntheticMachine()
+    pirq = m.irq_source(12)
+    m.irq(12, 1)
+    pirq(1)
+    m.irq(12, 0)
+    assert m.irq_levels[12] == 1
+    pirq(0)
+    assert m.irq_levels[12] == 0
+    m.irq(12, 1)
+    assert m.irq_levels[12] == 1
