@@ -23,13 +23,21 @@ def initramfs(tmp_path_factory):
     return str(path)
 
 
+def boot_linux(initramfs, args, cmdline, timeout):
+    """Boot the test kernel with COM1 on stdout; it must reach init, then (there being no user
+    space here) panic and, with panic=-1, reboot: exit 0. Returns the console."""
+    p = run_hvframe(["run", "-m", "128M", *args, "-l", "com1,stdio", "--kernel", KERNEL,
+                     "--initrd", initramfs, "-a", cmdline], input="", timeout=timeout)
+    assert "Run /init as init process" in p.stdout
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
 def test_linux_boots_to_init_with_console_on_com1_and_pci_listed(initramfs):
     """acpi=off: CPUs and interrupt routing come from hvframe's MP table; both vCPUs come up.
     A PCI UART in slot 2 is found by Linux's 8250_pci driver."""
-    p = run_hvframe(["run", "-c", "2", "-m", "128M", "-s", "0,hostbridge", "-s", "2,uart,null", "-l", "com1,stdio",
-                     "--kernel", KERNEL, "--initrd", initramfs, "-a", CMDLINE + " acpi=off"],
-                    input="", timeout=400)
-    out = p.stdout
+    out = boot_linux(initramfs, ["-c", "2", "-s", "0,hostbridge", "-s", "2,uart,null"],
+                     CMDLINE + " acpi=off", timeout=400)
     assert "Linux version 6.1" in out
     assert "pci 0000:00:00.0: [8086:1237] type 00 class 0x060000" in out
     assert "serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A" in out
@@ -37,23 +45,15 @@ def test_linux_boots_to_init_with_console_on_com1_and_pci_listed(initramfs):
     assert "smp: Brought up 1 node, 2 CPUs" in out
     assert "pci 0000:00:02.0: [1b36:0002] type 00 class 0x070002" in out
     assert re.search(r"0000:00:02\.0: ttyS\d at I/O 0x[0-9a-f]+ \(irq = \d+, base_baud = 115200\) is a 16550A", out)
-    assert "Run /init as init process" in out
-    # No user space here: the kernel gives up on init, panics, and with panic=-1 reboots.
-    assert p.returncode == 0, p.stderr
 
 
 def test_linux_boots_with_the_acpi_tables(initramfs):
     """The same kernel without acpi=off: it finds hvframe's RSDP, MADT, MCFG and DSDT (slower:
     its AML interpreter runs emulated here)."""
-    p = run_hvframe(["run", "-m", "128M", "-s", "0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio",
-                     "--kernel", KERNEL, "--initrd", initramfs, "-a", CMDLINE],
-                    input="", timeout=500)
-    out = p.stdout
+    out = boot_linux(initramfs, ["-s", "0,hostbridge", "-s", "31,lpc"], CMDLINE, timeout=500)
     assert "ACPI: RSDP 0x00000000000E0000" in out
     assert "ACPI: Using IOAPIC for interrupt routing" in out
     assert "PCI: MMCONFIG for domain 0000 [bus 00-ff] at [mem 0xe0000000-0xefffffff]" in out
     assert "ACPI: PCI Root Bridge [PCI0]" in out
     assert "pci 0000:00:1f.0: [8086:7000] type 00 class 0x060100" in out
     assert "ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A" in out
-    assert "Run /init as init process" in out
-    assert p.returncode == 0, p.stderr
