@@ -6,7 +6,10 @@ loop itself is in the native core (hv_vcpu_run).
 from __future__ import annotations
 
 import errno
+import heapq
 import os
+import threading
+from contextlib import contextmanager
 
 from .core_native import ffi, lib
 from .cpuid import CpuidEntry, guest_cpuid
@@ -18,6 +21,24 @@ TSS_ADDR = 0xFFFBD000          # three pages KVM needs for real-mode emulation o
 IDENTITY_MAP_ADDR = 0xFFFBC000
 BOOT_GDT_ADDR = 0x500          # flat GDT for direct kernel entry (0x0-0xfff is the VMM's)
 BOOT_CS, BOOT_DS, BOOT_TSS = 0x10, 0x18, 0x20   # Linux boot protocol selectors
+# GSIs 0-23 belong to the in-kernel irqchip (the IOAPIC's 24 pins, the PICs' 16 inputs);
+# message-signalled routes get GSIs from here up.
+FIRST_MSI_GSI = 24
+IOAPIC_PINS = 24
+
+
+def default_irqchip_routes() -> list[tuple[int, int, int]]:
+    """(gsi, irqchip, pin) of the routing table KVM installs with KVM_CREATE_IRQCHIP (see
+    kvm_setup_default_irq_routing): GSI n goes to IOAPIC pin n for n < 24, and GSIs 0-15 also
+    to the PICs (0-7 master, 8-15 slave, pin n % 8). KVM_SET_GSI_ROUTING replaces the whole
+    table, so every table hvframe sets starts with these."""
+    routes = []
+    for gsi in range(IOAPIC_PINS):
+        routes.append((gsi, lib.KVM_IRQCHIP_IOAPIC, gsi))
+        if gsi < 16:
+            routes.append((gsi, lib.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else lib.KVM_IRQCHIP_PIC_SLAVE,
+                           gsi % 8))
+    return routes
 
 
 class KvmError(HvError):
@@ -93,6 +114,19 @@ class KvmVm:
         _check(lib.hv_ioctl(self.fd, lib.KVM_CREATE_PIT2, pit), "KVM_CREATE_PIT2")
         self._host_base = int(ffi.cast("uintptr_t", ffi.from_buffer(memory.buffer)))
         self._next_slot = 0
+        # GSI routing: the irqchip's default routes plus one MSI route per allocated GSI.
+        # Guest table writes (vCPU threads) and devices change routes concurrently; the lock
+        # also keeps each KVM_SET_GSI_ROUTING in the order the tables were made.
+        self._routes_lock = threading.RLock()
+        self._msi_routes: dict[int, tuple[int, int] | None] = {}
+        self._free_gsis: list[int] = []
+        self._next_gsi = FIRST_MSI_GSI
+        self._batch = 0
+        self._routes_dirty = False
+        self.route_commits = 0     # KVM_SET_GSI_ROUTING calls made (for tests)
+        n = lib.hv_ioctl_int(kvm.fd, lib.KVM_CHECK_EXTENSION, lib.KVM_CAP_IRQ_ROUTING)
+        self.max_gsi = n if n > 0 else 0   # GSIs (and table entries) KVM accepts
+        self.has_irqfd = lib.hv_ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, lib.KVM_CAP_IRQFD) > 0
         for r in memory.regions:
             self.add_memory_slot(r.gpa, r.size, self._host_base + r.host_offset)
 
@@ -130,6 +164,96 @@ class KvmVm:
         m.address_hi = address >> 32
         m.data = data & 0xFFFFFFFF
         return lib.hv_ioctl(self.fd, lib.KVM_SIGNAL_MSI, m) > 0
+
+    # -- GSI routing and irqfds -------------------------------------------------------------
+    def alloc_msi_gsi(self) -> int:
+        """A GSI for one MSI route (no route until set_msi_route); KvmError when none is left."""
+        with self._routes_lock:
+            if self._free_gsis:
+                gsi = heapq.heappop(self._free_gsis)
+            else:
+                n_default = len(default_irqchip_routes())
+                if self._next_gsi >= self.max_gsi or \
+                        n_default + len(self._msi_routes) + 1 > self.max_gsi:
+                    raise KvmError(f"no GSI left for an MSI route (KVM allows {self.max_gsi})")
+                gsi = self._next_gsi
+                self._next_gsi += 1
+            self._msi_routes[gsi] = None
+            return gsi
+
+    def free_msi_gsi(self, gsi: int) -> None:
+        """Give a GSI back. Its route is dropped from the next table set; nothing signals it
+        meanwhile once its irqfd is deassigned, so no table is set just for this."""
+        with self._routes_lock:
+            if self._msi_routes.pop(gsi, False) is not False:
+                heapq.heappush(self._free_gsis, gsi)
+
+    def set_msi_route(self, gsi: int, address: int | None, data: int = 0) -> None:
+        """Route `gsi` to the MSI (address, data), or to nothing (address None)."""
+        msg = None if address is None else (address & 0xFFFFFFFFFFFFFFFF, data & 0xFFFFFFFF)
+        with self._routes_lock:
+            if gsi not in self._msi_routes:
+                raise KvmError(f"GSI {gsi} is not an allocated MSI GSI")
+            if self._msi_routes[gsi] == msg:
+                return
+            self._msi_routes[gsi] = msg
+            if self._batch:
+                self._routes_dirty = True
+            else:
+                self._commit_routes()
+
+    def msi_route(self, gsi: int) -> tuple[int, int] | None:
+        with self._routes_lock:
+            return self._msi_routes.get(gsi)
+
+    @contextmanager
+    def routing_batch(self):
+        """Route changes made inside take effect together, with one KVM_SET_GSI_ROUTING at
+        the end (other threads' route changes wait for it)."""
+        with self._routes_lock:
+            self._batch += 1
+            try:
+                yield
+            finally:
+                self._batch -= 1
+                if not self._batch and self._routes_dirty:
+                    self._commit_routes()
+
+    def routing_table(self) -> list[tuple]:
+        """The table hvframe last gave KVM: ("irqchip", gsi, chip, pin) and ("msi", gsi,
+        address, data) tuples."""
+        with self._routes_lock:
+            return ([("irqchip", g, c, p) for g, c, p in default_irqchip_routes()] +
+                    [("msi", g, m[0], m[1]) for g, m in sorted(self._msi_routes.items())
+                     if m is not None])
+
+    def _commit_routes(self) -> None:
+        # (lock held) The whole table each time: KVM_SET_GSI_ROUTING replaces it.
+        table = self.routing_table()
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_irq_routing")
+                      + len(table) * ffi.sizeof("struct kvm_irq_routing_entry"))
+        r = ffi.cast("struct kvm_irq_routing *", buf)
+        r.nr = len(table)
+        for i, (kind, gsi, a, b) in enumerate(table):
+            e = r.entries[i]
+            e.gsi = gsi
+            if kind == "irqchip":
+                e.type = lib.KVM_IRQ_ROUTING_IRQCHIP
+                e.u.irqchip.irqchip, e.u.irqchip.pin = a, b
+            else:
+                e.type = lib.KVM_IRQ_ROUTING_MSI
+                e.u.msi.address_lo, e.u.msi.address_hi = a & 0xFFFFFFFF, a >> 32
+                e.u.msi.data = b
+        self._routes_dirty = False
+        self.route_commits += 1
+        _check(lib.hv_ioctl(self.fd, lib.KVM_SET_GSI_ROUTING, r), "KVM_SET_GSI_ROUTING")
+
+    def irqfd(self, fd: int, gsi: int, assign: bool = True) -> None:
+        """Make writes to eventfd `fd` raise `gsi` inside KVM (or stop that, assign=False)."""
+        a = ffi.new("struct kvm_irqfd *")
+        a.fd, a.gsi = fd, gsi
+        a.flags = 0 if assign else lib.KVM_IRQFD_FLAG_DEASSIGN
+        _check(lib.hv_ioctl(self.fd, lib.KVM_IRQFD, a), "KVM_IRQFD")
 
     def close(self):
         os.close(self.fd)

@@ -61,6 +61,84 @@ class IoEventFd:
             self.fd = -1
 
 
+class MsiIrqFd:
+    """An eventfd wired to one MSI route: writing it interrupts the guest without a trip
+    through Python or an ioctl (KVM_IRQFD on a GSI routed by KVM_SET_GSI_ROUTING). See
+    Machine.add_msi_irqfd. Any thread may call fire(); set_message() follows the guest's
+    programming of the message (address, data)."""
+
+    def __init__(self, machine, address: int | None = None, data: int = 0):
+        self.machine = machine
+        self.address: int | None = None
+        self.data = 0
+        self.gsi: int | None = None
+        self._lock = threading.Lock()   # set_message/close against each other, not fire()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        vm = machine.vm
+        if vm is not None:
+            try:
+                self.gsi = vm.alloc_msi_gsi()
+                try:
+                    vm.irqfd(self.fd, self.gsi)
+                except BaseException:
+                    vm.free_msi_gsi(self.gsi)
+                    raise
+            except BaseException:
+                os.close(self.fd)
+                self.fd = -1
+                raise
+        if address is not None:
+            self.set_message(address, data)
+
+    @property
+    def message(self) -> tuple[int, int] | None:
+        return None if self.address is None else (self.address, self.data)
+
+    def set_message(self, address: int | None, data: int = 0) -> None:
+        """Route the eventfd to this (address, data); None routes it nowhere (fire() is then
+        dropped). Free when nothing changed; otherwise one KVM_SET_GSI_ROUTING."""
+        if address is not None:
+            address &= 0xFFFFFFFFFFFFFFFF
+            data &= 0xFFFFFFFF
+        else:
+            data = 0
+        if address == self.address and data == self.data:
+            return
+        with self._lock:
+            if self.fd < 0:
+                return
+            if self.gsi is not None:
+                self.machine.vm.set_msi_route(self.gsi, address, data)
+            self.address, self.data = address, data
+
+    def fire(self) -> None:
+        """Send the message once. Under KVM this is one eventfd write (the kernel delivers);
+        on the synthetic backend the message is recorded in machine.msis as signal_msi does.
+        Dropped when no message is set or the irqfd is closed."""
+        fd = self.fd
+        if self.gsi is not None:
+            if fd >= 0:
+                os.eventfd_write(fd, 1)
+        elif self.address is not None and fd >= 0:
+            self.machine.msis.append((self.address, self.data))
+
+    def close(self) -> None:
+        with self._lock:
+            fd = self.fd
+            if fd < 0:
+                return
+            self.fd = -1
+            vm = self.machine.vm
+            if self.gsi is not None and vm is not None:
+                try:
+                    vm.irqfd(fd, self.gsi, assign=False)
+                except HvError:
+                    pass
+                vm.free_msi_gsi(self.gsi)
+            os.close(fd)
+        self.machine._forget_irqfd(self)
+
+
 class Machine:
     def __init__(self, memory_size: int, cpus: int = 1, *, backend: str = "kvm",
                  cpu_policy: str = "auto"):
@@ -80,6 +158,8 @@ class Machine:
         self._irq_owned_lock = threading.Lock()
         self._irq_lock = threading.Lock()
         self._closers: list[Callable[[], None]] = []
+        self._irqfds: list[MsiIrqFd] = []
+        self._irqfds_lock = threading.Lock()
         self._exit = threading.Event()
         self.exit_code: int | None = None
         self.exit_reason = ""
@@ -136,6 +216,28 @@ class Machine:
         else:
             self.msis.append((address, data))
 
+    def add_msi_irqfd(self, address: int | None = None, data: int = 0) -> MsiIrqFd:
+        """An interrupt a device thread raises by writing an eventfd: `.fire()` (or
+        os.eventfd_write(irq.fd, 1) under KVM) sends the message given to `.set_message()`.
+        Under KVM the eventfd is a KVM irqfd on a GSI of its own (from 24 up) with an MSI
+        route; on the synthetic backend fire() records in `msis` as signal_msi does. Closed
+        with the machine (after its devices, so their threads can still fire until then)."""
+        irq = MsiIrqFd(self, address, data)
+        with self._irqfds_lock:
+            self._irqfds.append(irq)
+        return irq
+
+    def _forget_irqfd(self, irq: MsiIrqFd) -> None:
+        with self._irqfds_lock:
+            if irq in self._irqfds:
+                self._irqfds.remove(irq)
+
+    def msi_route_batch(self):
+        """A context in which set_message() calls take effect together (one routing-table
+        update at the end under KVM); a no-op context on the synthetic backend."""
+        from contextlib import nullcontext
+        return self.vm.routing_batch() if self.vm is not None else nullcontext()
+
     def add_ioeventfd(self, space: str, addr: int, length: int,
                       datamatch: int | None = None) -> "IoEventFd":
         """A doorbell: guest writes to addr (space "pio" or "mmio") increment an eventfd that a
@@ -189,6 +291,13 @@ class Machine:
                     close()
                 except Exception as e:
                     print(f"hvframe: while closing {type(d).__name__}: {e}", file=sys.stderr)
+        with self._irqfds_lock:
+            irqfds, self._irqfds = self._irqfds, []
+        for irq in irqfds:
+            try:
+                irq.close()
+            except Exception as e:
+                print(f"hvframe: while closing an irqfd: {e}", file=sys.stderr)
         for v in self.vcpus:
             v.close()
         self.vcpus = []

@@ -25,7 +25,14 @@ MSI-X:
   (bit 0 mask; set at reset). PBA: one pending bit per vector, in qwords, read-only.
 
 A vector that fires while masked (per vector, or by the function mask) sets its pending bit
-and is delivered, pending bit cleared, once it is unmasked. Table and PBA accesses of any
+and is delivered, pending bit cleared, once it is unmasked.
+
+Delivery goes through one irqfd per vector (Machine.add_msi_irqfd), made when the guest
+first lets the vector fire: its route follows the guest's table and capability writes
+(brought up to date whenever a write leaves the vector deliverable, i.e. enabled and
+unmasked), so raising an unmasked vector from any thread is a state check and one eventfd
+write, with no ioctl. Should no irqfd be available, PciFunction.send_msi (KVM_SIGNAL_MSI)
+is used instead. Table and PBA accesses of any
 size, alignment or offset never raise: only aligned 4- and 8-byte accesses mean anything,
 the rest read 0 and are ignored.
 """
@@ -34,7 +41,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HvError
 
 if TYPE_CHECKING:
     from .device import PciFunction
@@ -67,6 +74,20 @@ def _le(value: int, size: int) -> bytes:
     return (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
+_NO_IRQFD = object()   # irqfd creation failed: deliver through fn.send_msi
+
+
+def _new_irqfd(fn: "PciFunction"):
+    """An irqfd of fn's machine; None while fn is on no bus, _NO_IRQFD if none can be had."""
+    bus = fn.pci_bus
+    if bus is None:
+        return None
+    try:
+        return bus.machine.add_msi_irqfd()
+    except HvError:
+        return _NO_IRQFD   # out of GSIs, say: KVM_SIGNAL_MSI still works
+
+
 class MsiCapability:
     """The MSI capability of `fn`: one vector, 64-bit address, per-vector mask."""
 
@@ -79,6 +100,9 @@ class MsiCapability:
         wmask = (_le(MSI_ENABLE, 2) + _le(0xFFFFFFFC, 4) + _le(0xFFFFFFFF, 4) + _le(0xFFFF, 2)
                  + _le(0, 2) + _le(1, 4) + _le(0, 4))
         self.offset = fn.add_capability(CAP_ID_MSI, body, wmask)
+        self._irqfd = None           # made when the guest first lets the vector fire
+        self._control_byte = self.offset + MSI_CONTROL   # enable is bit 0
+        self._mask_byte = self.offset + MSI_MASK
         fn.msi = self
         fn.watch_config(self.offset, MSI_CAP_SIZE, self._config_written)
 
@@ -105,24 +129,46 @@ class MsiCapability:
     def _set_pending(self, on: bool) -> None:
         self.fn.config.put(self.offset + MSI_PENDING, 4, 1 if on else 0)
 
+    def _sync_route(self):
+        """(lock held, vector deliverable) The irqfd, routed to the current message."""
+        irq = self._irqfd
+        if irq is None:
+            irq = self._irqfd = _new_irqfd(self.fn)
+        if irq is not None and irq is not _NO_IRQFD:
+            irq.set_message(*self.message())
+        return irq
+
+    def _deliver(self) -> None:
+        irq = self._irqfd
+        if irq is None or irq is _NO_IRQFD or self.fn.pci_bus is None:
+            irq = self._sync_route()
+            if irq is None or irq is _NO_IRQFD or self.fn.pci_bus is None:
+                self.fn.send_msi(*self.message())
+                return
+        irq.fire()
+
     def notify(self, vector: int = 0) -> bool:
         """Fire the vector: delivered (True) when MSI is enabled and the vector unmasked;
         held pending when masked; dropped when MSI is disabled or the vector does not exist."""
+        data = self.fn.config.data
         with self.lock:
-            if vector != 0 or not self.enabled:
+            if vector != 0 or not data[self._control_byte] & MSI_ENABLE:
                 return False
-            if self.masked:
+            if data[self._mask_byte] & 1:
                 self._set_pending(True)
                 return False
-            self.fn.send_msi(*self.message())
+            self._deliver()
             return True
 
     def _config_written(self) -> None:
-        # An unmask (or enable) lets a pending message out.
+        # The route follows address/data while the vector can fire; an unmask (or enable)
+        # lets a pending message out.
         with self.lock:
-            if self.enabled and not self.masked and self.pending:
-                self._set_pending(False)
-                self.fn.send_msi(*self.message())
+            if self.enabled and not self.masked:
+                self._sync_route()
+                if self.pending:
+                    self._set_pending(False)
+                    self._deliver()
 
 
 class MsixCapability:
@@ -158,6 +204,8 @@ class MsixCapability:
         # Per vector: [addr_lo, addr_hi, data, control]; every vector starts masked.
         self.entries = [[0, 0, 0, ENTRY_MASKED] for _ in range(vectors)]
         self.pending_bits = 0
+        # Per vector: its irqfd, made when the guest first lets the vector fire.
+        self._irqfds: list = [None] * vectors
         if add_bar:
             end = max(table_offset + table_len, pba_offset + pba_len)
             size = bar_size or PAGE
@@ -168,6 +216,7 @@ class MsixCapability:
         body = _le(control, 2) + _le(table_offset | bar, 4) + _le(pba_offset | bar, 4)
         wmask = _le(MSIX_ENABLE | MSIX_FUNCTION_MASK, 2) + _le(0, 4) + _le(0, 4)
         self.offset = fn.add_capability(CAP_ID_MSIX, body, wmask)
+        self._control_hi = self.offset + MSIX_CONTROL + 1   # the byte with enable and mask
         fn.msix = self
         fn.watch_config(self.offset, 2 + len(body), self._config_written)
 
@@ -194,19 +243,53 @@ class MsixCapability:
         e = self.entries[vector]
         return e[ENTRY_ADDR_LO] | e[ENTRY_ADDR_HI] << 32, e[ENTRY_DATA]
 
+    def irqfd(self, vector: int):
+        """The vector's irqfd (hvframe.machine.MsiIrqFd), or None if it has none yet."""
+        irq = self._irqfds[vector]
+        return None if irq is _NO_IRQFD else irq
+
     # -- delivery -------------------------------------------------------------------------
     def notify(self, vector: int = 0) -> bool:
         """Fire `vector`: delivered (True) when MSI-X is enabled and neither the function nor
         the vector is masked; otherwise, if MSI-X is enabled, its pending bit is set. With
-        MSI-X disabled, or for a vector past the table, nothing happens (False)."""
+        MSI-X disabled, or for a vector past the table, nothing happens (False).
+        Safe from any thread; an unmasked vector costs one eventfd write."""
         with self.lock:
-            if not 0 <= vector < self.vectors or not self.enabled:
+            if not 0 <= vector < self.vectors:
                 return False
-            if self.function_masked or self.vector_masked(vector):
+            ctl = self.fn.config.data[self._control_hi]
+            if not ctl & (MSIX_ENABLE >> 8):
+                return False
+            if ctl & (MSIX_FUNCTION_MASK >> 8) or self.entries[vector][ENTRY_CONTROL] & ENTRY_MASKED:
                 self.pending_bits |= 1 << vector
                 return False
-            self.fn.send_msi(*self.message(vector))
+            irq = self._irqfds[vector]
+            if irq is None or irq is _NO_IRQFD or self.fn.pci_bus is None:
+                self._deliver_slow(vector)
+            else:
+                irq.fire()
             return True
+
+    def _deliverable(self, vector: int) -> bool:
+        return self.enabled and not self.function_masked and not self.vector_masked(vector)
+
+    def _sync_route(self, vector: int):
+        """(lock held, vector deliverable) The vector's irqfd, routed to its entry."""
+        irq = self._irqfds[vector]
+        if irq is None:
+            irq = self._irqfds[vector] = _new_irqfd(self.fn)
+        if irq is not None and irq is not _NO_IRQFD:
+            irq.set_message(*self.message(vector))
+        return irq
+
+    def _deliver_slow(self, vector: int) -> None:
+        """(lock held) Deliver through the irqfd after bringing its route up to date, or
+        through send_msi when there is none (and drop while on no bus)."""
+        irq = self._sync_route(vector)
+        if irq is None or irq is _NO_IRQFD or self.fn.pci_bus is None:
+            self.fn.send_msi(*self.message(vector))
+        else:
+            irq.fire()
 
     def _flush_pending(self) -> None:
         """Deliver every pending vector that is no longer masked (lock held)."""
@@ -215,10 +298,17 @@ class MsixCapability:
         for v in range(self.vectors):
             if self.pending_bits >> v & 1 and not self.vector_masked(v):
                 self.pending_bits &= ~(1 << v)
-                self.fn.send_msi(*self.message(v))
+                self._deliver_slow(v)
 
     def _config_written(self) -> None:
         with self.lock:
+            if self.enabled and not self.function_masked and self.fn.pci_bus is not None:
+                # Enabled or unmasked as a whole: every unmasked vector's route, in one
+                # routing-table update.
+                with self.fn.pci_bus.machine.msi_route_batch():
+                    for v in range(self.vectors):
+                        if not self.vector_masked(v):
+                            self._sync_route(v)
             self._flush_pending()
 
     # -- table and PBA (BAR accesses) -------------------------------------------------------
@@ -241,10 +331,14 @@ class MsixCapability:
             e[reg] = value & 0xFFFFFFFC
         elif reg == ENTRY_CONTROL:
             e[reg] = value & ENTRY_MASKED
-            if not value & ENTRY_MASKED:
-                self._flush_pending()
         else:
             e[reg] = value & 0xFFFFFFFF
+        # A vector that can fire has its route follow the entry (written masked, as drivers
+        # do, the route is brought up to date by the unmask).
+        if self._deliverable(vector):
+            self._sync_route(vector)
+            if reg == ENTRY_CONTROL:
+                self._flush_pending()
 
     def bar_read(self, offset: int, size: int) -> int:
         with self.lock:
