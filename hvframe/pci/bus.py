@@ -188,9 +188,11 @@ class PciBus:
         m = self.machine
         with self.lock:
             wanted = []
+            before = {}
             for addr in sorted(self.functions):
                 fn = self.functions[addr]
                 for bar in fn.all_bars():
+                    before[id(bar)] = (fn, bar, bar.mapped_at)
                     target = fn.decode_target(bar, m)
                     if bar.mapped_at is not None and bar.mapped_at != target:
                         getattr(m, bar.space).unregister(bar.mapped_at)
@@ -206,6 +208,11 @@ class PciBus:
                 except ConfigError:
                     continue
                 bar.mapped_at = target
+            # Devices with doorbells (ioeventfds) at BAR addresses must follow every move.
+            for fn, bar, old in before.values():
+                hook = getattr(fn, "bar_remapped", None)
+                if hook is not None and bar.mapped_at != old:
+                    hook(bar, bar.mapped_at)
 
     # -- firmware's job -------------------------------------------------------------------
     def assign_bars(self, *, mmio64_high: bool = True) -> None:

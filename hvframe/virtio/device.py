@@ -1,0 +1,83 @@
+"""What a virtio device model gives the transport, and the feature and status bits they share.
+
+A device model (virtio-blk, virtio-net, a third party's device) subclasses VirtioDevice and
+fills in:
+
+    device_type      the virtio device ID (2 for block, 1 for network; virtio 1.2 section 5)
+    num_queues       how many virtqueues it has
+    queue_max_size   the largest queue size it accepts (a power of two)
+    device_features  its device-specific feature bits (the transport adds the generic ones)
+    config_bytes()   its configuration space as bytes (declared with construct)
+    config_write()   guest writes to the few writable configuration fields, if any
+    handle_chain()   one descriptor chain of one queue -> bytes written into the chain
+
+The transport (hvframe.virtio.pci.VirtioPciFunction) owns feature negotiation, device status,
+reset, the queues and their worker threads, doorbells and interrupts. handle_chain() runs on
+the worker thread of its queue; when it returns, the chain goes back to the driver through
+the used ring, so whatever it promises (a write being on the disk) must be true by then.
+"""
+from __future__ import annotations
+
+from construct import Struct
+
+# -- device status (virtio 1.2, 2.1) --------------------------------------------------------
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_NEEDS_RESET = 0x40
+STATUS_FAILED = 0x80
+
+# -- generic feature bits (virtio 1.2, 6) ----------------------------------------------------
+F_NOTIFY_ON_EMPTY = 24
+F_ANY_LAYOUT = 27
+F_RING_INDIRECT_DESC = 28
+F_RING_EVENT_IDX = 29
+F_VERSION_1 = 32
+F_ACCESS_PLATFORM = 33
+F_RING_PACKED = 34
+
+# -- ISR status bits (4.1.4.5) ---------------------------------------------------------------
+ISR_QUEUE = 1
+ISR_CONFIG = 2
+
+NO_VECTOR = 0xFFFF
+
+
+def bit(n: int) -> int:
+    return 1 << n
+
+
+class VirtioDevice:
+    """Base class for virtio device models; see the module docstring."""
+
+    name = "virtio-device"
+    device_type = 0
+    num_queues = 1
+    queue_max_size = 256
+    device_features = 0
+    # The PCI class code the function shows (transitional devices keep the legacy IDs).
+    pci_class = 0xFF0000
+    config_layout: Struct | None = None   # the construct declaration of the config space
+
+    transport = None                       # set by the transport
+
+    def config_bytes(self) -> bytes:
+        """The device configuration space as the guest reads it."""
+        return b""
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """A guest write to configuration bytes [offset, offset+len(data)); default ignores."""
+
+    def activate(self, features: int) -> None:
+        """The driver set DRIVER_OK after negotiating `features` (queues are live now)."""
+
+    def reset(self) -> None:
+        """The driver reset the device (queues are already stopped)."""
+
+    def handle_chain(self, queue: int, chain) -> int:
+        """Serve one descriptor chain; return the number of bytes written into it."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """The machine is going away."""

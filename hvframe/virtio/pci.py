@@ -1,0 +1,718 @@
+"""virtio over PCI (virtio 1.2, section 4.1): one transitional PCI function per virtio device.
+
+Both driver generations bind to the same function:
+
+* modern drivers find five vendor capabilities pointing into BAR4 (32-bit memory, 16 KiB):
+      0x0000 common configuration    0x1000 ISR status
+      0x2000 device configuration    0x3000 notifications (queue q at 0x3000 + 4q)
+  plus the PCI configuration access capability (a window onto BAR4 through config space);
+* legacy drivers use the I/O BAR0 header (4.1.4.8): features, queue PFN/size/select/notify,
+  status, ISR, the two MSI-X vector registers while MSI-X is on, then device configuration.
+BAR1 holds the MSI-X table (one vector per queue plus one for configuration changes).
+
+Data path: every queue has a worker thread. Queue notifications are KVM ioeventfds at the
+notify address of BAR4 and the legacy notify port, moved with the BARs (bar_remapped), so a
+kick wakes the worker without leaving the kernel; a write that does reach user space (the
+synthetic backend, an odd access size) signals the same eventfd. The worker pops chains, the
+device model serves them, they go back through the used ring, and one interrupt (MSI-X
+through the PCI function, or INTx with the ISR bit) covers the batch when the driver wants it.
+
+A driver that breaks the virtqueue contract (a VirtqueueError: loops, addresses outside RAM,
+an index a whole queue ahead...) gets DEVICE_NEEDS_RESET and a configuration interrupt, and
+that queue stops until the driver resets the device.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+
+from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+
+from ..pci.device import PciFunction
+from ..pci.msi import MsixCapability
+from .device import (F_ANY_LAYOUT, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
+                     ISR_CONFIG, ISR_QUEUE, NO_VECTOR, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+                     STATUS_NEEDS_RESET, VirtioDevice, bit)
+from .virtqueue import VirtQueue, VirtqueueError, offset_of
+
+log = logging.getLogger(__name__)
+
+VIRTIO_VENDOR = 0x1AF4
+MODERN_DEVICE_BASE = 0x1040
+# Transitional PCI device IDs by virtio device type (4.1.2.3).
+TRANSITIONAL_IDS = {1: 0x1000, 2: 0x1001, 5: 0x1002, 3: 0x1003, 8: 0x1004, 4: 0x1005, 9: 0x1009}
+
+# -- capabilities (4.1.4) ---------------------------------------------------------------------
+CAP_ID_VENDOR = 0x09
+CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE, CFG_PCI = 1, 2, 3, 4, 5
+
+VirtioPciCap = Struct(
+    "cap_vndr" / Int8ul,
+    "cap_next" / Int8ul,
+    "cap_len" / Int8ul,
+    "cfg_type" / Int8ul,
+    "bar" / Int8ul,
+    "id" / Int8ul,
+    "padding" / Bytes(2),
+    "offset" / Int32ul,
+    "length" / Int32ul,
+)
+VirtioPciNotifyCap = Struct(*VirtioPciCap.subcons, "notify_off_multiplier" / Int32ul)
+VirtioPciCfgCap = Struct(*VirtioPciCap.subcons, "pci_cfg_data" / Int32ul)
+
+VirtioPciCommonCfg = Struct(
+    "device_feature_select" / Int32ul,
+    "device_feature" / Int32ul,
+    "driver_feature_select" / Int32ul,
+    "driver_feature" / Int32ul,
+    "config_msix_vector" / Int16ul,
+    "num_queues" / Int16ul,
+    "device_status" / Int8ul,
+    "config_generation" / Int8ul,
+    "queue_select" / Int16ul,
+    "queue_size" / Int16ul,
+    "queue_msix_vector" / Int16ul,
+    "queue_enable" / Int16ul,
+    "queue_notify_off" / Int16ul,
+    "queue_desc" / Int64ul,
+    "queue_driver" / Int64ul,
+    "queue_device" / Int64ul,
+    "queue_notify_data" / Int16ul,
+    "queue_reset" / Int16ul,
+)
+COMMON_SIZE = VirtioPciCommonCfg.sizeof()
+
+# The legacy I/O header (4.1.4.8); the MSI-X pair exists only while MSI-X is enabled.
+VirtioPciLegacyHeader = Struct(
+    "host_features" / Int32ul,
+    "guest_features" / Int32ul,
+    "queue_pfn" / Int32ul,
+    "queue_size" / Int16ul,
+    "queue_select" / Int16ul,
+    "queue_notify" / Int16ul,
+    "device_status" / Int8ul,
+    "isr_status" / Int8ul,
+)
+VirtioPciLegacyMsix = Struct("config_msix_vector" / Int16ul, "queue_msix_vector" / Int16ul)
+LEGACY_HEADER_SIZE = VirtioPciLegacyHeader.sizeof()            # 20
+LEGACY_MSIX_SIZE = VirtioPciLegacyMsix.sizeof()                # 4
+LEGACY_NOTIFY = offset_of(VirtioPciLegacyHeader, "queue_notify")
+LEGACY_ISR = offset_of(VirtioPciLegacyHeader, "isr_status")
+LEGACY_PAGE = 4096          # queue_pfn unit and used-ring alignment of legacy queues
+
+# BAR layout.
+LEGACY_BAR, MSIX_BAR, MODERN_BAR = 0, 1, 4
+MODERN_BAR_SIZE = 0x4000
+COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
+REGION_SIZE = 0x1000
+NOTIFY_MULTIPLIER = 4
+MAX_QUEUES = 64
+
+
+def _le(value: int, size: int) -> bytes:
+    return (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+
+def _fields(st: Struct) -> list[tuple[str, int, int]]:
+    out, off = [], 0
+    for sc in st.subcons:
+        out.append((sc.name, off, sc.sizeof()))
+        off += sc.sizeof()
+    return out
+
+
+_COMMON_FIELDS = _fields(VirtioPciCommonCfg)
+_LEGACY_FIELDS = _fields(VirtioPciLegacyHeader)
+_LEGACY_MSIX_FIELDS = [(n, LEGACY_HEADER_SIZE + o, s) for n, o, s in _fields(VirtioPciLegacyMsix)]
+
+
+def _read_fields(fields, get, offset: int, size: int) -> int:
+    """Compose a register read of [offset, offset+size) from the fields it overlaps."""
+    value = 0
+    for name, off, fsize in fields:
+        lo, hi = max(offset, off), min(offset + size, off + fsize)
+        if lo < hi:
+            part = (get(name) >> (8 * (lo - off))) & ((1 << (8 * (hi - lo))) - 1)
+            value |= part << (8 * (lo - offset))
+    return value
+
+
+def _write_fields(fields, get, set_, offset: int, size: int, value: int) -> None:
+    """Apply a register write to every field it overlaps (partial writes merge bytes, so a
+    64-bit address written as two dwords works)."""
+    for name, off, fsize in fields:
+        lo, hi = max(offset, off), min(offset + size, off + fsize)
+        if lo < hi:
+            n = hi - lo
+            part = (value >> (8 * (lo - offset))) & ((1 << (8 * n)) - 1)
+            shift = 8 * (lo - off)
+            mask = ((1 << (8 * n)) - 1) << shift
+            set_(name, (get(name) & ~mask) | (part << shift))
+
+
+class QueueState:
+    """The driver's view of one queue, and the device's VirtQueue once it is live."""
+
+    def __init__(self, index: int, max_size: int):
+        self.index = index
+        self.max_size = max_size
+        self.lock = threading.Lock()      # held while the worker serves the queue
+        self.clear()
+
+    def clear(self) -> None:
+        self.size = self.max_size
+        self.msix_vector = NO_VECTOR
+        self.enabled = False
+        self.desc = self.driver = self.device = 0
+        self.pfn = 0
+        self.vq: VirtQueue | None = None
+        self.broken = False
+
+
+class _QueueWorker:
+    """The thread serving one queue: it sleeps on the queue's doorbells and a wake-up fd."""
+
+    def __init__(self, transport: "VirtioPciFunction", queue: QueueState, fds: list[int]):
+        self.transport = transport
+        self.queue = queue
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fds = fds + [self.wake_fd]
+        self.stopping = False
+        self.thread = threading.Thread(
+            target=self._run, daemon=True,
+            name=f"{transport.device.name}-q{queue.index}")
+        self.thread.start()
+
+    def wake(self) -> None:
+        os.eventfd_write(self.wake_fd, 1)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+        os.close(self.wake_fd)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        for fd in self.fds:
+            poller.register(fd, select.POLLIN)
+        while not self.stopping:
+            ready = poller.poll()
+            for fd, events in ready:
+                if events & (select.POLLNVAL | select.POLLERR):
+                    return            # a doorbell was closed under us: the machine is going
+                try:
+                    os.eventfd_read(fd)
+                except (BlockingIOError, OSError):
+                    pass
+            if self.stopping:
+                return
+            self.transport.service_queue(self.queue)
+
+
+class _Bar4:
+    """BAR4: the modern regions."""
+
+    def __init__(self, t: "VirtioPciFunction"):
+        self.t = t
+
+    def read(self, offset: int, size: int) -> int:
+        t = self.t
+        region, off = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
+        if region == COMMON_OFF:
+            return t.common_read(off, size)
+        if region == ISR_OFF:
+            return t.read_isr() if off == 0 else 0
+        if region == DEVICE_OFF:
+            return t.device_config_read(off, size)
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        t = self.t
+        region, off = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
+        if region == NOTIFY_OFF:
+            t.kick(off // NOTIFY_MULTIPLIER)
+        elif region == COMMON_OFF:
+            t.common_write(off, size, value)
+        elif region == DEVICE_OFF:
+            t.device_config_write(off, size, value)
+
+
+class _LegacyBar:
+    """BAR0: the legacy I/O header followed by device configuration."""
+
+    def __init__(self, t: "VirtioPciFunction"):
+        self.t = t
+
+    def read(self, offset: int, size: int) -> int:
+        return self.t.legacy_read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.t.legacy_write(offset, size, value)
+
+
+class VirtioPciFunction(PciFunction):
+    """A virtio device on PCI: the transport around one VirtioDevice."""
+
+    def __init__(self, device: VirtioDevice, *, name: str | None = None):
+        nq = device.num_queues
+        if not 1 <= nq <= MAX_QUEUES:
+            raise ValueError(f"{device.name}: {nq} queues (1-{MAX_QUEUES} supported)")
+        vtype = device.device_type
+        legacy_id = TRANSITIONAL_IDS.get(vtype)
+        super().__init__(VIRTIO_VENDOR, legacy_id or MODERN_DEVICE_BASE + vtype,
+                         device.pci_class, revision=0 if legacy_id else 1,
+                         subsystem_vendor=VIRTIO_VENDOR,
+                         subsystem_id=vtype if legacy_id else 0x40, pin=1,
+                         name=name or device.name)
+        self.device = device
+        device.transport = self
+        self._lock = threading.RLock()     # status, features, queue registers (never held
+        self._isr_lock = threading.Lock()  # while waiting for a queue lock)
+        self.queues = [QueueState(i, device.queue_max_size) for i in range(nq)]
+        self.offered = (device.device_features | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX)
+                        | bit(F_RING_INDIRECT_DESC) | bit(F_ANY_LAYOUT))
+        self._workers: list[_QueueWorker] = []
+        self._doorbells: list[tuple] = []  # per queue: (modern IoEventFd, legacy IoEventFd)
+        self._reset_state()
+
+        legacy_size = 32
+        while legacy_size < LEGACY_HEADER_SIZE + LEGACY_MSIX_SIZE + len(device.config_bytes()):
+            legacy_size <<= 1
+        self.add_bar(LEGACY_BAR, legacy_size, "io", _LegacyBar(self))
+        self.add_bar(MODERN_BAR, MODERN_BAR_SIZE, "mmio32", _Bar4(self))
+        MsixCapability(self, vectors=nq + 1, bar=MSIX_BAR, table_offset=0, pba_offset=0x800,
+                       bar_size=0x1000)
+        self._add_virtio_cap(CFG_COMMON, COMMON_OFF, REGION_SIZE)
+        self._add_virtio_cap(CFG_ISR, ISR_OFF, REGION_SIZE)
+        self._add_virtio_cap(CFG_DEVICE, DEVICE_OFF, REGION_SIZE)
+        self._add_virtio_cap(CFG_NOTIFY, NOTIFY_OFF, REGION_SIZE)
+        self._pci_cfg_cap = self._add_virtio_cap(CFG_PCI, 0, 0)
+
+    # -- capabilities ---------------------------------------------------------------------
+    def _add_virtio_cap(self, cfg_type: int, offset: int, length: int) -> int:
+        fields = dict(cap_vndr=CAP_ID_VENDOR, cap_next=0, cfg_type=cfg_type,
+                      bar=MODERN_BAR, id=0, padding=b"\0\0", offset=offset, length=length)
+        if cfg_type == CFG_NOTIFY:
+            st, fields["notify_off_multiplier"] = VirtioPciNotifyCap, NOTIFY_MULTIPLIER
+        elif cfg_type == CFG_PCI:
+            st, fields["pci_cfg_data"], fields["bar"] = VirtioPciCfgCap, 0, 0
+        else:
+            st = VirtioPciCap
+        fields["cap_len"] = st.sizeof()
+        body = st.build(fields)[2:]          # add_capability writes id and next itself
+        wmask = None
+        if cfg_type == CFG_PCI:
+            # The driver picks bar, offset and length, then moves data through pci_cfg_data.
+            wm = bytearray(len(body))
+            for name in ("bar", "offset", "length", "pci_cfg_data"):
+                o, n = offset_of(st, name) - 2, st.subcons[[s.name for s in st.subcons]
+                                                          .index(name)].sizeof()
+                wm[o:o + n] = b"\xff" * n
+            wmask = bytes(wm)
+        return self.add_capability(CAP_ID_VENDOR, body, wmask)
+
+    def _pci_cfg_window(self) -> tuple[int, int, int, int]:
+        """(bar, offset, length, data config offset) of the configuration access window."""
+        base = self._pci_cfg_cap
+        cs = self.config
+        return (cs.get(base + offset_of(VirtioPciCfgCap, "bar"), 1),
+                cs.get(base + offset_of(VirtioPciCfgCap, "offset"), 4),
+                cs.get(base + offset_of(VirtioPciCfgCap, "length"), 4),
+                base + offset_of(VirtioPciCfgCap, "pci_cfg_data"))
+
+    def config_read(self, offset: int, size: int) -> int:
+        bar, off, length, data = self._pci_cfg_window()
+        if offset < data + 4 and data < offset + size and bar == MODERN_BAR \
+                and length in (1, 2, 4) and off % length == 0 and off + length <= MODERN_BAR_SIZE:
+            self.config.put(data, 4, self.bar(MODERN_BAR).handler.read(off, length))
+        return super().config_read(offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        super().config_write(offset, size, value)
+        bar, off, length, data = self._pci_cfg_window()
+        if offset < data + 4 and data < offset + size and bar == MODERN_BAR \
+                and length in (1, 2, 4) and off % length == 0 and off + length <= MODERN_BAR_SIZE:
+            v = self.config.get(data, 4) & ((1 << (8 * length)) - 1)
+            self.bar(MODERN_BAR).handler.write(off, length, v)
+
+    # -- state ----------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        self.status = 0
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.driver_features = 0
+        self.features = 0                  # negotiated, valid once FEATURES_OK / DRIVER_OK
+        self.config_vector = NO_VECTOR
+        self.config_generation = 0
+        self.queue_select = 0
+        self.isr = 0
+        self.live = False
+
+    @property
+    def negotiated(self) -> int:
+        return self.features
+
+    def _selected(self) -> QueueState | None:
+        qs = self.queue_select
+        return self.queues[qs] if qs < len(self.queues) else None
+
+    def _valid_vector(self, vector: int) -> int:
+        return vector if vector < self.msix.vectors else NO_VECTOR
+
+    # -- common configuration (modern) ----------------------------------------------------
+    def _common_get(self, name: str) -> int:
+        q = self._selected()
+        if name == "device_feature":
+            sel = self.device_feature_select
+            return (self.offered >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0
+        if name == "driver_feature":
+            sel = self.driver_feature_select
+            return (self.driver_features >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0
+        if name == "num_queues":
+            return len(self.queues)
+        if name == "device_status":
+            return self.status
+        if name == "queue_size":
+            return q.size if q else 0
+        if name == "queue_msix_vector":
+            return q.msix_vector if q else NO_VECTOR
+        if name == "queue_enable":
+            return int(q.enabled) if q else 0
+        if name == "queue_notify_off":
+            return q.index if q else 0
+        if name in ("queue_desc", "queue_driver", "queue_device"):
+            return getattr(q, name[6:]) if q else 0
+        if name == "config_msix_vector":
+            return self.config_vector
+        if name in ("queue_notify_data", "queue_reset"):
+            return 0
+        return getattr(self, name, 0)
+
+    def _common_set(self, name: str, value: int) -> None:
+        q = self._selected()
+        if name in ("device_feature_select", "driver_feature_select", "queue_select"):
+            setattr(self, name, value)
+        elif name == "driver_feature":
+            sel = self.driver_feature_select
+            if sel < 2 and not self.status & STATUS_FEATURES_OK:
+                mask = 0xFFFFFFFF << (32 * sel)
+                self.driver_features = (self.driver_features & ~mask) | (value << (32 * sel))
+        elif name == "device_status":
+            self._write_status(value, modern=True)
+        elif name == "config_msix_vector":
+            self.config_vector = self._valid_vector(value)
+        elif q is None or q.enabled:
+            return           # queue registers are frozen while the queue is enabled
+        elif name == "queue_size":
+            q.size = value
+        elif name == "queue_msix_vector":
+            q.msix_vector = self._valid_vector(value)
+        elif name == "queue_enable":
+            if value == 1:
+                self._enable_queue(q)
+        elif name in ("queue_desc", "queue_driver", "queue_device"):
+            setattr(q, name[6:], value)
+
+    def common_read(self, offset: int, size: int) -> int:
+        with self._lock:
+            return _read_fields(_COMMON_FIELDS, self._common_get, offset, size)
+
+    def common_write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            q = self._selected()
+            if q is not None and q.enabled:
+                # A vector write to an enabled queue is still allowed (4.1.5.1.2 remaps).
+                if offset == offset_of(VirtioPciCommonCfg, "queue_msix_vector") and size == 2:
+                    q.msix_vector = self._valid_vector(value)
+                    return
+            _write_fields(_COMMON_FIELDS, self._common_get, self._common_set, offset, size,
+                          value)
+
+    # -- legacy header --------------------------------------------------------------------
+    def _legacy_layout(self) -> tuple[list, int]:
+        if self.msix.enabled:
+            return _LEGACY_FIELDS + _LEGACY_MSIX_FIELDS, LEGACY_HEADER_SIZE + LEGACY_MSIX_SIZE
+        return _LEGACY_FIELDS, LEGACY_HEADER_SIZE
+
+    def _legacy_get(self, name: str) -> int:
+        q = self._selected()
+        if name == "host_features":
+            return self.offered & 0xFFFFFFFF
+        if name == "guest_features":
+            return self.driver_features & 0xFFFFFFFF
+        if name == "queue_pfn":
+            return q.pfn if q else 0
+        if name == "queue_size":
+            return q.max_size if q else 0
+        if name == "queue_select":
+            return self.queue_select
+        if name == "device_status":
+            return self.status
+        if name == "config_msix_vector":
+            return self.config_vector
+        if name == "queue_msix_vector":
+            return q.msix_vector if q else NO_VECTOR
+        return 0
+
+    def _legacy_set(self, name: str, value: int) -> None:
+        q = self._selected()
+        if name == "guest_features":
+            self.driver_features = value & self.offered & 0xFFFFFFFF
+            self.features = self.driver_features
+        elif name == "queue_pfn" and q is not None:
+            if value == 0:
+                self._disable_queue(q)
+            elif not q.enabled:
+                q.pfn = value
+                q.size = q.max_size
+                q.desc = value * LEGACY_PAGE
+                q.driver = q.desc + 16 * q.size
+                avail_end = q.driver + 6 + 2 * q.size
+                q.device = (avail_end + LEGACY_PAGE - 1) & ~(LEGACY_PAGE - 1)
+                self._enable_queue(q)
+        elif name == "queue_select":
+            self.queue_select = value
+        elif name == "queue_notify":
+            self.kick(value)
+        elif name == "device_status":
+            self._write_status(value, modern=False)
+        elif name == "config_msix_vector":
+            self.config_vector = self._valid_vector(value)
+        elif name == "queue_msix_vector" and q is not None:
+            q.msix_vector = self._valid_vector(value)
+
+    def legacy_read(self, offset: int, size: int) -> int:
+        if offset == LEGACY_ISR and size == 1:
+            return self.read_isr()
+        fields, cfg_start = self._legacy_layout()
+        if offset >= cfg_start:
+            return self.device_config_read(offset - cfg_start, size)
+        with self._lock:
+            return _read_fields(fields, self._legacy_get, offset, size)
+
+    def legacy_write(self, offset: int, size: int, value: int) -> None:
+        if offset == LEGACY_NOTIFY and size == 2:
+            self.kick(value)       # the hot path, when no ioeventfd caught it
+            return
+        fields, cfg_start = self._legacy_layout()
+        if offset >= cfg_start:
+            self.device_config_write(offset - cfg_start, size, value)
+            return
+        with self._lock:
+            _write_fields(fields, self._legacy_get, self._legacy_set, offset, size, value)
+
+    # -- device configuration -------------------------------------------------------------
+    def device_config_read(self, offset: int, size: int) -> int:
+        data = self.device.config_bytes()
+        chunk = data[offset:offset + size]
+        return int.from_bytes(chunk + b"\0" * (size - len(chunk)), "little")
+
+    def device_config_write(self, offset: int, size: int, value: int) -> None:
+        if offset < len(self.device.config_bytes()):
+            self.device.config_write(offset, _le(value, size))
+
+    def config_changed(self) -> None:
+        """The device's configuration changed (e.g. disk capacity): tell the driver."""
+        with self._lock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+        self._interrupt_config()
+
+    # -- status, reset, activation --------------------------------------------------------
+    def _write_status(self, value: int, *, modern: bool) -> None:
+        value &= 0xFF
+        if value == 0:
+            self.reset()
+            return
+        old = self.status
+        if modern and value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
+            # The modern interface needs VERSION_1, and nothing the device did not offer.
+            if self.driver_features & ~self.offered or not self.driver_features & bit(F_VERSION_1):
+                value &= ~STATUS_FEATURES_OK
+            else:
+                self.features = self.driver_features
+        self.status = value | (old & STATUS_NEEDS_RESET)
+        if value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
+            self._activate()
+
+    def _activate(self) -> None:
+        """DRIVER_OK: the enabled queues go live."""
+        self.live = True
+        for q in self.queues:
+            if q.enabled and q.vq is None:
+                self._build_queue(q)
+        try:
+            self.device.activate(self.features)
+        except Exception:
+            log.exception("%s: activation failed", self.name)
+            self.needs_reset("activation failed")
+            return
+        self._start_workers()
+        for w in self._workers:
+            w.wake()
+
+    def _enable_queue(self, q: QueueState) -> None:
+        q.enabled = True
+        if self.live:
+            self._build_queue(q)
+            self._start_workers()
+            self._workers[q.index].wake()
+
+    def _disable_queue(self, q: QueueState) -> None:
+        with q.lock:
+            if q.vq is not None:
+                q.vq.close()
+            q.clear()
+
+    def _build_queue(self, q: QueueState) -> None:
+        try:
+            if q.size > q.max_size:
+                raise VirtqueueError(f"queue size {q.size} > maximum {q.max_size}")
+            if self.pci_bus is None:
+                raise VirtqueueError("the function is not on a PCI bus")
+            q.vq = VirtQueue(self.pci_bus.machine.memory, q.size, q.desc, q.driver, q.device,
+                             event_idx=bool(self.features & bit(F_RING_EVENT_IDX)),
+                             indirect=bool(self.features & bit(F_RING_INDIRECT_DESC)))
+        except VirtqueueError as e:
+            q.broken = True
+            self.needs_reset(f"queue {q.index}: {e}")
+
+    def reset(self) -> None:
+        """Device reset (status 0): in-flight requests finish first, so nothing touches guest
+        memory once the driver sees status read back 0."""
+        with self._lock:
+            self.live = False
+        for q in self.queues:
+            self._disable_queue(q)
+        try:
+            self.device.reset()
+        except Exception:
+            log.exception("%s: device reset failed", self.name)
+        with self._lock:
+            self._reset_state()
+        with self._isr_lock:
+            self.set_intx(0)
+
+    def needs_reset(self, why: str) -> None:
+        """The driver broke the contract: DEVICE_NEEDS_RESET and a configuration interrupt."""
+        log.warning("%s: %s; device needs reset", self.name, why)
+        with self._lock:
+            if self.status & STATUS_NEEDS_RESET:
+                return
+            self.status |= STATUS_NEEDS_RESET
+        self._interrupt_config()
+
+    # -- notifications and interrupts -----------------------------------------------------
+    def kick(self, index: int) -> None:
+        """A queue notification that reached user space: hand it to the queue's worker."""
+        if 0 <= index < len(self.queues) and self._doorbells:
+            self._doorbells[index][0].signal()
+
+    def read_isr(self) -> int:
+        """Reading the ISR clears it and deasserts INTx (4.1.4.5)."""
+        with self._isr_lock:
+            value, self.isr = self.isr, 0
+            if value:
+                self.set_intx(0)
+            return value
+
+    def _interrupt_intx(self, cause: int) -> None:
+        with self._isr_lock:
+            self.isr |= cause
+            self.set_intx(1)
+
+    def interrupt_queue(self, q: QueueState) -> None:
+        if self.msix.enabled:
+            if q.msix_vector != NO_VECTOR:
+                self.msix.notify(q.msix_vector)
+        else:
+            self._interrupt_intx(ISR_QUEUE)
+
+    def _interrupt_config(self) -> None:
+        if self.msix.enabled:
+            if self.config_vector != NO_VECTOR:
+                self.msix.notify(self.config_vector)
+        else:
+            self._interrupt_intx(ISR_CONFIG)
+
+    def service_queue(self, q: QueueState) -> None:
+        """Serve everything available on queue q (its worker thread)."""
+        with q.lock:
+            vq = q.vq
+            if vq is None or q.broken or not self.live or self.status & STATUS_NEEDS_RESET:
+                return
+            device = self.device
+            try:
+                while True:
+                    vq.disable_notifications()
+                    while True:
+                        chain = vq.pop()
+                        if chain is None:
+                            break
+                        try:
+                            written = device.handle_chain(q.index, chain)
+                        except Exception:
+                            # A device-model bug: fail this request, keep the VMM running.
+                            log.exception("%s: queue %d request failed", self.name, q.index)
+                            written = 0
+                        vq.push(chain.head, written)
+                    if not vq.enable_notifications():
+                        break
+            except VirtqueueError as e:
+                q.broken = True
+                if vq.needs_notification():
+                    self.interrupt_queue(q)
+                self.needs_reset(f"queue {q.index}: {e}")
+                return
+            if vq.needs_notification():
+                self.interrupt_queue(q)
+
+    def notify_queue(self, index: int) -> None:
+        """Let a device ask for its queue to be served (e.g. receive data arrived)."""
+        if self._workers:
+            self._workers[index].wake()
+
+    # -- doorbells and workers ------------------------------------------------------------
+    def _ensure_doorbells(self) -> None:
+        if self._doorbells or self.pci_bus is None:
+            return
+        m = self.pci_bus.machine
+        for i in range(len(self.queues)):
+            self._doorbells.append((m.add_ioeventfd("mmio", None, 2),
+                                    m.add_ioeventfd("pio", None, 2, datamatch=i)))
+        # Closers run last-registered first: the workers stop before their doorbells close.
+        m.on_close(self._stop_workers)
+
+    def bar_remapped(self, bar, address: int | None) -> None:
+        """PciBus: a BAR was mapped, moved or unmapped; the doorbells follow it."""
+        if bar.index not in (LEGACY_BAR, MODERN_BAR):
+            return
+        self._ensure_doorbells()
+        for i, (modern, legacy) in enumerate(self._doorbells):
+            if bar.index == MODERN_BAR:
+                modern.move(None if address is None
+                            else address + NOTIFY_OFF + NOTIFY_MULTIPLIER * i)
+            else:
+                legacy.move(None if address is None else address + LEGACY_NOTIFY)
+
+    def _start_workers(self) -> None:
+        if self._workers:
+            return
+        self._ensure_doorbells()
+        for i, q in enumerate(self.queues):
+            fds = [ev.fd for ev in self._doorbells[i]] if self._doorbells else []
+            self._workers.append(_QueueWorker(self, q, fds))
+
+    def _stop_workers(self) -> None:
+        for w in self._workers:
+            w.stop()
+        self._workers = []
+
+    def close(self) -> None:
+        self._stop_workers()
+        for q in self.queues:
+            self._disable_queue(q)
+        self.device.close()

@@ -1,0 +1,262 @@
+"""virtio-blk (virtio 1.2, section 5.2) over the shared block layer.
+
+    -s N,virtio-blk,PATH[,ro][,sectorsize=L[/P]][,ser=ID][,nocache][,direct][,nodelete]
+        [,num-queues=N][,queue-size=N]
+
+Requests are served on the queue's worker thread (hvframe.virtio.pci): READ and WRITE as one
+preadv/pwritev straight between the image and guest RAM, FLUSH as fdatasync, GET_ID, DISCARD
+and WRITE_ZEROES. A chain goes back to the driver only after the backend call returned, so an
+acknowledged write is on the backend (and durable with `direct`, or after a FLUSH).
+Everything in a request is checked: a bad header, sector range, alignment or segment list
+gets VIRTIO_BLK_S_IOERR / S_UNSUPP in the request's own status byte; a chain with no room
+for a status byte cannot be answered and is returned with nothing written.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from construct import Int8ul, Int16ul, Int32ul, Int64ul, Struct
+
+from hvframe.block.backend import BlockBackend, BlockError
+from hvframe.virtio.device import VirtioDevice, bit
+from hvframe.virtio.virtqueue import struct_of
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_BLOCK = 2
+SECTOR = 512                      # virtio-blk sectors are always 512 bytes
+
+# Feature bits (5.2.3).
+F_SIZE_MAX, F_SEG_MAX, F_GEOMETRY, F_RO, F_BLK_SIZE = 1, 2, 4, 5, 6
+F_FLUSH, F_TOPOLOGY, F_CONFIG_WCE, F_MQ, F_DISCARD, F_WRITE_ZEROES = 9, 10, 11, 12, 13, 14
+
+# Request types and status values (5.2.6).
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+ID_BYTES = 20
+WRITE_ZEROES_UNMAP = 1
+
+MAX_DISCARD_SECTORS = (1 << 30) // SECTOR    # per segment
+MAX_DISCARD_SEGMENTS = 64
+
+VirtioBlkConfig = Struct(
+    "capacity" / Int64ul,
+    "size_max" / Int32ul,
+    "seg_max" / Int32ul,
+    "geometry_cylinders" / Int16ul,
+    "geometry_heads" / Int8ul,
+    "geometry_sectors" / Int8ul,
+    "blk_size" / Int32ul,
+    "physical_block_exp" / Int8ul,
+    "alignment_offset" / Int8ul,
+    "min_io_size" / Int16ul,
+    "opt_io_size" / Int32ul,
+    "writeback" / Int8ul,
+    "unused0" / Int8ul,
+    "num_queues" / Int16ul,
+    "max_discard_sectors" / Int32ul,
+    "max_discard_seg" / Int32ul,
+    "discard_sector_alignment" / Int32ul,
+    "max_write_zeroes_sectors" / Int32ul,
+    "max_write_zeroes_seg" / Int32ul,
+    "write_zeroes_may_unmap" / Int8ul,
+    "unused1" / Int8ul[3],
+)
+VirtioBlkReqHeader = Struct("type" / Int32ul, "reserved" / Int32ul, "sector" / Int64ul)
+VirtioBlkDiscardSegment = Struct("sector" / Int64ul, "num_sectors" / Int32ul,
+                                 "flags" / Int32ul)
+
+_HEADER = struct_of(VirtioBlkReqHeader)
+_SEGMENT = struct_of(VirtioBlkDiscardSegment)
+HEADER_SIZE = _HEADER.size
+SEGMENT_SIZE = _SEGMENT.size
+
+
+def _skip(views: list, n: int) -> list:
+    """The views left after the first n bytes."""
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
+
+
+def _split_status(views: list):
+    """(data views, 1-byte status view): the status byte is the chain's last writable byte."""
+    for i in range(len(views) - 1, -1, -1):
+        v = views[i]
+        if len(v):
+            data = views[:i] + ([v[:len(v) - 1]] if len(v) > 1 else [])
+            return data, v[len(v) - 1:]
+    return views, None
+
+
+class VirtioBlk(VirtioDevice):
+    name = "virtio-blk"
+    device_type = VIRTIO_ID_BLOCK
+    pci_class = 0x010000            # mass storage, SCSI: what drivers and firmware expect
+    config_layout = VirtioBlkConfig
+
+    def __init__(self, backend: BlockBackend, *, num_queues: int = 1, queue_size: int = 256):
+        self.backend = backend
+        self.num_queues = num_queues
+        self.queue_max_size = queue_size
+        self.readonly = backend.readonly
+        self.serial = backend.serial.encode("ascii")[:ID_BYTES]
+        self.discard = not backend.readonly and not backend.nodelete
+        features = (bit(F_SEG_MAX) | bit(F_BLK_SIZE) | bit(F_FLUSH) | bit(F_TOPOLOGY))
+        if num_queues > 1:
+            features |= bit(F_MQ)
+        if self.readonly:
+            features |= bit(F_RO)
+        else:
+            features |= bit(F_WRITE_ZEROES)
+            if self.discard:
+                features |= bit(F_DISCARD)
+        self.device_features = features
+        self._config = b""
+        self._config_lock = threading.Lock()
+        self._stop_watch = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._build_config()
+
+    # -- configuration space --------------------------------------------------------------
+    def _build_config(self) -> None:
+        be = self.backend
+        logical, physical = be.logical_sector, be.physical_sector
+        exp = (physical // logical).bit_length() - 1
+        cfg = VirtioBlkConfig.build(dict(
+            capacity=be.size // SECTOR,
+            size_max=0,
+            seg_max=max(1, self.queue_max_size - 2),   # header and status take two
+            geometry_cylinders=0, geometry_heads=0, geometry_sectors=0,
+            blk_size=logical,
+            physical_block_exp=exp,
+            alignment_offset=0,
+            min_io_size=1,
+            opt_io_size=0,
+            writeback=0,
+            unused0=0,
+            num_queues=self.num_queues,
+            max_discard_sectors=MAX_DISCARD_SECTORS,
+            max_discard_seg=MAX_DISCARD_SEGMENTS,
+            discard_sector_alignment=physical // SECTOR,
+            max_write_zeroes_sectors=MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg=MAX_DISCARD_SEGMENTS,
+            write_zeroes_may_unmap=1 if self.discard else 0,
+            unused1=[0, 0, 0],
+        ))
+        with self._config_lock:
+            self._config = cfg
+
+    def config_bytes(self) -> bytes:
+        return self._config
+
+    def check_capacity(self) -> bool:
+        """Re-read the image size; on a change, tell the driver (config interrupt)."""
+        if not self.backend.refresh_size():
+            return False
+        self._build_config()
+        if self.transport is not None:
+            self.transport.config_changed()
+        log.info("%s: capacity is now %d sectors", self.backend.path, self.backend.size // SECTOR)
+        return True
+
+    def _watch_capacity(self) -> None:
+        while not self._stop_watch.wait(1.0):
+            try:
+                self.check_capacity()
+            except Exception:
+                log.exception("%s: capacity check failed", self.backend.path)
+
+    def activate(self, features: int) -> None:
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch_capacity, daemon=True,
+                                             name="virtio-blk-resize")
+            self._watcher.start()
+
+    # -- requests -------------------------------------------------------------------------
+    def handle_chain(self, queue: int, chain) -> int:
+        data_in, status = _split_status(chain.writable)
+        if status is None:
+            log.warning("%s: request without a status byte dropped", self.backend.path)
+            return 0
+        header = chain.gather(HEADER_SIZE)
+        if len(header) < HEADER_SIZE:
+            status[0] = S_IOERR
+            return 1
+        rtype, _, sector = _HEADER.unpack(header)
+        written = 0
+        try:
+            if rtype == T_IN:
+                if sum(len(v) for v in data_in) % SECTOR:
+                    raise BlockError(BlockError.RANGE, "read length is not whole sectors")
+                written = self.backend.read(sector * SECTOR, data_in)
+                code = S_OK
+            elif rtype == T_OUT:
+                data = _skip(chain.readable, HEADER_SIZE)
+                if sum(len(v) for v in data) % SECTOR:
+                    raise BlockError(BlockError.RANGE, "write length is not whole sectors")
+                self.backend.write(sector * SECTOR, data)
+                code = S_OK
+            elif rtype == T_FLUSH:
+                self.backend.flush()
+                code = S_OK
+            elif rtype == T_GET_ID:
+                ident = self.serial.ljust(ID_BYTES, b"\0")
+                done = 0
+                for v in data_in:
+                    n = min(len(v), ID_BYTES - done)
+                    v[:n] = ident[done:done + n]
+                    done += n
+                written = done
+                code = S_OK
+            elif rtype in (T_DISCARD, T_WRITE_ZEROES):
+                code = self._discard_or_zero(rtype, chain)
+            else:
+                code = S_UNSUPP
+        except BlockError as e:
+            code = S_UNSUPP if e.kind == BlockError.UNSUPPORTED else S_IOERR
+            written = 0
+            log.debug("%s: request type %d sector %d failed: %s", self.backend.path, rtype,
+                      sector, e)
+        status[0] = code
+        return written + 1
+
+    def _discard_or_zero(self, rtype: int, chain) -> int:
+        if rtype == T_DISCARD and not self.discard:
+            return S_UNSUPP
+        if self.readonly:
+            return S_IOERR
+        payload = b"".join(bytes(v) for v in _skip(chain.readable, HEADER_SIZE))
+        if not payload or len(payload) % SEGMENT_SIZE:
+            return S_UNSUPP
+        count = len(payload) // SEGMENT_SIZE
+        if count > MAX_DISCARD_SEGMENTS:
+            return S_UNSUPP
+        segments = [_SEGMENT.unpack_from(payload, i * SEGMENT_SIZE) for i in range(count)]
+        for sector, num, flags in segments:   # check them all before changing anything
+            if num > MAX_DISCARD_SECTORS:
+                return S_IOERR
+            allowed = WRITE_ZEROES_UNMAP if rtype == T_WRITE_ZEROES else 0
+            if flags & ~allowed:
+                return S_UNSUPP
+            if (sector + num) * SECTOR > self.backend.size:
+                return S_IOERR
+        for sector, num, flags in segments:
+            if rtype == T_DISCARD:
+                self.backend.discard(sector * SECTOR, num * SECTOR)
+            else:
+                self.backend.write_zeroes(sector * SECTOR, num * SECTOR,
+                                          unmap=bool(flags & WRITE_ZEROES_UNMAP) and self.discard)
+        return S_OK
+
+    def close(self) -> None:
+        self._stop_watch.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()
+        self.backend.close()
