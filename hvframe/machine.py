@@ -30,12 +30,13 @@ class IoEventFd:
         self._assign(True)
 
     def _assign(self, assign: bool) -> None:
-        if self.machine.vm is not None:
+        if self.machine.vm is not None and self.addr is not None:
             self.machine.vm.ioeventfd(self.addr, self.length, self.fd, pio=self.space == "pio",
                                       datamatch=self.datamatch, assign=assign)
 
-    def move(self, addr: int) -> None:
-        """Follow a BAR the guest moved: the old address must stop signalling."""
+    def move(self, addr: int | None) -> None:
+        """Follow a BAR the guest moved: the old address must stop signalling. None parks
+        the doorbell (the BAR is not decoded); the eventfd stays open."""
         if addr != self.addr:
             self._assign(False)
             self.addr = addr
@@ -238,7 +239,7 @@ class Machine:
         from contextlib import nullcontext
         return self.vm.routing_batch() if self.vm is not None else nullcontext()
 
-    def add_ioeventfd(self, space: str, addr: int, length: int,
+    def add_ioeventfd(self, space: str, addr: int | None, length: int,
                       datamatch: int | None = None) -> "IoEventFd":
         """A doorbell: guest writes to addr (space "pio" or "mmio") increment an eventfd that a
         device thread waits on. Under KVM the write never leaves the kernel; on the synthetic
