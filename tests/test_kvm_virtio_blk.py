@@ -52,7 +52,7 @@ def test_guest_reads_and_writes_sectors(guest, tmp_path):
     assert field(out, "capacity") == str(SECTORS)
     assert field(out, "ro") == "0"
     first = int(field(out, "read0").split("first ")[1], 16)
-    assert first == int.from_bytes(original[:4], "little")
+    assert first == int.from_bytes(original[:4], "big")     # printed first byte first
     assert field(out, "write").startswith("status 0")
     assert "vblk readback ok" in out
     assert field(out, "batch") == "status 0 0 0 ok"
