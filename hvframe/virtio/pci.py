@@ -645,10 +645,14 @@ class VirtioPciFunction(PciFunction):
             if vq is None or q.broken or not self.live or self.status & STATUS_NEEDS_RESET:
                 return
             device = self.device
+            fast = getattr(device, "serve_fast", None)
             try:
                 while True:
                     vq.disable_notifications()
                     while True:
+                        if fast is not None:
+                            # A native path serves what it can and leaves the rest available.
+                            fast(q.index, vq)
                         chain = vq.pop()
                         if chain is None:
                             break
