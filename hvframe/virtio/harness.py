@@ -45,6 +45,7 @@ class DriverQueue:
         self.free = list(range(size))
         self.avail_idx = 0
         self.last_used = 0
+        self._chains: dict[int, list[int]] = {}   # head -> descriptors it holds
 
     def add(self, buffers, indirect_at: int | None = None) -> int:
         """Put one chain on the available ring (not yet published); returns its head."""
@@ -67,7 +68,6 @@ class DriverQueue:
         self.mem.write(self.avail + 4 + 2 * (self.avail_idx % self.size),
                        struct.pack("<H", heads[0]))
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self._chains = getattr(self, "_chains", {})
         self._chains[heads[0]] = heads
         return heads[0]
 
