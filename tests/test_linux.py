@@ -2,6 +2,8 @@
 PVH under hvframe, with its console on COM1. Slow (about a minute on nested KVM)."""
 import os
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -25,10 +27,13 @@ def initramfs(tmp_path_factory):
 
 def boot_linux(initramfs, args, cmdline, timeout):
     """Boot the test kernel with COM1 on stdout; it must reach init, then (there being no user
-    space here) panic and, with panic=-1, reboot: exit 0. Returns the console."""
+    space here) panic and, with panic=-1, reboot: exit 0. Returns the console. Without an
+    initramfs the kernel mounts its root= device and looks for /sbin/init there."""
+    initrd = ["--initrd", initramfs] if initramfs else []
     p = run_hvframe(["run", "-m", "128M", *args, "-l", "com1,stdio", "--kernel", KERNEL,
-                     "--initrd", initramfs, "-a", cmdline], input="", timeout=timeout)
-    assert "Run /init as init process" in p.stdout
+                     *initrd, "-a", cmdline], input="", timeout=timeout)
+    assert ("Run /init as init process" if initramfs else "Run /sbin/init as init process") \
+        in p.stdout, p.stdout[-3000:]
     assert p.returncode == 0, p.stderr
     return p.stdout
 
@@ -57,3 +62,30 @@ def test_linux_boots_with_the_acpi_tables(initramfs):
     assert "ACPI: PCI Root Bridge [PCI0]" in out
     assert "pci 0000:00:1f.0: [8086:7000] type 00 class 0x060100" in out
     assert "ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A" in out
+
+
+def superblock(image):
+    out = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True,
+                         check=True).stdout
+    return dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+
+
+@pytest.mark.skipif(shutil.which("mke2fs") is None or shutil.which("dumpe2fs") is None,
+                    reason="needs e2fsprogs (mke2fs, dumpe2fs)")
+def test_linux_mounts_ext2_root_from_virtio_blk_read_write(tmp_path):
+    """root=/dev/vda rw: Linux's virtio_blk driver finds the disk with the image's size and
+    mounts the ext2 root read-write; the superblock in the image file shows the mount."""
+    image = tmp_path / "root.img"
+    with open(image, "wb") as f:
+        f.truncate(24 << 20)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-L", "hvroot", str(image)], check=True)
+    before = superblock(image)
+    assert before["Mount count"].strip() == "0"
+    out = boot_linux(None, ["-s", "0,hostbridge", "-s", f"2,virtio-blk,{image}"],
+                     CMDLINE + " acpi=off root=/dev/vda rw", timeout=400)
+    assert "virtio_blk virtio0: [vda] 49152 512-byte logical blocks" in out
+    assert "VFS: Mounted root (ext2 filesystem) on device 254:0." in out
+    after = superblock(image)
+    assert after["Mount count"].strip() == "1"
+    assert after["Filesystem state"].strip() == "not clean"    # mounted, never unmounted
+    assert after["Last write time"] != before["Last write time"]
