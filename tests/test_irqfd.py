@@ -98,6 +98,39 @@ def test_synthetic_msix_vectors_get_irqfds_that_follow_the_table():
     assert irq.fd == -1
 
 
+def test_a_vector_becoming_deliverable_never_fires_a_stale_route():
+    """The lock-free path of notify() is used only while the irqfd's route is the guest's
+    message: the enable bit lands in config space before the capability hears of the write,
+    and a device thread firing in between must not send what the entry said before."""
+    m = SyntheticMachine(64 << 20)
+    from hvframe.pci.bus import attach
+    from hvframe.pci.msi import MSI_CONTROL, MSI_DATA, MSI_ADDR_LO, MSI_ENABLE
+    dev = attach(m, PciTestDev(), {"pci.address": (0, 3, 0)})
+    m.pci.assign_bars()
+    m.pci.enable_all()
+    msix, cfg = dev.msix, dev.config_write
+    for off, value in ((0, 0xFEE00000), (8, 0x40), (12, 0)):
+        msix.bar_write(off, 4, value)
+    cfg(msix.offset + MSIX_CONTROL, 2, MSIX_ENABLE)
+    assert msix.notify(0) and m.msis == [(0xFEE00000, 0x40)]
+    cfg(msix.offset + MSIX_CONTROL, 2, 0)                 # disabled, then retargeted
+    msix.bar_write(8, 4, 0x41)
+    dev.config.put(msix.offset + MSIX_CONTROL, 2, MSIX_ENABLE)   # enable, watcher not yet run
+    assert msix.notify(0) and m.msis[-1] == (0xFEE00000, 0x41)
+    # MSI likewise: message changed while disabled
+    cfg(msix.offset + MSIX_CONTROL, 2, 0)
+    msi = dev.msi
+    cfg(msi.offset + MSI_ADDR_LO, 4, 0xFEE00000)
+    cfg(msi.offset + MSI_DATA, 2, 0x42)
+    cfg(msi.offset + MSI_CONTROL, 2, MSI_ENABLE)
+    assert msi.notify(0) and m.msis[-1] == (0xFEE00000, 0x42)
+    cfg(msi.offset + MSI_CONTROL, 2, 0)
+    cfg(msi.offset + MSI_DATA, 2, 0x43)
+    dev.config.put(msi.offset + MSI_CONTROL, 2, MSI_ENABLE)
+    assert msi.notify(0) and m.msis[-1] == (0xFEE00000, 0x43)
+    m.close()
+
+
 # -- real KVM -----------------------------------------------------------------------------------
 
 @requires_kvm
@@ -161,10 +194,6 @@ def irqfd_run(tmp_path_factory):
     assert state["code"] == 1, (state["reason"], state["out"])
     assert "irqfd done" in state["out"], state["out"]
     return state
-
-
-def _lines(run):
-    return run["out"]
 
 
 @requires_kvm

@@ -62,6 +62,8 @@ MSIX_TABLE_SIZE_MASK = 0x7FF
 MSIX_FUNCTION_MASK = 1 << 14
 MSIX_ENABLE = 1 << 15
 MSIX_CONTROL, MSIX_TABLE, MSIX_PBA = 2, 4, 8
+_MSIX_CTL_HI = (MSIX_ENABLE | MSIX_FUNCTION_MASK) >> 8   # both live in the control's high byte
+_MSIX_ENABLED_HI = MSIX_ENABLE >> 8
 MSIX_MAX_VECTORS = 2048
 MSIX_ENTRY_SIZE = 16
 # Table entry dwords.
@@ -101,6 +103,7 @@ class MsiCapability:
                  + _le(0, 2) + _le(1, 4) + _le(0, 4))
         self.offset = fn.add_capability(CAP_ID_MSI, body, wmask)
         self._irqfd = None           # made when the guest first lets the vector fire
+        self._fast = None            # the irqfd, while its route is known to be current
         self._control_byte = self.offset + MSI_CONTROL   # enable is bit 0
         self._mask_byte = self.offset + MSI_MASK
         fn.msi = self
@@ -136,21 +139,30 @@ class MsiCapability:
             irq = self._irqfd = _new_irqfd(self.fn)
         if irq is not None and irq is not _NO_IRQFD:
             irq.set_message(*self.message())
+            self._fast = irq
         return irq
 
     def _deliver(self) -> None:
-        irq = self._irqfd
+        """(lock held) Through the irqfd, its route brought up to date first; through
+        send_msi when there is none (dropped while on no bus)."""
+        irq = self._sync_route()
         if irq is None or irq is _NO_IRQFD or self.fn.pci_bus is None:
-            irq = self._sync_route()
-            if irq is None or irq is _NO_IRQFD or self.fn.pci_bus is None:
-                self.fn.send_msi(*self.message())
-                return
-        irq.fire()
+            self.fn.send_msi(*self.message())
+        else:
+            irq.fire()
 
     def notify(self, vector: int = 0) -> bool:
         """Fire the vector: delivered (True) when MSI is enabled and the vector unmasked;
-        held pending when masked; dropped when MSI is disabled or the vector does not exist."""
+        held pending when masked; dropped when MSI is disabled or the vector does not exist.
+        Safe from any thread; enabled and unmasked with an irqfd, it is a look at two config
+        bytes and one eventfd write, without the lock (see MsixCapability.notify)."""
         data = self.fn.config.data
+        irq = self._fast
+        if vector == 0 and irq is not None and \
+                data[self._control_byte] & MSI_ENABLE and not data[self._mask_byte] & 1 and \
+                self.fn.pci_bus is not None:
+            irq.fire()
+            return True
         with self.lock:
             if vector != 0 or not data[self._control_byte] & MSI_ENABLE:
                 return False
@@ -169,6 +181,10 @@ class MsiCapability:
                 if self.pending:
                     self._set_pending(False)
                     self._deliver()
+            else:
+                # The message may change before the vector can fire again: until then (and
+                # a sync) notify() takes the locked path.
+                self._fast = None
 
 
 class MsixCapability:
@@ -204,8 +220,11 @@ class MsixCapability:
         # Per vector: [addr_lo, addr_hi, data, control]; every vector starts masked.
         self.entries = [[0, 0, 0, ENTRY_MASKED] for _ in range(vectors)]
         self.pending_bits = 0
-        # Per vector: its irqfd, made when the guest first lets the vector fire.
+        # Per vector: its irqfd, made when the guest first lets the vector fire; and the
+        # same irqfd in _fast only while its route is known to be the entry's message (the
+        # lock-free path of notify() uses only those).
         self._irqfds: list = [None] * vectors
+        self._fast: list = [None] * vectors
         if add_bar:
             end = max(table_offset + table_len, pba_offset + pba_len)
             size = bar_size or PAGE
@@ -253,7 +272,19 @@ class MsixCapability:
         """Fire `vector`: delivered (True) when MSI-X is enabled and neither the function nor
         the vector is masked; otherwise, if MSI-X is enabled, its pending bit is set. With
         MSI-X disabled, or for a vector past the table, nothing happens (False).
-        Safe from any thread; an unmasked vector costs one eventfd write."""
+        Safe from any thread. An unmasked vector whose irqfd exists takes the fast path: a
+        look at the control byte and the entry, then one eventfd write, without the lock (a
+        guest masking or retargeting the vector meanwhile sees the message as in flight, as
+        from real hardware). Everything else, pending bits above all, is decided under the
+        lock, so a vector masked and then unmasked never loses an interrupt."""
+        if 0 <= vector < self.vectors:
+            irq = self._fast[vector]
+            if irq is not None and \
+                    self.fn.config.data[self._control_hi] & _MSIX_CTL_HI == _MSIX_ENABLED_HI and \
+                    not self.entries[vector][ENTRY_CONTROL] & ENTRY_MASKED and \
+                    self.fn.pci_bus is not None:
+                irq.fire()
+                return True
         with self.lock:
             if not 0 <= vector < self.vectors:
                 return False
@@ -263,11 +294,7 @@ class MsixCapability:
             if ctl & (MSIX_FUNCTION_MASK >> 8) or self.entries[vector][ENTRY_CONTROL] & ENTRY_MASKED:
                 self.pending_bits |= 1 << vector
                 return False
-            irq = self._irqfds[vector]
-            if irq is None or irq is _NO_IRQFD or self.fn.pci_bus is None:
-                self._deliver_slow(vector)
-            else:
-                irq.fire()
+            self._deliver_slow(vector)
             return True
 
     def _deliverable(self, vector: int) -> bool:
@@ -280,6 +307,7 @@ class MsixCapability:
             irq = self._irqfds[vector] = _new_irqfd(self.fn)
         if irq is not None and irq is not _NO_IRQFD:
             irq.set_message(*self.message(vector))
+            self._fast[vector] = irq
         return irq
 
     def _deliver_slow(self, vector: int) -> None:
@@ -327,6 +355,9 @@ class MsixCapability:
             return  # the PBA is read-only; anything else is not ours
         vector, reg = t // MSIX_ENTRY_SIZE, (t % MSIX_ENTRY_SIZE) // 4
         e = self.entries[vector]
+        # Off the lock-free path until the route is the entry again (below, or when the
+        # vector next becomes deliverable): an unmask must never fire a stale message.
+        self._fast[vector] = None
         if reg == ENTRY_ADDR_LO:
             e[reg] = value & 0xFFFFFFFC
         elif reg == ENTRY_CONTROL:
