@@ -48,3 +48,16 @@ def test_seabios_reaches_no_bootable_device():
 def test_seabios_256k_two_cpus_ram_above_4g():
     _need(BIOS_256K)
     check(boot(BIOS_256K, "-m", "4G", "-c", "2"))
+
+
+def test_seabios_boots_the_mbr_of_a_virtio_blk_disk(tmp_path):
+    """SeaBIOS's virtio-blk driver finds the disk and runs its MBR, which prints a marker on
+    COM1 and powers off (tests/diskimages.py, tests/guests/boot_marker.S)."""
+    _need(BIOS)
+    from diskimages import make_mbr_disk
+    disk = make_mbr_disk(tmp_path / "mbr.img", "HVF-VIRTIO-MBR-7")
+    p = boot(BIOS, "-m", "128M", "-s", f"2,virtio-blk,{disk}")
+    assert "SeaBIOS (version" in p.stdout, (p.stdout, p.stderr)
+    assert "Booting from Hard Disk" in p.stdout
+    assert "HVF-VIRTIO-MBR-7" in p.stdout, (p.stdout, p.stderr)
+    assert p.returncode == 1, (p.returncode, p.stderr)    # the MBR powered off
