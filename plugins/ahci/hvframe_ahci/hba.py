@@ -1,0 +1,623 @@
+"""The AHCI host bus adapter: an Intel ICH9 SATA controller (8086:2922, class 01:06:01) with
+its registers behind BAR5 (ABAR), up to 32 ports, MSI or INTA.
+
+Command flow. A guest write to PxCI (and, for NCQ, PxSACT first) queues the new slots; each
+is fetched from host memory (command header, command table, PRDs -- every pointer checked
+against guest RAM) on the vCPU thread and handed to the port's device (ata.AtaDisk or
+atapi.AtapiCdrom). A device answers at once with a Result, or submits the transfer to its
+BlockQueue and completes the Command from a worker thread later. Completion writes the FISes
+into the received-FIS area, updates PxTFD, clears PxCI (non-queued) or PxSACT (NCQ, through a
+Set Device Bits FIS) and raises the port's interrupt, in that order, so a guest that sees the
+interrupt sees the data.
+
+Non-queued commands run one at a time in slot order; NCQ commands run concurrently. An error
+stops the port as AHCI 1.3.1 section 6.2.2 says: PxIS.TFES (or HBFS/IFS/OFS for host-memory
+and transfer problems), PxCI keeps the failed slot, PxCMD.CCS names it, and nothing more is
+processed until software clears PxCMD.ST (which clears PxCI and PxSACT; PxCMD.CR stays set
+until requests already with the backend have returned). Guest-controlled values never raise
+through the exit loop: a bug in a device is logged and answered with ABRT.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+from hvframe.memory import GuestMemoryError
+from hvframe.pci.device import PciFunction
+from hvframe.pci.msi import MsiCapability
+
+from .regs import (ABAR_SIZE, AHCI_VERSION, CAP_ISS_SHIFT, CAP_NCS_SHIFT, CAP_PMD, CAP_S64A,
+                   CAP_SAM, CAP_SCLO, CAP_SNCQ, CMD_ATAPI, CMD_CCS_SHIFT, CMD_CLO, CMD_CR,
+                   CMD_FR, CMD_FRE, CMD_HEADER, CMD_HEADER_SIZE, CMD_POD, CMD_ST, CMD_SUD,
+                   CMD_TABLE_ACMD, CMD_TABLE_CFIS, CMD_TABLE_PRDT, CMD_WRITABLE, CONTROL_SRST,
+                   D2H, ERR_ABRT, FIS_D2H, FIS_H2D, FIS_I, FIS_PIO_SETUP, FIS_SDB, GHC_AE,
+                   GHC_BY_OFFSET, GHC_HR, GHC_IE, H2D, H2D_COMMAND, HDR_CFL_MASK, IS_DEFINED,
+                   IS_DHRS, IS_DPS, IS_HBFS, IS_OFS, IS_PCS, IS_PRCS, IS_PSS, IS_SDBS,
+                   IS_TFES, MAX_PORTS, PIO_SETUP, PIO_TO_HOST, PORT_BASE, PORT_BY_OFFSET,
+                   PORT_STRIDE, PRD, PRD_DBC_MASK, PRD_IOC, PRD_SIZE, PRDBC_OFFSET, RX,
+                   SCTL_DET_MASK, SDB, SERR_DIAG_N, SERR_DIAG_X, SERR_ERR_E, SSTS_UP, ST_BSY,
+                   ST_DRQ, ST_ERR, ST_OK)
+
+log = logging.getLogger(__name__)
+
+VENDOR_INTEL, DEVICE_ICH9_AHCI = 0x8086, 0x2922
+CLASS_AHCI = 0x010601
+REVISION = 0x02
+ABAR_INDEX = 5
+INTA = 1
+SLOTS = 32
+_U32 = 0xFFFFFFFF
+
+
+class TransferError(Exception):
+    """Host memory the HBA cannot use for a command: answered with a fatal PxIS bit."""
+
+    def __init__(self, is_bit: int, serr: int = 0, message: str = ""):
+        super().__init__(message)
+        self.is_bit, self.serr = is_bit, serr
+
+
+class Result:
+    """How a command ended: ATA status/error, bytes moved, and how the device reported it."""
+
+    __slots__ = ("status", "error", "transferred", "pio", "regs", "fatal", "serr")
+
+    def __init__(self, status: int = ST_OK, error: int = 0, transferred: int = 0,
+                 pio: str | None = None, regs: dict | None = None, fatal: int = 0,
+                 serr: int = 0):
+        self.status, self.error, self.transferred = status, error, transferred
+        self.pio = pio          # "in" / "out": a PIO Setup FIS precedes the data
+        self.regs = regs        # D2H FIS register values (signature, count) besides status
+        self.fatal, self.serr = fatal, serr
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.status & ST_ERR or self.fatal)
+
+    def __repr__(self) -> str:
+        return (f"Result(status={self.status:#x}, error={self.error:#x}, "
+                f"transferred={self.transferred}, fatal={self.fatal:#x})")
+
+
+def ata_error(error: int = ERR_ABRT, status: int = ST_OK | ST_ERR, regs=None) -> Result:
+    return Result(status=status, error=error, regs=regs)
+
+
+class Command:
+    """One issued slot as fetched from host memory. Devices read the H2D FIS fields, the
+    ATAPI command (acmd), and move data with buffers()/scatter()/gather()."""
+
+    __slots__ = ("port", "slot", "fis", "acmd", "prds", "prd_total", "ioc", "epoch", "ncq")
+
+    def __init__(self, port: "AhciPort", slot: int, fis: tuple, acmd: bytes, prds: list,
+                 ioc: bool, epoch: int):
+        self.port, self.slot, self.fis, self.acmd = port, slot, fis, acmd
+        self.prds = prds                  # [(guest address, length)]
+        self.prd_total = sum(n for _, n in prds)
+        self.ioc, self.epoch = ioc, epoch
+        self.ncq = False
+
+    # H2D FIS fields (tuple order as in regs.H2D_FIS)
+    @property
+    def command(self) -> int:
+        return self.fis[2]
+
+    @property
+    def features(self) -> int:
+        return self.fis[3] | self.fis[11] << 8
+
+    @property
+    def device(self) -> int:
+        return self.fis[7]
+
+    @property
+    def count(self) -> int:
+        return self.fis[12] | self.fis[13] << 8
+
+    @property
+    def lba48(self) -> int:
+        f = self.fis
+        return f[4] | f[5] << 8 | f[6] << 16 | f[8] << 24 | f[9] << 32 | f[10] << 40
+
+    @property
+    def lba28(self) -> int:
+        f = self.fis
+        return f[4] | f[5] << 8 | f[6] << 16 | (f[7] & 0xF) << 24
+
+    # data movement
+    def buffers(self, length: int) -> list[memoryview]:
+        """Views of guest RAM covering the first `length` bytes the PRDs describe."""
+        if length > self.prd_total:
+            raise TransferError(IS_OFS, 0, f"{length} bytes but PRDs hold {self.prd_total}")
+        out, left = [], length
+        mem = self.port.hba.memory
+        try:
+            for addr, n in self.prds:
+                if not left:
+                    break
+                n = min(n, left)
+                out.append(mem.view(addr, n))
+                left -= n
+        except GuestMemoryError as e:
+            raise TransferError(IS_HBFS, SERR_ERR_E, str(e)) from None
+        return out
+
+    def scatter(self, data: bytes) -> int:
+        """Copy data into the PRD buffers (all of it must fit); returns the byte count."""
+        pos = 0
+        for v in self.buffers(len(data)):
+            v[:] = data[pos:pos + len(v)]
+            pos += len(v)
+        return pos
+
+    def gather(self, length: int) -> bytes:
+        return b"".join(bytes(v) for v in self.buffers(length))
+
+    def complete(self, result: Result) -> None:
+        """Finish the command (from any thread)."""
+        self.port.complete(self, result)
+
+
+class AhciPort:
+    """One port's registers and command engine. All state is guarded by the HBA's lock."""
+
+    def __init__(self, hba: "AhciHba", index: int, device=None):
+        self.hba, self.index, self.device = hba, index, device
+        self.bit = 1 << index
+        self.inflight = 0            # commands with the device (any epoch)
+        self.epoch = 0               # bumped by stop/reset: late completions are dropped
+        self.reset_registers()
+        self.comreset()
+
+    # -- state -----------------------------------------------------------------------------
+    def reset_registers(self) -> None:
+        self.clb = self.clbu = self.fb = self.fbu = 0
+        self.is_ = self.ie = 0
+        self.cmd = CMD_SUD | CMD_POD     # no staggered spin-up, no cold presence detect
+        self.sctl = self.serr = self.sntf = 0
+        self._stop()
+
+    def _stop(self) -> None:
+        """Forget every issued command (ST cleared, reset)."""
+        self.ci = self.sact = 0
+        self.pending: deque[int] = deque()
+        self.busy: int | None = None     # the non-queued slot being executed
+        self.ncq_active = 0
+        self.halted = False
+        self.ccs = 0
+        self.epoch += 1
+
+    def comreset(self) -> None:
+        """The link comes up and the device sends its signature FIS."""
+        self._stop()
+        if self.device is None:
+            self.ssts, self.tfd, self.sig = 0, 0x7F, _U32
+            return
+        self.ssts = SSTS_UP
+        self.serr |= SERR_DIAG_X | SERR_DIAG_N    # COMINIT seen, PhyRdy changed
+        self.sig = self.device.signature
+        status = self.device.reset_status
+        self.tfd = status
+        s = self.sig
+        self._post_d2h(status, 0, {"count": s & 0xFF, "lba0": s >> 8 & 0xFF,
+                                   "lba1": s >> 16 & 0xFF, "lba2": s >> 24 & 0xFF}, irq=False)
+
+    @property
+    def clb_addr(self) -> int:
+        return (self.clbu << 32) | (self.clb & 0xFFFFFC00)
+
+    @property
+    def fb_addr(self) -> int:
+        return (self.fbu << 32) | (self.fb & 0xFFFFFF00)
+
+    def status_bits(self) -> int:
+        """PxIS as read: PCS and PRCS mirror PxSERR.DIAG.X and DIAG.N."""
+        v = self.is_ & ~(IS_PCS | IS_PRCS)
+        if self.serr & SERR_DIAG_X:
+            v |= IS_PCS
+        if self.serr & SERR_DIAG_N:
+            v |= IS_PRCS
+        return v
+
+    def cmd_value(self) -> int:
+        v = self.cmd & ~(CMD_CR | CMD_FR | (0x1F << CMD_CCS_SHIFT) | CMD_CLO)
+        if self.cmd & CMD_ST or self.inflight:
+            v |= CMD_CR
+        if self.cmd & CMD_FRE:
+            v |= CMD_FR
+        return v | self.ccs << CMD_CCS_SHIFT
+
+    # -- registers -------------------------------------------------------------------------
+    def read_reg(self, name: str) -> int:
+        if name == "is":
+            return self.status_bits()
+        if name == "cmd":
+            return self.cmd_value()
+        if name in ("fbs", "devslp"):
+            return 0
+        return getattr(self, name)
+
+    def write_reg(self, name: str, value: int, mask: int) -> None:
+        if name in ("clb", "clbu", "fb", "fbu", "ie"):
+            old = getattr(self, name)
+            new = (old & ~mask) | (value & mask)
+            if name == "ie":
+                new &= IS_DEFINED
+            setattr(self, name, new)
+            if name == "ie":
+                self.hba.update_irq()
+        elif name == "is":
+            self.is_ &= ~(value & mask)
+            self.hba.update_irq()
+        elif name == "serr":
+            self.serr &= ~(value & mask)
+            self.hba.update_irq()
+        elif name == "sntf":
+            self.sntf &= ~(value & mask)
+        elif name == "cmd":
+            self._write_cmd((self.cmd & ~mask) | (value & mask))
+        elif name == "sctl":
+            self._write_sctl((self.sctl & ~mask) | (value & mask))
+        elif name == "sact":
+            if self.cmd & CMD_ST:
+                self.sact |= value & mask
+        elif name == "ci":
+            if self.cmd & CMD_ST:
+                self._issue(value & mask)
+        # tfd, sig, ssts and the reserved registers are read-only
+
+    def _write_cmd(self, value: int) -> None:
+        old = self.cmd
+        new = (old & ~CMD_WRITABLE) | (value & CMD_WRITABLE)
+        if new & CMD_CLO:
+            # Command list override: forget a hung device's BSY/DRQ so a reset can be sent.
+            self.tfd &= ~(ST_BSY | ST_DRQ)
+            new &= ~CMD_CLO
+        self.cmd = new
+        if old & CMD_ST and not new & CMD_ST:
+            self._stop()
+        elif new & CMD_ST and not old & CMD_ST:
+            self.halted = False
+            self.ccs = 0
+
+    def _write_sctl(self, value: int) -> None:
+        old_det = self.sctl & SCTL_DET_MASK
+        self.sctl = value & 0xFFF
+        det = value & SCTL_DET_MASK
+        if det and not old_det:
+            # COMRESET (1) or interface off (4): the link is down while DET is set.
+            self._stop()
+            self.ssts, self.tfd = 0, 0x7F
+        elif old_det and not det:
+            self.comreset()
+            self.hba.update_irq()
+
+    # -- command issue ---------------------------------------------------------------------
+    def _issue(self, bits: int) -> None:
+        new = bits & ~self.ci
+        if not new:
+            return
+        self.ci |= new
+        for slot in range(SLOTS):
+            if new >> slot & 1:
+                self.pending.append(slot)
+        self._run()
+
+    def _run(self) -> None:
+        """Start what may start: NCQ commands all at once, others one at a time."""
+        while self.pending and not self.halted and self.busy is None:
+            slot = self.pending.popleft()
+            self.ccs = slot
+            try:
+                cmd = self._fetch(slot)
+            except TransferError as e:
+                self._fatal(e.is_bit, e.serr)
+                return
+            if cmd is None:
+                continue
+            dev = self.device
+            if dev is not None and dev.is_queued(cmd.command):
+                cmd.ncq = True
+                tag = cmd.count >> 3
+                if tag != slot or not self.sact & (1 << slot):
+                    # AHCI uses the tag to find the slot; without its SActive bit the
+                    # completion would be invisible to the host.
+                    self._start(cmd, ata_error(ERR_ABRT))
+                    continue
+                # The device accepts the command: BSY clears, PxCI with it.
+                self.ci &= ~(1 << slot)
+                self.tfd = (self.tfd & ~0xFF) | ST_OK
+                self.ncq_active |= 1 << slot
+            elif self.ncq_active or self.sact:
+                self.busy = slot
+                self._start(cmd, ata_error(ERR_ABRT))   # non-queued while NCQ is active
+                continue
+            else:
+                self.busy = slot
+            self._start(cmd, None)
+
+    def _start(self, cmd: Command, result: Result | None) -> None:
+        self.inflight += 1
+        if result is None:
+            dev = self.device
+            try:
+                if dev is None:
+                    result = ata_error(ERR_ABRT)
+                else:
+                    result = dev.execute(cmd)
+            except TransferError as e:
+                result = Result(fatal=e.is_bit, serr=e.serr)
+            except Exception:  # a device model bug must not take the VMM down
+                log.exception("%s port %d: command %#x failed", self.hba.name, self.index,
+                              cmd.command)
+                result = ata_error(ERR_ABRT)
+        if result is not None:
+            self._finish(cmd, result)
+
+    def _fetch(self, slot: int) -> Command | None:
+        """Read slot's command header, FIS and PRDs; None for a device control FIS."""
+        mem = self.hba.memory
+        try:
+            hdr = mem.view(self.clb_addr + slot * CMD_HEADER_SIZE, CMD_HEADER_SIZE)
+            flags, prdtl, _, ctba, ctbau = CMD_HEADER.unpack(hdr)
+            table = mem.view((ctbau << 32) | (ctba & ~0x7F), CMD_TABLE_PRDT + prdtl * PRD_SIZE)
+        except GuestMemoryError as e:
+            raise TransferError(IS_HBFS, SERR_ERR_E, str(e)) from None
+        hdr[PRDBC_OFFSET:PRDBC_OFFSET + 4] = b"\0\0\0\0"
+        fis = H2D.unpack_from(table, CMD_TABLE_CFIS)
+        acmd = bytes(table[CMD_TABLE_ACMD:CMD_TABLE_ACMD + 16])
+        prds, ioc = [], False
+        for dba, dbau, dbc in PRD.iter_unpack(table[CMD_TABLE_PRDT:]):
+            prds.append(((dbau << 32) | (dba & ~1), (dbc & PRD_DBC_MASK) + 1))
+            ioc = ioc or bool(dbc & PRD_IOC)
+        cmd = Command(self, slot, fis, acmd, prds, ioc, self.epoch)
+        cfl = flags & HDR_CFL_MASK
+        if fis[0] != FIS_H2D or not 5 <= cfl <= 16:
+            self.busy = slot
+            self._start(cmd, ata_error(ERR_ABRT))
+            return None
+        if not fis[1] & H2D_COMMAND:
+            self._device_control(slot, fis[15])
+            return None
+        return cmd
+
+    def _device_control(self, slot: int, control: int) -> None:
+        """A Device Control FIS: SRST set holds the device in reset, SRST cleared ends the
+        software reset and the device answers with its signature."""
+        self.ci &= ~(1 << slot)
+        if control & CONTROL_SRST:
+            self.tfd = (self.tfd & ~0xFF) | ST_BSY
+            return
+        if self.device is not None:
+            self.sig = s = self.device.signature
+            self.tfd = self.device.reset_status
+            self._post_d2h(self.tfd, 0, {"count": s & 0xFF, "lba0": s >> 8 & 0xFF,
+                                         "lba1": s >> 16 & 0xFF, "lba2": s >> 24 & 0xFF})
+            self.is_ |= IS_DHRS
+            self.hba.update_irq()
+
+    # -- completion -------------------------------------------------------------------------
+    def complete(self, cmd: Command, result: Result) -> None:
+        with self.hba.lock:
+            self._finish(cmd, result)
+
+    def _finish(self, cmd: Command, result: Result) -> None:
+        self.inflight -= 1
+        if not self.inflight:
+            self.hba.idle.notify_all()
+        bit = 1 << cmd.slot
+        if cmd.epoch != self.epoch:
+            return                       # the port was stopped or reset meanwhile
+        if cmd.ncq:
+            self.ncq_active &= ~bit
+        elif self.busy == cmd.slot:
+            self.busy = None
+        if self.halted:
+            return                       # aborted by an earlier error
+        if result.fatal:
+            self._fatal(result.fatal, result.serr)
+            return
+        ok = not result.status & ST_ERR
+        try:
+            if cmd.ncq:
+                self._post_sdb(result.status, result.error, bit if ok else 0)
+                if ok:
+                    self.sact &= ~bit
+                self.is_ |= IS_SDBS
+            else:
+                if result.transferred:
+                    self._write_prdbc(cmd.slot, result.transferred)
+                if result.pio and ok:
+                    self._post_pio_setup(result, cmd)
+                self._post_d2h(result.status, result.error, result.regs)
+                if ok:
+                    self.ci &= ~bit
+                self.is_ |= IS_DHRS
+        except TransferError as e:
+            self._fatal(e.is_bit, e.serr)
+            return
+        self.tfd = result.status | result.error << 8
+        if ok:
+            if cmd.ioc:
+                self.is_ |= IS_DPS
+        else:
+            self.ccs = cmd.slot
+            self._fatal(IS_TFES, 0)
+            return
+        self.hba.update_irq()
+        self._run()
+
+    def _fatal(self, is_bit: int, serr: int) -> None:
+        """Stop processing until software clears PxCMD.ST (section 6.2.2)."""
+        self.is_ |= is_bit
+        self.serr |= serr
+        self.halted = True
+        self.hba.update_irq()
+
+    def _write_prdbc(self, slot: int, n: int) -> None:
+        try:
+            self.hba.memory.view(self.clb_addr + slot * CMD_HEADER_SIZE + PRDBC_OFFSET, 4)[:] = \
+                n.to_bytes(4, "little")
+        except GuestMemoryError as e:
+            raise TransferError(IS_HBFS, SERR_ERR_E, str(e)) from None
+
+    def _rx(self, name: str, size: int):
+        """The received-FIS slot `name`, or None while FIS receive is off."""
+        if not self.cmd & CMD_FRE:
+            return None
+        try:
+            return self.hba.memory.view(self.fb_addr + RX[name], size)
+        except GuestMemoryError as e:
+            raise TransferError(IS_HBFS, SERR_ERR_E, str(e)) from None
+
+    def _post_d2h(self, status: int, error: int, regs: dict | None, irq: bool = True) -> None:
+        try:
+            v = self._rx("rfis", D2H.size)
+        except TransferError:
+            if not irq:
+                return                   # at reset nothing can be reported; software will look
+            raise
+        if v is None:
+            return
+        r = regs or {}
+        D2H.pack_into(v, 0, FIS_D2H, FIS_I if irq else 0, status, error, r.get("lba0", 0),
+                      r.get("lba1", 0), r.get("lba2", 0), r.get("device", 0), r.get("lba3", 0),
+                      r.get("lba4", 0), r.get("lba5", 0), r.get("count", 0),
+                      r.get("count_exp", 0))
+
+    def _post_pio_setup(self, result: Result, cmd: Command) -> None:
+        v = self._rx("psfis", PIO_SETUP.size)
+        if v is None:
+            return
+        to_host = result.pio == "in"
+        f = cmd.fis
+        PIO_SETUP.pack_into(v, 0, FIS_PIO_SETUP, (PIO_TO_HOST | FIS_I) if to_host else 0,
+                            ST_OK | ST_DRQ, 0, f[4], f[5], f[6], f[7], f[8], f[9], f[10],
+                            f[12], f[13], result.status, min(result.transferred, 0xFFFF))
+        if to_host:
+            self.is_ |= IS_PSS
+
+    def _post_sdb(self, status: int, error: int, sactive: int) -> None:
+        v = self._rx("sdbfis", SDB.size)
+        if v is not None:
+            SDB.pack_into(v, 0, FIS_SDB, FIS_I, status & 0x77, error, sactive)
+
+
+class AhciHba(PciFunction):
+    """The HBA: generic host control registers, ports, MSI and INTA."""
+
+    def __init__(self, machine, devices: dict[int, object], name: str = "ahci"):
+        super().__init__(VENDOR_INTEL, DEVICE_ICH9_AHCI, CLASS_AHCI, revision=REVISION,
+                         subsystem_vendor=VENDOR_INTEL, subsystem_id=DEVICE_ICH9_AHCI,
+                         pin=INTA, name=name)
+        self.machine = machine
+        self.memory = machine.memory
+        self.lock = threading.RLock()
+        self.idle = threading.Condition(self.lock)
+        nports = max(devices) + 1 if devices else 1
+        if nports > MAX_PORTS:
+            raise ValueError(f"at most {MAX_PORTS} ports")
+        self.devices = devices
+        self.ports = [AhciPort(self, i, devices.get(i)) for i in range(nports)]
+        self.cap = (CAP_S64A | CAP_SNCQ | CAP_SCLO | CAP_SAM | CAP_PMD | 3 << CAP_ISS_SHIFT
+                    | (SLOTS - 1) << CAP_NCS_SHIFT | (nports - 1))
+        self.pi = (1 << nports) - 1
+        self.ghc = GHC_AE
+        self.is_ = 0
+        self._level = False
+        self.add_bar(ABAR_INDEX, ABAR_SIZE, "mmio32", self)
+        MsiCapability(self)
+
+    # -- interrupts ------------------------------------------------------------------------
+    def update_irq(self) -> None:
+        """Recompute IS from the ports and drive MSI (on new events) or INTA (as a level)."""
+        new = self.is_
+        for p in self.ports:
+            if p.status_bits() & p.ie:
+                new |= p.bit
+        gained = new & ~self.is_
+        self.is_ = new
+        level = bool(self.ghc & GHC_IE and new)
+        was, self._level = self._level, level
+        if self.msi is not None and self.msi.enabled:
+            if self._intx_level:
+                self.set_intx(0)
+            if level and (gained or not was):
+                self.msi.notify(0)
+        elif level != bool(self._intx_level):
+            self.set_intx(1 if level else 0)
+
+    # -- ABAR accesses ---------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> int:
+        if size == 8:
+            return self.read(offset, 4) | self.read(offset + 4, 4) << 32
+        with self.lock:
+            dword = self._read32(offset & ~3)
+        return (dword >> (8 * (offset & 3))) & ((1 << (8 * size)) - 1)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if size == 8:
+            self.write(offset, 4, value & _U32)
+            self.write(offset + 4, 4, value >> 32)
+            return
+        shift = 8 * (offset & 3)
+        if (offset & 3) + size > 4:
+            return                       # a dword-crossing access means nothing here
+        mask = ((1 << (8 * size)) - 1) << shift
+        with self.lock:
+            self._write32(offset & ~3, (value << shift) & mask, mask)
+
+    def _read32(self, off: int) -> int:
+        if off < PORT_BASE:
+            name = GHC_BY_OFFSET.get(off)
+            if name == "is":
+                return self.is_
+            return getattr(self, name) if name in ("cap", "ghc", "pi") else \
+                AHCI_VERSION if name == "vs" else 0
+        n, reg = divmod(off - PORT_BASE, PORT_STRIDE)
+        name = PORT_BY_OFFSET.get(reg)
+        if n >= len(self.ports) or name is None:
+            return 0
+        return self.ports[n].read_reg(name)
+
+    def _write32(self, off: int, value: int, mask: int) -> None:
+        if off < PORT_BASE:
+            name = GHC_BY_OFFSET.get(off)
+            if name == "ghc":
+                if value & mask & GHC_HR:
+                    self.reset()
+                else:
+                    self.ghc = GHC_AE | (((self.ghc & ~mask) | (value & mask)) & GHC_IE)
+                    self.update_irq()
+            elif name == "is":
+                self.is_ &= ~(value & mask)
+                self.update_irq()
+            return                        # cap, pi, vs and the rest are read-only
+        n, reg = divmod(off - PORT_BASE, PORT_STRIDE)
+        name = PORT_BY_OFFSET.get(reg)
+        if n < len(self.ports) and name is not None:
+            self.ports[n].write_reg(name, value, mask)
+
+    def reset(self) -> None:
+        """GHC.HR: every port stops and re-runs COMRESET; GHC.IE and IS clear."""
+        self.ghc = GHC_AE
+        self.is_ = 0
+        for p in self.ports:
+            p.reset_registers()
+            p.comreset()
+        self.update_irq()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def wait_idle(self, timeout: float | None = 5.0) -> bool:
+        """Wait until no command is with a device (tests and shutdown)."""
+        with self.lock:
+            return self.idle.wait_for(lambda: not any(p.inflight for p in self.ports), timeout)
+
+    def close(self) -> None:
+        for dev in self.devices.values():
+            dev.close()
+
+
+__all__ = ["AhciHba", "AhciPort", "Command", "Result", "TransferError", "ata_error",
+           "CMD_ATAPI"]
