@@ -142,6 +142,42 @@ struct kvm_irq_routing_entry {
 };
 struct kvm_irq_routing { uint32_t nr; uint32_t flags; struct kvm_irq_routing_entry entries[]; ...; };
 struct kvm_irqfd { uint32_t fd; uint32_t gsi; uint32_t flags; uint32_t resamplefd; ...; };
+
+/* virtio-blk native fast path (vblk_fast.c) */
+struct hv_vring_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
+struct hv_vring_used_elem { uint32_t id; uint32_t len; };
+struct hv_vblk_req_hdr { uint32_t type; uint32_t reserved; uint64_t sector; };
+#define HV_VRING_DESC_F_NEXT ...
+#define HV_VRING_DESC_F_WRITE ...
+#define HV_VRING_DESC_F_INDIRECT ...
+#define HV_VRING_AVAIL_IDX_OFF ...
+#define HV_VRING_AVAIL_RING_OFF ...
+#define HV_VRING_AVAIL_ELEM_SIZE ...
+#define HV_VRING_USED_IDX_OFF ...
+#define HV_VRING_USED_RING_OFF ...
+#define HV_VRING_EVENT_SIZE ...
+#define HV_VRING_MAX_SIZE ...
+#define HV_VBLK_T_IN ...
+#define HV_VBLK_T_OUT ...
+#define HV_VBLK_S_OK ...
+#define HV_VBLK_S_IOERR ...
+#define HV_VBLK_SECTOR ...
+#define HV_VBLK_MAX_SEGS ...
+#define HV_VQ_MAX_REGIONS ...
+enum { HV_VBLK_STOP_EMPTY, HV_VBLK_STOP_MAX, HV_VBLK_STOP_TYPE, HV_VBLK_STOP_UNSUPPORTED,
+       HV_VBLK_STOP_INVALID, HV_VBLK_STOP_STATE };
+struct hv_ram_region { uint64_t gpa; uint64_t size; uint64_t host_offset; };
+struct hv_vq {
+    void *mem; uint64_t mem_size;
+    uint32_t nregions; struct hv_ram_region regions[4];
+    uint64_t desc_addr, avail_addr, used_addr;
+    uint32_t size; uint32_t max_chain;
+    uint8_t event_idx, indirect, notifications;
+    uint16_t last_avail_idx, shadow_avail, used_idx;
+    int stop;
+};
+struct hv_blk { int fd; int readonly, direct, write_through; uint32_t logical_sector; uint64_t size; };
+int hv_vblk_serve(struct hv_vq *q, const struct hv_blk *b, int max);
 """
 
 
@@ -150,10 +186,11 @@ def make_ffi() -> FFI:
     ffi.cdef(CDEF)
     ffi.set_source(
         "hvframe.core_native._hvcore",
-        '#include "hvcore.c"',
+        '#include "hvcore.c"\n#include "vblk_fast.c"',
         py_limited_api=False,  # the exit path calls the interpreter with vectorcall
         include_dirs=[HERE],
-        depends=[os.path.join(HERE, "hvcore.c"), os.path.join(HERE, "hvcore.h")],
+        depends=[os.path.join(HERE, "hvcore.c"), os.path.join(HERE, "hvcore.h"),
+                 os.path.join(HERE, "vblk_fast.c")],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         libraries=["pthread"],
     )

@@ -7,7 +7,10 @@ Requests are served on the queue's worker thread (hvframe.virtio.pci): READ and 
 preadv/pwritev straight between the image and guest RAM, FLUSH as fdatasync, GET_ID, DISCARD
 and WRITE_ZEROES. A chain goes back to the driver only after the backend call returned, so an
 acknowledged write is on the backend (and durable with `direct`, or after a FLUSH).
-Everything in a request is checked: a bad header, sector range, alignment or segment list
+READ and WRITE chains are served natively when possible (serve_fast: hv_vblk_serve in
+hvframe/core_native/vblk_fast.c, GIL released), with the same checks and answers as
+handle_chain; anything else, and any chain the native code declines, goes through
+handle_chain. Everything in a request is checked: a bad header, sector range, alignment or segment list
 gets VIRTIO_BLK_S_IOERR / S_UNSUPP in the request's own status byte; a chain with no room
 for a status byte cannot be answered and is returned with nothing written.
 """
@@ -21,6 +24,12 @@ from construct import Int8ul, Int16ul, Int32ul, Int64ul, Struct
 from hvframe.block.backend import BlockBackend, BlockError
 from hvframe.virtio.device import VirtioDevice, bit
 from hvframe.virtio.virtqueue import struct_of
+
+try:
+    from hvframe.core_native import ffi as _ffi, lib as _lib
+    from hvframe.virtio.native import queue_state
+except ImportError:  # pragma: no cover - a broken install: the Python path serves all
+    _lib = None
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +132,9 @@ class VirtioBlk(VirtioDevice):
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
         self._build_config()
+        self._blk = _ffi.new("struct hv_blk *") if _lib is not None else None
+        if self._blk is None:
+            self.serve_fast = None
 
     # -- configuration space --------------------------------------------------------------
     def _build_config(self) -> None:
@@ -180,6 +192,26 @@ class VirtioBlk(VirtioDevice):
             self._watcher.start()
 
     # -- requests -------------------------------------------------------------------------
+    def serve_fast(self, queue: int, vq) -> int:
+        """Serve the READ/WRITE chains at the head of ``vq`` natively (GIL released); stops
+        at the first chain it leaves to handle_chain/pop (another type, an invalid chain,
+        an O_DIRECT bounce).  Returns the number of chains served (and pushed)."""
+        be, blk = self.backend, self._blk
+        fd = be.fd
+        if fd < 0:
+            return 0                  # closed: handle_chain answers IOERR
+        blk.fd = fd
+        blk.readonly = be.readonly
+        blk.direct = be.direct
+        blk.write_through = be.write_through
+        blk.logical_sector = be.logical_sector
+        blk.size = be.size
+        try:
+            nq = queue_state(vq)
+            return nq.call(_lib.hv_vblk_serve, blk, vq.size)
+        except (ValueError, BufferError):
+            return 0                  # guest memory closed or unusable: the Python path decides
+
     def handle_chain(self, queue: int, chain) -> int:
         data_in, status = _split_status(chain.writable)
         if status is None:
