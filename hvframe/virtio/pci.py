@@ -351,6 +351,7 @@ class VirtioPciFunction(PciFunction):
         self.queue_select = 0
         self.isr = 0
         self.live = False
+        self._reset_requested = False
 
     @property
     def negotiated(self) -> int:
@@ -431,6 +432,7 @@ class VirtioPciFunction(PciFunction):
                     return
             _write_fields(_COMMON_FIELDS, self._common_get, self._common_set, offset, size,
                           value)
+        self._reset_if_requested()
 
     # -- legacy header --------------------------------------------------------------------
     def _legacy_layout(self) -> tuple[list, int]:
@@ -504,6 +506,7 @@ class VirtioPciFunction(PciFunction):
             return
         with self._lock:
             _write_fields(fields, self._legacy_get, self._legacy_set, offset, size, value)
+        self._reset_if_requested()
 
     # -- device configuration -------------------------------------------------------------
     def device_config_read(self, offset: int, size: int) -> int:
@@ -525,7 +528,9 @@ class VirtioPciFunction(PciFunction):
     def _write_status(self, value: int, *, modern: bool) -> None:
         value &= 0xFF
         if value == 0:
-            self.reset()
+            # Done by the caller once it let go of self._lock: a reset waits for the queue
+            # workers, which may need that lock to report an error.
+            self._reset_requested = True
             return
         old = self.status
         if modern and value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
@@ -579,6 +584,12 @@ class VirtioPciFunction(PciFunction):
         except VirtqueueError as e:
             q.broken = True
             self.needs_reset(f"queue {q.index}: {e}")
+
+    def _reset_if_requested(self) -> None:
+        with self._lock:
+            requested, self._reset_requested = self._reset_requested, False
+        if requested:
+            self.reset()
 
     def reset(self) -> None:
         """Device reset (status 0): in-flight requests finish first, so nothing touches guest
