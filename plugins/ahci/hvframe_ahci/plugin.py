@@ -64,6 +64,9 @@ class AhciDeviceType(DeviceType):
                 out[f"port.{port}.type"], out[f"port.{port}.path"] = kind, path
                 continue
             key, eq, val = item.partition("=")
+            if eq and key == "path" and self.port_type:
+                out["port.0.path"] = val
+                continue
             if eq and key == "rom":
                 out["rom"] = val
                 continue
@@ -125,7 +128,8 @@ class AhciDeviceType(DeviceType):
         if out["type"] is None:
             out["type"] = self.port_type or "hd"
         if not out["path"]:
-            raise ConfigError(f"{where}: needs a path, e.g. {out['type']}:disk.img")
+            example = f"{self.name},disk.img" if self.port_type else f"{out['type']}:disk.img"
+            raise ConfigError(f"{where}: needs a path, e.g. -s 4,{example}")
         model = out["model"]
         if model is not None and (len(model) > MODEL_MAX or
                                   not all(32 <= ord(c) < 127 for c in model)):

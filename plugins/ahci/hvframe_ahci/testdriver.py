@@ -140,12 +140,12 @@ class PortDriver:
             self.write("sact", 1 << slot)
         self.write("ci", 1 << slot)
 
-    def wait(self, slots: int | None = None, timeout: float = 10.0) -> int:
-        """Poll until the slots' PxCI and PxSACT bits clear or a fatal error shows; returns
-        PxIS. `slots` is a bit mask (default: everything outstanding)."""
+    def wait(self, slots: int | None = None, timeout: float = 10.0, sact: bool = True) -> int:
+        """Poll until the slots' PxCI (and PxSACT) bits clear or a fatal error shows;
+        returns PxIS. `slots` is a bit mask (default: everything outstanding)."""
         end = time.monotonic() + timeout
         while True:
-            busy = self.read("ci") | self.read("sact")
+            busy = self.read("ci") | (self.read("sact") if sact else 0)
             is_ = self.read("is")
             if not busy & (slots if slots is not None else 0xFFFFFFFF) or is_ & IS_FATAL:
                 return is_
