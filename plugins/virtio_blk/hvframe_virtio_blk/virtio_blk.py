@@ -192,10 +192,11 @@ class VirtioBlk(VirtioDevice):
             self._watcher.start()
 
     # -- requests -------------------------------------------------------------------------
-    def serve_fast(self, queue: int, vq) -> int:
+    def serve_fast(self, queue: int, vq, limit: int | None = None) -> int:
         """Serve the READ/WRITE chains at the head of ``vq`` natively (GIL released); stops
         at the first chain it leaves to handle_chain/pop (another type, an invalid chain,
-        an O_DIRECT bounce).  Returns the number of chains served (and pushed)."""
+        an O_DIRECT bounce) or after ``limit`` chains (default: one queue's worth).
+        Returns the number of chains served (and pushed)."""
         be, blk = self.backend, self._blk
         fd = be.fd
         if fd < 0:
@@ -208,7 +209,7 @@ class VirtioBlk(VirtioDevice):
         blk.size = be.size
         try:
             nq = queue_state(vq)
-            return nq.call(_lib.hv_vblk_serve, blk, vq.size)
+            return nq.call(_lib.hv_vblk_serve, blk, vq.size if limit is None else limit)
         except (ValueError, BufferError):
             return 0                  # guest memory closed or unusable: the Python path decides
 

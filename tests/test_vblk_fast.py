@@ -1,0 +1,742 @@
+"""virtio-blk's native READ/WRITE path (hv_vblk_serve in hvframe/core_native/vblk_fast.c).
+
+Every scenario runs twice from the same guest memory and image: through the transport's
+service loop with the native path, and with serve_fast disabled (the Python path alone).
+The two runs must leave identical guest RAM (data, status bytes, used ring), identical
+images and the same queue state and NEEDS_RESET outcome; the native path must actually have
+served the IN/OUT chains it can, and never a chain the VirtQueue rejects.
+"""
+import os
+import struct
+import tempfile
+import types
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from hvframe.block.backend import IOV_MAX, BlockBackend
+from hvframe.core_native import ffi, lib
+from hvframe.errors import ConfigError
+from hvframe.memory import FOUR_GIB, GuestMemory
+from hvframe.virtio import virtqueue as vq
+from hvframe.virtio.native import queue_state
+from hvframe.virtio.pci import QueueState, VirtioPciFunction
+from hvframe.virtio.virtqueue import VirtQueue
+from hvframe_virtio_blk import virtio_blk as vb
+
+NEXT, WRITE, INDIRECT = vq.VIRTQ_DESC_F_NEXT, vq.VIRTQ_DESC_F_WRITE, vq.VIRTQ_DESC_F_INDIRECT
+IN, OUT, FLUSH, GET_ID = vb.T_IN, vb.T_OUT, vb.T_FLUSH, vb.T_GET_ID
+
+LOW = 4 << 20                      # RAM: [0, 4 MiB) and [4 GiB, 4 GiB + 4 MiB)
+MEM = 8 << 20
+HIGH = FOUR_GIB
+DESC, AVAIL, USED = 0x1000, 0x3000, 0x4000
+TABLES = 0x8000                    # indirect tables
+HDRS = 0x10000                     # request headers, 16 bytes each
+STATUS = 0x18000                   # status bytes
+DATA = 0x20000                     # data buffers
+DISK_SECTORS = 256
+
+
+def image_bytes(sectors=DISK_SECTORS):
+    return bytes((i * 7 + i // 512) & 0xFF for i in range(sectors * 512))
+
+
+# -- layouts ------------------------------------------------------------------------------------
+
+def test_c_layouts_match_construct_declarations():
+    for cname, st_ in (("struct hv_vring_desc", vq.VirtqDesc),
+                       ("struct hv_vring_used_elem", vq.VirtqUsedElem),
+                       ("struct hv_vblk_req_hdr", vb.VirtioBlkReqHeader)):
+        assert ffi.sizeof(cname) == st_.sizeof(), cname
+        for sc in st_.subcons:
+            assert ffi.offsetof(cname, sc.name) == vq.offset_of(st_, sc.name), (cname, sc.name)
+            assert ffi.sizeof(ffi.typeof(cname).fields[[f[0] for f in ffi.typeof(cname).fields]
+                                                       .index(sc.name)][1].type) == sc.sizeof()
+    assert lib.HV_VRING_AVAIL_IDX_OFF == vq.AVAIL_IDX_OFF
+    assert lib.HV_VRING_AVAIL_RING_OFF == vq.AVAIL_RING_OFF
+    assert lib.HV_VRING_AVAIL_ELEM_SIZE == vq.AVAIL_ELEM_SIZE
+    assert lib.HV_VRING_USED_IDX_OFF == vq.USED_IDX_OFF
+    assert lib.HV_VRING_USED_RING_OFF == vq.USED_RING_OFF
+    assert lib.HV_VRING_EVENT_SIZE == vq.EVENT_SIZE
+    assert lib.HV_VRING_MAX_SIZE == vq.MAX_QUEUE_SIZE
+    assert (lib.HV_VRING_DESC_F_NEXT, lib.HV_VRING_DESC_F_WRITE, lib.HV_VRING_DESC_F_INDIRECT) \
+        == (NEXT, WRITE, INDIRECT)
+    assert (lib.HV_VBLK_T_IN, lib.HV_VBLK_T_OUT) == (vb.T_IN, vb.T_OUT)
+    assert (lib.HV_VBLK_S_OK, lib.HV_VBLK_S_IOERR) == (vb.S_OK, vb.S_IOERR)
+    assert lib.HV_VBLK_SECTOR == vb.SECTOR
+    assert lib.HV_VBLK_MAX_SEGS == IOV_MAX
+    # the used ring's event field sits where VirtQueue puts it
+    q = VirtQueue(GuestMemory(1 << 20), 8, DESC, AVAIL, USED, event_idx=True)
+    assert q._avail_event_off == lib.HV_VRING_USED_RING_OFF + 8 * ffi.sizeof(
+        "struct hv_vring_used_elem")
+
+
+# -- the rig ------------------------------------------------------------------------------------
+
+class Fake:
+    """The transport state service_queue uses, without PCI."""
+
+    def __init__(self, device):
+        self.device = device
+        self.live = True
+        self.status = 0
+        self.name = "vblk-test"
+        self.resets = []
+        self.interrupts = 0
+
+    def interrupt_queue(self, q):
+        self.interrupts += 1
+
+    def needs_reset(self, why):
+        self.resets.append(why)
+
+    service_queue = VirtioPciFunction.service_queue
+
+
+class Guest:
+    """Guest RAM with a split queue; descriptors are written raw (malformed ones too)."""
+
+    def __init__(self, size=64, *, event_idx=False, indirect=True, max_chain=None, start=0):
+        self.mem = GuestMemory(MEM, lowmem_limit=LOW)
+        self.size = size
+        self.event_idx = event_idx
+        self.start = start
+        self.queue_kw = dict(event_idx=event_idx, indirect=indirect, max_chain=max_chain,
+                             last_avail_idx=start, used_idx=start)
+        self.avail_idx = start
+        self.set_avail_idx(start)
+        self.mem.write(USED + vq.USED_IDX_OFF, struct.pack("<H", start))
+        self.next_desc = 0
+
+    def desc(self, i, addr, length, flags=0, nxt=0, table=DESC):
+        self.mem.write(table + 16 * i, vq.VirtqDesc.build(
+            dict(addr=addr, len=length, flags=flags, next=nxt)))
+
+    def publish(self, head):
+        self.mem.write(AVAIL + vq.AVAIL_RING_OFF + 2 * (self.avail_idx % self.size),
+                       struct.pack("<H", head))
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.set_avail_idx(self.avail_idx)
+
+    def set_avail_idx(self, idx):
+        self.mem.write(AVAIL + vq.AVAIL_IDX_OFF, struct.pack("<H", idx & 0xFFFF))
+
+    def chain(self, bufs, *, indirect_at=None, publish=True):
+        """bufs: (addr, len, writable); consecutive descriptors. Returns the head."""
+        if indirect_at is not None:
+            for i, (a, n, w) in enumerate(bufs):
+                last = i + 1 == len(bufs)
+                self.desc(i, a, n, (WRITE if w else 0) | (0 if last else NEXT),
+                          0 if last else i + 1, table=indirect_at)
+            bufs = [(indirect_at, 16 * len(bufs), None)]
+        head = self.next_desc
+        for i, (a, n, w) in enumerate(bufs):
+            d = head + i
+            last = i + 1 == len(bufs)
+            flags = INDIRECT if w is None else (WRITE if w else 0)
+            self.desc(d % self.size, a, n, flags | (0 if last else NEXT),
+                      0 if last else (d + 1) % self.size)
+        self.next_desc = (head + len(bufs)) % self.size
+        if publish:
+            self.publish(head)
+        return head
+
+    def request(self, slot, rtype, sector, data=None, read_len=0, *, split=1, indirect=False,
+                hdr_split=False, data_addr=None):
+        """A well-formed request in slot `slot` (header, data, status)."""
+        hdr = HDRS + 16 * slot
+        self.mem.write(hdr, vb.VirtioBlkReqHeader.build(dict(type=rtype, reserved=0,
+                                                             sector=sector)))
+        bufs = [(hdr, 8, False), (hdr + 8, 8, False)] if hdr_split else [(hdr, 16, False)]
+        base = DATA + 0x10000 * slot if data_addr is None else data_addr
+        n = len(data) if data is not None else read_len
+        if data is not None:
+            self.mem.write(base, data)
+        if n:
+            step = -(-n // split)
+            for off in range(0, n, step):
+                bufs.append((base + off, min(step, n - off), data is None))
+        bufs.append((STATUS + slot, 1, True))
+        return self.chain(bufs, indirect_at=TABLES + 0x400 * slot if indirect else None)
+
+
+def run_both(scenario, **kw):
+    """Run `scenario(guest)` then the service loop, with and without the native path.
+    Returns the fast run's results (after asserting both agree)."""
+    results = []
+    for fast in (True, False):
+        results.append(run_one(scenario, fast, **kw))
+    a, b = results
+    assert a["resets"] == b["resets"]
+    assert a["state"] == b["state"]
+    assert a["image"] == b["image"]
+    assert a["interrupts"] == b["interrupts"]
+    if a["ram"] != b["ram"]:
+        diff = next(i for i in range(len(a["ram"])) if a["ram"][i] != b["ram"][i])
+        pytest.fail(f"guest RAM differs at host offset {diff:#x}")
+    return a
+
+
+def run_one(scenario, fast, *, image=None, backend_kw=None, guest_kw=None, workdir=None,
+            after_open=None):
+    image = image_bytes() if image is None else image
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        path = os.path.join(d, "disk.img")
+        with open(path, "wb") as f:
+            f.write(image)
+        g = Guest(**(guest_kw or {}))
+        scenario(g)
+        backend = BlockBackend.open(path, **{"serial": "HVTEST", **(backend_kw or {})})
+        if after_open is not None:
+            after_open(backend)
+        dev = vb.VirtioBlk(backend, queue_size=256)
+        served = []
+        if fast:
+            real = dev.serve_fast
+
+            def counting(qi, q):
+                n = real(qi, q)
+                served.append((n, queue_state(q).stop))
+                return n
+            dev.serve_fast = counting
+        else:
+            dev.serve_fast = None
+        t = Fake(dev)
+        qs = QueueState(0, 256)
+        qs.size = g.size
+        qs.vq = VirtQueue(g.mem, g.size, DESC, AVAIL, USED, **g.queue_kw)
+        t.service_queue(qs)
+        q = qs.vq
+        state = (q.last_avail_idx, q.used_idx, q._shadow_avail, qs.broken)
+        q.close()
+        dev.close()
+        with open(path, "rb") as f:
+            img = f.read()
+        ram = bytes(g.mem.buffer)
+        g.mem.close()
+    return dict(resets=[bool(r) for r in t.resets], state=state, image=img, ram=ram,
+                interrupts=t.interrupts, served=sum(n for n, _ in served),
+                stops=[s for _, s in served], guest=g)
+
+
+def used(res):
+    """The used ring of a result: [(id, len), ...] pushed since the start index."""
+    ram, g = res["ram"], res["guest"]
+    idx = struct.unpack_from("<H", ram, USED + 2)[0]
+    return [struct.unpack_from("<II", ram, USED + 4 + 8 * ((g.start + i) % g.size))
+            for i in range((idx - g.start) & 0xFFFF)]
+
+
+def status(res, slot):
+    return res["ram"][STATUS + slot]
+
+
+def data_at(res, addr, n):
+    off = addr if addr < HIGH else LOW + addr - HIGH
+    return res["ram"][off:off + n]
+
+
+# -- parity on well-formed requests --------------------------------------------------------------
+
+@pytest.mark.parametrize("event_idx", [False, True])
+@pytest.mark.parametrize("indirect", [False, True])
+@pytest.mark.parametrize("split", [1, 3, 8])
+def test_reads_and_writes_match_python(event_idx, indirect, split):
+    img = image_bytes()
+
+    def scenario(g):
+        g.request(0, IN, 3, read_len=4096, split=split, indirect=indirect)
+        g.request(1, OUT, 10, data=bytes(range(256)) * 8, split=split, indirect=indirect)
+        g.request(2, IN, 10, read_len=2048, split=split, indirect=indirect)
+        g.request(3, IN, DISK_SECTORS - 1, read_len=512, indirect=indirect, hdr_split=True)
+        g.request(4, OUT, 0, data=b"\xab" * 512, hdr_split=True)
+        g.request(5, IN, 0, read_len=0)                     # no data: OK, nothing read
+
+    r = run_both(scenario, guest_kw=dict(event_idx=event_idx))
+    assert r["served"] == 6 and r["resets"] == []
+    assert [status(r, s) for s in range(6)] == [vb.S_OK] * 6
+    lens = [n for _, n in used(r)]
+    assert lens == [4097, 1, 2049, 513, 1, 1]
+    assert data_at(r, DATA, 4096) == img[3 * 512:3 * 512 + 4096]
+    # READ after WRITE in the same batch sees the write
+    assert data_at(r, DATA + 0x20000, 2048) == bytes(range(256)) * 8
+    assert r["image"][10 * 512:10 * 512 + 2048] == bytes(range(256)) * 8
+    assert r["image"][:512] == b"\xab" * 512
+    assert r["interrupts"] == 1
+
+
+def test_buffers_in_high_memory_and_unaligned():
+    def scenario(g):
+        g.request(0, IN, 1, read_len=1024, data_addr=HIGH + 0x1003, split=2)
+        g.request(1, OUT, 2, data=b"x" * 1536, data_addr=HIGH + 0x30001, split=3)
+    r = run_both(scenario)
+    assert r["served"] == 2
+    assert data_at(r, HIGH + 0x1003, 1024) == image_bytes()[512:1536]
+    assert r["image"][1024:1024 + 1536] == b"x" * 1536
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_full_queue_and_index_wraparound(event_idx):
+    def scenario(g):
+        for i in range(21):          # a full 64-entry table of 3-descriptor chains
+            g.request(i % 8, IN if i % 3 else OUT, i, read_len=512, data=None if i % 3
+                      else bytes([i]) * 512)
+    r = run_both(scenario, guest_kw=dict(size=64, start=65530, event_idx=event_idx))
+    assert r["served"] == 21 and r["state"][:2] == ((65530 + 21) & 0xFFFF,) * 2
+    assert len(used(r)) == 21 and all(n in (1, 513) for _, n in used(r))
+
+
+def test_status_byte_inside_a_larger_writable_buffer():
+    # data and status in one writable buffer: the status is its last byte
+    def scenario(g):
+        g.mem.write(HDRS, vb.VirtioBlkReqHeader.build(dict(type=IN, reserved=0, sector=4)))
+        g.chain([(HDRS, 16, False), (DATA, 513, True)])
+        g.mem.write(HDRS + 16, vb.VirtioBlkReqHeader.build(dict(type=IN, reserved=0, sector=4)))
+        g.chain([(HDRS + 16, 16, False), (DATA + 0x1000, 0, True), (DATA + 0x2000, 512, True),
+                 (DATA + 0x3000, 1, True), (DATA + 0x4000, 0, True)])
+    r = run_both(scenario)
+    assert r["served"] == 2
+    assert data_at(r, DATA, 513) == image_bytes()[2048:2560] + b"\0"
+    assert data_at(r, DATA + 0x3000, 1) == b"\0"
+    assert [n for _, n in used(r)] == [513, 513]
+
+
+def test_header_and_payload_in_one_readable_buffer():
+    def scenario(g):
+        g.mem.write(DATA, vb.VirtioBlkReqHeader.build(dict(type=OUT, reserved=0, sector=7))
+                    + b"\x55" * 512)
+        g.chain([(DATA, 16 + 512, False), (STATUS, 1, True)])
+    r = run_both(scenario)
+    assert r["served"] == 1 and status(r, 0) == vb.S_OK
+    assert r["image"][7 * 512:8 * 512] == b"\x55" * 512
+
+
+# -- errors answered with IOERR --------------------------------------------------------------
+
+@pytest.mark.parametrize("rtype", [IN, OUT])
+@pytest.mark.parametrize("sector,length", [
+    (DISK_SECTORS, 512),              # past the end
+    (DISK_SECTORS - 1, 1024),         # runs past the end
+    (DISK_SECTORS + 5, 0),            # zero length, offset past the end
+    (2**64 - 1, 512),                 # sector * 512 overflows 64 bits
+    (2**55, 512),
+    (0, 100),                         # not whole sectors
+    (0, 513),
+])
+def test_bad_ranges_get_ioerr(rtype, sector, length):
+    def scenario(g):
+        if rtype == IN:
+            g.request(0, IN, sector, read_len=length)
+        else:
+            g.request(0, OUT, sector, data=b"\x77" * length)
+        g.request(1, IN, 0, read_len=512)
+    r = run_both(scenario)
+    assert r["served"] == 2
+    assert status(r, 0) == vb.S_IOERR and status(r, 1) == vb.S_OK
+    assert [n for _, n in used(r)] == [1, 513]
+    assert r["image"] == image_bytes()
+
+
+def test_zero_length_at_the_end_is_ok():
+    r = run_both(lambda g: g.request(0, IN, DISK_SECTORS, read_len=0))
+    assert r["served"] == 1 and status(r, 0) == vb.S_OK
+
+
+def test_read_only_write_gets_ioerr():
+    def scenario(g):
+        g.request(0, OUT, 1, data=b"\x01" * 512)
+        g.request(1, IN, 1, read_len=512)
+    r = run_both(scenario, backend_kw=dict(readonly=True))
+    assert r["served"] == 2
+    assert (status(r, 0), status(r, 1)) == (vb.S_IOERR, vb.S_OK)
+    assert r["image"] == image_bytes()
+
+
+@pytest.mark.parametrize("sector,length,ok", [(0, 4096, True), (8, 8192, True), (1, 4096, False),
+                                               (0, 1024, False), (0, 512, False)])
+def test_logical_sector_alignment(sector, length, ok):
+    def scenario(g):
+        g.request(0, IN, sector, read_len=length)
+        g.request(1, OUT, sector, data=b"\x42" * length)
+    r = run_both(scenario, backend_kw=dict(logical_sector=4096))
+    assert r["served"] == 2
+    expect = vb.S_OK if ok else vb.S_IOERR
+    assert (status(r, 0), status(r, 1)) == (expect, expect)
+
+
+def test_write_through():
+    def scenario(g):
+        g.request(0, OUT, 3, data=b"\x99" * 1024)
+        g.request(1, OUT, 9, data=b"")            # a zero-length write still flushes
+    r = run_both(scenario, backend_kw=dict(write_through=True))
+    assert r["served"] == 2 and r["image"][1536:2560] == b"\x99" * 1024
+
+
+def test_read_past_a_truncated_image_is_ioerr():
+    # the backend believes the disk is larger than the file: preadv hits end of file
+    def scenario(g):
+        g.request(0, IN, 0, read_len=1024)
+        g.request(1, IN, DISK_SECTORS - 2, read_len=1024)
+    r = run_both(scenario, after_open=lambda be: os.ftruncate(be.fd, (DISK_SECTORS - 1) * 512))
+    assert r["served"] == 2
+    assert (status(r, 0), status(r, 1)) == (vb.S_OK, vb.S_IOERR)
+    assert [n for _, n in used(r)] == [1025, 1]
+
+
+# -- what the native path leaves to Python -------------------------------------------------------
+
+def test_mixed_batch_is_served_in_order():
+    def scenario(g):
+        g.request(0, IN, 2, read_len=512)
+        g.request(1, FLUSH, 0)
+        g.request(2, OUT, 5, data=b"\x11" * 512)
+        g.request(3, GET_ID, 0, read_len=20)
+        g.request(4, IN, 5, read_len=512)
+        g.request(5, 99, 0)                           # unsupported type
+        g.request(6, OUT, 6, data=b"\x22" * 1024)
+    r = run_both(scenario)
+    assert r["served"] == 4                           # 0, 2, 4, 6 natively
+    assert "type" in r["stops"]
+    assert [status(r, s) for s in range(7)] == [0, 0, 0, 0, 0, vb.S_UNSUPP, 0]
+    heads = [h for h, _ in used(r)]
+    assert heads == sorted(heads) and len(heads) == 7  # completion order = submission order
+    assert [n for _, n in used(r)] == [513, 1, 1, 21, 513, 1, 1]
+    assert data_at(r, DATA + 0x40000, 512) == b"\x11" * 512
+
+
+def test_no_status_byte_or_short_header_left_to_python():
+    def scenario(g):
+        g.mem.write(HDRS, vb.VirtioBlkReqHeader.build(dict(type=IN, reserved=0, sector=0)))
+        g.chain([(HDRS, 16, False), (DATA, 512, False)])           # nothing writable
+        g.chain([(HDRS, 16, False), (DATA, 0, True)])              # only an empty writable
+        g.chain([(HDRS, 15, False), (STATUS, 1, True)])            # short header
+        g.request(3, IN, 0, read_len=512)
+    r = run_both(scenario)
+    assert r["served"] == 1
+    assert [n for _, n in used(r)] == [0, 0, 1, 513]
+    assert status(r, 0) == vb.S_IOERR
+
+
+def test_closed_backend_is_left_to_python():
+    def scenario(g):
+        g.request(0, IN, 0, read_len=512)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "disk.img")
+        with open(path, "wb") as f:
+            f.write(image_bytes())
+        g = Guest()
+        scenario(g)
+        dev = vb.VirtioBlk(BlockBackend.open(path))
+        dev.backend.close()
+        q = VirtQueue(g.mem, g.size, DESC, AVAIL, USED)
+        assert dev.serve_fast(0, q) == 0
+        assert q.last_avail_idx == 0 and q.used_idx == 0
+        q.close()
+        g.mem.close()
+
+
+def test_direct_backend_bounces_in_python(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(image_bytes())
+    try:
+        BlockBackend.open(path, direct=True).close()
+    except ConfigError:
+        pytest.skip("no O_DIRECT on this filesystem")
+
+    def scenario(g):
+        g.request(0, IN, 0, read_len=4096, data_addr=DATA)          # aligned: native
+        g.request(1, IN, 1, read_len=512, data_addr=DATA + 0x10001)  # unaligned: bounce
+        g.request(2, OUT, 4, data=b"\x33" * 512, data_addr=DATA + 0x20000)
+    r = run_both(scenario, backend_kw=dict(direct=True), workdir=tmp_path)
+    assert "unsupported" in r["stops"]
+    assert r["served"] == 2
+    assert [status(r, s) for s in range(3)] == [0, 0, 0]
+
+
+def test_max_chains_per_call():
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "disk.img")
+        with open(path, "wb") as f:
+            f.write(image_bytes())
+        g = Guest()
+        for i in range(5):
+            g.request(i, IN, i, read_len=512)
+        dev = vb.VirtioBlk(BlockBackend.open(path))
+        q = VirtQueue(g.mem, g.size, DESC, AVAIL, USED)
+        nq = queue_state(q)
+        assert dev.serve_fast(0, q, 2) == 2 and nq.stop == "max"
+        assert (q.last_avail_idx, q.used_idx, q._shadow_avail) == (2, 2, 5)
+        assert queue_state(q) is nq
+        assert dev.serve_fast(0, q, 10) == 3 and nq.stop == "empty"
+        assert q.pop() is None
+        assert q.needs_notification()                # covers the native pushes
+        q.close()
+        dev.close()
+        g.mem.close()
+
+
+def test_too_many_segments_left_to_python():
+    def scenario(g):
+        g.request(0, IN, 0, read_len=512 * 2, split=1)
+        # an OUT whose payload is 1536 one-byte buffers (an indirect table): over the
+        # native path's 1024 segments, served by Python
+        bufs = [(HDRS + 16, 16, False)] + [(DATA + i, 1, False) for i in range(1536)] \
+            + [(STATUS + 1, 1, True)]
+        g.mem.write(HDRS + 16, vb.VirtioBlkReqHeader.build(dict(type=OUT, reserved=0,
+                                                                sector=1)))
+        g.chain(bufs, indirect_at=0x200000)
+    r = run_both(scenario)
+    assert r["served"] == 1 and "unsupported" in r["stops"]
+    assert status(r, 1) == vb.S_OK
+
+
+# -- malformed chains: declined natively, rejected by Python ------------------------------------
+
+def _good(g):
+    g.request(0, IN, 1, read_len=512)
+
+
+MALFORMED = {
+    "head-out-of-range": lambda g: g.publish(g.size + 3),
+    "next-out-of-range": lambda g: (g.desc(12, HDRS, 16, NEXT, g.size), g.publish(12)),
+    "loop": lambda g: (g.desc(12, HDRS, 16, NEXT, 13), g.desc(13, DATA, 512, NEXT, 12),
+                       g.publish(12)),
+    "self-loop": lambda g: (g.desc(12, HDRS, 16, NEXT, 12), g.publish(12)),
+    "indirect-loop": lambda g: (g.desc(0, HDRS, 16, NEXT, 1, table=TABLES),
+                                g.desc(1, DATA, 16, NEXT, 0, table=TABLES),
+                                g.desc(12, TABLES, 32, INDIRECT), g.publish(12)),
+    "indirect-in-indirect": lambda g: (g.desc(0, TABLES + 0x100, 16, INDIRECT, table=TABLES),
+                                       g.desc(12, TABLES, 16, INDIRECT), g.publish(12)),
+    "indirect-with-next": lambda g: (g.request(9, IN, 0, read_len=512, indirect=True),
+                                     g.desc(g.next_desc - 1, TABLES + 0x400 * 9, 48,
+                                            INDIRECT | NEXT, 7)),
+    "indirect-len-0": lambda g: (g.desc(12, TABLES, 0, INDIRECT), g.publish(12)),
+    "indirect-len-17": lambda g: (g.desc(12, TABLES, 17, INDIRECT), g.publish(12)),
+    "indirect-len-8": lambda g: (g.desc(12, TABLES, 8, INDIRECT), g.publish(12)),
+    "indirect-outside-ram": lambda g: (g.desc(12, LOW - 16, 32, INDIRECT), g.publish(12)),
+    "indirect-next-out-of-range": lambda g: (g.desc(0, HDRS, 16, NEXT, 2, table=TABLES),
+                                             g.desc(12, TABLES, 32, INDIRECT), g.publish(12)),
+    "buffer-outside-ram": lambda g: g.chain([(HDRS, 16, False), (LOW + 0x1000, 512, True),
+                                             (STATUS, 1, True)]),
+    "buffer-spans-region-end": lambda g: g.chain([(HDRS, 16, False), (LOW - 256, 512, True),
+                                                  (STATUS, 1, True)]),
+    "buffer-past-high-ram": lambda g: g.chain([(HDRS, 16, False),
+                                               (HIGH + LOW - 256, 512, True),
+                                               (STATUS, 1, True)]),
+    "buffer-gpa-wraps": lambda g: g.chain([(HDRS, 16, False), (2**64 - 256, 512, True),
+                                           (STATUS, 1, True)]),
+    "zero-len-outside-ram": lambda g: g.chain([(HDRS, 16, False), (LOW + 1, 0, True),
+                                               (STATUS, 1, True)]),
+    "readable-after-writable": lambda g: g.chain([(HDRS, 16, False), (DATA, 512, True),
+                                                  (DATA + 0x1000, 16, False),
+                                                  (STATUS, 1, True)]),
+    "readable-after-empty-writable": lambda g: g.chain([(HDRS, 16, False), (DATA, 0, True),
+                                                        (DATA + 0x1000, 16, False),
+                                                        (STATUS, 1, True)]),
+    "avail-a-queue-ahead": lambda g: setattr(g, "avail_idx", g.avail_idx + g.size),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_chain_declined_then_needs_reset(name):
+    def scenario(g):
+        _good(g)
+        g.mem.write(HDRS + 16 * 9, vb.VirtioBlkReqHeader.build(dict(type=IN, reserved=0,
+                                                                    sector=0)))
+        MALFORMED[name](g)
+        g.request(2, IN, 2, read_len=512)            # never reached
+    r = run_both(scenario)
+    assert r["resets"] == [True], name
+    assert r["state"][3] is True                     # the queue is broken
+    if name == "avail-a-queue-ahead":
+        assert r["served"] == 0 and "invalid" in r["stops"]
+    else:
+        assert r["served"] == 1 and "invalid" in r["stops"]
+        assert [n for _, n in used(r)] == [513]      # only the good chain came back
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_32_bit_length_overflow(writable):
+    """Buffers that are each in RAM but add up past 4 GiB (3 GiB of unbacked guest RAM)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "disk.img")
+        with open(path, "wb") as f:
+            f.write(image_bytes())
+        mem = GuestMemory(3 << 30)
+        g = Guest.__new__(Guest)
+        g.mem, g.size, g.start, g.avail_idx, g.next_desc = mem, 16, 0, 0, 0
+        g.request(0, IN, 0, read_len=512)
+        hdr = vb.VirtioBlkReqHeader.build(dict(type=OUT if not writable else IN, reserved=0,
+                                               sector=0))
+        mem.write(HDRS + 16, hdr)
+        g.chain([(HDRS + 16, 16, False), (0, 0x80000000, writable), (0, 0x80000000, writable),
+                 (STATUS + 1, 1, True)])
+        dev = vb.VirtioBlk(BlockBackend.open(path))
+        q = VirtQueue(mem, 16, DESC, AVAIL, USED)
+        assert dev.serve_fast(0, q) == 1 and queue_state(q).stop == "invalid"
+        with pytest.raises(vq.VirtqueueError, match="overflows 32 bits"):
+            q.pop()
+        assert (q.last_avail_idx, q.used_idx) == (1, 1)
+        q.close()
+        dev.close()
+        mem.close()
+
+
+def test_max_chain_is_enforced():
+    def scenario(g):
+        g.request(0, IN, 1, read_len=1024, split=2)     # 4 buffers: over the cap of 3
+    r = run_both(scenario, guest_kw=dict(max_chain=3))
+    assert r["resets"] == [True] and r["served"] == 0
+
+
+def test_indirect_not_negotiated():
+    def scenario(g):
+        g.request(0, IN, 1, read_len=512, indirect=True)
+    r = run_both(scenario, guest_kw=dict(indirect=False))
+    assert r["resets"] == [True] and r["served"] == 0
+
+
+def test_memory_closed_under_the_queue_is_left_to_python():
+    g = Guest()
+    g.request(0, IN, 0, read_len=512)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "disk.img")
+        with open(path, "wb") as f:
+            f.write(image_bytes())
+        dev = vb.VirtioBlk(BlockBackend.open(path))
+        q = VirtQueue(g.mem, g.size, DESC, AVAIL, USED)
+        q.close()
+        g.mem.close()
+        assert dev.serve_fast(0, q) == 0
+        dev.close()
+
+
+# -- random descriptor tables --------------------------------------------------------------------
+
+ADDRS = [HDRS, HDRS + 16, HDRS + 8, DATA, DATA + 0x1000, DATA + 1, STATUS, STATUS + 1, TABLES,
+         TABLES + 0x100, HIGH + 0x1000, LOW - 512, LOW - 1, LOW, HIGH + LOW - 16, 2**64 - 16,
+         0]
+LENS = [0, 1, 2, 8, 15, 16, 17, 32, 48, 511, 512, 513, 1024, 4096, 0xFFFFFFFF, 0x80000000]
+
+
+@st.composite
+def tables(draw):
+    """Plausible chains (some through an indirect table) laid out in a descriptor table,
+    then a few arbitrary changes to descriptor fields, heads and avail.idx."""
+    size = draw(st.sampled_from([8, 16]))
+    main = [(0, 0, 0, 0)] * size
+    table = []                                      # the indirect table at TABLES
+    heads, pos = [], 0
+    for c in range(draw(st.integers(1, 4))):
+        hdr = HDRS + 16 * draw(st.integers(0, 2))
+        segs = ([(hdr, 8, False), (hdr + 8, 8, False)] if draw(st.booleans())
+                else [(hdr, 16, False)])
+        writable = draw(st.booleans())
+        for _ in range(draw(st.integers(0, 3))):
+            segs.append((draw(st.sampled_from([DATA, DATA + 0x1000, DATA + 3, HIGH + 0x1000])),
+                         draw(st.sampled_from([0, 512, 1024, 100])), writable))
+        segs.append((STATUS + c, 1, True))
+        linked = [(a, n, (WRITE if w else 0) | (NEXT if i + 1 < len(segs) else 0),
+                   i + 1 if i + 1 < len(segs) else 0) for i, (a, n, w) in enumerate(segs)]
+        if not table and draw(st.booleans()):
+            table = linked
+            linked = [(TABLES, 16 * len(table), INDIRECT, 0)]
+        if pos + len(linked) > size:
+            break
+        for i, (a, n, f, nx) in enumerate(linked):
+            main[pos + i] = (a, n, f, nx + pos if f & NEXT else nx)
+        heads.append(pos)
+        pos += len(linked)
+    nested = [(HDRS, 16, NEXT, 1), (STATUS + 7, 1, WRITE, 0)]
+    for _ in range(draw(st.integers(0, 3))):          # arbitrary changes
+        where = draw(st.sampled_from(["main", "main", "table", "nested"]))
+        target = {"main": main, "table": table, "nested": nested}[where]
+        if not target:
+            continue
+        i = draw(st.integers(0, len(target) - 1))
+        field = draw(st.integers(0, 3))
+        value = draw([st.sampled_from(ADDRS + [TABLES + 0x100]),
+                      st.sampled_from(LENS) | st.sampled_from([16, 32, 48]),
+                      st.integers(0, 7) | st.integers(0, 0xFFFF),
+                      st.integers(0, size + 1) | st.integers(0, 0xFFFF)][field])
+        entry = list(target[i])
+        entry[field] = value
+        target[i] = tuple(entry)
+    if draw(st.integers(0, 9)) == 0 and heads:
+        heads[draw(st.integers(0, len(heads) - 1))] = draw(st.integers(0, 0xFFFF))
+    avail_extra = draw(st.sampled_from([0] * 8 + [1, size + 1]))
+    headers = draw(st.lists(st.tuples(st.sampled_from([IN, OUT, IN, OUT, FLUSH, GET_ID, 7]),
+                                      st.sampled_from([0, 1, 8, DISK_SECTORS - 1, DISK_SECTORS,
+                                                       2**63])),
+                            min_size=3, max_size=3))
+    event_idx = draw(st.booleans())
+    neg_indirect = draw(st.sampled_from([True, True, True, False]))
+    return size, main, table, nested, heads, avail_extra, headers, event_idx, neg_indirect
+
+
+@st.composite
+def wellformed(draw):
+    """Mostly valid chains with an occasional mutation, so that many get served."""
+    size = 16
+    n = draw(st.integers(1, 5))
+    reqs = []
+    for _ in range(n):
+        rtype = draw(st.sampled_from([IN, OUT, IN, OUT, FLUSH, GET_ID]))
+        sector = draw(st.sampled_from([0, 1, 3, DISK_SECTORS - 2, DISK_SECTORS]))
+        length = draw(st.sampled_from([0, 512, 1024, 1536, 100]))
+        split = draw(st.integers(1, 3))
+        reqs.append((rtype, sector, length, split, draw(st.booleans()), draw(st.booleans())))
+    mutation = draw(st.none() | st.tuples(st.integers(0, 47), st.integers(0, 15),
+                                          st.integers(0, 255)))
+    return size, reqs, mutation
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tables())
+def test_random_tables_agree_with_python(t):
+    size, main, indirect, nested, heads, avail_extra, headers, event_idx, neg_indirect = t
+
+    def scenario(g):
+        for i, (a, n, f, nx) in enumerate(main):
+            g.desc(i, a, n, f, nx)
+        for i, (a, n, f, nx) in enumerate(indirect):
+            g.desc(i, a, n, f, nx, table=TABLES)
+        for i, (a, n, f, nx) in enumerate(nested):
+            g.desc(i, a, n, f, nx, table=TABLES + 0x100)
+        for i, (rtype, sector) in enumerate(headers):
+            g.mem.write(HDRS + 16 * i, struct.pack("<IIQ", rtype, 0, sector))
+        for h in heads:
+            g.publish(h)
+        if avail_extra:
+            g.set_avail_idx(g.avail_idx + avail_extra)
+    r = run_both(scenario, guest_kw=dict(size=size, event_idx=event_idx, indirect=neg_indirect))
+    event(f"served natively: {min(r['served'], 2)}, reset: {bool(r['resets'])}")
+    event(f"stops: {sorted(set(r['stops']))}")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wellformed())
+def test_random_requests_agree_with_python(w):
+    size, reqs, mutation = w
+
+    def scenario(g):
+        for slot, (rtype, sector, length, split, ind, hsplit) in enumerate(reqs):
+            if rtype == OUT:
+                g.request(slot, rtype, sector, data=bytes([slot + 1]) * length, split=split,
+                          indirect=ind, hdr_split=hsplit)
+            else:
+                g.request(slot, rtype, sector, read_len=length, split=split, indirect=ind,
+                          hdr_split=hsplit)
+        if mutation is not None:
+            desc, byte, value = mutation
+            table = DESC if desc < 16 else TABLES + 0x400 * ((desc - 16) // 8)
+            g.mem.write(table + 16 * (desc % 16 if desc < 16 else desc % 8) + byte,
+                        bytes([value]))
+    r = run_both(scenario, guest_kw=dict(size=size))
+    event(f"served natively: {min(r['served'], 2)}, reset: {bool(r['resets'])}")
+    event(f"stops: {sorted(set(r['stops']))}")
+    if mutation is None:
+        assert r["resets"] == []
+        assert r["served"] == sum(1 for q in reqs if q[0] in (IN, OUT))
