@@ -61,3 +61,26 @@ def test_seabios_boots_the_mbr_of_a_virtio_blk_disk(tmp_path):
     assert "Booting from Hard Disk" in p.stdout
     assert "HVF-VIRTIO-MBR-7" in p.stdout, (p.stdout, p.stderr)
     assert p.returncode == 1, (p.returncode, p.stderr)    # the MBR powered off
+
+
+def test_seabios_boots_the_mbr_of_an_ahci_disk(tmp_path):
+    """SeaBIOS's AHCI driver finds the SATA disk behind hvframe's HBA and runs its MBR."""
+    _need(BIOS)
+    from diskimages import make_mbr_disk
+    disk = make_mbr_disk(tmp_path / "mbr.img", "HVF-AHCI-MBR-3")
+    p = boot(BIOS, "-m", "128M", "-s", f"4,ahci,hd:{disk}")
+    assert "Booting from Hard Disk" in p.stdout, (p.stdout, p.stderr)
+    assert "HVF-AHCI-MBR-3" in p.stdout, (p.stdout, p.stderr)
+    assert p.returncode == 1, (p.returncode, p.stderr)
+
+
+def test_seabios_boots_an_el_torito_cd_from_ahci(tmp_path):
+    """An ISO9660 image with a no-emulation El Torito boot image on an AHCI ATAPI CD-ROM."""
+    _need(BIOS)
+    pytest.importorskip("pycdlib", reason="the ISO is written with pycdlib (requirements-dev)")
+    from diskimages import make_eltorito_iso
+    iso = make_eltorito_iso(tmp_path / "boot.iso", "HVF-AHCI-CD-5")
+    p = boot(BIOS, "-m", "128M", "-s", f"4,ahci,cd:{iso}")
+    assert "Booting from DVD/CD" in p.stdout, (p.stdout, p.stderr)
+    assert "HVF-AHCI-CD-5" in p.stdout, (p.stdout, p.stderr)
+    assert p.returncode == 1, (p.returncode, p.stderr)
