@@ -87,6 +87,7 @@ def sanity_read(m, drv, images):
     hd, _ = images
     p = drv.port(0)
     p.recover()
+    p.start()
     is_ = p.run(0, h2d(ata.READ_DMA_EXT, lba=1, count=2), [(BUF, 1024)])
     assert not is_ & regs.IS_FATAL
     assert m.memory.read(BUF, 1024) == hd.read_bytes()[512:1536]
