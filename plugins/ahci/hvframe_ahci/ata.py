@@ -77,6 +77,7 @@ class AtaDisk:
                  serial: str | None = None, nmrr: int = 0, workers: int = 4,
                  name: str = "ahci-hd"):
         self.backend = backend
+        self.workers = workers
         self.queue = BlockQueue(backend, workers=workers, depth=4 * NCQ_DEPTH, name=name)
         self.model = model or DEFAULT_MODEL
         self.serial = serial or backend.serial
@@ -141,7 +142,7 @@ class AtaDisk:
             return ata_error(ERR_IDNF)
         length = n * self.sector
         bufs = cmd.buffers(length)
-        self.queue.submit(self.backend.read, lba * self.sector, bufs,
+        cmd.submit(self.backend.read, lba * self.sector, bufs,
                           callback=lambda r: cmd.complete(self._done(r, length, pio, ERR_UNC)))
         return None
 
@@ -153,7 +154,7 @@ class AtaDisk:
             return ata_error(ERR_IDNF)
         length = n * self.sector
         bufs = cmd.buffers(length)
-        self.queue.submit(self._write, lba * self.sector, bufs, fua or not self.write_cache,
+        cmd.submit(self._write, lba * self.sector, bufs, fua or not self.write_cache,
                           callback=lambda r: cmd.complete(self._done(r, length, pio, ERR_ABRT)))
         return None
 
@@ -192,7 +193,7 @@ class AtaDisk:
         return Result() if self._in_range(lba, n) else ata_error(ERR_IDNF)
 
     def _flush(self, cmd: Command):
-        self.queue.submit(self.backend.flush,
+        cmd.submit(self.backend.flush,
                           callback=lambda r: cmd.complete(self._done(r, 0, None, ERR_ABRT)))
         return None
 
@@ -209,7 +210,7 @@ class AtaDisk:
                 if not self._in_range(lba, n):
                     return ata_error(ERR_IDNF)
                 ranges.append((lba * self.sector, n * self.sector))
-        self.queue.submit(self._trim, ranges,
+        cmd.submit(self._trim, ranges,
                           callback=lambda r: cmd.complete(self._done(r, 0, None, ERR_ABRT)))
         return None
 

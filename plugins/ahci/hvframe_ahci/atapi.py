@@ -80,6 +80,7 @@ class AtapiCdrom:
     def __init__(self, backend: BlockBackend, *, model: str | None = None,
                  serial: str | None = None, workers: int = 2, name: str = "ahci-cd"):
         self.backend = backend
+        self.workers = workers
         self.queue = BlockQueue(backend, workers=workers, depth=64, name=name)
         self.model = model or DEFAULT_MODEL
         self.serial = serial or backend.serial
@@ -262,7 +263,7 @@ class AtapiCdrom:
                 self.sense = (NO_SENSE, 0, 0)
                 res = Result(transferred=length, pio=pio)
             cmd.complete(res)
-        self.queue.submit(self.backend.read, lba * CD_SECTOR, bufs, callback=done)
+        cmd.submit(self.backend.read, lba * CD_SECTOR, bufs, callback=done)
         return None
 
     def _read_toc(self, cmd, cdb):

@@ -23,6 +23,7 @@ import logging
 import threading
 from collections import deque
 
+from hvframe.block.backend import BlockError
 from hvframe.memory import GuestMemoryError
 from hvframe.pci.device import PciFunction
 from hvframe.pci.msi import MsiCapability
@@ -154,9 +155,37 @@ class Command:
     def gather(self, length: int) -> bytes:
         return b"".join(bytes(v) for v in self.buffers(length))
 
+    def submit(self, fn, *args, callback) -> None:
+        """Run fn(*args) on the device's BlockQueue and pass its result (or BlockError) to
+        callback. Requests started by one PxCI write go out together, in a few batches."""
+        self.port.batch.append((fn, args, callback))
+
     def complete(self, result: Result) -> None:
         """Finish the command (from any thread)."""
         self.port.complete(self, result)
+
+
+def _ignore(_result) -> None:
+    pass
+
+
+def _run_batch(items) -> None:
+    """One BlockQueue job running several requests in turn; each completes as it ends."""
+    for fn, args, callback in items:
+        try:
+            result = fn(*args)
+        except BlockError as e:
+            result = e
+        except OSError as e:
+            result = BlockError(BlockError.IO, f"block request failed: {e.strerror or e}",
+                                e.errno)
+        except Exception as e:  # a bug in the request: report it, answer an I/O error
+            log.exception("block request %r failed", fn)
+            result = BlockError(BlockError.IO, f"block request failed: {e}")
+        try:
+            callback(result)
+        except Exception:
+            log.exception("completion %r failed", callback)
 
 
 class AhciPort:
@@ -167,6 +196,7 @@ class AhciPort:
         self.bit = 1 << index
         self.inflight = 0            # commands with the device (any epoch)
         self.epoch = 0               # bumped by stop/reset: late completions are dropped
+        self.batch: list = []        # requests devices submitted during this _run()
         self.reset_registers()
         self.comreset()
 
@@ -306,6 +336,16 @@ class AhciPort:
 
     def _run(self) -> None:
         """Start what may start: NCQ commands all at once, others one at a time."""
+        self._start_pending()
+        if self.batch:
+            # A queue hand-off per command costs more than 4 KiB from the page cache: send
+            # the requests in as many jobs as there are workers.
+            batch, self.batch = self.batch, []
+            jobs = min(len(batch), self.device.workers)
+            for i in range(jobs):
+                self.device.queue.submit(_run_batch, batch[i::jobs], callback=_ignore)
+
+    def _start_pending(self) -> None:
         while self.pending and not self.halted and self.busy is None:
             slot = self.pending.popleft()
             self.ccs = slot
