@@ -679,7 +679,7 @@ def tables(draw):
 @st.composite
 def wellformed(draw):
     """Mostly valid chains with an occasional mutation, so that many get served."""
-    size = 16
+    size = 64                                       # room for 5 chains of <= 8 descriptors
     n = draw(st.integers(1, 5))
     reqs = []
     for _ in range(n):

@@ -135,6 +135,12 @@ class VirtioBlk(VirtioDevice):
         self._blk = _ffi.new("struct hv_blk *") if _lib is not None else None
         if self._blk is None:
             self.serve_fast = None
+        else:   # fixed for the backend's life; fd and size are refreshed per call
+            blk = self._blk
+            blk.readonly = backend.readonly
+            blk.direct = backend.direct
+            blk.write_through = backend.write_through
+            blk.logical_sector = backend.logical_sector
 
     # -- configuration space --------------------------------------------------------------
     def _build_config(self) -> None:
@@ -202,11 +208,7 @@ class VirtioBlk(VirtioDevice):
         if fd < 0:
             return 0                  # closed: handle_chain answers IOERR
         blk.fd = fd
-        blk.readonly = be.readonly
-        blk.direct = be.direct
-        blk.write_through = be.write_through
-        blk.logical_sector = be.logical_sector
-        blk.size = be.size
+        blk.size = be.size          # refresh_size() may change it
         try:
             nq = queue_state(vq)
             return nq.call(_lib.hv_vblk_serve, blk, vq.size if limit is None else limit)
