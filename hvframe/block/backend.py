@@ -473,6 +473,36 @@ def open_from_options(options: dict[str, Any], where: str = "") -> BlockBackend:
 _STOP = object()
 
 
+def run_request(fn: Callable[..., Any], args: Sequence[Any]) -> Any:
+    """fn(*args), or the BlockError a completion callback should get instead of an exception
+    (an OSError becomes BlockError(IO); any other exception is a bug, logged, and IO too)."""
+    try:
+        return fn(*args)
+    except BlockError as e:
+        return e
+    except OSError as e:
+        return BlockError(BlockError.IO, f"block request failed: {e.strerror or e}", e.errno)
+    except Exception as e:
+        log.exception("block request %r failed", fn)
+        return BlockError(BlockError.IO, f"block request failed: {e}")
+
+
+def _complete(callback: Callable[[Any], None], result: Any) -> None:
+    try:
+        callback(result)
+    except Exception:
+        log.exception("block completion callback %r failed", callback)
+
+
+def _run_each(requests) -> None:
+    for fn, args, callback in requests:
+        _complete(callback, run_request(fn, args))
+
+
+def _ignore(_result: Any) -> None:
+    pass
+
+
 class BlockQueue:
     """A bounded pool of worker threads running block requests.
 
@@ -512,6 +542,12 @@ class BlockQueue:
             self._pending += 1
         self._q.put((fn, args, callback))
 
+    def submit_many(self, requests: Sequence[tuple]) -> None:
+        """Queue [(fn, args, callback), ...] as one job: one worker runs them in turn, each
+        callback as soon as its own request ends (fewer hand-offs than one submit each)."""
+        if requests:
+            self.submit(_run_each, list(requests), callback=_ignore)
+
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every submitted request has completed; False on timeout."""
         with self._cond:
@@ -543,19 +579,7 @@ class BlockQueue:
                 return
             fn, args, callback = item
             try:
-                result = fn(*args)
-            except BlockError as e:
-                result = e
-            except OSError as e:
-                result = BlockError(BlockError.IO, f"block request failed: {e.strerror or e}",
-                                    e.errno)
-            except Exception as e:  # a bug in the request; report it, keep the worker
-                log.exception("block request %r failed", fn)
-                result = BlockError(BlockError.IO, f"block request failed: {e}")
-            try:
-                callback(result)
-            except Exception:
-                log.exception("block completion callback %r failed", callback)
+                _complete(callback, run_request(fn, args))
             finally:
                 with self._cond:
                     self._pending -= 1

@@ -315,6 +315,11 @@ class PciFunction:
                 (status & ~STATUS_INTERRUPT)
             self._drive_intx()
 
+    @property
+    def intx_level(self) -> int:
+        """The level this function drives on its INTx pin (before the interrupt-disable bit)."""
+        return self._intx_level
+
     def _drive_intx(self) -> None:
         if self._intx_source is not None:
             # The command register's interrupt-disable bit masks the pin, not the status bit.

@@ -47,7 +47,7 @@ class _Registers:
         if offset == REG_RAISE:
             return d.raised & 0xFFFFFFFF
         if offset == REG_ACK:
-            return d._intx_level
+            return d.intx_level
         if offset == REG_RAISE_LATER:
             return d.raised_later & 0xFFFFFFFF
         return 0

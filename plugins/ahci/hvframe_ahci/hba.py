@@ -165,29 +165,6 @@ class Command:
         self.port.complete(self, result)
 
 
-def _ignore(_result) -> None:
-    pass
-
-
-def _run_batch(items) -> None:
-    """One BlockQueue job running several requests in turn; each completes as it ends."""
-    for fn, args, callback in items:
-        try:
-            result = fn(*args)
-        except BlockError as e:
-            result = e
-        except OSError as e:
-            result = BlockError(BlockError.IO, f"block request failed: {e.strerror or e}",
-                                e.errno)
-        except Exception as e:  # a bug in the request: report it, answer an I/O error
-            log.exception("block request %r failed", fn)
-            result = BlockError(BlockError.IO, f"block request failed: {e}")
-        try:
-            callback(result)
-        except Exception:
-            log.exception("completion %r failed", callback)
-
-
 class AhciPort:
     """One port's registers and command engine. All state is guarded by the HBA's lock."""
 
@@ -343,7 +320,7 @@ class AhciPort:
             batch, self.batch = self.batch, []
             jobs = min(len(batch), self.device.workers)
             for i in range(jobs):
-                self.device.queue.submit(_run_batch, batch[i::jobs], callback=_ignore)
+                self.device.queue.submit_many(batch[i::jobs])
 
     def _start_pending(self) -> None:
         while self.pending and not self.halted and self.busy is None:
@@ -581,11 +558,11 @@ class AhciHba(PciFunction):
         level = bool(self.ghc & GHC_IE and new)
         was, self._level = self._level, level
         if self.msi is not None and self.msi.enabled:
-            if self._intx_level:
+            if self.intx_level:
                 self.set_intx(0)
             if level and (gained or not was):
                 self.msi.notify(0)
-        elif level != bool(self._intx_level):
+        elif level != bool(self.intx_level):
             self.set_intx(1 if level else 0)
 
     # -- ABAR accesses ---------------------------------------------------------------------
