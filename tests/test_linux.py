@@ -93,3 +93,30 @@ def test_linux_mounts_ext2_root_from_virtio_blk_read_write(tmp_path):
     assert after["Mount count"].strip() == "1"
     assert after["Filesystem state"].strip() == "not clean"    # mounted, never unmounted
     assert after["Last write time"] != before["Last write time"]
+
+
+@pytest.mark.skipif(e2fs_tool("mke2fs") is None or e2fs_tool("dumpe2fs") is None,
+                    reason="needs e2fsprogs (mke2fs, dumpe2fs)")
+def test_linux_ahci_attaches_disk_and_cd_and_mounts_root_read_write(tmp_path):
+    """Linux's ahci driver brings both links up, reads IDENTIFY (the configured model, NCQ),
+    attaches the disk as sda and the CD as sr0, and mounts the ext2 root from sda read-write."""
+    pytest.importorskip("pycdlib", reason="the CD image is written with pycdlib")
+    from diskimages import make_eltorito_iso
+    image = tmp_path / "root.img"
+    with open(image, "wb") as f:
+        f.truncate(24 << 20)
+    subprocess.run([e2fs_tool("mke2fs"), "-q", "-F", "-t", "ext2", str(image)], check=True)
+    iso = make_eltorito_iso(tmp_path / "cd.iso", "HVF-LINUX-CD")
+    out = boot_linux(None, ["-s", "0,hostbridge",
+                            "-s", f"4,ahci,hd:{image},model=HVF Root Disk,ser=HVFROOT1,cd:{iso}"],
+                     CMDLINE + " acpi=off root=/dev/sda rw", timeout=400)
+    assert "ata1: SATA link up" in out and "ata2: SATA link up" in out
+    assert "ata1.00: ATA-10: HVF Root Disk" in out
+    assert "ata1.00: 49152 sectors, multi 0: LBA48 NCQ (depth 32)" in out
+    assert "ata2.00: ATAPI:" in out
+    assert "sd 0:0:0:0: [sda] 49152 512-byte logical blocks" in out
+    assert re.search(r"sr 1:0:0:0: \[sr0\]", out)
+    assert "VFS: Mounted root (ext2 filesystem) on device 8:0." in out
+    after = superblock(image)
+    assert after["Mount count"].strip() == "1"
+    assert after["Filesystem state"].strip() == "not clean"
