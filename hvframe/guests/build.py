@@ -1,7 +1,8 @@
 """Build freestanding 32-bit PVH guest kernels with the system C compiler.
 
 A guest is one or more C/assembly sources linked with the shared runtime in src/rt (PVH note,
-entry, stack, COM1, printf, power-off) at 1 MiB into an ELF32 i386 executable:
+entry, stack, COM1, printf, power-off, IDT with counting handlers, PCI config access) at
+1 MiB into an ELF32 i386 executable:
 
     build_guest("demo", "/tmp/demo.elf")                        # a guest known by name
     build_guest(["tests/guests/echo.c"], "/tmp/echo.elf")       # any sources, anywhere
@@ -29,7 +30,7 @@ from ..errors import HvError
 PKG_DIR = Path(__file__).resolve().parent
 SRC_DIR = PKG_DIR / "src"
 RT_DIR = SRC_DIR / "rt"
-RT_SOURCES = (RT_DIR / "start.S", RT_DIR / "rt.c")
+RT_SOURCES = (RT_DIR / "start.S", *sorted(RT_DIR.glob("*.c")))
 LINKER_SCRIPT = RT_DIR / "guest.ld"
 REPO_ROOT = PKG_DIR.parent.parent
 TEST_GUEST_DIR = REPO_ROOT / "tests" / "guests"

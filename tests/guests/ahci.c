@@ -47,10 +47,7 @@
  * A failure prints "ahci error ..." and powers off without "ahci done". */
 #include "rt.h"
 
-#define LAPIC_BASE      0xFEE00000u
-#define LAPIC_SVR       (LAPIC_BASE + 0xF0)
 #define VEC_HBA         0x41
-#define VEC_SPURIOUS    0xff
 #define POLL_LOOPS      5000000u
 
 /* HBA registers */
@@ -106,117 +103,7 @@
 
 #define NTAGS   4
 
-/* ---- interrupts ---- */
-volatile u32 hba_irqs, spurious_irqs;
-
-/* KVM's instruction emulator cannot run a protected-mode iret: return with popf + ret. */
-__asm__(
-    ".text\n"
-    "ahci_irq_return:\n"
-    "  pushl %eax\n"
-    "  pushl %ecx\n"
-    "  movl 8(%esp), %eax\n"
-    "  movl 16(%esp), %ecx\n"
-    "  movl %ecx, 12(%esp)\n"
-    "  movl %eax, 16(%esp)\n"
-    "  popl %ecx\n"
-    "  popl %eax\n"
-    "  addl $4, %esp\n"
-    "  popfl\n"
-    "  ret\n"
-    ".globl isr_hba\n"
-    "isr_hba:\n"
-    "  incl hba_irqs\n"
-    "  movl $0, 0xfee000b0\n"
-    "  jmp ahci_irq_return\n"
-    ".globl isr_spurious\n"
-    "isr_spurious:\n"
-    "  incl spurious_irqs\n"
-    "  jmp ahci_irq_return\n"
-    ".globl isr_exception\n"
-    "isr_exception:\n"
-    "  call exception\n"
-);
-void isr_hba(void), isr_spurious(void), isr_exception(void);
-
-#define EXC_STUB(n) \
-    __asm__(".text\n.globl exc_" #n "\nexc_" #n ":\n  pushl $" #n "\n  jmp isr_exception\n"); \
-    void exc_##n(void);
-EXC_STUB(0) EXC_STUB(1) EXC_STUB(2) EXC_STUB(3) EXC_STUB(4) EXC_STUB(5) EXC_STUB(6)
-EXC_STUB(7) EXC_STUB(8) EXC_STUB(9) EXC_STUB(10) EXC_STUB(11) EXC_STUB(12) EXC_STUB(13)
-EXC_STUB(14) EXC_STUB(15) EXC_STUB(16) EXC_STUB(17) EXC_STUB(18) EXC_STUB(19)
-static void (*const exc_stubs[20])(void) = {
-    exc_0, exc_1, exc_2, exc_3, exc_4, exc_5, exc_6, exc_7, exc_8, exc_9, exc_10, exc_11,
-    exc_12, exc_13, exc_14, exc_15, exc_16, exc_17, exc_18, exc_19,
-};
-
-__attribute__((used)) void exception(u32 vector)
-{
-    printf("ahci error exception %u\n", vector);
-    poweroff();
-}
-
-struct gate { u16 off_lo, sel; u8 zero, type; u16 off_hi; } __attribute__((packed));
-static struct gate idt[256] __attribute__((aligned(8)));
-
-static void set_gate(int v, void (*fn)(void))
-{
-    u32 a = (u32)fn;
-    idt[v] = (struct gate){ (u16)a, 0x08, 0, 0x8e, (u16)(a >> 16) };
-}
-
-static void idt_init(void)
-{
-    for (int v = 0; v < 20; v++)
-        set_gate(v, exc_stubs[v]);
-    set_gate(VEC_HBA, isr_hba);
-    set_gate(VEC_SPURIOUS, isr_spurious);
-    struct { u16 limit; u32 base; } __attribute__((packed)) d = { sizeof(idt) - 1, (u32)idt };
-    __asm__ volatile("lidt %0" : : "m"(d));
-    outb(0x21, 0xff);           /* firmware may have left the 8259s programmed: mask them */
-    outb(0xa1, 0xff);
-    mmio_write32(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
-}
-
-/* ---- PCI configuration mechanism #1 ---- */
-static u32 pslot, pfn;
-
-static void cfg_addr(u32 reg) { outl(0xcf8, 0x80000000u | pslot << 11 | pfn << 8 | (reg & 0xfc)); }
-static u32 cfg_read32(u32 reg) { cfg_addr(reg); return inl(0xcfc); }
-static u16 cfg_read16(u32 reg) { cfg_addr(reg); return inw(0xcfc + (reg & 2)); }
-static u8 cfg_read8(u32 reg) { cfg_addr(reg); return inb(0xcfc + (reg & 3)); }
-static void cfg_write32(u32 reg, u32 v) { cfg_addr(reg); outl(0xcfc, v); }
-static void cfg_write16(u32 reg, u16 v) { cfg_addr(reg); outw(0xcfc + (reg & 2), v); }
-
-static int find_class(u32 class_code)
-{
-    for (u32 s = 0; s < 32; s++) {
-        pslot = s;
-        pfn = 0;
-        if ((cfg_read32(0) & 0xffff) == 0xffff)
-            continue;
-        u32 nfn = (cfg_read32(0x0c) >> 16) & 0x80 ? 8 : 1;
-        for (u32 f = 0; f < nfn; f++) {
-            pfn = f;
-            if ((cfg_read32(0) & 0xffff) != 0xffff && cfg_read32(0x08) >> 8 == class_code)
-                return 1;
-        }
-    }
-    return 0;
-}
-
-static u32 find_cap(u8 id)
-{
-    if (!(cfg_read16(0x06) & 0x10))
-        return 0;
-    u32 p = cfg_read8(0x34) & 0xfc;
-    for (int n = 0; p && n < 48; n++) {
-        if (cfg_read8(p) == id)
-            return p;
-        p = cfg_read8(p + 1) & 0xfc;
-    }
-    return 0;
-}
+static u32 pdev;                /* the HBA, PCI_DEV(slot, fn) */
 
 /* ---- HBA access ---- */
 static u32 abar, port_base;
@@ -328,14 +215,6 @@ static u32 issue(u32 slot)
     return port_read(PxTFD) | timeout;
 }
 
-static u32 sum_words(const u8 *p, u32 n)
-{
-    u32 s = 0;
-    for (u32 i = 0; i < n; i += 4)
-        s += *(const u32 *)(p + i);
-    return s;
-}
-
 static u8 pattern(u32 lba, u32 j) { return (u8)(lba * 31 + j * 7 + 0x5a); }
 
 static void ata_string(char *out, const u8 *id, int word, int nwords)
@@ -399,20 +278,22 @@ static int dma_rw(u32 slot, int write, u64 lba, u16 count, const struct seg *seg
 int main(const struct hvm_start_info *si)
 {
     (void)si;
-    if (!find_class(0x010601)) {
+    int d = pci_find_class(0x010601);
+    if (d < 0) {
         printf("ahci error no AHCI function\n");
         return 0;
     }
-    u32 id = cfg_read32(0);
-    u32 bar5 = cfg_read32(0x24);
+    pdev = d;
+    u32 id = pci_read32(pdev, 0);
+    u32 bar5 = pci_read32(pdev, 0x24);
     if (bar5 & 1 || !(bar5 & ~0xfu)) {
         printf("ahci error BAR5 %x\n", bar5);
         return 0;
     }
     abar = bar5 & ~0xfu;
-    cfg_write16(0x04, cfg_read16(0x04) | 0x6);        /* memory decode, bus master */
-    printf("ahci pci 00:%02x.%u id %04x:%04x abar %x\n", pslot, pfn, id & 0xffff, id >> 16,
-           abar);
+    pci_write16(pdev, 0x04, pci_read16(pdev, 0x04) | 0x6);    /* memory decode, bus master */
+    printf("ahci pci 00:%02x.%u id %04x:%04x abar %x\n", PCI_SLOT(pdev), PCI_FN(pdev),
+           id & 0xffff, id >> 16, abar);
 
     /* HBA reset, then AHCI mode */
     hba_write(GHC, hba_read(GHC) | GHC_AE);
@@ -484,20 +365,13 @@ int main(const struct hvm_start_info *si)
            port_read(PxSIG), did_comreset, port_read(PxTFD));
 
     /* MSI (vector VEC_HBA) if the function has it; completions are polled regardless */
-    idt_init();
-    u32 msi = find_cap(0x05);
+    irq_init("ahci error ");
+    u32 msi = pci_find_cap(pdev, 0x05);
     if (msi) {
-        u16 ctl = cfg_read16(msi + 2);
-        cfg_write32(msi + 4, LAPIC_BASE);
-        if (ctl & 0x80) {                         /* 64-bit address */
-            cfg_write32(msi + 8, 0);
-            cfg_write16(msi + 12, VEC_HBA);
-        } else
-            cfg_write16(msi + 8, VEC_HBA);
-        cfg_write16(msi + 2, (ctl & ~0x70) | 1);  /* one vector, enabled */
+        pci_msi_enable(pdev, msi, VEC_HBA);
         port_write(PxIE, 0x7dc0007fu);            /* completions and errors */
         hba_write(GHC, hba_read(GHC) | GHC_IE);
-        __asm__ volatile("sti");
+        irq_enable();
     }
     printf("ahci msi %d\n", msi ? 1 : 0);
 
@@ -687,8 +561,8 @@ oob:
     printf("ahci reread tfd %x sum %08x %s\n", tfd, sum, sum == sum0 ? "ok" : "mismatch");
 
     delay(100);
-    __asm__ volatile("cli");
-    printf("ahci irqs %u spurious %u\n", hba_irqs, spurious_irqs);
+    irq_disable();
+    printf("ahci irqs %u spurious %u\n", irq_count[VEC_HBA], irq_count[VEC_SPURIOUS]);
     printf("ahci done\n");
     return 0;
 }

@@ -44,10 +44,7 @@
  * A failure to set up prints "vblk error ..." and powers off without "vblk done". */
 #include "rt.h"
 
-#define LAPIC_BASE      0xFEE00000u
-#define LAPIC_SVR       (LAPIC_BASE + 0xF0)
 #define VEC_QUEUE       0x40
-#define VEC_SPURIOUS    0xff
 #define POLL_LOOPS      20000000u
 
 #define VIRTIO_VENDOR   0x1af4
@@ -101,111 +98,15 @@
 #define WRITE_SECTORS   8
 #define NBYTES          (WRITE_SECTORS * 512)
 
-/* ---- interrupts: one handler counting MSI-X queue interrupts ---- */
-volatile u32 queue_irqs, spurious_irqs;
-
-/* KVM's instruction emulator cannot run a protected-mode iret: return with popf + ret (same
- * CS, same privilege level), turning the frame EIP, CS, EFLAGS into EFLAGS, EIP. */
-__asm__(
-    ".text\n"
-    "vblk_irq_return:\n"
-    "  pushl %eax\n"
-    "  pushl %ecx\n"
-    "  movl 8(%esp), %eax\n"
-    "  movl 16(%esp), %ecx\n"
-    "  movl %ecx, 12(%esp)\n"
-    "  movl %eax, 16(%esp)\n"
-    "  popl %ecx\n"
-    "  popl %eax\n"
-    "  addl $4, %esp\n"
-    "  popfl\n"
-    "  ret\n"
-    ".globl isr_queue\n"
-    "isr_queue:\n"
-    "  incl queue_irqs\n"
-    "  movl $0, 0xfee000b0\n"
-    "  jmp vblk_irq_return\n"
-    ".globl isr_spurious\n"
-    "isr_spurious:\n"
-    "  incl spurious_irqs\n"
-    "  jmp vblk_irq_return\n"
-    ".globl isr_exception\n"
-    "isr_exception:\n"
-    "  call exception\n"
-);
-void isr_queue(void), isr_spurious(void), isr_exception(void);
-
-#define EXC_STUB(n) \
-    __asm__(".text\n.globl exc_" #n "\nexc_" #n ":\n  pushl $" #n "\n  jmp isr_exception\n"); \
-    void exc_##n(void);
-EXC_STUB(0) EXC_STUB(1) EXC_STUB(2) EXC_STUB(3) EXC_STUB(4) EXC_STUB(5) EXC_STUB(6)
-EXC_STUB(7) EXC_STUB(8) EXC_STUB(9) EXC_STUB(10) EXC_STUB(11) EXC_STUB(12) EXC_STUB(13)
-EXC_STUB(14) EXC_STUB(15) EXC_STUB(16) EXC_STUB(17) EXC_STUB(18) EXC_STUB(19)
-static void (*const exc_stubs[20])(void) = {
-    exc_0, exc_1, exc_2, exc_3, exc_4, exc_5, exc_6, exc_7, exc_8, exc_9, exc_10, exc_11,
-    exc_12, exc_13, exc_14, exc_15, exc_16, exc_17, exc_18, exc_19,
-};
-
-__attribute__((used)) void exception(u32 vector)
-{
-    printf("vblk error exception %u\n", vector);
-    poweroff();
-}
-
-struct gate { u16 off_lo, sel; u8 zero, type; u16 off_hi; } __attribute__((packed));
-static struct gate idt[256] __attribute__((aligned(8)));
-
-static void set_gate(int v, void (*fn)(void))
-{
-    u32 a = (u32)fn;
-    idt[v] = (struct gate){ (u16)a, 0x08, 0, 0x8e, (u16)(a >> 16) };
-}
-
-static void idt_init(void)
-{
-    for (int v = 0; v < 20; v++)
-        set_gate(v, exc_stubs[v]);
-    set_gate(VEC_QUEUE, isr_queue);
-    set_gate(VEC_SPURIOUS, isr_spurious);
-    struct { u16 limit; u32 base; } __attribute__((packed)) d = { sizeof(idt) - 1, (u32)idt };
-    __asm__ volatile("lidt %0" : : "m"(d));
-    /* Firmware may have left the 8259s programmed (SeaBIOS puts IRQ0 on vector 8): mask
-     * them, only MSI-X is wanted here. */
-    outb(0x21, 0xff);
-    outb(0xa1, 0xff);
-    mmio_write32(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
-}
-
-/* ---- PCI configuration mechanism #1 ---- */
-static u32 pslot, pfn;
-
-static void cfg_addr(u32 reg) { outl(0xcf8, 0x80000000u | pslot << 11 | pfn << 8 | (reg & 0xfc)); }
-static u32 cfg_read32(u32 reg) { cfg_addr(reg); return inl(0xcfc); }
-static u16 cfg_read16(u32 reg) { cfg_addr(reg); return inw(0xcfc + (reg & 2)); }
-static u8 cfg_read8(u32 reg) { cfg_addr(reg); return inb(0xcfc + (reg & 3)); }
-static void cfg_write32(u32 reg, u32 v) { cfg_addr(reg); outl(0xcfc, v); }
-static void cfg_write16(u32 reg, u16 v) { cfg_addr(reg); outw(0xcfc + (reg & 2), v); }
-
-static u32 cfg_read32_at(u32 slot, u32 fn, u32 reg)
-{
-    outl(0xcf8, 0x80000000u | slot << 11 | fn << 8 | (reg & 0xfc));
-    return inl(0xcfc);
-}
+static u32 pdev;                /* our function, PCI_DEV(slot, fn) */
 
 static int find_function(u16 vendor, u16 dev_a, u16 dev_b)
 {
-    for (u32 s = 0; s < 32; s++) {
-        u32 id = cfg_read32_at(s, 0, 0);
-        if ((id & 0xffff) == 0xffff)
-            continue;
-        u32 nfn = (cfg_read32_at(s, 0, 0x0c) >> 16) & 0x80 ? 8 : 1;
-        for (u32 f = 0; f < nfn; f++) {
-            id = cfg_read32_at(s, f, 0);
-            if ((id & 0xffff) == vendor && ((id >> 16) == dev_a || (id >> 16) == dev_b)) {
-                pslot = s;
-                pfn = f;
-                return 1;
-            }
+    for (int d = pci_next(-1); d >= 0; d = pci_next(d)) {
+        u32 id = pci_read32(d, 0);
+        if ((id & 0xffff) == vendor && ((id >> 16) == dev_a || (id >> 16) == dev_b)) {
+            pdev = d;
+            return 1;
         }
     }
     return 0;
@@ -215,28 +116,21 @@ static int find_function(u16 vendor, u16 dev_a, u16 dev_b)
 static u32 lowest_mem_bar(void)
 {
     u32 low = 0xFEC00000u;      /* IOAPIC: nothing above this is ours to take */
-    for (u32 s = 0; s < 32; s++) {
-        if ((cfg_read32_at(s, 0, 0) & 0xffff) == 0xffff)
+    for (int d = pci_next(-1); d >= 0; d = pci_next(d)) {
+        if ((pci_read32(d, 0x0c) >> 16 & 0x7f) != 0)    /* bridges: skip */
             continue;
-        u32 nfn = (cfg_read32_at(s, 0, 0x0c) >> 16) & 0x80 ? 8 : 1;
-        for (u32 f = 0; f < nfn; f++) {
-            if ((cfg_read32_at(s, f, 0) & 0xffff) == 0xffff)
+        for (u32 b = 0; b < 6; b++) {
+            u32 v = pci_read32(d, 0x10 + 4 * b);
+            if (v & 1)
                 continue;
-            if ((cfg_read32_at(s, f, 0x0c) >> 16 & 0x7f) != 0)    /* bridges: skip */
-                continue;
-            for (u32 b = 0; b < 6; b++) {
-                u32 v = cfg_read32_at(s, f, 0x10 + 4 * b);
-                if (v & 1)
-                    continue;
-                u32 hi = 0;
-                if ((v & 6) == 4) {
-                    hi = cfg_read32_at(s, f, 0x10 + 4 * (b + 1));
-                    b++;
-                }
-                u32 a = v & ~0xfu;
-                if (!hi && a >= 0x80000000u && a < low)
-                    low = a;
+            u32 hi = 0;
+            if ((v & 6) == 4) {
+                hi = pci_read32(d, 0x10 + 4 * (b + 1));
+                b++;
             }
+            u32 a = v & ~0xfu;
+            if (!hi && a >= 0x80000000u && a < low)
+                low = a;
         }
     }
     return low;
@@ -248,9 +142,9 @@ static u32 bar_addr[6];
 
 static void setup_bars(void)
 {
-    u16 cmd = cfg_read16(0x04);
+    u16 cmd = pci_read16(pdev, 0x04);
     for (u32 b = 0; b < 6; b++) {
-        u32 v = cfg_read32(0x10 + 4 * b);
+        u32 v = pci_read32(pdev, 0x10 + 4 * b);
         if (v & 1) {
             bar_addr[b] = v & ~3u;
             if (bar_addr[b])
@@ -262,22 +156,22 @@ static void setup_bars(void)
         /* self-test of the move below: put 64-bit BARs at +4 GiB first (build with
          * defines={"VBLK_FORCE_HIGH_BAR": 1}) */
         if (is64 && (v & ~0xfu)) {
-            cfg_write16(0x04, cmd & ~3);
-            cfg_write32(0x10 + 4 * (b + 1), 1);
+            pci_write16(pdev, 0x04, cmd & ~3);
+            pci_write32(pdev, 0x10 + 4 * (b + 1), 1);
         }
 #endif
-        u32 hi = is64 ? cfg_read32(0x10 + 4 * (b + 1)) : 0;
+        u32 hi = is64 ? pci_read32(pdev, 0x10 + 4 * (b + 1)) : 0;
         u32 lo = v & ~0xfu;
         if (hi) {
-            cfg_write16(0x04, cmd & ~3);
-            cfg_write32(0x10 + 4 * b, 0xffffffffu);
-            cfg_write32(0x10 + 4 * (b + 1), 0xffffffffu);
-            u32 size = ~(cfg_read32(0x10 + 4 * b) & ~0xfu) + 1;
+            pci_write16(pdev, 0x04, cmd & ~3);
+            pci_write32(pdev, 0x10 + 4 * b, 0xffffffffu);
+            pci_write32(pdev, 0x10 + 4 * (b + 1), 0xffffffffu);
+            u32 size = ~(pci_read32(pdev, 0x10 + 4 * b) & ~0xfu) + 1;
             u32 target = (lowest_mem_bar() - size) & ~(size - 1);
-            cfg_write32(0x10 + 4 * b, target);
-            cfg_write32(0x10 + 4 * (b + 1), 0);
-            cfg_write16(0x04, cmd);
-            bar_addr[b] = cfg_read32(0x10 + 4 * b) & ~0xfu;
+            pci_write32(pdev, 0x10 + 4 * b, target);
+            pci_write32(pdev, 0x10 + 4 * (b + 1), 0);
+            pci_write16(pdev, 0x04, cmd);
+            bar_addr[b] = pci_read32(pdev, 0x10 + 4 * b) & ~0xfu;
             printf("vblk bar %u addr %x moved from %x%08x size %x\n", b, bar_addr[b], hi, lo,
                    size);
         } else {
@@ -288,7 +182,7 @@ static void setup_bars(void)
         if (is64)
             b++;
     }
-    cfg_write16(0x04, cfg_read16(0x04) | 0x7);      /* I/O, memory, bus master */
+    pci_write16(pdev, 0x04, pci_read16(pdev, 0x04) | 0x7);      /* I/O, memory, bus master */
 }
 
 /* ---- virtio-pci structures ---- */
@@ -305,18 +199,18 @@ static void cc_write64(u32 off, u64 v) { cc_write32(off, (u32)v); cc_write32(off
 static int walk_caps(void)
 {
     static const char *const names[] = { "?", "common", "notify", "isr", "device", "pci" };
-    if (!(cfg_read16(0x06) & 0x10))
+    if (!(pci_read16(pdev, 0x06) & 0x10))
         return 0;
-    u32 p = cfg_read8(0x34) & 0xfc;
+    u32 p = pci_read8(pdev, 0x34) & 0xfc;
     for (int n = 0; p && n < 48; n++) {
-        u8 id = cfg_read8(p), next = cfg_read8(p + 1) & 0xfc;
+        u8 id = pci_read8(pdev, p), next = pci_read8(pdev, p + 1) & 0xfc;
         if (id == 0x09) {
-            u8 type = cfg_read8(p + 3), bar = cfg_read8(p + 4);
-            u32 off = cfg_read32(p + 8), len = cfg_read32(p + 12);
+            u8 type = pci_read8(pdev, p + 3), bar = pci_read8(pdev, p + 4);
+            u32 off = pci_read32(pdev, p + 8), len = pci_read32(pdev, p + 12);
             if (type >= CAP_COMMON && type <= CAP_DEVICE && bar < 6 && bar_addr[bar]) {
                 u32 addr = bar_addr[bar] + off;
                 if (type == CAP_NOTIFY) {
-                    notify_mult = cfg_read32(p + 16);
+                    notify_mult = pci_read32(pdev, p + 16);
                     if (!notify_base)
                         notify_base = addr;
                     printf("vblk cap notify bar %u off %x len %x mult %u\n", bar, off, len,
@@ -335,24 +229,16 @@ static int walk_caps(void)
     return common && notify_base && isr && devcfg;
 }
 
-/* MSI-X table entry 0 -> LAPIC 0, vector VEC_QUEUE; MSI-X enabled. */
+/* MSI-X table entry 0 -> LAPIC 0, vector VEC_QUEUE; MSI-X enabled, function unmasked. */
 static int msix_setup(void)
 {
-    u32 p = cfg_read8(0x34) & 0xfc;
-    for (int n = 0; p && n < 48; n++) {
-        if (cfg_read8(p) == 0x11) {
-            u32 tbl = cfg_read32(p + 4);
-            u32 table = bar_addr[tbl & 7] + (tbl & ~7u);
-            mmio_write32(table + 0, LAPIC_BASE);
-            mmio_write32(table + 4, 0);
-            mmio_write32(table + 8, VEC_QUEUE);
-            mmio_write32(table + 12, 0);                /* unmasked */
-            cfg_write16(p + 2, (cfg_read16(p + 2) | 0x8000) & ~0x4000);
-            return 1;
-        }
-        p = cfg_read8(p + 1) & 0xfc;
-    }
-    return 0;
+    u32 p = pci_find_cap(pdev, 0x11);
+    if (!p)
+        return 0;
+    u32 tbl = pci_read32(pdev, p + 4);
+    msix_route(bar_addr[tbl & 7] + (tbl & ~7u), 0, VEC_QUEUE);
+    pci_write16(pdev, p + 2, (pci_read16(pdev, p + 2) | 0x8000) & ~0x4000);
+    return 1;
 }
 
 /* ---- the virtqueue ---- */
@@ -441,14 +327,6 @@ static u8 request(u32 type, u64 sector, const struct seg *segs, int nseg, int de
     return status[0];
 }
 
-static u32 sum_words(const u8 *p, u32 n)
-{
-    u32 s = 0;
-    for (u32 i = 0; i < n; i += 4)
-        s += *(const u32 *)(p + i);
-    return s;
-}
-
 static u8 pattern(u32 sector, u32 j) { return (u8)(sector * 31 + j * 7 + 0x5a); }
 
 static void fail(const char *what)
@@ -465,8 +343,9 @@ int main(const struct hvm_start_info *si)
         printf("vblk error no virtio-blk function\n");
         return 0;
     }
-    u32 id = cfg_read32(0);
-    printf("vblk pci 00:%02x.%u id %04x:%04x\n", pslot, pfn, id & 0xffff, id >> 16);
+    u32 id = pci_read32(pdev, 0);
+    printf("vblk pci 00:%02x.%u id %04x:%04x\n", PCI_SLOT(pdev), PCI_FN(pdev), id & 0xffff,
+           id >> 16);
     setup_bars();
     if (!walk_caps()) {
         printf("vblk error missing virtio capability\n");
@@ -502,7 +381,7 @@ int main(const struct hvm_start_info *si)
         fail("FEATURES_OK not accepted");
 
     /* interrupts: IDT, LAPIC, MSI-X entry 0 */
-    idt_init();
+    irq_init("vblk error ");
     int have_msix = msix_setup();
     cc_write16(CC_MSIX_CONFIG, NO_VECTOR);
 
@@ -530,7 +409,7 @@ int main(const struct hvm_start_info *si)
 
     cc_write8(CC_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
     printf("vblk status %x\n", cc_read8(CC_STATUS));
-    __asm__ volatile("sti");
+    irq_enable();
 
     /* device configuration: capacity, read consistently across config_generation */
     u32 cap_lo, cap_hi;
@@ -626,8 +505,8 @@ int main(const struct hvm_start_info *si)
     /* give a last interrupt time to land before counting */
     for (u32 i = 0; i < 10000; i++)
         cpu_relax();
-    __asm__ volatile("cli");
-    printf("vblk irqs %u spurious %u\n", queue_irqs, spurious_irqs);
+    irq_disable();
+    printf("vblk irqs %u spurious %u\n", irq_count[VEC_QUEUE], irq_count[VEC_SPURIOUS]);
     printf("vblk device status %x\n", cc_read8(CC_STATUS));
     printf("vblk done\n");
     return 0;

@@ -2,11 +2,6 @@
  * (memory map, CPUs, command line, which legacy ports answer) and powers off. */
 #include "rt.h"
 
-#define LAPIC_BASE      0xfee00000u
-#define LAPIC_ID        0x020
-#define LAPIC_SVR       0x0f0
-#define LAPIC_ICR_LO    0x300
-#define LAPIC_ICR_HI    0x310
 #define ICR_BUSY        (1u << 12)
 #define ICR_INIT        0x00004500u     /* delivery mode INIT, level assert */
 #define ICR_INIT_DEASSERT 0x00008500u   /* INIT level de-assert (trigger level) */
@@ -35,9 +30,6 @@ __asm__(
     "ap_tramp_end:\n"
     ".popsection\n");
 extern const u8 ap_tramp_start[], ap_tramp_end[];
-
-static inline u32 lapic_read(u32 reg) { return mmio_read32(LAPIC_BASE + reg); }
-static inline void lapic_write(u32 reg, u32 v) { mmio_write32(LAPIC_BASE + reg, v); }
 
 static void lapic_wait_idle(void)
 {

@@ -81,6 +81,7 @@ void *memset(void *d, int c, size_t n);
 void *memcpy(void *d, const void *s, size_t n);
 void *memmove(void *d, const void *s, size_t n);
 int memcmp(const void *a, const void *b, size_t n);
+u32 sum_words(const void *p, size_t n);  /* 32-bit sum of the little-endian words: a checksum */
 size_t strlen(const char *s);
 int strcmp(const char *a, const char *b);
 int strncmp(const char *a, const char *b, size_t n);
@@ -105,6 +106,55 @@ int cmdline_value(const char *key, char *buf, size_t n);
 int cmdline_flag(const char *word);                 /* bare word or key= present */
 u32 cmdline_u32(const char *key, u32 dflt);         /* decimal or 0x hex */
 u32 parse_u32(const char *s, const char **end);
+
+/* ---- interrupts (rt_irq.c) ----
+ * irq_init() installs an IDT in which every vector has a handler: 0-31 print
+ * "<prefix>exception N" and power off; 32-255 count into irq_count[], run the vector's hook
+ * if one is set, and EOI the LAPIC (except the spurious vector 0xff). It also masks the 8259s
+ * (firmware may have left them on vectors 8-15) and software-enables the LAPIC. Handlers
+ * return with popf + ret, not iret: KVM's instruction emulator on a nested host cannot
+ * emulate a protected-mode iret. */
+#define LAPIC_BASE      0xFEE00000u
+#define LAPIC_ID        0x020           /* register offsets, for lapic_read/lapic_write */
+#define LAPIC_EOI       0x0b0
+#define LAPIC_SVR       0x0f0
+#define LAPIC_ICR_LO    0x300
+#define LAPIC_ICR_HI    0x310
+#define IOAPIC_BASE     0xFEC00000u
+#define VEC_SPURIOUS    0xff
+
+extern volatile u32 irq_count[256];
+void irq_init(const char *exception_prefix);
+void irq_set_hook(u32 vector, void (*hook)(u32 vector));   /* runs before the EOI */
+int irq_wait(u32 vector, u32 count, u32 loops);             /* 1 once irq_count[vector] >= count */
+static inline u32 lapic_read(u32 reg) { return mmio_read32(LAPIC_BASE + reg); }
+static inline void lapic_write(u32 reg, u32 v) { mmio_write32(LAPIC_BASE + reg, v); }
+static inline void lapic_eoi(void) { lapic_write(LAPIC_EOI, 0); }
+static inline void irq_enable(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline void irq_disable(void) { __asm__ volatile("cli" ::: "memory"); }
+/* IOAPIC pin `gsi` -> `vector` on APIC 0; `lo_flags` e.g. IOAPIC_LEVEL. */
+#define IOAPIC_LEVEL    (1u << 15)
+void ioapic_route(u32 gsi, u32 vector, u32 lo_flags);
+
+/* ---- PCI on bus 0, configuration mechanism #1 (rt_pci.c) ----
+ * A function is a handle PCI_DEV(slot, fn); lookups return -1 when nothing matches. */
+#define PCI_DEV(slot, fn)   ((u32)(slot) << 3 | (u32)(fn))
+#define PCI_SLOT(d)         ((u32)(d) >> 3)
+#define PCI_FN(d)           ((u32)(d) & 7)
+u32 pci_read32(u32 dev, u32 reg);
+u16 pci_read16(u32 dev, u32 reg);
+u8 pci_read8(u32 dev, u32 reg);
+void pci_write32(u32 dev, u32 reg, u32 v);
+void pci_write16(u32 dev, u32 reg, u16 v);
+int pci_next(int after);                        /* next present function after `after` (-1: first) */
+int pci_find_device(u16 vendor, u16 device);
+int pci_find_class(u32 class_code);             /* class:subclass:prog-if, e.g. 0x010601 */
+u32 pci_find_cap(u32 dev, u8 id);               /* config offset, 0 if absent */
+u32 pci_bar_mem(u32 dev, u32 bar);              /* memory BAR's low 32 address bits */
+u32 pci_msix_table(u32 dev, u32 cap);           /* address of the MSI-X table */
+u32 pci_msix_pba(u32 dev, u32 cap);             /* address of the MSI-X pending bits */
+void msix_route(u32 table, u32 entry, u32 vector);  /* entry -> APIC 0, unmasked */
+void pci_msi_enable(u32 dev, u32 cap, u32 vector);  /* one vector -> APIC 0, enabled */
 
 int main(const struct hvm_start_info *si);
 
