@@ -178,6 +178,7 @@ struct hv_vq {
 };
 struct hv_blk { int fd; int readonly, direct, write_through; uint32_t logical_sector; uint64_t size; };
 int hv_vblk_serve(struct hv_vq *q, const struct hv_blk *b, int max);
+int hv_vq_poll_avail(struct hv_vq *q, uint64_t ns);
 """
 
 

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from ..core_native import ffi, lib
 
+# How long a queue worker with a native path spins for the driver's next batch before going
+# to sleep (QEMU's iothreads poll up to 32 us by default); 0 disables polling.
+POLL_NS = 32_000
+
 STOP_NAMES = {
     lib.HV_VBLK_STOP_EMPTY: "empty",
     lib.HV_VBLK_STOP_MAX: "max",
@@ -74,6 +78,14 @@ class NativeQueue:
         vq._shadow_avail = c.shadow_avail
         vq.used_idx = c.used_idx
         return n
+
+    def poll_avail(self, ns: int) -> bool:
+        """Spin up to ``ns`` nanoseconds (GIL released) for the driver to make chains
+        available; True if it did (avail.idx is not read into the queue state)."""
+        try:
+            return self.call(lib.hv_vq_poll_avail, ns) == 1
+        except (ValueError, BufferError):
+            return False                  # guest memory closed
 
 
 def queue_state(vq) -> NativeQueue:

@@ -657,16 +657,24 @@ class VirtioPciFunction(PciFunction):
                 return
             device = self.device
             fast = getattr(device, "serve_fast", None)
+            # With a native path, poll a while for the driver's next batch before sleeping:
+            # a sleep and wake-up costs more than a batch of small requests.
+            poll = None
+            if fast is not None:
+                from .native import POLL_NS, queue_state
+                poll = queue_state(vq).poll_avail if POLL_NS else None
             try:
                 while True:
                     vq.disable_notifications()
+                    served = 0
                     while True:
                         if fast is not None:
                             # A native path serves what it can and leaves the rest available.
-                            fast(q.index, vq)
+                            served += fast(q.index, vq)
                         chain = vq.pop()
                         if chain is None:
                             break
+                        served += 1
                         try:
                             written = device.handle_chain(q.index, chain)
                         except Exception:
@@ -674,6 +682,12 @@ class VirtioPciFunction(PciFunction):
                             log.exception("%s: queue %d request failed", self.name, q.index)
                             written = 0
                         vq.push(chain.head, written)
+                    if poll is not None and served:
+                        # Complete this batch now, not after the poll.
+                        if vq.needs_notification():
+                            self.interrupt_queue(q)
+                        if poll(POLL_NS):
+                            continue
                     if not vq.enable_notifications():
                         break
             except VirtqueueError as e:
