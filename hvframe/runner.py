@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .config import Config
 from .cpuid import POLICIES
 from .device import parse_size
-from .errors import ConfigError, HvError
+from .errors import ConfigError
 from .machine import EXIT_ERROR, Machine
 from .plugins import Registry
 

@@ -76,8 +76,8 @@ def _as_bytes_view(buf: Any) -> memoryview:
     return mv
 
 
-def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
-    """The buffers left after n bytes of them were transferred."""
+def views_after(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """The buffers left after their first n bytes (transferred, or a header already read)."""
     i = 0
     while i < len(bufs) and n >= len(bufs[i]):
         n -= len(bufs[i])
@@ -285,7 +285,7 @@ class BlockBackend:
                 raise BlockError(BlockError.IO, f"{self.path}: short read at {offset} "
                                  f"(end of file; was the image truncated?)", errno.EIO)
             offset += n
-            views = _advance(views, n)
+            views = views_after(views, n)
 
     def write(self, offset: int, bufs: Sequence[Any], *, fua: bool = False) -> int:
         """Write bufs, in order, at byte `offset`; returns the byte count. With fua (or a
@@ -320,7 +320,7 @@ class BlockBackend:
                 raise BlockError(BlockError.IO, f"{self.path}: write at {offset} made no "
                                  f"progress", errno.EIO)
             offset += n
-            views = _advance(views, n)
+            views = views_after(views, n)
 
     def flush(self) -> None:
         """Make every completed write durable."""

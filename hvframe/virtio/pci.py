@@ -35,6 +35,7 @@ from ..pci.msi import MsixCapability
 from .device import (F_ANY_LAYOUT, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
                      ISR_CONFIG, ISR_QUEUE, NO_VECTOR, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
                      STATUS_NEEDS_RESET, VirtioDevice, bit)
+from .native import POLL_NS, queue_state
 from .virtqueue import VirtQueue, VirtqueueError, offset_of
 
 log = logging.getLogger(__name__)
@@ -308,10 +309,9 @@ class VirtioPciFunction(PciFunction):
         if cfg_type == CFG_PCI:
             # The driver picks bar, offset and length, then moves data through pci_cfg_data.
             wm = bytearray(len(body))
-            for name in ("bar", "offset", "length", "pci_cfg_data"):
-                o, n = offset_of(st, name) - 2, st.subcons[[s.name for s in st.subcons]
-                                                          .index(name)].sizeof()
-                wm[o:o + n] = b"\xff" * n
+            for name, o, n in _fields(st):
+                if name in ("bar", "offset", "length", "pci_cfg_data"):
+                    wm[o - 2:o - 2 + n] = b"\xff" * n
             wmask = bytes(wm)
         return self.add_capability(CAP_ID_VENDOR, body, wmask)
 
@@ -324,18 +324,27 @@ class VirtioPciFunction(PciFunction):
                 cs.get(base + offset_of(VirtioPciCfgCap, "length"), 4),
                 base + offset_of(VirtioPciCfgCap, "pci_cfg_data"))
 
-    def config_read(self, offset: int, size: int) -> int:
+    def _pci_cfg_access(self, offset: int, size: int) -> tuple[int, int, int] | None:
+        """(BAR4 offset, length, data config offset) when a config access at offset/size
+        touches pci_cfg_data and the window the driver set up is a valid BAR4 access."""
         bar, off, length, data = self._pci_cfg_window()
         if offset < data + 4 and data < offset + size and bar == MODERN_BAR \
                 and length in (1, 2, 4) and off % length == 0 and off + length <= MODERN_BAR_SIZE:
+            return off, length, data
+        return None
+
+    def config_read(self, offset: int, size: int) -> int:
+        access = self._pci_cfg_access(offset, size)
+        if access is not None:
+            off, length, data = access
             self.config.put(data, 4, self.bar(MODERN_BAR).handler.read(off, length))
         return super().config_read(offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         super().config_write(offset, size, value)
-        bar, off, length, data = self._pci_cfg_window()
-        if offset < data + 4 and data < offset + size and bar == MODERN_BAR \
-                and length in (1, 2, 4) and off % length == 0 and off + length <= MODERN_BAR_SIZE:
+        access = self._pci_cfg_access(offset, size)
+        if access is not None:
+            off, length, data = access
             v = self.config.get(data, 4) & ((1 << (8 * length)) - 1)
             self.bar(MODERN_BAR).handler.write(off, length, v)
 
@@ -352,10 +361,6 @@ class VirtioPciFunction(PciFunction):
         self.isr = 0
         self.live = False
         self._reset_requested = False
-
-    @property
-    def negotiated(self) -> int:
-        return self.features
 
     def _selected(self) -> QueueState | None:
         qs = self.queue_select
@@ -659,10 +664,7 @@ class VirtioPciFunction(PciFunction):
             fast = getattr(device, "serve_fast", None)
             # With a native path, poll a while for the driver's next batch before sleeping:
             # a sleep and wake-up costs more than a batch of small requests.
-            poll = None
-            if fast is not None:
-                from .native import POLL_NS, queue_state
-                poll = queue_state(vq).poll_avail if POLL_NS else None
+            poll = queue_state(vq).poll_avail if fast is not None and POLL_NS else None
             try:
                 while True:
                     vq.disable_notifications()

@@ -23,7 +23,6 @@ import logging
 import threading
 from collections import deque
 
-from hvframe.block.backend import BlockError
 from hvframe.memory import GuestMemoryError
 from hvframe.pci.device import PciFunction
 from hvframe.pci.msi import MsiCapability

@@ -103,10 +103,10 @@ H2D_FIS = Struct(
     "control" / Int8ul,
     Padding(4),
 )
-# Register FIS, device to host (section 10.5.6).
-D2H_FIS = Struct(
+# The device-to-host task file, bytes 0-13 of both the Register and PIO Setup FISes.
+_D2H_TASK_FILE = (
     "type" / Int8ul,
-    "flags" / Int8ul,       # bit 6: interrupt
+    "flags" / Int8ul,       # bit 6: interrupt; PIO Setup also bit 5: data direction (1 = to host)
     "status" / Int8ul,
     "error" / Int8ul,
     "lba0" / Int8ul,
@@ -119,24 +119,12 @@ D2H_FIS = Struct(
     Padding(1),
     "count" / Int8ul,
     "count_exp" / Int8ul,
-    Padding(6),
 )
+# Register FIS, device to host (section 10.5.6).
+D2H_FIS = Struct(*_D2H_TASK_FILE, Padding(6))
 # PIO Setup FIS (section 10.5.11).
 PIO_SETUP_FIS = Struct(
-    "type" / Int8ul,
-    "flags" / Int8ul,       # bit 5: data direction (1 = to host), bit 6: interrupt
-    "status" / Int8ul,
-    "error" / Int8ul,
-    "lba0" / Int8ul,
-    "lba1" / Int8ul,
-    "lba2" / Int8ul,
-    "device" / Int8ul,
-    "lba3" / Int8ul,
-    "lba4" / Int8ul,
-    "lba5" / Int8ul,
-    Padding(1),
-    "count" / Int8ul,
-    "count_exp" / Int8ul,
+    *_D2H_TASK_FILE,
     Padding(1),
     "e_status" / Int8ul,    # status once the data has been transferred
     "transfer_count" / Int16ul,

@@ -10,8 +10,8 @@ acknowledged write is on the backend (and durable with `direct`, or after a FLUS
 READ and WRITE chains are served natively when possible (serve_fast: hv_vblk_serve in
 hvframe/core_native/vblk_fast.c, GIL released), with the same checks and answers as
 handle_chain; anything else, and any chain the native code declines, goes through
-handle_chain. Everything in a request is checked: a bad header, sector range, alignment or segment list
-gets VIRTIO_BLK_S_IOERR / S_UNSUPP in the request's own status byte; a chain with no room
+handle_chain. Everything in a request is checked: a bad header, sector range, alignment or
+segment list gets VIRTIO_BLK_S_IOERR / S_UNSUPP in the request's own status byte; a chain with no room
 for a status byte cannot be answered and is returned with nothing written.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import threading
 
 from construct import Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
-from hvframe.block.backend import BlockBackend, BlockError
+from hvframe.block.backend import BlockBackend, BlockError, views_after
 from hvframe.virtio.device import VirtioDevice, bit
 from hvframe.virtio.virtqueue import struct_of
 
@@ -82,18 +82,6 @@ HEADER_SIZE = _HEADER.size
 SEGMENT_SIZE = _SEGMENT.size
 
 
-def _skip(views: list, n: int) -> list:
-    """The views left after the first n bytes."""
-    out = []
-    for v in views:
-        if n >= len(v):
-            n -= len(v)
-            continue
-        out.append(v[n:] if n else v)
-        n = 0
-    return out
-
-
 def _split_status(views: list):
     """(data views, 1-byte status view): the status byte is the chain's last writable byte."""
     for i in range(len(views) - 1, -1, -1):
@@ -128,7 +116,6 @@ class VirtioBlk(VirtioDevice):
                 features |= bit(F_DISCARD)
         self.device_features = features
         self._config = b""
-        self._config_lock = threading.Lock()
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
         self._build_config()
@@ -168,8 +155,7 @@ class VirtioBlk(VirtioDevice):
             write_zeroes_may_unmap=1 if self.discard else 0,
             unused1=[0, 0, 0],
         ))
-        with self._config_lock:
-            self._config = cfg
+        self._config = cfg          # one reference swap: readers see old or new, whole
 
     def config_bytes(self) -> bytes:
         return self._config
@@ -233,7 +219,7 @@ class VirtioBlk(VirtioDevice):
                 written = self.backend.read(sector * SECTOR, data_in)
                 code = S_OK
             elif rtype == T_OUT:
-                data = _skip(chain.readable, HEADER_SIZE)
+                data = views_after(chain.readable, HEADER_SIZE)
                 if sum(len(v) for v in data) % SECTOR:
                     raise BlockError(BlockError.RANGE, "write length is not whole sectors")
                 self.backend.write(sector * SECTOR, data)
@@ -267,7 +253,7 @@ class VirtioBlk(VirtioDevice):
             return S_UNSUPP
         if self.readonly:
             return S_IOERR
-        payload = b"".join(bytes(v) for v in _skip(chain.readable, HEADER_SIZE))
+        payload = b"".join(bytes(v) for v in views_after(chain.readable, HEADER_SIZE))
         if not payload or len(payload) % SEGMENT_SIZE:
             return S_UNSUPP
         count = len(payload) // SEGMENT_SIZE
