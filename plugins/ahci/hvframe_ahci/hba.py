@@ -32,8 +32,8 @@ from .regs import (ABAR_SIZE, AHCI_VERSION, CAP_ISS_SHIFT, CAP_NCS_SHIFT, CAP_PM
                    CMD_FR, CMD_FRE, CMD_HEADER, CMD_HEADER_SIZE, CMD_POD, CMD_ST, CMD_SUD,
                    CMD_TABLE_ACMD, CMD_TABLE_CFIS, CMD_TABLE_PRDT, CMD_WRITABLE, CONTROL_SRST,
                    D2H, ERR_ABRT, FIS_D2H, FIS_H2D, FIS_I, FIS_PIO_SETUP, FIS_SDB, GHC_AE,
-                   GHC_BY_OFFSET, GHC_HR, GHC_IE, H2D, H2D_COMMAND, HDR_CFL_MASK, IS_DEFINED,
-                   IS_DHRS, IS_DPS, IS_HBFS, IS_OFS, IS_PCS, IS_PRCS, IS_PSS, IS_SDBS,
+                   GHC_BY_OFFSET, GHC_HR, GHC_IE, H2D, H2D_COMMAND, H2D_INDEX, HDR_CFL_MASK,
+                   IS_DEFINED, IS_DHRS, IS_DPS, IS_HBFS, IS_OFS, IS_PCS, IS_PRCS, IS_PSS, IS_SDBS,
                    IS_TFES, MAX_PORTS, PIO_SETUP, PIO_TO_HOST, PORT_BASE, PORT_BY_OFFSET,
                    PORT_STRIDE, PRD, PRD_DBC_MASK, PRD_IOC, PRD_SIZE, PRDBC_OFFSET, RX,
                    SCTL_DET_MASK, SDB, SERR_DIAG_N, SERR_DIAG_X, SERR_ERR_E, SSTS_UP, ST_BSY,
@@ -84,6 +84,13 @@ def ata_error(error: int = ERR_ABRT, status: int = ST_OK | ST_ERR, regs=None) ->
     return Result(status=status, error=error, regs=regs)
 
 
+(_F_TYPE, _F_FLAGS, _F_COMMAND, _F_FEATURES, _F_LBA0, _F_LBA1, _F_LBA2, _F_DEVICE, _F_LBA3,
+ _F_LBA4, _F_LBA5, _F_FEATURES_EXP, _F_COUNT, _F_COUNT_EXP, _F_CONTROL) = (
+    H2D_INDEX[n] for n in ("type", "flags", "command", "features", "lba0", "lba1", "lba2",
+                           "device", "lba3", "lba4", "lba5", "features_exp", "count",
+                           "count_exp", "control"))
+
+
 class Command:
     """One issued slot as fetched from host memory. Devices read the H2D FIS fields, the
     ATAPI command (acmd), and move data with buffers()/scatter()/gather()."""
@@ -98,32 +105,33 @@ class Command:
         self.ioc, self.epoch = ioc, epoch
         self.ncq = False
 
-    # H2D FIS fields (tuple order as in regs.H2D_FIS)
+    # H2D FIS fields, by their places in the unpacked tuple (derived from regs.H2D_FIS)
     @property
     def command(self) -> int:
-        return self.fis[2]
+        return self.fis[_F_COMMAND]
 
     @property
     def features(self) -> int:
-        return self.fis[3] | self.fis[11] << 8
+        return self.fis[_F_FEATURES] | self.fis[_F_FEATURES_EXP] << 8
 
     @property
     def device(self) -> int:
-        return self.fis[7]
+        return self.fis[_F_DEVICE]
 
     @property
     def count(self) -> int:
-        return self.fis[12] | self.fis[13] << 8
+        return self.fis[_F_COUNT] | self.fis[_F_COUNT_EXP] << 8
 
     @property
     def lba48(self) -> int:
         f = self.fis
-        return f[4] | f[5] << 8 | f[6] << 16 | f[8] << 24 | f[9] << 32 | f[10] << 40
+        return (f[_F_LBA0] | f[_F_LBA1] << 8 | f[_F_LBA2] << 16 | f[_F_LBA3] << 24
+                | f[_F_LBA4] << 32 | f[_F_LBA5] << 40)
 
     @property
     def lba28(self) -> int:
         f = self.fis
-        return f[4] | f[5] << 8 | f[6] << 16 | (f[7] & 0xF) << 24
+        return f[_F_LBA0] | f[_F_LBA1] << 8 | f[_F_LBA2] << 16 | (f[_F_DEVICE] & 0xF) << 24
 
     # data movement
     def buffers(self, length: int) -> list[memoryview]:
@@ -389,12 +397,12 @@ class AhciPort:
             ioc = ioc or bool(dbc & PRD_IOC)
         cmd = Command(self, slot, fis, acmd, prds, ioc, self.epoch)
         cfl = flags & HDR_CFL_MASK
-        if fis[0] != FIS_H2D or not 5 <= cfl <= 16:
+        if fis[_F_TYPE] != FIS_H2D or not 5 <= cfl <= 16:
             self.busy = slot
             self._start(cmd, ata_error(ERR_ABRT))
             return None
-        if not fis[1] & H2D_COMMAND:
-            self._device_control(slot, fis[15])
+        if not fis[_F_FLAGS] & H2D_COMMAND:
+            self._device_control(slot, fis[_F_CONTROL])
             return None
         return cmd
 

@@ -181,6 +181,12 @@ def struct_of(st: Struct) -> struct.Struct:
     return s
 
 
+def tuple_indexes(st: Struct) -> dict[str, int]:
+    """Where each named field lands in the tuple struct_of(st).unpack() returns (padding
+    produces no item)."""
+    return {sc.name: i for i, sc in enumerate(sc for sc in st.subcons if sc.name)}
+
+
 GHC_OFFSETS = offsets_of(GHC_REGS)
 PORT_OFFSETS = offsets_of(PORT_REGS)
 GHC_BY_OFFSET = {off: name for name, off in GHC_OFFSETS.items()}
@@ -196,6 +202,7 @@ CMD_TABLE_PRDT = COMMAND_TABLE_HEADER.sizeof()
 PRD = struct_of(PRD_ENTRY)                      # dba, dbau, dbc
 PRD_SIZE = PRD_ENTRY.sizeof()
 H2D = struct_of(H2D_FIS)
+H2D_INDEX = tuple_indexes(H2D_FIS)
 D2H = struct_of(D2H_FIS)
 PIO_SETUP = struct_of(PIO_SETUP_FIS)
 SDB = struct_of(SDB_FIS)
