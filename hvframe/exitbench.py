@@ -2,7 +2,7 @@
 (the floor on this host), both running the same guest (tests/guests/portloop.c: N `out`
 instructions to port 0xe0, then power off through port 0x404).
 
-    python -m hvframe.exitbench [--count N] [--rounds R]
+    python -m hvframe.exitbench [--count N] [--rounds R] [--parts]
 """
 from __future__ import annotations
 
@@ -54,13 +54,19 @@ def floor_run(guest: str, count: int) -> tuple[float, int]:
         m.close()
 
 
-def hvframe_run(guest: str, count: int) -> tuple[float, int, int]:
-    """Seconds, port exits and Python-handled port writes for one run under hvframe."""
+def hvframe_run(guest: str, count: int, handler: str = "python") -> tuple[float, int, int]:
+    """Seconds, port exits and Python-handled port writes for one run under hvframe. The
+    port's handler: "python" (CountingPort), "c" (a C sink) or "gil" (a C handler that only
+    takes and drops the GIL, as the Python path does around its call)."""
     from .platform.acpi_pm import AcpiPm
     m = _machine(guest, count)
     try:
         port = CountingPort()
-        m.pio.register(BENCH_PORT, 1, port, name="bench-port")
+        if handler == "python":
+            m.pio.register(BENCH_PORT, 1, port, name="bench-port")
+        else:
+            fn = lib.hv_native_sink if handler == "c" else lib.hv_native_gil_only
+            m.pio.register_native(BENCH_PORT, 1, fn, name="bench-port")
         AcpiPm(m)
         t0 = time.perf_counter()
         code = m.run()
@@ -77,26 +83,41 @@ def portloop_guest() -> str:
     return cached_guest("portloop")
 
 
-def compare(count: int = 200000, rounds: int = 3) -> dict:
+def compare(count: int = 200000, rounds: int = 3, parts: bool = False) -> dict:
+    """Best-of-rounds cost per exit: the floor and hvframe's Python handler; with parts, also
+    a C handler and the GIL hand-off alone (where the Python handler's cost goes)."""
     guest = portloop_guest()
     floor = min(floor_run(guest, count)[0] / count for _ in range(rounds))
-    best = None
-    for _ in range(rounds):
-        dt, exits, writes = hvframe_run(guest, count)
-        assert writes == count, (writes, count)
-        best = dt / count if best is None else min(best, dt / count)
-    return {"count": count, "floor_us": floor * 1e6, "hvframe_us": best * 1e6,
-            "ratio": best / floor}
+    out = {"count": count, "floor_us": floor * 1e6}
+    for handler in ("python", "c", "gil") if parts else ("python",):
+        best = None
+        for _ in range(rounds):
+            dt, exits, writes = hvframe_run(guest, count, handler)
+            if handler == "python":
+                assert writes == count, (writes, count)
+            best = dt / count if best is None else min(best, dt / count)
+        key = "hvframe" if handler == "python" else f"{handler}_handler"
+        out[f"{key}_us"] = best * 1e6
+    out["ratio"] = out["hvframe_us"] / out["floor_us"]
+    return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m hvframe.exitbench", description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=200000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--parts", action="store_true",
+                    help="also a C handler and the GIL hand-off alone under hvframe")
     a = ap.parse_args(argv)
-    r = compare(a.count, a.rounds)
+    r = compare(a.count, a.rounds, a.parts)
     print(f"port exits per run: {r['count']}")
     print(f"C floor loop:          {r['floor_us']:.3f} us/exit")
+    if a.parts:
+        f = r["floor_us"]
+        print(f"hvframe C handler:      {r['c_handler_us']:.3f} us/exit "
+              f"({r['c_handler_us'] / f:.3f}x)")
+        print(f"hvframe GIL hand-off:   {r['gil_handler_us']:.3f} us/exit "
+              f"({r['gil_handler_us'] / f:.3f}x)")
     print(f"hvframe Python handler: {r['hvframe_us']:.3f} us/exit")
     print(f"ratio: {r['ratio']:.3f}")
 
