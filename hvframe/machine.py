@@ -75,6 +75,8 @@ class MsiIrqFd:
         self.gsi: int | None = None
         self._lock = threading.Lock()   # set_message/close against each other, not fire()
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Native threads that write the eventfd themselves (hv_irq_gate); shut on close.
+        self.gates: list = []
         vm = machine.vm
         if vm is not None:
             try:
@@ -94,6 +96,12 @@ class MsiIrqFd:
     @property
     def message(self) -> tuple[int, int] | None:
         return None if self.address is None else (self.address, self.data)
+
+    @property
+    def eventfd_delivery(self) -> bool:
+        """Whether writing ``fd`` is the interrupt (under KVM, or a synthetic machine made
+        with irqfd_eventfds): a native thread may then fire it with one write."""
+        return self.gsi is not None or getattr(self.machine, "irqfd_eventfds", False)
 
     def set_message(self, address: int | None, data: int = 0) -> None:
         """Route the eventfd to this (address, data); None routes it nowhere (fire() is then
@@ -117,7 +125,7 @@ class MsiIrqFd:
         on the synthetic backend the message is recorded in machine.msis as signal_msi does.
         Dropped when no message is set or the irqfd is closed."""
         fd = self.fd
-        if self.gsi is not None:
+        if self.eventfd_delivery:
             if fd >= 0:
                 os.eventfd_write(fd, 1)
         elif self.address is not None and fd >= 0:
@@ -128,6 +136,9 @@ class MsiIrqFd:
             fd = self.fd
             if fd < 0:
                 return
+            for gate in self.gates:         # no native writer may use the number again
+                gate.open = 0
+                gate.fd = -1
             self.fd = -1
             vm = self.machine.vm
             if self.gsi is not None and vm is not None:

@@ -13,8 +13,16 @@ from .machine import Machine
 
 
 class SyntheticMachine(Machine):
-    def __init__(self, memory_size: int = 16 << 20, cpus: int = 1):
+    """Exits fed by the caller, no KVM.
+
+    MSI irqfds record each message in ``msis`` when fired. With ``irqfd_eventfds=True`` they
+    behave as under KVM instead: firing writes the irqfd's eventfd (device threads may write
+    it directly) and the caller, standing in for KVM, reads it (MsiIrqFd.fd)."""
+
+    def __init__(self, memory_size: int = 16 << 20, cpus: int = 1, *,
+                 irqfd_eventfds: bool = False):
         super().__init__(memory_size, cpus, backend="synthetic")
+        self.irqfd_eventfds = irqfd_eventfds
 
     # One exit each, through hv_bus_dispatch as KVM_EXIT_IO / KVM_EXIT_MMIO would go.
     def io_read(self, port: int, size: int = 1) -> int:

@@ -49,6 +49,10 @@ def m():
 
 @pytest.fixture
 def dev(m):
+    return make_testdev(m)
+
+
+def make_testdev(m):
     dt = device_type("pci-testdev")
     assert dt.kind == "pci"
     options = dt.validate({})
@@ -299,3 +303,55 @@ def test_pci_testdev_from_the_command_line_config(m):
                                         "3": {"0": {"device": "pci-testdev"}}}})
     assert cfg_read(m, 0, slot=3) == 0x00051B36
     assert m.mmio.read(cfg_read(m, BAR0) & ~0xF, 4) == MAGIC
+
+
+# -- the gate native device threads fire through ------------------------------------------------
+
+@pytest.fixture
+def em():
+    """A synthetic machine whose irqfds are eventfds the caller reads, as KVM would."""
+    from hvframe.synthetic import SyntheticMachine
+    machine = SyntheticMachine(64 << 20, irqfd_eventfds=True)
+    yield machine
+    machine.close()
+
+
+def test_native_gate_opens_exactly_while_the_vector_may_fire(em):
+    import os
+    d = make_testdev(em)
+    g = Guest(em)
+    gate = d.msix.gate(0)
+    g.entry(0, 0xFEE00000, 0x40)
+    assert gate.open == 0                                    # MSI-X still disabled
+    g.msix_control(MSIX_ENABLE)
+    irq = d.msix.irqfd(0)
+    assert irq.eventfd_delivery and (gate.open, gate.fd) == (1, irq.fd)
+    g.raise_(0)                                              # the eventfd is the interrupt
+    assert em.msis == [] and os.eventfd_read(irq.fd) == 1
+    g.mask(0, True)
+    assert gate.open == 0
+    g.mask(0, False)
+    assert gate.open == 1
+    g.msix_control(MSIX_ENABLE | MSIX_FUNCTION_MASK)
+    assert gate.open == 0
+    g.msix_control(MSIX_ENABLE)
+    assert gate.open == 1
+    g.entry(0, 0xFEE01000, 0x41)                             # retargeted while live
+    assert gate.open == 1 and irq.message == (0xFEE01000, 0x41)
+    g.msix_control(0)
+    assert gate.open == 0
+    g.msix_control(MSIX_ENABLE)
+    assert gate.open == 1
+    irq.close()                                              # its number may be reused
+    assert (gate.open, gate.fd) == (0, -1)
+
+
+def test_native_gate_stays_shut_where_firing_is_recorded(m, dev):
+    from hvframe.core_native import ffi
+    g = Guest(m)
+    g.entry(0, 0xFEE00000, 0x40)
+    g.msix_control(MSIX_ENABLE)
+    g.raise_(0)
+    assert m.msis == [(0xFEE00000, 0x40)]
+    assert dev.msix.gate(0).open == 0          # a native write would bypass m.msis
+    assert dev.msix.gate(dev.msix.vectors) == ffi.NULL

@@ -1,7 +1,8 @@
 """virtio-blk's native READ/WRITE path (hv_vblk_serve in hvframe/core_native/vblk_fast.c).
 
 Every scenario runs twice from the same guest memory and image: through the transport's
-service loop with the native path, and with serve_fast disabled (the Python path alone).
+service loop with the native cycle (hv_vq_cycle over hv_vblk_serve), and with serve_cycle
+disabled (the Python path alone).
 The two runs must leave identical guest RAM (data, status bytes, used ring), identical
 images and the same queue state and NEEDS_RESET outcome; the native path must actually have
 served the IN/OUT chains it can, and never a chain the VirtQueue rejects.
@@ -19,6 +20,7 @@ from hvframe.block.backend import IOV_MAX, BlockBackend
 from hvframe.core_native import ffi, lib
 from hvframe.errors import ConfigError
 from hvframe.memory import FOUR_GIB, GuestMemory
+from hvframe.virtio import native
 from hvframe.virtio import virtqueue as vq
 from hvframe.virtio.native import queue_state
 from hvframe.virtio.pci import QueueState, VirtioPciFunction
@@ -60,6 +62,9 @@ def test_c_layouts_match_construct_declarations():
     assert lib.HV_VRING_USED_IDX_OFF == vq.USED_IDX_OFF
     assert lib.HV_VRING_USED_RING_OFF == vq.USED_RING_OFF
     assert lib.HV_VRING_EVENT_SIZE == vq.EVENT_SIZE
+    assert lib.HV_VRING_FLAGS_OFF == vq.AVAIL_FLAGS_OFF == vq.USED_FLAGS_OFF
+    assert lib.HV_VRING_AVAIL_F_NO_INTERRUPT == vq.VRING_AVAIL_F_NO_INTERRUPT
+    assert lib.HV_VRING_USED_F_NO_NOTIFY == vq.VRING_USED_F_NO_NOTIFY
     assert lib.HV_VRING_MAX_SIZE == vq.MAX_QUEUE_SIZE
     assert (lib.HV_VRING_DESC_F_NEXT, lib.HV_VRING_DESC_F_WRITE, lib.HV_VRING_DESC_F_INDIRECT) \
         == (NEXT, WRITE, INDIRECT)
@@ -86,6 +91,8 @@ class Fake:
         self.resets = []
         self.interrupts = 0
 
+    msix = None                       # no irqfd gate: every interrupt comes back to Python
+
     def interrupt_queue(self, q):
         self.interrupts += 1
 
@@ -93,6 +100,9 @@ class Fake:
         self.resets.append(why)
 
     service_queue = VirtioPciFunction.service_queue
+    _serve_natively = VirtioPciFunction._serve_natively
+    _serve_chain = VirtioPciFunction._serve_chain
+    _irq_gate = VirtioPciFunction._irq_gate
 
 
 class Guest:
@@ -194,15 +204,15 @@ def run_one(scenario, fast, *, image=None, backend_kw=None, guest_kw=None, workd
         dev = vb.VirtioBlk(backend, queue_size=256)
         served = []
         if fast:
-            real = dev.serve_fast
+            real = dev.serve_cycle
 
-            def counting(qi, q):
-                n = real(qi, q)
-                served.append((n, queue_state(q).stop))
-                return n
-            dev.serve_fast = counting
+            def counting(qi, q, gate):
+                rc = real(qi, q, gate)
+                served.append((queue_state(q).served, queue_state(q).stop))
+                return rc
+            dev.serve_cycle = counting
         else:
-            dev.serve_fast = None
+            dev.serve_cycle = None
         t = Fake(dev)
         qs = QueueState(0, 256)
         qs.size = g.size
@@ -740,3 +750,140 @@ def test_random_requests_agree_with_python(w):
     if mutation is None:
         assert r["resets"] == []
         assert r["served"] == sum(1 for q in reqs if q[0] in (IN, OUT))
+
+
+# -- the worker's native cycle (hv_vq_cycle) ---------------------------------------------------
+
+class CycleRig:
+    """One queue, a device and an eventfd standing in for the vector's irqfd."""
+
+    def __init__(self, tmp_path, **guest_kw):
+        path = tmp_path / "disk.img"
+        path.write_bytes(image_bytes())
+        self.g = Guest(**guest_kw)
+        self.dev = vb.VirtioBlk(BlockBackend.open(path))
+        self.q = VirtQueue(self.g.mem, self.g.size, DESC, AVAIL, USED, **self.g.queue_kw)
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.gate = ffi.new("struct hv_irq_gate *")
+        self.gate.fd, self.gate.open = self.efd, 1
+
+    def cycle(self, poll_ns=0):
+        return self.dev.serve_cycle(0, self.q, self.gate, poll_ns)
+
+    @property
+    def served(self):
+        return queue_state(self.q).served
+
+    def irqs(self):
+        try:
+            return os.eventfd_read(self.efd)
+        except BlockingIOError:
+            return 0
+
+    def used_flags(self):
+        return struct.unpack("<H", self.g.mem.read(USED, 2))[0]
+
+    def close(self):
+        self.q.close()
+        self.dev.close()
+        self.g.mem.close()
+        os.close(self.efd)
+
+
+@pytest.fixture
+def crig(tmp_path):
+    r = CycleRig(tmp_path)
+    yield r
+    r.close()
+
+
+def test_cycle_serves_and_fires_the_open_gate(crig):
+    for i in range(3):
+        crig.g.request(i, IN, i, read_len=512)
+    assert crig.cycle() == native.CYCLE_IDLE
+    assert crig.served == 3 and crig.irqs() == 1
+    assert [n for _, n in used(dict(ram=bytes(crig.g.mem.buffer), guest=crig.g))] == [513] * 3
+    # idle: kicks asked for again, and nothing more to say to the driver
+    assert not crig.used_flags() & vq.VRING_USED_F_NO_NOTIFY and crig.q._notifications
+    assert crig.cycle() == native.CYCLE_IDLE and crig.served == 0 and crig.irqs() == 0
+
+
+def test_cycle_hands_a_shut_gate_back_once(crig):
+    crig.gate.open = 0
+    crig.g.request(0, IN, 0, read_len=512)
+    assert crig.cycle() == native.CYCLE_NOTIFY and crig.served == 1
+    assert crig.irqs() == 0
+    assert crig.cycle() == native.CYCLE_IDLE and crig.irqs() == 0
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_cycle_respects_interrupt_suppression(tmp_path, event_idx):
+    r = CycleRig(tmp_path, event_idx=event_idx)
+    try:
+        if event_idx:       # used_event: interrupt me after the 4th completion only
+            r.g.mem.write(AVAIL + vq.AVAIL_RING_OFF + 2 * r.g.size, struct.pack("<H", 3))
+        else:
+            r.g.mem.write(AVAIL + vq.AVAIL_FLAGS_OFF, struct.pack("<H", vq.VRING_AVAIL_F_NO_INTERRUPT))
+        for i in range(2):
+            r.g.request(i, IN, i, read_len=512)
+        assert r.cycle() == native.CYCLE_IDLE and r.served == 2 and r.irqs() == 0
+        if event_idx:
+            for i in range(2, 4):
+                r.g.request(i, IN, i, read_len=512)
+            assert r.cycle() == native.CYCLE_IDLE and r.irqs() == 1
+            # avail_event follows the ring once idle
+            ev = struct.unpack("<H", r.g.mem.read(USED + vq.USED_RING_OFF + 8 * r.g.size, 2))[0]
+            assert ev == 4
+    finally:
+        r.close()
+
+
+def test_cycle_polls_for_the_next_batch(crig):
+    import threading
+    crig.g.request(0, IN, 0, read_len=512)
+    later = threading.Timer(0.02, lambda: crig.g.request(1, IN, 1, read_len=512))
+    later.start()
+    try:
+        # one call serves both: the second batch arrived while the worker polled, and
+        # it needed no kick (notifications were off)
+        assert crig.cycle(poll_ns=2_000_000_000) == native.CYCLE_IDLE
+    finally:
+        later.join()
+    assert crig.served == 2 and crig.irqs() == 2
+
+
+def test_cycle_yields_to_a_claim(crig):
+    for i in range(2):
+        crig.g.request(i, IN, i, read_len=512)
+    queue_state(crig.q)
+    with native.claiming(crig.q):
+        assert crig.cycle(poll_ns=2_000_000_000) == native.CYCLE_YIELD
+    assert crig.served == 2 and crig.irqs() == 1
+    assert crig.q._notifications and not crig.used_flags() & vq.VRING_USED_F_NO_NOTIFY
+    assert queue_state(crig.q).c.yield_req == 0
+
+
+def test_cycle_leaves_other_requests_to_python(crig):
+    crig.g.request(0, FLUSH, 0)
+    crig.g.request(1, IN, 0, read_len=512)
+    assert crig.cycle() == native.CYCLE_PYTHON
+    assert crig.served == 0 and queue_state(crig.q).stop == "type"
+    assert crig.q.pop() is not None           # Python takes the FLUSH from here
+
+
+def test_eventfd_wait_spins_then_sleeps():
+    import threading
+    import time
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        assert lib.hv_eventfd_wait(fd, 1000, 0) == 0             # nothing: timeout
+        os.eventfd_write(fd, 3)
+        assert lib.hv_eventfd_wait(fd, 1000, 0) == 3             # found while spinning
+        t = threading.Timer(0.05, os.eventfd_write, (fd, 1))
+        t.start()
+        t0 = time.monotonic()
+        assert lib.hv_eventfd_wait(fd, 1000, 5000) == 1          # found after sleeping
+        assert time.monotonic() - t0 < 4
+        t.join()
+    finally:
+        os.close(fd)

@@ -44,9 +44,9 @@ class Rig:
     """A synthetic machine with one virtio-blk at slot 2 and a driver bound to it."""
 
     def __init__(self, tmp_path, conf="", *, legacy=False, msix=True, sectors=DISK_SECTORS,
-                 features=ALL):
+                 features=ALL, irqfd_eventfds=False):
         self.path = make_disk(tmp_path, sectors)
-        self.m = SyntheticMachine(64 << 20)
+        self.m = SyntheticMachine(64 << 20, irqfd_eventfds=irqfd_eventfds)
         dt = blk_type()
         options = dt.validate(dt.parse_conf(f"{self.path}{',' + conf if conf else ''}"),
                               where="test")
@@ -320,6 +320,38 @@ def test_msix_vector_per_queue(rig):
     before = len(rig.m.msis)
     rig.request(T_FLUSH, 0)
     assert rig.m.msis[before:] == [(0xFEE00000, 0x41)]        # queue 0 -> vector 1
+
+
+def test_completions_interrupt_through_the_irqfd_without_python(tmp_path):
+    # As under KVM: the queue worker's native cycle writes the vector's irqfd itself.
+    r = Rig(tmp_path, irqfd_eventfds=True)
+    try:
+        calls = []
+        deliver = r.fn.interrupt_queue
+        r.fn.interrupt_queue = lambda q: (calls.append(q.index), deliver(q))
+        for i in range(4):
+            assert r.request(T_OUT, i, data=bytes([i + 1]) * 512) == (S_OK, 1)
+            assert r.request(T_IN, i, read_len=512) == (S_OK, 513)
+            assert r.last_read == bytes([i + 1]) * 512
+        assert calls == [] and r.m.msis == []
+        # masked, the vector's interrupt comes back to Python and waits in the PBA
+        msix = r.fn.msix
+        vector = r.fn.queues[0].msix_vector
+        r.m.mmio_write(r.drv.bar(1) + 16 * vector + 12, 4, 1)
+        assert msix.gate(vector).open == 0
+        r.mem.write(r.buf, struct.pack("<IIQ", T_IN, 0, 0))
+        r.drv.submit(0, [(r.buf, 16, False), (r.buf + 0x800, 1, True)])
+        r.drv.kick(0)
+        deadline = time.monotonic() + 5
+        while not msix.is_pending(vector):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert calls == [0]
+        r.m.mmio_write(r.drv.bar(1) + 16 * vector + 12, 4, 0)      # unmask: delivered
+        assert [n for _, n in r.drv.wait_used(0, 1)] == [1]
+        assert not msix.is_pending(vector) and msix.gate(vector).open == 1
+    finally:
+        r.close()
 
 
 def test_broken_chain_sets_needs_reset_and_reset_recovers(rig):

@@ -37,6 +37,8 @@ uint64_t hv_bus_dispatch(struct hv_bus *b, uint64_t addr, uint32_t size, uint64_
                          int is_write);
 int hv_bus_count(struct hv_bus *b);
 uint64_t hv_native_sink(void *opaque, uint64_t offset, uint32_t size, uint64_t value, int is_write);
+uint64_t hv_native_gil_only(void *opaque, uint64_t offset, uint32_t size, uint64_t value,
+                            int is_write);
 void hv_synthetic_exits(struct hv_bus *b, const uint64_t *addrs, const uint8_t *sizes,
                         uint64_t *values, const uint8_t *is_write, size_t n);
 
@@ -50,6 +52,7 @@ int hv_floor_run(int fd, void *run_area, uint16_t stop_port, uint64_t *exits);
 int hv_ioctl(int fd, unsigned long request, void *arg);
 int hv_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int hv_irq_line(int vm_fd, uint32_t irq, int level);
+int64_t hv_eventfd_wait(int fd, uint64_t spin_ns, int timeout_ms);
 
 /* KVM ABI, laid out by <linux/kvm.h> */
 #define KVM_GET_API_VERSION ...
@@ -156,6 +159,9 @@ struct hv_vblk_req_hdr { uint32_t type; uint32_t reserved; uint64_t sector; };
 #define HV_VRING_USED_IDX_OFF ...
 #define HV_VRING_USED_RING_OFF ...
 #define HV_VRING_EVENT_SIZE ...
+#define HV_VRING_FLAGS_OFF ...
+#define HV_VRING_AVAIL_F_NO_INTERRUPT ...
+#define HV_VRING_USED_F_NO_NOTIFY ...
 #define HV_VRING_MAX_SIZE ...
 #define HV_VBLK_T_IN ...
 #define HV_VBLK_T_OUT ...
@@ -174,11 +180,19 @@ struct hv_vq {
     uint32_t size; uint32_t max_chain;
     uint8_t event_idx, indirect, notifications;
     uint16_t last_avail_idx, shadow_avail, used_idx;
+    uint16_t signalled_used;
     int stop;
+    uint32_t served;
+    volatile int yield_req;
 };
+struct hv_irq_gate { int fd; int open; };
+typedef int (*hv_vq_serve_fn)(struct hv_vq *q, const void *ctx, int max);
+enum { HV_VQ_CYCLE_IDLE, HV_VQ_CYCLE_PYTHON, HV_VQ_CYCLE_NOTIFY, HV_VQ_CYCLE_YIELD };
+int hv_vq_cycle(struct hv_vq *q, hv_vq_serve_fn serve, const void *ctx,
+                const struct hv_irq_gate *irq, uint64_t poll_ns);
 struct hv_blk { int fd; int readonly, direct, write_through; uint32_t logical_sector; uint64_t size; };
 int hv_vblk_serve(struct hv_vq *q, const struct hv_blk *b, int max);
-int hv_vq_poll_avail(struct hv_vq *q, uint64_t ns);
+int hv_vblk_serve_ctx(struct hv_vq *q, const void *blk, int max);
 """
 
 

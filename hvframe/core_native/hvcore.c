@@ -12,6 +12,8 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <time.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -297,6 +299,22 @@ uint64_t hv_native_sink(void *opaque, uint64_t offset, uint32_t size, uint64_t v
     return 0;
 }
 
+/* For the exit-cost benchmark: takes and drops the GIL as a Python handler's exit does, and
+ * calls nothing -- what the GIL alone adds to an exit. */
+uint64_t hv_native_gil_only(void *opaque, uint64_t offset, uint32_t size, uint64_t value,
+                            int is_write)
+{
+    (void)opaque; (void)offset; (void)size; (void)value; (void)is_write;
+    PyThreadState *ts = thread_state;
+    if (!ts)
+        ts = thread_state = PyGILState_GetThisThreadState();
+    if (ts) {
+        PyEval_RestoreThread(ts);
+        PyEval_SaveThread();
+    }
+    return 0;
+}
+
 /* ---- synthetic exits -------------------------------------------------------------------- */
 
 /* Feed n accesses to one bus exactly as the KVM loop would: for the synthetic backend and
@@ -519,6 +537,43 @@ int hv_ioctl_int(int fd, unsigned long request, unsigned long arg)
 {
     int r = ioctl(fd, request, arg);
     return r < 0 ? -errno : r;
+}
+
+/* Wait for an eventfd (opened EFD_NONBLOCK) the way a halted vCPU waits for an interrupt
+ * under KVM: spin up to spin_ns (KVM's halt polling), then sleep up to timeout_ms (< 0:
+ * forever). Returns the count read, 0 on timeout, or -errno. Called without the GIL. */
+int64_t hv_eventfd_wait(int fd, uint64_t spin_ns, int timeout_ms)
+{
+    struct timespec t0, t;
+    uint64_t count;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned i = 0;; i++) {
+        if (read(fd, &count, sizeof(count)) == (ssize_t)sizeof(count))
+            return (int64_t)count;
+        if (errno != EAGAIN && errno != EINTR)
+            return -errno;
+        if (i % 16 == 15) {
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            uint64_t el = (uint64_t)(t.tv_sec - t0.tv_sec) * 1000000000u
+                          + (uint64_t)t.tv_nsec - (uint64_t)t0.tv_nsec;
+            if (el >= spin_ns)
+                break;
+        }
+    }
+    for (;;) {
+        struct pollfd p = { .fd = fd, .events = POLLIN };
+        int r = poll(&p, 1, timeout_ms);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -errno;
+        if (r == 0)
+            return 0;
+        if (read(fd, &count, sizeof(count)) == (ssize_t)sizeof(count))
+            return (int64_t)count;
+        if (errno != EAGAIN && errno != EINTR)
+            return -errno;
+    }
 }
 
 int hv_irq_line(int vm_fd, uint32_t irq, int level)

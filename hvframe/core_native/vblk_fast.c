@@ -37,6 +37,9 @@ struct hv_vblk_req_hdr { uint32_t type; uint32_t reserved; uint64_t sector; };
 #define HV_VRING_USED_IDX_OFF 2
 #define HV_VRING_USED_RING_OFF 4
 #define HV_VRING_EVENT_SIZE 2
+#define HV_VRING_FLAGS_OFF 0           /* avail.flags and used.flags */
+#define HV_VRING_AVAIL_F_NO_INTERRUPT 1
+#define HV_VRING_USED_F_NO_NOTIFY 1
 #define HV_VRING_MAX_SIZE 32768
 
 #define HV_VBLK_T_IN 0
@@ -70,8 +73,20 @@ struct hv_vq {
     uint32_t max_chain;            /* 0: no cap */
     uint8_t event_idx, indirect, notifications;
     uint16_t last_avail_idx, shadow_avail, used_idx;
+    uint16_t signalled_used;       /* used_idx at the last interrupt decision */
     int stop;                      /* HV_VBLK_STOP_* of the last call */
+    uint32_t served;               /* chains hv_vq_cycle served in its last call */
+    volatile int yield_req;          /* set by another thread that wants the queue: hv_vq_cycle
+                                    * returns after the batch in hand */
 };
+
+/* An MSI-X vector as a queue worker sees it: Python keeps `open` true only while the vector
+ * may fire (enabled, unmasked, routed to the irqfd `fd`); otherwise the worker asks Python. */
+struct hv_irq_gate { int fd; int open; };
+
+typedef int (*hv_vq_serve_fn)(struct hv_vq *q, const void *ctx, int max);
+
+enum { HV_VQ_CYCLE_IDLE = 0, HV_VQ_CYCLE_PYTHON, HV_VQ_CYCLE_NOTIFY, HV_VQ_CYCLE_YIELD };
 
 struct hv_blk {
     int fd;                        /* < 0: closed */
@@ -395,17 +410,15 @@ int hv_vblk_serve(struct hv_vq *q, const struct hv_blk *b, int max)
     }
 }
 
-/* Busy-poll (GIL released) until avail.idx differs from last_avail_idx or `ns` nanoseconds
- * pass: 1 if chains arrived, 0 on timeout, -1 on a bad set-up. Lets a queue worker catch the
- * driver's next batch without a sleep/wake-up round trip (adaptive polling, as in QEMU). */
-int hv_vq_poll_avail(struct hv_vq *q, uint64_t ns)
-{
-    struct vq_ctx c;
-    struct timespec t0, t;
+/* ---- the queue worker's cycle ---------------------------------------------------------- */
 
-    if (vq_setup(q, &c))
-        return -1;
-    const uint16_t *idx = (const uint16_t *)(c.avail + HV_VRING_AVAIL_IDX_OFF);
+/* Busy-poll until avail.idx differs from last_avail_idx (1), `ns` nanoseconds pass or another
+ * thread asks for the queue (0). Catches the driver's next batch without a sleep/wake-up
+ * round trip (adaptive polling, as QEMU's iothreads do). */
+static int vq_poll_avail(struct hv_vq *q, const struct vq_ctx *c, uint64_t ns)
+{
+    struct timespec t0, t;
+    const uint16_t *idx = (const uint16_t *)(c->avail + HV_VRING_AVAIL_IDX_OFF);
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (unsigned i = 1;; i++) {
         if (__atomic_load_n(idx, __ATOMIC_ACQUIRE) != q->last_avail_idx)
@@ -414,6 +427,8 @@ int hv_vq_poll_avail(struct hv_vq *q, uint64_t ns)
         __builtin_ia32_pause();
 #endif
         if (i % 64 == 0) {
+            if (q->yield_req)
+                return 0;
             clock_gettime(CLOCK_MONOTONIC, &t);
             uint64_t el = (uint64_t)(t.tv_sec - t0.tv_sec) * 1000000000u
                           + (uint64_t)t.tv_nsec - (uint64_t)t0.tv_nsec;
@@ -421,4 +436,108 @@ int hv_vq_poll_avail(struct hv_vq *q, uint64_t ns)
                 return 0;
         }
     }
+}
+
+/* VirtQueue.disable_notifications / enable_notifications (the latter without the re-read). */
+static void vq_set_notifications(struct hv_vq *q, const struct vq_ctx *c, int on)
+{
+    q->notifications = (uint8_t)on;
+    if (q->event_idx) {
+        /* Off: avail_event simply stops advancing. */
+        if (on) {
+            uint16_t *ev = (uint16_t *)(c->used + HV_VRING_USED_RING_OFF
+                                        + sizeof(struct hv_vring_used_elem) * q->size);
+            __atomic_store_n(ev, q->last_avail_idx, __ATOMIC_RELAXED);
+        }
+        return;
+    }
+    uint16_t *flags = (uint16_t *)(c->used + HV_VRING_FLAGS_OFF);
+    uint16_t f = __atomic_load_n(flags, __ATOMIC_RELAXED);
+    f = on ? (uint16_t)(f & ~HV_VRING_USED_F_NO_NOTIFY) : (uint16_t)(f | HV_VRING_USED_F_NO_NOTIFY);
+    __atomic_store_n(flags, f, __ATOMIC_RELAXED);
+}
+
+/* VirtQueue.needs_notification: interrupt the driver for what was pushed since last time? */
+static int vq_needs_notification(struct hv_vq *q, const struct vq_ctx *c)
+{
+    uint16_t old = q->signalled_used, now = q->used_idx;
+    q->signalled_used = now;
+    if (old == now)
+        return 0;
+    /* used.idx is stored before used_event / avail.flags is loaded (store-load: full fence). */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (q->event_idx) {
+        uint16_t used_event = __atomic_load_n(
+            (const uint16_t *)(c->avail + HV_VRING_AVAIL_RING_OFF
+                               + HV_VRING_AVAIL_ELEM_SIZE * q->size), __ATOMIC_RELAXED);
+        return (uint16_t)(now - used_event - 1) < (uint16_t)(now - old);
+    }
+    uint16_t flags = __atomic_load_n((const uint16_t *)(c->avail + HV_VRING_FLAGS_OFF),
+                                     __ATOMIC_RELAXED);
+    return !(flags & HV_VRING_AVAIL_F_NO_INTERRUPT);
+}
+
+/* Raise the queue's interrupt through its irqfd if Python says the vector may fire now. */
+static int irq_gate_fire(const struct hv_irq_gate *g)
+{
+    if (!g || !__atomic_load_n(&g->open, __ATOMIC_ACQUIRE))
+        return 0;
+    int fd = g->fd;
+    if (fd < 0)
+        return 0;
+    uint64_t one = 1;
+    ssize_t n;
+    do
+        n = write(fd, &one, sizeof(one));
+    while (n < 0 && errno == EINTR);
+    return n == (ssize_t)sizeof(one);
+}
+
+/* A queue worker's whole service loop while only native requests arrive, GIL released:
+ * serve every available chain with `serve`, interrupt the driver (irqfd) when the ring asks
+ * for it, poll `poll_ns` for the next batch, and re-enable notifications once idle.
+ * Returns HV_VQ_CYCLE_IDLE (nothing available, notifications on: sleep until a kick),
+ * HV_VQ_CYCLE_PYTHON (the next chain is for the Python path; q->stop says why; notifications
+ * off), HV_VQ_CYCLE_NOTIFY (interrupt the driver, the gate being shut, then call again) or
+ * HV_VQ_CYCLE_YIELD (another thread asked for the queue: notifications on, work may remain).
+ * q->served counts the chains served. */
+int hv_vq_cycle(struct hv_vq *q, hv_vq_serve_fn serve, const void *ctx,
+                const struct hv_irq_gate *irq, uint64_t poll_ns)
+{
+    struct vq_ctx c;
+    q->served = 0;
+    q->stop = vq_setup(q, &c);
+    if (q->stop)
+        return HV_VQ_CYCLE_PYTHON;
+    for (;;) {
+        vq_set_notifications(q, &c, 0);
+        uint32_t batch = 0;
+        do {
+            int n = serve(q, ctx, (int)q->size);
+            batch += (uint32_t)n;
+        } while (q->stop == HV_VBLK_STOP_MAX);
+        q->served += batch;
+        if (q->stop != HV_VBLK_STOP_EMPTY)
+            return HV_VQ_CYCLE_PYTHON;
+        /* The batch is complete: tell the driver before looking for more. */
+        if (vq_needs_notification(q, &c) && !irq_gate_fire(irq))
+            return HV_VQ_CYCLE_NOTIFY;
+        if (batch && poll_ns && !q->yield_req && vq_poll_avail(q, &c, poll_ns))
+            continue;
+        vq_set_notifications(q, &c, 1);
+        if (q->yield_req)
+            return HV_VQ_CYCLE_YIELD;
+        /* Notifications on before avail.idx is re-read (store-load: full fence); anything
+         * that arrived meanwhile came without a kick. */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n((const uint16_t *)(c.avail + HV_VRING_AVAIL_IDX_OFF),
+                            __ATOMIC_ACQUIRE) == q->last_avail_idx)
+            return HV_VQ_CYCLE_IDLE;
+    }
+}
+
+/* hv_vq_cycle's server for virtio-blk. */
+int hv_vblk_serve_ctx(struct hv_vq *q, const void *blk, int max)
+{
+    return hv_vblk_serve(q, (const struct hv_blk *)blk, max);
 }

@@ -41,6 +41,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+from ..core_native import ffi
 from ..errors import ConfigError, HvError
 
 if TYPE_CHECKING:
@@ -225,6 +226,11 @@ class MsixCapability:
         # lock-free path of notify() uses only those).
         self._irqfds: list = [None] * vectors
         self._fast: list = [None] * vectors
+        # Per vector: the gate native queue workers fire through (hv_irq_gate), open exactly
+        # when the lock-free path of notify() would fire the same irqfd.
+        self._gates = ffi.new("struct hv_irq_gate[]", vectors)
+        for g in self._gates:
+            g.fd = -1
         if add_bar:
             end = max(table_offset + table_len, pba_offset + pba_len)
             size = bar_size or PAGE
@@ -267,6 +273,26 @@ class MsixCapability:
         irq = self._irqfds[vector]
         return None if irq is _NO_IRQFD else irq
 
+    def gate(self, vector: int):
+        """The vector's ``struct hv_irq_gate *`` for native device threads: while open,
+        writing its fd is notify(vector); while shut, they must call notify()."""
+        return self._gates + vector if 0 <= vector < self.vectors else ffi.NULL
+
+    def _refresh_gate(self, v: int) -> None:
+        """(lock held) Open the vector's gate exactly when notify()'s lock-free path would
+        fire its irqfd with the eventfd alone."""
+        g, irq = self._gates[v], self._fast[v]
+        if irq is not None and irq.eventfd_delivery and irq.fd >= 0 and self._deliverable(v) \
+                and self.fn.pci_bus is not None:
+            g.fd = irq.fd
+            g.open = 1
+        else:
+            g.open = 0
+
+    def _refresh_gates(self) -> None:
+        for v in range(self.vectors):
+            self._refresh_gate(v)
+
     # -- delivery -------------------------------------------------------------------------
     def notify(self, vector: int = 0) -> bool:
         """Fire `vector`: delivered (True) when MSI-X is enabled and neither the function nor
@@ -308,6 +334,10 @@ class MsixCapability:
         if irq is not None and irq is not _NO_IRQFD:
             irq.set_message(*self.message(vector))
             self._fast[vector] = irq
+            gate = self._gates + vector
+            if gate not in irq.gates:
+                irq.gates.append(gate)
+        self._refresh_gate(vector)
         return irq
 
     def _deliver_slow(self, vector: int) -> None:
@@ -338,6 +368,7 @@ class MsixCapability:
                         if not self.vector_masked(v):
                             self._sync_route(v)
             self._flush_pending()
+            self._refresh_gates()
 
     # -- table and PBA (BAR accesses) -------------------------------------------------------
     def _dword_read(self, offset: int) -> int:
@@ -358,6 +389,7 @@ class MsixCapability:
         # Off the lock-free path until the route is the entry again (below, or when the
         # vector next becomes deliverable): an unmask must never fire a stale message.
         self._fast[vector] = None
+        self._gates[vector].open = 0
         if reg == ENTRY_ADDR_LO:
             e[reg] = value & 0xFFFFFFFC
         elif reg == ENTRY_CONTROL:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import struct
 import threading
 
+from ..core_native import lib
+
 from .device import (F_RING_EVENT_IDX, F_VERSION_1, NO_VECTOR, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
                      STATUS_DRIVER_OK, STATUS_FEATURES_OK, bit)
 from .pci import (CAP_ID_VENDOR, CFG_COMMON, CFG_DEVICE, CFG_ISR, CFG_NOTIFY,
@@ -284,13 +286,31 @@ class VirtioPciDriver:
         """Wait until `count` more chains came back on queue q; returns (head, written)."""
         dq = self.queues[q]
         done: list[tuple[int, int]] = []
+        irq = self._eventfd_interrupt(q)
         with self.interrupts:
             while True:
                 done += dq.reap()
                 if len(done) >= count:
                     return done
-                if not self.interrupts.wait(timeout):
+                if irq is not None:
+                    # The irqfd's eventfd is the interrupt; native workers write it directly.
+                    self.interrupts.release()
+                    try:
+                        got = lib.hv_eventfd_wait(irq.fd, 0, int(timeout * 1000)) > 0
+                    finally:
+                        self.interrupts.acquire()
+                else:
+                    got = self.interrupts.wait(timeout)
+                if not got:
                     done += dq.reap()
                     if len(done) >= count:
                         return done
                     raise TimeoutError(f"queue {q}: {len(done)} of {count} requests completed")
+
+    def _eventfd_interrupt(self, q: int):
+        """The MSI-X irqfd of queue q when the machine leaves irqfd eventfds to their reader
+        (SyntheticMachine(irqfd_eventfds=True)), else None."""
+        if not getattr(self.m, "irqfd_eventfds", False) or self.fn.msix is None:
+            return None
+        vector = self.fn.queues[q].msix_vector
+        return self.fn.msix.irqfd(vector) if vector != NO_VECTOR else None

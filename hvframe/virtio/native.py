@@ -5,20 +5,32 @@ RAM regions and ring addresses do not change during a queue's life).  ``NativeQu
 *args)`` copies the moving part of the state (last_avail_idx, the shadow avail index,
 used_idx, whether notifications are enabled) into the struct, calls the native function
 ``fn(struct hv_vq *, *args)`` (cffi releases the GIL around it) and copies the state back,
-so that pop()/push()/needs_notification() carry on exactly where the native code stopped.
-``_signalled_used`` stays Python's: the transport's needs_notification() after a batch
-covers the used entries the native code pushed.
+so that pop()/push()/needs_notification()/enable_notifications() carry on exactly where the
+native code stopped.
+
+``NativeQueue.cycle()`` runs a queue worker's whole service loop natively (hv_vq_cycle):
+serve, interrupt through the vector's irqfd gate, poll for the next batch, re-enable
+notifications; it comes back to Python only for what Python must do.
 
 Guest RAM is pinned (a buffer export on the mapping) only for the duration of a call, so
 GuestMemory.close() works whenever no call is running.
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 from ..core_native import ffi, lib
 
 # How long a queue worker with a native path spins for the driver's next batch before going
 # to sleep (QEMU's iothreads poll up to 32 us by default); 0 disables polling.
 POLL_NS = 32_000
+
+# What hv_vq_cycle came back for.
+CYCLE_IDLE = lib.HV_VQ_CYCLE_IDLE       # nothing available, notifications on: sleep
+CYCLE_PYTHON = lib.HV_VQ_CYCLE_PYTHON   # the next chain is the Python path's
+CYCLE_NOTIFY = lib.HV_VQ_CYCLE_NOTIFY   # interrupt the driver (the gate is shut), call again
+CYCLE_YIELD = lib.HV_VQ_CYCLE_YIELD     # another thread asked for the queue
 
 STOP_NAMES = {
     lib.HV_VBLK_STOP_EMPTY: "empty",
@@ -67,6 +79,7 @@ class NativeQueue:
         c.shadow_avail = vq._shadow_avail
         c.used_idx = vq.used_idx
         c.notifications = vq._notifications
+        c.signalled_used = vq._signalled_used
         # The export keeps the mapping alive (and GuestMemory.close() refused) meanwhile.
         with ffi.from_buffer(self._buffer) as mem:
             c.mem = mem
@@ -77,15 +90,40 @@ class NativeQueue:
         vq.last_avail_idx = c.last_avail_idx
         vq._shadow_avail = c.shadow_avail
         vq.used_idx = c.used_idx
+        vq._notifications = bool(c.notifications)
+        vq._signalled_used = c.signalled_used
         return n
 
-    def poll_avail(self, ns: int) -> bool:
-        """Spin up to ``ns`` nanoseconds (GIL released) for the driver to make chains
-        available; True if it did (avail.idx is not read into the queue state)."""
-        try:
-            return self.call(lib.hv_vq_poll_avail, ns) == 1
-        except (ValueError, BufferError):
-            return False                  # guest memory closed
+    def cycle(self, serve, ctx, gate, poll_ns: int = POLL_NS) -> int:
+        """One hv_vq_cycle with the native server ``serve(struct hv_vq *, ctx, max)``; the
+        queue's interrupt fires through ``gate`` (a ``struct hv_irq_gate *``, or NULL to
+        leave every interrupt to Python). Returns a CYCLE_* code; ``served`` counts."""
+        return self.call(lib.hv_vq_cycle, serve, ctx, gate, poll_ns)
+
+    @property
+    def served(self) -> int:
+        """Chains the last cycle() served natively."""
+        return self.c.served
+
+
+_claim_lock = threading.Lock()
+
+
+@contextmanager
+def claiming(vq):
+    """Around taking a queue's lock from another thread: a native cycle running on ``vq``
+    returns soon (CYCLE_YIELD) instead of polling on while the driver keeps it busy."""
+    nq = vq.__dict__.get("_native_queue") if vq is not None else None
+    if nq is None:
+        yield
+        return
+    with _claim_lock:
+        nq.c.yield_req += 1
+    try:
+        yield
+    finally:
+        with _claim_lock:
+            nq.c.yield_req -= 1
 
 
 def queue_state(vq) -> NativeQueue:

@@ -30,12 +30,13 @@ import threading
 
 from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
+from ..core_native import ffi
 from ..pci.device import PciFunction
 from ..pci.msi import MsixCapability
 from .device import (F_ANY_LAYOUT, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
                      ISR_CONFIG, ISR_QUEUE, NO_VECTOR, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
                      STATUS_NEEDS_RESET, VirtioDevice, bit)
-from .native import POLL_NS, queue_state
+from .native import CYCLE_IDLE, CYCLE_NOTIFY, CYCLE_YIELD, claiming
 from .virtqueue import VirtQueue, VirtqueueError, offset_of
 
 log = logging.getLogger(__name__)
@@ -572,7 +573,7 @@ class VirtioPciFunction(PciFunction):
             self._workers[q.index].wake()
 
     def _disable_queue(self, q: QueueState) -> None:
-        with q.lock:
+        with claiming(q.vq), q.lock:
             if q.vq is not None:
                 q.vq.close()
             q.clear()
@@ -661,35 +662,18 @@ class VirtioPciFunction(PciFunction):
             if vq is None or q.broken or not self.live or self.status & STATUS_NEEDS_RESET:
                 return
             device = self.device
-            fast = getattr(device, "serve_fast", None)
-            # With a native path, poll a while for the driver's next batch before sleeping:
-            # a sleep and wake-up costs more than a batch of small requests.
-            poll = queue_state(vq).poll_avail if fast is not None and POLL_NS else None
+            cycle = getattr(device, "serve_cycle", None)
             try:
+                if cycle is not None and self._serve_natively(q, vq, cycle):
+                    return
+                # The Python path: what is left, chain by chain.
                 while True:
                     vq.disable_notifications()
-                    served = 0
                     while True:
-                        if fast is not None:
-                            # A native path serves what it can and leaves the rest available.
-                            served += fast(q.index, vq)
                         chain = vq.pop()
                         if chain is None:
                             break
-                        served += 1
-                        try:
-                            written = device.handle_chain(q.index, chain)
-                        except Exception:
-                            # A device-model bug: fail this request, keep the VMM running.
-                            log.exception("%s: queue %d request failed", self.name, q.index)
-                            written = 0
-                        vq.push(chain.head, written)
-                    if poll is not None and served:
-                        # Complete this batch now, not after the poll.
-                        if vq.needs_notification():
-                            self.interrupt_queue(q)
-                        if poll(POLL_NS):
-                            continue
+                        self._serve_chain(q, vq, chain)
                     if not vq.enable_notifications():
                         break
             except VirtqueueError as e:
@@ -700,6 +684,41 @@ class VirtioPciFunction(PciFunction):
                 return
             if vq.needs_notification():
                 self.interrupt_queue(q)
+
+    def _serve_chain(self, q: QueueState, vq, chain) -> None:
+        try:
+            written = self.device.handle_chain(q.index, chain)
+        except Exception:
+            # A device-model bug: fail this request, keep the VMM running.
+            log.exception("%s: queue %d request failed", self.name, q.index)
+            written = 0
+        vq.push(chain.head, written)
+
+    def _serve_natively(self, q: QueueState, vq, cycle) -> bool:
+        """(q.lock held) The device's native cycle serves the queue, polls for the next
+        batch and interrupts through the vector's irqfd; Python steps in for the chains and
+        interrupts the cycle hands back. False: finish on the Python path."""
+        while True:
+            rc = cycle(q.index, vq, self._irq_gate(q))
+            if rc == CYCLE_IDLE:
+                return True
+            if rc == CYCLE_NOTIFY:
+                self.interrupt_queue(q)
+            elif rc == CYCLE_YIELD:
+                # Someone waits for q.lock (a reset): let them in, then look again.
+                self._workers[q.index].wake()
+                return True
+            else:
+                chain = vq.pop()          # raises VirtqueueError for an invalid chain
+                if chain is None:
+                    return False          # the native path cannot run at all
+                self._serve_chain(q, vq, chain)
+
+    def _irq_gate(self, q: QueueState):
+        """The irqfd gate of q's MSI-X vector, or NULL (every interrupt through Python)."""
+        if q.msix_vector == NO_VECTOR or self.msix is None:
+            return ffi.NULL
+        return self.msix.gate(q.msix_vector)
 
     def notify_queue(self, index: int) -> None:
         """Let a device ask for its queue to be served (e.g. receive data arrived)."""

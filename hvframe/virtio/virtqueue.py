@@ -179,7 +179,7 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
 _fence_lock = threading.Lock()
 
 
-def _full_barrier() -> None:
+def full_barrier() -> None:
     # A lock round trip is a LOCK-prefixed read-modify-write: a full fence on x86.
     _fence_lock.acquire()
     _fence_lock.release()
@@ -410,7 +410,7 @@ class VirtQueue:
         self._signalled_used = new
         if old == new:
             return False
-        _full_barrier()   # used.idx store must be visible before we load used_event/flags
+        full_barrier()   # used.idx store must be visible before we load used_event/flags
         if self.event_idx:
             return vring_need_event(_U16.unpack_from(self._avail, self._used_event_off)[0], new, old)
         return not _U16.unpack_from(self._avail, AVAIL_FLAGS_OFF)[0] & VRING_AVAIL_F_NO_INTERRUPT
@@ -434,5 +434,5 @@ class VirtQueue:
         else:
             flags = _U16.unpack_from(self._used, USED_FLAGS_OFF)[0]
             _U16.pack_into(self._used, USED_FLAGS_OFF, flags & ~VRING_USED_F_NO_NOTIFY & 0xFFFF)
-        _full_barrier()   # the store above must be visible before we re-read avail.idx
+        full_barrier()   # the store above must be visible before we re-read avail.idx
         return self._read_avail_idx() != self.last_avail_idx

@@ -7,10 +7,10 @@ Requests are served on the queue's worker thread (hvframe.virtio.pci): READ and 
 preadv/pwritev straight between the image and guest RAM, FLUSH as fdatasync, GET_ID, DISCARD
 and WRITE_ZEROES. A chain goes back to the driver only after the backend call returned, so an
 acknowledged write is on the backend (and durable with `direct`, or after a FLUSH).
-READ and WRITE chains are served natively when possible (serve_fast: hv_vblk_serve in
+READ and WRITE chains are served natively when possible (hv_vblk_serve in
 hvframe/core_native/vblk_fast.c, GIL released), with the same checks and answers as
-handle_chain; anything else, and any chain the native code declines, goes through
-handle_chain. Everything in a request is checked: a bad header, sector range, alignment or
+handle_chain: serve_cycle runs the worker's whole loop natively (hv_vq_cycle), serve_fast one
+pass. Anything else, and any chain the native code declines, goes through handle_chain. Everything in a request is checked: a bad header, sector range, alignment or
 segment list gets VIRTIO_BLK_S_IOERR / S_UNSUPP in the request's own status byte; a chain with no room
 for a status byte cannot be answered and is returned with nothing written.
 """
@@ -27,7 +27,7 @@ from hvframe.virtio.virtqueue import struct_of
 
 try:
     from hvframe.core_native import ffi as _ffi, lib as _lib
-    from hvframe.virtio.native import queue_state
+    from hvframe.virtio.native import CYCLE_PYTHON as _CYCLE_PYTHON, queue_state
 except ImportError:  # pragma: no cover - a broken install: the Python path serves all
     _lib = None
 
@@ -121,7 +121,7 @@ class VirtioBlk(VirtioDevice):
         self._build_config()
         self._blk = _ffi.new("struct hv_blk *") if _lib is not None else None
         if self._blk is None:
-            self.serve_fast = None
+            self.serve_fast = self.serve_cycle = None
         else:   # fixed for the backend's life; fd and size are refreshed per call
             blk = self._blk
             blk.readonly = backend.readonly
@@ -200,6 +200,24 @@ class VirtioBlk(VirtioDevice):
             return nq.call(_lib.hv_vblk_serve, blk, vq.size if limit is None else limit)
         except (ValueError, BufferError):
             return 0                  # guest memory closed or unusable: the Python path decides
+
+    def serve_cycle(self, queue: int, vq, gate, poll_ns: int | None = None) -> int:
+        """The queue worker's native loop (hv_vq_cycle over hv_vblk_serve): serve READ/WRITE
+        chains, interrupt through ``gate``, poll for the next batch. Returns the CYCLE_* code
+        (CYCLE_PYTHON when the next chain, or everything, is the Python path's)."""
+        be, blk = self.backend, self._blk
+        fd = be.fd
+        if fd < 0:
+            return _CYCLE_PYTHON      # closed: handle_chain answers IOERR
+        blk.fd = fd
+        blk.size = be.size
+        try:
+            nq = queue_state(vq)
+            if poll_ns is None:
+                return nq.cycle(_lib.hv_vblk_serve_ctx, blk, gate)
+            return nq.cycle(_lib.hv_vblk_serve_ctx, blk, gate, poll_ns)
+        except (ValueError, BufferError):
+            return _CYCLE_PYTHON      # guest memory closed or unusable
 
     def handle_chain(self, queue: int, chain) -> int:
         data_in, status = _split_status(chain.writable)
