@@ -52,7 +52,17 @@ class GuestMemory:
         self.regions: tuple[RamRegion, ...] = tuple(regions)
         self.lowmem_end = low
         self.highmem_end = regions[-1].end if len(regions) > 1 else 0
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                              | getattr(mmap, "MAP_NORESERVE", 0))
+        # As QEMU does with guest RAM: transparent huge pages where the host allows them
+        # (fewer TLB misses for the guest and for every device copy into its buffers), and
+        # not inherited by a fork (a child would make every page copy-on-write).
+        for advice in ("MADV_HUGEPAGE", "MADV_DONTFORK"):
+            if hasattr(mmap, advice):
+                try:
+                    self._map.madvise(getattr(mmap, advice))
+                except OSError:
+                    pass
         self._view = memoryview(self._map)
 
     # -- translation -----------------------------------------------------------------------
