@@ -193,6 +193,39 @@ int hv_vq_cycle(struct hv_vq *q, hv_vq_serve_fn serve, const void *ctx,
 struct hv_blk { int fd; int readonly, direct, write_through; uint32_t logical_sector; uint64_t size; };
 int hv_vblk_serve(struct hv_vq *q, const struct hv_blk *b, int max);
 int hv_vblk_serve_ctx(struct hv_vq *q, const void *blk, int max);
+
+/* AHCI NCQ native path (ahci_fast.c) */
+#define HV_AHCI_SLOTS ...
+#define HV_AHCI_MAX_IOV ...
+#define HV_AHCI_CMD_HEADER_SIZE ...
+#define HV_AHCI_CMD_TABLE_PRDT ...
+#define HV_AHCI_FIS_H2D ...
+#define HV_AHCI_H2D_COMMAND ...
+#define HV_AHCI_READ_FPDMA ...
+#define HV_AHCI_WRITE_FPDMA ...
+#define HV_AHCI_FUA ...
+#define HV_AHCI_CFL_MASK ...
+#define HV_AHCI_PRD_DBC_MASK ...
+#define HV_AHCI_PRD_IOC ...
+struct hv_ahci_cmd_header { uint16_t flags; uint16_t prdtl; uint32_t prdbc; uint32_t ctba;
+                            uint32_t ctbau; ...; };
+struct hv_ahci_prd { uint32_t dba; uint32_t dbau; uint32_t dbc; ...; };
+struct hv_ahci_h2d {
+    uint8_t type, flags, command, features, lba0, lba1, lba2, device, lba3, lba4, lba5,
+            features_exp, count, count_exp, icc, control; ...;
+};
+struct hv_ahci_slot { uint64_t offset; uint64_t length; int niov; int write, fua; int err; ...; };
+struct hv_ahci_port {
+    void *mem; uint64_t mem_size;
+    uint32_t nregions; struct hv_ram_region regions[4];
+    uint64_t clb; uint64_t sectors; uint32_t sector_size;
+    int fd; int readonly; int write_through;
+    uint32_t ioc; uint64_t bytes;
+    struct hv_ahci_slot slot[32];
+    ...;
+};
+uint32_t hv_ahci_prepare(struct hv_ahci_port *p, uint32_t slots);
+uint32_t hv_ahci_execute(struct hv_ahci_port *p, uint32_t slots);
 """
 
 
@@ -201,11 +234,11 @@ def make_ffi() -> FFI:
     ffi.cdef(CDEF)
     ffi.set_source(
         "hvframe.core_native._hvcore",
-        '#include "hvcore.c"\n#include "vblk_fast.c"',
+        '#include "hvcore.c"\n#include "vblk_fast.c"\n#include "ahci_fast.c"',
         py_limited_api=False,  # the exit path calls the interpreter with vectorcall
         include_dirs=[HERE],
         depends=[os.path.join(HERE, "hvcore.c"), os.path.join(HERE, "hvcore.h"),
-                 os.path.join(HERE, "vblk_fast.c")],
+                 os.path.join(HERE, "vblk_fast.c"), os.path.join(HERE, "ahci_fast.c")],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         libraries=["pthread"],
     )

@@ -111,6 +111,25 @@ class AtaDisk:
     def supports_trim(self) -> bool:
         return not self.backend.readonly and not self.backend.nodelete
 
+    @property
+    def native_ncq(self) -> bool:
+        """Whether NCQ reads and writes may take the native path (not with O_DIRECT, whose
+        alignment bounces are Python's)."""
+        return not self.backend.direct
+
+    def native_setup(self, nat) -> bool:
+        """Fill a ``struct hv_ahci_port`` with this disk's side; False if it cannot serve."""
+        be = self.backend
+        fd = be.fd
+        if fd < 0 or be.direct:
+            return False
+        nat.fd = fd
+        nat.sectors = self.sectors
+        nat.sector_size = self.sector
+        nat.readonly = be.readonly
+        nat.write_through = (not self.write_cache) or be.write_through
+        return True
+
     def is_queued(self, command: int) -> bool:
         return command in (READ_FPDMA_QUEUED, WRITE_FPDMA_QUEUED)
 

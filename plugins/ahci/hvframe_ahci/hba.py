@@ -10,6 +10,11 @@ into the received-FIS area, updates PxTFD, clears PxCI (non-queued) or PxSACT (N
 Set Device Bits FIS) and raises the port's interrupt, in that order, so a guest that sees the
 interrupt sees the data.
 
+NCQ READ/WRITE FPDMA QUEUED commands take a native path when a PxCI write issues nothing
+else (ahci_fast.c in the native core: the same fetch and checks in C, the transfer with the
+GIL released) and complete in batches: one Set Device Bits FIS and one interrupt per batch.
+Anything the native path declines goes the Python way below, which gives its errors.
+
 Non-queued commands run one at a time in slot order; NCQ commands run concurrently. An error
 stops the port as AHCI 1.3.1 section 6.2.2 says: PxIS.TFES (or HBFS/IFS/OFS for host-memory
 and transfer problems), PxCI keeps the failed slot, PxCMD.CCS names it, and nothing more is
@@ -23,6 +28,8 @@ import logging
 import threading
 from collections import deque
 
+from hvframe.block.backend import BlockError
+from hvframe.core_native import ffi, lib
 from hvframe.memory import GuestMemoryError
 from hvframe.pci.device import PciFunction
 from hvframe.pci.msi import MsiCapability
@@ -31,7 +38,7 @@ from .regs import (ABAR_SIZE, AHCI_VERSION, CAP_ISS_SHIFT, CAP_NCS_SHIFT, CAP_PM
                    CAP_SAM, CAP_SCLO, CAP_SNCQ, CMD_ATAPI, CMD_CCS_SHIFT, CMD_CLO, CMD_CR,
                    CMD_FR, CMD_FRE, CMD_HEADER, CMD_HEADER_SIZE, CMD_POD, CMD_ST, CMD_SUD,
                    CMD_TABLE_ACMD, CMD_TABLE_CFIS, CMD_TABLE_PRDT, CMD_WRITABLE, CONTROL_SRST,
-                   D2H, ERR_ABRT, FIS_D2H, FIS_H2D, FIS_I, FIS_PIO_SETUP, FIS_SDB, GHC_AE,
+                   D2H, ERR_ABRT, ERR_UNC, FIS_D2H, FIS_H2D, FIS_I, FIS_PIO_SETUP, FIS_SDB, GHC_AE,
                    GHC_BY_OFFSET, GHC_HR, GHC_IE, H2D, H2D_COMMAND, H2D_INDEX, HDR_CFL_MASK,
                    IS_DEFINED, IS_DHRS, IS_DPS, IS_HBFS, IS_OFS, IS_PCS, IS_PRCS, IS_PSS, IS_SDBS,
                    IS_TFES, MAX_PORTS, PIO_SETUP, PIO_TO_HOST, PORT_BASE, PORT_BY_OFFSET,
@@ -47,6 +54,7 @@ REVISION = 0x02
 ABAR_INDEX = 5
 INTA = 1
 SLOTS = 32
+NATIVE_JOB_BYTES = 256 << 10     # the native path gives each worker at least this much
 _U32 = 0xFFFFFFFF
 
 
@@ -172,6 +180,15 @@ class Command:
         self.port.complete(self, result)
 
 
+class _NativeCommand:
+    """What completion needs of a natively served NCQ command (see AhciPort._finish)."""
+
+    __slots__ = ("slot", "epoch", "ioc", "ncq")
+
+    def __init__(self, slot: int, epoch: int, ioc: bool):
+        self.slot, self.epoch, self.ioc, self.ncq = slot, epoch, ioc, True
+
+
 class AhciPort:
     """One port's registers and command engine. All state is guarded by the HBA's lock."""
 
@@ -181,6 +198,7 @@ class AhciPort:
         self.inflight = 0            # commands with the device (any epoch)
         self.epoch = 0               # bumped by stop/reset: late completions are dropped
         self.batch: list = []        # requests devices submitted during this _run()
+        self._native = None          # struct hv_ahci_port, made on first use
         self.reset_registers()
         self.comreset()
 
@@ -313,10 +331,101 @@ class AhciPort:
         if not new:
             return
         self.ci |= new
+        if self._issue_native(new):
+            return
         for slot in range(SLOTS):
             if new >> slot & 1:
                 self.pending.append(slot)
         self._run()
+
+    # -- the native NCQ path ---------------------------------------------------------------
+    def _issue_native(self, new: int) -> bool:
+        """Serve the slots of one PxCI write natively if every one of them is an NCQ
+        READ/WRITE the native path takes and nothing is under way that orders them (a
+        pending or running non-queued command, an error, a slot still in flight)."""
+        dev = self.device
+        if dev is None or not getattr(dev, "native_ncq", False) or self.halted \
+                or self.busy is not None or self.pending or new & ~self.sact \
+                or new & self.ncq_active:
+            return False
+        nat = self._native
+        if nat is None:
+            nat = self._native = ffi.new("struct hv_ahci_port *")
+            regions = self.hba.memory.regions
+            if len(regions) > len(nat.regions):
+                return False
+            nat.mem_size = self.hba.memory.size
+            nat.nregions = len(regions)
+            for i, r in enumerate(regions):
+                nat.regions[i].gpa, nat.regions[i].size = r.gpa, r.size
+                nat.regions[i].host_offset = r.host_offset
+        if not dev.native_setup(nat):
+            return False
+        try:
+            # Guest RAM stays mapped (GuestMemory.close() refused) until the last job ends.
+            ram = ffi.from_buffer(self.hba.memory.buffer)
+        except (ValueError, BufferError):
+            return False
+        nat.mem = ram
+        nat.clb = self.clb_addr
+        if lib.hv_ahci_prepare(nat, new) != new:
+            return False
+        # Accepted, as _start_pending accepts an NCQ command: BSY clears, PxCI with it.
+        slots = [s for s in range(SLOTS) if new >> s & 1]
+        self.ci &= ~new
+        self.tfd = (self.tfd & ~0xFF) | ST_OK
+        self.ncq_active |= new
+        self.inflight += len(slots)
+        self.ccs = slots[-1]
+        ioc, epoch = nat.ioc, self.epoch
+        # A worker hand-off costs more than a small transfer: spread only large batches.
+        jobs = max(1, min(len(slots), dev.workers, nat.bytes // NATIVE_JOB_BYTES))
+        for i in range(jobs):
+            mask = sum(1 << s for s in slots[i::jobs])
+            done = (lambda m: lambda failed: self._native_done(m, ioc & m, epoch, failed))(mask)
+            try:
+                dev.queue.submit(self._native_transfer, nat, mask, ram, callback=done)
+            except BlockError:
+                done(mask)               # the device is closing: fail them
+        return True
+
+    @staticmethod
+    def _native_transfer(nat, mask: int, ram) -> int:
+        """(a BlockQueue worker) The data of `mask`'s slots; returns the slots that failed.
+        `ram` is the guest RAM export the prepared buffers point into."""
+        return lib.hv_ahci_execute(nat, mask)
+
+    def _native_done(self, mask: int, ioc: int, epoch: int, failed) -> None:
+        """Complete a natively served batch: one SDB FIS and one interrupt for what went
+        well, the Python completion (_finish) for each slot that failed."""
+        if not isinstance(failed, int):
+            failed = mask                # the worker could not run it (BlockError)
+        ok = mask & ~failed
+        with self.hba.lock:
+            self.inflight -= bin(ok).count("1")
+            if not self.inflight:
+                self.hba.idle.notify_all()
+            if ok and epoch == self.epoch:
+                self.ncq_active &= ~ok
+                if not self.halted:
+                    try:
+                        self._post_sdb(ST_OK, 0, ok)
+                    except TransferError as e:
+                        self._fatal(e.is_bit, e.serr)
+                    else:
+                        self.sact &= ~ok
+                        self.is_ |= IS_SDBS
+                        self.tfd = ST_OK
+                        if ok & ioc:
+                            self.is_ |= IS_DPS
+                        self.hba.update_irq()
+            for s in range(SLOTS):
+                if failed >> s & 1:
+                    write = self._native.slot[s].write
+                    self._finish(_NativeCommand(s, epoch, bool(ioc >> s & 1)),
+                                 ata_error(ERR_ABRT if write else ERR_UNC))
+            if ok and epoch == self.epoch and not self.halted:
+                self._run()
 
     def _run(self) -> None:
         """Start what may start: NCQ commands all at once, others one at a time."""
@@ -392,8 +501,16 @@ class AhciPort:
         fis = H2D.unpack_from(table, CMD_TABLE_CFIS)
         acmd = bytes(table[CMD_TABLE_ACMD:CMD_TABLE_ACMD + 16])
         prds, ioc = [], False
+        end = -1
         for dba, dbau, dbc in PRD.iter_unpack(table[CMD_TABLE_PRDT:]):
-            prds.append(((dbau << 32) | (dba & ~1), (dbc & PRD_DBC_MASK) + 1))
+            addr, n = (dbau << 32) | (dba & ~1), (dbc & PRD_DBC_MASK) + 1
+            if addr == end:
+                # Physically contiguous with the previous entry (pages a guest allocated in
+                # a row): one buffer, as QEMU's scatter-gather lists merge them too.
+                prds[-1] = (prds[-1][0], prds[-1][1] + n)
+            else:
+                prds.append((addr, n))
+            end = addr + n
             ioc = ioc or bool(dbc & PRD_IOC)
         cmd = Command(self, slot, fis, acmd, prds, ioc, self.epoch)
         cfl = flags & HDR_CFL_MASK
