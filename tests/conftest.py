@@ -29,3 +29,17 @@ def guest_dir(tmp_path_factory):
     from hvframe.guests.build import build_all
     out = tmp_path_factory.mktemp("guests")
     return build_all(out)
+
+
+def assert_c_struct_matches(cname, declaration):
+    """A C struct of the native core has the size, field offsets and field sizes of its
+    construct declaration (the source of truth); padding fields have no C counterpart."""
+    from hvframe.core_native import ffi
+    assert ffi.sizeof(cname) == declaration.sizeof(), cname
+    fields = dict(ffi.typeof(cname).fields)
+    off = 0
+    for sc in declaration.subcons:
+        if sc.name:
+            assert ffi.offsetof(cname, sc.name) == off, (cname, sc.name)
+            assert ffi.sizeof(fields[sc.name].type) == sc.sizeof(), (cname, sc.name)
+        off += sc.sizeof()

@@ -11,8 +11,11 @@ import os
 import struct
 
 import pytest
+from conftest import assert_c_struct_matches
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
-from hvframe.core_native import ffi, lib
+from hvframe.core_native import lib
 from hvframe_ahci import ata, regs
 from hvframe_ahci.hba import AhciHba, AhciPort
 from hvframe_ahci.testdriver import AhciDriver, build_machine, h2d
@@ -89,13 +92,9 @@ def issue(p, slots):
 
 
 def test_c_layouts_match_construct_declarations():
-    for cname, st in (("struct hv_ahci_cmd_header", regs.COMMAND_HEADER),
-                      ("struct hv_ahci_prd", regs.PRD_ENTRY),
-                      ("struct hv_ahci_h2d", regs.H2D_FIS)):
-        assert ffi.sizeof(cname) == st.sizeof(), cname
-        offsets = regs.offsets_of(st)
-        for name, off in offsets.items():
-            assert ffi.offsetof(cname, name) == off, (cname, name)
+    assert_c_struct_matches("struct hv_ahci_cmd_header", regs.COMMAND_HEADER)
+    assert_c_struct_matches("struct hv_ahci_prd", regs.PRD_ENTRY)
+    assert_c_struct_matches("struct hv_ahci_h2d", regs.H2D_FIS)
     assert lib.HV_AHCI_CMD_HEADER_SIZE == regs.CMD_HEADER_SIZE
     assert lib.HV_AHCI_CMD_TABLE_PRDT == regs.CMD_TABLE_PRDT
     assert lib.HV_AHCI_FIS_H2D == regs.FIS_H2D
@@ -220,9 +219,6 @@ def test_a_slot_still_in_flight_is_not_prepared_again(tmp_path):
 
 
 # -- random batches: the native path and Python agree ---------------------------------------
-
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 # Sane values keep each slot to its own 64 sectors and its own 128 KiB of RAM, so that the
 # outcome does not depend on the order concurrent requests run in; wild ones are outside.

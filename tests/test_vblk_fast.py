@@ -13,6 +13,7 @@ import tempfile
 import types
 
 import pytest
+from conftest import assert_c_struct_matches
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -48,14 +49,9 @@ def image_bytes(sectors=DISK_SECTORS):
 # -- layouts ------------------------------------------------------------------------------------
 
 def test_c_layouts_match_construct_declarations():
-    for cname, st_ in (("struct hv_vring_desc", vq.VirtqDesc),
-                       ("struct hv_vring_used_elem", vq.VirtqUsedElem),
-                       ("struct hv_vblk_req_hdr", vb.VirtioBlkReqHeader)):
-        assert ffi.sizeof(cname) == st_.sizeof(), cname
-        for sc in st_.subcons:
-            assert ffi.offsetof(cname, sc.name) == vq.offset_of(st_, sc.name), (cname, sc.name)
-            assert ffi.sizeof(ffi.typeof(cname).fields[[f[0] for f in ffi.typeof(cname).fields]
-                                                       .index(sc.name)][1].type) == sc.sizeof()
+    assert_c_struct_matches("struct hv_vring_desc", vq.VirtqDesc)
+    assert_c_struct_matches("struct hv_vring_used_elem", vq.VirtqUsedElem)
+    assert_c_struct_matches("struct hv_vblk_req_hdr", vb.VirtioBlkReqHeader)
     assert lib.HV_VRING_AVAIL_IDX_OFF == vq.AVAIL_IDX_OFF
     assert lib.HV_VRING_AVAIL_RING_OFF == vq.AVAIL_RING_OFF
     assert lib.HV_VRING_AVAIL_ELEM_SIZE == vq.AVAIL_ELEM_SIZE

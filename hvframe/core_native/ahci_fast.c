@@ -66,12 +66,7 @@ struct hv_ahci_port {
 
 static uint8_t *ahci_translate(const struct hv_ahci_port *p, uint64_t gpa, uint64_t len)
 {
-    for (uint32_t i = 0; i < p->nregions; i++) {
-        const struct hv_ram_region *r = &p->regions[i];
-        if (gpa >= r->gpa && len <= r->size && gpa - r->gpa <= r->size - len)
-            return (uint8_t *)p->mem + r->host_offset + (gpa - r->gpa);
-    }
-    return NULL;
+    return ram_translate(p->mem, p->regions, p->nregions, gpa, len);
 }
 
 /* One slot: 1 if it is an NCQ READ/WRITE the native path serves (slot state filled in and
@@ -169,14 +164,9 @@ uint32_t hv_ahci_prepare(struct hv_ahci_port *p, uint32_t slots)
 {
     p->ioc = 0;
     p->bytes = 0;
-    if (!p->mem || p->nregions == 0 || p->nregions > HV_VQ_MAX_REGIONS || p->fd < 0
+    if (!ram_regions_ok(p->mem, p->mem_size, p->regions, p->nregions) || p->fd < 0
         || !(p->sector_size == 512 || p->sector_size == 4096))
         return 0;
-    for (uint32_t i = 0; i < p->nregions; i++) {
-        const struct hv_ram_region *r = &p->regions[i];
-        if (r->host_offset > p->mem_size || r->size > p->mem_size - r->host_offset)
-            return 0;
-    }
     for (unsigned s = 0; s < HV_AHCI_SLOTS; s++) {
         if (!(slots >> s & 1))
             continue;

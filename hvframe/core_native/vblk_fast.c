@@ -95,15 +95,34 @@ struct hv_blk {
     uint64_t size;                 /* disk bytes */
 };
 
-/* Host pointer of [gpa, gpa+len) when it lies inside one RAM region, else NULL. */
-static uint8_t *vq_translate(const struct hv_vq *q, uint64_t gpa, uint64_t len)
+/* Host pointer of [gpa, gpa+len) when it lies inside one RAM region, else NULL. Shared by
+ * every native path that follows guest addresses (virtqueues here, AHCI in ahci_fast.c). */
+static uint8_t *ram_translate(void *mem, const struct hv_ram_region *regions, uint32_t n,
+                              uint64_t gpa, uint64_t len)
 {
-    for (uint32_t i = 0; i < q->nregions; i++) {
-        const struct hv_ram_region *r = &q->regions[i];
+    for (uint32_t i = 0; i < n; i++) {
+        const struct hv_ram_region *r = &regions[i];
         if (gpa >= r->gpa && len <= r->size && gpa - r->gpa <= r->size - len)
-            return (uint8_t *)q->mem + r->host_offset + (gpa - r->gpa);
+            return (uint8_t *)mem + r->host_offset + (gpa - r->gpa);
     }
     return NULL;
+}
+
+/* Whether a RAM region list fits the host mapping it is said to be in. */
+static int ram_regions_ok(const void *mem, uint64_t mem_size, const struct hv_ram_region *regions,
+                          uint32_t n)
+{
+    if (!mem || n == 0 || n > HV_VQ_MAX_REGIONS)
+        return 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (regions[i].host_offset > mem_size || regions[i].size > mem_size - regions[i].host_offset)
+            return 0;
+    return 1;
+}
+
+static uint8_t *vq_translate(const struct hv_vq *q, uint64_t gpa, uint64_t len)
+{
+    return ram_translate(q->mem, q->regions, q->nregions, gpa, len);
 }
 
 struct vq_ctx {
@@ -301,13 +320,8 @@ ioerr:
 /* Check the set-up and map the rings; 0 or HV_VBLK_STOP_STATE. */
 static int vq_setup(const struct hv_vq *q, struct vq_ctx *c)
 {
-    if (!q->mem || q->nregions == 0 || q->nregions > HV_VQ_MAX_REGIONS)
+    if (!ram_regions_ok(q->mem, q->mem_size, q->regions, q->nregions))
         return HV_VBLK_STOP_STATE;
-    for (uint32_t i = 0; i < q->nregions; i++) {
-        const struct hv_ram_region *r = &q->regions[i];
-        if (r->host_offset > q->mem_size || r->size > q->mem_size - r->host_offset)
-            return HV_VBLK_STOP_STATE;
-    }
     if (q->size == 0 || q->size > HV_VRING_MAX_SIZE || (q->size & (q->size - 1)))
         return HV_VBLK_STOP_STATE;
     uint64_t ev = q->event_idx ? HV_VRING_EVENT_SIZE : 0;

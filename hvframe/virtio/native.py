@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
-from ..core_native import ffi, lib
+from ..core_native import ffi, lib, set_ram_regions
 
 # How long a queue worker with a native path spins for the driver's next batch before going
 # to sleep (QEMU's iothreads poll up to 32 us by default); 0 disables polling.
@@ -49,16 +49,8 @@ class NativeQueue:
 
     def __init__(self, vq):
         memory = vq.memory
-        regions = memory.regions
-        if len(regions) > lib.HV_VQ_MAX_REGIONS:
-            raise ValueError(f"{len(regions)} RAM regions; the native core takes "
-                             f"{lib.HV_VQ_MAX_REGIONS}")
         c = ffi.new("struct hv_vq *")
-        c.mem_size = memory.size
-        c.nregions = len(regions)
-        for i, r in enumerate(regions):
-            c.regions[i].gpa, c.regions[i].size, c.regions[i].host_offset = (
-                r.gpa, r.size, r.host_offset)
+        set_ram_regions(c, memory)
         c.desc_addr, c.avail_addr, c.used_addr = vq.desc_addr, vq.avail_addr, vq.used_addr
         c.size = vq.size
         c.max_chain = vq.max_chain or 0

@@ -29,7 +29,7 @@ import threading
 from collections import deque
 
 from hvframe.block.backend import BlockError
-from hvframe.core_native import ffi, lib
+from hvframe.core_native import ffi, lib, set_ram_regions
 from hvframe.memory import GuestMemoryError
 from hvframe.pci.device import PciFunction
 from hvframe.pci.msi import MsiCapability
@@ -351,14 +351,10 @@ class AhciPort:
         nat = self._native
         if nat is None:
             nat = self._native = ffi.new("struct hv_ahci_port *")
-            regions = self.hba.memory.regions
-            if len(regions) > len(nat.regions):
-                return False
-            nat.mem_size = self.hba.memory.size
-            nat.nregions = len(regions)
-            for i, r in enumerate(regions):
-                nat.regions[i].gpa, nat.regions[i].size = r.gpa, r.size
-                nat.regions[i].host_offset = r.host_offset
+            try:
+                set_ram_regions(nat, self.hba.memory)
+            except ValueError:
+                return False             # nregions stays 0: the native path never takes
         if not dev.native_setup(nat):
             return False
         try:
