@@ -706,7 +706,8 @@ class VirtioPciFunction(PciFunction):
                 self.interrupt_queue(q)
             elif rc == CYCLE_YIELD:
                 # Someone waits for q.lock (a reset): let them in, then look again.
-                self._workers[q.index].wake()
+                if q.index < len(self._workers):
+                    self._workers[q.index].wake()
                 return True
             else:
                 chain = vq.pop()          # raises VirtqueueError for an invalid chain
