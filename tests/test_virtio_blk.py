@@ -395,6 +395,30 @@ def test_ring_outside_ram_needs_reset(rig):
     assert d.status() & STATUS_NEEDS_RESET
 
 
+@pytest.mark.parametrize("irqfd_eventfds", [True, False])
+def test_reset_is_not_held_up_by_a_polling_worker(tmp_path, monkeypatch, irqfd_eventfds):
+    # After a batch the worker polls the ring holding the queue (also when its interrupt
+    # went through Python); a reset must not wait for the poll to run out: the native
+    # cycle yields to it.
+    from hvframe.virtio import native
+    monkeypatch.setattr(native, "POLL_NS", 20_000_000_000)
+    r = Rig(tmp_path, irqfd_eventfds=irqfd_eventfds)
+    try:
+        assert r.request(T_IN, 0, read_len=512) == (S_OK, 513)
+        q = r.fn.queues[0]
+        deadline = time.monotonic() + 5
+        while not q.lock.locked():             # the worker is back to polling
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        t0 = time.monotonic()
+        r.drv.set_status(0)
+        assert r.drv.status() == 0
+        assert time.monotonic() - t0 < 5
+        assert r.fn.queues[0].vq is None
+    finally:
+        r.close()
+
+
 def test_reset_clears_queue_registers(rig):
     d = rig.drv
     d.set_status(0)

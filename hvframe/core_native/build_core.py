@@ -183,6 +183,7 @@ struct hv_vq {
     uint16_t signalled_used;
     int stop;
     uint32_t served;
+    uint32_t repoll;
     volatile int yield_req;
 };
 struct hv_irq_gate { int fd; int open; };

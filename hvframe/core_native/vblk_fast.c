@@ -76,6 +76,7 @@ struct hv_vq {
     uint16_t signalled_used;       /* used_idx at the last interrupt decision */
     int stop;                      /* HV_VBLK_STOP_* of the last call */
     uint32_t served;               /* chains hv_vq_cycle served in its last call */
+    uint32_t repoll;               /* hv_vq_cycle returned NOTIFY after a batch: poll next */
     volatile int yield_req;          /* set by another thread that wants the queue: hv_vq_cycle
                                     * returns after the batch in hand */
 };
@@ -519,6 +520,9 @@ int hv_vq_cycle(struct hv_vq *q, hv_vq_serve_fn serve, const void *ctx,
                 const struct hv_irq_gate *irq, uint64_t poll_ns)
 {
     struct vq_ctx c;
+    /* Handed back for an interrupt right after a batch, the poll for the next one is owed. */
+    int owed = q->repoll != 0;
+    q->repoll = 0;
     q->served = 0;
     q->stop = vq_setup(q, &c);
     if (q->stop)
@@ -534,10 +538,15 @@ int hv_vq_cycle(struct hv_vq *q, hv_vq_serve_fn serve, const void *ctx,
         if (q->stop != HV_VBLK_STOP_EMPTY)
             return HV_VQ_CYCLE_PYTHON;
         /* The batch is complete: tell the driver before looking for more. */
-        if (vq_needs_notification(q, &c) && !irq_gate_fire(irq))
+        if (vq_needs_notification(q, &c) && !irq_gate_fire(irq)) {
+            q->repoll = batch || owed;
             return HV_VQ_CYCLE_NOTIFY;
-        if (batch && poll_ns && !q->yield_req && vq_poll_avail(q, &c, poll_ns))
+        }
+        if ((batch || owed) && poll_ns && !q->yield_req && vq_poll_avail(q, &c, poll_ns)) {
+            owed = 0;
             continue;
+        }
+        owed = 0;
         vq_set_notifications(q, &c, 1);
         if (q->yield_req)
             return HV_VQ_CYCLE_YIELD;

@@ -86,11 +86,11 @@ class NativeQueue:
         vq._signalled_used = c.signalled_used
         return n
 
-    def cycle(self, serve, ctx, gate, poll_ns: int = POLL_NS) -> int:
+    def cycle(self, serve, ctx, gate, poll_ns: int | None = None) -> int:
         """One hv_vq_cycle with the native server ``serve(struct hv_vq *, ctx, max)``; the
         queue's interrupt fires through ``gate`` (a ``struct hv_irq_gate *``, or NULL to
         leave every interrupt to Python). Returns a CYCLE_* code; ``served`` counts."""
-        return self.call(lib.hv_vq_cycle, serve, ctx, gate, poll_ns)
+        return self.call(lib.hv_vq_cycle, serve, ctx, gate, POLL_NS if poll_ns is None else poll_ns)
 
     @property
     def served(self) -> int:

@@ -212,10 +212,7 @@ class VirtioBlk(VirtioDevice):
         blk.fd = fd
         blk.size = be.size
         try:
-            nq = queue_state(vq)
-            if poll_ns is None:
-                return nq.cycle(_lib.hv_vblk_serve_ctx, blk, gate)
-            return nq.cycle(_lib.hv_vblk_serve_ctx, blk, gate, poll_ns)
+            return queue_state(vq).cycle(_lib.hv_vblk_serve_ctx, blk, gate, poll_ns)
         except (ValueError, BufferError):
             return _CYCLE_PYTHON      # guest memory closed or unusable
 
