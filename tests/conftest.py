@@ -35,11 +35,9 @@ def assert_c_struct_matches(cname, declaration):
     """A C struct of the native core has the size, field offsets and field sizes of its
     construct declaration (the source of truth); padding fields have no C counterpart."""
     from hvframe.core_native import ffi
+    from hvframe.layout import fields_of
     assert ffi.sizeof(cname) == declaration.sizeof(), cname
-    fields = dict(ffi.typeof(cname).fields)
-    off = 0
-    for sc in declaration.subcons:
-        if sc.name:
-            assert ffi.offsetof(cname, sc.name) == off, (cname, sc.name)
-            assert ffi.sizeof(fields[sc.name].type) == sc.sizeof(), (cname, sc.name)
-        off += sc.sizeof()
+    c_fields = dict(ffi.typeof(cname).fields)
+    for name, (off, size) in fields_of(declaration).items():
+        assert ffi.offsetof(cname, name) == off, (cname, name)
+        assert ffi.sizeof(c_fields[name].type) == size, (cname, name)

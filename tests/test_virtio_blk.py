@@ -21,7 +21,7 @@ from hvframe_virtio_blk.virtio_blk import (F_BLK_SIZE, F_DISCARD, F_FLUSH, F_MQ,
                                            F_SEG_MAX, F_TOPOLOGY, F_WRITE_ZEROES, S_IOERR,
                                            S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN,
                                            T_OUT, T_WRITE_ZEROES, VirtioBlkConfig)
-from hvframe.virtio.virtqueue import offset_of
+from hvframe.layout import fields_of
 
 SLOT = 2
 DISK_SECTORS = 2048
@@ -108,8 +108,8 @@ def wait_status(drv, flag, timeout=5.0):
 
 
 def cfg_field(rig, name):
-    size = VirtioBlkConfig.subcons[[s.name for s in VirtioBlkConfig.subcons].index(name)].sizeof()
-    return rig.drv.config_read(offset_of(VirtioBlkConfig, name), size)
+    offset, size = fields_of(VirtioBlkConfig)[name]
+    return rig.drv.config_read(offset, size)
 
 
 # -- identity and negotiation ---------------------------------------------------------------

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from construct import Bytes, Int8ul, Int16ul, Int32ul, Struct
 
+from ..layout import fields_of
+
 CONVENTIONAL_SIZE = 256
 EXTENDED_SIZE = 4096
 HEADER_SIZE = 64
@@ -56,17 +58,8 @@ CAPABILITY_HEADER = Struct(
 )
 
 
-def _layout(struct) -> dict[str, tuple[int, int]]:
-    out, off = {}, 0
-    for sc in struct.subcons:
-        size = sc.sizeof()
-        out[sc.name] = (off, size)
-        off += size
-    return out
-
-
-FIELDS: dict[str, tuple[int, int]] = _layout(TYPE0_HEADER)
-CAP_FIELDS: dict[str, tuple[int, int]] = _layout(CAPABILITY_HEADER)
+FIELDS: dict[str, tuple[int, int]] = fields_of(TYPE0_HEADER)
+CAP_FIELDS: dict[str, tuple[int, int]] = fields_of(CAPABILITY_HEADER)
 assert sum(s for _, s in FIELDS.values()) == HEADER_SIZE == TYPE0_HEADER.sizeof()
 
 BAR_OFFSETS = tuple(FIELDS[f"bar{i}"][0] for i in range(6))

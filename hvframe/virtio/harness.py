@@ -16,17 +16,17 @@ import struct
 import threading
 
 from ..core_native import lib
-
+from ..layout import offset_of, offsets_of
 from .device import (F_RING_EVENT_IDX, F_VERSION_1, NO_VECTOR, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
                      STATUS_DRIVER_OK, STATUS_FEATURES_OK, bit)
 from .pci import (CAP_ID_VENDOR, CFG_COMMON, CFG_DEVICE, CFG_ISR, CFG_NOTIFY,
                   LEGACY_HEADER_SIZE, LEGACY_MSIX_SIZE, VirtioPciCommonCfg,
                   VirtioPciLegacyHeader, VirtioPciNotifyCap)
 from .virtqueue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
-                        avail_ring_size, offset_of)
+                        avail_ring_size)
 
-C = {sc.name: offset_of(VirtioPciCommonCfg, sc.name) for sc in VirtioPciCommonCfg.subcons}
-L = {sc.name: offset_of(VirtioPciLegacyHeader, sc.name) for sc in VirtioPciLegacyHeader.subcons}
+C = offsets_of(VirtioPciCommonCfg)
+L = offsets_of(VirtioPciLegacyHeader)
 CAP_NOTIFY_MULT = offset_of(VirtioPciNotifyCap, "notify_off_multiplier")
 PCI_COMMAND, PCI_STATUS, PCI_CAP_PTR = 0x04, 0x06, 0x34
 BAR_OFFSETS = [0x10 + 4 * i for i in range(6)]

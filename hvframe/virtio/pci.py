@@ -31,6 +31,7 @@ import threading
 from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 from ..core_native import ffi
+from ..layout import fields_of
 from ..pci.device import PciFunction
 from ..pci.msi import MsixCapability
 from .device import (F_ANY_LAYOUT, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
@@ -118,11 +119,7 @@ def _le(value: int, size: int) -> bytes:
 
 
 def _fields(st: Struct) -> list[tuple[str, int, int]]:
-    out, off = [], 0
-    for sc in st.subcons:
-        out.append((sc.name, off, sc.sizeof()))
-        off += sc.sizeof()
-    return out
+    return [(name, off, size) for name, (off, size) in fields_of(st).items()]
 
 
 _COMMON_FIELDS = _fields(VirtioPciCommonCfg)

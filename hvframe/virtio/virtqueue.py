@@ -6,7 +6,7 @@ The descriptor, ring header and used-element layouts are declared once below wit
 ``construct`` (``VirtqDesc``, ``VirtqAvailHeader``, ``VirtqUsedHeader``, ``VirtqUsedElem``,
 and ``virtq_avail(size)`` / ``virtq_used(size)`` for whole rings).  The hot path does not
 parse through construct: ``struct.Struct`` objects and field offsets are *derived* from those
-declarations at import time (``struct_of`` / ``offset_of``), and tests check that both agree.
+declarations at import time (``hvframe.layout``), and tests check that both agree.
 
 API
 ---
@@ -62,8 +62,9 @@ from __future__ import annotations
 import struct
 import threading
 
-from construct import Array, FormatField, Int16ul, Int32ul, Int64ul, Renamed, Struct
+from construct import Array, Int16ul, Int32ul, Int64ul, Struct
 
+from ..layout import offset_of, struct_of
 from ..memory import GuestMemoryError
 
 # -- layouts (single source of truth) ------------------------------------------------------
@@ -120,29 +121,6 @@ def virtq_used(size: int, event_idx: bool = True) -> Struct:
 
 
 # -- fast path derived from the layouts ----------------------------------------------------
-
-def struct_of(st: Struct) -> struct.Struct:
-    """A little-endian struct.Struct equivalent to a construct Struct of fixed-size numbers."""
-    codes = []
-    for sc in st.subcons:
-        field = sc.subcon if isinstance(sc, Renamed) else sc
-        if not isinstance(field, FormatField) or field.fmtstr[0] != "<":
-            raise TypeError(f"{sc!r} is not a little-endian FormatField")
-        codes.append(field.fmtstr[1:])
-    s = struct.Struct("<" + "".join(codes))
-    assert s.size == st.sizeof()
-    return s
-
-
-def offset_of(st: Struct, name: str) -> int:
-    """Byte offset of field ``name`` in a fixed-size construct Struct."""
-    off = 0
-    for sc in st.subcons:
-        if sc.name == name:
-            return off
-        off += sc.sizeof()
-    raise KeyError(name)
-
 
 _DESC = struct_of(VirtqDesc)                       # addr, len, flags, next
 _USED_ELEM = struct_of(VirtqUsedElem)              # id, len

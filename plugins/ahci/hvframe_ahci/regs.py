@@ -2,15 +2,15 @@
 
 Everything the HBA model reads or writes -- the generic host control registers, the port
 registers, command headers, PRD entries, the FISes and the received-FIS area -- is declared
-here. The hot paths do not parse through construct: `struct_of` and `offsets_of` derive
+here. The hot paths do not parse through construct: `struct_of` and `offsets_of` (hvframe.layout) derive
 struct.Struct objects and offset tables from these declarations at import time, and the
 tests check that both agree.
 """
 from __future__ import annotations
 
-import struct
+from construct import Bytes, Int8ul, Int16ul, Int32ul, Padding, Struct
 
-from construct import Bytes, FormatField, Int8ul, Int16ul, Int32ul, Padding, Renamed, Struct
+from hvframe.layout import offsets_of, struct_of, tuple_indexes
 
 # ---------------------------------------------------------------------------- registers
 # Generic host control, ABAR offset 0x00 (AHCI 1.3.1 section 3.1).
@@ -153,40 +153,6 @@ RECEIVED_FIS = Struct(
 
 
 # ---------------------------------------------------------------------------- derived
-def offsets_of(st: Struct) -> dict[str, int]:
-    """Field name -> byte offset in a fixed-size construct Struct (padding is skipped)."""
-    out, off = {}, 0
-    for sc in st.subcons:
-        if sc.name:
-            out[sc.name] = off
-        off += sc.sizeof()
-    return out
-
-
-def struct_of(st: Struct) -> struct.Struct:
-    """A little-endian struct.Struct with the same layout (padding as 'x', bytes as 's')."""
-    codes = []
-    for sc in st.subcons:
-        field = sc.subcon if isinstance(sc, Renamed) else sc
-        if isinstance(field, FormatField):
-            if field.fmtstr[0] != "<":
-                raise TypeError(f"{sc!r} is not little-endian")
-            codes.append(field.fmtstr[1:])
-        elif sc.name:
-            codes.append(f"{sc.sizeof()}s")
-        else:
-            codes.append(f"{sc.sizeof()}x")
-    s = struct.Struct("<" + "".join(codes))
-    assert s.size == st.sizeof(), st
-    return s
-
-
-def tuple_indexes(st: Struct) -> dict[str, int]:
-    """Where each named field lands in the tuple struct_of(st).unpack() returns (padding
-    produces no item)."""
-    return {sc.name: i for i, sc in enumerate(sc for sc in st.subcons if sc.name)}
-
-
 GHC_OFFSETS = offsets_of(GHC_REGS)
 PORT_OFFSETS = offsets_of(PORT_REGS)
 GHC_BY_OFFSET = {off: name for name, off in GHC_OFFSETS.items()}
