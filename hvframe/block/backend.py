@@ -276,16 +276,8 @@ class BlockBackend:
         return total
 
     def _preadv_all(self, offset: int, views: list[memoryview]) -> None:
-        while views:
-            try:
-                n = os.preadv(self.fd, views[:IOV_MAX], offset)
-            except OSError as e:
-                raise self._io_error(f"read at {offset}", e) from None
-            if n <= 0:
-                raise BlockError(BlockError.IO, f"{self.path}: short read at {offset} "
-                                 f"(end of file; was the image truncated?)", errno.EIO)
-            offset += n
-            views = views_after(views, n)
+        self._rw_all(os.preadv, "read", offset, views,
+                     "short read at {} (end of file; was the image truncated?)")
 
     def write(self, offset: int, bufs: Sequence[Any], *, fua: bool = False) -> int:
         """Write bufs, in order, at byte `offset`; returns the byte count. With fua (or a
@@ -311,14 +303,20 @@ class BlockBackend:
         return total
 
     def _pwritev_all(self, offset: int, views: list[memoryview]) -> None:
+        self._rw_all(os.pwritev, "write", offset, views, "write at {} made no progress")
+
+    def _rw_all(self, op, what: str, offset: int, views: list[memoryview],
+                stalled: str) -> None:
+        """op (os.preadv or os.pwritev) until every view is done; a call that moves nothing
+        is an EIO BlockError with the `stalled` message (formatted with the offset)."""
         while views:
             try:
-                n = os.pwritev(self.fd, views[:IOV_MAX], offset)
+                n = op(self.fd, views[:IOV_MAX], offset)
             except OSError as e:
-                raise self._io_error(f"write at {offset}", e) from None
+                raise self._io_error(f"{what} at {offset}", e) from None
             if n <= 0:
-                raise BlockError(BlockError.IO, f"{self.path}: write at {offset} made no "
-                                 f"progress", errno.EIO)
+                raise BlockError(BlockError.IO, f"{self.path}: {stalled.format(offset)}",
+                                 errno.EIO)
             offset += n
             views = views_after(views, n)
 
