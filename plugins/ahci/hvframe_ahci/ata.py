@@ -111,14 +111,9 @@ class AtaDisk:
     def supports_trim(self) -> bool:
         return not self.backend.readonly and not self.backend.nodelete
 
-    @property
-    def native_ncq(self) -> bool:
-        """Whether NCQ reads and writes may take the native path (not with O_DIRECT, whose
-        alignment bounces are Python's)."""
-        return not self.backend.direct
-
     def native_setup(self, nat) -> bool:
-        """Fill a ``struct hv_ahci_port`` with this disk's side; False if it cannot serve."""
+        """Fill a ``struct hv_ahci_port`` with this disk's side for the native NCQ path;
+        False if it cannot serve (closed, or O_DIRECT, whose alignment bounces are Python's)."""
         be = self.backend
         fd = be.fd
         if fd < 0 or be.direct:

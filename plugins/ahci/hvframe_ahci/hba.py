@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from functools import partial
 
 from hvframe.block.backend import BlockError
 from hvframe.core_native import ffi, lib, set_ram_regions
@@ -344,7 +345,8 @@ class AhciPort:
         READ/WRITE the native path takes and nothing is under way that orders them (a
         pending or running non-queued command, an error, a slot still in flight)."""
         dev = self.device
-        if dev is None or not getattr(dev, "native_ncq", False) or self.halted \
+        setup = getattr(dev, "native_setup", None)   # disks have one, CD-ROMs not
+        if setup is None or self.halted \
                 or self.busy is not None or self.pending or new & ~self.sact \
                 or new & self.ncq_active:
             return False
@@ -355,7 +357,7 @@ class AhciPort:
                 set_ram_regions(nat, self.hba.memory)
             except ValueError:
                 return False             # nregions stays 0: the native path never takes
-        if not dev.native_setup(nat):
+        if not setup(nat):
             return False
         try:
             # Guest RAM stays mapped (GuestMemory.close() refused) until the last job ends.
@@ -378,7 +380,7 @@ class AhciPort:
         jobs = max(1, min(len(slots), dev.workers, nat.bytes // NATIVE_JOB_BYTES))
         for i in range(jobs):
             mask = sum(1 << s for s in slots[i::jobs])
-            done = (lambda m: lambda failed: self._native_done(m, ioc & m, epoch, failed))(mask)
+            done = partial(self._native_done, mask, ioc & mask, epoch)
             try:
                 dev.queue.submit(self._native_transfer, nat, mask, ram, callback=done)
             except BlockError:

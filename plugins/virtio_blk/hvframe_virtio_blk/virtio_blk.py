@@ -184,17 +184,25 @@ class VirtioBlk(VirtioDevice):
             self._watcher.start()
 
     # -- requests -------------------------------------------------------------------------
+    def _current_blk(self):
+        """The native ``struct hv_blk`` with the backend's fd and size as they are now
+        (refresh_size() may change the size), or None once the backend is closed."""
+        be, blk = self.backend, self._blk
+        fd = be.fd
+        if fd < 0:
+            return None
+        blk.fd = fd
+        blk.size = be.size
+        return blk
+
     def serve_fast(self, queue: int, vq, limit: int | None = None) -> int:
         """Serve the READ/WRITE chains at the head of ``vq`` natively (GIL released); stops
         at the first chain it leaves to handle_chain/pop (another type, an invalid chain,
         an O_DIRECT bounce) or after ``limit`` chains (default: one queue's worth).
         Returns the number of chains served (and pushed)."""
-        be, blk = self.backend, self._blk
-        fd = be.fd
-        if fd < 0:
+        blk = self._current_blk()
+        if blk is None:
             return 0                  # closed: handle_chain answers IOERR
-        blk.fd = fd
-        blk.size = be.size          # refresh_size() may change it
         try:
             nq = queue_state(vq)
             return nq.call(_lib.hv_vblk_serve, blk, vq.size if limit is None else limit)
@@ -205,12 +213,9 @@ class VirtioBlk(VirtioDevice):
         """The queue worker's native loop (hv_vq_cycle over hv_vblk_serve): serve READ/WRITE
         chains, interrupt through ``gate``, poll for the next batch. Returns the CYCLE_* code
         (CYCLE_PYTHON when the next chain, or everything, is the Python path's)."""
-        be, blk = self.backend, self._blk
-        fd = be.fd
-        if fd < 0:
+        blk = self._current_blk()
+        if blk is None:
             return _CYCLE_PYTHON      # closed: handle_chain answers IOERR
-        blk.fd = fd
-        blk.size = be.size
         try:
             return queue_state(vq).cycle(_lib.hv_vblk_serve_ctx, blk, gate, poll_ns)
         except (ValueError, BufferError):
