@@ -20,13 +20,14 @@ from typing import Any
 
 from .core_native import ffi, lib
 from .errors import ConfigError
+from . import concurrency
 
 # Handle -> device name, for error reports. The C core holds the handlers' bound read/write
 # methods itself (set by hv_py_set_handler, which takes its own references).
 _names: list[str] = []
 _free: list[int] = []
 _reported: set = set()
-_table_lock = threading.Lock()
+_table_lock = concurrency.lock(concurrency.LEAF, "dispatch handler table")
 
 
 def _add_handler(handler: Any, name: str) -> int:
@@ -91,7 +92,7 @@ class Bus:
         self.kind = kind
         self._c = ffi.gc(lib.hv_bus_new(), lib.hv_bus_free)
         self._ranges: dict[int, Range] = {}
-        self._lock = threading.Lock()
+        self._lock = concurrency.lock(concurrency.MACHINE, f"{kind} bus ranges")
 
     @property
     def c_bus(self):

@@ -15,6 +15,7 @@ from .core_native import ffi, lib
 from .cpuid import CpuidEntry, guest_cpuid
 from .errors import HvError
 from .memory import GuestMemory
+from . import concurrency
 
 KVM_API_VERSION = 12
 TSS_ADDR = 0xFFFBD000          # three pages KVM needs for real-mode emulation on VMX
@@ -117,7 +118,7 @@ class KvmVm:
         # GSI routing: the irqchip's default routes plus one MSI route per allocated GSI.
         # Guest table writes (vCPU threads) and devices change routes concurrently; the lock
         # also keeps each KVM_SET_GSI_ROUTING in the order the tables were made.
-        self._routes_lock = threading.RLock()
+        self._routes_lock = concurrency.lock(concurrency.KVM, "gsi routes", reentrant=True)
         self._msi_routes: dict[int, tuple[int, int] | None] = {}
         self._free_gsis: list[int] = []
         self._next_gsi = FIRST_MSI_GSI

@@ -15,6 +15,7 @@ from .core_native import lib
 from .dispatch import Bus
 from .errors import HvError
 from .memory import GuestMemory
+from . import concurrency
 
 # bhyve's exit statuses
 EXIT_REBOOT, EXIT_POWEROFF, EXIT_HALT, EXIT_TRIPLEFAULT, EXIT_ERROR = 0, 1, 2, 3, 4
@@ -73,7 +74,9 @@ class MsiIrqFd:
         self.address: int | None = None
         self.data = 0
         self.gsi: int | None = None
-        self._lock = threading.Lock()   # set_message/close against each other, not fire()
+        # set_message/close against each other, not fire(); taken inside the VM's route lock
+        # (msi_route_batch), which both also change.
+        self._lock = concurrency.lock(concurrency.LEAF, "irqfd")
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Native threads that write the eventfd themselves (hv_irq_gate); shut on close.
         self.gates: list = []
@@ -113,7 +116,7 @@ class MsiIrqFd:
             data = 0
         if address == self.address and data == self.data:
             return
-        with self._lock:
+        with self.machine.msi_route_batch(), self._lock:
             if self.fd < 0:
                 return
             if self.gsi is not None:
@@ -132,7 +135,7 @@ class MsiIrqFd:
             self.machine.msis.append((self.address, self.data))
 
     def close(self) -> None:
-        with self._lock:
+        with self.machine.msi_route_batch(), self._lock:
             fd = self.fd
             if fd < 0:
                 return
@@ -167,11 +170,11 @@ class Machine:
         self.msis: list[tuple[int, int]] = []
         self._irq_sources: dict[int, list[int]] = {}
         self._irq_owned: dict[int, Callable[[int], None]] = {}
-        self._irq_owned_lock = threading.Lock()
-        self._irq_lock = threading.Lock()
+        self._irq_owned_lock = concurrency.lock(concurrency.MACHINE, "irq owners")
+        self._irq_lock = concurrency.lock(concurrency.KVM, "irq lines")
         self._closers: list[Callable[[], None]] = []
         self._irqfds: list[MsiIrqFd] = []
-        self._irqfds_lock = threading.Lock()
+        self._irqfds_lock = concurrency.lock(concurrency.LEAF, "irqfd list")
         self._exit = threading.Event()
         self.exit_code: int | None = None
         self.exit_reason = ""
@@ -180,11 +183,17 @@ class Machine:
         self._kvm = None
         if backend == "kvm":
             from .kvm import Kvm, KvmVm
-            self._kvm = Kvm()
-            limit = self._kvm.max_vcpus()
-            if cpus > limit:
-                raise HvError(f"-c {cpus}: this host's KVM allows at most {limit} vCPUs")
-            self.vm = KvmVm(self._kvm, self.memory)
+            try:
+                self._kvm = Kvm()
+                limit = self._kvm.max_vcpus()
+                if cpus > limit:
+                    raise HvError(f"-c {cpus}: this host's KVM allows at most {limit} vCPUs")
+                self.vm = KvmVm(self._kvm, self.memory)
+            except BaseException:   # no machine to close(): give back what was taken
+                if self._kvm is not None:
+                    self._kvm.close()
+                self.memory.close()
+                raise
         elif backend != "synthetic":
             raise HvError(f"unknown backend {backend!r}")
 
@@ -290,6 +299,22 @@ class Machine:
                 start()
 
     def close(self) -> None:
+        """Release everything the machine holds; later calls do nothing. In order: the vCPU
+        threads are stopped and joined; on_close() callbacks (ioeventfds among them), then
+        every device's close() (which stops and joins the device's threads and closes its
+        files and eventfds) and the irqfds; the device handlers left on the port and MMIO
+        buses (the native dispatch table holds references to them); the vCPUs, the VM and
+        /dev/kvm; last, guest RAM, which is unmapped (see GuestMemory.close). A vCPU thread
+        that does not stop within its deadline is reported by name, and its vCPU, the VM
+        and guest RAM are left alone rather than pulled from under it."""
+        if threading.current_thread() in getattr(self, "_vcpu_threads", ()):
+            raise HvError("Machine.close() called from a vCPU thread: end the run with "
+                          "request_exit() and close from the thread that runs the machine")
+        # dict.setdefault is atomic: of two threads closing at once, one does the work.
+        token = object()
+        if self.__dict__.setdefault("_closed_by", token) is not token:
+            return
+        stuck = self._stop_vcpu_threads()
         for fn in reversed(self._closers):
             try:
                 fn()
@@ -310,15 +335,42 @@ class Machine:
                 irq.close()
             except Exception as e:
                 print(f"hvframe: while closing an irqfd: {e}", file=sys.stderr)
-        for v in self.vcpus:
+        for bus in (self.pio, self.mmio):
+            for r in bus.ranges():
+                try:
+                    bus.unregister(r.base)
+                except KeyError:       # gone meanwhile
+                    pass
+        if stuck:
+            return
+        vcpus, self.vcpus = self.vcpus, []     # request_exit() no longer reaches them
+        for v in vcpus:
             v.close()
-        self.vcpus = []
         if self.vm is not None:
             self.vm.close()
             self.vm = None
         if self._kvm is not None:
             self._kvm.close()
             self._kvm = None
+        self.memory.close()
+
+    def _stop_vcpu_threads(self, deadline: float = concurrency.JOIN_DEADLINE) -> list[str]:
+        """Stop the vCPU threads run() started (a run still going, or one that outlived
+        run()'s join) and join them; returns the names of those still running."""
+        threads = [t for t in getattr(self, "_vcpu_threads", ()) if t.is_alive()]
+        if not threads:
+            return []
+        self.request_exit(EXIT_ERROR, "machine closed while running")
+        concurrency.may_block("vCPU threads to stop")
+        import time
+        end = time.monotonic() + deadline
+        for t in threads:
+            t.join(max(0.0, end - time.monotonic()))
+        stuck = [t.name for t in threads if t.is_alive()]
+        if stuck:
+            print(f"hvframe: while closing: {', '.join(stuck)} did not stop; its vCPU, the VM "
+                  "and guest RAM are left as they are", file=sys.stderr)
+        return stuck
 
     # -- running (KVM) ---------------------------------------------------------------------
     def create_vcpus(self) -> None:
@@ -376,6 +428,7 @@ class Machine:
             raise HvError("no vCPUs: call create_vcpus() first")
         threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}",
                                     daemon=True) for v in self.vcpus]
+        self._vcpu_threads = threads       # close() stops and joins any still running
         for t in threads:
             t.start()
         try:

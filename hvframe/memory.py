@@ -64,6 +64,8 @@ class GuestMemory:
                 except OSError:
                     pass
         self._view = memoryview(self._map)
+        self.closed = False
+        self.unmapped = False    # close() gave the mapping back (see close)
 
     # -- translation -----------------------------------------------------------------------
     def host_offset(self, gpa: int, length: int) -> int:
@@ -73,6 +75,8 @@ class GuestMemory:
         for r in self.regions:
             if r.gpa <= gpa and gpa + length <= r.end:
                 return r.host_offset + (gpa - r.gpa)
+        if self.closed:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x}: guest memory is closed")
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest RAM")
 
     def contains(self, gpa: int, length: int = 1) -> bool:
@@ -121,6 +125,42 @@ class GuestMemory:
             entries.append((hi.gpa, hi.size, E820_RAM))
         return entries
 
-    def close(self) -> None:
-        self._view.release()
-        self._map.close()
+    def close(self) -> bool:
+        """Give guest RAM back to the host; idempotent. Afterwards every access raises
+        GuestMemoryError and ``buffer`` is a closed mapping (ffi.from_buffer and memoryview
+        of it raise ValueError), so a late device path fails cleanly.
+
+        Returns whether the mapping is gone. While someone still holds a view of it (a
+        memoryview slice, an ffi.from_buffer export) it cannot be unmapped under them: its
+        pages are dropped at once (MADV_DONTNEED: the RAM goes back to the host, a straggler
+        reads zeros instead of crashing) and the mapping itself goes when the last holder
+        lets go of it. ``unmapped`` says which happened."""
+        if self.closed:
+            return self.unmapped
+        self.closed = True
+        self.regions = ()                # host_offset() now refuses everything
+        view, self._view = self._view, memoryview(b"")
+        try:
+            view.release()
+        except BufferError:              # a buffer taken from the view itself: as below
+            pass
+        del view
+        m, self._map = self._map, _CLOSED_MAP
+        try:
+            m.close()
+            self.unmapped = True
+        except BufferError:              # exported: free the pages, keep the addresses valid
+            try:
+                m.madvise(mmap.MADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):
+                pass
+        return self.unmapped
+
+
+def _closed_map() -> mmap.mmap:
+    m = mmap.mmap(-1, mmap.PAGESIZE)
+    m.close()
+    return m
+
+
+_CLOSED_MAP = _closed_map()   # what GuestMemory.buffer is once closed

@@ -87,7 +87,9 @@ apt_install() {
         || die "apt-get install $* failed (need root or passwordless sudo)"
 }
 pkg_installed_version() {
-    dpkg-query -W -f='${db:Status-Abbrev} ${Version}\n' "$1" 2>/dev/null | awk '$1=="ii"{print $2}'
+    # dpkg-query fails for a package it has never seen: that is "not installed", not an error.
+    { dpkg-query -W -f='${db:Status-Abbrev} ${Version}\n' "$1" 2>/dev/null || true; } \
+        | awk '$1=="ii"{print $2}'
 }
 
 # --- source version: the installed package, else apt's candidate (so a cache hit needs no install)

@@ -5,7 +5,12 @@ import sys
 
 import pytest
 
-from hvframe.kvm import kvm_available
+# The lock-order checker (hvframe.concurrency) is on for the whole test run, and for the
+# hvframe processes tests start; it must be set before hvframe makes its first lock.
+os.environ.setdefault("HVFRAME_LOCK_CHECK", "1")
+
+from hvframe import concurrency  # noqa: E402
+from hvframe.kvm import kvm_available  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KVM_MISSING = kvm_available()
@@ -19,9 +24,23 @@ def hvframe_cmd():
 
 
 def run_hvframe(args, *, input=None, timeout=120):
-    """Run the installed command line as a user would; returns CompletedProcess (text)."""
-    return subprocess.run(hvframe_cmd() + list(args), input=input, capture_output=True,
-                          timeout=timeout, text=isinstance(input, str) or input is None)
+    """Run the installed command line as a user would; returns CompletedProcess (text).
+    The process runs with the lock-order checker on too: a violation it logs fails the test."""
+    r = subprocess.run(hvframe_cmd() + list(args), input=input, capture_output=True,
+                       timeout=timeout, text=isinstance(input, str) or input is None)
+    err = r.stderr if isinstance(r.stderr, str) else r.stderr.decode(errors="replace")
+    assert "lock order violation" not in err, err
+    return r
+
+
+@pytest.fixture(autouse=True)
+def lock_order_checked():
+    """Every test fails if a thread took locks out of the written order or waited while
+    holding one (hvframe.concurrency); tests that provoke violations on purpose take them."""
+    concurrency.take_violations()
+    yield
+    found = concurrency.take_violations()
+    assert not found, "lock order violations:\n" + "\n".join(found)
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,9 @@ def test_open_properties(tmp_path):
 def test_default_serial_is_stable(tmp_path):
     a = make_image(tmp_path, MiB, "a.img")
     b = make_image(tmp_path, MiB, "b.img")
-    with BlockBackend.open(a) as x, BlockBackend.open(a) as y, BlockBackend.open(b) as z:
+    # ro: two read-write opens of one image would conflict on its lock
+    with BlockBackend.open(a, readonly=True) as x, BlockBackend.open(a, readonly=True) as y, \
+            BlockBackend.open(b) as z:
         assert x.serial == y.serial != z.serial
         assert len(x.serial) <= 20 and x.serial.isprintable()
 
@@ -427,23 +429,42 @@ def test_write_acknowledged_only_after_data_is_on_the_backend(tmp_path, monkeypa
         assert events == ["sync"]
 
 
-def test_queue_is_bounded(tmp_path):
-    gate = threading.Event()
+def test_full_queue_refuses_at_once(tmp_path):
+    # A device submits while holding its own lock, which a worker may need to finish: a full
+    # queue must answer BUSY (the device's error status) instead of waiting for room.
+    gate, started = threading.Event(), threading.Event()
     q = BlockQueue(None, workers=1, depth=1)
     results = []
-    q.submit(gate.wait, 5, callback=results.append)        # the worker is busy with this
-    time.sleep(0.05)
+
+    def busy():
+        started.set()
+        return gate.wait(5)
+
+    q.submit(busy, callback=results.append)                # the worker is busy with this
+    assert started.wait(5)
     q.submit(lambda: 2, callback=results.append)           # fills the queue
-    third = threading.Thread(target=q.submit, args=(lambda: 3,),
-                             kwargs=dict(callback=results.append))
-    third.start()
-    time.sleep(0.1)
-    assert third.is_alive()                                # blocked: the queue is full
+    refused = []
+
+    def third():
+        try:
+            q.submit(lambda: 3, callback=results.append)
+        except BlockError as e:
+            refused.append(e)
+
+    t = threading.Thread(target=third)
+    t.start()
+    t.join(5)                                              # a deadline, should it block
+    assert not t.is_alive()
+    assert [e.kind for e in refused] == [BlockError.BUSY]
+    with pytest.raises(BlockError) as ei:
+        q.submit_many([(lambda: 4, (), results.append)])
+    assert ei.value.kind == BlockError.BUSY
+    assert q.pending == 2                                  # the refused ones never count
     gate.set()
-    third.join(5)
-    assert not third.is_alive()
+    assert q.drain(5)
+    q.submit(lambda: 5, callback=results.append)           # room again
     q.close()
-    assert results == [True, 2, 3]
+    assert results == [True, 2, 5]                         # the refused requests never ran
 
 
 def test_close_drains_pending_work(tmp_path):
@@ -451,7 +472,7 @@ def test_close_drains_pending_work(tmp_path):
     done = []
     lock = threading.Lock()
     with BlockBackend.open(path) as be:
-        q = BlockQueue(be, workers=3, depth=8)
+        q = BlockQueue(be, workers=3, depth=64)           # room for all 40: a full queue refuses
 
         def req(i):
             time.sleep(0.002)
@@ -473,6 +494,210 @@ def test_close_drains_pending_work(tmp_path):
         buf = bytearray(512)
         be.read(39 * 512, [buf])
         assert buf == bytes([39]) * 512
+
+
+# ------------------------------------------------------------------ worker pool: failures
+class WorkerBug(BaseException):
+    """Escapes run_request (which turns Exceptions into BlockError): kills the worker."""
+
+
+def queue_threads(name):
+    from hvframe import concurrency
+    return [t for t in concurrency.live_threads() if t.name.startswith(f"{name}-worker-")]
+
+
+class Answers:
+    """Callbacks that record (tag, result); wait() until n arrived."""
+
+    def __init__(self):
+        self.got = []
+        self.cond = threading.Condition()
+
+    def cb(self, tag):
+        def callback(result):
+            with self.cond:
+                self.got.append((tag, result))
+                self.cond.notify_all()
+        return callback
+
+    def wait(self, n, timeout=5):
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.got) >= n, timeout)
+            return dict(self.got)
+
+
+def test_a_worker_dying_of_a_bug_still_answers_its_request_and_the_rest_keep_serving(caplog):
+    q = BlockQueue(None, workers=2, depth=64, name="bugq")
+    answers = Answers()
+
+    def bug():
+        raise WorkerBug("device model bug")
+
+    q.submit(bug, callback=answers.cb("bug"))
+    for i in range(20):
+        q.submit(lambda i=i: i, callback=answers.cb(i))
+    got = answers.wait(21)
+    assert len(answers.got) == 21                         # every request answered, once
+    err = got["bug"]
+    assert isinstance(err, BlockError) and err.kind == BlockError.IO
+    assert "WorkerBug" in str(err)
+    assert [got[i] for i in range(20)] == list(range(20))
+    assert q.drain(5) and q.pending == 0
+    assert q.workers_alive == 1                            # one died, one keeps serving
+    assert "bugq-worker-" in caplog.text and "died" in caplog.text
+    more = Answers()
+    for i in range(5):
+        q.submit(lambda i=i: i * 10, callback=more.cb(i))
+    assert more.wait(5) == {i: i * 10 for i in range(5)}
+    started = time.monotonic()
+    q.close()
+    assert time.monotonic() - started < 2.0
+    assert queue_threads("bugq") == []
+
+
+def test_a_bug_in_the_worker_path_fails_the_request_with_io(monkeypatch):
+    # Not the request: the worker's own code raises (a plain Exception this time).
+    real = backend_mod.run_request
+    calls = []
+
+    def buggy_run_request(fn, args):
+        calls.append(fn)
+        if len(calls) == 1:
+            raise RuntimeError("bug in the worker path")
+        return real(fn, args)
+
+    monkeypatch.setattr(backend_mod, "run_request", buggy_run_request)
+    q = BlockQueue(None, workers=2, name="pathbug")
+    answers = Answers()
+    q.submit(lambda: "first", callback=answers.cb("first"))
+    q.submit(lambda: "second", callback=answers.cb("second"))
+    got = answers.wait(2)
+    assert got["second"] == "second"
+    assert isinstance(got["first"], BlockError) and got["first"].kind == BlockError.IO
+    assert "bug in the worker path" in str(got["first"])
+    q.close()
+    assert queue_threads("pathbug") == []
+
+
+def test_with_every_worker_dead_queued_requests_fail_and_new_ones_are_refused():
+    gate, started = threading.Event(), threading.Event()
+    q = BlockQueue(None, workers=1, depth=16, name="deadq")
+    answers = Answers()
+
+    def bug():
+        started.set()
+        assert gate.wait(5)
+        raise WorkerBug("worker killed")
+
+    q.submit(bug, callback=answers.cb("bug"))
+    assert started.wait(5)
+    for i in range(3):                                     # queued behind the doomed worker
+        q.submit(lambda i=i: i, callback=answers.cb(i))
+    q.submit_many([(lambda: "m0", (), answers.cb("m0")), (lambda: "m1", (), answers.cb("m1"))])
+    gate.set()
+    got = answers.wait(6)
+    assert set(got) == {"bug", 0, 1, 2, "m0", "m1"}
+    assert all(isinstance(r, BlockError) and r.kind == BlockError.IO for r in got.values())
+    assert q.drain(5) and q.pending == 0
+    with pytest.raises(BlockError) as ei:                  # refused with a clear error
+        q.submit(lambda: 0, callback=answers.cb("late"))
+    assert ei.value.kind == BlockError.IO
+    assert "no workers left" in str(ei.value) and "worker killed" in str(ei.value)
+    assert "late" not in dict(answers.got)
+    started_at = time.monotonic()
+    q.close()
+    assert time.monotonic() - started_at < 2.0
+    assert queue_threads("deadq") == []
+
+
+def test_a_bug_inside_a_batch_answers_the_rest_of_the_batch():
+    q = BlockQueue(None, workers=1, name="batchq")
+    answers = Answers()
+
+    def bug():
+        raise WorkerBug("in the middle")
+
+    q.submit_many([(lambda: "a", (), answers.cb("a")), (bug, (), answers.cb("bug")),
+                   (lambda: "c", (), answers.cb("c"))])
+    got = answers.wait(3)
+    assert len(answers.got) == 3                           # each answered exactly once
+    assert got["a"] == "a"                                 # ran before the bug: its result
+    assert got["bug"].kind == BlockError.IO and got["c"].kind == BlockError.IO
+    q.close()
+    assert queue_threads("batchq") == []
+
+
+def test_a_callback_that_kills_its_worker_is_not_called_twice():
+    q = BlockQueue(None, workers=2, name="cbq")
+    calls = []
+
+    def deadly(result):
+        calls.append(result)
+        raise WorkerBug("callback bug")
+
+    q.submit(lambda: 1, callback=deadly)
+    assert q.drain(5)
+    assert calls == [1]
+    answers = Answers()
+    q.submit(lambda: 2, callback=answers.cb("next"))       # the other worker serves it
+    assert answers.wait(1) == {"next": 2}
+    q.close()
+    assert queue_threads("cbq") == []
+
+
+def test_close_does_not_hang_on_a_stuck_request():
+    release = threading.Event()
+    q = BlockQueue(None, workers=1, depth=8, name="stuckq")
+    answers = Answers()
+    q.submit(lambda: release.wait(10), callback=answers.cb("stuck"))
+    q.submit(lambda: "never", callback=answers.cb("queued"))
+    started = time.monotonic()
+    q.close(deadline=0.3)                                  # no progress for 0.3 s: give up
+    assert time.monotonic() - started < 2.0
+    got = answers.wait(1)
+    assert got["queued"].kind == BlockError.CLOSED        # never ran, still answered
+    release.set()
+    assert answers.wait(2)["stuck"] is True                # the stuck one finishes later
+    deadline = time.monotonic() + 5
+    while queue_threads("stuckq") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert queue_threads("stuckq") == []
+
+
+def test_close_from_a_completion_callback_returns():
+    q = BlockQueue(None, workers=2, name="selfq")
+    closed = threading.Event()
+
+    def cb(result):
+        q.close()
+        closed.set()
+
+    q.submit(lambda: 1, callback=cb)
+    assert closed.wait(5)
+    with pytest.raises(BlockError) as ei:
+        q.submit(lambda: 2, callback=cb)
+    assert ei.value.kind == BlockError.CLOSED
+    deadline = time.monotonic() + 5
+    while queue_threads("selfq") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert queue_threads("selfq") == []
+
+
+def test_a_paused_queue_runs_nothing_until_resumed():
+    q = BlockQueue(None, workers=2, name="pauseq")
+    try:
+        for t in q._threads:
+            assert t.pause(2.0)                            # idle workers park promptly
+        answers = Answers()
+        q.submit(lambda: "x", callback=answers.cb("x"))
+        time.sleep(0.2)
+        assert answers.got == []
+        for t in q._threads:
+            t.resume()
+        assert answers.wait(1) == {"x": "x"}
+    finally:
+        q.close()
+    assert queue_threads("pauseq") == []
 
 
 # ------------------------------------------------------------------ shared device options

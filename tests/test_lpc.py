@@ -131,6 +131,88 @@ def test_i8042_output_port_write_resets():
     assert m.exit_code == 0
 
 
+def test_i8042_command_flood_without_reads_holds_one_byte():
+    """A guest writing 0x20 (read command byte) to 0x64 over and over, never reading 0x60:
+    the controller's single output register holds the answer, nothing piles up."""
+    m = SyntheticMachine()
+    ctl = i8042.I8042(m)
+    m.exit_batch([(0x64, 1, 0x20, True)] * 100_000)
+    assert ctl.held == 1 and ctl.held_peak == 1
+    assert m.io_read(0x64, 1) & 0x01
+    assert m.io_read(0x60, 1) == ctl.ccb
+    assert m.io_read(0x64, 1) & 0x01 == 0    # one read empties it: nothing was queued behind
+    assert ctl.held == 0
+
+
+def test_i8042_newer_controller_answer_replaces_an_unread_one():
+    m = SyntheticMachine()
+    ctl = i8042.I8042(m)
+    m.io_write(0x64, 1, 0xAA)                # self test: 0x55, not read
+    m.io_write(0x64, 1, 0x20)                # command byte replaces it
+    assert m.io_read(0x60, 1) == ctl.ccb
+    for value in range(256):                 # 0xd2 echoes: the last one is what is read
+        m.io_write(0x64, 1, 0xD2)
+        m.io_write(0x60, 1, value)
+    assert ctl.held_peak == 1
+    assert m.io_read(0x64, 1) & 0x21 == 0x01
+    assert m.io_read(0x60, 1) == 0xFF
+    m.io_write(0x64, 1, 0xD3)                # aux echo: the aux bit follows the byte
+    m.io_write(0x60, 1, 0x42)
+    assert m.io_read(0x64, 1) & 0x21 == 0x21
+    assert m.io_read(0x60, 1) == 0x42
+    assert m.io_read(0x64, 1) & 0x01 == 0
+
+
+def test_i8042_keyboard_command_flood_keeps_only_the_last_answer():
+    """Keyboard commands (identify, 3 answer bytes) written to 0x60 without reading: each new
+    command drops what the keyboard had not sent, so at most the register plus one answer
+    is held, and the host then reads one whole, ordered answer."""
+    m = SyntheticMachine()
+    ctl = i8042.I8042(m)
+    m.exit_batch([(0x60, 1, 0xF2, True)] * 20_000)
+    assert ctl.held <= 4 and ctl.held_peak <= 4 <= i8042.CAPACITY
+    got = []
+    while m.io_read(0x64, 1) & 0x01:
+        got.append(m.io_read(0x60, 1))
+    assert got[-3:] == [0xFA, 0xAB, 0x83] and len(got) <= 4
+    assert ctl.held == 0
+
+
+def test_i8042_reset_line_and_self_test_still_work_after_a_flood():
+    m = SyntheticMachine()
+    ctl = i8042.I8042(m)
+    m.exit_batch([(0x64, 1, 0xD2, True), (0x60, 1, 0x11, True)] * 10_000
+                 + [(0x60, 1, 0xFF, True)] * 1_000)
+    assert ctl.held_peak <= i8042.CAPACITY
+    while m.io_read(0x64, 1) & 0x01:         # drain, as SeaBIOS and Linux do first
+        m.io_read(0x60, 1)
+    m.io_write(0x64, 1, 0xAA)
+    assert m.io_read(0x60, 1) == 0x55
+    m.io_write(0x60, 1, 0xFF)                # keyboard reset: ACK then BAT passed
+    assert [m.io_read(0x60, 1), m.io_read(0x60, 1)] == [0xFA, 0xAA]
+    assert not m.exited
+    m.io_write(0x64, 1, 0xFE)
+    assert m.exited and m.exit_code == 0 and "i8042" in m.exit_reason
+
+
+def test_i8042_irq1_pulses_for_each_byte_of_a_keyboard_answer():
+    """IRQ 1 is edge-triggered: the line drops when the host reads a byte and rises again
+    for the next one, so an interrupt-driven driver gets one interrupt per byte."""
+    m = SyntheticMachine()
+    i8042.I8042(m)
+    seen = []
+    drive = m._drive
+
+    def record(line, level):
+        if line == 1:
+            seen.append(level)
+        drive(line, level)
+    m._drive = record
+    m.io_write(0x60, 1, 0xF2)                # identify: 0xfa 0xab 0x83
+    assert [m.io_read(0x60, 1) for _ in range(3)] == [0xFA, 0xAB, 0x83]
+    assert seen == [1, 0, 1, 0, 1, 0]
+
+
 # -- fw_cfg ----------------------------------------------------------------------------------
 
 def read_item(m, key, n):

@@ -36,6 +36,13 @@ class Inbox:
         return bytes(self.data)
 
 
+def wait_ended(thread, timeout=TIMEOUT):
+    """Wait (with a deadline) for a backend's DeviceThread to end by itself."""
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def recv_exactly(sock, n):
     sock.settimeout(TIMEOUT)
     got = bytearray()
@@ -263,7 +270,7 @@ def test_stdio_reads_a_pipe_until_eof():
         os.close(w)
         b.start(inbox)
         assert inbox.wait_for(11) == b"piped input"
-        b._thread.join(TIMEOUT)
+        wait_ended(b._thread)
         assert not b._thread.is_alive()     # EOF ends the reader
         b.write(b"out")
         assert os.read(out_r, 10) == b"out"
@@ -279,7 +286,7 @@ def test_stdio_with_dev_null_input():
         b = StdioBackend(in_fd=fd, out_fd=fd)
         inbox = Inbox()
         b.start(inbox)
-        b._thread.join(TIMEOUT)
+        wait_ended(b._thread)
         assert not b._thread.is_alive()
         b.close()
         assert inbox.data == b""
@@ -319,3 +326,162 @@ def test_guest_echo_over_tcp():
             assert recv_exactly(client, 7) == b"echo me"
     finally:
         uart.close()
+
+
+# ---- threads: stop paths and leaks ---------------------------------------------------------
+
+def backend_threads(b):
+    """The backend's device threads still running, as concurrency.live_threads() sees them."""
+    from hvframe import concurrency
+    mine = list(getattr(b, "_threads", [])) + [t for t in [getattr(b, "_thread", None)] if t]
+    assert mine, "the backend started no threads"
+    return [t for t in concurrency.live_threads() if t in mine]
+
+
+def test_tcp_close_with_a_client_connected_leaves_no_thread():
+    b = open_backend("tcp=127.0.0.1:0")
+    inbox = Inbox()
+    b.start(inbox)
+    assert len(backend_threads(b)) == 2                   # reader and writer
+    client = connect_tcp(b)
+    try:
+        client.sendall(b"hi")
+        assert inbox.wait_for(2) == b"hi"
+        b.write(b"yo")
+        assert recv_exactly(client, 2) == b"yo"
+        started = time.monotonic()
+        b.close()
+        assert time.monotonic() - started < 1.0
+        assert backend_threads(b) == []
+        assert recv_exactly(client, 1) == b""             # the connection ended
+    finally:
+        client.close()
+
+
+def test_unix_close_with_a_client_connected_leaves_no_thread(tmp_path):
+    path = str(tmp_path / "com1.sock")
+    b = open_backend(f"unix={path}")
+    inbox = Inbox()
+    b.start(inbox)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(TIMEOUT)
+        client.connect(path)
+        client.sendall(b"x")
+        assert inbox.wait_for(1) == b"x"
+        started = time.monotonic()
+        b.close()
+        assert time.monotonic() - started < 1.0
+        assert backend_threads(b) == []
+    assert not os.path.exists(path)
+
+
+def test_close_while_output_is_stuck_on_a_client_that_does_not_read():
+    from hvframe_uart.backends import SOCKET_OUTPUT_LIMIT
+
+    b = open_backend("tcp=127.0.0.1:0")
+    inbox = Inbox()
+    b.start(inbox)
+    client = connect_tcp(b)
+    try:
+        client.sendall(b"!")
+        assert inbox.wait_for(1) == b"!"                  # connected
+        chunk = bytes(64 << 10)
+        deadline = time.monotonic() + TIMEOUT
+        while b.dropped == 0 and time.monotonic() < deadline:
+            b.write(chunk)                                 # never waits: the writer does
+            time.sleep(0.001)
+        assert b.dropped > 0                               # the writer is stuck in send
+        assert len(b._output) <= SOCKET_OUTPUT_LIMIT
+        started = time.monotonic()
+        b.close()
+        assert time.monotonic() - started < 1.0
+        assert backend_threads(b) == []
+    finally:
+        client.close()
+
+
+def test_uart_close_releases_a_reader_held_by_backpressure():
+    from hvframe_uart.uart16550 import Uart16550
+
+    uart = Uart16550(set_irq=lambda level: None, backend=open_backend("tcp=127.0.0.1:0"),
+                     backlog_limit=1024)
+    uart.start()
+    b = uart.backend
+    client = connect_tcp(b)
+    try:
+        client.sendall(bytes(16 << 10))                    # far more than the backlog holds
+        deadline = time.monotonic() + TIMEOUT
+        while len(uart._backlog) < 1024 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(uart._backlog) == 1024                  # the reader now waits for room
+        assert len(backend_threads(b)) == 2
+        started = time.monotonic()
+        uart.close()
+        assert time.monotonic() - started < 1.0
+        assert backend_threads(b) == []
+        assert recv_exactly(client, 1) == b""
+    finally:
+        client.close()
+
+
+def test_a_paused_socket_reader_delivers_nothing_until_resumed():
+    b = open_backend("tcp=127.0.0.1:0")
+    inbox = Inbox()
+    b.start(inbox)
+    try:
+        with connect_tcp(b) as client:
+            client.sendall(b"a")
+            assert inbox.wait_for(1) == b"a"
+            reader, writer = b._threads
+            assert reader.pause(2.0) and writer.pause(2.0)
+            client.sendall(b"b")
+            time.sleep(0.2)
+            assert inbox._q.empty() and inbox.data == b"a"  # nothing while parked
+            reader.resume()
+            writer.resume()
+            assert inbox.wait_for(2) == b"ab"
+            b.write(b"ok")
+            assert recv_exactly(client, 2) == b"ok"
+    finally:
+        b.close()
+    assert backend_threads(b) == []
+
+
+def test_a_reader_that_dies_of_a_bug_ends_the_connection(caplog):
+    b = open_backend("tcp=127.0.0.1:0")
+
+    def buggy(data):
+        raise RuntimeError("uart model bug")
+
+    b.start(buggy)
+    client = connect_tcp(b)
+    try:
+        client.sendall(b"boom")
+        assert recv_exactly(client, 1) == b""              # not left talking to nobody
+        deadline = time.monotonic() + TIMEOUT
+        while backend_threads(b) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend_threads(b) == []                    # the writer stopped too
+        assert "uart-sock-reader: thread failed" in caplog.text
+        assert "no client is served" in caplog.text
+        b.write(b"dropped")                                # no error
+        started = time.monotonic()
+        b.close()
+        assert time.monotonic() - started < 1.0
+    finally:
+        client.close()
+
+
+def test_stdio_close_with_the_reader_waiting_leaves_no_thread():
+    master, slave = os.openpty()
+    try:
+        b = StdioBackend(in_fd=slave, out_fd=slave)
+        b.start(Inbox())
+        assert len(backend_threads(b)) == 1
+        started = time.monotonic()
+        b.close()
+        assert time.monotonic() - started < 1.0
+        assert backend_threads(b) == []
+    finally:
+        os.close(master)
+        os.close(slave)

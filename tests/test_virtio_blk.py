@@ -503,3 +503,57 @@ def test_runner_rejects_bad_disk_in_one_line(tmp_path):
     assert p.returncode == 4
     assert p.stderr.strip().count("\n") == 0 and "nope.img" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+# -- the capacity watcher (a DeviceThread the device owns) ------------------------------------
+
+def watcher_threads():
+    from hvframe import concurrency
+    return [t for t in concurrency.live_threads() if t.name == "virtio-blk-resize"]
+
+
+def test_capacity_watcher_notices_a_grown_image_and_stops_with_the_machine(tmp_path):
+    before = set(watcher_threads())
+    r = Rig(tmp_path)
+    try:
+        mine = [t for t in watcher_threads() if t not in before]
+        assert len(mine) == 1                              # started when the driver was ready
+        with open(r.path, "ab") as f:
+            f.write(bytes(512 * 8))
+        deadline = time.monotonic() + 5
+        while cfg_field(r, "capacity") != DISK_SECTORS + 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cfg_field(r, "capacity") == DISK_SECTORS + 8   # nobody called check_capacity
+    finally:
+        started = time.monotonic()
+        r.close()
+    assert time.monotonic() - started < 2.0               # not a whole poll period per thread
+    assert not mine[0].is_alive()
+    assert mine[0] not in watcher_threads()
+
+
+def test_capacity_watcher_that_dies_is_reported_and_close_still_returns(tmp_path, caplog,
+                                                                       monkeypatch):
+    r = Rig(tmp_path)
+    dev = r.fn.device
+    watcher = dev._watcher
+    assert watcher is not None and watcher.is_alive()
+
+    class Fatal(BaseException):
+        pass
+
+    def broken_check():
+        raise Fatal("watcher bug")
+
+    monkeypatch.setattr(dev, "check_capacity", broken_check)
+    dev._watch_wake.set()                                  # check now, not in a second
+    deadline = time.monotonic() + 5
+    while watcher.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not watcher.is_alive() and isinstance(watcher.error, Fatal)
+    assert "no longer reported" in caplog.text
+    assert r.request(T_FLUSH, 0)[0] == S_OK                # the disk itself keeps working
+    started = time.monotonic()
+    r.close()
+    assert time.monotonic() - started < 2.0
+    assert watcher not in watcher_threads()

@@ -6,24 +6,35 @@ the path) for anything the user has to fix. Afterwards every request goes throug
 buffers (memoryviews of guest memory) and either transfer everything or raise `BlockError`,
 whose `kind` the device turns into its own status code. No OSError escapes a request.
 
+Opening never blocks (O_NONBLOCK, so a FIFO or a tty cannot hang the command line) and
+takes an OFD lock on the image (shared for `ro`, exclusive otherwise) so that two VMs cannot
+write one disk; `locking=False` skips it. A failed write-back (fdatasync) is sticky: the kernel
+reports it once and marks the lost pages clean, so every later flush fails too until the
+device is reset and calls `clear_error()`.
+
 `BlockQueue` is a bounded pool of worker threads: a device submits a request from the vCPU
 thread and gets `callback(result_or_BlockError)` on a worker once the request is done, so an
 acknowledged write has returned from pwritev (and from fdatasync when write-through was asked).
+A full queue refuses at once with BlockError(BUSY) instead of blocking the caller.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import mmap
 import os
-import queue
 import stat
+import struct
 import threading
+import time
+from collections import deque
 from typing import Any, Callable, Sequence
 
 from cffi import FFI
 
+from .. import concurrency
 from ..device import Option
 from ..errors import ConfigError
 
@@ -47,6 +58,7 @@ IOV_MAX = 1024
 SECTOR_SIZES = (512, 1024, 2048, 4096)
 SERIAL_MAX = 20
 _ZERO_CHUNK = 1 << 20
+_BOUNCE_CHUNK = 1 << 20           # O_DIRECT bounce buffer: a request's size is the guest's
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENOTTY, errno.EINVAL,
                   errno.ENODEV)
 
@@ -59,6 +71,7 @@ class BlockError(Exception):
     READONLY = "readonly"        # a modifying request on a read-only backend
     UNSUPPORTED = "unsupported"  # discard/write-zeroes the backend cannot do
     CLOSED = "closed"            # the backend or queue is closed
+    BUSY = "busy"                # the request queue is full; nothing was queued
 
     def __init__(self, kind: str, message: str, err: int | None = None) -> None:
         super().__init__(message)
@@ -88,6 +101,20 @@ def views_after(bufs: list[memoryview], n: int) -> list[memoryview]:
     return rest
 
 
+def _copy_views(views: list[memoryview], buf: memoryview, *, to_views: bool) -> None:
+    """Copy between buf and the first len(buf) bytes of views (either way)."""
+    pos = 0
+    for v in views:
+        if pos >= len(buf):
+            break
+        n = min(len(v), len(buf) - pos)
+        if to_views:
+            v[:n] = buf[pos:pos + n]
+        else:
+            buf[pos:pos + n] = v[:n]
+        pos += n
+
+
 def _address(mv: memoryview) -> int:
     return int(_ffi.cast("uintptr_t", _ffi.from_buffer(mv)))
 
@@ -96,6 +123,63 @@ def default_serial(path: str) -> str:
     """A stable serial number for an image: the same path gives the same serial."""
     real = os.path.realpath(path)
     return "HV" + hashlib.sha1(real.encode("utf-8", "surrogateescape")).hexdigest()[:SERIAL_MAX - 2].upper()
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-disk file is, for the error message."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device")):
+        if test(mode):
+            return kind
+    return "not a regular file or block device"
+
+
+def _not_a_disk(path: str, mode: int) -> ConfigError:
+    return ConfigError(f"{path}: is {_file_kind(mode)}, not a disk image "
+                       f"(use a regular file or block device)")
+
+
+# OFD locks (fcntl F_OFD_SETLK) belong to the open file description, not the process: a second
+# open in this same process conflicts too, and closing another descriptor of the same file
+# (as POSIX locks would) does not drop them.
+_FLOCK = struct.Struct("hhqqi4x")        # struct flock on Linux: type, whence, start, len, pid
+_LOCK_CONFLICT = (errno.EAGAIN, errno.EACCES)
+
+
+def _ofd_lock(fd: int, lock_type: int) -> None:
+    """Lock (or with F_UNLCK unlock) the whole file; OSError when refused."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0))
+
+
+def _lock_holder(st: os.stat_result) -> str | None:
+    """'pid N, comm' of a process holding a lock on the file, if /proc shows one we can read.
+    OFD locks carry no pid in /proc/locks, but each holder's /proc/PID/fdinfo lists them."""
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    try:
+        with open("/proc/locks") as f:
+            if key not in f.read():
+                return None
+        pids = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue              # gone, or not ours to look at
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    info = f.read()
+            except OSError:
+                continue
+            if any(line.startswith("lock:") and key in line for line in info.splitlines()):
+                try:
+                    with open(f"/proc/{pid}/comm") as f:
+                        return f"pid {pid}, {f.read().strip()}"
+                except OSError:
+                    return f"pid {pid}"
+    return None
 
 
 class BlockBackend:
@@ -119,13 +203,15 @@ class BlockBackend:
         self._zero_range_ok = True    # cleared when FALLOC_FL_ZERO_RANGE is refused
         self._zeros: mmap.mmap | None = None
         self._lock = threading.Lock()
+        self._failed: BlockError | None = None   # the write-back failure flushes report
+        self.locked = False                       # holds an OFD lock on the image
 
     # ---------------------------------------------------------------- opening
     @classmethod
     def open(cls, path: str, *, readonly: bool = False, direct: bool = False,
              logical_sector: int = 512, physical_sector: int | None = None,
              nodelete: bool = False, serial: str | None = None,
-             write_through: bool = False) -> "BlockBackend":
+             write_through: bool = False, locking: bool = True) -> "BlockBackend":
         path = os.fspath(path)
         if logical_sector not in SECTOR_SIZES:
             raise ConfigError(f"{path}: bad logical sector size {logical_sector} "
@@ -144,7 +230,10 @@ class BlockBackend:
             raise ConfigError(f"{path}: serial {serial!r} must be at most {SERIAL_MAX} "
                               f"printable ASCII characters")
 
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK: opening a FIFO (or a serial line) must not wait for a peer; the type
+        # check after the open refuses it. O_NOCTTY: a tty never becomes our terminal.
+        flags = ((os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
+                 | os.O_NOCTTY)
         if direct:
             flags |= os.O_DIRECT
         try:
@@ -159,6 +248,12 @@ class BlockBackend:
             raise ConfigError(f"{path}: not writable (permission denied); "
                               f"open it read-only with ro") from None
         except OSError as e:
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                mode = stat.S_IFREG
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise _not_a_disk(path, mode) from None   # e.g. ENXIO for a socket
             if e.errno == errno.EROFS:
                 raise ConfigError(f"{path}: on a read-only filesystem; open it read-only "
                                   f"with ro") from None
@@ -167,7 +262,7 @@ class BlockBackend:
                                   f"open it without direct") from None
             raise ConfigError(f"{path}: cannot open: {e.strerror}") from None
         try:
-            return cls._checked(fd, path, readonly=readonly, direct=direct,
+            return cls._checked(fd, path, locking, readonly=readonly, direct=direct,
                                 logical_sector=logical_sector,
                                 physical_sector=physical_sector, nodelete=nodelete,
                                 serial=serial, write_through=write_through)
@@ -176,7 +271,7 @@ class BlockBackend:
             raise
 
     @classmethod
-    def _checked(cls, fd: int, path: str, **kw: Any) -> "BlockBackend":
+    def _checked(cls, fd: int, path: str, locking: bool, **kw: Any) -> "BlockBackend":
         st = os.fstat(fd)
         if stat.S_ISBLK(st.st_mode):
             is_blockdev = True
@@ -185,7 +280,9 @@ class BlockBackend:
             is_blockdev = False
             size = st.st_size
         else:
-            raise ConfigError(f"{path}: not a regular file or block device")
+            raise _not_a_disk(path, st.st_mode)
+        # Only needed to open without waiting; disk I/O should block as usual.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         logical = kw["logical_sector"]
         if size == 0:
             raise ConfigError(f"{path}: the image is empty (size 0)")
@@ -193,9 +290,28 @@ class BlockBackend:
             raise ConfigError(f"{path}: size {size} is not a multiple of the "
                               f"{logical}-byte sector size")
         be = cls(fd, path, size=size, is_blockdev=is_blockdev, **kw)
+        if locking:
+            be._lock_image(st)
         if kw["direct"]:
             be._probe_direct()
         return be
+
+    def _lock_image(self, st: os.stat_result) -> None:
+        """A shared lock for a read-only disk, an exclusive one otherwise: any number of
+        readers, or one writer. A filesystem without OFD locks is used unlocked."""
+        mode = "read" if self.readonly else "write"
+        try:
+            _ofd_lock(self.fd, fcntl.F_RDLCK if self.readonly else fcntl.F_WRLCK)
+        except OSError as e:
+            if e.errno not in _LOCK_CONFLICT:
+                log.warning("%s: cannot lock the image (%s); using it unlocked", self.path,
+                            e.strerror)
+                return
+            holder = _lock_holder(st)
+            raise ConfigError(f'{self.path}: failed to get the "{mode}" lock: the image is in '
+                              f'use by another process{f" ({holder})" if holder else ""}; '
+                              f'stop it, or use locking=off to share it') from None
+        self.locked = True
 
     def _probe_direct(self) -> None:
         """Read the first sector with O_DIRECT: some filesystems accept the flag at open time
@@ -223,6 +339,11 @@ class BlockBackend:
     @property
     def closed(self) -> bool:
         return self.fd < 0
+
+    @property
+    def failed(self) -> bool:
+        """A write-back failed: flushes fail until clear_error()."""
+        return self._failed is not None
 
     def __repr__(self) -> str:
         return (f"BlockBackend({self.path!r}, size={self.size}, sector={self.logical_sector}/"
@@ -262,18 +383,33 @@ class BlockBackend:
         if not total:
             return 0
         if self._needs_bounce(views):
-            bounce = mmap.mmap(-1, total)
-            try:
-                self._preadv_all(offset, [memoryview(bounce)])
-                pos = 0
-                for v in views:
-                    v[:] = bounce[pos:pos + len(v)]
-                    pos += len(v)
-            finally:
-                bounce.close()
-            return total
-        self._preadv_all(offset, views)
+            self._bounced(offset, views, total, write=False)
+        else:
+            self._preadv_all(offset, views)
         return total
+
+    def _bounced(self, offset: int, views: list[memoryview], total: int, *, write: bool) -> None:
+        """O_DIRECT I/O through an aligned buffer of at most _BOUNCE_CHUNK bytes: the request's
+        size comes from the guest, so it must not size a host allocation."""
+        bounce = mmap.mmap(-1, min(total, _BOUNCE_CHUNK))
+        buf = memoryview(bounce)
+        try:
+            while total:
+                n = min(len(buf), total)   # both whole sectors, so every piece is too
+                piece = buf[:n]
+                if write:
+                    _copy_views(views, piece, to_views=False)
+                    self._pwritev_all(offset, [piece])
+                else:
+                    self._preadv_all(offset, [piece])
+                    _copy_views(views, piece, to_views=True)
+                piece.release()
+                offset += n
+                total -= n
+                views = views_after(views, n)
+        finally:
+            buf.release()
+            bounce.close()
 
     def _preadv_all(self, offset: int, views: list[memoryview]) -> None:
         self._rw_all(os.preadv, "read", offset, views,
@@ -287,15 +423,7 @@ class BlockBackend:
         self._check(offset, total, write=True)
         if total:
             if self._needs_bounce(views):
-                bounce = mmap.mmap(-1, total)
-                try:
-                    pos = 0
-                    for v in views:
-                        bounce[pos:pos + len(v)] = v
-                        pos += len(v)
-                    self._pwritev_all(offset, [memoryview(bounce)])
-                finally:
-                    bounce.close()
+                self._bounced(offset, views, total, write=True)
             else:
                 self._pwritev_all(offset, views)
         if fua or self.write_through:
@@ -321,15 +449,47 @@ class BlockBackend:
             views = views_after(views, n)
 
     def flush(self) -> None:
-        """Make every completed write durable."""
+        """Make every completed write durable. Once a write-back failed this fails every time
+        (until clear_error()): the kernel reports the error to one fdatasync only and marks
+        the lost pages clean, so a later fdatasync succeeds without the data on disk."""
         if self.fd < 0:
             raise BlockError(BlockError.CLOSED, f"{self.path}: backend is closed")
         if self.readonly:
             return
+        failed = self._failed
+        if failed is not None:
+            raise BlockError(BlockError.IO, f"{self.path}: an earlier flush failed "
+                             f"({os.strerror(failed.errno or errno.EIO)}); writes since the "
+                             f"last good flush may be lost until the disk is reset",
+                             failed.errno)
         try:
             os.fdatasync(self.fd)
         except OSError as e:
-            raise self._io_error("flush", e) from None
+            err = self._io_error("flush", e)
+            with self._lock:
+                first = self._failed is None
+                if first:
+                    self._failed = err
+            if first:   # once on the host; the guest sees every later flush fail
+                log.error("%s; every flush fails until the disk is reset", err)
+            raise err from None
+
+    def writeback_failed(self, err: int) -> None:
+        """A native path's fdatasync failed with errno `err`: keep it, as flush() does."""
+        error = self._io_error("write-through flush", OSError(err, os.strerror(err)))
+        with self._lock:
+            first = self._failed is None
+            if first:
+                self._failed = error
+        if first:
+            log.error("%s; every flush fails until the disk is reset", error)
+
+    def clear_error(self) -> None:
+        """Forget a write-back failure (the device was reset: its driver starts over)."""
+        with self._lock:
+            failed, self._failed = self._failed, None
+        if failed is not None:
+            log.warning("%s: device reset, flushes are attempted again", self.path)
 
     def _fallocate(self, mode: int, offset: int, length: int) -> int:
         """0, or the errno of a failed fallocate."""
@@ -417,6 +577,12 @@ class BlockBackend:
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
+            if self.locked:   # a dup of fd elsewhere would otherwise keep the image locked
+                try:
+                    _ofd_lock(fd, fcntl.F_UNLCK)
+                except OSError as e:
+                    log.warning("%s: cannot unlock the image: %s", self.path, e.strerror)
+                self.locked = False
             os.close(fd)
         if self._zeros is not None:
             self._zeros.close()
@@ -441,6 +607,8 @@ BLOCK_OPTIONS: tuple[Option, ...] = (
     Option("nodelete", "bool", False, "ignore discard (TRIM/UNMAP) requests"),
     Option("sectorsize", "str", None, "logical[/physical] sector size, e.g. 512/4096"),
     Option("ser", "str", None, "serial number (at most 20 characters)"),
+    Option("locking", "bool", True, "lock the image (shared for ro, else exclusive); "
+                                    "locking=off to share it with another process"),
 )
 BLOCK_POSITIONAL = ("path",)
 
@@ -465,10 +633,8 @@ def open_from_options(options: dict[str, Any], where: str = "") -> BlockBackend:
                              write_through=bool(options.get("direct")),
                              logical_sector=logical, physical_sector=physical,
                              nodelete=bool(options.get("nodelete")),
-                             serial=options.get("ser"))
-
-
-_STOP = object()
+                             serial=options.get("ser"),
+                             locking=bool(options.get("locking", True)))
 
 
 def run_request(fn: Callable[..., Any], args: Sequence[Any]) -> Any:
@@ -492,38 +658,59 @@ def _complete(callback: Callable[[Any], None], result: Any) -> None:
         log.exception("block completion callback %r failed", callback)
 
 
-def _run_each(requests) -> None:
-    for fn, args, callback in requests:
-        _complete(callback, run_request(fn, args))
-
-
-def _ignore(_result: Any) -> None:
-    pass
-
-
 class BlockQueue:
     """A bounded pool of worker threads running block requests.
 
     `submit(fn, *args, callback=cb)` queues `fn(*args)` (typically a bound backend method,
-    e.g. `backend.write, offset, bufs`) and returns at once unless `depth` requests are
-    already waiting, in which case it blocks until one is taken. On a worker thread the
-    request runs and `cb(result)` is called with its return value, or with the BlockError it
-    raised (any other exception becomes BlockError(IO)). Callbacks run in completion order,
-    on the worker that ran the request. `close()` runs everything already submitted, then
-    stops the workers.
+    e.g. `backend.write, offset, bufs`) and returns at once; when `depth` requests are
+    already waiting it raises BlockError(BUSY) instead (the caller may hold a lock a worker
+    needs, so it must never wait) and the device answers with its error status. On a worker
+    thread the request runs and `cb(result)` is called with its return value, or with the
+    BlockError it raised (any other exception becomes BlockError(IO)). Callbacks run in
+    completion order, on the worker that ran the request, with no queue lock held.
+
+    The workers are `DeviceThread`s the queue owns. Every submitted request gets exactly one
+    callback: should a worker die of a bug (an exception the request path does not turn into
+    a BlockError), its owner hook answers what that worker had not answered yet with
+    BlockError(IO) and the other workers keep serving; once every worker has died, what is
+    still queued fails the same way and `submit` refuses with BlockError(IO) saying so.
+
+    `close()` runs everything already submitted (as long as requests keep completing: one
+    that makes no progress for `deadline` seconds is given up on), then stops the workers;
+    a request that never got to run then is answered with BlockError(CLOSED).
     """
+
+    class _Job:
+        """One submit (or submit_many): its requests, and how many were answered."""
+
+        __slots__ = ("requests", "answered")
+
+        def __init__(self, requests: list) -> None:
+            self.requests = requests
+            self.answered = 0      # requests[:answered] had their callback called (or started)
 
     def __init__(self, backend: BlockBackend | None = None, workers: int = 4,
                  depth: int = 256, name: str = "blk") -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.backend = backend
-        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._cond = threading.Condition()
+        self.name = name
+        self._depth = max(1, depth)
+        self._lock = concurrency.lock(concurrency.LEAF, f"{name} block queue")
+        self._work = concurrency.condition(self._lock)   # workers: a job, close or a wake
+        self._idle = concurrency.condition(self._lock)   # drain/close: a job finished
+        self._jobs: deque = deque()                      # submitted, not taken by a worker
+        self._running: list = [None] * workers           # the job each worker is serving
         self._pending = 0
         self._closed = False
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-worker-{i}",
-                                          daemon=True) for i in range(workers)]
+        self._kicks = 0            # bumped by wake(): idle workers pass their checkpoint
+        self._dead = 0             # workers that died of a bug
+        self._broken: str | None = None                  # why no worker is left
+        self._threads = [
+            concurrency.DeviceThread(f"{name}-worker-{i}", lambda th, i=i: self._run(i, th),
+                                     wake=self._wake,
+                                     on_error=lambda e, i=i: self._worker_failed(i, e))
+            for i in range(workers)]
         for t in self._threads:
             t.start()
 
@@ -532,37 +719,68 @@ class BlockQueue:
         """Requests submitted whose callback has not returned yet."""
         return self._pending
 
+    @property
+    def workers_alive(self) -> int:
+        """Workers still serving (fewer than asked for once one died of a bug)."""
+        return sum(1 for t in self._threads if t.is_alive())
+
     def submit(self, fn: Callable[..., Any], *args: Any,
                callback: Callable[[Any], None]) -> None:
-        with self._cond:
-            if self._closed:
-                raise BlockError(BlockError.CLOSED, "block queue is closed")
-            self._pending += 1
-        self._q.put((fn, args, callback))
+        """Queue fn(*args); BlockError(BUSY) at once when the queue is full (callback is not
+        called then), BlockError(CLOSED) after close(), BlockError(IO) once every worker
+        has died of a bug."""
+        self._put([(fn, args, callback)])
 
     def submit_many(self, requests: Sequence[tuple]) -> None:
         """Queue [(fn, args, callback), ...] as one job: one worker runs them in turn, each
-        callback as soon as its own request ends (fewer hand-offs than one submit each)."""
+        callback as soon as its own request ends (fewer hand-offs than one submit each).
+        Like submit, BlockError(BUSY) at once when full: then none of them runs."""
         if requests:
-            self.submit(_run_each, list(requests), callback=_ignore)
+            self._put(list(requests))
+
+    def _put(self, requests: list) -> None:
+        with self._lock:
+            if self._closed:
+                raise BlockError(BlockError.CLOSED, "block queue is closed")
+            if self._broken is not None:
+                raise BlockError(BlockError.IO, f"{self.name}: block queue has no workers "
+                                 f"left ({self._broken}); every request fails")
+            if len(self._jobs) >= self._depth:
+                raise BlockError(BlockError.BUSY, f"block queue is full "
+                                 f"({self._depth} requests waiting)")
+            self._jobs.append(BlockQueue._Job(requests))
+            self._pending += 1
+            self._work.notify()
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every submitted request has completed; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+        concurrency.may_block(f"{self.name} block requests to finish")
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
-    def close(self) -> None:
-        """Finish the queued requests (their callbacks run), then stop the workers."""
-        with self._cond:
+    def close(self, deadline: float = concurrency.JOIN_DEADLINE) -> None:
+        """Finish the queued requests (their callbacks run), then stop the workers. Gives up
+        waiting when no request completes for `deadline` seconds: the workers are stopped
+        (one stuck in a request is reported, not waited for) and requests that never ran are
+        answered with BlockError(CLOSED). Idempotent; callable from a callback."""
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
-        for _ in self._threads:
-            self._q.put(_STOP)
-        me = threading.current_thread()
+            self._work.notify_all()
+        if not any(t.is_current() for t in self._threads):
+            self._wait_for_progress(deadline)
+        end = time.monotonic() + deadline
         for t in self._threads:
-            if t is not me:
-                t.join()
+            t.stop(max(0.0, end - time.monotonic()))
+        with self._lock:
+            left = list(self._jobs)
+            self._jobs.clear()
+        if left:
+            log.error("%s: block queue closed with %d requests not run", self.name,
+                      sum(len(job.requests) for job in left))
+            self._fail_jobs(left, BlockError(BlockError.CLOSED, f"{self.name}: block queue "
+                                             f"closed before the request ran"))
 
     def __enter__(self) -> "BlockQueue":
         return self
@@ -570,16 +788,85 @@ class BlockQueue:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _run(self) -> None:
+    def _wait_for_progress(self, deadline: float) -> bool:
+        """(close) Wait until nothing is pending, as long as requests keep completing."""
+        concurrency.may_block(f"{self.name} block requests to finish")
+        with self._lock:
+            while self._pending:
+                before = self._pending
+                if not self._idle.wait_for(lambda: self._pending < before, deadline):
+                    log.error("%s: %d block requests made no progress in %.1f s; closing "
+                              "anyway", self.name, self._pending, deadline)
+                    return False
+        return True
+
+    def _wake(self) -> None:
+        """(DeviceThread.wake) Get idle workers out of their wait: to stop, or to park."""
+        with self._lock:
+            self._kicks += 1
+            self._work.notify_all()
+
+    def _run(self, index: int, thread: concurrency.DeviceThread) -> None:
         while True:
-            item = self._q.get()
-            if item is _STOP:
-                return
-            fn, args, callback = item
-            try:
-                _complete(callback, run_request(fn, args))
-            finally:
-                with self._cond:
-                    self._pending -= 1
-                    if self._pending == 0:
-                        self._cond.notify_all()
+            thread.checkpoint()
+            concurrency.may_block(f"{thread.name}: block requests")
+            with self._lock:
+                kicks = self._kicks
+                while not (self._jobs or self._closed or thread.stopping
+                           or self._kicks != kicks):
+                    self._work.wait()
+                if thread.stopping or (self._closed and not self._jobs):
+                    return
+                if not self._jobs:
+                    continue          # woken to pass the checkpoint
+                job = self._jobs.popleft()
+                self._running[index] = job
+            self._serve(job)
+            with self._lock:
+                self._running[index] = None
+                self._pending -= 1
+                self._idle.notify_all()
+
+    @staticmethod
+    def _serve(job: "BlockQueue._Job") -> None:
+        for fn, args, callback in job.requests:
+            result = run_request(fn, args)
+            job.answered += 1         # from here on its callback is never called again
+            _complete(callback, result)
+
+    def _fail_jobs(self, jobs: list, err: BlockError) -> None:
+        """Answer what `jobs` have not answered with err, and count them done."""
+        try:
+            for job in jobs:
+                while job.answered < len(job.requests):
+                    _fn, _args, callback = job.requests[job.answered]
+                    job.answered += 1
+                    _complete(callback, err)
+        finally:
+            with self._lock:
+                self._pending -= len(jobs)
+                self._idle.notify_all()
+
+    def _worker_failed(self, index: int, exc: BaseException) -> None:
+        """(DeviceThread.on_error, on the dying worker) Answer its request with BlockError(IO);
+        the others keep serving. With no worker left, fail what is queued and refuse more."""
+        reason = f"{self._threads[index].name} failed: {type(exc).__name__}: {exc}"
+        with self._lock:
+            job, self._running[index] = self._running[index], None
+            self._dead += 1
+            orphans: list = []
+            if self._dead == len(self._threads):
+                self._broken = reason
+                orphans = list(self._jobs)
+                self._jobs.clear()
+            left = len(self._threads) - self._dead
+        if left:
+            log.error("%s: a block queue worker died (%s); %d left serving", self.name,
+                      reason, left)
+        else:
+            log.error("%s: every block queue worker died (the last: %s); the disk's requests "
+                      "fail from now on", self.name, reason)
+        jobs = ([job] if job is not None else []) + orphans
+        if jobs:
+            self._fail_jobs(jobs, BlockError(BlockError.IO, f"{self.name}: block request "
+                                             f"lost: {reason}", errno.EIO))

@@ -191,8 +191,8 @@ typedef int (*hv_vq_serve_fn)(struct hv_vq *q, const void *ctx, int max);
 enum { HV_VQ_CYCLE_IDLE, HV_VQ_CYCLE_PYTHON, HV_VQ_CYCLE_NOTIFY, HV_VQ_CYCLE_YIELD };
 int hv_vq_cycle(struct hv_vq *q, hv_vq_serve_fn serve, const void *ctx,
                 const struct hv_irq_gate *irq, uint64_t poll_ns);
-struct hv_blk { int fd; int readonly, direct, write_through; uint32_t logical_sector; uint64_t size; };
-int hv_vblk_serve(struct hv_vq *q, const struct hv_blk *b, int max);
+struct hv_blk { int fd; int readonly, direct, write_through; uint32_t logical_sector; uint64_t size; int wb_errno; };
+int hv_vblk_serve(struct hv_vq *q, struct hv_blk *b, int max);
 int hv_vblk_serve_ctx(struct hv_vq *q, const void *blk, int max);
 
 /* AHCI NCQ native path (ahci_fast.c) */

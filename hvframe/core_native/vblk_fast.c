@@ -94,6 +94,7 @@ struct hv_blk {
     int readonly, direct, write_through;
     uint32_t logical_sector;
     uint64_t size;                 /* disk bytes */
+    int wb_errno;                  /* a write-through fdatasync failed (Python clears it) */
 };
 
 /* Host pointer of [gpa, gpa+len) when it lies inside one RAM region, else NULL. Shared by
@@ -236,7 +237,7 @@ static int vblk_rw_all(int fd, struct iovec *iov, int cnt, uint64_t off, int wri
     return 0;
 }
 
-static int vblk_needs_bounce(const struct hv_blk *b, const struct iovec *iov, int cnt)
+static int vblk_needs_bounce(struct hv_blk *b, const struct iovec *iov, int cnt)
 {
     if (!b->direct)
         return 0;
@@ -247,7 +248,7 @@ static int vblk_needs_bounce(const struct hv_blk *b, const struct iovec *iov, in
 }
 
 /* BlockBackend._check: whether [off, off+len) is a valid request (else IOERR). */
-static int vblk_range_ok(const struct hv_blk *b, uint64_t sector, uint64_t len)
+static int vblk_range_ok(struct hv_blk *b, uint64_t sector, uint64_t len)
 {
     if (sector > UINT64_MAX / HV_VBLK_SECTOR)
         return 0;
@@ -259,7 +260,7 @@ static int vblk_range_ok(const struct hv_blk *b, uint64_t sector, uint64_t len)
 
 /* One validated IN/OUT chain: the status and the used length, or -1 to leave it to Python
  * (an O_DIRECT bounce) with nothing done. */
-static int64_t vblk_request(const struct hv_blk *b, struct vblk_chain *ch, uint32_t type,
+static int64_t vblk_request(struct hv_blk *b, struct vblk_chain *ch, uint32_t type,
                             uint64_t sector, uint8_t *status)
 {
     struct iovec *data;
@@ -308,8 +309,11 @@ static int64_t vblk_request(const struct hv_blk *b, struct vblk_chain *ch, uint3
         do
             rc = fdatasync(b->fd);
         while (rc < 0 && errno == EINTR);
-        if (rc < 0)
+        if (rc < 0) {
+            /* The kernel reports a lost write-back once: Python keeps it (sticky). */
+            b->wb_errno = errno;
             goto ioerr;
+        }
     }
     *status = HV_VBLK_S_OK;
     return 1;
@@ -342,7 +346,7 @@ static int vq_setup(const struct hv_vq *q, struct vq_ctx *c)
     return 0;
 }
 
-int hv_vblk_serve(struct hv_vq *q, const struct hv_blk *b, int max)
+int hv_vblk_serve(struct hv_vq *q, struct hv_blk *b, int max)
 {
     struct vq_ctx c;
     struct vblk_chain ch;
@@ -562,5 +566,5 @@ int hv_vq_cycle(struct hv_vq *q, hv_vq_serve_fn serve, const void *ctx,
 /* hv_vq_cycle's server for virtio-blk. */
 int hv_vblk_serve_ctx(struct hv_vq *q, const void *blk, int max)
 {
-    return hv_vblk_serve(q, (const struct hv_blk *)blk, max);
+    return hv_vblk_serve(q, (struct hv_blk *)(uintptr_t)blk, max);
 }

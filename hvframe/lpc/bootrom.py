@@ -62,6 +62,15 @@ class BootRom:
     def write(self, offset: int, size: int, value: int) -> None:
         pass
 
+    def close(self) -> None:
+        """Unmap the image (Machine.close: the vCPUs are stopped, the VM's slot goes next)."""
+        self._host = None            # drops the buffer export that keeps the mapping alive
+        if not self._map.closed:
+            try:
+                self._map.close()
+            except BufferError:      # still exported somewhere: unmapped when that goes
+                pass
+
 
 def create(machine, options) -> BootRom | None:
     """Platform device factory: a ROM only when platform.bootrom.path is set."""

@@ -26,6 +26,7 @@ import struct
 import threading
 
 from ..memory import GuestMemoryError
+from .. import concurrency
 
 SELECTOR_PORT = 0x510
 DATA_PORT = 0x511
@@ -61,7 +62,7 @@ DIR_ENTRY = struct.Struct(">IHH56s")
 class FwCfg:
     def __init__(self, machine, *, register: bool = True):
         self.machine = machine
-        self._lock = threading.Lock()
+        self._lock = concurrency.lock(concurrency.DEVICE, "fw_cfg")
         self.items: dict[int, bytearray] = {}
         self.files: dict[str, int] = {}      # name -> key
         self.writable: set[int] = set()

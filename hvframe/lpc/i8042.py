@@ -7,7 +7,24 @@ tests, command byte, output port) and a keyboard that acknowledges commands (res
 auxiliary (mouse) port answers 0xfe (no device). Command 0xfe, or any 0xf0-0xff pulse with
 bit 0 clear, or an output-port write with the reset bit clear, resets the machine: the run
 ends with exit status 0 (reboot), as bhyve does. A20 commands are accepted (A20 is always on).
-IRQ 1 is raised while keyboard data waits, if the command byte enables it.
+IRQ 1 (IRQ 12 for aux data) is raised while a byte waits, if the command byte enables it.
+
+Output, at the sizes of the hardware, so a guest that never reads cannot make the VMM hold
+more (a guest writing commands to 0x64 forever costs nothing but its exits):
+
+* The controller has one output register (OBF in the status register says it is full).
+  A controller answer (0x20 command byte, 0xaa self test, 0xd2/0xd3 echoes, the no-mouse
+  0xfe) is written into it, replacing an unread byte as the register does when the
+  controller's firmware writes it (QEMU's pckbd keeps one controller byte, newest wins).
+* The keyboard has its own small transmit buffer (16 bytes in an MF2 keyboard), needed
+  because its answers are several bytes (0xfa then 0xaa; 0xfa 0xab 0x83). While OBF is set
+  the controller holds the keyboard clock, so those bytes wait in the keyboard and move into
+  the register one at a time as the host reads it. A new keyboard command discards the
+  answer bytes the keyboard had not yet sent (QEMU's ps2 command queue does the same), so
+  at most three bytes wait there; past 16 further bytes would be dropped.
+
+So the controller holds at most ``CAPACITY`` bytes (1 + 16); ``held`` and ``held_peak``
+report what it holds now and the most it ever held.
 """
 from __future__ import annotations
 
@@ -33,10 +50,16 @@ CCB_XLATE = 0x40
 KBD_IRQ = 1
 AUX_IRQ = 12
 
+OUTPUT_REGISTER_SIZE = 1    # the controller's output buffer
+KBD_BUFFER_SIZE = 16        # the keyboard's own transmit buffer
+CAPACITY = OUTPUT_REGISTER_SIZE + KBD_BUFFER_SIZE
+
 _WRITE_RAM = range(0x61, 0x80)
 
 
 class I8042:
+    CAPACITY = CAPACITY
+
     def __init__(self, machine):
         self.machine = machine
         self._lock = threading.Lock()
@@ -44,44 +67,75 @@ class I8042:
         self.ram = bytearray(32)
         self.output_port = 0x03          # reset line high (not asserted), A20 on
         self.pending_cmd: int | None = None   # controller command awaiting its data byte
-        self.queue: deque[tuple[int, bool]] = deque()   # (byte, from_aux)
+        self.obuf: int | None = None     # the output register (None: OBF clear)
+        self.obuf_aux = False            # ... holding aux (mouse) data
+        self.kbd_tx: deque[int] = deque()     # keyboard bytes not yet in the register
+        self.held_peak = 0               # most bytes ever held (register + keyboard buffer)
         self.last_was_cmd = False
         self.kbd_pending: int | None = None   # keyboard command awaiting its parameter
         self.scancode_set = 2
+        self._irq = (0, 0)               # (IRQ 1, IRQ 12) as last driven
         machine.pio.register(DATA_PORT, 1, _Port(self, DATA_PORT), name="i8042-data")
         machine.pio.register(STATUS_PORT, 1, _Port(self, STATUS_PORT), name="i8042-cmd")
 
     # -- output buffer ----------------------------------------------------------------------
+    @property
+    def held(self) -> int:
+        """Bytes the controller holds for the host: the register and the keyboard's buffer."""
+        return (self.obuf is not None) + len(self.kbd_tx)
+
+    def _count(self) -> None:
+        n = (self.obuf is not None) + len(self.kbd_tx)
+        if n > self.held_peak:
+            self.held_peak = n
+
     def _push(self, data: int, aux: bool = False) -> None:
-        self.queue.append((data & 0xFF, aux))
+        """A controller answer: into the output register, replacing an unread byte."""
+        self.obuf, self.obuf_aux = data & 0xFF, aux
+        self._count()
+        self._update_irq()
+
+    def _kbd_send(self, data: int) -> None:
+        """A keyboard answer byte: it waits in the keyboard until the register is free."""
+        if len(self.kbd_tx) < KBD_BUFFER_SIZE:
+            self.kbd_tx.append(data & 0xFF)
+        self._fill()
+
+    def _fill(self) -> None:
+        if self.obuf is None and self.kbd_tx:
+            self.obuf, self.obuf_aux = self.kbd_tx.popleft(), False
+        self._count()
         self._update_irq()
 
     def _update_irq(self) -> None:
         kbd = aux = 0
-        if self.queue:
-            _, from_aux = self.queue[0]
-            if from_aux:
+        if self.obuf is not None:
+            if self.obuf_aux:
                 aux = 1 if self.ccb & CCB_AUX_INT else 0
             else:
                 kbd = 1 if self.ccb & CCB_KBD_INT else 0
-        self.machine.irq(KBD_IRQ, kbd)
-        self.machine.irq(AUX_IRQ, aux)
+        if (kbd, aux) != self._irq:
+            self._irq = (kbd, aux)
+            self.machine.irq(KBD_IRQ, kbd)
+            self.machine.irq(AUX_IRQ, aux)
 
     def status(self) -> int:
         s = STS_UNLOCKED | (STS_SYS if self.ccb & CCB_SYS else 0)
         if self.last_was_cmd:
             s |= STS_CMD
-        if self.queue:
+        if self.obuf is not None:
             s |= STS_OBF
-            if self.queue[0][1]:
+            if self.obuf_aux:
                 s |= STS_AUX_OBF
         return s
 
     def read_data(self) -> int:
-        if not self.queue:
+        data = self.obuf
+        if data is None:
             return 0x00
-        data, _ = self.queue.popleft()
-        self._update_irq()
+        self.obuf = None
+        self._update_irq()               # the line drops with OBF ...
+        self._fill()                     # ... and rises again for the keyboard's next byte
         return data
 
     # -- commands ---------------------------------------------------------------------------
@@ -144,30 +198,32 @@ class I8042:
 
     def _keyboard(self, value: int) -> None:
         self.ccb &= ~CCB_KBD_DISABLE             # writing to the keyboard enables it
+        self.kbd_tx.clear()                      # it drops the answer it had not yet sent
+        send = self._kbd_send
         param_of, self.kbd_pending = self.kbd_pending, None
         if param_of is not None:
             if param_of == 0xF0 and value == 0:
-                self._push(0xFA)
-                self._push(self.scancode_set)
+                send(0xFA)
+                send(self.scancode_set)
                 return
             if param_of == 0xF0:
                 self.scancode_set = value
-            self._push(0xFA)
+            send(0xFA)
             return
         if value == 0xFF:                        # reset and self test
-            self._push(0xFA)
-            self._push(0xAA)
+            send(0xFA)
+            send(0xAA)
         elif value == 0xF2:                      # identify
-            self._push(0xFA)
-            self._push(0xAB)
-            self._push(0x83)
+            send(0xFA)
+            send(0xAB)
+            send(0x83)
         elif value == 0xEE:                      # echo
-            self._push(0xEE)
+            send(0xEE)
         elif value in (0xED, 0xF0, 0xF3):        # take a parameter byte
             self.kbd_pending = value
-            self._push(0xFA)
+            send(0xFA)
         else:
-            self._push(0xFA)
+            send(0xFA)
 
 
 class _Port:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import calendar
 import threading
 import time
+from .. import concurrency
 
 RTC_PORT = 0x70
 CMOS_SIZE = 128
@@ -74,8 +75,8 @@ class Rtc:
     def __init__(self, machine, *, clock=time.time):
         self.machine = machine
         self._clock = clock
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._lock = concurrency.lock(concurrency.DEVICE, "rtc")
+        self._cond = concurrency.condition(self._lock)
         self._thread: threading.Thread | None = None
         self._closing = False
         self.index = 0

@@ -26,6 +26,7 @@ import threading
 from ..errors import ConfigError
 from .config_space import (CMD_IO, CMD_MEMORY, HEADER_TYPE_MULTIFUNCTION, all_ones)
 from .device import FOUR_GIB, PciFunction
+from .. import concurrency
 
 CONFIG_ADDRESS_PORT = 0xCF8
 CONFIG_DATA_PORT = 0xCFC
@@ -106,7 +107,7 @@ class PciBus:
         self.config_address = 0
         # One lock for config accesses and the remapping they cause; re-entrant because a
         # device's config_write may call back into the bus (refresh, set_intx).
-        self.lock = threading.RLock()
+        self.lock = concurrency.lock(concurrency.PCI_BUS, "pci bus", reentrant=True)
         self._registered = False
 
     @property
@@ -171,13 +172,15 @@ class PciBus:
         fn = self.lookup(b, s, f)
         if fn is None:
             return all_ones(size)
-        with self.lock:
+        # Work a device must wait for (a reset a configuration access asked for through a
+        # window) runs after the bus lock is released (hvframe.concurrency, rule 2).
+        with concurrency.deferring(), self.lock:
             return fn.config_read(reg, size) & all_ones(size)
 
     def config_write(self, b: int, s: int, f: int, reg: int, size: int, value: int) -> None:
         fn = self.lookup(b, s, f)
         if fn is not None:
-            with self.lock:
+            with concurrency.deferring(), self.lock:
                 fn.config_write(reg, size, value)
 
     # -- decoding -------------------------------------------------------------------------
@@ -291,8 +294,14 @@ class IntxRoute:
         self.isa_sources: dict[int, object] = {}
         self.isa_irq: int | None = None
         self.level = 0
+        # Functions sharing the route raise it from their own threads.
+        self._lock = concurrency.lock(concurrency.MACHINE, f"pirq {pirq} route")
 
     def __call__(self, level: int) -> None:
+        with self._lock:
+            self._drive(level)
+
+    def _drive(self, level: int) -> None:
         self.level = 1 if level else 0
         self.gsi(self.level)
         bridge = getattr(self.machine, "lpc", None)

@@ -11,10 +11,10 @@ crash the VMM.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from .. import concurrency
 from ..errors import ConfigError
 from .config_space import (BAR_OFFSETS, CAP_HEADER_SIZE, CAP_PTR_OFFSET, CMD_INTX_DISABLE,
                            CMD_IO, CMD_MEMORY, CMD_WRITABLE, COMMAND_OFFSET, CONVENTIONAL_SIZE,
@@ -96,6 +96,9 @@ class PciFunction:
         self._cap_free = HEADER_SIZE       # next free config byte for a capability
         self._intx_level = 0
         self._intx_source = None           # set by the PciBus from the INTx swizzle
+        # The pin's level and the status bit mirroring it: device threads raise INTx under
+        # their own locks, so this may not be the bus lock (hvframe.concurrency).
+        self._intx_lock = concurrency.lock(concurrency.PCI_FUNCTION, f"{self.name} intx")
         self.pci_bus = None                # the PciBus, once added
         self.address: tuple[int, int, int] | None = None
         self.msi = None                    # an MsiCapability (hvframe.pci.msi), if any
@@ -284,12 +287,13 @@ class PciFunction:
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         old_cmd = self.command
-        if not self.config.write(offset, size, value):
-            return
+        with self._intx_lock:   # a status write-1-to-clear against set_intx's update
+            if not self.config.write(offset, size, value):
+                return
+            if (old_cmd ^ self.command) & CMD_INTX_DISABLE:
+                self._drive_intx()
         if any(offset < o + n and o < offset + size for o, n in _DECODE_REGS):
             self._decode_changed()
-        if (old_cmd ^ self.command) & CMD_INTX_DISABLE:
-            self._drive_intx()
         for start, length, callback in self._config_watchers:
             if offset < start + length and start < offset + size:
                 callback()
@@ -306,9 +310,9 @@ class PciFunction:
     # -- INTx -----------------------------------------------------------------------------
     def set_intx(self, level: int) -> None:
         """Assert (1) or deassert (0) this function's INTx pin."""
-        # Under the bus lock: a guest status write (write-1-to-clear) must not race this
-        # read-modify-write of the same register from a device thread.
-        with (self.pci_bus.lock if self.pci_bus is not None else nullcontext()):
+        # A guest status write (write-1-to-clear) must not race this read-modify-write of
+        # the same register from a device thread.
+        with self._intx_lock:
             self._intx_level = 1 if level else 0
             status = self.config["status"]
             self.config["status"] = (status | STATUS_INTERRUPT) if level else \

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 from ..core_native import ffi
 from ..errors import ConfigError, HvError
+from .. import concurrency
 
 if TYPE_CHECKING:
     from .device import PciFunction
@@ -96,7 +97,7 @@ class MsiCapability:
 
     def __init__(self, fn: "PciFunction"):
         self.fn = fn
-        self.lock = threading.RLock()
+        self.lock = concurrency.lock(concurrency.MSI, f"{fn.name} msi", reentrant=True)
         control = MSI_64BIT | MSI_PER_VECTOR_MASK
         body = (_le(control, 2) + _le(0, 4) + _le(0, 4) + _le(0, 2) + _le(0, 2)
                 + _le(0, 4) + _le(0, 4))
@@ -217,7 +218,7 @@ class MsixCapability:
         self.bar = bar
         self.table_offset, self.table_len = table_offset, table_len
         self.pba_offset, self.pba_len = pba_offset, pba_len
-        self.lock = threading.RLock()
+        self.lock = concurrency.lock(concurrency.MSI, f"{fn.name} msi-x", reentrant=True)
         # Per vector: [addr_lo, addr_hi, data, control]; every vector starts masked.
         self.entries = [[0, 0, 0, ENTRY_MASKED] for _ in range(vectors)]
         self.pending_bits = 0

@@ -21,6 +21,7 @@ import threading
 from .bus import attach
 from .device import PciFunction
 from .msi import MsiCapability, MsixCapability
+from .. import concurrency
 
 TESTDEV_VENDOR, TESTDEV_DEVICE = 0x1B36, 0x0005
 TESTDEV_CLASS = 0x00FF00
@@ -76,7 +77,7 @@ class PciTestDev(PciFunction):
         self.scratch = 0
         self.raised = 0
         self.raised_later = 0
-        self.count_lock = threading.Lock()
+        self.count_lock = concurrency.lock(concurrency.LEAF, "testdev counters")
         self._timers: set[threading.Timer] = set()
         self._closed = False
         self.add_bar(0, REGS_SIZE, "mmio32", _Registers(self))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from .. import concurrency
 
 PM1A_EVT = 0x400   # PM1_STS (2 bytes) + PM1_EN (2 bytes)
 PM1A_CNT = 0x404   # 2 bytes
@@ -26,7 +27,7 @@ class AcpiPm:
         self.sts = 0
         self.en = 0
         self.cnt = 0
-        self._lock = threading.Lock()
+        self._lock = concurrency.lock(concurrency.DEVICE, "acpi-pm")
         self._t0 = time.monotonic_ns()
         self.evt_block = _Block(self._evt_read, self._evt_write)
         self.cnt_block = _Block(self._cnt_read, self._cnt_write)

@@ -21,6 +21,7 @@ import threading
 from contextlib import contextmanager
 
 from ..core_native import ffi, lib, set_ram_regions
+from .. import concurrency
 
 # How long a queue worker with a native path spins for the driver's next batch before going
 # to sleep (QEMU's iothreads poll up to 32 us by default); 0 disables polling.
@@ -98,7 +99,7 @@ class NativeQueue:
         return self.c.served
 
 
-_claim_lock = threading.Lock()
+_claim_lock = concurrency.lock(concurrency.LEAF, "virtqueue claims")
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import select
-import threading
+from functools import partial
 
 from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
@@ -39,6 +39,7 @@ from .device import (F_ANY_LAYOUT, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VER
                      STATUS_NEEDS_RESET, VirtioDevice, bit)
 from .native import CYCLE_IDLE, CYCLE_NOTIFY, CYCLE_YIELD, claiming
 from .virtqueue import VirtQueue, VirtqueueError, offset_of
+from .. import concurrency
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class QueueState:
     def __init__(self, index: int, max_size: int):
         self.index = index
         self.max_size = max_size
-        self.lock = threading.Lock()      # held while the worker serves the queue
+        self.lock = concurrency.lock(concurrency.QUEUE, f"queue {index}")  # held while served
         self.clear()
 
     def clear(self) -> None:
@@ -171,34 +172,37 @@ class QueueState:
 
 
 class _QueueWorker:
-    """The thread serving one queue: it sleeps on the queue's doorbells and a wake-up fd."""
+    """The thread serving one queue (a DeviceThread the transport owns): it sleeps on the
+    queue's doorbells and a wake-up fd. If it dies of a bug, the queue is marked broken and
+    the device NEEDS_RESET, so the driver is told instead of waiting forever."""
 
     def __init__(self, transport: "VirtioPciFunction", queue: QueueState, fds: list[int]):
         self.transport = transport
         self.queue = queue
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.fds = fds + [self.wake_fd]
-        self.stopping = False
-        self.thread = threading.Thread(
-            target=self._run, daemon=True,
-            name=f"{transport.device.name}-q{queue.index}")
-        self.thread.start()
+        self.thread = concurrency.DeviceThread(
+            f"{transport.device.name}-q{queue.index}", self._run, wake=self.wake,
+            on_error=self._failed).start()
 
     def wake(self) -> None:
-        os.eventfd_write(self.wake_fd, 1)
+        if self.wake_fd >= 0:
+            os.eventfd_write(self.wake_fd, 1)
 
     def stop(self) -> None:
-        self.stopping = True
-        self.wake()
-        if self.thread is not threading.current_thread():
-            self.thread.join()
-        os.close(self.wake_fd)
+        self.thread.stop()
+        fd, self.wake_fd = self.wake_fd, -1
+        os.close(fd)
 
-    def _run(self) -> None:
+    def _failed(self, exc: BaseException) -> None:
+        self.queue.broken = True
+        self.transport.needs_reset(f"queue {self.queue.index}: worker failed: {exc}")
+
+    def _run(self, thread: concurrency.DeviceThread) -> None:
         poller = select.poll()
         for fd in self.fds:
             poller.register(fd, select.POLLIN)
-        while not self.stopping:
+        while not thread.stopping:
             ready = poller.poll()
             for fd, events in ready:
                 if events & (select.POLLNVAL | select.POLLERR):
@@ -207,8 +211,9 @@ class _QueueWorker:
                     os.eventfd_read(fd)
                 except (BlockingIOError, OSError):
                     pass
-            if self.stopping:
+            if thread.stopping:
                 return
+            thread.checkpoint()
             self.transport.service_queue(self.queue)
 
 
@@ -269,8 +274,10 @@ class VirtioPciFunction(PciFunction):
                          name=name or device.name)
         self.device = device
         device.transport = self
-        self._lock = threading.RLock()     # status, features, queue registers (never held
-        self._isr_lock = threading.Lock()  # while waiting for a queue lock)
+        # Status, features and queue registers; the ISR under it (hvframe.concurrency).
+        self._lock = concurrency.lock(concurrency.DEVICE, f"{self.name} registers",
+                                      reentrant=True)
+        self._isr_lock = concurrency.lock(concurrency.DEVICE_INNER, f"{self.name} ISR")
         self.queues = [QueueState(i, device.queue_max_size) for i in range(nq)]
         self.offered = (device.device_features | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX)
                         | bit(F_RING_INDIRECT_DESC) | bit(F_ANY_LAYOUT))
@@ -358,7 +365,6 @@ class VirtioPciFunction(PciFunction):
         self.queue_select = 0
         self.isr = 0
         self.live = False
-        self._reset_requested = False
 
     def _selected(self) -> QueueState | None:
         qs = self.queue_select
@@ -426,7 +432,7 @@ class VirtioPciFunction(PciFunction):
             return _read_fields(_COMMON_FIELDS, self._common_get, offset, size)
 
     def common_write(self, offset: int, size: int, value: int) -> None:
-        with self._lock:
+        with concurrency.deferring(), self._lock:
             q = self._selected()
             if q is not None and q.enabled:
                 # A vector write to an enabled queue is still allowed (4.1.5.1.2 remaps).
@@ -435,7 +441,6 @@ class VirtioPciFunction(PciFunction):
                     return
             _write_fields(_COMMON_FIELDS, self._common_get, self._common_set, offset, size,
                           value)
-        self._reset_if_requested()
 
     # -- legacy header --------------------------------------------------------------------
     def _legacy_layout(self) -> tuple[list, int]:
@@ -470,7 +475,8 @@ class VirtioPciFunction(PciFunction):
             self.features = self.driver_features
         elif name == "queue_pfn" and q is not None:
             if value == 0:
-                self._disable_queue(q)
+                # It waits for the queue's worker: not under our lock (concurrency, rule 2).
+                concurrency.defer(partial(self._disable_queue, q))
             elif not q.enabled:
                 q.pfn = value
                 q.size = q.max_size
@@ -507,9 +513,8 @@ class VirtioPciFunction(PciFunction):
         if offset >= cfg_start:
             self.device_config_write(offset - cfg_start, size, value)
             return
-        with self._lock:
+        with concurrency.deferring(), self._lock:
             _write_fields(fields, self._legacy_get, self._legacy_set, offset, size, value)
-        self._reset_if_requested()
 
     # -- device configuration -------------------------------------------------------------
     def device_config_read(self, offset: int, size: int) -> int:
@@ -531,9 +536,9 @@ class VirtioPciFunction(PciFunction):
     def _write_status(self, value: int, *, modern: bool) -> None:
         value &= 0xFF
         if value == 0:
-            # Done by the caller once it let go of self._lock: a reset waits for the queue
-            # workers, which may need that lock to report an error.
-            self._reset_requested = True
+            # A reset waits for the queue workers, which may need this lock (or the PCI bus
+            # lock, for INTx) to finish: it runs once the vCPU holds no lock.
+            concurrency.defer(self.reset)
             return
         old = self.status
         if modern and value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
@@ -587,12 +592,6 @@ class VirtioPciFunction(PciFunction):
         except VirtqueueError as e:
             q.broken = True
             self.needs_reset(f"queue {q.index}: {e}")
-
-    def _reset_if_requested(self) -> None:
-        with self._lock:
-            requested, self._reset_requested = self._reset_requested, False
-        if requested:
-            self.reset()
 
     def reset(self) -> None:
         """Device reset (status 0): in-flight requests finish first, so nothing touches guest

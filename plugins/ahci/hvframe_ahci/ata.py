@@ -113,10 +113,11 @@ class AtaDisk:
 
     def native_setup(self, nat) -> bool:
         """Fill a ``struct hv_ahci_port`` with this disk's side for the native NCQ path;
-        False if it cannot serve (closed, or O_DIRECT, whose alignment bounces are Python's)."""
+        False if it cannot serve (closed, O_DIRECT, whose alignment bounces are Python's, or
+        after a failed write-back, which only the Python path keeps reporting)."""
         be = self.backend
         fd = be.fd
-        if fd < 0 or be.direct:
+        if fd < 0 or be.direct or be.failed:
             return False
         nat.fd = fd
         nat.sectors = self.sectors

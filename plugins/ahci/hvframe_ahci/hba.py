@@ -21,9 +21,20 @@ and transfer problems), PxCI keeps the failed slot, PxCMD.CCS names it, and noth
 processed until software clears PxCMD.ST (which clears PxCI and PxSACT; PxCMD.CR stays set
 until requests already with the backend have returned). Guest-controlled values never raise
 through the exit loop: a bug in a device is logged and answered with ABRT.
+
+Ownership. A slot's state belongs to its command until the backend has returned it, across
+a stop or reset of the port: a stop (ST cleared, COMRESET, GHC.HR) forgets the commands for
+the guest, but the port *drains* -- PxCMD.CR stays set and nothing new starts -- until every
+request it had given the backend is back. Commands a guest issues meanwhile (ST set again
+without waiting for CR, as a hostile or careless driver does) wait in PxCI and start when
+the drain ends. So a stale request can neither run after a newer one on the same blocks nor
+share a slot's native state with its successor, and no vCPU ever waits for a worker. Block
+requests go to a bounded BlockQueue that refuses when full (the command fails with an ATA
+error) instead of blocking the vCPU, which holds the HBA lock.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections import deque
@@ -46,6 +57,7 @@ from .regs import (ABAR_SIZE, AHCI_VERSION, CAP_ISS_SHIFT, CAP_NCS_SHIFT, CAP_PM
                    PORT_STRIDE, PRD, PRD_DBC_MASK, PRD_IOC, PRD_SIZE, PRDBC_OFFSET, RX,
                    SCTL_DET_MASK, SDB, SERR_DIAG_N, SERR_DIAG_X, SERR_ERR_E, SSTS_UP, ST_BSY,
                    ST_DRQ, ST_ERR, ST_OK)
+from hvframe import concurrency
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +210,7 @@ class AhciPort:
         self.bit = 1 << index
         self.inflight = 0            # commands with the device (any epoch)
         self.epoch = 0               # bumped by stop/reset: late completions are dropped
+        self.draining = False        # stopped with commands still in flight: nothing starts
         self.batch: list = []        # requests devices submitted during this _run()
         self._native = None          # struct hv_ahci_port, made on first use
         self.reset_registers()
@@ -220,13 +233,29 @@ class AhciPort:
         self.halted = False
         self.ccs = 0
         self.epoch += 1
+        self.draining = self.inflight > 0
+
+    def _returned(self, n: int) -> None:
+        """n commands came back from the device; the last one of a drain lets the port
+        start what the guest issued meanwhile."""
+        self.inflight -= n
+        if self.inflight:
+            return
+        self.hba.idle.notify_all()
+        if self.draining:
+            self.draining = False
+            if self.cmd & CMD_ST and self.ci:
+                issued, self.ci = self.ci, 0
+                self._issue(issued)
 
     def comreset(self) -> None:
-        """The link comes up and the device sends its signature FIS."""
+        """The link comes up and the device sends its signature FIS. The driver starts over,
+        so a failed write-back stops being reported (as after a virtio device reset)."""
         self._stop()
         if self.device is None:
             self.ssts, self.tfd, self.sig = 0, 0x7F, _U32
             return
+        self.device.backend.clear_error()
         self.ssts = SSTS_UP
         self.serr |= SERR_DIAG_X | SERR_DIAG_N    # COMINIT seen, PhyRdy changed
         self.sig = self.device.signature
@@ -332,6 +361,8 @@ class AhciPort:
         if not new:
             return
         self.ci |= new
+        if self.draining:
+            return                       # they start when the stale requests are back
         if self._issue_native(new):
             return
         for slot in range(SLOTS):
@@ -400,10 +431,13 @@ class AhciPort:
             failed = mask                # the worker could not run it (BlockError)
         ok = mask & ~failed
         with self.hba.lock:
+            if epoch != self.epoch:      # stopped meanwhile: nothing to tell the guest
+                self._returned(bin(mask).count("1"))
+                return
             self.inflight -= bin(ok).count("1")
             if not self.inflight:
                 self.hba.idle.notify_all()
-            if ok and epoch == self.epoch:
+            if ok:
                 self.ncq_active &= ~ok
                 if not self.halted:
                     try:
@@ -420,9 +454,13 @@ class AhciPort:
             for s in range(SLOTS):
                 if failed >> s & 1:
                     write = self._native.slot[s].write
+                    if write and self._native.slot[s].fua:
+                        # Its write-through flush may be what failed, which the kernel
+                        # reports once: from now on every FLUSH CACHE fails too.
+                        self.device.backend.writeback_failed(self._native.slot[s].err or errno.EIO)
                     self._finish(_NativeCommand(s, epoch, bool(ioc >> s & 1)),
                                  ata_error(ERR_ABRT if write else ERR_UNC))
-            if ok and epoch == self.epoch and not self.halted:
+            if ok and not self.halted:
                 self._run()
 
     def _run(self) -> None:
@@ -434,7 +472,12 @@ class AhciPort:
             batch, self.batch = self.batch, []
             jobs = min(len(batch), self.device.workers)
             for i in range(jobs):
-                self.device.queue.submit_many(batch[i::jobs])
+                job = batch[i::jobs]
+                try:
+                    self.device.queue.submit_many(job)
+                except BlockError as e:  # full or closing: those commands fail, nothing waits
+                    for _, _, callback in job:
+                        callback(e)
 
     def _start_pending(self) -> None:
         while self.pending and not self.halted and self.busy is None:
@@ -542,12 +585,13 @@ class AhciPort:
             self._finish(cmd, result)
 
     def _finish(self, cmd: Command, result: Result) -> None:
+        bit = 1 << cmd.slot
+        if cmd.epoch != self.epoch:
+            self._returned(1)            # the port was stopped or reset meanwhile
+            return
         self.inflight -= 1
         if not self.inflight:
             self.hba.idle.notify_all()
-        bit = 1 << cmd.slot
-        if cmd.epoch != self.epoch:
-            return                       # the port was stopped or reset meanwhile
         if cmd.ncq:
             self.ncq_active &= ~bit
         elif self.busy == cmd.slot:
@@ -652,8 +696,8 @@ class AhciHba(PciFunction):
                          pin=INTA, name=name)
         self.machine = machine
         self.memory = machine.memory
-        self.lock = threading.RLock()
-        self.idle = threading.Condition(self.lock)
+        self.lock = concurrency.lock(concurrency.DEVICE, f"{name} hba", reentrant=True)
+        self.idle = concurrency.condition(self.lock)
         nports = max(devices) + 1 if devices else 1
         if nports > MAX_PORTS:
             raise ValueError(f"at most {MAX_PORTS} ports")

@@ -5,20 +5,27 @@ Every backend has
                      callback may block (the UART applies backpressure that way)
     write(data)      guest output; called from vCPU threads, so it never waits on a peer
     close()          stop threads, release what was opened; idempotent
+
+Reader and writer threads are DeviceThreads (hvframe.concurrency) the backend owns: each wait
+is interruptible (a wake-up pipe next to the polled fd, or the output condition), close()
+stops and joins them with a deadline, and a thread that dies of a bug is reported.
 """
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import select
 import socket
 import stat
 import termios
-import threading
 import tty
 from typing import Callable, Optional
 
 from hvframe.errors import ConfigError
+from hvframe import concurrency
+
+log = logging.getLogger(__name__)
 
 OnInput = Callable[[bytes], None]
 
@@ -63,7 +70,7 @@ class FileBackend:
         self.path = path
         self._fd: Optional[int] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                                           0o644)
-        self._lock = threading.Lock()
+        self._lock = concurrency.lock(concurrency.LEAF, "uart backend")
 
     def start(self, on_input: OnInput) -> None:
         pass
@@ -84,21 +91,71 @@ class FileBackend:
                 self._fd = None
 
 
+class _WakePipe:
+    """The self-pipe a reader thread polls next to its fd: wake() makes it readable (stop,
+    pause), drain() empties it. Both ends are non-blocking: a wake-up already pending is
+    enough. close() leaves the fds alone while `in_use` says a thread may still poll them."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake(self) -> None:
+        if self.w >= 0:
+            try:
+                os.write(self.w, b"x")
+            except OSError:      # full: a wake-up is pending already
+                pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.r, 64):
+                pass
+        except OSError:          # empty
+            pass
+
+    def close(self) -> None:
+        r, w, self.r, self.w = self.r, self.w, -1, -1
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _wait_readable(thread: concurrency.DeviceThread, fd, wake: _WakePipe, what: str) -> bool:
+    """(on a backend's reader) Wait until fd (an fd or socket) is readable or hung up: True;
+    False when the thread is being stopped. A pause() parks it here."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.register(wake.r, select.POLLIN)
+    while not thread.stopping:
+        concurrency.may_block(what)
+        ready = dict(poller.poll())
+        if wake.r in ready:
+            wake.drain()
+            if thread.stopping:
+                break
+            thread.checkpoint()
+            continue
+        if ready:
+            return True
+    return False
+
+
 class StdioBackend:
     """The controlling terminal (or whatever fds 0 and 1 are).
 
     A TTY on in_fd is put in raw mode when the reader starts, so every key (Ctrl-C included)
     goes to the guest; the saved mode is restored on close() and, failing that, at interpreter
     exit. A non-TTY in_fd (pipe, file, /dev/null) is read until EOF. The fds are not closed.
+    The reader is a DeviceThread the backend owns; close() stops it through a wake-up pipe.
     """
 
     def __init__(self, in_fd: int = 0, out_fd: int = 1):
         self.in_fd = in_fd
         self.out_fd = out_fd
         self._saved_mode: Optional[list] = None
-        self._thread: Optional[threading.Thread] = None
-        self._wake_r, self._wake_w = os.pipe()
-        self._out_lock = threading.Lock()
+        self._thread: Optional[concurrency.DeviceThread] = None
+        self._wake = _WakePipe()
+        self._out_lock = concurrency.lock(concurrency.LEAF, "uart output")
         self._out_broken = False
         self._closed = False
         self.on_close: Optional[Callable[[], None]] = None
@@ -111,20 +168,12 @@ class StdioBackend:
             atexit.register(self._restore_terminal)
             # TCSANOW: TCSAFLUSH would throw away input typed before the guest started.
             tty.setraw(self.in_fd, termios.TCSANOW)
-        self._thread = threading.Thread(target=self._read_loop, args=(on_input,),
-                                        name="uart-stdio-reader", daemon=True)
-        self._thread.start()
+        self._thread = concurrency.DeviceThread(
+            "uart-stdio-reader", lambda thread: self._read_loop(thread, on_input),
+            wake=self._wake.wake).start()
 
-    def _read_loop(self, on_input: OnInput) -> None:
-        poller = select.poll()
-        poller.register(self.in_fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while True:
-            ready = dict(poller.poll())
-            if self._wake_r in ready:
-                return
-            if self.in_fd not in ready:
-                continue
+    def _read_loop(self, thread: concurrency.DeviceThread, on_input: OnInput) -> None:
+        while _wait_readable(thread, self.in_fd, self._wake, "input on the UART's stdio"):
             try:
                 data = os.read(self.in_fd, READ_CHUNK)
             except BlockingIOError:
@@ -133,7 +182,7 @@ class StdioBackend:
                 return      # e.g. EIO when the terminal hangs up
             if not data:
                 return      # EOF: a pipe or file has been read to the end
-            on_input(data)
+            on_input(data)  # may block: the UART's backpressure (released by its close())
 
     def write(self, data: bytes) -> None:
         with self._out_lock:
@@ -156,16 +205,14 @@ class StdioBackend:
         if self._closed:
             return
         self._closed = True
-        os.write(self._wake_w, b"x")
         if self._thread is not None:
-            self._thread.join(JOIN_TIMEOUT)
+            self._thread.stop(JOIN_TIMEOUT)
         self._restore_terminal()
         atexit.unregister(self._restore_terminal)
-        # A reader stuck in on_input (UART not closed) still holds _wake_r; leave the pipe
-        # then rather than let its fd number be reused under it.
+        # A reader stuck in on_input (UART not closed) still polls the pipe; leave it open
+        # then rather than let its fd numbers be reused under it.
         if self._thread is None or not self._thread.is_alive():
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wake.close()
         if self.on_close is not None:
             self.on_close()
 
@@ -176,19 +223,28 @@ class SocketServerBackend:
     Input comes from the connected client. Output goes to it through a bounded queue and a
     writer thread, so a slow client never blocks a vCPU; output while nobody is connected is
     dropped. Further clients wait in the listen backlog until the current one leaves.
+
+    The reader (accept, then the client's input) and the writer are DeviceThreads the backend
+    owns: close() ends the client's connection and stops both, each join with a deadline. A
+    thread that dies of a bug ends the connection too and the backend serves no further
+    client (output is dropped), rather than leaving a client talking to nobody.
     """
 
     def __init__(self, listener: socket.socket, unix_path: Optional[str] = None):
         self._listener = listener
+        self._listener.setblocking(False)   # poll() said ready; a client gone since: no wait
         self._unix_path = unix_path
         self._unix_inode = os.stat(unix_path).st_ino if unix_path else None
-        self._cond = threading.Condition()
+        self._cond = concurrency.condition(concurrency.lock(concurrency.LEAF, "uart socket"))
         self._client: Optional[socket.socket] = None
         self._sending_on: Optional[socket.socket] = None
         self._output = bytearray()
         self._closing = False
-        self._threads: list[threading.Thread] = []
-        self._wake_r, self._wake_w = os.pipe()
+        self._broken: Optional[str] = None   # a thread died: serve nobody
+        self._kicks = 0                      # bumped to get the writer to its checkpoint
+        self._orphans: list[socket.socket] = []
+        self._threads: list[concurrency.DeviceThread] = []
+        self._wake = _WakePipe()
         self.dropped = 0    # output bytes dropped because the client did not keep up
 
     @property
@@ -200,54 +256,55 @@ class SocketServerBackend:
         if self._threads or self._closing:
             return
         self._threads = [
-            threading.Thread(target=self._serve, args=(on_input,), name="uart-sock-reader",
-                             daemon=True),
-            threading.Thread(target=self._flush_output, name="uart-sock-writer", daemon=True),
+            concurrency.DeviceThread("uart-sock-reader",
+                                     lambda thread: self._serve(thread, on_input),
+                                     wake=self._wake.wake, on_error=self._thread_failed),
+            concurrency.DeviceThread("uart-sock-writer", self._flush_output,
+                                     wake=self._wake_writer, on_error=self._thread_failed),
         ]
         for t in self._threads:
             t.start()
 
-    def _accept(self) -> Optional[socket.socket]:
-        poller = select.poll()
-        poller.register(self._listener, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while True:
-            ready = dict(poller.poll())
-            if self._wake_r in ready:
-                return None
+    def _accept(self, thread: concurrency.DeviceThread) -> Optional[socket.socket]:
+        while _wait_readable(thread, self._listener, self._wake, "a client to connect"):
             try:
                 conn, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
                 return None
+            conn.setblocking(True)
             return conn
+        return None
 
-    def _serve(self, on_input: OnInput) -> None:
+    def _serve(self, thread: concurrency.DeviceThread, on_input: OnInput) -> None:
         while True:
-            conn = self._accept()
+            conn = self._accept(thread)
             if conn is None:
                 return
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._cond:
-                if self._closing:
+                if self._closing or self._broken or thread.stopping:
                     conn.close()
                     return
                 self._client = conn
                 self._output.clear()
                 self._cond.notify_all()
             try:
-                while True:
+                while _wait_readable(thread, conn, self._wake, "input from the UART's client"):
                     data = conn.recv(READ_CHUNK)
                     if not data:
                         break
-                    on_input(data)
+                    on_input(data)   # may block: the UART's backpressure
             except OSError:
                 pass
             self._drop_client(conn)
+            if self._broken:
+                return
 
     def _drop_client(self, conn: socket.socket) -> None:
+        concurrency.may_block("the UART socket writer to let go of its client")
         with self._cond:
             if self._client is conn:
                 self._client = None
@@ -260,18 +317,32 @@ class SocketServerBackend:
                 self._cond.wait()
         conn.close()
 
-    def _flush_output(self) -> None:
+    def _wake_writer(self) -> None:
+        with self._cond:
+            self._kicks += 1
+            self._cond.notify_all()
+
+    def _flush_output(self, thread: concurrency.DeviceThread) -> None:
         while True:
+            thread.checkpoint()
+            concurrency.may_block("output for the UART's client")
             with self._cond:
-                while not self._closing and not (self._client and self._output):
+                kicks = self._kicks
+                while not (self._closing or self._broken or thread.stopping
+                           or (self._client and self._output) or self._kicks != kicks):
                     self._cond.wait()
-                if self._closing:
+                if self._closing or self._broken or thread.stopping:
                     return
+                if not (self._client and self._output):
+                    continue          # woken to pass the checkpoint
                 conn = self._client
                 chunk = bytes(self._output)
                 self._output.clear()
                 self._sending_on = conn
             try:
+                # A client that does not read blocks this: close() and _drop_client() shut
+                # the connection down, which ends the send.
+                concurrency.may_block("the UART's client to take output")
                 conn.sendall(chunk)
             except OSError:
                 try:
@@ -282,6 +353,31 @@ class SocketServerBackend:
                 with self._cond:
                     self._sending_on = None
                     self._cond.notify_all()
+
+    def _thread_failed(self, exc: BaseException) -> None:
+        """(DeviceThread.on_error) End the connection and serve nobody: the other thread
+        stops at its next wait, and output is dropped from now on."""
+        with self._cond:
+            self._broken = f"{type(exc).__name__}: {exc}"
+            client, self._client = self._client, None
+            self._output.clear()
+            if client is not None:
+                self._orphans.append(client)
+            self._cond.notify_all()
+        self._wake.wake()
+        if client is not None:
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        log.error("uart socket backend on %s: a thread died (%s); the connection was "
+                  "closed and no client is served any more", self._describe(), self._broken)
+
+    def _describe(self) -> str:
+        try:
+            return str(self.address)
+        except OSError:
+            return "a closed listener"
 
     def write(self, data: bytes) -> None:
         with self._cond:
@@ -302,18 +398,19 @@ class SocketServerBackend:
             self._closing = True
             client = self._client
             self._cond.notify_all()
-        os.write(self._wake_w, b"x")
         if client is not None:
             try:
-                client.shutdown(socket.SHUT_RDWR)
+                client.shutdown(socket.SHUT_RDWR)   # the client sees the connection end
             except OSError:
                 pass
         for t in self._threads:
-            t.join(JOIN_TIMEOUT)
+            t.stop(JOIN_TIMEOUT)
         self._listener.close()
         if not any(t.is_alive() for t in self._threads):
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wake.close()
+            for conn in self._orphans:
+                conn.close()
+            self._orphans.clear()
         if self._unix_path is not None:
             try:
                 if os.stat(self._unix_path).st_ino == self._unix_inode:
@@ -379,7 +476,7 @@ def _unix_listener(label: str, path: str) -> socket.socket:
 
 
 _stdio_user: Optional[str] = None
-_stdio_lock = threading.Lock()
+_stdio_lock = concurrency.lock(concurrency.LEAF, "stdio")
 
 
 def _open_stdio(label: str) -> StdioBackend:

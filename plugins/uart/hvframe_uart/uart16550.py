@@ -40,6 +40,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from typing import Callable, Optional, Protocol
+from hvframe import concurrency
 
 # Register offsets (DLAB selects DLL/DLM at 0/1).
 RBR = THR = DLL = 0
@@ -115,10 +116,10 @@ class Uart16550:
         self.backend = backend
         self._set_irq = set_irq
         self._backlog_limit = backlog_limit
-        self._lock = threading.Lock()
-        self._backlog_space = threading.Condition(self._lock)
+        self._lock = concurrency.lock(concurrency.DEVICE, "16550")
+        self._backlog_space = concurrency.condition(self._lock)
         # Serialises hand-off to the backend so bytes from different vCPUs keep THR order.
-        self._tx_lock = threading.Lock()
+        self._tx_lock = concurrency.lock(concurrency.DEVICE_OUTER, "16550 transmit")
         self._closed = False
         self._started = False
 

@@ -21,6 +21,7 @@ import threading
 
 from construct import Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
+from hvframe import concurrency
 from hvframe.block.backend import BlockBackend, BlockError, views_after
 from hvframe.virtio.device import VirtioDevice, bit
 from hvframe.virtio.virtqueue import struct_of
@@ -48,6 +49,7 @@ WRITE_ZEROES_UNMAP = 1
 
 MAX_DISCARD_SECTORS = (1 << 30) // SECTOR    # per segment
 MAX_DISCARD_SEGMENTS = 64
+MAX_WRITE_ZEROES_SEGMENTS = 64
 
 VirtioBlkConfig = Struct(
     "capacity" / Int64ul,
@@ -116,8 +118,8 @@ class VirtioBlk(VirtioDevice):
                 features |= bit(F_DISCARD)
         self.device_features = features
         self._config = b""
-        self._stop_watch = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self._watch_wake = threading.Event()
+        self._watcher: concurrency.DeviceThread | None = None
         self._build_config()
         self._blk = _ffi.new("struct hv_blk *") if _lib is not None else None
         if self._blk is None:
@@ -151,7 +153,7 @@ class VirtioBlk(VirtioDevice):
             max_discard_seg=MAX_DISCARD_SEGMENTS,
             discard_sector_alignment=physical // SECTOR,
             max_write_zeroes_sectors=MAX_DISCARD_SECTORS,
-            max_write_zeroes_seg=MAX_DISCARD_SEGMENTS,
+            max_write_zeroes_seg=MAX_WRITE_ZEROES_SEGMENTS,
             write_zeroes_may_unmap=1 if self.discard else 0,
             unused1=[0, 0, 0],
         ))
@@ -170,18 +172,32 @@ class VirtioBlk(VirtioDevice):
         log.info("%s: capacity is now %d sectors", self.backend.path, self.backend.size // SECTOR)
         return True
 
-    def _watch_capacity(self) -> None:
-        while not self._stop_watch.wait(1.0):
+    def _watch_capacity(self, thread: concurrency.DeviceThread) -> None:
+        """(the capacity watcher, a DeviceThread this device owns) Re-read the image size
+        once a second; close() stops it through stop() (wake sets _watch_wake)."""
+        while not thread.stopping:
+            concurrency.may_block("the next capacity check")
+            self._watch_wake.wait(1.0)
+            self._watch_wake.clear()
+            if thread.stopping:
+                return
+            thread.checkpoint()       # woken by pause(): park here
+            if thread.stopping:
+                return
             try:
                 self.check_capacity()
             except Exception:
                 log.exception("%s: capacity check failed", self.backend.path)
 
+    def _watcher_failed(self, exc: BaseException) -> None:
+        log.error("%s: the capacity watcher died; size changes of the image are no longer "
+                  "reported to the guest", self.backend.path)
+
     def activate(self, features: int) -> None:
         if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch_capacity, daemon=True,
-                                             name="virtio-blk-resize")
-            self._watcher.start()
+            self._watcher = concurrency.DeviceThread(
+                "virtio-blk-resize", self._watch_capacity, wake=self._watch_wake.set,
+                on_error=self._watcher_failed).start()
 
     # -- requests -------------------------------------------------------------------------
     def _current_blk(self):
@@ -189,8 +205,8 @@ class VirtioBlk(VirtioDevice):
         (refresh_size() may change the size), or None once the backend is closed."""
         be, blk = self.backend, self._blk
         fd = be.fd
-        if fd < 0:
-            return None
+        if fd < 0 or be.failed:
+            return None               # after a failed flush, write-through writes fail in Python
         blk.fd = fd
         blk.size = be.size
         return blk
@@ -208,6 +224,8 @@ class VirtioBlk(VirtioDevice):
             return nq.call(_lib.hv_vblk_serve, blk, vq.size if limit is None else limit)
         except (ValueError, BufferError):
             return 0                  # guest memory closed or unusable: the Python path decides
+        finally:
+            self._keep_writeback_error(blk)
 
     def serve_cycle(self, queue: int, vq, gate, poll_ns: int | None = None) -> int:
         """The queue worker's native loop (hv_vq_cycle over hv_vblk_serve): serve READ/WRITE
@@ -220,6 +238,15 @@ class VirtioBlk(VirtioDevice):
             return queue_state(vq).cycle(_lib.hv_vblk_serve_ctx, blk, gate, poll_ns)
         except (ValueError, BufferError):
             return _CYCLE_PYTHON      # guest memory closed or unusable
+        finally:
+            self._keep_writeback_error(blk)
+
+    def _keep_writeback_error(self, blk) -> None:
+        """A write-through fdatasync the native path made failed: the backend keeps the
+        error, so every later FLUSH fails too (the kernel would report it only once)."""
+        if blk.wb_errno:
+            err, blk.wb_errno = blk.wb_errno, 0
+            self.backend.writeback_failed(err)
 
     def handle_chain(self, queue: int, chain) -> int:
         data_in, status = _split_status(chain.writable)
@@ -273,12 +300,15 @@ class VirtioBlk(VirtioDevice):
             return S_UNSUPP
         if self.readonly:
             return S_IOERR
-        payload = b"".join(bytes(v) for v in views_after(chain.readable, HEADER_SIZE))
-        if not payload or len(payload) % SEGMENT_SIZE:
+        # The guest chooses the chain's length (up to 4 GiB, naming its RAM many times over):
+        # check it against the advertised segment limit before copying a byte.
+        views = views_after(chain.readable, HEADER_SIZE)
+        length = sum(len(v) for v in views)
+        limit = MAX_DISCARD_SEGMENTS if rtype == T_DISCARD else MAX_WRITE_ZEROES_SEGMENTS
+        if not length or length % SEGMENT_SIZE or length > limit * SEGMENT_SIZE:
             return S_UNSUPP
-        count = len(payload) // SEGMENT_SIZE
-        if count > MAX_DISCARD_SEGMENTS:
-            return S_UNSUPP
+        payload = b"".join(views)
+        count = length // SEGMENT_SIZE
         segments = [_SEGMENT.unpack_from(payload, i * SEGMENT_SIZE) for i in range(count)]
         for sector, num, flags in segments:   # check them all before changing anything
             if num > MAX_DISCARD_SECTORS:
@@ -296,8 +326,11 @@ class VirtioBlk(VirtioDevice):
                                           unmap=bool(flags & WRITE_ZEROES_UNMAP) and self.discard)
         return S_OK
 
+    def reset(self) -> None:
+        # The driver starts over and is told about write-back failures afresh.
+        self.backend.clear_error()
+
     def close(self) -> None:
-        self._stop_watch.set()
-        if self._watcher is not None and self._watcher is not threading.current_thread():
-            self._watcher.join()
+        if self._watcher is not None:   # kept: activate() after close() starts no other
+            self._watcher.stop()      # joins with a deadline; returns at once on itself
         self.backend.close()

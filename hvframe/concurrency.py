@@ -1,0 +1,356 @@
+"""hvframe's threading and locking model: read this before writing a device that has threads.
+
+Threads, and who owns them
+--------------------------
+* **vCPU threads**, one per vCPU (owned by the Machine). They run device register handlers
+  (``read``/``write`` on a bus range) for the exits KVM hands to user space. A handler must
+  return promptly: it never waits for another thread's progress (see rule 2).
+* **Device threads**, each a ``DeviceThread`` owned by the device that started it: virtio
+  queue workers (one per queue), the block layer's worker pool (per disk), backend readers
+  and writers (UART sockets, the capacity watcher). The owner stops and joins them in its
+  ``close()``, which ``Machine.close()`` calls; a thread that dies of an exception is logged
+  and its owner told (``on_error``), never a silently dead queue.
+* **The main thread** builds the machine, waits for it and closes it.
+
+Locks, outermost first
+----------------------
+Every lock a device or the framework shares between threads is made with ``lock(rank,
+name)``. A thread may take a lock only while every lock it already holds has a lower rank;
+two locks of one rank (two devices' register locks, say) are never held together. Re-taking
+a re-entrant lock the thread already holds is fine.
+
+=============  ==============================================================================
+rank           what it guards
+=============  ==============================================================================
+QUEUE          a virtqueue being served (held by its worker for a whole batch)
+PCI_BUS        PCI configuration accesses and the BAR remapping they cause
+DEVICE_OUTER   a device lock held around its own register lock (the 16550's transmit order)
+DEVICE         a device's register and state lock (virtio transport, AHCI HBA, 16550, ...)
+DEVICE_INNER   a part of one device taken under its DEVICE lock (virtio's ISR)
+PCI_FUNCTION   one PCI function's INTx pin and the status bit that mirrors it
+MSI            MSI and MSI-X capability state
+MACHINE        interrupt sources and irqfds, the dispatch buses' range tables
+KVM            the VM's own state: GSI routes, interrupt line levels (ioctls only)
+LEAF           calls nothing while held: queues' condition variables, tables, counters
+=============  ==============================================================================
+
+Rules
+-----
+1. Locks are taken in rank order, as above.
+2. No thread waits (for a queue with room, a join, an event, another thread's lock such as a
+   queue lock a worker holds for a batch) while holding a lock another thread needs. Work
+   that has to wait for a device's threads -- a reset, a queue disabled, a port stopped --
+   is asked for with ``defer(fn)``: it runs when the thread leaves its outermost
+   ``deferring()`` scope, which whoever holds a lock around device code opens first (the PCI
+   bus around configuration accesses, the virtio transport around its registers).
+3. Nothing a guest controls grows without a bound checked before the work is done; a full
+   queue refuses (the device answers with its error status) instead of blocking.
+
+The checker
+-----------
+With ``HVFRAME_LOCK_CHECK=1`` in the environment when hvframe is imported (the test suite
+sets it), ``lock()`` returns checking locks: every acquisition is compared with the locks the
+thread holds, and ``may_block(what)`` (called by every wait the framework does) with any lock
+held at all. A violation is recorded with both stacks; ``take_violations()`` hands them to
+the test suite, which fails the test that caused them. Without the variable, ``lock()``
+returns plain ``threading`` locks: no cost on the exit path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import traceback
+import weakref
+from contextlib import contextmanager
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+QUEUE = 10
+PCI_BUS = 20
+DEVICE_OUTER = 25
+DEVICE = 30
+DEVICE_INNER = 40
+PCI_FUNCTION = 50
+MSI = 60
+MACHINE = 70
+KVM = 80
+LEAF = 90
+
+RANK_NAMES = {QUEUE: "QUEUE", PCI_BUS: "PCI_BUS", DEVICE_OUTER: "DEVICE_OUTER",
+              DEVICE: "DEVICE", DEVICE_INNER: "DEVICE_INNER", PCI_FUNCTION: "PCI_FUNCTION",
+              MSI: "MSI", MACHINE: "MACHINE", KVM: "KVM", LEAF: "LEAF"}
+
+CHECKING = os.environ.get("HVFRAME_LOCK_CHECK", "") not in ("", "0")
+
+_tls = threading.local()
+_violations: list[str] = []
+_violations_lock = threading.Lock()
+
+
+def _held() -> list:
+    try:
+        return _tls.held
+    except AttributeError:
+        _tls.held = []
+        return _tls.held
+
+
+def _report(message: str) -> None:
+    where = "".join(traceback.format_stack(limit=12)[:-2])
+    text = f"{message} (thread {threading.current_thread().name})\n{where}"
+    log.error("lock order violation: %s", message)
+    with _violations_lock:
+        _violations.append(text)
+
+
+def take_violations() -> list[str]:
+    """The violations recorded since the last call (and forget them)."""
+    with _violations_lock:
+        out = list(_violations)
+        _violations.clear()
+    return out
+
+
+def held_locks() -> list[str]:
+    """Names of the checking locks the calling thread holds, outermost first."""
+    return [lk.name for lk in _held()]
+
+
+def may_block(what: str) -> None:
+    """The calling thread is about to wait for `what`: a violation if it holds any lock."""
+    if CHECKING:
+        held = _held()
+        if held:
+            _report(f"waits for {what} while holding {', '.join(lk.name for lk in held)}")
+
+
+class CheckedLock:
+    """A lock that checks the rank order on every blocking acquisition (test suite only)."""
+
+    def __init__(self, rank: int, name: str, reentrant: bool):
+        self._inner = threading.RLock() if reentrant else threading.Lock()
+        self.rank, self.name, self.reentrant = rank, name, reentrant
+
+    def _check(self) -> None:
+        held = _held()
+        if self in held:
+            if not self.reentrant:
+                _report(f"re-acquires {self.name}, which is not re-entrant")
+            return
+        for other in held:
+            if other.rank > self.rank or (other.rank == self.rank and other is not self):
+                _report(f"acquires {self.name} ({RANK_NAMES.get(self.rank, self.rank)}) "
+                        f"while holding {other.name} ({RANK_NAMES.get(other.rank, other.rank)})")
+                return
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if blocking:
+            self._check()
+        ok = self._inner.acquire(blocking, timeout)
+        if ok:
+            _held().append(self)
+        return ok
+
+    def release(self) -> None:
+        held = _held()
+        for i in range(len(held) - 1, -1, -1):
+            if held[i] is self:
+                del held[i]
+                break
+        self._inner.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def locked(self) -> bool:
+        if self.reentrant:
+            return self in _held()
+        return self._inner.locked()
+
+    # What threading.Condition uses to release a (re-entrant) lock completely while waiting.
+    def _is_owned(self) -> bool:
+        return self in _held()
+
+    def _release_save(self):
+        held = _held()
+        count = sum(1 for lk in held if lk is self)
+        _tls.held = [lk for lk in held if lk is not self]
+        if self.reentrant:
+            state = self._inner._release_save()
+        else:
+            self._inner.release()
+            state = None
+        return (state, count)
+
+    def _acquire_restore(self, saved) -> None:
+        state, count = saved
+        if self.reentrant:
+            self._inner._acquire_restore(state)
+        else:
+            self._inner.acquire()
+        _held().extend([self] * count)
+
+    def __repr__(self) -> str:
+        return f"<CheckedLock {self.name} {RANK_NAMES.get(self.rank, self.rank)}>"
+
+
+def lock(rank: int, name: str, *, reentrant: bool = False):
+    """A lock of `rank` (see the table above); `name` says whose it is in reports."""
+    if CHECKING:
+        return CheckedLock(rank, name, reentrant)
+    return threading.RLock() if reentrant else threading.Lock()
+
+
+def condition(lk) -> threading.Condition:
+    """A condition variable on a lock made by lock()."""
+    return threading.Condition(lk)
+
+
+# -- deferred work ----------------------------------------------------------------------------
+
+@contextmanager
+def deferring():
+    """A scope around code that holds locks while calling device code: what that code
+    defer()s runs when the outermost scope of this thread ends, with those locks released."""
+    depth = getattr(_tls, "depth", 0)
+    if depth == 0:
+        _tls.pending = []
+    _tls.depth = depth + 1
+    try:
+        yield
+    finally:
+        _tls.depth = depth
+        if depth == 0:
+            _run_pending()
+
+
+def _run_pending() -> None:
+    pending = _tls.pending
+    while pending:
+        fn = pending.pop(0)
+        try:
+            fn()
+        except Exception:   # a device bug must not escape into the exit loop
+            log.exception("deferred %r failed", fn)
+
+
+def defer(fn: Callable[[], None]) -> None:
+    """Run fn() now if this thread is in no deferring() scope, else when it leaves them."""
+    if getattr(_tls, "depth", 0):
+        _tls.pending.append(fn)
+        return
+    fn()
+
+
+# -- device threads ---------------------------------------------------------------------------
+
+_live_threads: "weakref.WeakSet[DeviceThread]" = weakref.WeakSet()
+JOIN_DEADLINE = 5.0
+
+
+class DeviceThread:
+    """A thread owned by a device, with a stop path.
+
+    ``target(thread)`` runs on the new thread and returns when ``thread.stopping`` is set
+    (check it after every wait); ``wake()`` (given by the owner) interrupts its wait, e.g. by
+    writing an eventfd. ``stop()`` sets ``stopping``, wakes it and joins with a deadline; a
+    thread still running then is reported, not waited for forever. An exception that escapes
+    ``target`` is logged with the thread's name, kept in ``error``, and passed to
+    ``on_error`` so the owner can fail its requests (a device error status) instead of
+    leaving a queue nobody serves. ``pause()`` asks the thread to park at its next
+    ``checkpoint()`` and waits until it does (or its deadline); ``resume()`` releases it.
+    """
+
+    def __init__(self, name: str, target: Callable[["DeviceThread"], None], *,
+                 wake: Callable[[], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None):
+        self.name = name
+        self._target = target
+        self._wake = wake
+        self._on_error = on_error
+        self.stopping = False
+        self.error: BaseException | None = None
+        self._paused = threading.Event()         # the thread is parked
+        self._run_allowed = threading.Event()
+        self._run_allowed.set()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> "DeviceThread":
+        _live_threads.add(self)
+        self._thread.start()
+        return self
+
+    @property
+    def ident(self) -> int | None:
+        return self._thread.ident
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def is_current(self) -> bool:
+        return self._thread is threading.current_thread()
+
+    def _main(self) -> None:
+        try:
+            self._target(self)
+        except BaseException as e:     # noqa: BLE001 - reported, then the owner decides
+            self.error = e
+            log.error("%s: thread failed: %s", self.name,
+                      "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+            if self._on_error is not None:
+                try:
+                    self._on_error(e)
+                except Exception:
+                    log.exception("%s: on_error failed", self.name)
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake()
+
+    def checkpoint(self) -> None:
+        """(on the thread) Park here while paused."""
+        if not self._run_allowed.is_set():
+            self._paused.set()
+            while not self._run_allowed.wait(0.1):
+                if self.stopping:
+                    break
+            self._paused.clear()
+
+    def pause(self, deadline: float = JOIN_DEADLINE) -> bool:
+        """Ask the thread to park at its next checkpoint; True once it has."""
+        may_block(f"{self.name} to pause")
+        self._run_allowed.clear()
+        self.wake()
+        return self._paused.wait(deadline) or not self._thread.is_alive()
+
+    def resume(self) -> None:
+        self._run_allowed.set()
+
+    def stop(self, deadline: float = JOIN_DEADLINE) -> bool:
+        """Stop and join; False (and an error logged) if it did not end by the deadline."""
+        self.stopping = True
+        self._run_allowed.set()
+        self.wake()
+        if self.is_current() or self._thread.ident is None:
+            return True
+        may_block(f"{self.name} to stop")
+        self._thread.join(deadline)
+        if self._thread.is_alive():
+            log.error("%s: thread did not stop within %.1f s", self.name, deadline)
+            return False
+        return True
+
+
+def live_threads() -> list[DeviceThread]:
+    """Device threads started and still running (for leak checks)."""
+    return [t for t in list(_live_threads) if t.is_alive()]
+
+
+__all__ = ["QUEUE", "PCI_BUS", "DEVICE_OUTER", "DEVICE", "DEVICE_INNER", "PCI_FUNCTION",
+           "MSI", "MACHINE", "KVM", "LEAF", "CHECKING", "CheckedLock", "DeviceThread", "condition",
+           "defer", "deferring", "held_locks", "live_threads", "lock", "may_block",
+           "take_violations"]
