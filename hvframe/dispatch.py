@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import sys
-import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any

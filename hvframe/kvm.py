@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import heapq
 import os
-import threading
 from contextlib import contextmanager
 
 from .core_native import ffi, lib

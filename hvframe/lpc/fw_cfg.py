@@ -23,7 +23,6 @@ Writes through DMA are refused (error bit) unless the file was added writable.
 from __future__ import annotations
 
 import struct
-import threading
 
 from ..memory import GuestMemoryError
 from .. import concurrency

@@ -21,7 +21,6 @@ between functions through machine.irq_source, and the interrupt line register sa
 """
 from __future__ import annotations
 
-import threading
 
 from ..errors import ConfigError
 from .config_space import (CMD_IO, CMD_MEMORY, HEADER_TYPE_MULTIFUNCTION, all_ones)

@@ -38,7 +38,6 @@ the rest read 0 and are ignored.
 """
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING
 
 from ..core_native import ffi

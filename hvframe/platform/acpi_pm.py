@@ -5,7 +5,6 @@ with exit status 1, as bhyve does.
 """
 from __future__ import annotations
 
-import threading
 import time
 from .. import concurrency
 

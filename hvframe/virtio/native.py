@@ -17,7 +17,6 @@ GuestMemory.close() works whenever no call is running.
 """
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 
 from ..core_native import ffi, lib, set_ram_regions

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import threading
 from collections import deque
 from functools import partial
 

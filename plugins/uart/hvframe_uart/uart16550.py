@@ -37,7 +37,6 @@ between threads; it must not call back into this UART.
 """
 from __future__ import annotations
 
-import threading
 from collections import deque
 from typing import Callable, Optional, Protocol
 from hvframe import concurrency
