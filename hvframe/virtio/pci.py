@@ -104,6 +104,11 @@ LEGACY_HEADER_SIZE = VirtioPciLegacyHeader.sizeof()            # 20
 LEGACY_MSIX_SIZE = VirtioPciLegacyMsix.sizeof()                # 4
 LEGACY_NOTIFY = offset_of(VirtioPciLegacyHeader, "queue_notify")
 LEGACY_ISR = offset_of(VirtioPciLegacyHeader, "isr_status")
+# Where the configuration access window's fields sit in its capability (fields_of walks the
+# declaration: once here, not on every configuration access).
+CFG_CAP_BAR, CFG_CAP_OFFSET, CFG_CAP_LENGTH, CFG_CAP_DATA = (
+    offset_of(VirtioPciCfgCap, n) for n in ("bar", "offset", "length", "pci_cfg_data"))
+QUEUE_MSIX_VECTOR = offset_of(VirtioPciCommonCfg, "queue_msix_vector")
 LEGACY_PAGE = 4096          # queue_pfn unit and used-ring alignment of legacy queues
 
 # BAR layout.
@@ -324,10 +329,8 @@ class VirtioPciFunction(PciFunction):
         """(bar, offset, length, data config offset) of the configuration access window."""
         base = self._pci_cfg_cap
         cs = self.config
-        return (cs.get(base + offset_of(VirtioPciCfgCap, "bar"), 1),
-                cs.get(base + offset_of(VirtioPciCfgCap, "offset"), 4),
-                cs.get(base + offset_of(VirtioPciCfgCap, "length"), 4),
-                base + offset_of(VirtioPciCfgCap, "pci_cfg_data"))
+        return (cs.get(base + CFG_CAP_BAR, 1), cs.get(base + CFG_CAP_OFFSET, 4),
+                cs.get(base + CFG_CAP_LENGTH, 4), base + CFG_CAP_DATA)
 
     def _pci_cfg_access(self, offset: int, size: int) -> tuple[int, int, int] | None:
         """(BAR4 offset, length, data config offset) when a config access at offset/size
@@ -436,7 +439,7 @@ class VirtioPciFunction(PciFunction):
             q = self._selected()
             if q is not None and q.enabled:
                 # A vector write to an enabled queue is still allowed (4.1.5.1.2 remaps).
-                if offset == offset_of(VirtioPciCommonCfg, "queue_msix_vector") and size == 2:
+                if offset == QUEUE_MSIX_VECTOR and size == 2:
                     q.msix_vector = self._valid_vector(value)
                     return
             _write_fields(_COMMON_FIELDS, self._common_get, self._common_set, offset, size,
