@@ -22,6 +22,7 @@ a re-entrant lock the thread already holds is fine.
 =============  ==============================================================================
 rank           what it guards
 =============  ==============================================================================
+RESET          a device reset in progress (it waits for the device's queues: outermost)
 QUEUE          a virtqueue being served (held by its worker for a whole batch)
 PCI_BUS        PCI configuration accesses and the BAR remapping they cause
 DEVICE_OUTER   a device lock held around its own register lock (the 16550's transmit order)
@@ -60,6 +61,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import traceback
 import weakref
 from contextlib import contextmanager
@@ -67,6 +69,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
+RESET = 5
 QUEUE = 10
 PCI_BUS = 20
 DEVICE_OUTER = 25
@@ -78,7 +81,7 @@ MACHINE = 70
 KVM = 80
 LEAF = 90
 
-RANK_NAMES = {QUEUE: "QUEUE", PCI_BUS: "PCI_BUS", DEVICE_OUTER: "DEVICE_OUTER",
+RANK_NAMES = {RESET: "RESET", QUEUE: "QUEUE", PCI_BUS: "PCI_BUS", DEVICE_OUTER: "DEVICE_OUTER",
               DEVICE: "DEVICE", DEVICE_INNER: "DEVICE_INNER", PCI_FUNCTION: "PCI_FUNCTION",
               MSI: "MSI", MACHINE: "MACHINE", KVM: "KVM", LEAF: "LEAF"}
 
@@ -86,6 +89,7 @@ CHECKING = os.environ.get("HVFRAME_LOCK_CHECK", "") not in ("", "0")
 
 _tls = threading.local()
 _violations: list[str] = []
+MAX_VIOLATIONS = 1000
 _violations_lock = threading.Lock()
 
 
@@ -102,7 +106,8 @@ def _report(message: str) -> None:
     text = f"{message} (thread {threading.current_thread().name})\n{where}"
     log.error("lock order violation: %s", message)
     with _violations_lock:
-        _violations.append(text)
+        if len(_violations) < MAX_VIOLATIONS:   # a long checked run must not grow forever
+            _violations.append(text)
 
 
 def take_violations() -> list[str]:
@@ -132,6 +137,7 @@ class CheckedLock:
     def __init__(self, rank: int, name: str, reentrant: bool):
         self._inner = threading.RLock() if reentrant else threading.Lock()
         self.rank, self.name, self.reentrant = rank, name, reentrant
+        self._holder: list | None = None    # the held list of the thread that has it
 
     def _check(self) -> None:
         held = _held()
@@ -150,11 +156,15 @@ class CheckedLock:
             self._check()
         ok = self._inner.acquire(blocking, timeout)
         if ok:
-            _held().append(self)
+            held = _held()
+            held.append(self)
+            self._holder = held
         return ok
 
     def release(self) -> None:
-        held = _held()
+        # A plain lock may be released by another thread than the one that took it: its
+        # entry goes from the taker's list.
+        held = _held() if self.reentrant or self._holder is None else self._holder
         for i in range(len(held) - 1, -1, -1):
             if held[i] is self:
                 del held[i]
@@ -167,8 +177,8 @@ class CheckedLock:
         self.release()
 
     def locked(self) -> bool:
-        if self.reentrant:
-            return self in _held()
+        if self.reentrant:          # as threading.RLock: no locked() to ask
+            raise AttributeError("a re-entrant lock has no locked()")
         return self._inner.locked()
 
     # What threading.Condition uses to release a (re-entrant) lock completely while waiting.
@@ -178,7 +188,7 @@ class CheckedLock:
     def _release_save(self):
         held = _held()
         count = sum(1 for lk in held if lk is self)
-        _tls.held = [lk for lk in held if lk is not self]
+        held[:] = [lk for lk in held if lk is not self]
         if self.reentrant:
             state = self._inner._release_save()
         else:
@@ -192,7 +202,9 @@ class CheckedLock:
             self._inner._acquire_restore(state)
         else:
             self._inner.acquire()
-        _held().extend([self] * count)
+        held = _held()
+        held.extend([self] * count)
+        self._holder = held
 
     def __repr__(self) -> str:
         return f"<CheckedLock {self.name} {RANK_NAMES.get(self.rank, self.rank)}>"
@@ -321,11 +333,22 @@ class DeviceThread:
             self._paused.clear()
 
     def pause(self, deadline: float = JOIN_DEADLINE) -> bool:
-        """Ask the thread to park at its next checkpoint; True once it has."""
+        """Ask the thread to park at its next checkpoint; True once it has (or it is not
+        running). False if it did not park by the deadline: it is then let run again."""
+        if not self._thread.is_alive():
+            return True
         may_block(f"{self.name} to pause")
+        self._paused.clear()
         self._run_allowed.clear()
         self.wake()
-        return self._paused.wait(deadline) or not self._thread.is_alive()
+        end = time.monotonic() + deadline
+        while not self._paused.wait(0.05):
+            if not self._thread.is_alive():
+                return True
+            if time.monotonic() > end:
+                self._run_allowed.set()
+                return False
+        return True
 
     def resume(self) -> None:
         self._run_allowed.set()
@@ -350,7 +373,7 @@ def live_threads() -> list[DeviceThread]:
     return [t for t in list(_live_threads) if t.is_alive()]
 
 
-__all__ = ["QUEUE", "PCI_BUS", "DEVICE_OUTER", "DEVICE", "DEVICE_INNER", "PCI_FUNCTION",
+__all__ = ["RESET", "QUEUE", "PCI_BUS", "DEVICE_OUTER", "DEVICE", "DEVICE_INNER", "PCI_FUNCTION",
            "MSI", "MACHINE", "KVM", "LEAF", "CHECKING", "CheckedLock", "DeviceThread", "condition",
            "defer", "deferring", "held_locks", "live_threads", "lock", "may_block",
            "take_violations"]

@@ -179,3 +179,40 @@ def test_hba_reset_while_requests_run_drains_too(tmp_path):
         assert not d.p.read("is") & regs.IS_FATAL
     finally:
         d.close()
+
+
+def test_a_failed_write_through_flush_is_kept_when_the_port_was_stopped(tmp_path):
+    """A natively served FUA write whose fdatasync fails completes after the guest stopped
+    the port: nobody is told about that command, but the lost write-back is kept, so the
+    next FLUSH CACHE fails (the kernel reports it only once). /dev/null takes the write and
+    refuses the fdatasync."""
+    d = SlowDisk(tmp_path, True)
+    be = d.hba.ports[0].device.backend
+    devnull = os.open("/dev/null", os.O_RDWR)
+    real_fd = be.fd
+    try:
+        def fua_write_then_stop():
+            be.fd = devnull                   # what the native path is set up with
+            try:
+                d.p.prepare(0, h2d(ata.WRITE_FPDMA_QUEUED, lba=8, count=0, features=1,
+                                   device=0x40 | ata.FUA_BIT), [(BUF, 512)], write=True)
+                issue(d.p, 1)
+            finally:
+                be.fd = real_fd
+            d.p.write("cmd", d.p.read("cmd") & ~regs.CMD_ST)
+        vcpu(fua_write_then_stop)
+        d.gate.set()
+        assert d.hba.wait_idle(DEADLINE)
+        assert be.failed
+        d.p.write("cmd", d.p.read("cmd") | regs.CMD_ST)
+        vcpu(lambda: d.p.issue(1, h2d(ata.FLUSH_CACHE_EXT)))
+        assert vcpu_result(lambda: d.p.wait(1 << 1)) & regs.IS_TFES
+    finally:
+        os.close(devnull)
+        d.close()
+
+
+def vcpu_result(fn):
+    out = []
+    vcpu(lambda: out.append(fn()))
+    return out[0]

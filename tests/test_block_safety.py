@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import tracemalloc
 
 import pytest
@@ -347,3 +348,34 @@ def test_direct_io_bounces_through_a_bounded_buffer(tmp_path, monkeypatch):
     with open(path, "rb") as f:
         f.seek(512)
         assert f.read(MiB) == bytes(src)
+
+
+def test_overlapping_flushes_both_hear_of_a_lost_write_back(tmp_path, monkeypatch):
+    """Two flushes at once (two virtio queues, say): the kernel reports a lost write-back to
+    one fdatasync only, so the other must wait for it and fail too, not answer OK."""
+    path = make_image(tmp_path)
+    real = os.fdatasync
+    calls = []
+
+    def fdatasync(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            time.sleep(0.3)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with BlockBackend.open(path) as be:
+        results = {}
+
+        def flush(name):
+            try:
+                be.flush()
+                results[name] = "OK"
+            except BlockError as e:
+                results[name] = e.kind
+        first = threading.Thread(target=flush, args=("first",))
+        first.start()
+        time.sleep(0.05)
+        flush("second")
+        first.join(10)
+        assert results == {"first": BlockError.IO, "second": BlockError.IO}

@@ -99,6 +99,18 @@ def test_condition_wait_releases_a_reentrant_checked_lock():
     assert concurrency.take_violations() == []
 
 
+def test_a_plain_lock_released_by_another_thread_leaves_no_stale_entry():
+    lk = concurrency.lock(concurrency.LEAF, "handed over")
+    lk.acquire()
+    t = threading.Thread(target=lk.release)
+    t.start()
+    t.join()
+    assert concurrency.held_locks() == []
+    with concurrency.lock(concurrency.DEVICE, "after"):   # no false "holding" report
+        pass
+    assert concurrency.take_violations() == []
+
+
 def test_deferred_work_runs_after_the_outermost_scope():
     order = []
     with concurrency.deferring():
@@ -229,8 +241,16 @@ def test_legacy_queue_disable_while_the_worker_fails_its_batch():
         r.dev.release.set()
         t.join(DEADLINE)
         assert not t.is_alive(), "the queue PFN write never returned"
-        assert r.drv.status() & STATUS_NEEDS_RESET
         assert r.drv.legacy_read("queue_pfn", 4) == 0
+        assert r.dev.served == 1
+        # Whether the worker met the bad chain before it let go (NEEDS_RESET) or not, the
+        # driver can take the device back and use it.
+        assert finishes(lambda: r.drv.initialize(0))
+        assert not r.drv.status() & STATUS_NEEDS_RESET
+        r.drv.submit(0, [(r.buf, 64, False)])
+        r.drv.kick(0)
+        assert r.drv.wait_used(0, 1)
+        assert r.dev.served == 2
     finally:
         r.close()
 
@@ -333,3 +353,90 @@ def test_two_vcpus_write_registers_against_a_busy_worker(legacy):
         assert r.drv.wait_used(0, 1)
     finally:
         r.close()
+
+
+def test_a_reset_is_not_starved_by_a_driver_that_keeps_posting():
+    """vCPU1 keeps the queue full while vCPU0 resets the device: the worker lets go of the
+    queue between chains for the reset, which completes."""
+    r = SlowRig()
+    r.dev.release.set()
+    stop = threading.Event()
+    try:
+        dq = r.drv.queues[0]
+
+        def flood():
+            while not stop.is_set():
+                dq.reap()
+                if dq.free and r.fn.live:
+                    r.drv.submit(0, [(r.buf, 64, False)])
+                    r.drv.kick(0)
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        while r.dev.served < 50:
+            time.sleep(0.001)
+        assert finishes(lambda: r.drv.set_status(0)), "the reset never completed"
+        assert r.drv.status() == 0
+        stop.set()
+        t.join(DEADLINE)
+    finally:
+        stop.set()
+        r.close()
+
+
+def test_two_vcpus_reset_at_once_against_a_busy_worker():
+    r = SlowRig()
+    try:
+        r.post()
+        resets = [threading.Thread(target=r.drv.set_status, args=(0,), daemon=True)
+                  for _ in range(2)]
+        for t in resets:
+            t.start()
+        time.sleep(0.1)
+        r.dev.release.set()
+        for t in resets:
+            t.join(DEADLINE)
+            assert not t.is_alive(), "a reset hung"
+        assert r.drv.status() == 0
+        assert all(not q.enabled and q.vq is None for q in r.fn.queues)
+        assert finishes(lambda: r.drv.initialize(0))
+        r.drv.submit(0, [(r.buf, 64, False)])
+        r.drv.kick(0)
+        assert r.drv.wait_used(0, 1)
+    finally:
+        r.close()
+
+
+def test_machine_close_returns_while_a_request_never_does(caplog):
+    """A backend request that hangs (a dead network disk) does not hang Machine.close():
+    the worker and its queue are reported and left after their deadlines."""
+    r = SlowRig()
+    hang = threading.Event()
+    r.dev.handle_chain = lambda queue, chain: (r.dev.entered.set(), hang.wait(60), 0)[-1]
+    try:
+        r.post()
+        assert finishes(r.m.close, deadline=3 * concurrency.JOIN_DEADLINE), "close hung"
+        assert "did not stop" in caplog.text and "still busy" in caplog.text
+    finally:
+        hang.set()
+
+
+def test_delayed_interrupts_a_guest_asks_for_are_bounded():
+    """pci-testdev's RAISE_LATER starts a timer thread per request: a guest asking for
+    thousands gets MAX_PENDING waiting at once, the rest counted as dropped."""
+    from hvframe.pci import testdev
+    m = SyntheticMachine(16 << 20)
+    try:
+        dev = testdev.create(m, {"pci.address": (0, 5, 0)})
+        m.add_device(dev)
+        ensure_pci_bus(m).assign_bars()
+        before = threading.active_count()
+        bar0 = dev.bar(0)
+        dev.config_write(4, 2, 0x2)                   # memory decoding on
+        base = bar0.mapped_at
+        assert base is not None
+        for _ in range(3000):
+            m.mmio_write(base + testdev.REG_RAISE_LATER, 4, 60_000 << 16)   # in a minute
+        assert threading.active_count() - before <= testdev.MAX_PENDING
+        assert dev.dropped_later == 3000 - testdev.MAX_PENDING
+    finally:
+        m.close()

@@ -202,7 +202,9 @@ class BlockBackend:
         self._discard_ok = True       # cleared when the host says it cannot punch holes
         self._zero_range_ok = True    # cleared when FALLOC_FL_ZERO_RANGE is refused
         self._zeros: mmap.mmap | None = None
-        self._lock = threading.Lock()
+        self._lock = concurrency.lock(concurrency.LEAF, f"{path} state")
+        # Serialises flushes (held across fdatasync: only other flushes wait for it).
+        self._flush_lock = threading.Lock()
         self._failed: BlockError | None = None   # the write-back failure flushes report
         self.locked = False                       # holds an OFD lock on the image
 
@@ -456,23 +458,24 @@ class BlockBackend:
             raise BlockError(BlockError.CLOSED, f"{self.path}: backend is closed")
         if self.readonly:
             return
-        failed = self._failed
-        if failed is not None:
-            raise BlockError(BlockError.IO, f"{self.path}: an earlier flush failed "
-                             f"({os.strerror(failed.errno or errno.EIO)}); writes since the "
-                             f"last good flush may be lost until the disk is reset",
-                             failed.errno)
-        try:
-            os.fdatasync(self.fd)
-        except OSError as e:
-            err = self._io_error("flush", e)
-            with self._lock:
-                first = self._failed is None
-                if first:
+        # One flush at a time: of two overlapping fdatasyncs only one hears of a lost
+        # write-back, and the other must not answer OK before that is recorded.
+        with self._flush_lock:
+            failed = self._failed
+            if failed is not None:
+                raise BlockError(BlockError.IO, f"{self.path}: an earlier flush failed "
+                                 f"({os.strerror(failed.errno or errno.EIO)}); writes since "
+                                 f"the last good flush may be lost until the disk is reset",
+                                 failed.errno)
+            try:
+                os.fdatasync(self.fd)
+            except OSError as e:
+                err = self._io_error("flush", e)
+                with self._lock:
                     self._failed = err
-            if first:   # once on the host; the guest sees every later flush fail
+                # once on the host; the guest sees every later flush fail
                 log.error("%s; every flush fails until the disk is reset", err)
-            raise err from None
+                raise err from None
 
     def writeback_failed(self, err: int) -> None:
         """A native path's fdatasync failed with errno `err`: keep it, as flush() does."""

@@ -29,6 +29,7 @@ MAGIC = 0x48564652
 REG_MAGIC, REG_SCRATCH, REG_RAISE, REG_ACK, REG_RAISE_LATER = 0x0, 0x4, 0x8, 0xC, 0x10
 REGS_SIZE = 0x1000
 MSIX_VECTORS = 4
+MAX_PENDING = 16          # delayed interrupts waiting at once (one thread each)
 MSIX_BAR = 1
 MSIX_PBA_OFFSET = 0x800
 
@@ -79,6 +80,7 @@ class PciTestDev(PciFunction):
         self.raised_later = 0
         self.count_lock = concurrency.lock(concurrency.LEAF, "testdev counters")
         self._timers: set[threading.Timer] = set()
+        self.dropped_later = 0
         self._closed = False
         self.add_bar(0, REGS_SIZE, "mmio32", _Registers(self))
         MsiCapability(self)
@@ -101,7 +103,12 @@ class PciTestDev(PciFunction):
         timer.daemon = True
         timer.name = f"{self.name} raise {vector}"
         with self.count_lock:
+            # A guest decides how many it asks for: at most MAX_PENDING threads wait at once,
+            # later requests are dropped (counted) until one has fired.
             if self._closed:
+                return
+            if len(self._timers) >= MAX_PENDING:
+                self.dropped_later += 1
                 return
             self._timers.add(timer)
         timer.start()

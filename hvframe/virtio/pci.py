@@ -164,6 +164,9 @@ class QueueState:
         self.index = index
         self.max_size = max_size
         self.lock = concurrency.lock(concurrency.QUEUE, f"queue {index}")  # held while served
+        # Threads waiting for the lock (a reset, a disable): the Python service loop lets go
+        # between chains when there are any, as the native cycle does (CYCLE_YIELD).
+        self.claims = 0
         self.clear()
 
     def clear(self) -> None:
@@ -194,10 +197,12 @@ class _QueueWorker:
         if self.wake_fd >= 0:
             os.eventfd_write(self.wake_fd, 1)
 
-    def stop(self) -> None:
-        self.thread.stop()
+    def stop(self, deadline: float = concurrency.JOIN_DEADLINE) -> bool:
+        if not self.thread.stop(deadline):
+            return False   # stuck in a request: its wake fd stays open (a leak, not a reuse)
         fd, self.wake_fd = self.wake_fd, -1
         os.close(fd)
+        return True
 
     def _failed(self, exc: BaseException) -> None:
         self.queue.broken = True
@@ -283,6 +288,10 @@ class VirtioPciFunction(PciFunction):
         self._lock = concurrency.lock(concurrency.DEVICE, f"{self.name} registers",
                                       reentrant=True)
         self._isr_lock = concurrency.lock(concurrency.DEVICE_INNER, f"{self.name} ISR")
+        self._reset_lock = concurrency.lock(concurrency.RESET, f"{self.name} reset")
+        # Doorbells are made on the first BAR mapping (PCI bus lock) or the first activation
+        # (register lock), whichever comes first: once.
+        self._doorbells_lock = concurrency.lock(concurrency.DEVICE_INNER, f"{self.name} doorbells")
         self.queues = [QueueState(i, device.queue_max_size) for i in range(nq)]
         self.offered = (device.device_features | bit(F_VERSION_1) | bit(F_RING_EVENT_IDX)
                         | bit(F_RING_INDIRECT_DESC) | bit(F_ANY_LAYOUT))
@@ -368,6 +377,7 @@ class VirtioPciFunction(PciFunction):
         self.queue_select = 0
         self.isr = 0
         self.live = False
+        self._resetting = False
 
     def _selected(self) -> QueueState | None:
         qs = self.queue_select
@@ -436,6 +446,8 @@ class VirtioPciFunction(PciFunction):
 
     def common_write(self, offset: int, size: int, value: int) -> None:
         with concurrency.deferring(), self._lock:
+            if self._resetting:
+                return       # another vCPU's reset is under way: the device is not there yet
             q = self._selected()
             if q is not None and q.enabled:
                 # A vector write to an enabled queue is still allowed (4.1.5.1.2 remaps).
@@ -517,6 +529,8 @@ class VirtioPciFunction(PciFunction):
             self.device_config_write(offset - cfg_start, size, value)
             return
         with concurrency.deferring(), self._lock:
+            if self._resetting:
+                return       # another vCPU's reset is under way: the device is not there yet
             _write_fields(fields, self._legacy_get, self._legacy_set, offset, size, value)
 
     # -- device configuration -------------------------------------------------------------
@@ -577,11 +591,25 @@ class VirtioPciFunction(PciFunction):
             self._start_workers()
             self._workers[q.index].wake()
 
-    def _disable_queue(self, q: QueueState) -> None:
-        with claiming(q.vq), q.lock:
-            if q.vq is not None:
-                q.vq.close()
-            q.clear()
+    def _disable_queue(self, q: QueueState, deadline: float | None = None) -> bool:
+        """Stop q once its worker is done with the batch in hand; False if that did not
+        happen within `deadline` seconds (closing a machine whose disk hangs)."""
+        with claiming(q.vq):
+            q.claims += 1
+            try:
+                if not q.lock.acquire(timeout=-1 if deadline is None else deadline):
+                    log.error("%s: queue %d still busy after %.1f s; left as it is",
+                              self.name, q.index, deadline)
+                    return False
+            finally:
+                q.claims -= 1
+            try:
+                if q.vq is not None:
+                    q.vq.close()
+                q.clear()
+            finally:
+                q.lock.release()
+        return True
 
     def _build_queue(self, q: QueueState) -> None:
         try:
@@ -598,9 +626,15 @@ class VirtioPciFunction(PciFunction):
 
     def reset(self) -> None:
         """Device reset (status 0): in-flight requests finish first, so nothing touches guest
-        memory once the driver sees status read back 0."""
-        with self._lock:
-            self.live = False
+        memory once the driver sees status read back 0. One reset at a time; register writes
+        from other vCPUs meanwhile are dropped (the device is not there for them yet)."""
+        with self._reset_lock:
+            with self._lock:
+                self.live = False
+                self._resetting = True
+            self._reset_now()
+
+    def _reset_now(self) -> None:
         for q in self.queues:
             self._disable_queue(q)
         try:
@@ -665,16 +699,19 @@ class VirtioPciFunction(PciFunction):
             try:
                 if cycle is not None and self._serve_natively(q, vq, cycle):
                     return
-                # The Python path: what is left, chain by chain.
-                while True:
+                # The Python path: what is left, chain by chain, until someone else waits
+                # for the queue (a reset must not starve behind a driver that keeps posting).
+                while not q.claims:
                     vq.disable_notifications()
-                    while True:
+                    while not q.claims:
                         chain = vq.pop()
                         if chain is None:
                             break
                         self._serve_chain(q, vq, chain)
                     if not vq.enable_notifications():
                         break
+                else:
+                    self._wake_worker(q)      # to carry on once the claimant is done
             except VirtqueueError as e:
                 q.broken = True
                 if vq.needs_notification():
@@ -705,8 +742,7 @@ class VirtioPciFunction(PciFunction):
                 self.interrupt_queue(q)
             elif rc == CYCLE_YIELD:
                 # Someone waits for q.lock (a reset): let them in, then look again.
-                if q.index < len(self._workers):
-                    self._workers[q.index].wake()
+                self._wake_worker(q)
                 return True
             else:
                 chain = vq.pop()          # raises VirtqueueError for an invalid chain
@@ -725,16 +761,21 @@ class VirtioPciFunction(PciFunction):
         if self._workers:
             self._workers[index].wake()
 
+    def _wake_worker(self, q: QueueState) -> None:
+        if q.index < len(self._workers):
+            self._workers[q.index].wake()
+
     # -- doorbells and workers ------------------------------------------------------------
     def _ensure_doorbells(self) -> None:
-        if self._doorbells or self.pci_bus is None:
-            return
-        m = self.pci_bus.machine
-        for i in range(len(self.queues)):
-            self._doorbells.append((m.add_ioeventfd("mmio", None, 2),
-                                    m.add_ioeventfd("pio", None, 2, datamatch=i)))
-        # Closers run last-registered first: the workers stop before their doorbells close.
-        m.on_close(self._stop_workers)
+        with self._doorbells_lock:
+            if self._doorbells or self.pci_bus is None:
+                return
+            m = self.pci_bus.machine
+            self._doorbells = [(m.add_ioeventfd("mmio", None, 2),
+                                m.add_ioeventfd("pio", None, 2, datamatch=i))
+                               for i in range(len(self.queues))]
+            # Closers run last-registered first: the workers stop before their doorbells close.
+            m.on_close(self._stop_workers)
 
     def bar_remapped(self, bar, address: int | None) -> None:
         """PciBus: a BAR was mapped, moved or unmapped; the doorbells follow it."""
@@ -764,5 +805,5 @@ class VirtioPciFunction(PciFunction):
     def close(self) -> None:
         self._stop_workers()
         for q in self.queues:
-            self._disable_queue(q)
+            self._disable_queue(q, deadline=concurrency.JOIN_DEADLINE)
         self.device.close()

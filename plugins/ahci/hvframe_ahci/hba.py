@@ -430,6 +430,12 @@ class AhciPort:
             failed = mask                # the worker could not run it (BlockError)
         ok = mask & ~failed
         with self.hba.lock:
+            for s in range(SLOTS):
+                if failed >> s & 1 and self._native.slot[s].write and self._native.slot[s].fua:
+                    # Its write-through flush may be what failed, which the kernel reports
+                    # once: from now on every FLUSH CACHE fails too, even if the port was
+                    # stopped meanwhile (the data lost may be an acknowledged write's).
+                    self.device.backend.writeback_failed(self._native.slot[s].err or errno.EIO)
             if epoch != self.epoch:      # stopped meanwhile: nothing to tell the guest
                 self._returned(bin(mask).count("1"))
                 return
@@ -453,10 +459,6 @@ class AhciPort:
             for s in range(SLOTS):
                 if failed >> s & 1:
                     write = self._native.slot[s].write
-                    if write and self._native.slot[s].fua:
-                        # Its write-through flush may be what failed, which the kernel
-                        # reports once: from now on every FLUSH CACHE fails too.
-                        self.device.backend.writeback_failed(self._native.slot[s].err or errno.EIO)
                     self._finish(_NativeCommand(s, epoch, bool(ioc >> s & 1)),
                                  ata_error(ERR_ABRT if write else ERR_UNC))
             if ok and not self.halted:

@@ -244,7 +244,7 @@ class VirtioBlk(VirtioDevice):
     def _keep_writeback_error(self, blk) -> None:
         """A write-through fdatasync the native path made failed: the backend keeps the
         error, so every later FLUSH fails too (the kernel would report it only once)."""
-        if blk.wb_errno:
+        if blk is not None and blk.wb_errno:
             err, blk.wb_errno = blk.wb_errno, 0
             self.backend.writeback_failed(err)
 
@@ -272,7 +272,13 @@ class VirtioBlk(VirtioDevice):
                 self.backend.write(sector * SECTOR, data)
                 code = S_OK
             elif rtype == T_FLUSH:
+                self._keep_writeback_error(self._blk)
                 self.backend.flush()
+                # The native path on another queue may have heard of a lost write-back
+                # (and kept it in its struct) while this fdatasync ran: look again.
+                self._keep_writeback_error(self._blk)
+                if self.backend.failed:
+                    raise BlockError(BlockError.IO, "a write-through flush failed meanwhile")
                 code = S_OK
             elif rtype == T_GET_ID:
                 ident = self.serial.ljust(ID_BYTES, b"\0")
