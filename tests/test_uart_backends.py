@@ -485,3 +485,43 @@ def test_stdio_close_with_the_reader_waiting_leaves_no_thread():
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_output_to_a_stdout_nobody_reads_never_stalls_the_guest(monkeypatch):
+    """stdout is a pipe nobody reads (or a terminal stopped with ^S): the guest's writes
+    return at once, what does not fit the bounded buffer is counted as dropped, and close
+    gives up on the stuck writer after its deadline instead of hanging."""
+    import fcntl
+    import threading
+    from hvframe_uart import backends
+    from hvframe_uart.uart16550 import Uart16550
+    monkeypatch.setattr(backends, "OUTPUT_LIMIT", 4096)   # small buffer, short test
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    b = StdioBackend(in_fd=os.open("/dev/null", os.O_RDONLY), out_fd=w)
+    uart = Uart16550(lambda level: None, backend=b)
+    try:
+        def vcpu():
+            for _ in range(16 * 4096):
+                uart.write(0, 1, 0x41)                # THR, as a polled console does
+        threads = [threading.Thread(target=vcpu, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive(), "a vCPU blocked on the UART's output"
+        assert b.dropped > 0
+        t0 = time.monotonic()
+        b.close()
+        assert time.monotonic() - t0 < 10
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_fifo_nobody_reads_is_refused_at_once(tmp_path):
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    with pytest.raises(ConfigError) as e:
+        open_backend(f"file={path}", label="com1")
+    assert str(e.value).startswith("com1: ") and "\n" not in str(e.value)

@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 OnInput = Callable[[bytes], None]
 
 READ_CHUNK = 4096
-# Socket output queued for a slow client beyond this is dropped, so a client that stops
-# reading can never stall the guest.
+# Output queued for a slow client, terminal or file beyond this is dropped (and counted), so
+# a peer that stops reading can never stall a vCPU.
 SOCKET_OUTPUT_LIMIT = 1 << 20
+OUTPUT_LIMIT = 1 << 20
 JOIN_TIMEOUT = 2.0
 
 SPEC_HELP = "use stdio, null, file=PATH, tcp=HOST:PORT or unix=PATH"
@@ -48,6 +49,73 @@ def _write_all(fd: int, data: bytes) -> None:
             select.select([], [fd], [], 1.0)
             continue
         view = view[written:]
+
+
+class _OutputPump:
+    """Guest output to an fd through a bounded buffer and a writer DeviceThread: write()
+    never waits (a full buffer drops the rest and counts it in `dropped`), the writer may.
+    close() lets the writer finish what is queued for up to its deadline."""
+
+    def __init__(self, fd: int, name: str):
+        self.fd = fd
+        self.dropped = 0
+        self.broken = False                 # the fd failed (EPIPE, EIO): drop from now on
+        self._buf = bytearray()
+        self._cond = concurrency.condition(concurrency.lock(concurrency.LEAF, name))
+        self._writing = False
+        self._thread = concurrency.DeviceThread(name, self._run, wake=self._wake).start()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            if self.broken or self._thread.stopping:
+                return
+            room = OUTPUT_LIMIT - len(self._buf)
+            if len(data) > room:
+                self.dropped += len(data) - max(room, 0)
+                data = data[:max(room, 0)]
+            if data:
+                self._buf += data
+                self._cond.notify_all()
+
+    def _run(self, thread: concurrency.DeviceThread) -> None:
+        while True:
+            with self._cond:
+                while not self._buf and not thread.stopping:
+                    self._cond.wait()
+                if not self._buf:
+                    return                  # stopping, and everything is out
+                data = bytes(self._buf)
+                self._buf.clear()
+                self._writing = True
+                self._cond.notify_all()
+            try:
+                concurrency.may_block("the UART's output fd")
+                _write_all(self.fd, data)
+            except OSError:
+                with self._cond:
+                    self.broken = True
+                    self._buf.clear()
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+
+    def flush(self, deadline: float) -> bool:
+        """Wait until what was written so far is out (tests, close); False at the deadline."""
+        concurrency.may_block("UART output to drain")
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._buf and not self._writing
+                                       or self.broken or not self._thread.is_alive(), deadline)
+
+    def close(self, deadline: float = JOIN_TIMEOUT) -> bool:
+        """Let the queued output out (up to the deadline), then stop the writer; False if
+        the writer was stuck on the fd (it is left to finish on its own)."""
+        self.flush(deadline)
+        return self._thread.stop(0.1 if self._writing else deadline)
 
 
 class NullBackend:
@@ -68,27 +136,29 @@ class FileBackend:
 
     def __init__(self, path: str):
         self.path = path
-        self._fd: Optional[int] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                                          0o644)
-        self._lock = concurrency.lock(concurrency.LEAF, "uart backend")
+        # O_NONBLOCK: a FIFO nobody reads is refused at once instead of hanging the open.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NONBLOCK,
+                     0o644)
+        os.set_blocking(fd, True)
+        self._fd: Optional[int] = fd
+        self._out = _OutputPump(fd, "uart-file-writer")
+
+    @property
+    def dropped(self) -> int:
+        return self._out.dropped
 
     def start(self, on_input: OnInput) -> None:
         pass
 
     def write(self, data: bytes) -> None:
-        with self._lock:
-            if self._fd is None:
-                return
-            try:
-                _write_all(self._fd, data)
-            except OSError:
-                pass    # disk full or similar: the guest keeps running, output is lost
+        self._out.write(data)   # disk full or similar: the guest keeps running, output is lost
 
     def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        if self._fd is None:
+            return
+        if self._out.close():
+            os.close(self._fd)  # else the stuck writer still has it: left open, not reused
+        self._fd = None
 
 
 class _WakePipe:
@@ -155,8 +225,8 @@ class StdioBackend:
         self._saved_mode: Optional[list] = None
         self._thread: Optional[concurrency.DeviceThread] = None
         self._wake = _WakePipe()
-        self._out_lock = concurrency.lock(concurrency.LEAF, "uart output")
-        self._out_broken = False
+        # A terminal stopped with ^S or a pipe nobody reads must not stall a vCPU.
+        self._out = _OutputPump(out_fd, "uart-stdio-writer")
         self._closed = False
         self.on_close: Optional[Callable[[], None]] = None
 
@@ -184,14 +254,12 @@ class StdioBackend:
                 return      # EOF: a pipe or file has been read to the end
             on_input(data)  # may block: the UART's backpressure (released by its close())
 
+    @property
+    def dropped(self) -> int:
+        return self._out.dropped
+
     def write(self, data: bytes) -> None:
-        with self._out_lock:
-            if self._out_broken:
-                return
-            try:
-                _write_all(self.out_fd, data)
-            except OSError:
-                self._out_broken = True     # stdout went away (EPIPE/EIO): drop from now on
+        self._out.write(data)   # stdout gone (EPIPE/EIO): dropped from then on
 
     def _restore_terminal(self) -> None:
         if self._saved_mode is not None:
@@ -205,6 +273,7 @@ class StdioBackend:
         if self._closed:
             return
         self._closed = True
+        self._out.close()
         if self._thread is not None:
             self._thread.stop(JOIN_TIMEOUT)
         self._restore_terminal()
