@@ -27,6 +27,16 @@ class Finding(AssertionError):
     """An invariant of the fuzz target does not hold (a bug in hvframe, or in the target)."""
 
 
+def check_image(path, before: bytes, readonly: bool, where: str) -> None:
+    """A disk image keeps its size, and a read-only one its contents."""
+    with open(path, "rb") as f:
+        now = f.read()
+    if len(now) != len(before):
+        raise Finding(f"{where}: image size changed from {len(before)} to {len(now)}")
+    if readonly and now != before:
+        raise Finding(f"{where}: a read-only image was written")
+
+
 class _Collect(logging.Handler):
     def __init__(self, sink: list):
         super().__init__(logging.DEBUG)

@@ -28,7 +28,7 @@ if __name__ == "__main__":
     raise SystemExit(0)
 
 from fuzzlib import machines
-from fuzzlib.observe import Finding, Observer
+from fuzzlib.observe import Finding, Observer, check_image
 from fuzzlib.provider import Provider
 
 from hvframe.memory import FOUR_GIB, GuestMemoryError
@@ -93,19 +93,14 @@ class Rig:
                           f"(inflight {[p.inflight for p in self.hba.ports]})")
         with self.hba.lock:
             for p in self.hba.ports:
-                if p.cmd & regs.CMD_ST and not p.halted and not getattr(p, "draining", False):
+                if p.cmd & regs.CMD_ST and not p.halted and not p.draining:
                     if p.busy is not None or p.pending or p.ci:
                         raise Finding(f"{where}: port {p.index} is running, not stopped by an "
                                       f"error and idle, yet holds commands: PxCI {p.ci:#x}, "
                                       f"pending {list(p.pending)}, busy {p.busy}")
 
     def check_image(self, where: str) -> None:
-        with open(self.hd_path, "rb") as f:
-            now = f.read()
-        if len(now) != len(self.image):
-            raise Finding(f"{where}: image size changed from {len(self.image)} to {len(now)}")
-        if self.ro and now != self.image:
-            raise Finding(f"{where}: a read-only image was written")
+        check_image(self.hd_path, self.image, self.ro, where)
 
 
 def one_input(data: bytes) -> None:

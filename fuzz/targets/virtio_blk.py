@@ -30,7 +30,7 @@ if __name__ == "__main__":
 import struct
 
 from fuzzlib import machines
-from fuzzlib.observe import Finding, Observer
+from fuzzlib.observe import Finding, Observer, check_image
 from fuzzlib.provider import Provider
 
 from hvframe.memory import FOUR_GIB, GuestMemoryError
@@ -157,12 +157,7 @@ class Rig:
         return self.fn.bar_address(index)
 
     def check_image(self, where: str) -> None:
-        with open(self.path, "rb") as f:
-            now = f.read()
-        if len(now) != len(self.image):
-            raise Finding(f"{where}: image size changed from {len(self.image)} to {len(now)}")
-        if self.ro and now != self.image:
-            raise Finding(f"{where}: a read-only image was written")
+        check_image(self.path, self.image, self.ro, where)
 
 
 def one_input(data: bytes) -> None:
