@@ -28,8 +28,9 @@ report what it holds now and the most it ever held.
 """
 from __future__ import annotations
 
-import threading
 from collections import deque
+
+from .. import concurrency
 
 DATA_PORT = 0x60
 STATUS_PORT = 0x64
@@ -62,7 +63,7 @@ class I8042:
 
     def __init__(self, machine):
         self.machine = machine
-        self._lock = threading.Lock()
+        self._lock = concurrency.lock(concurrency.DEVICE, "i8042")
         self.ccb = CCB_SYS | CCB_XLATE | CCB_KBD_INT
         self.ram = bytearray(32)
         self.output_port = 0x03          # reset line high (not asserted), A20 on

@@ -18,7 +18,6 @@ with the standard checksum over 0x10-0x2d at 0x2e (high) / 0x2f (low).
 from __future__ import annotations
 
 import calendar
-import threading
 import time
 from .. import concurrency
 
@@ -77,7 +76,7 @@ class Rtc:
         self._clock = clock
         self._lock = concurrency.lock(concurrency.DEVICE, "rtc")
         self._cond = concurrency.condition(self._lock)
-        self._thread: threading.Thread | None = None
+        self._thread: concurrency.DeviceThread | None = None
         self._closing = False
         self.index = 0
         self.nmi_disabled = False
@@ -190,18 +189,21 @@ class Rtc:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._timer_loop, name="rtc-timer", daemon=True)
-            self._thread.start()
+            self._thread = concurrency.DeviceThread("rtc-timer", self._timer_loop,
+                                                    wake=self._wake).start()
 
-    def close(self) -> None:
+    def _wake(self) -> None:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+
+    def close(self) -> None:
+        self._wake()
         if self._thread is not None:
-            self._thread.join(2)
+            self._thread.stop()
             self._thread = None
 
-    def _timer_loop(self) -> None:
+    def _timer_loop(self, thread: concurrency.DeviceThread) -> None:
         next_tick = None
         last_second = None
         with self._cond:
