@@ -157,6 +157,9 @@ def _write_fields(fields, get, set_, offset: int, size: int, value: int) -> None
             set_(name, (get(name) & ~mask) | (part << shift))
 
 
+_claims_lock = concurrency.lock(concurrency.LEAF, "queue claims")
+
+
 class QueueState:
     """The driver's view of one queue, and the device's VirtQueue once it is live."""
 
@@ -595,14 +598,16 @@ class VirtioPciFunction(PciFunction):
         """Stop q once its worker is done with the batch in hand; False if that did not
         happen within `deadline` seconds (closing a machine whose disk hangs)."""
         with claiming(q.vq):
-            q.claims += 1
+            with _claims_lock:
+                q.claims += 1
             try:
                 if not q.lock.acquire(timeout=-1 if deadline is None else deadline):
                     log.error("%s: queue %d still busy after %.1f s; left as it is",
                               self.name, q.index, deadline)
                     return False
             finally:
-                q.claims -= 1
+                with _claims_lock:
+                    q.claims -= 1
             try:
                 if q.vq is not None:
                     q.vq.close()
@@ -632,19 +637,16 @@ class VirtioPciFunction(PciFunction):
             with self._lock:
                 self.live = False
                 self._resetting = True
-            self._reset_now()
-
-    def _reset_now(self) -> None:
-        for q in self.queues:
-            self._disable_queue(q)
-        try:
-            self.device.reset()
-        except Exception:
-            log.exception("%s: device reset failed", self.name)
-        with self._lock:
-            self._reset_state()
-        with self._isr_lock:
-            self.set_intx(0)
+            for q in self.queues:
+                self._disable_queue(q)
+            try:
+                self.device.reset()
+            except Exception:
+                log.exception("%s: device reset failed", self.name)
+            with self._lock:
+                self._reset_state()
+            with self._isr_lock:
+                self.set_intx(0)
 
     def needs_reset(self, why: str) -> None:
         """The driver broke the contract: DEVICE_NEEDS_RESET and a configuration interrupt."""
