@@ -50,6 +50,15 @@ def guest_dir(tmp_path_factory):
     return build_all(out)
 
 
+def rss_kib() -> int:
+    """This process's resident memory in KiB (memory-bound tests)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
 def assert_c_struct_matches(cname, declaration):
     """A C struct of the native core has the size, field offsets and field sizes of its
     construct declaration (the source of truth); padding fields have no C counterpart."""

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import requires_kvm
+from conftest import requires_kvm, rss_kib
 from hvframe.lpc import i8042
 
 pytestmark = [requires_kvm, pytest.mark.kvm]
@@ -22,14 +22,6 @@ def guest(tmp_path_factory):
     from hvframe.guests.build import build_guest
     return build_guest(["tests/guests/i8042_flood.c"],
                        tmp_path_factory.mktemp("i8042") / "i8042_flood.elf")
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def run_flood(guest, tmp_path, count):

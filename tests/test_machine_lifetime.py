@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import requires_kvm
+from conftest import requires_kvm, rss_kib
 from hvframe.core_native import ffi
 from hvframe.memory import GuestMemoryError
 from hvframe.synthetic import SyntheticMachine
@@ -53,14 +53,6 @@ def open_fds() -> dict[int, str]:
         except OSError:          # the directory's own fd, closed meanwhile
             pass
     return fds
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def ram_range(m) -> tuple[int, int]:
