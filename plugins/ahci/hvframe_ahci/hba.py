@@ -439,9 +439,7 @@ class AhciPort:
             if epoch != self.epoch:      # stopped meanwhile: nothing to tell the guest
                 self._returned(bin(mask).count("1"))
                 return
-            self.inflight -= bin(ok).count("1")
-            if not self.inflight:
-                self.hba.idle.notify_all()
+            self._returned(bin(ok).count("1"))
             if ok:
                 self.ncq_active &= ~ok
                 if not self.halted:
@@ -590,9 +588,7 @@ class AhciPort:
         if cmd.epoch != self.epoch:
             self._returned(1)            # the port was stopped or reset meanwhile
             return
-        self.inflight -= 1
-        if not self.inflight:
-            self.hba.idle.notify_all()
+        self._returned(1)
         if cmd.ncq:
             self.ncq_active &= ~bit
         elif self.busy == cmd.slot:
