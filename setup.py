@@ -29,6 +29,7 @@ class BuildPyWithDemoGuest(build_py):
 
 
 setup(
-    cffi_modules=["hvframe/core_native/build_core.py:ffibuilder"],
+    cffi_modules=["hvframe/core_native/build_core.py:ffibuilder",
+                  "hvframe/core_native/build_api.py:ffibuilder"],
     cmdclass={"build_py": BuildPyWithDemoGuest},
 )

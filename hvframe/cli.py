@@ -2,7 +2,10 @@
 
     hvframe run [-c N] [-m SIZE] [-s slot,device[,conf]]... [-l dev,conf]... [-o path=value]...
                 [--kernel FILE [--initrd FILE] [--cmdline TEXT]]
-    hvframe devices
+    hvframe devices [-v] [NAME...]
+
+Start-up imports only what the command line asks for: device plugins are found from their
+entry-point metadata (hvframe.plugins) and imported when one of their devices is named.
 
 Exit status of `run` is bhyve's: 0 reboot, 1 poweroff, 2 halt, 3 triple fault, 4 error.
 """
@@ -12,7 +15,8 @@ import argparse
 import sys
 
 from .errors import HvError
-from .machine import EXIT_ERROR
+
+EXIT_ERROR = 4    # bhyve's error status (hvframe.machine.EXIT_ERROR; not imported for `devices`)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +42,11 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("-a", "--cmdline", help="kernel command line")
     r.add_argument("-v", "--verbose", action="store_true", help="say why the guest stopped")
     r.add_argument("--timeout", type=float, help="stop the guest after this many seconds (exit 4)")
-    sub.add_parser("devices", help="list installed devices, their options and packages")
+    d = sub.add_parser("devices", help="list installed devices, their kinds and packages "
+                                       "(-v or NAMEs: summaries and options too)")
+    d.add_argument("-v", "--verbose", action="store_true",
+                   help="summaries and options of every device (imports every plugin)")
+    d.add_argument("names", nargs="*", metavar="NAME", help="describe just these devices")
     return p
 
 
@@ -68,9 +76,10 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     try:
         from .plugins import Registry
-        registry = Registry()
+        # `devices` builds no machine: no plugin is imported for its platform devices.
+        registry = Registry(platform=args.command != "devices")
         if args.command == "devices":
-            print(registry.describe())
+            print(registry.describe(verbose=args.verbose, names=args.names))
             return 0
         if args.command != "run":
             make_parser().print_help()

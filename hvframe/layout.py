@@ -52,3 +52,40 @@ def tuple_indexes(st: Struct) -> dict[str, int]:
     """Where each named field lands in the tuple struct_of(st).unpack() returns (padding
     produces no item)."""
     return {sc.name: i for i, sc in enumerate(sc for sc in st.subcons if sc.name)}
+
+
+# -- C declarations generated from the same declarations --------------------------------------
+# Native fast paths (the core's and plugins') get their structs and constants from here at
+# build time, so a layout changes in one place: see hvframe.native_build.
+
+_C_TYPES = {"B": "uint8_t", "H": "uint16_t", "I": "uint32_t", "L": "uint32_t", "Q": "uint64_t",
+            "b": "int8_t", "h": "int16_t", "i": "int32_t", "l": "int32_t", "q": "int64_t"}
+
+
+def c_struct(name: str, st: Struct) -> str:
+    """``struct name { ... };`` with the layout of a fixed-size little-endian Struct: numbers
+    as (u)intN_t, named byte strings and padding as uint8_t arrays."""
+    lines, pad = [], 0
+    for sc in st.subcons:
+        field = sc.subcon if isinstance(sc, Renamed) else sc
+        if isinstance(field, FormatField):
+            if field.fmtstr[0] != "<" or field.fmtstr[1:] not in _C_TYPES:
+                raise TypeError(f"{name}.{sc.name}: no C type for {field.fmtstr!r}")
+            lines.append(f"    {_C_TYPES[field.fmtstr[1:]]} {sc.name};")
+        elif sc.name:
+            lines.append(f"    uint8_t {sc.name}[{sc.sizeof()}];")
+        else:
+            lines.append(f"    uint8_t _pad{pad}[{sc.sizeof()}];")
+            pad += 1
+    return f"struct {name} {{\n" + "\n".join(lines) + "\n};\n"
+
+
+def c_layouts(structs: dict[str, Struct], constants: dict[str, int]) -> tuple[str, str]:
+    """(declarations, checks): the structs and ``#define``s, as text both the C compiler and
+    cffi's cdef read, and C static assertions that each struct's size is the declared one
+    (a field the C compiler would align differently fails the build, not a guest)."""
+    decls = "".join(c_struct(n, st) for n, st in structs.items())
+    decls += "".join(f"#define {k} {int(v)}\n" for k, v in constants.items())
+    checks = "".join(f'_Static_assert(sizeof(struct {n}) == {st.sizeof()}, "{n} layout");\n'
+                     for n, st in structs.items())
+    return decls, checks

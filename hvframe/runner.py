@@ -139,9 +139,10 @@ def plan(cfg: Config) -> RunPlan:
 
 
 def demo_guest_path() -> str:
-    """The demo guest shipped in the package (built at install), else built now and cached."""
-    from . import guests
-    packaged = os.path.join(os.path.dirname(guests.__file__), "demo.elf")
+    """The demo guest shipped in the package (built at install), else built now and cached.
+    Found by path: importing hvframe.guests would bring its build kit (compiler checks,
+    subprocess, hashing), which the packaged guest does not need."""
+    packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guests", "demo.elf")
     if os.path.exists(packaged):
         return packaged
     from .guests.build import cached_guest

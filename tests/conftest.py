@@ -59,11 +59,13 @@ def rss_kib() -> int:
     raise AssertionError("no VmRSS")
 
 
-def assert_c_struct_matches(cname, declaration):
-    """A C struct of the native core has the size, field offsets and field sizes of its
-    construct declaration (the source of truth); padding fields have no C counterpart."""
-    from hvframe.core_native import ffi
+def assert_c_struct_matches(cname, declaration, ffi=None):
+    """A C struct of a native module (the core's API by default) has the size, field offsets
+    and field sizes of its construct declaration (the source of truth, which the C is
+    generated from); padding fields have no C counterpart."""
     from hvframe.layout import fields_of
+    if ffi is None:
+        from hvframe.core_native import api_ffi as ffi
     assert ffi.sizeof(cname) == declaration.sizeof(), cname
     c_fields = dict(ffi.typeof(cname).fields)
     for name, (off, size) in fields_of(declaration).items():

@@ -15,7 +15,7 @@ from conftest import assert_c_struct_matches
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from hvframe.core_native import lib
+from hvframe_ahci._native import ffi as ahci_ffi, lib
 from hvframe_ahci import ata, regs
 from hvframe_ahci.hba import AhciHba, AhciPort
 from hvframe_ahci.testdriver import AhciDriver, build_machine, h2d
@@ -94,19 +94,19 @@ def issue(p, slots):
 
 
 def test_c_layouts_match_construct_declarations():
-    assert_c_struct_matches("struct hv_ahci_cmd_header", regs.COMMAND_HEADER)
-    assert_c_struct_matches("struct hv_ahci_prd", regs.PRD_ENTRY)
-    assert_c_struct_matches("struct hv_ahci_h2d", regs.H2D_FIS)
-    assert lib.HV_AHCI_CMD_HEADER_SIZE == regs.CMD_HEADER_SIZE
-    assert lib.HV_AHCI_CMD_TABLE_PRDT == regs.CMD_TABLE_PRDT
-    assert lib.HV_AHCI_FIS_H2D == regs.FIS_H2D
-    assert lib.HV_AHCI_H2D_COMMAND == regs.H2D_COMMAND
-    assert lib.HV_AHCI_CFL_MASK == regs.HDR_CFL_MASK
-    assert lib.HV_AHCI_PRD_DBC_MASK == regs.PRD_DBC_MASK
-    assert lib.HV_AHCI_PRD_IOC == regs.PRD_IOC
-    assert (lib.HV_AHCI_READ_FPDMA, lib.HV_AHCI_WRITE_FPDMA) == \
+    assert_c_struct_matches("struct ahci_cmd_header", regs.COMMAND_HEADER, ahci_ffi)
+    assert_c_struct_matches("struct ahci_prd", regs.PRD_ENTRY, ahci_ffi)
+    assert_c_struct_matches("struct ahci_h2d", regs.H2D_FIS, ahci_ffi)
+    assert lib.AHCI_CMD_HEADER_SIZE == regs.CMD_HEADER_SIZE
+    assert lib.AHCI_CMD_TABLE_PRDT == regs.CMD_TABLE_PRDT
+    assert lib.AHCI_FIS_H2D == regs.FIS_H2D
+    assert lib.AHCI_H2D_COMMAND == regs.H2D_COMMAND
+    assert lib.AHCI_CFL_MASK == regs.HDR_CFL_MASK
+    assert lib.AHCI_PRD_DBC_MASK == regs.PRD_DBC_MASK
+    assert lib.AHCI_PRD_IOC == regs.PRD_IOC
+    assert (lib.AHCI_READ_FPDMA, lib.AHCI_WRITE_FPDMA) == \
         (ata.READ_FPDMA_QUEUED, ata.WRITE_FPDMA_QUEUED)
-    assert lib.HV_AHCI_FUA == ata.FUA_BIT
+    assert lib.AHCI_FUA == ata.FUA_BIT
 
 
 def test_32_slots_of_reads_and_writes_match_python(tmp_path):

@@ -1,7 +1,8 @@
-"""virtio-blk's native READ/WRITE path (hv_vblk_serve in hvframe/core_native/vblk_fast.c).
+"""virtio-blk's native READ/WRITE path (vblk_serve_chain in the plugin's vblk.c, served by the
+core's virtqueue loop in hvframe/core_native/vq.c).
 
 Every scenario runs twice from the same guest memory and image: through the transport's
-service loop with the native cycle (hv_vq_cycle over hv_vblk_serve), and with serve_cycle
+service loop with the native cycle (hv_vq_cycle over vblk_serve_chain), and with serve_cycle
 disabled (the Python path alone).
 The two runs must leave identical guest RAM (data, status bytes, used ring), identical
 images and the same queue state and NEEDS_RESET outcome; the native path must actually have
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from hvframe.block.backend import IOV_MAX, BlockBackend
-from hvframe.core_native import ffi, lib
+from hvframe.core_native import api as lib, api_ffi as ffi, lib as core
 from hvframe.errors import ConfigError
 from hvframe.memory import FOUR_GIB, GuestMemory
 from hvframe.virtio import native
@@ -27,6 +28,7 @@ from hvframe.virtio.native import queue_state
 from hvframe.virtio.pci import QueueState, VirtioPciFunction
 from hvframe.virtio.virtqueue import VirtQueue
 from hvframe_virtio_blk import virtio_blk as vb
+from hvframe_virtio_blk._native import ffi as vblk_ffi, lib as vblk_lib
 
 NEXT, WRITE, INDIRECT = vq.VIRTQ_DESC_F_NEXT, vq.VIRTQ_DESC_F_WRITE, vq.VIRTQ_DESC_F_INDIRECT
 IN, OUT, FLUSH, GET_ID = vb.T_IN, vb.T_OUT, vb.T_FLUSH, vb.T_GET_ID
@@ -51,7 +53,7 @@ def image_bytes(sectors=DISK_SECTORS):
 def test_c_layouts_match_construct_declarations():
     assert_c_struct_matches("struct hv_vring_desc", vq.VirtqDesc)
     assert_c_struct_matches("struct hv_vring_used_elem", vq.VirtqUsedElem)
-    assert_c_struct_matches("struct hv_vblk_req_hdr", vb.VirtioBlkReqHeader)
+    assert_c_struct_matches("struct vblk_req_hdr", vb.VirtioBlkReqHeader, vblk_ffi)
     assert lib.HV_VRING_AVAIL_IDX_OFF == vq.AVAIL_IDX_OFF
     assert lib.HV_VRING_AVAIL_RING_OFF == vq.AVAIL_RING_OFF
     assert lib.HV_VRING_AVAIL_ELEM_SIZE == vq.AVAIL_ELEM_SIZE
@@ -64,10 +66,10 @@ def test_c_layouts_match_construct_declarations():
     assert lib.HV_VRING_MAX_SIZE == vq.MAX_QUEUE_SIZE
     assert (lib.HV_VRING_DESC_F_NEXT, lib.HV_VRING_DESC_F_WRITE, lib.HV_VRING_DESC_F_INDIRECT) \
         == (NEXT, WRITE, INDIRECT)
-    assert (lib.HV_VBLK_T_IN, lib.HV_VBLK_T_OUT) == (vb.T_IN, vb.T_OUT)
-    assert (lib.HV_VBLK_S_OK, lib.HV_VBLK_S_IOERR) == (vb.S_OK, vb.S_IOERR)
-    assert lib.HV_VBLK_SECTOR == vb.SECTOR
-    assert lib.HV_VBLK_MAX_SEGS == IOV_MAX
+    assert (vblk_lib.VBLK_T_IN, vblk_lib.VBLK_T_OUT) == (vb.T_IN, vb.T_OUT)
+    assert (vblk_lib.VBLK_S_OK, vblk_lib.VBLK_S_IOERR) == (vb.S_OK, vb.S_IOERR)
+    assert vblk_lib.VBLK_SECTOR == vb.SECTOR
+    assert lib.HV_CHAIN_MAX_SEGS == IOV_MAX
     # the used ring's event field sits where VirtQueue puts it
     q = VirtQueue(GuestMemory(1 << 20), 8, DESC, AVAIL, USED, event_idx=True)
     assert q._avail_event_off == lib.HV_VRING_USED_RING_OFF + 8 * ffi.sizeof(
@@ -404,7 +406,7 @@ def test_mixed_batch_is_served_in_order():
         g.request(6, OUT, 6, data=b"\x22" * 1024)
     r = run_both(scenario)
     assert r["served"] == 4                           # 0, 2, 4, 6 natively
-    assert "type" in r["stops"]
+    assert "declined" in r["stops"]
     assert [status(r, s) for s in range(7)] == [0, 0, 0, 0, 0, vb.S_UNSUPP, 0]
     heads = [h for h, _ in used(r)]
     assert heads == sorted(heads) and len(heads) == 7  # completion order = submission order
@@ -863,7 +865,7 @@ def test_cycle_leaves_other_requests_to_python(crig):
     crig.g.request(0, FLUSH, 0)
     crig.g.request(1, IN, 0, read_len=512)
     assert crig.cycle() == native.CYCLE_PYTHON
-    assert crig.served == 0 and queue_state(crig.q).stop == "type"
+    assert crig.served == 0 and queue_state(crig.q).stop == "declined"
     assert crig.q.pop() is not None           # Python takes the FLUSH from here
 
 
@@ -872,13 +874,13 @@ def test_eventfd_wait_spins_then_sleeps():
     import time
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     try:
-        assert lib.hv_eventfd_wait(fd, 1000, 0) == 0             # nothing: timeout
+        assert core.hv_eventfd_wait(fd, 1000, 0) == 0             # nothing: timeout
         os.eventfd_write(fd, 3)
-        assert lib.hv_eventfd_wait(fd, 1000, 0) == 3             # found while spinning
+        assert core.hv_eventfd_wait(fd, 1000, 0) == 3             # found while spinning
         t = threading.Timer(0.05, os.eventfd_write, (fd, 1))
         t.start()
         t0 = time.monotonic()
-        assert lib.hv_eventfd_wait(fd, 1000, 5000) == 1          # found after sleeping
+        assert core.hv_eventfd_wait(fd, 1000, 5000) == 1          # found after sleeping
         assert time.monotonic() - t0 < 4
         t.join()
     finally:

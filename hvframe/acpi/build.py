@@ -10,7 +10,7 @@ mark the ECAM window reserved so the OS trusts MCFG (see ``acpi_e820``).
 from __future__ import annotations
 
 from ..memory import E820_ACPI, E820_RESERVED, FOUR_GIB, GuestMemory
-from ..pci.bus import ECAM_BASE, ECAM_BUSES, MMIO32_WINDOW
+from ..pci.windows import ECAM_BASE, ECAM_BUSES, MMIO32_WINDOW
 from ..platform.acpi_pm import PM1A_CNT, PM1A_EVT, PM_TMR
 from ..platform.reset_control import RESET_CONTROL_PORT as RESET_PORT
 from . import tables as T

@@ -32,21 +32,31 @@ import time
 from collections import deque
 from typing import Any, Callable, Sequence
 
-from cffi import FFI
-
 from .. import concurrency
+from ..core_native import ffi as _ffi      # compiled: no C declarations parsed at start-up
 from ..device import Option
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# fallocate(2) is not wrapped by Python's os module (only posix_fallocate, which cannot
-# punch holes), so it is called through cffi in ABI mode.
-_ffi = FFI()
-_ffi.cdef("int fallocate(int fd, int mode, int64_t offset, int64_t len);")
+
+class _Libc:
+    """fallocate(2), which Python's os module does not wrap (only posix_fallocate, which cannot
+    punch holes), called through ctypes: a cffi ABI-mode cdef would import cffi's C parser
+    (pycparser) at start-up, the largest cost of starting a machine with a disk."""
+
+    def __init__(self) -> None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.fallocate
+        fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        fn.restype = ctypes.c_int
+        self.fallocate = fn
+        self.get_errno = ctypes.get_errno
+
+
 try:
-    _libc: Any = _ffi.dlopen(None)
-    _libc.fallocate  # noqa: B018 - resolve the symbol now
+    _libc: Any = _Libc()
 except (OSError, AttributeError):  # pragma: no cover - non-glibc oddities
     _libc = None
 
@@ -501,7 +511,7 @@ class BlockBackend:
         while True:
             if _libc.fallocate(self.fd, mode, offset, length) == 0:
                 return 0
-            err = _ffi.errno
+            err = _libc.get_errno()
             if err != errno.EINTR:
                 return err
 

@@ -1,21 +1,34 @@
-"""The compiled exit-dispatch core (built by `pip install`; see build_core.py)."""
+"""The compiled native core (built by `pip install`): the exit-dispatch core, ``ffi``/``lib``
+(build_core.py), and the API device plugins' native modules build against, ``api_ffi``/
+``api`` (build_api.py; see hvframe.native_build)."""
 try:
     from ._hvcore import ffi, lib  # noqa: F401
+    from ._api import ffi as api_ffi, lib as api  # noqa: F401
 except ImportError as e:  # pragma: no cover - only on a broken install
     raise ImportError(
         "hvframe's native core is not built: install hvframe with pip "
         "(`pip install -e .`), which compiles hvframe/core_native with cffi") from e
 
 
-def set_ram_regions(c, memory) -> None:
-    """Describe guest RAM (a GuestMemory) in a native struct with ``mem_size``, ``nregions``
-    and ``regions[]`` fields (struct hv_vq, struct hv_ahci_port). ValueError if it has more
-    regions than the struct holds."""
+def set_ram_regions(ram, memory) -> None:
+    """Describe guest RAM (a GuestMemory) in a ``struct hv_ram`` (its host mapping, ``mem``,
+    is set only around each native call). ValueError if it has more regions than the struct
+    holds."""
     regions = memory.regions
-    if len(regions) > len(c.regions):
-        raise ValueError(f"{len(regions)} RAM regions; the native core takes {len(c.regions)}")
-    c.mem_size = memory.size
-    c.nregions = len(regions)
+    if len(regions) > len(ram.regions):
+        raise ValueError(f"{len(regions)} RAM regions; the native core takes {len(ram.regions)}")
+    ram.mem_size = memory.size
+    ram.nregions = len(regions)
     for i, r in enumerate(regions):
-        c.regions[i].gpa, c.regions[i].size, c.regions[i].host_offset = (
+        ram.regions[i].gpa, ram.regions[i].size, ram.regions[i].host_offset = (
             r.gpa, r.size, r.host_offset)
+
+
+def bind(bind_fn) -> None:
+    """Hand the core's function table to a plugin's native module: ``bind_fn`` is the
+    function its HV_PLUGIN_API(name) defined (``plugin_lib.name``). ImportError when the
+    module was built against another version of the API."""
+    if bind_fn(api.hv_api()) != 0:
+        raise ImportError(
+            f"native module built against another hvframe native API (the core has version "
+            f"{api.HV_API_VERSION}): reinstall the plugin")

@@ -1,4 +1,5 @@
 """cffi (API mode) build of the native exit-dispatch core: `hvframe.core_native._hvcore`.
+(The API device plugins build against is the other module, build_api.py.)
 
 Built by `pip install` through setuptools' cffi_modules. KVM structures are declared
 partially (`...;`) so that their layout comes from the system's <linux/kvm.h>.
@@ -146,87 +147,6 @@ struct kvm_irq_routing_entry {
 struct kvm_irq_routing { uint32_t nr; uint32_t flags; struct kvm_irq_routing_entry entries[]; ...; };
 struct kvm_irqfd { uint32_t fd; uint32_t gsi; uint32_t flags; uint32_t resamplefd; ...; };
 
-/* virtio-blk native fast path (vblk_fast.c) */
-struct hv_vring_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
-struct hv_vring_used_elem { uint32_t id; uint32_t len; };
-struct hv_vblk_req_hdr { uint32_t type; uint32_t reserved; uint64_t sector; };
-#define HV_VRING_DESC_F_NEXT ...
-#define HV_VRING_DESC_F_WRITE ...
-#define HV_VRING_DESC_F_INDIRECT ...
-#define HV_VRING_AVAIL_IDX_OFF ...
-#define HV_VRING_AVAIL_RING_OFF ...
-#define HV_VRING_AVAIL_ELEM_SIZE ...
-#define HV_VRING_USED_IDX_OFF ...
-#define HV_VRING_USED_RING_OFF ...
-#define HV_VRING_EVENT_SIZE ...
-#define HV_VRING_FLAGS_OFF ...
-#define HV_VRING_AVAIL_F_NO_INTERRUPT ...
-#define HV_VRING_USED_F_NO_NOTIFY ...
-#define HV_VRING_MAX_SIZE ...
-#define HV_VBLK_T_IN ...
-#define HV_VBLK_T_OUT ...
-#define HV_VBLK_S_OK ...
-#define HV_VBLK_S_IOERR ...
-#define HV_VBLK_SECTOR ...
-#define HV_VBLK_MAX_SEGS ...
-#define HV_VQ_MAX_REGIONS ...
-enum { HV_VBLK_STOP_EMPTY, HV_VBLK_STOP_MAX, HV_VBLK_STOP_TYPE, HV_VBLK_STOP_UNSUPPORTED,
-       HV_VBLK_STOP_INVALID, HV_VBLK_STOP_STATE };
-struct hv_ram_region { uint64_t gpa; uint64_t size; uint64_t host_offset; };
-struct hv_vq {
-    void *mem; uint64_t mem_size;
-    uint32_t nregions; struct hv_ram_region regions[4];
-    uint64_t desc_addr, avail_addr, used_addr;
-    uint32_t size; uint32_t max_chain;
-    uint8_t event_idx, indirect, notifications;
-    uint16_t last_avail_idx, shadow_avail, used_idx;
-    uint16_t signalled_used;
-    int stop;
-    uint32_t served;
-    uint32_t repoll;
-    volatile int yield_req;
-};
-struct hv_irq_gate { int fd; int open; };
-typedef int (*hv_vq_serve_fn)(struct hv_vq *q, const void *ctx, int max);
-enum { HV_VQ_CYCLE_IDLE, HV_VQ_CYCLE_PYTHON, HV_VQ_CYCLE_NOTIFY, HV_VQ_CYCLE_YIELD };
-int hv_vq_cycle(struct hv_vq *q, hv_vq_serve_fn serve, const void *ctx,
-                const struct hv_irq_gate *irq, uint64_t poll_ns);
-struct hv_blk { int fd; int readonly, direct, write_through; uint32_t logical_sector; uint64_t size; int wb_errno; };
-int hv_vblk_serve(struct hv_vq *q, struct hv_blk *b, int max);
-int hv_vblk_serve_ctx(struct hv_vq *q, const void *blk, int max);
-
-/* AHCI NCQ native path (ahci_fast.c) */
-#define HV_AHCI_SLOTS ...
-#define HV_AHCI_MAX_IOV ...
-#define HV_AHCI_CMD_HEADER_SIZE ...
-#define HV_AHCI_CMD_TABLE_PRDT ...
-#define HV_AHCI_FIS_H2D ...
-#define HV_AHCI_H2D_COMMAND ...
-#define HV_AHCI_READ_FPDMA ...
-#define HV_AHCI_WRITE_FPDMA ...
-#define HV_AHCI_FUA ...
-#define HV_AHCI_CFL_MASK ...
-#define HV_AHCI_PRD_DBC_MASK ...
-#define HV_AHCI_PRD_IOC ...
-struct hv_ahci_cmd_header { uint16_t flags; uint16_t prdtl; uint32_t prdbc; uint32_t ctba;
-                            uint32_t ctbau; ...; };
-struct hv_ahci_prd { uint32_t dba; uint32_t dbau; uint32_t dbc; ...; };
-struct hv_ahci_h2d {
-    uint8_t type, flags, command, features, lba0, lba1, lba2, device, lba3, lba4, lba5,
-            features_exp, count, count_exp, icc, control; ...;
-};
-struct hv_ahci_slot { uint64_t offset; uint64_t length; int niov; int write, fua; int err; ...; };
-struct hv_ahci_port {
-    void *mem; uint64_t mem_size;
-    uint32_t nregions; struct hv_ram_region regions[4];
-    uint64_t clb; uint64_t sectors; uint32_t sector_size;
-    int fd; int readonly; int write_through;
-    uint32_t ioc; uint64_t bytes;
-    struct hv_ahci_slot slot[32];
-    ...;
-};
-uint32_t hv_ahci_prepare(struct hv_ahci_port *p, uint32_t slots);
-uint32_t hv_ahci_execute(struct hv_ahci_port *p, uint32_t slots);
 """
 
 
@@ -235,11 +155,10 @@ def make_ffi() -> FFI:
     ffi.cdef(CDEF)
     ffi.set_source(
         "hvframe.core_native._hvcore",
-        '#include "hvcore.c"\n#include "vblk_fast.c"\n#include "ahci_fast.c"',
+        '#include "hvcore.c"\n',
         py_limited_api=False,  # the exit path calls the interpreter with vectorcall
         include_dirs=[HERE],
-        depends=[os.path.join(HERE, "hvcore.c"), os.path.join(HERE, "hvcore.h"),
-                 os.path.join(HERE, "vblk_fast.c"), os.path.join(HERE, "ahci_fast.c")],
+        depends=[os.path.join(HERE, "hvcore.c"), os.path.join(HERE, "hvcore.h")],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         libraries=["pthread"],
     )

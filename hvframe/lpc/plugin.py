@@ -10,7 +10,20 @@
 """
 from ..device import DeviceType, Option
 from ..hookspecs import hookimpl
-from . import bootrom, bridge, i8042, rtc
+from . import bootrom, i8042, rtc
+
+# The bridge and fw_cfg bring the PCI bus (and construct) with them: imported when a machine
+# has them, not by every machine that only needs this plugin's RTC and i8042.
+
+
+def _bridge(machine, options):
+    from .bridge import create
+    return create(machine, options)
+
+
+def _fw_cfg(machine, options):
+    from .bridge import setup_fw_cfg
+    return setup_fw_cfg(machine)
 
 
 @hookimpl
@@ -20,13 +33,13 @@ def hvframe_device_types():
                    summary="RTC and CMOS RAM at 0x70/0x71 (memory size bytes for firmware)"),
         DeviceType("i8042", "platform", i8042.create,
                    summary="i8042 keyboard controller at 0x60/0x64 (command 0xfe resets)"),
-        DeviceType("lpc", "pci", bridge.create,
+        DeviceType("lpc", "pci", _bridge,
                    summary="LPC/ISA bridge (PIIX3 8086:7000) with QEMU-compatible fw_cfg "
                            "at 0x510",
                    options=(Option("reboot-timeout", "int", None,
                                    "ms SeaBIOS waits after 'No bootable device' before "
                                    "rebooting (fw_cfg etc/boot-fail-wait)"),)),
-        DeviceType("fwcfg", "lpc", lambda machine, options: bridge.setup_fw_cfg(machine),
+        DeviceType("fwcfg", "lpc", _fw_cfg,
                    summary="QEMU-compatible fw_cfg at 0x510/0x511, DMA at 0x514",
                    options=(Option("flavor", "choice", "qemu", "interface", choices=("qemu",)),),
                    positional=("flavor",)),

@@ -25,15 +25,11 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .config_space import (CMD_IO, CMD_MEMORY, HEADER_TYPE_MULTIFUNCTION, all_ones)
 from .device import FOUR_GIB, PciFunction
+from .windows import (CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, ECAM_BASE, ECAM_BUSES,  # noqa: F401
+                      IO_WINDOW, MMIO32_WINDOW)
 from .. import concurrency
 
-CONFIG_ADDRESS_PORT = 0xCF8
-CONFIG_DATA_PORT = 0xCFC
 CONFIG_ENABLE = 1 << 31
-ECAM_BASE = 0xE0000000
-ECAM_BUSES = 256
-IO_WINDOW = (0xC000, 0x10000)
-MMIO32_WINDOW = (0xC0000000, 0xE0000000)
 INTX_GSI_BASE = 16
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..core_native import ffi
+from ..core_native import api_ffi as ffi
 from ..errors import ConfigError, HvError
 from .. import concurrency
 

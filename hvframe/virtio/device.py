@@ -18,6 +18,8 @@ the used ring, so whatever it promises (a write being on the disk) must be true 
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from construct import Struct
 
 # -- device status (virtio 1.2, 2.1) --------------------------------------------------------
@@ -61,6 +63,10 @@ class VirtioDevice:
     config_layout: Struct | None = None   # the construct declaration of the config space
 
     transport = None                       # set by the transport
+    # A native fast path: serve_cycle(queue, vq, gate) -> a CYCLE_* code of
+    # hvframe.virtio.native, run by the queue's worker with the queue lock held (see
+    # VirtioBlk.serve_cycle). None: every chain goes to handle_chain.
+    serve_cycle: Callable[[int, Any, Any], int] | None = None
 
     def config_bytes(self) -> bytes:
         """The device configuration space as the guest reads it."""

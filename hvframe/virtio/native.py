@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from ..core_native import ffi, lib, set_ram_regions
+from ..core_native import api as lib, api_ffi as ffi, set_ram_regions
 from .. import concurrency
 
 # How long a queue worker with a native path spins for the driver's next batch before going
@@ -33,12 +33,13 @@ CYCLE_NOTIFY = lib.HV_VQ_CYCLE_NOTIFY   # interrupt the driver (the gate is shut
 CYCLE_YIELD = lib.HV_VQ_CYCLE_YIELD     # another thread asked for the queue
 
 STOP_NAMES = {
-    lib.HV_VBLK_STOP_EMPTY: "empty",
-    lib.HV_VBLK_STOP_MAX: "max",
-    lib.HV_VBLK_STOP_TYPE: "type",
-    lib.HV_VBLK_STOP_UNSUPPORTED: "unsupported",
-    lib.HV_VBLK_STOP_INVALID: "invalid",
-    lib.HV_VBLK_STOP_STATE: "state",
+    lib.HV_VQ_CHAIN: "none",
+    lib.HV_VQ_STOP_EMPTY: "empty",
+    lib.HV_VQ_STOP_MAX: "max",
+    lib.HV_VQ_STOP_DECLINED: "declined",
+    lib.HV_VQ_STOP_UNSUPPORTED: "unsupported",
+    lib.HV_VQ_STOP_INVALID: "invalid",
+    lib.HV_VQ_STOP_STATE: "state",
 }
 
 
@@ -50,7 +51,7 @@ class NativeQueue:
     def __init__(self, vq):
         memory = vq.memory
         c = ffi.new("struct hv_vq *")
-        set_ram_regions(c, memory)
+        set_ram_regions(c.ram, memory)
         c.desc_addr, c.avail_addr, c.used_addr = vq.desc_addr, vq.avail_addr, vq.used_addr
         c.size = vq.size
         c.max_chain = vq.max_chain or 0
@@ -74,11 +75,11 @@ class NativeQueue:
         c.signalled_used = vq._signalled_used
         # The export keeps the mapping alive (and GuestMemory.close() refused) meanwhile.
         with ffi.from_buffer(self._buffer) as mem:
-            c.mem = mem
+            c.ram.mem = mem
             try:
                 n = fn(c, *args)
             finally:
-                c.mem = ffi.NULL
+                c.ram.mem = ffi.NULL
         vq.last_avail_idx = c.last_avail_idx
         vq._shadow_avail = c.shadow_avail
         vq.used_idx = c.used_idx
@@ -86,11 +87,17 @@ class NativeQueue:
         vq._signalled_used = c.signalled_used
         return n
 
-    def cycle(self, serve, ctx, gate, poll_ns: int | None = None) -> int:
-        """One hv_vq_cycle with the native server ``serve(struct hv_vq *, ctx, max)``; the
-        queue's interrupt fires through ``gate`` (a ``struct hv_irq_gate *``, or NULL to
-        leave every interrupt to Python). Returns a CYCLE_* code; ``served`` counts."""
-        return self.call(lib.hv_vq_cycle, serve, ctx, gate, POLL_NS if poll_ns is None else poll_ns)
+    def serve(self, fn, ctx, limit: int) -> int:
+        """Serve up to ``limit`` chains with the chain server ``fn`` (an ``hv_chain_fn`` of a
+        plugin's native module, e.g. ``ffi.addressof(lib, "name")``) and its context ``ctx``;
+        returns how many were served (``stop`` says why it stopped)."""
+        return self.call(lib.hv_vq_serve, fn, ctx, limit)
+
+    def cycle(self, fn, ctx, gate, poll_ns: int | None = None) -> int:
+        """One hv_vq_cycle with the chain server ``fn``; the queue's interrupt fires through
+        ``gate`` (a ``struct hv_irq_gate *``, or NULL to leave every interrupt to Python).
+        Returns a CYCLE_* code; ``served`` counts."""
+        return self.call(lib.hv_vq_cycle, fn, ctx, gate, POLL_NS if poll_ns is None else poll_ns)
 
     @property
     def served(self) -> int:

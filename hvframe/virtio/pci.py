@@ -30,7 +30,7 @@ from functools import partial
 
 from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
-from ..core_native import ffi
+from ..core_native import api_ffi as ffi
 from ..layout import fields_of
 from ..pci.device import PciFunction
 from ..pci.msi import MsixCapability
@@ -697,7 +697,7 @@ class VirtioPciFunction(PciFunction):
             if vq is None or q.broken or not self.live or self.status & STATUS_NEEDS_RESET:
                 return
             device = self.device
-            cycle = getattr(device, "serve_cycle", None)
+            cycle = device.serve_cycle
             try:
                 if cycle is not None and self._serve_natively(q, vq, cycle):
                     return

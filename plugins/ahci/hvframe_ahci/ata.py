@@ -13,7 +13,8 @@ import struct
 from hvframe.block.backend import BlockBackend, BlockError, BlockQueue
 
 from .hba import Command, Result, ata_error
-from .regs import ERR_ABRT, ERR_IDNF, ERR_UNC, SIG_ATA, ST_OK
+from .regs import (  # noqa: F401  (the NCQ numbers are ATA's, declared with the layouts)
+    ERR_ABRT, ERR_IDNF, ERR_UNC, FUA_BIT, READ_FPDMA_QUEUED, SIG_ATA, ST_OK, WRITE_FPDMA_QUEUED)
 
 # Opcodes (ACS-3 section 7)
 NOP = 0x00
@@ -23,7 +24,6 @@ READ_DMA_EXT, READ_DMA = 0x25, 0xC8
 WRITE_SECTORS, WRITE_SECTORS_EXT = 0x30, 0x34
 WRITE_DMA_EXT, WRITE_DMA, WRITE_DMA_FUA_EXT = 0x35, 0xCA, 0x3D
 READ_VERIFY, READ_VERIFY_EXT = 0x40, 0x42
-READ_FPDMA_QUEUED, WRITE_FPDMA_QUEUED = 0x60, 0x61
 RECALIBRATE, SEEK = 0x10, 0x70
 INITIALIZE_DEVICE_PARAMETERS = 0x91
 IDENTIFY_PACKET_DEVICE = 0xA1
@@ -44,7 +44,6 @@ DSM_BLOCK = 512                  # DATA SET MANAGEMENT payload blocks are always
 DSM_MAX_BLOCKS = 8               # advertised in IDENTIFY word 105
 NCQ_DEPTH = 32
 LBA28_LIMIT = 1 << 28
-FUA_BIT = 0x80                   # FPDMA: device register bit 7
 
 DEFAULT_MODEL = "HVFRAME HARDDISK"
 FIRMWARE = "HV 0.1"
@@ -112,7 +111,7 @@ class AtaDisk:
         return not self.backend.readonly and not self.backend.nodelete
 
     def native_setup(self, nat) -> bool:
-        """Fill a ``struct hv_ahci_port`` with this disk's side for the native NCQ path;
+        """Fill a ``struct ahci_port`` (the native module's) with this disk's side for the native NCQ path;
         False if it cannot serve (closed, O_DIRECT, whose alignment bounces are Python's, or
         after a failed write-back, which only the Python path keeps reporting)."""
         be = self.backend

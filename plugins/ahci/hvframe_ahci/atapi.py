@@ -106,6 +106,10 @@ class AtapiCdrom:
     def sectors(self) -> int:
         return self.backend.size // CD_SECTOR
 
+    def native_setup(self, nat) -> bool:
+        """The native NCQ path (AtaDisk.native_setup) is for disks: never for a CD-ROM."""
+        return False
+
     def is_queued(self, command: int) -> bool:
         return False
 

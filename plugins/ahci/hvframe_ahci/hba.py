@@ -11,7 +11,7 @@ Set Device Bits FIS) and raises the port's interrupt, in that order, so a guest 
 interrupt sees the data.
 
 NCQ READ/WRITE FPDMA QUEUED commands take a native path when a PxCI write issues nothing
-else (ahci_fast.c in the native core: the same fetch and checks in C, the transfer with the
+else (ncq.c, this package's native module: the same fetch and checks in C, the transfer with the
 GIL released) and complete in batches: one Set Device Bits FIS and one interrupt per batch.
 Anything the native path declines goes the Python way below, which gives its errors.
 
@@ -40,7 +40,7 @@ from collections import deque
 from functools import partial
 
 from hvframe.block.backend import BlockError
-from hvframe.core_native import ffi, lib, set_ram_regions
+from hvframe.core_native import bind, set_ram_regions
 from hvframe.memory import GuestMemoryError
 from hvframe.pci.device import PciFunction
 from hvframe.pci.msi import MsiCapability
@@ -58,6 +58,9 @@ from .regs import (ABAR_SIZE, AHCI_VERSION, CAP_ISS_SHIFT, CAP_NCS_SHIFT, CAP_PM
                    ST_DRQ, ST_ERR, ST_OK)
 from hvframe import concurrency
 
+from ._native import ffi, lib
+
+bind(lib.ahci_bind)
 log = logging.getLogger(__name__)
 
 VENDOR_INTEL, DEVICE_ICH9_AHCI = 0x8086, 0x2922
@@ -211,7 +214,7 @@ class AhciPort:
         self.epoch = 0               # bumped by stop/reset: late completions are dropped
         self.draining = False        # stopped with commands still in flight: nothing starts
         self.batch: list = []        # requests devices submitted during this _run()
-        self._native = None          # struct hv_ahci_port, made on first use
+        self._native = None          # struct ahci_port, made on first use
         self.reset_registers()
         self.comreset()
 
@@ -375,28 +378,27 @@ class AhciPort:
         READ/WRITE the native path takes and nothing is under way that orders them (a
         pending or running non-queued command, an error, a slot still in flight)."""
         dev = self.device
-        setup = getattr(dev, "native_setup", None)   # disks have one, CD-ROMs not
-        if setup is None or self.halted \
+        if dev is None or self.halted \
                 or self.busy is not None or self.pending or new & ~self.sact \
                 or new & self.ncq_active:
             return False
         nat = self._native
         if nat is None:
-            nat = self._native = ffi.new("struct hv_ahci_port *")
+            nat = self._native = ffi.new("struct ahci_port *")
             try:
-                set_ram_regions(nat, self.hba.memory)
+                set_ram_regions(nat.ram, self.hba.memory)
             except ValueError:
                 return False             # nregions stays 0: the native path never takes
-        if not setup(nat):
+        if not dev.native_setup(nat):
             return False
         try:
             # Guest RAM stays mapped (GuestMemory.close() refused) until the last job ends.
             ram = ffi.from_buffer(self.hba.memory.buffer)
         except (ValueError, BufferError):
             return False
-        nat.mem = ram
+        nat.ram.mem = ram
         nat.clb = self.clb_addr
-        if lib.hv_ahci_prepare(nat, new) != new:
+        if lib.ahci_prepare(nat, new) != new:
             return False
         # Accepted, as _start_pending accepts an NCQ command: BSY clears, PxCI with it.
         slots = [s for s in range(SLOTS) if new >> s & 1]
@@ -421,7 +423,7 @@ class AhciPort:
     def _native_transfer(nat, mask: int, ram) -> int:
         """(a BlockQueue worker) The data of `mask`'s slots; returns the slots that failed.
         `ram` is the guest RAM export the prepared buffers point into."""
-        return lib.hv_ahci_execute(nat, mask)
+        return lib.ahci_execute(nat, mask)
 
     def _native_done(self, mask: int, ioc: int, epoch: int, failed) -> None:
         """Complete a natively served batch: one SDB FIS and one interrupt for what went

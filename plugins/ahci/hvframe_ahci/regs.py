@@ -236,6 +236,10 @@ PRD_DBC_MASK = 0x3FFFFF
 PRD_IOC = 1 << 31
 # H2D FIS flags
 H2D_COMMAND = 1 << 7
+# The NCQ data commands (ATA8-ACS), here rather than in ata.py because the native module's
+# build (build_native.py) reads this file alone.
+READ_FPDMA_QUEUED, WRITE_FPDMA_QUEUED = 0x60, 0x61
+FUA_BIT = 0x80                   # FPDMA: device register bit 7
 FIS_I = 1 << 6
 PIO_TO_HOST = 1 << 5
 # ATA status and error bits

@@ -5,7 +5,6 @@ from hvframe.device import DeviceType, Option
 from hvframe.hookspecs import hookimpl
 
 from .backends import SPEC_HELP, open_backend
-from .pci_uart import pci_uart_factory
 from .uart16550 import Uart16550
 
 # name: (I/O base, ISA IRQ). COM3/COM4 share IRQs with COM1/COM2, as on PCs.
@@ -16,6 +15,12 @@ COM_PORTS = {
     "com4": (0x2E8, 3),
 }
 PORT_COUNT = 8
+
+
+def pci_uart_factory(machine, options):
+    # The PCI UART brings the PCI layer (and construct): imported only when one is configured.
+    from .pci_uart import pci_uart_factory as factory
+    return factory(machine, options)
 
 
 def _make_factory(name: str, base: int, irq: int):

@@ -8,7 +8,7 @@ preadv/pwritev straight between the image and guest RAM, FLUSH as fdatasync, GET
 and WRITE_ZEROES. A chain goes back to the driver only after the backend call returned, so an
 acknowledged write is on the backend (and durable with `direct`, or after a FLUSH).
 READ and WRITE chains are served natively when possible (hv_vblk_serve in
-hvframe/core_native/vblk_fast.c, GIL released), with the same checks and answers as
+vblk.c in this package, GIL released), with the same checks and answers as
 handle_chain: serve_cycle runs the worker's whole loop natively (hv_vq_cycle), serve_fast one
 pass. Anything else, and any chain the native code declines, goes through handle_chain. Everything in a request is checked: a bad header, sector range, alignment or
 segment list gets VIRTIO_BLK_S_IOERR / S_UNSUPP in the request's own status byte; a chain with no room
@@ -19,64 +19,28 @@ from __future__ import annotations
 import logging
 import threading
 
-from construct import Int8ul, Int16ul, Int32ul, Int64ul, Struct
-
 from hvframe import concurrency
 from hvframe.block.backend import BlockBackend, BlockError, views_after
 from hvframe.virtio.device import VirtioDevice, bit
 from hvframe.virtio.virtqueue import struct_of
 
 try:
-    from hvframe.core_native import ffi as _ffi, lib as _lib
+    from hvframe.core_native import bind as _bind
     from hvframe.virtio.native import CYCLE_PYTHON as _CYCLE_PYTHON, queue_state
+    from ._native import ffi as _ffi, lib as _lib
+    _bind(_lib.vblk_bind)
+    _SERVE_CHAIN = _ffi.addressof(_lib, "vblk_serve_chain")
 except ImportError:  # pragma: no cover - a broken install: the Python path serves all
     _lib = None
 
 log = logging.getLogger(__name__)
 
-VIRTIO_ID_BLOCK = 2
-SECTOR = 512                      # virtio-blk sectors are always 512 bytes
-
-# Feature bits (5.2.3).
-F_SIZE_MAX, F_SEG_MAX, F_GEOMETRY, F_RO, F_BLK_SIZE = 1, 2, 4, 5, 6
-F_FLUSH, F_TOPOLOGY, F_CONFIG_WCE, F_MQ, F_DISCARD, F_WRITE_ZEROES = 9, 10, 11, 12, 13, 14
-
-# Request types and status values (5.2.6).
-T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
-S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-ID_BYTES = 20
-WRITE_ZEROES_UNMAP = 1
-
-MAX_DISCARD_SECTORS = (1 << 30) // SECTOR    # per segment
-MAX_DISCARD_SEGMENTS = 64
-MAX_WRITE_ZEROES_SEGMENTS = 64
-
-VirtioBlkConfig = Struct(
-    "capacity" / Int64ul,
-    "size_max" / Int32ul,
-    "seg_max" / Int32ul,
-    "geometry_cylinders" / Int16ul,
-    "geometry_heads" / Int8ul,
-    "geometry_sectors" / Int8ul,
-    "blk_size" / Int32ul,
-    "physical_block_exp" / Int8ul,
-    "alignment_offset" / Int8ul,
-    "min_io_size" / Int16ul,
-    "opt_io_size" / Int32ul,
-    "writeback" / Int8ul,
-    "unused0" / Int8ul,
-    "num_queues" / Int16ul,
-    "max_discard_sectors" / Int32ul,
-    "max_discard_seg" / Int32ul,
-    "discard_sector_alignment" / Int32ul,
-    "max_write_zeroes_sectors" / Int32ul,
-    "max_write_zeroes_seg" / Int32ul,
-    "write_zeroes_may_unmap" / Int8ul,
-    "unused1" / Int8ul[3],
-)
-VirtioBlkReqHeader = Struct("type" / Int32ul, "reserved" / Int32ul, "sector" / Int64ul)
-VirtioBlkDiscardSegment = Struct("sector" / Int64ul, "num_sectors" / Int32ul,
-                                 "flags" / Int32ul)
+from .layout import (  # noqa: F401  (re-exported: the names tests and tools know)
+    F_BLK_SIZE, F_CONFIG_WCE, F_DISCARD, F_FLUSH, F_GEOMETRY, F_MQ, F_RO, F_SEG_MAX,
+    F_SIZE_MAX, F_TOPOLOGY, F_WRITE_ZEROES, ID_BYTES, MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEGMENTS, MAX_WRITE_ZEROES_SEGMENTS, S_IOERR, S_OK, S_UNSUPP, SECTOR,
+    T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, VIRTIO_ID_BLOCK,
+    WRITE_ZEROES_UNMAP, VirtioBlkConfig, VirtioBlkDiscardSegment, VirtioBlkReqHeader)
 
 _HEADER = struct_of(VirtioBlkReqHeader)
 _SEGMENT = struct_of(VirtioBlkDiscardSegment)
@@ -121,7 +85,7 @@ class VirtioBlk(VirtioDevice):
         self._watch_wake = threading.Event()
         self._watcher: concurrency.DeviceThread | None = None
         self._build_config()
-        self._blk = _ffi.new("struct hv_blk *") if _lib is not None else None
+        self._blk = _ffi.new("struct vblk_disk *") if _lib is not None else None
         if self._blk is None:
             self.serve_fast = self.serve_cycle = None
         else:   # fixed for the backend's life; fd and size are refreshed per call
@@ -201,7 +165,7 @@ class VirtioBlk(VirtioDevice):
 
     # -- requests -------------------------------------------------------------------------
     def _current_blk(self):
-        """The native ``struct hv_blk`` with the backend's fd and size as they are now
+        """The native ``struct vblk_disk`` with the backend's fd and size as they are now
         (refresh_size() may change the size), or None once the backend is closed."""
         be, blk = self.backend, self._blk
         fd = be.fd
@@ -221,21 +185,21 @@ class VirtioBlk(VirtioDevice):
             return 0                  # closed: handle_chain answers IOERR
         try:
             nq = queue_state(vq)
-            return nq.call(_lib.hv_vblk_serve, blk, vq.size if limit is None else limit)
+            return nq.serve(_SERVE_CHAIN, blk, vq.size if limit is None else limit)
         except (ValueError, BufferError):
             return 0                  # guest memory closed or unusable: the Python path decides
         finally:
             self._keep_writeback_error(blk)
 
     def serve_cycle(self, queue: int, vq, gate, poll_ns: int | None = None) -> int:
-        """The queue worker's native loop (hv_vq_cycle over hv_vblk_serve): serve READ/WRITE
+        """The queue worker's native loop (hv_vq_cycle over vblk_serve_chain): serve READ/WRITE
         chains, interrupt through ``gate``, poll for the next batch. Returns the CYCLE_* code
         (CYCLE_PYTHON when the next chain, or everything, is the Python path's)."""
         blk = self._current_blk()
         if blk is None:
             return _CYCLE_PYTHON      # closed: handle_chain answers IOERR
         try:
-            return queue_state(vq).cycle(_lib.hv_vblk_serve_ctx, blk, gate, poll_ns)
+            return queue_state(vq).cycle(_SERVE_CHAIN, blk, gate, poll_ns)
         except (ValueError, BufferError):
             return _CYCLE_PYTHON      # guest memory closed or unusable
         finally:

@@ -1,58 +1,39 @@
 /* AHCI: NCQ READ/WRITE FPDMA QUEUED commands fetched and served natively.
  *
- * hv_ahci_prepare() reads the command headers, command FISes and PRD tables of the issued
+ * ahci_prepare() reads the command headers, command FISes and PRD tables of the issued
  * slots from guest RAM, with the checks hvframe_ahci.hba.AhciPort._fetch and
  * hvframe_ahci.ata.AtaDisk make, and keeps a slot only when every check passes: anything
  * else (another command, a bad tag, a range past the end, a PRD outside RAM, too many
  * segments) is left to the Python path, which answers it with the right ATA/AHCI error.
- * hv_ahci_execute() then moves the data with preadv/pwritev (GIL released). Port registers,
- * FISes and interrupts stay with Python, which settles a whole batch at once.
+ * ahci_execute() then moves the data with the core's file I/O helper (GIL released). Port
+ * registers, FISes and interrupts stay with Python, which settles a whole batch at once.
  *
  * Guest values are hostile: each header, FIS and PRD is copied once before use, and guest
- * addresses are translated through the RAM region list only, with overflow-safe checks.
- * Included into the cffi module after vblk_fast.c (one translation unit).
+ * addresses are translated through the core's RAM region check only, with overflow-safe
+ * arithmetic. struct ahci_cmd_header, ahci_prd, ahci_h2d and the AHCI_* numbers below that
+ * are not defined here are generated from hvframe_ahci.regs (build_native.py).
  */
-#define HV_AHCI_SLOTS 32
-#define HV_AHCI_MAX_IOV 256             /* merged buffers per command served natively */
-#define HV_AHCI_CMD_HEADER_SIZE 32
-#define HV_AHCI_CMD_TABLE_PRDT 0x80
-#define HV_AHCI_CMD_TABLE_ALIGN 0x80
-#define HV_AHCI_FIS_H2D 0x27
-#define HV_AHCI_H2D_COMMAND 0x80
-#define HV_AHCI_READ_FPDMA 0x60
-#define HV_AHCI_WRITE_FPDMA 0x61
-#define HV_AHCI_FUA 0x80                /* FPDMA: device register bit 7 */
-#define HV_AHCI_CFL_MASK 0x1F
-#define HV_AHCI_PRD_DBC_MASK 0x3FFFFF
-#define HV_AHCI_PRD_IOC 0x80000000u
+#include <errno.h>
+#include <string.h>
 
-/* Layouts; tests check them against the construct declarations in hvframe_ahci.regs. */
-struct hv_ahci_cmd_header {
-    uint16_t flags; uint16_t prdtl; uint32_t prdbc; uint32_t ctba; uint32_t ctbau;
-    uint8_t reserved[16];
-};
-struct hv_ahci_prd { uint32_t dba; uint32_t dbau; uint32_t reserved; uint32_t dbc; };
-struct hv_ahci_h2d {
-    uint8_t type, flags, command, features, lba0, lba1, lba2, device, lba3, lba4, lba5,
-            features_exp, count, count_exp, icc, control;
-    uint8_t reserved[4];
-};
+HV_PLUGIN_API(ahci_bind)
 
-struct hv_ahci_slot {
+#define AHCI_SLOTS 32
+#define AHCI_MAX_IOV 256             /* merged buffers per command served natively */
+#define AHCI_CMD_TABLE_ALIGN 0x80
+
+struct ahci_slot {
     uint64_t offset;                    /* bytes into the disk */
     uint64_t length;                    /* bytes to transfer */
     int niov;
     int write, fua;
     int err;                            /* after hv_ahci_execute: 0 or an errno */
-    struct iovec iov[HV_AHCI_MAX_IOV];
+    struct iovec iov[AHCI_MAX_IOV];
 };
 
 /* One port's native state; Python fills the set-up part before each prepare. */
-struct hv_ahci_port {
-    void *mem;                          /* host base of guest RAM */
-    uint64_t mem_size;
-    uint32_t nregions;
-    struct hv_ram_region regions[HV_VQ_MAX_REGIONS];
+struct ahci_port {
+    struct hv_ram ram;                  /* guest RAM (mem set by Python per call) */
     uint64_t clb;                       /* command list base, guest-physical */
     uint64_t sectors;                   /* disk size in logical sectors */
     uint32_t sector_size;
@@ -61,45 +42,45 @@ struct hv_ahci_port {
     int write_through;                  /* every write is FUA (write cache off) */
     uint32_t ioc;                       /* out: prepared slots with a PRD's IOC bit */
     uint64_t bytes;                     /* out: what the prepared slots transfer */
-    struct hv_ahci_slot slot[HV_AHCI_SLOTS];
+    struct ahci_slot slot[AHCI_SLOTS];
 };
 
-static uint8_t *ahci_translate(const struct hv_ahci_port *p, uint64_t gpa, uint64_t len)
+static uint8_t *ahci_translate(const struct ahci_port *p, uint64_t gpa, uint64_t len)
 {
-    return ram_translate(p->mem, p->regions, p->nregions, gpa, len);
+    return hv->ram_translate(&p->ram, gpa, len);
 }
 
 /* One slot: 1 if it is an NCQ READ/WRITE the native path serves (slot state filled in and
  * PRDBC cleared), 0 to leave it to Python. */
-static int ahci_prepare_slot(struct hv_ahci_port *p, unsigned s)
+static int ahci_prepare_slot(struct ahci_port *p, unsigned s)
 {
-    struct hv_ahci_slot *sl = &p->slot[s];
-    struct hv_ahci_cmd_header h;
-    struct hv_ahci_h2d f;
+    struct ahci_slot *sl = &p->slot[s];
+    struct ahci_cmd_header h;
+    struct ahci_h2d f;
 
-    uint64_t at = (uint64_t)s * HV_AHCI_CMD_HEADER_SIZE;
+    uint64_t at = (uint64_t)s * AHCI_CMD_HEADER_SIZE;
     if (p->clb > UINT64_MAX - at)
         return 0;                                       /* wraps: Python says HBFS */
     uint8_t *hp = ahci_translate(p, p->clb + at, sizeof(h));
     if (!hp)
         return 0;
     memcpy(&h, hp, sizeof(h));
-    uint32_t cfl = h.flags & HV_AHCI_CFL_MASK;
+    uint32_t cfl = h.flags & AHCI_CFL_MASK;
     if (cfl < 5 || cfl > 16)
         return 0;
-    uint64_t ctba = ((uint64_t)h.ctbau << 32) | (h.ctba & ~(uint32_t)(HV_AHCI_CMD_TABLE_ALIGN - 1));
-    uint64_t table_len = HV_AHCI_CMD_TABLE_PRDT + (uint64_t)h.prdtl * sizeof(struct hv_ahci_prd);
+    uint64_t ctba = ((uint64_t)h.ctbau << 32) | (h.ctba & ~(uint32_t)(AHCI_CMD_TABLE_ALIGN - 1));
+    uint64_t table_len = AHCI_CMD_TABLE_PRDT + (uint64_t)h.prdtl * sizeof(struct ahci_prd);
     const uint8_t *table = ahci_translate(p, ctba, table_len);
     if (!table)
         return 0;
     memcpy(&f, table, sizeof(f));
-    if (f.type != HV_AHCI_FIS_H2D || !(f.flags & HV_AHCI_H2D_COMMAND))
+    if (f.type != AHCI_FIS_H2D || !(f.flags & AHCI_H2D_COMMAND))
         return 0;
-    if (f.command != HV_AHCI_READ_FPDMA && f.command != HV_AHCI_WRITE_FPDMA)
+    if (f.command != AHCI_READ_FPDMA && f.command != AHCI_WRITE_FPDMA)
         return 0;
     if ((unsigned)(f.count >> 3) != s)
         return 0;                                       /* the tag must name the slot */
-    int write = f.command == HV_AHCI_WRITE_FPDMA;
+    int write = f.command == AHCI_WRITE_FPDMA;
     if (write && p->readonly)
         return 0;
     uint64_t n = (uint64_t)f.features | (uint64_t)f.features_exp << 8;
@@ -114,11 +95,11 @@ static int ahci_prepare_slot(struct hv_ahci_port *p, unsigned s)
     int niov = 0, ioc = 0;
     uint64_t end = UINT64_MAX;
     for (uint32_t i = 0; i < h.prdtl && left; i++) {
-        struct hv_ahci_prd d;
-        memcpy(&d, table + HV_AHCI_CMD_TABLE_PRDT + (uint64_t)i * sizeof(d), sizeof(d));
+        struct ahci_prd d;
+        memcpy(&d, table + AHCI_CMD_TABLE_PRDT + (uint64_t)i * sizeof(d), sizeof(d));
         uint64_t addr = ((uint64_t)d.dbau << 32) | (d.dba & ~1u);
-        uint64_t len = (uint64_t)(d.dbc & HV_AHCI_PRD_DBC_MASK) + 1;
-        if (d.dbc & HV_AHCI_PRD_IOC)
+        uint64_t len = (uint64_t)(d.dbc & AHCI_PRD_DBC_MASK) + 1;
+        if (d.dbc & AHCI_PRD_IOC)
             ioc = 1;
         if (len > left)
             len = left;
@@ -128,7 +109,7 @@ static int ahci_prepare_slot(struct hv_ahci_port *p, unsigned s)
         if (addr == end && (uint8_t *)sl->iov[niov - 1].iov_base + sl->iov[niov - 1].iov_len == host) {
             sl->iov[niov - 1].iov_len += len;
         } else {
-            if (niov == HV_AHCI_MAX_IOV)
+            if (niov == AHCI_MAX_IOV)
                 return 0;
             sl->iov[niov].iov_base = host;
             sl->iov[niov].iov_len = len;
@@ -142,32 +123,32 @@ static int ahci_prepare_slot(struct hv_ahci_port *p, unsigned s)
     /* IOC of PRDs past the transfer length counts too, as Python reads the whole table. */
     for (uint32_t i = 0; i < h.prdtl && !ioc; i++) {
         uint32_t dbc;
-        memcpy(&dbc, table + HV_AHCI_CMD_TABLE_PRDT + (uint64_t)i * sizeof(struct hv_ahci_prd)
-                     + offsetof(struct hv_ahci_prd, dbc), sizeof(dbc));
-        ioc = (dbc & HV_AHCI_PRD_IOC) != 0;
+        memcpy(&dbc, table + AHCI_CMD_TABLE_PRDT + (uint64_t)i * sizeof(struct ahci_prd)
+                     + offsetof(struct ahci_prd, dbc), sizeof(dbc));
+        ioc = (dbc & AHCI_PRD_IOC) != 0;
     }
     sl->offset = lba * p->sector_size;
     sl->length = n * p->sector_size;
     sl->niov = niov;
     sl->write = write;
-    sl->fua = write && (p->write_through || (f.device & HV_AHCI_FUA));
+    sl->fua = write && (p->write_through || (f.device & AHCI_FUA));
     sl->err = 0;
     if (ioc)
         p->ioc |= 1u << s;
-    memset(hp + offsetof(struct hv_ahci_cmd_header, prdbc), 0, sizeof(h.prdbc));
+    memset(hp + offsetof(struct ahci_cmd_header, prdbc), 0, sizeof(h.prdbc));
     return 1;
 }
 
 /* The slots of `slots` the native path takes: all of them, or none (0) when any one needs
  * the Python path -- so that a PxCI write is handled wholly one way, in slot order. */
-uint32_t hv_ahci_prepare(struct hv_ahci_port *p, uint32_t slots)
+uint32_t ahci_prepare(struct ahci_port *p, uint32_t slots)
 {
     p->ioc = 0;
     p->bytes = 0;
-    if (!ram_regions_ok(p->mem, p->mem_size, p->regions, p->nregions) || p->fd < 0
+    if (!hv->ram_ok(&p->ram) || p->fd < 0
         || !(p->sector_size == 512 || p->sector_size == 4096))
         return 0;
-    for (unsigned s = 0; s < HV_AHCI_SLOTS; s++) {
+    for (unsigned s = 0; s < AHCI_SLOTS; s++) {
         if (!(slots >> s & 1))
             continue;
         if (!ahci_prepare_slot(p, s)) {
@@ -182,25 +163,19 @@ uint32_t hv_ahci_prepare(struct hv_ahci_port *p, uint32_t slots)
 
 /* Move the data of prepared `slots` (GIL released); returns the slots that failed, each
  * with its errno in slot[s].err. */
-uint32_t hv_ahci_execute(struct hv_ahci_port *p, uint32_t slots)
+uint32_t ahci_execute(struct ahci_port *p, uint32_t slots)
 {
     uint32_t failed = 0;
-    for (unsigned s = 0; s < HV_AHCI_SLOTS; s++) {
+    for (unsigned s = 0; s < AHCI_SLOTS; s++) {
         if (!(slots >> s & 1))
             continue;
-        struct hv_ahci_slot *sl = &p->slot[s];
-        /* vblk_rw_all consumes its iovecs: work on a copy, so a slot stays as prepared. */
-        struct iovec iov[HV_AHCI_MAX_IOV];
+        struct ahci_slot *sl = &p->slot[s];
+        /* file_rw consumes its iovecs: work on a copy, so a slot stays as prepared. */
+        struct iovec iov[AHCI_MAX_IOV];
         memcpy(iov, sl->iov, sl->niov * sizeof(*iov));
-        int err = vblk_rw_all(p->fd, iov, sl->niov, sl->offset, sl->write);
-        if (!err && sl->fua) {
-            int rc;
-            do
-                rc = fdatasync(p->fd);
-            while (rc < 0 && errno == EINTR);
-            if (rc < 0)
-                err = errno;
-        }
+        int err = hv->file_rw(p->fd, iov, sl->niov, sl->offset, sl->write);
+        if (!err && sl->fua)
+            err = hv->file_datasync(p->fd);
         sl->err = err;
         if (err)
             failed |= 1u << s;

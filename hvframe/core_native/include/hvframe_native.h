@@ -1,0 +1,120 @@
+/* hvframe's native API for device plugins.
+ *
+ * A plugin's native module (built with cffi at install time, see hvframe.native_build) includes
+ * this header and reaches the core through one table of functions, `struct hv_api`, handed to
+ * it once at import (HV_PLUGIN_API below). The core itself knows no device: what is here is
+ * guest RAM translation, the split virtqueue (walk, completion, notifications, the worker's
+ * service cycle), interrupt gates, eventfd waits and file I/O helpers.
+ *
+ * The part between HV_CDEF_BEGIN and HV_CDEF_END is also the cffi declaration of the API
+ * (build_core.py reads it from this file), so C and Python see one text. Guest-visible layouts
+ * (struct hv_vring_desc, struct hv_vring_used_elem) are generated from the construct
+ * declarations in hvframe.virtio.virtqueue at build time and come before this header.
+ */
+#ifndef HVFRAME_NATIVE_H
+#define HVFRAME_NATIVE_H
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/uio.h>
+
+/* HV_CDEF_BEGIN */
+#define HV_API_VERSION 1
+#define HV_RAM_MAX_REGIONS 4
+#define HV_CHAIN_MAX_SEGS 1024        /* buffers of one chain (also Linux's IOV_MAX) */
+
+/* Guest RAM as the VMM maps it: `mem` is the host mapping (valid only while Python pins it,
+ * i.e. during one call), each region a run of guest-physical addresses inside it. */
+struct hv_ram_region { uint64_t gpa; uint64_t size; uint64_t host_offset; };
+struct hv_ram {
+    void *mem;
+    uint64_t mem_size;
+    uint32_t nregions;
+    struct hv_ram_region regions[4];
+};
+
+/* What vq_peek found (HV_VQ_CHAIN) or why a walk or a serve loop stopped (the rest). */
+enum {
+    HV_VQ_CHAIN = 0,                  /* a valid chain */
+    HV_VQ_STOP_EMPTY,                 /* nothing (more) available */
+    HV_VQ_STOP_MAX,                   /* served the `max` chains asked for */
+    HV_VQ_STOP_DECLINED,              /* the device left the next chain to Python */
+    HV_VQ_STOP_UNSUPPORTED,           /* the next chain is valid but too long for C */
+    HV_VQ_STOP_INVALID,               /* the next chain or avail.idx is invalid: Python raises */
+    HV_VQ_STOP_STATE                  /* bad struct hv_vq set-up (a VMM bug) */
+};
+
+/* One split virtqueue; hvframe.virtio.native copies the moving part in and out around each
+ * call, so Python's VirtQueue carries on where C stopped. */
+struct hv_vq {
+    struct hv_ram ram;
+    uint64_t desc_addr, avail_addr, used_addr;   /* guest-physical */
+    uint32_t size;
+    uint32_t max_chain;               /* 0: no cap on descriptors per chain */
+    uint8_t event_idx, indirect, notifications;
+    uint16_t last_avail_idx, shadow_avail, used_idx;
+    uint16_t signalled_used;          /* used_idx at the last interrupt decision */
+    int stop;                         /* HV_VQ_STOP_* of the last call */
+    uint32_t served;                  /* chains hv_vq_cycle served in its last call */
+    uint32_t repoll;                  /* hv_vq_cycle returned NOTIFY after a batch: poll next */
+    volatile int yield_req;           /* another thread wants the queue: return after the batch */
+    uint8_t *desc, *avail, *used;     /* host pointers, set by vq_begin for one call */
+};
+
+/* A validated descriptor chain: non-empty buffers, device-readable ones first. */
+struct hv_chain {
+    uint16_t head;
+    int n, nr;                        /* buffers stored, of which readable */
+    uint64_t rlen, wlen;              /* bytes readable, writable */
+    struct iovec iov[1024];
+};
+
+/* A device's chain server: the used length (>= 0) to complete the chain with, or
+ * -HV_VQ_STOP_DECLINED / -HV_VQ_STOP_UNSUPPORTED (or -HV_VQ_STOP_STATE: the device cannot
+ * serve at all) to leave it, untouched, to Python. */
+typedef int64_t (*hv_chain_fn)(void *ctx, struct hv_vq *q, struct hv_chain *ch);
+
+/* An MSI-X vector as a queue worker sees it: Python keeps `open` true only while the vector
+ * may fire (enabled, unmasked, routed to the irqfd `fd`); otherwise the worker asks Python. */
+struct hv_irq_gate { int fd; int open; };
+
+enum { HV_VQ_CYCLE_IDLE = 0, HV_VQ_CYCLE_PYTHON, HV_VQ_CYCLE_NOTIFY, HV_VQ_CYCLE_YIELD };
+
+/* The core's functions for plugins. New entries go at the end; `size` lets a plugin built
+ * against a newer header refuse an older core. */
+struct hv_api {
+    uint32_t version;
+    uint32_t size;
+    /* host pointer of [gpa, gpa+len) inside one RAM region, else NULL */
+    uint8_t *(*ram_translate)(const struct hv_ram *ram, uint64_t gpa, uint64_t len);
+    /* whether the region list fits the mapping it claims to be in */
+    int (*ram_ok)(const struct hv_ram *ram);
+    /* check the queue set-up and map its rings: 0 or HV_VQ_STOP_STATE */
+    int (*vq_begin)(struct hv_vq *q);
+    /* the next available chain, not consumed: HV_VQ_CHAIN, or a HV_VQ_STOP_* code */
+    int (*vq_peek)(struct hv_vq *q, struct hv_chain *ch);
+    /* consume the chain vq_peek returned and put it in the used ring (release order) */
+    void (*vq_push)(struct hv_vq *q, const struct hv_chain *ch, uint32_t used_len);
+    /* serve up to max chains with fn; q->stop says why it stopped */
+    int (*vq_serve)(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max);
+    int (*vq_needs_notification)(struct hv_vq *q);
+    void (*vq_set_notifications)(struct hv_vq *q, int on);
+    int (*irq_gate_fire)(const struct hv_irq_gate *g);
+    /* read or write all of iov at off (consumes iov): 0 or an errno */
+    int (*file_rw)(int fd, struct iovec *iov, int cnt, uint64_t off, int write);
+    /* fdatasync, retried on EINTR: 0 or an errno */
+    int (*file_datasync)(int fd);
+};
+/* HV_CDEF_END */
+
+/* In one C file of a plugin module: HV_PLUGIN_API(myplugin_bind) defines `hv`, the table,
+ * and the function Python calls once at import (hvframe.core_native.bind). */
+#define HV_PLUGIN_API(bind_name)                                                        \
+    static const struct hv_api *hv;                                                     \
+    int bind_name(const struct hv_api *api)                                             \
+    {                                                                                   \
+        if (!api || api->version != HV_API_VERSION || api->size < sizeof(struct hv_api)) \
+            return -1;                                                                  \
+        hv = api;                                                                       \
+        return 0;                                                                       \
+    }
+#endif

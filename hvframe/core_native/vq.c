@@ -1,0 +1,426 @@
+/* The core's native API for plugins (hvframe_native.h): guest RAM, the split virtqueue,
+ * interrupt gates and file I/O, with no knowledge of any device.
+ *
+ * The virtqueue code consumes available chains the way hvframe.virtio.virtqueue.VirtQueue.pop()
+ * does (the same validations, in the same ring state). Whatever a device's chain server
+ * declines, and any invalid chain, is left available with the state untouched, for the Python
+ * path, which then serves the chain or raises VirtqueueError.
+ *
+ * Every guest value is hostile: guest addresses are translated through the RAM region list
+ * only, with overflow-safe range checks, and each descriptor is copied once before use so the
+ * guest cannot change it between check and use.
+ *
+ * Included into the cffi module after hvcore.c (one translation unit).
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include "hvframe_native.h"
+
+_Static_assert(HV_RAM_MAX_REGIONS == sizeof(((struct hv_ram *)0)->regions)
+               / sizeof(struct hv_ram_region), "hv_ram regions");
+_Static_assert(HV_CHAIN_MAX_SEGS == sizeof(((struct hv_chain *)0)->iov) / sizeof(struct iovec),
+               "hv_chain iov");
+
+/* ---- guest RAM ------------------------------------------------------------------------- */
+
+static uint8_t *ram_translate(const struct hv_ram *ram, uint64_t gpa, uint64_t len)
+{
+    for (uint32_t i = 0; i < ram->nregions && i < HV_RAM_MAX_REGIONS; i++) {
+        const struct hv_ram_region *r = &ram->regions[i];
+        if (gpa >= r->gpa && len <= r->size && gpa - r->gpa <= r->size - len)
+            return (uint8_t *)ram->mem + r->host_offset + (gpa - r->gpa);
+    }
+    return NULL;
+}
+
+static int ram_ok(const struct hv_ram *ram)
+{
+    if (!ram->mem || ram->nregions == 0 || ram->nregions > HV_RAM_MAX_REGIONS)
+        return 0;
+    for (uint32_t i = 0; i < ram->nregions; i++) {
+        const struct hv_ram_region *r = &ram->regions[i];
+        if (r->host_offset > ram->mem_size || r->size > ram->mem_size - r->host_offset)
+            return 0;
+    }
+    return 1;
+}
+
+/* ---- the split virtqueue --------------------------------------------------------------- */
+
+static uint16_t *vq_avail_idx(const struct hv_vq *q)
+{
+    return (uint16_t *)(q->avail + HV_VRING_AVAIL_IDX_OFF);
+}
+
+/* avail_event: after the used ring; used_event: after the available ring. */
+static uint16_t *vq_avail_event(const struct hv_vq *q)
+{
+    return (uint16_t *)(q->used + HV_VRING_USED_RING_OFF
+                        + sizeof(struct hv_vring_used_elem) * q->size);
+}
+
+static int vq_begin(struct hv_vq *q)
+{
+    q->desc = q->avail = q->used = NULL;
+    if (!ram_ok(&q->ram))
+        return HV_VQ_STOP_STATE;
+    if (q->size == 0 || q->size > HV_VRING_MAX_SIZE || (q->size & (q->size - 1)))
+        return HV_VQ_STOP_STATE;
+    uint64_t ev = q->event_idx ? HV_VRING_EVENT_SIZE : 0;
+    uint8_t *desc = ram_translate(&q->ram, q->desc_addr,
+                                  (uint64_t)sizeof(struct hv_vring_desc) * q->size);
+    uint8_t *avail = ram_translate(&q->ram, q->avail_addr, HV_VRING_AVAIL_RING_OFF
+                                   + (uint64_t)HV_VRING_AVAIL_ELEM_SIZE * q->size + ev);
+    uint8_t *used = ram_translate(&q->ram, q->used_addr, HV_VRING_USED_RING_OFF
+                                  + (uint64_t)sizeof(struct hv_vring_used_elem) * q->size + ev);
+    if (!desc || !avail || !used)
+        return HV_VQ_STOP_STATE;
+    /* The aligned 16/32-bit ring accesses below need aligned host addresses. */
+    if ((uintptr_t)desc % 16 || (uintptr_t)avail % 2 || (uintptr_t)used % 4)
+        return HV_VQ_STOP_STATE;
+    q->desc = desc;
+    q->avail = avail;
+    q->used = used;
+    return 0;
+}
+
+/* VirtQueue._walk of the chain at `head`: HV_VQ_CHAIN, HV_VQ_STOP_INVALID or
+ * HV_VQ_STOP_UNSUPPORTED. */
+static int vq_walk(const struct hv_vq *q, uint16_t head, struct hv_chain *ch)
+{
+    const uint8_t *table = q->desc;
+    uint32_t entries = q->size, idx = head, steps = 0, total = 0, nwritable = 0;
+    uint64_t rlen = 0, wlen = 0;
+    int in_indirect = 0;
+
+    ch->head = head;
+    ch->n = ch->nr = 0;
+    if (head >= q->size)
+        return HV_VQ_STOP_INVALID;
+    for (;;) {
+        struct hv_vring_desc d;
+        if (++steps > entries)
+            return HV_VQ_STOP_INVALID;            /* a loop */
+        memcpy(&d, table + sizeof(d) * idx, sizeof(d));   /* idx < entries here */
+        if (d.flags & HV_VRING_DESC_F_INDIRECT) {
+            /* One level only: an indirect table naming another is invalid. */
+            if (in_indirect || !q->indirect || (d.flags & HV_VRING_DESC_F_NEXT))
+                return HV_VQ_STOP_INVALID;
+            if (d.len == 0 || d.len % sizeof(d))
+                return HV_VQ_STOP_INVALID;
+            table = ram_translate(&q->ram, d.addr, d.len);
+            if (!table)
+                return HV_VQ_STOP_INVALID;
+            entries = d.len / sizeof(d);
+            if (entries > 0x10000)
+                entries = 0x10000;                  /* `next` is 16-bit */
+            in_indirect = 1;
+            idx = 0;
+            steps = 0;
+            continue;
+        }
+        if (q->max_chain && ++total > q->max_chain)
+            return HV_VQ_STOP_INVALID;
+        uint8_t *p = ram_translate(&q->ram, d.addr, d.len);
+        if (!p)
+            return HV_VQ_STOP_INVALID;
+        if (d.flags & HV_VRING_DESC_F_WRITE) {
+            nwritable++;
+            wlen += d.len;
+            if (wlen > 0xFFFFFFFFu)
+                return HV_VQ_STOP_INVALID;
+        } else {
+            if (nwritable)
+                return HV_VQ_STOP_INVALID;        /* readable after writable */
+            rlen += d.len;
+            if (rlen > 0xFFFFFFFFu)
+                return HV_VQ_STOP_INVALID;
+        }
+        if (d.len) {
+            if (ch->n == HV_CHAIN_MAX_SEGS)
+                return HV_VQ_STOP_UNSUPPORTED;
+            ch->iov[ch->n].iov_base = p;
+            ch->iov[ch->n].iov_len = d.len;
+            ch->n++;
+            if (!(d.flags & HV_VRING_DESC_F_WRITE))
+                ch->nr++;
+        }
+        if (!(d.flags & HV_VRING_DESC_F_NEXT)) {
+            ch->rlen = rlen;
+            ch->wlen = wlen;
+            return HV_VQ_CHAIN;
+        }
+        if (d.next >= entries)
+            return HV_VQ_STOP_INVALID;
+        idx = d.next;
+    }
+}
+
+static int vq_peek(struct hv_vq *q, struct hv_chain *ch)
+{
+    if (q->shadow_avail == q->last_avail_idx) {
+        /* Load avail.idx before the ring entries it covers (acquire). */
+        uint16_t idx = __atomic_load_n(vq_avail_idx(q), __ATOMIC_ACQUIRE);
+        if ((uint16_t)(idx - q->last_avail_idx) > q->size)
+            return HV_VQ_STOP_INVALID;          /* more than a queue ahead */
+        q->shadow_avail = idx;
+        if (idx == q->last_avail_idx)
+            return HV_VQ_STOP_EMPTY;
+    }
+    uint16_t head;
+    memcpy(&head, q->avail + HV_VRING_AVAIL_RING_OFF
+                  + HV_VRING_AVAIL_ELEM_SIZE * (q->last_avail_idx & (q->size - 1)), sizeof(head));
+    return vq_walk(q, head, ch);
+}
+
+/* VirtQueue.pop's bookkeeping, then push: the element before the index (release store). */
+static void vq_push(struct hv_vq *q, const struct hv_chain *ch, uint32_t used_len)
+{
+    q->last_avail_idx++;
+    if (q->event_idx && q->notifications)
+        __atomic_store_n(vq_avail_event(q), q->last_avail_idx, __ATOMIC_RELAXED);
+    struct hv_vring_used_elem e = { ch->head, used_len };
+    memcpy(q->used + HV_VRING_USED_RING_OFF + sizeof(e) * (q->used_idx & (q->size - 1)), &e,
+           sizeof(e));
+    q->used_idx++;
+    __atomic_store_n((uint16_t *)(q->used + HV_VRING_USED_IDX_OFF), q->used_idx,
+                     __ATOMIC_RELEASE);
+}
+
+/* Serve up to `max` chains with fn, which sees each valid chain once; stops at the first
+ * chain fn declines or that is invalid, leaving it available. Needs vq_begin first. */
+static int vq_serve_begun(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max)
+{
+    struct hv_chain ch;
+    int served = 0;
+    for (;;) {
+        if (served >= max) {
+            q->stop = HV_VQ_STOP_MAX;
+            return served;
+        }
+        int rc = vq_peek(q, &ch);
+        if (rc != HV_VQ_CHAIN) {
+            q->stop = rc;
+            return served;
+        }
+        int64_t used_len = fn(ctx, q, &ch);
+        if (used_len < 0) {
+            q->stop = (int)-used_len;
+            if (q->stop != HV_VQ_STOP_UNSUPPORTED && q->stop != HV_VQ_STOP_STATE)
+                q->stop = HV_VQ_STOP_DECLINED;
+            return served;
+        }
+        vq_push(q, &ch, used_len > 0xFFFFFFFFu ? 0xFFFFFFFFu : (uint32_t)used_len);
+        served++;
+    }
+}
+
+static int vq_serve(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max)
+{
+    q->stop = vq_begin(q);
+    if (q->stop)
+        return 0;
+    return vq_serve_begun(q, fn, ctx, max);
+}
+
+/* Busy-poll until avail.idx differs from last_avail_idx (1), `ns` nanoseconds pass or another
+ * thread asks for the queue (0). Catches the driver's next batch without a sleep/wake-up
+ * round trip (adaptive polling, as QEMU's iothreads do). */
+static int vq_poll_avail(struct hv_vq *q, uint64_t ns)
+{
+    struct timespec t0, t;
+    const uint16_t *idx = vq_avail_idx(q);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned i = 1;; i++) {
+        if (__atomic_load_n(idx, __ATOMIC_ACQUIRE) != q->last_avail_idx)
+            return 1;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (i % 64 == 0) {
+            if (q->yield_req)
+                return 0;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            uint64_t el = (uint64_t)(t.tv_sec - t0.tv_sec) * 1000000000u
+                          + (uint64_t)t.tv_nsec - (uint64_t)t0.tv_nsec;
+            if (el >= ns)
+                return 0;
+        }
+    }
+}
+
+/* VirtQueue.disable_notifications / enable_notifications (the latter without the re-read). */
+static void vq_set_notifications(struct hv_vq *q, int on)
+{
+    q->notifications = (uint8_t)on;
+    if (q->event_idx) {
+        /* Off: avail_event simply stops advancing. */
+        if (on)
+            __atomic_store_n(vq_avail_event(q), q->last_avail_idx, __ATOMIC_RELAXED);
+        return;
+    }
+    uint16_t *flags = (uint16_t *)(q->used + HV_VRING_FLAGS_OFF);
+    uint16_t f = __atomic_load_n(flags, __ATOMIC_RELAXED);
+    f = on ? (uint16_t)(f & ~HV_VRING_USED_F_NO_NOTIFY) : (uint16_t)(f | HV_VRING_USED_F_NO_NOTIFY);
+    __atomic_store_n(flags, f, __ATOMIC_RELAXED);
+}
+
+/* VirtQueue.needs_notification: interrupt the driver for what was pushed since last time?
+ * EVENT_IDX's test is done in 16-bit arithmetic, so it holds across index wrap-around. */
+static int vq_needs_notification(struct hv_vq *q)
+{
+    uint16_t old = q->signalled_used, now = q->used_idx;
+    q->signalled_used = now;
+    if (old == now)
+        return 0;
+    /* used.idx is stored before used_event / avail.flags is loaded (store-load: full fence). */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (q->event_idx) {
+        uint16_t used_event = __atomic_load_n(
+            (const uint16_t *)(q->avail + HV_VRING_AVAIL_RING_OFF
+                               + HV_VRING_AVAIL_ELEM_SIZE * q->size), __ATOMIC_RELAXED);
+        return (uint16_t)(now - used_event - 1) < (uint16_t)(now - old);
+    }
+    uint16_t flags = __atomic_load_n((const uint16_t *)(q->avail + HV_VRING_FLAGS_OFF),
+                                     __ATOMIC_RELAXED);
+    return !(flags & HV_VRING_AVAIL_F_NO_INTERRUPT);
+}
+
+/* Raise the queue's interrupt through its irqfd if Python says the vector may fire now. */
+static int irq_gate_fire(const struct hv_irq_gate *g)
+{
+    if (!g || !__atomic_load_n(&g->open, __ATOMIC_ACQUIRE))
+        return 0;
+    int fd = g->fd;
+    if (fd < 0)
+        return 0;
+    uint64_t one = 1;
+    ssize_t n;
+    do
+        n = write(fd, &one, sizeof(one));
+    while (n < 0 && errno == EINTR);
+    return n == (ssize_t)sizeof(one);
+}
+
+/* A queue worker's whole service loop while only native requests arrive, GIL released:
+ * serve every available chain with fn, interrupt the driver (irqfd) when the ring asks for
+ * it, poll `poll_ns` for the next batch, and re-enable notifications once idle.
+ * Returns HV_VQ_CYCLE_IDLE (nothing available, notifications on: sleep until a kick),
+ * HV_VQ_CYCLE_PYTHON (the next chain is for the Python path; q->stop says why; notifications
+ * off), HV_VQ_CYCLE_NOTIFY (interrupt the driver, the gate being shut, then call again) or
+ * HV_VQ_CYCLE_YIELD (another thread asked for the queue: notifications on, work may remain).
+ * q->served counts the chains served. */
+int hv_vq_cycle(struct hv_vq *q, hv_chain_fn fn, void *ctx, const struct hv_irq_gate *irq,
+                uint64_t poll_ns)
+{
+    /* Handed back for an interrupt right after a batch, the poll for the next one is owed. */
+    int owed = q->repoll != 0;
+    q->repoll = 0;
+    q->served = 0;
+    q->stop = vq_begin(q);
+    if (q->stop)
+        return HV_VQ_CYCLE_PYTHON;
+    for (;;) {
+        vq_set_notifications(q, 0);
+        uint32_t batch = 0;
+        do
+            batch += (uint32_t)vq_serve_begun(q, fn, ctx, (int)q->size);
+        while (q->stop == HV_VQ_STOP_MAX);
+        q->served += batch;
+        if (q->stop != HV_VQ_STOP_EMPTY)
+            return HV_VQ_CYCLE_PYTHON;
+        /* The batch is complete: tell the driver before looking for more. */
+        if (vq_needs_notification(q) && !irq_gate_fire(irq)) {
+            q->repoll = batch || owed;
+            return HV_VQ_CYCLE_NOTIFY;
+        }
+        if ((batch || owed) && poll_ns && !q->yield_req && vq_poll_avail(q, poll_ns)) {
+            owed = 0;
+            continue;
+        }
+        owed = 0;
+        vq_set_notifications(q, 1);
+        if (q->yield_req)
+            return HV_VQ_CYCLE_YIELD;
+        /* Notifications on before avail.idx is re-read (store-load: full fence); anything
+         * that arrived meanwhile came without a kick. */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(vq_avail_idx(q), __ATOMIC_ACQUIRE) == q->last_avail_idx)
+            return HV_VQ_CYCLE_IDLE;
+    }
+}
+
+/* The serve loop for Python (hvframe.virtio.native.NativeQueue.serve). */
+int hv_vq_serve(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max)
+{
+    return vq_serve(q, fn, ctx, max);
+}
+
+/* ---- file I/O -------------------------------------------------------------------------- */
+
+static int file_rw(int fd, struct iovec *iov, int cnt, uint64_t off, int write)
+{
+    while (cnt > 0) {
+        int chunk = cnt < HV_CHAIN_MAX_SEGS ? cnt : HV_CHAIN_MAX_SEGS;
+        ssize_t n = write ? pwritev(fd, iov, chunk, (off_t)off)
+                          : preadv(fd, iov, chunk, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (n == 0)
+            return EIO;                             /* end of file / no progress */
+        off += (uint64_t)n;
+        size_t left = (size_t)n;
+        while (cnt > 0 && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0 && left) {
+            iov->iov_base = (uint8_t *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+    }
+    return 0;
+}
+
+static int file_datasync(int fd)
+{
+    int rc;
+    do
+        rc = fdatasync(fd);
+    while (rc < 0 && errno == EINTR);
+    return rc < 0 ? errno : 0;
+}
+
+/* ---- the table ------------------------------------------------------------------------- */
+
+static const struct hv_api api = {
+    .version = HV_API_VERSION,
+    .size = sizeof(struct hv_api),
+    .ram_translate = ram_translate,
+    .ram_ok = ram_ok,
+    .vq_begin = vq_begin,
+    .vq_peek = vq_peek,
+    .vq_push = vq_push,
+    .vq_serve = vq_serve,
+    .vq_needs_notification = vq_needs_notification,
+    .vq_set_notifications = vq_set_notifications,
+    .irq_gate_fire = irq_gate_fire,
+    .file_rw = file_rw,
+    .file_datasync = file_datasync,
+};
+
+const struct hv_api *hv_api(void)
+{
+    return &api;
+}

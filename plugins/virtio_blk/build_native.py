@@ -1,0 +1,25 @@
+"""cffi build of virtio-blk's native data path, `hvframe_virtio_blk._native`, against
+hvframe's native API (hvframe.native_build); run by setup.py's cffi_modules at install."""
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+try:
+    import hvframe.native_build  # noqa: F401  (hvframe installed in the build environment)
+except ImportError:              # built from the hvframe checkout this plugin lives in
+    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from hvframe.native_build import plugin_ffi  # noqa: E402
+from hvframe_virtio_blk import layout  # noqa: E402
+
+ffibuilder = plugin_ffi(
+    "hvframe_virtio_blk._native", os.path.join(HERE, "hvframe_virtio_blk"), ["vblk.c"],
+    cdef="""
+        int vblk_bind(const struct hv_api *api);
+        struct vblk_disk { int fd; int readonly, direct, write_through;
+                           uint32_t logical_sector; uint64_t size; int wb_errno; };
+        int64_t vblk_serve_chain(void *ctx, struct hv_vq *q, struct hv_chain *ch);
+    """,
+    structs={"vblk_req_hdr": layout.VirtioBlkReqHeader},
+    constants={"VBLK_T_IN": layout.T_IN, "VBLK_T_OUT": layout.T_OUT, "VBLK_S_OK": layout.S_OK,
+               "VBLK_S_IOERR": layout.S_IOERR, "VBLK_SECTOR": layout.SECTOR})

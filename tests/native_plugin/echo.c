@@ -1,0 +1,48 @@
+/* A device that is not hvframe's: a third party's native module, built against the core's
+ * API alone (hvframe_native.h), serving a virtqueue. Each chain's readable bytes come back
+ * byte-reversed in its writable buffers; the used length is what was written. A chain with
+ * nothing readable is declined (the Python side answers it), so the test sees both paths.
+ * struct echo_stats and ECHO_* come from the test's construct declarations. */
+#include <string.h>
+
+HV_PLUGIN_API(echo_bind)
+
+int64_t echo_serve_chain(void *ctx, struct hv_vq *q, struct hv_chain *ch)
+{
+    struct echo_stats *st = ctx;
+    (void)q;
+    if (ch->rlen == 0 || ch->rlen > ECHO_MAX)
+        return -HV_VQ_STOP_DECLINED;
+    uint8_t in[ECHO_MAX];
+    uint64_t got = 0;
+    for (int i = 0; i < ch->nr; i++) {
+        memcpy(in + got, ch->iov[i].iov_base, ch->iov[i].iov_len);
+        got += ch->iov[i].iov_len;
+    }
+    uint64_t put = 0;
+    for (int i = ch->nr; i < ch->n && put < got; i++) {
+        uint8_t *out = ch->iov[i].iov_base;
+        for (size_t k = 0; k < ch->iov[i].iov_len && put < got; k++, put++)
+            out[k] = in[got - 1 - put];
+    }
+    st->chains++;
+    st->bytes += put;
+    return (int64_t)put;
+}
+
+/* The same through the lower-level calls a device with its own loop would use. */
+int echo_drain(struct hv_vq *q, struct echo_stats *st)
+{
+    struct hv_chain ch;
+    int n = 0;
+    if (hv->vq_begin(q))
+        return -1;
+    while (hv->vq_peek(q, &ch) == HV_VQ_CHAIN) {
+        int64_t used = echo_serve_chain(st, q, &ch);
+        if (used < 0)
+            break;
+        hv->vq_push(q, &ch, (uint32_t)used);
+        n++;
+    }
+    return n;
+}
