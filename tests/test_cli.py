@@ -46,9 +46,26 @@ def test_kernel_that_is_not_a_kernel(tmp_path):
     assert "neither a PVH ELF" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
-def test_devices_lists_each_device_with_options_and_package():
+def test_devices_lists_each_device_with_its_kind_and_package():
+    """From the entry-point metadata alone (no plugin imported: test_plugin_packages.py)."""
     p = run_hvframe(["devices"])
     assert p.returncode == 0
-    assert "com1  [lpc]" in p.stdout and "hvframe-uart" in p.stdout
+    assert "com1  [lpc]  -- hvframe-uart" in p.stdout
+    assert "virtio-blk  [pci]  -- hvframe-virtio-blk" in p.stdout
+    assert "acpi-pm  [platform]" in p.stdout
+
+
+@pytest.mark.parametrize("args", [["devices", "-v"], ["devices", "com1", "acpi-pm"]])
+def test_devices_verbose_or_named_gives_summaries_and_options(args):
+    p = run_hvframe(args)
+    assert p.returncode == 0, p.stderr
+    assert "com1  [lpc]  16550A UART" in p.stdout and "hvframe-uart" in p.stdout
     assert "backend=<str>" in p.stdout
     assert "acpi-pm  [platform]" in p.stdout
+
+
+def test_devices_of_an_unknown_name_is_one_line():
+    p = run_hvframe(["devices", "com9"])
+    assert p.returncode == 4
+    assert p.stderr.startswith("hvframe: devices: unknown device 'com9'; installed: ")
+    assert len(p.stderr.strip().splitlines()) == 1

@@ -35,3 +35,183 @@ def test_uninstalling_the_uart_package_removes_its_devices():
         assert r.returncode == 0, r.stderr
     p = run_hvframe(["devices"])
     assert "com1  [lpc]" in p.stdout and "hvframe-uart" in p.stdout
+
+
+# ---- discovery from metadata: a plugin is imported when one of its devices is named ----------
+
+import json  # noqa: E402
+import textwrap  # noqa: E402
+
+from conftest import hvframe_cmd, requires_kvm  # noqa: E402
+
+DISK_PLUGINS = ("hvframe_virtio_blk", "hvframe_ahci")
+# Reports the modules a command line imported: hvframe's main, then sys.modules to a file.
+_PROBE = textwrap.dedent("""
+    import json, sys
+    from hvframe.cli import main
+    out, args = sys.argv[1], sys.argv[2:]
+    try:
+        rc = main(args)
+    except SystemExit as e:
+        rc = e.code
+    with open(out, "w") as f:
+        json.dump({"rc": rc, "modules": sorted(sys.modules)}, f)
+    sys.exit(rc)
+""")
+
+
+def probe(tmp_path, args, env=None):
+    """Run `hvframe ARGS` in a fresh interpreter (outside the repository, so that only the
+    installed metadata is seen); returns (CompletedProcess, set of imported module names)."""
+    out = tmp_path / "modules.json"
+    p = subprocess.run([sys.executable, "-c", _PROBE, str(out), *args], cwd=tmp_path,
+                       input="", capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **(env or {})})
+    assert "Traceback" not in p.stderr, p.stderr
+    report = json.loads(out.read_text())
+    assert report["rc"] == p.returncode
+    return p, set(report["modules"])
+
+
+def imported(modules, package):
+    return any(m == package or m.startswith(package + ".") for m in modules)
+
+
+def test_devices_listing_imports_no_plugin(tmp_path):
+    p, modules = probe(tmp_path, ["devices"])
+    assert p.returncode == 0, p.stderr
+    assert "virtio-blk  [pci]" in p.stdout and "ahci-hd  [pci]" in p.stdout
+    for package in (*DISK_PLUGINS, "hvframe_uart", "hvframe.platform", "hvframe.lpc",
+                    "hvframe.pci", "pluggy", "construct", "cffi"):
+        assert not imported(modules, package), package
+
+
+def test_naming_a_device_imports_its_plugin_and_no_other(tmp_path):
+    p, modules = probe(tmp_path, ["devices", "virtio-blk"])
+    assert p.returncode == 0, p.stderr
+    assert "hvframe_virtio_blk.plugin" in modules
+    assert not imported(modules, "hvframe_ahci") and not imported(modules, "hvframe_uart")
+    # The same through `run`: the plugin is imported to read the -s options (the bad one
+    # stops the run before any machine is made).
+    p, modules = probe(tmp_path, ["run", "-s", "3,ahci-hd,disk.img,bogus=1"])
+    assert p.returncode == 4 and "unexpected option 'bogus=1'" in p.stderr
+    assert "hvframe_ahci.plugin" in modules and not imported(modules, "hvframe_virtio_blk")
+
+
+def test_run_without_disks_imports_no_disk_plugin(tmp_path):
+    """A machine stopped by a bad value after its devices were looked up (no KVM needed)."""
+    p, modules = probe(tmp_path, ["run", "-l", "com1,null", "-s", "0,hostbridge",
+                                  "--kernel", str(tmp_path / "missing.elf")])
+    assert p.returncode == 4 and "no such file" in p.stderr
+    assert "hvframe_uart.plugin" in modules and "hvframe.pci.plugin" in modules
+    for package in DISK_PLUGINS:
+        assert not imported(modules, package), package
+
+
+@requires_kvm
+def test_demo_guest_run_imports_no_disk_plugin(tmp_path):
+    p, modules = probe(tmp_path, ["run"])
+    assert p.returncode == 1, p.stderr          # the demo guest powers off
+    assert "hvframe demo guest" in p.stdout
+    for package in (*DISK_PLUGINS, "hvframe.pci.bus", "hvframe.guests", "cffi"):
+        assert not imported(modules, package), package
+
+
+# ---- third-party plugins, good and bad: one line and exit status 4 for the bad -----------------
+
+def fake_distribution(root, name, entry_points, modules=None):
+    """An installed distribution (dist-info with entry_points.txt) and its plugin modules, in a
+    directory that goes on PYTHONPATH."""
+    info = root / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n\n")
+    lines = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[hvframe.devices]\n{lines}")
+    for modname, source in (modules or {}).items():
+        (root / f"{modname}.py").write_text(textwrap.dedent(source))
+    return {"PYTHONPATH": str(root)}
+
+
+PLUGIN_SOURCE = """
+    from hvframe.device import DeviceType
+    from hvframe.hookspecs import hookimpl
+
+    @hookimpl
+    def hvframe_device_types():
+        return [DeviceType({name!r}, "pci", lambda machine, options: None,
+                           summary="a third-party test device")]
+"""
+
+
+def one_line_error(p, *parts):
+    assert p.returncode == 4, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hvframe: "), p.stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+
+
+def test_a_missing_plugin_module_is_one_line_when_named(tmp_path):
+    env = fake_distribution(tmp_path / "site", "ghost-plugin", {"ghost-dev": "ghost_missing:pci"})
+    p, modules = probe(tmp_path, ["devices"], env)
+    assert p.returncode == 0 and "ghost-dev  [pci]  -- ghost-plugin 1.0" in p.stdout
+    p, _ = probe(tmp_path, ["run", "-s", "3,ghost-dev"], env)
+    one_line_error(p, "plugin ghost_missing (ghost-plugin 1.0) cannot be loaded",
+                   "ModuleNotFoundError")
+
+
+def test_metadata_and_hooks_that_disagree_are_one_line(tmp_path):
+    env = fake_distribution(tmp_path / "site", "liar-plugin",
+                            {"liar-dev": "liar_plugin:pci", "liar-lpc": "liar_plugin:lpc"},
+                            {"liar_plugin": PLUGIN_SOURCE.format(name="liar-dev")})
+    p, _ = probe(tmp_path, ["run", "-s", "3,liar-dev"], env)
+    one_line_error(p, "plugin liar_plugin (liar-plugin 1.0): metadata and hooks disagree",
+                   "liar-lpc")
+    env = fake_distribution(tmp_path / "site2", "kind-plugin", {"kind-dev": "kind_plugin:lpc"},
+                            {"kind_plugin": PLUGIN_SOURCE.format(name="kind-dev")})
+    p, _ = probe(tmp_path, ["run", "-l", "kind-dev"], env)
+    one_line_error(p, "kind-dev is pci, not lpc")
+
+
+def test_a_plugin_whose_hook_fails_is_one_line(tmp_path):
+    env = fake_distribution(tmp_path / "site", "broken-plugin", {"broken-dev": "broken_plugin:pci"},
+                            {"broken_plugin": """
+                                from hvframe.hookspecs import hookimpl
+
+                                @hookimpl
+                                def hvframe_device_types():
+                                    raise RuntimeError("no devices today")
+                             """})
+    p, _ = probe(tmp_path, ["devices", "broken-dev"], env)
+    one_line_error(p, "broken_plugin", "RuntimeError: no devices today")
+
+
+def test_old_style_entry_point_is_imported_eagerly(tmp_path):
+    """An entry point whose name is not a device name (and whose value is a bare module) is
+    imported as before, and its devices are all there."""
+    env = fake_distribution(tmp_path / "site", "oldie-plugin", {"oldie": "oldie_plugin"},
+                            {"oldie_plugin": PLUGIN_SOURCE.format(name="oldie-dev")})
+    p, modules = probe(tmp_path, ["devices"], env)
+    assert p.returncode == 0, p.stderr
+    assert "oldie_plugin" in modules
+    assert "oldie-dev  [pci]  -- oldie-plugin 1.0" in p.stdout and "oldie  [" not in p.stdout
+    p, _ = probe(tmp_path, ["run", "-s", "3,oldie-dev,bogus"], env)
+    one_line_error(p, "oldie-dev: unexpected option 'bogus'")
+    # An old-style plugin that cannot be imported stops every command, in one line, as before.
+    env = fake_distribution(tmp_path / "site2", "gone-plugin", {"gone": "gone_missing"})
+    p, _ = probe(tmp_path, ["devices"], env)
+    one_line_error(p, "plugin gone_missing (gone-plugin 1.0) cannot be loaded")
+
+
+def test_every_entry_point_of_this_tree_matches_its_hook():
+    """Each installed package's metadata names exactly its devices (else Registry raises)."""
+    from hvframe.plugins import Registry, read_entry_points
+    # Not the checkout itself: a stale hvframe.egg-info left there by an old build would
+    # shadow the installed metadata.
+    path = [p for p in sys.path if os.path.abspath(p or ".") != REPO]
+    entries = [e for e in read_entry_points(path=path)
+               if e.package.split()[0].startswith("hvframe")]
+    assert all(e.kind is not None for e in entries), "old-style entry points left in this tree"
+    registry = Registry(entries=entries)
+    registry.load_all()
+    assert {n for t in registry.types for n in t.names} == {e.name for e in entries}

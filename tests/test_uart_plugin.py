@@ -37,7 +37,9 @@ def test_pyproject_declares_the_entry_point():
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     assert project["name"] == "hvframe-uart"
     assert "hvframe" in project["dependencies"]
-    assert project["entry-points"]["hvframe.devices"] == {"uart": "hvframe_uart.plugin"}
+    # One entry point per device name, "module:kind" (hvframe.plugins), matching the hook.
+    assert project["entry-points"]["hvframe.devices"] == {
+        t.name: f"hvframe_uart.plugin:{t.kind}" for t in plugin.hvframe_device_types()}
 
 
 @pytest.mark.parametrize("name, base, irq", [
