@@ -1,4 +1,7 @@
-"""Build steps pyproject.toml cannot express: the cffi native core and the demo guest."""
+"""Build steps pyproject.toml cannot express: the cffi native core, the demo guest, and the
+bytecode of an editable install."""
+import compileall
+import glob
 import os
 import sys
 
@@ -26,6 +29,13 @@ class BuildPyWithDemoGuest(build_py):
                     print(f"warning: demo guest not built at install: {e}", file=sys.stderr)
         finally:
             sys.path.remove(HERE)
+        if self.editable_mode:
+            # pip compiles a wheel's modules at install, but not an editable tree's: without
+            # this every `hvframe run` compiles its imports from source (where the
+            # environment sets PYTHONDONTWRITEBYTECODE, on every start).
+            for tree in [os.path.join(HERE, "hvframe")] + glob.glob(
+                    os.path.join(HERE, "plugins", "*", "hvframe_*")):
+                compileall.compile_dir(tree, quiet=1)
 
 
 setup(
