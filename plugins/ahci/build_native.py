@@ -4,11 +4,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-try:
-    import hvframe.native_build  # noqa: F401  (hvframe installed in the build environment)
-except ImportError:              # built from the hvframe checkout this plugin lives in
-    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+# This package, and hvframe: the build environment's, else the checkout this plugin lives in.
+sys.path[:0] = [HERE]
+sys.path.append(os.path.dirname(os.path.dirname(HERE)))
 from hvframe.native_build import plugin_ffi  # noqa: E402
 from hvframe_ahci import regs  # noqa: E402
 
