@@ -402,6 +402,35 @@ static int file_datasync(int fd)
     return rc < 0 ? errno : 0;
 }
 
+static int file_read_cached(int fd, struct iovec *iov, int cnt, uint64_t off)
+{
+#ifdef RWF_NOWAIT
+    while (cnt > 0) {
+        int chunk = cnt < HV_CHAIN_MAX_SEGS ? cnt : HV_CHAIN_MAX_SEGS;
+        ssize_t n = preadv2(fd, iov, chunk, (off_t)off, RWF_NOWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            /* EOPNOTSUPP: a file system without NOWAIT reads; either way, not now */
+            return errno == EOPNOTSUPP || errno == EINVAL ? EAGAIN : errno;
+        }
+        size_t left = (size_t)n;
+        while (cnt > 0 && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0)
+            return EAGAIN;          /* a short read: the rest is not cached (or past EOF) */
+        off += (uint64_t)n;
+    }
+    return 0;
+#else
+    (void)fd; (void)iov; (void)cnt; (void)off;
+    return EAGAIN;
+#endif
+}
+
 /* ---- the table ------------------------------------------------------------------------- */
 
 static const struct hv_api api = {
@@ -418,6 +447,7 @@ static const struct hv_api api = {
     .irq_gate_fire = irq_gate_fire,
     .file_rw = file_rw,
     .file_datasync = file_datasync,
+    .file_read_cached = file_read_cached,
 };
 
 const struct hv_api *hv_api(void)

@@ -27,6 +27,7 @@ ffibuilder = plugin_ffi(
         };
         uint32_t ahci_prepare(struct ahci_port *p, uint32_t slots);
         uint32_t ahci_execute(struct ahci_port *p, uint32_t slots);
+        uint32_t ahci_execute_cached(struct ahci_port *p, uint32_t slots);
     """,
     structs={"ahci_cmd_header": regs.COMMAND_HEADER, "ahci_prd": regs.PRD_ENTRY,
              "ahci_h2d": regs.H2D_FIS},

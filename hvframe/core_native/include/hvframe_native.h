@@ -103,6 +103,10 @@ struct hv_api {
     int (*file_rw)(int fd, struct iovec *iov, int cnt, uint64_t off, int write);
     /* fdatasync, retried on EINTR: 0 or an errno */
     int (*file_datasync)(int fd);
+    /* read all of iov at off only if the page cache has it all, without waiting for the
+     * disk (preadv2 RWF_NOWAIT): 0, EAGAIN (not all cached: nothing promised, read it again
+     * the waiting way; iov may be consumed) or an errno */
+    int (*file_read_cached)(int fd, struct iovec *iov, int cnt, uint64_t off);
 };
 /* HV_CDEF_END */
 
