@@ -139,6 +139,7 @@ def test_fre_and_st_show_in_fr_and_cr_and_stop_clears_the_issued_commands(setup,
     disk_dev = hba.ports[0].device
     real_read = disk_dev.backend.read
     disk_dev.backend.read = lambda off, bufs: (hold.wait(5), real_read(off, bufs))[1]
+    disk_dev.cached_reads = False                              # the worker's way only
     p.issue(3, h2d(READ_DMA_EXT, lba=0, count=1), [(BUF, 512)])
     assert p.read("ci") == 1 << 3
     p.stop()
@@ -342,9 +343,34 @@ def test_slot_issued_twice_runs_once(setup, disk):
     dev = hba.ports[0].device
     real = dev.backend.read
     dev.backend.read = lambda off, bufs: (calls.append(off), real(off, bufs))[1]
+    dev.cached_reads = False                                   # the worker's way only
     p.prepare(0, h2d(READ_DMA_EXT, lba=1, count=1), [(BUF, 512)])
     with hba.lock:                                             # both writes before completion
         p.write("ci", 1)
         p.write("ci", 1)
     p.wait(1)
     assert hba.wait_idle() and calls == [512]
+
+
+def test_a_cached_read_completes_during_its_pxci_write(setup, disk):
+    # What SeaBIOS polls for is done at its first look; an uncached one goes to a worker.
+    m, drv, p = setup
+    p.start()
+    hba = hba_of(m)
+    dev = hba.ports[0].device
+    data = os.urandom(1024)
+    os.pwrite(dev.backend.fd, data, 4096)
+    calls = []
+    real = dev.backend.read
+    dev.backend.read = lambda off, bufs: (calls.append(off), real(off, bufs))[1]
+    p.prepare(0, h2d(READ_DMA_EXT, lba=8, count=2), [(BUF, 1024)])
+    with hba.lock:                 # no worker can complete it while we look
+        p.write("ci", 1)
+        assert p.read("ci") == 0 and not p.read("is") & regs.IS_TFES
+    assert m.memory.read(BUF, 1024) == data and calls == []
+    dev.cached_reads = False
+    p.prepare(0, h2d(READ_DMA_EXT, lba=8, count=2), [(BUF + 4096, 1024)])
+    p.write("ci", 1)
+    p.wait(1)
+    assert hba.wait_idle() and calls == [4096]
+    assert m.memory.read(BUF + 4096, 1024) == data

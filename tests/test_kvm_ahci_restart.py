@@ -96,6 +96,7 @@ def test_guest_restarts_port_while_a_slow_disk_drains(guest, tmp_path):
                 return fn(*a, **kw)
             return call
 
+        port.device.cached_reads = False    # a slow disk has nothing in a page cache
         queue = port.device.queue       # both the native and the Python path submit here
         real_submit, real_submit_many = queue.submit, queue.submit_many
         queue.submit = lambda fn, *a, callback: real_submit(slow(fn), *a, callback=callback)

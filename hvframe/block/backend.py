@@ -400,6 +400,20 @@ class BlockBackend:
             self._preadv_all(offset, views)
         return total
 
+    def read_cached(self, offset: int, bufs: Sequence[Any]) -> bool:
+        """Fill bufs from the disk at byte `offset` now, but only if the page cache holds all
+        of it (preadv with RWF_NOWAIT: no waiting for a disk, so a vCPU may call this in its
+        exit). False: nothing is promised about bufs; read() them the waiting way."""
+        views = [v for v in map(_as_bytes_view, bufs) if len(v)]
+        total = sum(len(v) for v in views)
+        if self.direct or self.fd < 0 or not views or len(views) > IOV_MAX:
+            return False
+        try:
+            self._check(offset, total, write=False)
+            return os.preadv(self.fd, views, offset, os.RWF_NOWAIT) == total
+        except (BlockError, OSError):
+            return False                 # not cached, or an error read() will report
+
     def _bounced(self, offset: int, views: list[memoryview], total: int, *, write: bool) -> None:
         """O_DIRECT I/O through an aligned buffer of at most _BOUNCE_CHUNK bytes: the request's
         size comes from the guest, so it must not size a host allocation."""

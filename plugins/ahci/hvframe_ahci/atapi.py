@@ -106,6 +106,8 @@ class AtapiCdrom:
     def sectors(self) -> int:
         return self.backend.size // CD_SECTOR
 
+    cached_reads = False              # (AtaDisk's: only the disk's native path reads)
+
     def native_setup(self, nat) -> bool:
         """The native NCQ path (AtaDisk.native_setup) is for disks: never for a CD-ROM."""
         return False

@@ -415,7 +415,8 @@ class AhciPort:
         # waited for): a worker hand-off costs more than they do. io_uring completes cached
         # buffered reads inline the same way. Only small batches: the port's lock is held
         # meanwhile. The rest go to the disk's workers.
-        cached = lib.ahci_execute_cached(nat, new) if nat.bytes <= NATIVE_JOB_BYTES else 0
+        cached = (lib.ahci_execute_cached(nat, new)
+                  if dev.cached_reads and nat.bytes <= NATIVE_JOB_BYTES else 0)
         self.native_slots += len(slots)
         self.native_cached += bin(cached).count("1")
         slots = [s for s in slots if not cached >> s & 1]
