@@ -34,7 +34,7 @@ import time
 
 import pytest
 
-from hvframe.core_native import lib
+from hvframe.core_native import api as lib
 from hvframe.pci.bus import attach, ensure_pci_bus
 from hvframe.synthetic import SyntheticMachine
 from hvframe.virtio.harness import VirtioPciDriver

@@ -19,6 +19,7 @@ const struct hv_api *hv_api(void);
 int hv_vq_cycle(struct hv_vq *q, hv_chain_fn fn, void *ctx, const struct hv_irq_gate *irq,
                 uint64_t poll_ns);
 int hv_vq_serve(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max);
+int64_t hv_eventfd_wait(int fd, uint64_t spin_ns, int timeout_ms);
 """
 
 SOURCES = ["vq.c", "include/hvframe_native.h"]

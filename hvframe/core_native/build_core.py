@@ -53,7 +53,6 @@ int hv_floor_run(int fd, void *run_area, uint16_t stop_port, uint64_t *exits);
 int hv_ioctl(int fd, unsigned long request, void *arg);
 int hv_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int hv_irq_line(int vm_fd, uint32_t irq, int level);
-int64_t hv_eventfd_wait(int fd, uint64_t spin_ns, int timeout_ms);
 
 /* KVM ABI, laid out by <linux/kvm.h> */
 #define KVM_GET_API_VERSION ...

@@ -16,6 +16,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -431,6 +432,45 @@ static int file_read_cached(int fd, struct iovec *iov, int cnt, uint64_t off)
 #endif
 }
 
+/* ---- eventfds ------------------------------------------------------------------------- */
+
+/* Wait for an eventfd (opened EFD_NONBLOCK) the way a halted vCPU waits for an interrupt
+ * under KVM: spin up to spin_ns (KVM's halt polling), then sleep up to timeout_ms (< 0:
+ * forever). Returns the count read, 0 on timeout, or -errno. Called without the GIL. */
+int64_t hv_eventfd_wait(int fd, uint64_t spin_ns, int timeout_ms)
+{
+    struct timespec t0, t;
+    uint64_t count;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned i = 0;; i++) {
+        if (read(fd, &count, sizeof(count)) == (ssize_t)sizeof(count))
+            return (int64_t)count;
+        if (errno != EAGAIN && errno != EINTR)
+            return -errno;
+        if (i % 16 == 15) {
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            uint64_t el = (uint64_t)(t.tv_sec - t0.tv_sec) * 1000000000u
+                          + (uint64_t)t.tv_nsec - (uint64_t)t0.tv_nsec;
+            if (el >= spin_ns)
+                break;
+        }
+    }
+    for (;;) {
+        struct pollfd p = { .fd = fd, .events = POLLIN };
+        int r = poll(&p, 1, timeout_ms);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -errno;
+        if (r == 0)
+            return 0;
+        if (read(fd, &count, sizeof(count)) == (ssize_t)sizeof(count))
+            return (int64_t)count;
+        if (errno != EAGAIN && errno != EINTR)
+            return -errno;
+    }
+}
+
 /* ---- the table ------------------------------------------------------------------------- */
 
 static const struct hv_api api = {
@@ -448,6 +488,7 @@ static const struct hv_api api = {
     .file_rw = file_rw,
     .file_datasync = file_datasync,
     .file_read_cached = file_read_cached,
+    .eventfd_wait = hv_eventfd_wait,
 };
 
 const struct hv_api *hv_api(void)

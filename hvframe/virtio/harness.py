@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 import threading
 
-from ..core_native import lib
+from ..core_native import api as lib
 from ..layout import offset_of, offsets_of
 from .device import (F_RING_EVENT_IDX, F_VERSION_1, NO_VECTOR, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
                      STATUS_DRIVER_OK, STATUS_FEATURES_OK, bit)

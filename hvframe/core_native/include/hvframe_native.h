@@ -107,6 +107,9 @@ struct hv_api {
      * disk (preadv2 RWF_NOWAIT): 0, EAGAIN (not all cached: nothing promised, read it again
      * the waiting way; iov may be consumed) or an errno */
     int (*file_read_cached)(int fd, struct iovec *iov, int cnt, uint64_t off);
+    /* wait for an eventfd (EFD_NONBLOCK): spin spin_ns, then sleep up to timeout_ms (< 0:
+     * forever); the count read, 0 on timeout, or -errno */
+    int64_t (*eventfd_wait)(int fd, uint64_t spin_ns, int timeout_ms);
 };
 /* HV_CDEF_END */
 
