@@ -4,7 +4,7 @@ from __future__ import annotations
 from hvframe.device import DeviceType, Option
 from hvframe.hookspecs import hookimpl
 
-from .backends import SPEC_HELP, open_backend
+from .backends import SPEC_HELP, FileBackend, NullBackend, StdioBackend, open_backend
 from .pci_uart import pci_uart_factory
 from .uart16550 import Uart16550
 
@@ -16,6 +16,9 @@ COM_PORTS = {
     "com4": (0x2E8, 3),
 }
 PORT_COUNT = 8
+# Backends whose write() only queues (a bounded buffer, or nothing): their ports' polled
+# console is served natively (Uart16550.map_native).
+NATIVE_OUTPUT = (StdioBackend, FileBackend, NullBackend)
 
 
 def _make_factory(name: str, base: int, irq: int):
@@ -24,7 +27,10 @@ def _make_factory(name: str, base: int, irq: int):
         # COM1/COM3 and COM2/COM4 share a line: each port is one source of it.
         uart = Uart16550(set_irq=machine.irq_source(irq), backend=backend)
         try:
-            machine.pio.register(base, PORT_COUNT, uart, name=name)
+            if isinstance(backend, NATIVE_OUTPUT):
+                uart.map_native(machine.pio, base, name=name)
+            else:
+                machine.pio.register(base, PORT_COUNT, uart, name=name)
         except BaseException:
             backend.close()
             raise
