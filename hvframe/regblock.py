@@ -282,6 +282,7 @@ class FifoDrainer:
 
     def _run(self, thread: concurrency.DeviceThread) -> None:
         while not thread.stopping:
+            thread.checkpoint()
             if self.block.wait(self.fifo, self.POLL) and not thread.stopping:
                 self._drain()
                 if self.linger:
@@ -289,6 +290,13 @@ class FifoDrainer:
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def pause(self) -> bool:
+        """Stop draining until resume() (DeviceThread.pause: True once parked)."""
+        return self._thread.pause()
+
+    def resume(self) -> None:
+        self._thread.resume()
 
     def stop(self, deadline: float = concurrency.JOIN_DEADLINE) -> bool:
         return self._thread.stop(deadline)
