@@ -271,7 +271,7 @@ class FifoDrainer:
     POLL = 0.5      # seconds between checks of `stopping` should a kick be lost
 
     def __init__(self, block: RegisterBlock, fifo: str, drain: Callable[[], None], *,
-                 name: str, linger: float = 0.0005):
+                 name: str, linger: float = 0.002):
         self.block, self.fifo, self._drain, self.linger = block, fifo, drain, linger
         self._thread = concurrency.DeviceThread(name, self._run,
                                                 wake=lambda: block.kick(fifo))

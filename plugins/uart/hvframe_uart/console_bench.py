@@ -1,8 +1,9 @@
 """Polled console throughput: a guest (tests/guests/console.c) prints N bytes to COM1 by
-polling LSR and writing THR, as Linux's printk console does. Under hvframe with COM1 served
-natively (Uart16550.map_native), all in Python, and under QEMU (when installed) as the
-reference. Each figure is the time for N bytes less the time for none, so start-up is not
-counted.
+polling LSR and writing THR, as Linux's printk console does. Under hvframe (`hvframe run`)
+with COM1 served natively (Uart16550.map_native), all in Python (native=off), and under QEMU
+(when installed) as the reference, each with the console on a pipe. Each figure is the time
+between the guest's "console start" line and its "console done" line arriving on the pipe,
+so start-up (QEMU's firmware, say) is not counted.
 
     python -m hvframe_uart.console_bench [--count N] [--rounds R] [--no-qemu]
 """
@@ -12,6 +13,7 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -84,55 +86,91 @@ def qemu_binary() -> str | None:
     return shutil.which("qemu-system-x86_64")
 
 
-def qemu_console(guest: str, count: int, timeout: float = 600) -> tuple[float, bytes]:
-    """Wall time of QEMU running the console guest (COM1 to a file; the guest's power-off
-    write to port 0x404 ends QEMU through isa-debug-exit), and what COM1 wrote."""
-    qemu = qemu_binary()
-    if qemu is None:
-        raise RuntimeError("qemu-system-x86_64 is not installed")
-    with tempfile.TemporaryDirectory(prefix="hvframe-qemu-console-") as tmp:
-        path = os.path.join(tmp, "com1.out")
-        cmd = [qemu, "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-M", "pc", "-m", "64",
-               "-nodefaults", "-display", "none", "-kernel", guest, "-append", f"count={count}",
-               "-serial", f"file:{path}", "-device", "isa-debug-exit,iobase=0x404,iosize=2"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=False, timeout=timeout, capture_output=True)
-        dt = time.perf_counter() - t0
-        with open(path, "rb") as f:
-            return dt, f.read()
+def start_marker(count: int) -> bytes:
+    return b"console start count=%d\r\n" % count
+
+
+def done_marker(count: int) -> bytes:
+    return b"\r\nconsole done count=%d\r\n" % count
 
 
 def payload_of(output: bytes, count: int) -> bytes:
     """The count bytes after the guest's "console start" line."""
-    start = output.index(b"console start count=%d\r\n" % count) + len(b"console start count=%d\r\n" % count)
+    start = output.index(start_marker(count)) + len(start_marker(count))
     return output[start:start + count]
 
 
+def timed_console(cmd: list[str], count: int, timeout: float = 600) -> tuple[float, bytes]:
+    """Run cmd (the console guest with COM1 on stdout) and return the seconds from the start
+    line to the done line arriving on its stdout, and all of its stdout."""
+    start, done = start_marker(count), done_marker(count)
+    buf = bytearray()
+    t_start = t_done = None
+    deadline = time.monotonic() + timeout
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL)
+    try:
+        fd = p.stdout.fileno()
+        while time.monotonic() < deadline:
+            chunk = os.read(fd, 1 << 16)
+            now = time.perf_counter()
+            if not chunk:
+                break
+            tail = max(0, len(buf) - len(done))
+            buf += chunk
+            if t_start is None and start in buf:
+                t_start = now
+            if t_start is not None and t_done is None and done in buf[tail:]:
+                t_done = now
+        p.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+    if t_start is None or t_done is None:
+        raise RuntimeError(f"{cmd[0]}: the console guest did not finish: {bytes(buf[-200:])!r}")
+    return t_done - t_start, bytes(buf)
+
+
+def hvframe_command(guest: str, count: int, native: bool = True) -> list[str]:
+    return [sys.executable, "-m", "hvframe", "run", "-m", "64M",
+            "-l", f"com1,stdio,native={'on' if native else 'off'}",
+            "--kernel", guest, "-a", f"count={count}"]
+
+
+def qemu_command(guest: str, count: int) -> list[str]:
+    """QEMU with COM1 on stdout; the guest's power-off write to port 0x404 ends it through
+    isa-debug-exit."""
+    qemu = qemu_binary()
+    if qemu is None:
+        raise RuntimeError("qemu-system-x86_64 is not installed")
+    return [qemu, "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-M", "pc", "-m", "64",
+            "-nodefaults", "-display", "none", "-kernel", guest, "-append", f"count={count}",
+            "-serial", "stdio", "-device", "isa-debug-exit,iobase=0x404,iosize=2"]
+
+
+def us_per_byte(cmd: list[str], count: int) -> float:
+    """One timed run of cmd; its output checked byte for byte."""
+    dt, output = timed_console(cmd, count)
+    if payload_of(output, count) != expected_payload(count):
+        raise RuntimeError(f"{cmd[0]}: console output differs from what the guest wrote")
+    return dt / count * 1e6
+
+
 def compare(count: int = 100000, rounds: int = 3, qemu: bool = True) -> dict:
-    """Best-of-rounds microseconds per byte: hvframe native, hvframe Python, QEMU."""
+    """Best-of-rounds microseconds per byte: hvframe native, hvframe Python, QEMU, run in
+    turn each round (so a busy host slows all of them alike)."""
     guest = console_guest()
-    out = {"count": count}
-
-    def best(run) -> float:
-        return min(run(count) - run(0) for _ in range(rounds)) / count * 1e6
-
-    def hv(native):
-        def run(n):
-            r = hvframe_console(guest, n, native)
-            if payload_of(r.output, n) != expected_payload(n):
-                raise RuntimeError("console output differs from what the guest wrote")
-            return r.seconds
-        return run
-
-    out["native_us_per_byte"] = best(hv(True))
-    out["python_us_per_byte"] = best(hv(False))
+    commands = {"native_us_per_byte": hvframe_command(guest, count, True),
+                "python_us_per_byte": hvframe_command(guest, count, False)}
     if qemu and qemu_binary():
-        def run_q(n):
-            dt, output = qemu_console(guest, n)
-            if payload_of(output, n) != expected_payload(n):
-                raise RuntimeError("QEMU's console output differs from what the guest wrote")
-            return dt
-        out["qemu_us_per_byte"] = best(run_q)
+        commands["qemu_us_per_byte"] = qemu_command(guest, count)
+    out = {"count": count}
+    for _ in range(rounds):
+        for key, cmd in commands.items():
+            us = us_per_byte(cmd, count)
+            out[key] = min(out.get(key, us), us)
     return out
 
 
