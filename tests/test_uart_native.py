@@ -63,6 +63,10 @@ def test_only_file_stdio_and_null_backends_are_served_natively():
     [rng] = [r for r in m.pio.ranges() if r.name == "com1"]
     assert rng.handle == -1 and uart.native_block is not None
     m.close()
+    m, uart = build("null,native=off")          # the Python path, one option away
+    [rng] = [r for r in m.pio.ranges() if r.name == "com1"]
+    assert rng.handle >= 0 and uart.native_block is None
+    m.close()
 
 
 def test_thre_interrupt_after_native_output(com1):
