@@ -18,12 +18,14 @@
  * Any register may also reflect a FIFO's state in its reads: room_bits read as set while the
  * FIFO has room, empty_bits while it is empty (a UART's LSR.THRE and TEMT, say).
  *
- * Concurrency: each block has one small mutex, taken by every native access and every call
- * from Python that reads or changes the block (values, native on/off, FIFO take). It is the
- * innermost lock of all: nothing is called and nothing waits while it is held, and it is never
- * held across py_call. So an access is atomic against other vCPUs and against the device's
- * own updates: a device that switches a register to Python and then reads the FIFO knows no
- * native access is half done. A full FIFO never blocks: its policy either passes the write
+ * Concurrency: each block has one small mutex, taken by every native write and every call
+ * from Python that changes the block (values, native on/off, FIFO take). It is the innermost
+ * lock of all: nothing is called and nothing waits while it is held, and it is never held
+ * across py_call. So a write is atomic against other vCPUs and against the device's own
+ * updates: a device that switches a register to Python and then takes the FIFO knows no
+ * native write is half done. Native reads take no lock: the fields they read (value, native,
+ * a FIFO's head and tail) are stored atomically under the mutex and loaded atomically, and a
+ * read has no side effect, so one that races a change returns the state just before it. A full FIFO never blocks: its policy either passes the write
  * to Python (which may drain the ring itself, or drop and count) or drops and counts here.
  * The consumer of a FIFO (a device thread) sleeps in hv_regblock_fifo_wait on an eventfd
  * that a push signals only when the consumer said it is waiting, so steady output costs the
@@ -160,13 +162,18 @@ void hv_regblock_set_handler(struct hv_regblock *rb, int py_handle)
 
 static inline uint32_t fifo_level(const struct hv_fifo *q)
 {
-    return (uint32_t)(q->head - q->tail);
+    /* Tail first: both only grow, so a push and a take racing this never make it negative;
+     * at worst it is briefly too high, which clamps to full (the guest polls again). */
+    uint64_t tail = __atomic_load_n(&q->tail, __ATOMIC_ACQUIRE);
+    uint64_t head = __atomic_load_n(&q->head, __ATOMIC_ACQUIRE);
+    uint64_t n = head - tail;
+    return n > q->cap ? q->cap : (uint32_t)n;
 }
 
-/* What a read of r returns (lock held). */
+/* What a read of r returns (no lock needed, see the top of this file). */
 static uint64_t reg_value(const struct hv_regblock *rb, const struct hv_reg *r)
 {
-    uint64_t v = r->value;
+    uint64_t v = __atomic_load_n(&r->value, __ATOMIC_ACQUIRE);
     if (r->fifo >= 0) {
         const struct hv_fifo *q = &rb->fifos[r->fifo];
         uint32_t level = fifo_level(q);
@@ -196,7 +203,7 @@ static int fifo_push(struct hv_fifo *q, uint64_t value, int *wake)
     case 4: memcpy(slot, &value, 4); break;
     default: memcpy(slot, &value, 8); break;
     }
-    q->head++;
+    __atomic_store_n(&q->head, q->head + 1, __ATOMIC_RELEASE);
     if (q->waiting) {
         q->waiting = 0;
         *wake = 1;
@@ -218,26 +225,29 @@ uint64_t hv_regblock_access(void *opaque, uint64_t offset, uint32_t size, uint64
     struct hv_regblock *rb = opaque;
     if (offset < rb->len && rb->index[offset]) {
         struct hv_reg *r = &rb->regs[rb->index[offset] - 1];
-        if (r->size == size) {
+        if (r->size == size && !is_write) {
+            /* The polled status read: no lock, no side effect. */
+            if (r->kind != HV_REG_FIFO && r->kind != HV_REG_PYTHON
+                && __atomic_load_n(&r->native, __ATOMIC_ACQUIRE)) {
+                __atomic_add_fetch(&rb->served, 1, __ATOMIC_RELAXED);
+                return reg_value(rb, r);
+            }
+        } else if (r->size == size) {
             int served = 1, wake = 0;
-            uint64_t v = 0;
             pthread_mutex_lock(&rb->lock);
             if (!r->native)
                 served = 0;
-            else if (!is_write) {
-                if (r->kind == HV_REG_FIFO || r->kind == HV_REG_PYTHON)
-                    served = 0;
-                else
-                    v = reg_value(rb, r);
-            } else {
+            else {
                 switch (r->kind) {
                 case HV_REG_STORAGE:
-                    r->value = (r->value & ~r->write_mask) | (value & r->write_mask);
+                    __atomic_store_n(&r->value, (r->value & ~r->write_mask)
+                                     | (value & r->write_mask), __ATOMIC_RELEASE);
                     break;
                 case HV_REG_READ_ONLY:
                     break;
                 case HV_REG_W1C:
-                    r->value &= ~(value & r->write_mask);
+                    __atomic_store_n(&r->value, r->value & ~(value & r->write_mask),
+                                     __ATOMIC_RELEASE);
                     break;
                 case HV_REG_FIFO:
                     served = fifo_push(&rb->fifos[r->fifo], value, &wake) >= 0;
@@ -246,13 +256,13 @@ uint64_t hv_regblock_access(void *opaque, uint64_t offset, uint32_t size, uint64
                     served = 0;
                 }
             }
-            if (served)
-                rb->served++;
             pthread_mutex_unlock(&rb->lock);
             if (wake)
                 fifo_signal(&rb->fifos[r->fifo]);
-            if (served)
-                return v;
+            if (served) {
+                __atomic_add_fetch(&rb->served, 1, __ATOMIC_RELAXED);
+                return 0;
+            }
         }
     }
     __atomic_add_fetch(&rb->passed, 1, __ATOMIC_RELAXED);
@@ -288,8 +298,8 @@ uint64_t hv_regblock_update(struct hv_regblock *rb, uint32_t i, uint64_t clear, 
         return 0;
     pthread_mutex_lock(&rb->lock);
     struct hv_reg *r = &rb->regs[i];
-    r->value = (r->value & ~clear) | set;
-    uint64_t v = r->value;
+    uint64_t v = (r->value & ~clear) | set;
+    __atomic_store_n(&r->value, v, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&rb->lock);
     return v;
 }
@@ -301,7 +311,7 @@ void hv_regblock_set_native(struct hv_regblock *rb, uint64_t mask, int on)
     pthread_mutex_lock(&rb->lock);
     for (uint32_t i = 0; i < rb->nregs && i < 64; i++)
         if (mask & (1ULL << i))
-            rb->regs[i].native = on ? 1 : 0;
+            __atomic_store_n(&rb->regs[i].native, on ? 1u : 0u, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&rb->lock);
 }
 
@@ -331,7 +341,7 @@ uint32_t hv_regblock_fifo_take(struct hv_regblock *rb, uint32_t f, uint8_t *out,
     uint32_t first = q->cap - start < n ? q->cap - start : n;
     memcpy(out, q->buf + (size_t)start * q->width, (size_t)first * q->width);
     memcpy(out + (size_t)first * q->width, q->buf, (size_t)(n - first) * q->width);
-    q->tail += n;
+    __atomic_store_n(&q->tail, q->tail + n, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&rb->lock);
     return n;
 }
