@@ -260,6 +260,12 @@ class RegisterBlock:
         """Wake the FIFO's consumer out of wait()."""
         lib.hv_regblock_fifo_kick(self._c, self._fifo_index[fifo])
 
+    def close(self) -> None:
+        """Give back what the block holds besides memory (the FIFOs' eventfds), once their
+        consumers have stopped; accesses still work (a full FIFO then goes to Python).
+        Idempotent."""
+        lib.hv_regblock_close(self._c)
+
 
 class FifoDrainer:
     """The consumer of a native FIFO: a DeviceThread that waits until the FIFO holds entries

@@ -341,3 +341,28 @@ def test_a_consumer_waits_and_is_woken_by_a_push_and_by_a_kick(rig):
     block.kick("out")
     t.join(5)
     assert woke == [1, 0]
+
+
+
+def eventfds():
+    import os
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "eventfd" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:         # the fd listdir itself used
+            pass
+    return n
+
+
+def test_close_gives_back_the_eventfds_and_accesses_still_work(rig):
+    m, dev, block = rig
+    before = eventfds()
+    block.close()
+    block.close()
+    assert eventfds() == before - 2                         # one per FIFO
+    w(m, "data", 1)                                         # a push signals nobody, safely
+    block.kick("out")
+    assert block.take("out") == b"\x01"
+    with pytest.raises(OSError):
+        block.wait("out", 0)                                # nobody could wake it any more

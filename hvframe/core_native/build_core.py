@@ -257,6 +257,7 @@ uint32_t hv_regblock_fifo_take(struct hv_regblock *rb, uint32_t f, uint8_t *out,
 uint32_t hv_regblock_fifo_level(struct hv_regblock *rb, uint32_t f);
 int64_t hv_regblock_fifo_wait(struct hv_regblock *rb, uint32_t f, int timeout_ms);
 void hv_regblock_fifo_kick(struct hv_regblock *rb, uint32_t f);
+void hv_regblock_close(struct hv_regblock *rb);
 void hv_regblock_fifo_counts(struct hv_regblock *rb, uint32_t f, uint64_t *pushed,
                              uint64_t *taken, uint64_t *dropped);
 """

@@ -28,8 +28,9 @@
  * read has no side effect, so one that races a change returns the state just before it. A full FIFO never blocks: its policy either passes the write
  * to Python (which may drain the ring itself, or drop and count) or drops and counts here.
  * The consumer of a FIFO (a device thread) sleeps in hv_regblock_fifo_wait on an eventfd
- * that a push signals only when the consumer said it is waiting, so steady output costs the
- * vCPU no system call.
+ * that a push signals (a non-blocking write, under the mutex so that hv_regblock_close
+ * cannot close it meanwhile) only when the consumer said it is waiting, so steady output
+ * costs the vCPU no system call.
  */
 #include <sys/eventfd.h>
 
@@ -211,9 +212,13 @@ static int fifo_push(struct hv_fifo *q, uint64_t value, int *wake)
     return 1;
 }
 
+/* (lock held, so that hv_regblock_close cannot close the fd under it) A non-blocking write:
+ * it never waits. */
 static void fifo_signal(struct hv_fifo *q)
 {
     uint64_t one = 1;
+    if (q->efd < 0)
+        return;
     ssize_t r = write(q->efd, &one, sizeof(one));
     (void)r;    /* EAGAIN: the counter is saturated, a wake-up is pending anyway */
 }
@@ -256,9 +261,9 @@ uint64_t hv_regblock_access(void *opaque, uint64_t offset, uint32_t size, uint64
                     served = 0;
                 }
             }
-            pthread_mutex_unlock(&rb->lock);
             if (wake)
                 fifo_signal(&rb->fifos[r->fifo]);
+            pthread_mutex_unlock(&rb->lock);
             if (served) {
                 __atomic_add_fetch(&rb->served, 1, __ATOMIC_RELAXED);
                 return 0;
@@ -366,18 +371,21 @@ int64_t hv_regblock_fifo_wait(struct hv_regblock *rb, uint32_t f, int timeout_ms
     struct hv_fifo *q = &rb->fifos[f];
     pthread_mutex_lock(&rb->lock);
     uint32_t n = fifo_level(q);
-    q->waiting = n == 0;
+    int efd = q->efd;
+    q->waiting = n == 0 && efd >= 0;
     pthread_mutex_unlock(&rb->lock);
     if (n)
         return n;
-    struct pollfd p = { .fd = q->efd, .events = POLLIN };
+    if (efd < 0)
+        return -EBADF;      /* closed: nobody will signal */
+    struct pollfd p = { .fd = efd, .events = POLLIN };
     int r;
     do
         r = poll(&p, 1, timeout_ms);
     while (r < 0 && errno == EINTR);
     int err = r < 0 ? errno : 0;
     uint64_t count;
-    ssize_t got = read(q->efd, &count, sizeof(count));     /* reset the eventfd */
+    ssize_t got = read(efd, &count, sizeof(count));        /* reset the eventfd */
     (void)got;
     pthread_mutex_lock(&rb->lock);
     q->waiting = 0;
@@ -389,8 +397,25 @@ int64_t hv_regblock_fifo_wait(struct hv_regblock *rb, uint32_t f, int timeout_ms
 /* Wake FIFO f's consumer out of hv_regblock_fifo_wait (to stop it, say). */
 void hv_regblock_fifo_kick(struct hv_regblock *rb, uint32_t f)
 {
-    if (f < rb->nfifos && rb->fifos[f].buf)
-        fifo_signal(&rb->fifos[f]);
+    if (f >= rb->nfifos || !rb->fifos[f].buf)
+        return;
+    pthread_mutex_lock(&rb->lock);
+    fifo_signal(&rb->fifos[f]);
+    pthread_mutex_unlock(&rb->lock);
+}
+
+/* Give back the FIFOs' eventfds when the device closes (after their consumers stopped): the
+ * block itself may still be reached by a vCPU until its range is gone, and stays valid. */
+void hv_regblock_close(struct hv_regblock *rb)
+{
+    pthread_mutex_lock(&rb->lock);
+    for (uint32_t f = 0; f < rb->nfifos; f++) {
+        if (rb->fifos[f].efd >= 0)
+            close(rb->fifos[f].efd);
+        rb->fifos[f].efd = -1;
+        rb->fifos[f].waiting = 0;
+    }
+    pthread_mutex_unlock(&rb->lock);
 }
 
 /* FIFO f's counters: entries pushed, taken and dropped since the block was made. */

@@ -227,6 +227,7 @@ class Uart16550:
             self._drainer.stop()
             with self._tx_lock:
                 self._flush_native()
+            self._native.close()
         if self.backend is not None:
             self.backend.close()
 
