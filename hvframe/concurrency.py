@@ -35,6 +35,10 @@ KVM            the VM's own state: GSI routes, interrupt line levels (ioctls onl
 LEAF           calls nothing while held: queues' condition variables, tables, counters
 =============  ==============================================================================
 
+Below every rank: the C mutex of a native register block (hvframe.regblock), held inside
+the core for a few instructions per access or call, never across a call into Python. Its
+calls may be made with any of the locks above held.
+
 Rules
 -----
 1. Locks are taken in rank order, as above.

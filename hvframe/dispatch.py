@@ -69,6 +69,21 @@ def _handler_failed(handle: int, offset: int, is_write: int, exc: BaseException)
 lib.hv_py_set_failed(id(_handler_failed))
 
 
+class PythonHandle:
+    """A Python handler in the C core's table without a range of its own: for native code
+    that passes some accesses on to Python (a register block, hvframe.regblock). ``handle``
+    is what the C side calls it by; drop() takes it out of the table."""
+
+    def __init__(self, handler: Any, name: str):
+        self.name = name
+        self.handle = _add_handler(handler, name)
+
+    def drop(self) -> None:
+        if self.handle >= 0:
+            _drop_handler(self.handle)
+            self.handle = -1
+
+
 @dataclass
 class Range:
     base: int
@@ -78,6 +93,7 @@ class Range:
     handle: int  # Python handle, or -1 for native
     fn: Any = None       # native handler (handle == -1)
     opaque: Any = None
+    fallback: "PythonHandle | None" = None   # what the native handler passes to Python
 
     @property
     def end(self) -> int:
@@ -123,10 +139,15 @@ class Bus:
                 _drop_handler(h)
                 raise
 
-    def register_native(self, base: int, length: int, fn, opaque=ffi.NULL, name: str = "") -> Range:
-        """Route a range to a C handler (an `hv_native_fn` from the core or another cffi module)."""
+    def register_native(self, base: int, length: int, fn, opaque=ffi.NULL, name: str = "",
+                        fallback: PythonHandle | None = None) -> Range:
+        """Route a range to a C handler (an `hv_native_fn` from the core or another cffi module).
+        ``fallback``: the Python handler that C handler passes accesses to, if any; it is
+        dropped with the range."""
         with self._lock:
-            return self._add(base, length, name or "native", None, -1, fn, opaque)
+            r = self._add(base, length, name or "native", None, -1, fn, opaque)
+            r.fallback = fallback
+            return r
 
     def unregister(self, base: int) -> None:
         with self._lock:
@@ -136,6 +157,8 @@ class Bus:
             lib.hv_bus_remove(self._c, base)
             if r.handle >= 0:
                 _drop_handler(r.handle)
+            if r.fallback is not None:
+                r.fallback.drop()
 
     def move(self, old_base: int, new_base: int) -> None:
         """Re-map a range at a new base (a guest reprogramming a BAR)."""

@@ -2,7 +2,10 @@
 (the floor on this host), both running the same guest (tests/guests/portloop.c: N `out`
 instructions to port 0xe0, then power off through port 0x404).
 
-    python -m hvframe.exitbench [--count N] [--rounds R] [--parts]
+With --reads the guest is tests/guests/portread.c (N `in` from port 0xe0) and the port is
+also served as a declared register (hvframe.regblock): a read answered natively.
+
+    python -m hvframe.exitbench [--count N] [--rounds R] [--parts] [--reads]
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ class CountingPort:
 
     def __init__(self):
         self.writes = 0
+        self.reads = 0
 
     def read(self, offset, size):
+        self.reads += 1
         return 0
 
     def write(self, offset, size, value):
@@ -55,15 +60,21 @@ def floor_run(guest: str, count: int) -> tuple[float, int]:
 
 
 def hvframe_run(guest: str, count: int, handler: str = "python") -> tuple[float, int, int]:
-    """Seconds, port exits and Python-handled port writes for one run under hvframe. The
-    port's handler: "python" (CountingPort), "c" (a C sink) or "gil" (a C handler that only
-    takes and drops the GIL, as the Python path does around its call)."""
+    """Seconds, port exits and Python-handled port accesses for one run under hvframe. The
+    port's handler: "python" (CountingPort), "c" (a C sink), "gil" (a C handler that only
+    takes and drops the GIL, as the Python path does around its call) or "regblock" (a
+    declared read-only register, CountingPort behind it for what it does not serve)."""
     from .platform.acpi_pm import AcpiPm
     m = _machine(guest, count)
     try:
         port = CountingPort()
         if handler == "python":
             m.pio.register(BENCH_PORT, 1, port, name="bench-port")
+        elif handler == "regblock":
+            from construct import Int8ul, Struct
+            from .regblock import Kind, Reg, RegisterBlock
+            RegisterBlock(Struct("value" / Int8ul), {"value": Reg(Kind.READ_ONLY, reset=0x5A)},
+                          port, name="bench-port").map(m.pio, BENCH_PORT)
         else:
             fn = lib.hv_native_sink if handler == "c" else lib.hv_native_gil_only
             m.pio.register_native(BENCH_PORT, 1, fn, name="bench-port")
@@ -73,7 +84,7 @@ def hvframe_run(guest: str, count: int, handler: str = "python") -> tuple[float,
         dt = time.perf_counter() - t0
         if code != 1:
             raise RuntimeError(f"guest did not power off: {m.exit_reason}")
-        return dt, m.vcpus[0].c.exits_io, port.writes
+        return dt, m.vcpus[0].c.exits_io, port.writes + port.reads
     finally:
         m.close()
 
@@ -83,18 +94,30 @@ def portloop_guest() -> str:
     return cached_guest("portloop")
 
 
-def compare(count: int = 200000, rounds: int = 3, parts: bool = False) -> dict:
+def portread_guest() -> str:
+    from .guests.build import cached_guest
+    return cached_guest("portread")
+
+
+def compare(count: int = 200000, rounds: int = 3, parts: bool = False,
+            reads: bool = False) -> dict:
     """Best-of-rounds cost per exit: the floor and hvframe's Python handler; with parts, also
-    a C handler and the GIL hand-off alone (where the Python handler's cost goes)."""
-    guest = portloop_guest()
+    a C handler and the GIL hand-off alone (where the Python handler's cost goes); with
+    reads, port reads, and a declared register serving them natively too."""
+    guest = portread_guest() if reads else portloop_guest()
     floor = min(floor_run(guest, count)[0] / count for _ in range(rounds))
     out = {"count": count, "floor_us": floor * 1e6}
-    for handler in ("python", "c", "gil") if parts else ("python",):
+    handlers = ("python", "c", "gil") if parts else ("python",)
+    if reads:
+        handlers += ("regblock",)
+    for handler in handlers:
         best = None
         for _ in range(rounds):
-            dt, exits, writes = hvframe_run(guest, count, handler)
+            dt, exits, calls = hvframe_run(guest, count, handler)
             if handler == "python":
-                assert writes == count, (writes, count)
+                assert calls == count, (calls, count)
+            elif handler == "regblock":
+                assert calls == 0, f"{calls} reads of the declared register reached Python"
             best = dt / count if best is None else min(best, dt / count)
         key = "hvframe" if handler == "python" else f"{handler}_handler"
         out[f"{key}_us"] = best * 1e6
@@ -108,9 +131,11 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--parts", action="store_true",
                     help="also a C handler and the GIL hand-off alone under hvframe")
+    ap.add_argument("--reads", action="store_true",
+                    help="port reads, also served by a declared register (hvframe.regblock)")
     a = ap.parse_args(argv)
-    r = compare(a.count, a.rounds, a.parts)
-    print(f"port exits per run: {r['count']}")
+    r = compare(a.count, a.rounds, a.parts, a.reads)
+    print(f"port {'reads' if a.reads else 'writes'} per run: {r['count']}")
     print(f"C floor loop:          {r['floor_us']:.3f} us/exit")
     if a.parts:
         f = r["floor_us"]
@@ -118,6 +143,9 @@ def main(argv=None) -> None:
               f"({r['c_handler_us'] / f:.3f}x)")
         print(f"hvframe GIL hand-off:   {r['gil_handler_us']:.3f} us/exit "
               f"({r['gil_handler_us'] / f:.3f}x)")
+    if a.reads:
+        print(f"hvframe declared reg:   {r['regblock_handler_us']:.3f} us/exit "
+              f"({r['regblock_handler_us'] / r['floor_us']:.3f}x)")
     print(f"hvframe Python handler: {r['hvframe_us']:.3f} us/exit")
     print(f"ratio: {r['ratio']:.3f}")
 

@@ -1,4 +1,4 @@
-"""AHCI's native NCQ path (hvframe/core_native/ahci_fast.c).
+"""AHCI's native NCQ path (plugins/ahci/hvframe_ahci/ncq.c, its own native module).
 
 Each scenario runs twice from the same image and guest memory: with the native path, and
 with it refused (the Python path alone). Both runs must leave the same image, the same data

@@ -5,7 +5,7 @@ and has no parameter for a mapping made elsewhere. ``GuardedMemory`` is a GuestM
 state is built here instead: one larger anonymous mapping, PROT_NONE everywhere except the
 RAM regions, so the page before RAM, the page after it and one page *between* the low and the
 high region are inaccessible. Python accesses are bounds-checked by GuestMemory as usual;
-a native access (vblk_fast.c, ahci_fast.c) that strays a byte past a region faults at once,
+a native access (vq.c, vblk.c, ncq.c) that strays a byte past a region faults at once,
 which is the finding.
 
 A machine gets it by replacing ``machine.memory`` right after construction, before any

@@ -7,7 +7,7 @@ hvframe_ahci.testdriver (config space through 0xcf8/0xcfc, ABAR accesses as MMIO
 command structures written into guest RAM), so everything reaches the HBA through the
 dispatch core. Command headers, FISes, ATAPI packets and PRD tables are built from the input
 with addresses steered into RAM, to its last bytes and outside it; NCQ READ/WRITE FPDMA
-QUEUED batches take the native path (ahci_fast.c), whose guest-RAM accesses hit guard pages
+QUEUED batches take the native path (hvframe_ahci/ncq.c), whose guest-RAM accesses hit guard pages
 if they stray.
 
 Operations: start a port (optionally with its command list / FIS area anywhere), prepare a

@@ -1,8 +1,8 @@
-"""Fuzz target: the split-virtqueue walker, Python (VirtQueue) against native (vblk_fast.c).
+"""Fuzz target: the split-virtqueue walker, Python (VirtQueue) against native (the core's vq.c serving virtio-blk's vblk.c).
 
 Every input is played into two identical guest memories with identical disk images: world A
-is served with the native path (hv_vq_cycle over hv_vblk_serve through the transport's
-service loop, or hv_vblk_serve alone through VirtioBlk.serve_fast with a fuzzed limit),
+is served with the native path (hv_vq_cycle over vblk_serve_chain through the transport's
+service loop, or hv_vq_serve alone through VirtioBlk.serve_fast with a fuzzed limit),
 world B with the Python path alone (VirtQueue.pop + VirtioBlk.handle_chain). After every
 service step both worlds must agree on guest RAM, the image, the queue state, the
 NEEDS_RESET outcome and the interrupts (the parity tests/test_vblk_fast.py checks, on

@@ -148,16 +148,50 @@ struct kvm_irqfd { uint32_t fd; uint32_t gsi; uint32_t flags; uint32_t resamplef
 
 """
 
+# Declared register blocks (regblock.c), kept apart from CDEF above.
+REGBLOCK_CDEF = r"""
+enum { HV_REG_STORAGE, HV_REG_READ_ONLY, HV_REG_W1C, HV_REG_PY_VALUE, HV_REG_FIFO,
+       HV_REG_PYTHON, HV_REG_KINDS };
+enum { HV_FIFO_FULL_PYTHON, HV_FIFO_FULL_DROP };
+#define HV_REGBLOCK_MAX_LEN ...
+#define HV_REGBLOCK_MAX_REGS ...
+#define HV_REGBLOCK_MAX_FIFOS ...
+#define HV_FIFO_MAX_ENTRIES ...
+struct hv_regblock { uint64_t served; uint64_t passed; ...; };
+struct hv_regblock *hv_regblock_new(uint32_t len, uint32_t nregs, uint32_t nfifos);
+void hv_regblock_free(struct hv_regblock *rb);
+int hv_regblock_def_fifo(struct hv_regblock *rb, uint32_t f, uint32_t cap, uint32_t width,
+                         uint32_t full_policy);
+int hv_regblock_def_reg(struct hv_regblock *rb, uint32_t i, uint32_t offset, uint32_t size,
+                        uint32_t kind, int32_t fifo, uint64_t value, uint64_t write_mask,
+                        uint64_t room_bits, uint64_t empty_bits, uint32_t native);
+void hv_regblock_set_handler(struct hv_regblock *rb, int py_handle);
+uint64_t hv_regblock_access(void *opaque, uint64_t offset, uint32_t size, uint64_t value,
+                            int is_write);
+uint64_t hv_regblock_read(struct hv_regblock *rb, uint32_t i);
+uint64_t hv_regblock_update(struct hv_regblock *rb, uint32_t i, uint64_t clear, uint64_t set);
+void hv_regblock_set_native(struct hv_regblock *rb, uint64_t mask, int on);
+uint64_t hv_regblock_native_mask(struct hv_regblock *rb);
+uint32_t hv_regblock_fifo_take(struct hv_regblock *rb, uint32_t f, uint8_t *out, uint32_t max);
+uint32_t hv_regblock_fifo_level(struct hv_regblock *rb, uint32_t f);
+int64_t hv_regblock_fifo_wait(struct hv_regblock *rb, uint32_t f, int timeout_ms);
+void hv_regblock_fifo_kick(struct hv_regblock *rb, uint32_t f);
+void hv_regblock_close(struct hv_regblock *rb);
+void hv_regblock_fifo_counts(struct hv_regblock *rb, uint32_t f, uint64_t *pushed,
+                             uint64_t *taken, uint64_t *dropped);
+"""
+CDEF += REGBLOCK_CDEF
+
 
 def make_ffi() -> FFI:
     ffi = FFI()
     ffi.cdef(CDEF)
     ffi.set_source(
         "hvframe.core_native._hvcore",
-        '#include "hvcore.c"\n',
+        '#include "hvcore.c"\n#include "regblock.c"\n',
         py_limited_api=False,  # the exit path calls the interpreter with vectorcall
         include_dirs=[HERE],
-        depends=[os.path.join(HERE, "hvcore.c"), os.path.join(HERE, "hvcore.h")],
+        depends=[os.path.join(HERE, f) for f in ("hvcore.c", "hvcore.h", "regblock.c")],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         libraries=["pthread"],
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 from hvframe.device import DeviceType, Option
 from hvframe.hookspecs import hookimpl
 
-from .backends import SPEC_HELP, open_backend
+from .backends import SPEC_HELP, FileBackend, NullBackend, StdioBackend, open_backend
 from .uart16550 import Uart16550
 
 # name: (I/O base, ISA IRQ). COM3/COM4 share IRQs with COM1/COM2, as on PCs.
@@ -15,6 +15,9 @@ COM_PORTS = {
     "com4": (0x2E8, 3),
 }
 PORT_COUNT = 8
+# Backends whose write() only queues (a bounded buffer, or nothing): their ports' polled
+# console is served natively (Uart16550.map_native).
+NATIVE_OUTPUT = (StdioBackend, FileBackend, NullBackend)
 
 
 def pci_uart_factory(machine, options):
@@ -29,7 +32,10 @@ def _make_factory(name: str, base: int, irq: int):
         # COM1/COM3 and COM2/COM4 share a line: each port is one source of it.
         uart = Uart16550(set_irq=machine.irq_source(irq), backend=backend)
         try:
-            machine.pio.register(base, PORT_COUNT, uart, name=name)
+            if options.get("native", True) and isinstance(backend, NATIVE_OUTPUT):
+                uart.map_native(machine.pio, base, name=name)
+            else:
+                machine.pio.register(base, PORT_COUNT, uart, name=name)
         except BaseException:
             backend.close()
             raise
@@ -41,6 +47,9 @@ def _make_factory(name: str, base: int, irq: int):
 def uart_device_types() -> list[DeviceType]:
     backend_option = Option("backend", "str", "null",
                             help=f"where the port's bytes go: {SPEC_HELP.removeprefix('use ')}")
+    native_option = Option("native", "bool", True,
+                           help="answer a polled console's LSR reads and THR writes in the "
+                                "native core (stdio, file and null backends)")
     pci_uart = DeviceType(name="uart", kind="pci", factory=pci_uart_factory,
                           summary="16550A UART on PCI (1b36:0002), I/O BAR 0, INTA",
                           options=(backend_option,), positional=("backend",))
@@ -50,7 +59,7 @@ def uart_device_types() -> list[DeviceType]:
             kind="lpc",
             factory=_make_factory(name, base, irq),
             summary=f"16550A UART at I/O {base:#x}, IRQ {irq}",
-            options=(backend_option,),
+            options=(backend_option, native_option),
             positional=("backend",),
         )
         for name, (base, irq) in COM_PORTS.items()

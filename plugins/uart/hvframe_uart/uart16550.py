@@ -34,12 +34,31 @@ Choices where the datasheet leaves room, or where a VM differs from a wire:
 
 `set_irq` is called with the state lock held so successive levels can never be reordered
 between threads; it must not call back into this UART.
+
+Native fast path (map_native, hvframe.regblock): for a polled console -- a guest that reads
+LSR until THRE and writes THR, as Linux's printk console does -- LSR reads and THR writes are
+answered by the native core without the GIL. THR writes go into a bounded native ring that a
+drain thread hands to the backend under the transmit lock, so bytes keep their order with
+those Python transmits (which empty the ring first). LSR.THRE and TEMT read as set while
+the ring has room (the ring is the backend's side of the wire, as the immediate transmit
+above); DR is kept current by Python. The native path serves only the plain mode: DLAB
+clear, no loopback, IER.ETBEI clear and no overrun pending. Any register access that leaves
+that mode switches THR and LSR back to Python (in one step against vCPUs: no native access
+is in progress afterwards), so IER, IIR, LCR, MCR, interrupts, the receive path and loopback
+behave exactly as without it. A write to a full ring goes to Python, whose transmit drains
+the ring first and hands on to the backend, whose own bound drops and counts.
 """
 from __future__ import annotations
 
 from collections import deque
 from typing import Callable, Optional, Protocol
+
+from construct import Int8ul, Struct
+
 from hvframe import concurrency
+from hvframe.dispatch import Bus
+from hvframe.layout import offsets_of
+from hvframe.regblock import Fifo, FifoDrainer, Full, Kind, Reg, RegisterBlock
 
 # Register offsets (DLAB selects DLL/DLM at 0/1).
 RBR = THR = DLL = 0
@@ -94,6 +113,21 @@ MSR_RI = 0x40
 MSR_DCD = 0x80
 MSR_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS
 
+# The register file with DLAB clear: what the native register block serves.
+REGISTERS = Struct("rbr_thr" / Int8ul, "ier" / Int8ul, "iir_fcr" / Int8ul, "lcr" / Int8ul,
+                   "mcr" / Int8ul, "lsr" / Int8ul, "msr" / Int8ul, "scr" / Int8ul)
+assert offsets_of(REGISTERS) == {"rbr_thr": THR, "ier": IER, "iir_fcr": IIR, "lcr": LCR,
+                                 "mcr": MCR, "lsr": LSR, "msr": MSR, "scr": SCR}
+NATIVE_RING = 16384     # bytes THR writes may queue natively before the drain thread runs
+NATIVE_REGS = {
+    # THR writes feed the ring; RBR reads (same offset) stay Python.
+    "rbr_thr": Reg(Kind.FIFO, fifo="tx", native=False),
+    # DR kept current by Python; THRE and TEMT follow the ring.
+    "lsr": Reg(Kind.PY_VALUE, fifo="tx", room_bits=LSR_THRE | LSR_TEMT, native=False),
+}
+NATIVE_FIFOS = {"tx": Fifo(NATIVE_RING, Full.PYTHON)}
+NATIVE_NAMES = tuple(NATIVE_REGS)
+
 FIFO_SIZE = 16
 DEFAULT_BACKLOG_LIMIT = 64 * 1024
 RESET_DIVISOR = 12
@@ -141,6 +175,34 @@ class Uart16550:
         self._msr_delta = 0
         self._irq_level = 0
 
+        self._native: Optional[RegisterBlock] = None    # set by map_native
+        self._drainer: Optional[FifoDrainer] = None
+        self._native_on = False                         # THR and LSR served natively now
+        self._native_lsr = 0                            # the LSR bits last given to it
+        self._native_pushed = 0                         # ring entries pushed when switched on
+
+    @property
+    def native_block(self) -> Optional[RegisterBlock]:
+        """The native register block serving this UART (map_native), if any."""
+        return self._native
+
+    @property
+    def native_drainer(self) -> Optional[FifoDrainer]:
+        """The thread handing the native ring to the backend (map_native), if any."""
+        return self._drainer
+
+    def map_native(self, bus: Bus, base: int, name: str = "16550") -> None:
+        """Serve this UART's 8 ports of bus at base, with LSR reads and THR writes answered
+        natively while the mode is plain (see the module docstring). The backend's write()
+        must never wait (it is called from the drain thread under the transmit lock)."""
+        block = RegisterBlock(REGISTERS, NATIVE_REGS, self, fifos=NATIVE_FIFOS, name=name)
+        block.map(bus, base)
+        self._drainer = FifoDrainer(block, "tx", self.flush_native, name=f"{name}-tx-drain")
+        with self._lock:
+            self._native = block
+            self._sync_native()
+        self._drainer.start()
+
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -153,12 +215,19 @@ class Uart16550:
             start(self.host_input)
 
     def close(self) -> None:
-        """Release a backend reader blocked on backpressure, then close the backend. Idempotent."""
+        """Release a backend reader blocked on backpressure, hand on what the native ring
+        holds, then close the backend. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._backlog_space.notify_all()
+            self._sync_native()     # from now on every access is Python's
+        if self._drainer is not None:
+            self._drainer.stop()
+            with self._tx_lock:
+                self._flush_native()
+            self._native.close()
         if self.backend is not None:
             self.backend.close()
 
@@ -183,6 +252,7 @@ class Uart16550:
                 view = view[room:]
                 self._refill_rx()
                 self._update_irq()
+                self._sync_native()
 
     # ---- guest side -------------------------------------------------------------------------
 
@@ -190,13 +260,16 @@ class Uart16550:
         if not 0 <= offset <= 7:
             return (1 << (8 * size)) - 1
         with self._lock:
-            return self._read_register(offset)
+            value = self._read_register(offset)
+            self._sync_native()
+            return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         if not 0 <= offset <= 7:
             return
         with self._lock:
             must_transmit = self._write_register(offset, value & 0xFF)
+            self._sync_native()
         if must_transmit:
             self._transmit()
 
@@ -339,7 +412,34 @@ class Uart16550:
             value |= LSR_THRE
             if not self._transmitting:
                 value |= LSR_TEMT
+        if self._native_on:
+            # As the native read would: a full ring is a busy transmitter.
+            value &= self._native.read("lsr") | ~(LSR_THRE | LSR_TEMT)
         return value
+
+    def _sync_native(self) -> None:
+        """Give the native register block what it serves from: the LSR bits Python owns, and
+        whether the mode is plain enough for it to serve THR and LSR at all."""
+        block = self._native
+        if block is None:
+            return
+        lsr = LSR_DR if self._rx else 0
+        if lsr != self._native_lsr:
+            block.store("lsr", lsr)
+            self._native_lsr = lsr
+        plain = not (self._lcr & LCR_DLAB or self._mcr & MCR_LOOP or self._ier & IER_ETBEI
+                     or self._overrun or self._closed)
+        if plain == self._native_on:
+            return
+        block.set_native(NATIVE_NAMES, plain)
+        self._native_on = plain
+        pushed = block.counts("tx").pushed
+        if plain:
+            self._native_pushed = pushed
+        elif pushed != self._native_pushed:
+            # Those THR writes emptied into the transmitter, as a Python one would have.
+            self._thre_pending = True
+            self._update_irq()
 
     def _interrupt_id(self) -> int:
         """Highest-priority pending interrupt, as IIR bits 3:0."""
@@ -424,8 +524,29 @@ class Uart16550:
 
     # ---- transmit (called without the state lock) -------------------------------------------
 
+    def flush_native(self) -> None:
+        """Hand what the native ring holds to the backend now (the drain thread does it
+        within about a millisecond anyway)."""
+        with self._tx_lock:
+            self._flush_native()
+
+    def _flush_native(self) -> None:
+        """(transmit lock held) Everything in the native ring to the backend, oldest first."""
+        if self._native is None:
+            return
+        while True:
+            data = self._native.take("tx", NATIVE_RING)
+            if not data:
+                return
+            try:
+                if self.backend is not None:
+                    self.backend.write(data)
+            except OSError:
+                pass    # as in _transmit: a broken output path drops output
+
     def _transmit(self) -> None:
         with self._tx_lock:
+            self._flush_native()    # bytes written natively before this one go first
             with self._lock:
                 if not self._tx:
                     return

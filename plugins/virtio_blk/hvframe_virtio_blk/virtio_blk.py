@@ -7,7 +7,7 @@ Requests are served on the queue's worker thread (hvframe.virtio.pci): READ and 
 preadv/pwritev straight between the image and guest RAM, FLUSH as fdatasync, GET_ID, DISCARD
 and WRITE_ZEROES. A chain goes back to the driver only after the backend call returned, so an
 acknowledged write is on the backend (and durable with `direct`, or after a FLUSH).
-READ and WRITE chains are served natively when possible (hv_vblk_serve in
+READ and WRITE chains are served natively when possible (vblk_serve_chain in
 vblk.c in this package, GIL released), with the same checks and answers as
 handle_chain: serve_cycle runs the worker's whole loop natively (hv_vq_cycle), serve_fast one
 pass. Anything else, and any chain the native code declines, goes through handle_chain. Everything in a request is checked: a bad header, sector range, alignment or

@@ -1,0 +1,179 @@
+"""The 16550's polled console served natively (Uart16550.map_native): what the native register
+block answers, when it hands back to Python, and that output keeps its order throughout."""
+import threading
+
+import pytest
+
+from hvframe.synthetic import SyntheticMachine
+from hvframe_uart import plugin
+from hvframe_uart.uart16550 import NATIVE_RING
+
+COM1 = 0x3F8
+THR, IER, IIR, LCR, MCR, LSR = 0, 1, 2, 3, 4, 5
+
+
+def build(conf):
+    dtype = {t.name: t for t in plugin.hvframe_device_types()}["com1"]
+    machine = SyntheticMachine()
+    uart = dtype.factory(machine, dtype.validate(dtype.parse_conf(conf)))
+    return machine, uart
+
+
+@pytest.fixture
+def com1(tmp_path):
+    path = tmp_path / "com1.out"
+    machine, uart = build(f"file={path}")
+    uart.start()
+    yield machine, uart, path
+    machine.close()
+
+
+def guest_init(m):
+    """What the test guests' runtime does: IER=0, divisor 1, 8N1, FIFOs on, DTR|RTS|OUT2."""
+    for offset, value in ((IER, 0), (LCR, 0x80), (0, 1), (1, 0), (LCR, 3), (2, 0xC7), (MCR, 0x0B)):
+        m.io_write(COM1 + offset, 1, value)
+
+
+def putc(m, c):
+    while not m.io_read(COM1 + LSR, 1) & 0x20:
+        pass
+    m.io_write(COM1 + THR, 1, c)
+
+
+def test_polled_console_needs_no_python(com1):
+    m, uart, path = com1
+    guest_init(m)
+    block = uart.native_block
+    passed = block.passed
+    text = bytes(range(256)) * 8
+    for c in text:
+        putc(m, c)
+    assert block.passed == passed               # every LSR read and THR write was native
+    assert block.served >= 2 * len(text)
+    uart.close()
+    assert path.read_bytes() == text
+
+
+def test_only_file_stdio_and_null_backends_are_served_natively():
+    m, uart = build("tcp=127.0.0.1:0")
+    [rng] = [r for r in m.pio.ranges() if r.name == "com1"]
+    assert rng.handle >= 0 and uart.native_block is None
+    m.close()
+    m, uart = build("null")
+    [rng] = [r for r in m.pio.ranges() if r.name == "com1"]
+    assert rng.handle == -1 and uart.native_block is not None
+    m.close()
+    m, uart = build("null,native=off")          # the Python path, one option away
+    [rng] = [r for r in m.pio.ranges() if r.name == "com1"]
+    assert rng.handle >= 0 and uart.native_block is None
+    m.close()
+
+
+def test_thre_interrupt_after_native_output(com1):
+    """Output written natively, then the guest turns to interrupt-driven transmit: the THRE
+    interrupt comes exactly as the datasheet says, and THR goes through Python meanwhile."""
+    m, uart, path = com1
+    guest_init(m)
+    for c in b"polled ":
+        putc(m, c)
+    assert m.irq_levels.get(4, 0) == 0          # the line never moved
+    m.io_write(COM1 + IER, 1, 0x02)             # ETBEI with THR empty: THRE at once
+    assert m.irq_levels[4] == 1
+    assert m.io_read(COM1 + IIR, 1) == 0xC2
+    assert m.irq_levels[4] == 0                 # reading IIR took it
+    passed = uart.native_block.passed
+    m.io_write(COM1 + THR, 1, ord("i"))         # through Python: the interrupt re-arms
+    assert uart.native_block.passed == passed + 1
+    assert m.irq_levels[4] == 1
+    assert m.io_read(COM1 + IIR, 1) == 0xC2
+    m.io_write(COM1 + IER, 1, 0x00)
+    passed = uart.native_block.passed
+    for c in b"rq":
+        putc(m, c)
+    assert uart.native_block.passed == passed   # plain again: native again
+    uart.close()
+    assert path.read_bytes() == b"polled irq"
+
+
+def test_dlab_and_loopback_take_thr_back_to_python(com1):
+    m, uart, path = com1
+    guest_init(m)
+    m.io_write(COM1 + LCR, 1, 0x83)
+    m.io_write(COM1 + THR, 1, 0x55)             # DLL, not output
+    m.io_write(COM1 + LCR, 1, 0x03)
+    m.io_write(COM1 + MCR, 1, 0x1B)             # loopback
+    m.io_write(COM1 + THR, 1, ord("L"))
+    assert m.io_read(COM1 + LSR, 1) & 0x01
+    assert m.io_read(COM1 + 0, 1) == ord("L")
+    m.io_write(COM1 + MCR, 1, 0x0B)
+    putc(m, ord("x"))
+    m.io_write(COM1 + LCR, 1, 0x83)
+    assert m.io_read(COM1 + 0, 1) == 0x55
+    uart.close()
+    assert path.read_bytes() == b"x"
+
+
+def test_received_data_shows_in_the_native_lsr(com1):
+    m, uart, path = com1
+    guest_init(m)
+    passed = uart.native_block.passed
+    assert m.io_read(COM1 + LSR, 1) == 0x60
+    uart.host_input(b"k")
+    assert m.io_read(COM1 + LSR, 1) == 0x61
+    assert uart.native_block.passed == passed   # both LSR reads native
+    assert m.io_read(COM1 + 0, 1) == ord("k")   # RBR: Python
+    assert m.io_read(COM1 + LSR, 1) == 0x60
+
+
+def test_a_full_ring_is_busy_then_python_empties_it_in_order(com1):
+    m, uart, path = com1
+    guest_init(m)
+    assert uart.native_drainer.pause()
+    block = uart.native_block
+    try:
+        data = bytes(i & 0xFF for i in range(NATIVE_RING))
+        for c in data:
+            m.io_write(COM1 + THR, 1, c)
+        assert block.level("tx") == NATIVE_RING
+        assert m.io_read(COM1 + LSR, 1) == 0x00     # THRE and TEMT clear: no room
+        assert uart.read(LSR, 1) == 0x00            # Python's LSR says the same
+        passed = block.passed
+        m.io_write(COM1 + THR, 1, ord("!"))         # no room: Python transmits, ring first
+        assert block.passed == passed + 1
+        assert block.level("tx") == 0
+        assert m.io_read(COM1 + LSR, 1) == 0x60
+    finally:
+        uart.native_drainer.resume()
+    uart.close()
+    assert path.read_bytes() == data + b"!"
+
+
+def test_two_vcpus_writing_thr_natively_keep_each_ones_order(com1):
+    m, uart, path = com1
+    guest_init(m)
+    n = 30000
+    seqs = {tag: bytes(tag * 0x80 + i % 0x80 for i in range(n)) for tag in (0, 1)}
+    batches = [m.prepare_exits([(COM1 + THR, 1, c, True) for c in seqs[tag]]) for tag in (0, 1)]
+    threads = [threading.Thread(target=b.run_only) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    uart.close()
+    out = path.read_bytes()
+    assert len(out) == 2 * n
+    assert bytes(c for c in out if c < 0x80) == seqs[0]
+    assert bytes(c for c in out if c >= 0x80) == seqs[1]
+
+
+def test_close_hands_on_what_the_ring_holds(com1):
+    m, uart, path = com1
+    guest_init(m)
+    assert uart.native_drainer.pause()
+    for c in b"last words":
+        m.io_write(COM1 + THR, 1, c)
+    uart.native_drainer.resume()
+    uart.close()
+    assert path.read_bytes() == b"last words"
+    assert not uart.native_drainer.is_alive()
+    assert not uart.native_block.native("lsr")      # after close every access is Python's
