@@ -223,7 +223,8 @@ static int vq_serve_begun(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max)
     }
 }
 
-static int vq_serve(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max)
+/* The serve loop, for plugins (hv_api.vq_serve) and Python (NativeQueue.serve). */
+int hv_vq_serve(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max)
 {
     q->stop = vq_begin(q);
     if (q->stop)
@@ -358,13 +359,23 @@ int hv_vq_cycle(struct hv_vq *q, hv_chain_fn fn, void *ctx, const struct hv_irq_
     }
 }
 
-/* The serve loop for Python (hvframe.virtio.native.NativeQueue.serve). */
-int hv_vq_serve(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max)
-{
-    return vq_serve(q, fn, ctx, max);
-}
 
 /* ---- file I/O -------------------------------------------------------------------------- */
+
+/* Drop the first n bytes of the iovec array *iov (*cnt entries): whole entries, then the
+ * front of a partly done one. */
+static void iov_consume(struct iovec **iov, int *cnt, size_t n)
+{
+    while (*cnt > 0 && n >= (*iov)->iov_len) {
+        n -= (*iov)->iov_len;
+        (*iov)++;
+        (*cnt)--;
+    }
+    if (*cnt > 0 && n) {
+        (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + n;
+        (*iov)->iov_len -= n;
+    }
+}
 
 static int file_rw(int fd, struct iovec *iov, int cnt, uint64_t off, int write)
 {
@@ -380,16 +391,7 @@ static int file_rw(int fd, struct iovec *iov, int cnt, uint64_t off, int write)
         if (n == 0)
             return EIO;                             /* end of file / no progress */
         off += (uint64_t)n;
-        size_t left = (size_t)n;
-        while (cnt > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            cnt--;
-        }
-        if (cnt > 0 && left) {
-            iov->iov_base = (uint8_t *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
+        iov_consume(&iov, &cnt, (size_t)n);
     }
     return 0;
 }
@@ -415,12 +417,7 @@ static int file_read_cached(int fd, struct iovec *iov, int cnt, uint64_t off)
             /* EOPNOTSUPP: a file system without NOWAIT reads; either way, not now */
             return errno == EOPNOTSUPP || errno == EINVAL ? EAGAIN : errno;
         }
-        size_t left = (size_t)n;
-        while (cnt > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            cnt--;
-        }
+        iov_consume(&iov, &cnt, (size_t)n);
         if (cnt > 0)
             return EAGAIN;          /* a short read: the rest is not cached (or past EOF) */
         off += (uint64_t)n;
@@ -481,7 +478,7 @@ static const struct hv_api api = {
     .vq_begin = vq_begin,
     .vq_peek = vq_peek,
     .vq_push = vq_push,
-    .vq_serve = vq_serve,
+    .vq_serve = hv_vq_serve,
     .vq_needs_notification = vq_needs_notification,
     .vq_set_notifications = vq_set_notifications,
     .irq_gate_fire = irq_gate_fire,
