@@ -10,12 +10,13 @@ there (reads all ones), and the error is reported once per device.
 """
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from .core_native import ffi, lib
 from .errors import ConfigError
@@ -84,6 +85,87 @@ class PythonHandle:
             self.handle = -1
 
 
+class Partial(enum.IntEnum):
+    """What a write that covers only part of a handler's unit (a field, or the smallest size
+    it takes) becomes."""
+    DROP = lib.HV_PARTIAL_DROP     # ignored (and counted): registers that mean nothing in part
+    MERGE = lib.HV_PARTIAL_MERGE   # read the unit, merge the written bytes, write it whole
+    ZERO = lib.HV_PARTIAL_ZERO     # write the unit with the untouched bytes zero (W1C, W1S)
+
+
+@dataclass(frozen=True)
+class Field:
+    offset: int
+    size: int
+    partial: Partial = Partial.MERGE
+
+
+@dataclass(frozen=True)
+class Access:
+    """The accesses a range's handler takes, as QEMU's MemoryRegionOps.impl says it: the bus
+    turns every guest access into those, so the handler has no byte-lane code.
+
+    sizes: the access sizes the handler takes as they come; aligned: only naturally aligned.
+    An access of another size or alignment is cut into the largest aligned pieces of those
+    sizes; a piece smaller than all of them widens to the aligned unit around it (reads
+    extract their bytes, writes follow ``partial``). With ``fields``, accesses are instead cut
+    at the fields' bounds, so the handler sees each field whole; bytes between fields read
+    zero and writes to them are ignored.
+    """
+    sizes: tuple[int, ...] = (1, 2, 4, 8)
+    aligned: bool = False
+    partial: Partial = Partial.DROP
+    fields: tuple[Field, ...] = ()
+
+    def __post_init__(self):
+        if not self.sizes or any(s not in (1, 2, 4, 8) for s in self.sizes):
+            raise ValueError(f"access sizes must be among 1, 2, 4, 8: {self.sizes}")
+        end = 0
+        for f in self.fields:
+            if f.size not in (1, 2, 4, 8) or f.offset < end:
+                raise ValueError(f"fields must be 1/2/4/8 bytes, sorted, not overlapping: {f}")
+            end = f.offset + f.size
+
+    @classmethod
+    def of_struct(cls, st, *, partial: Partial = Partial.MERGE,
+                  overrides: Mapping[str, Partial] | None = None) -> "Access":
+        """Fields from a construct Struct's fixed-size members (the declaration is the
+        layout); ``overrides`` gives single fields another partial-write rule."""
+        from .layout import fields_of
+        overrides = dict(overrides or {})
+        fields = []
+        for name, (off, size) in sorted(fields_of(st).items(), key=lambda kv: kv[1][0]):
+            if name.startswith("_") or size not in (1, 2, 4, 8):
+                continue   # padding and arrays are not registers
+            fields.append(Field(off, size, overrides.pop(name, partial)))
+        if overrides:
+            raise ValueError(f"no such fields: {sorted(overrides)}")
+        return cls(fields=tuple(fields))
+
+    def check(self, length: int, name: str) -> None:
+        """Units never cross the range's end."""
+        if self.fields and self.fields[-1].offset + self.fields[-1].size > length:
+            raise ConfigError(f"{name}: access fields run past the range's {length} bytes")
+        if not self.fields and length % min(self.sizes):
+            raise ConfigError(f"{name}: a {length}-byte range cannot be accessed in "
+                              f"{min(self.sizes)}-byte units")
+
+
+def _c_access(access: Access):
+    """The C form of an Access (kept alive by the caller as long as any range may use it)."""
+    c = ffi.new("struct hv_access *")
+    c.sizes = sum(access.sizes)
+    c.aligned = access.aligned
+    c.partial = access.partial
+    if access.fields:
+        arr = ffi.new("struct hv_field[]", len(access.fields))
+        for i, f in enumerate(access.fields):
+            arr[i].off, arr[i].size, arr[i].partial = f.offset, f.size, f.partial
+        c.fields, c.nfields = arr, len(access.fields)
+        return c, arr
+    return c, None
+
+
 @dataclass
 class Range:
     base: int
@@ -94,6 +176,8 @@ class Range:
     fn: Any = None       # native handler (handle == -1)
     opaque: Any = None
     fallback: "PythonHandle | None" = None   # what the native handler passes to Python
+    access: Access | None = None
+    c_access: Any = None
 
     @property
     def end(self) -> int:
@@ -108,6 +192,9 @@ class Bus:
         self._c = ffi.gc(lib.hv_bus_new(), lib.hv_bus_free)
         self._ranges: dict[int, Range] = {}
         self._lock = concurrency.lock(concurrency.MACHINE, f"{kind} bus ranges")
+        # C access rules by Access, kept for the bus's life: a vCPU may still be inside an
+        # access that copied a range's pointer when the range goes away.
+        self._c_access: dict[Access, tuple] = {}
 
     @property
     def c_bus(self):
@@ -116,36 +203,49 @@ class Bus:
     def _fmt(self, base: int, length: int) -> str:
         return f"{base:#x}-{base + length - 1:#x}"
 
-    def _add(self, base, length, name, handler, handle, fn, opaque) -> Range:
-        rc = lib.hv_bus_add(self._c, base, length, handle, fn, opaque)
+    def _rules(self, access: Access | None, length: int, name: str):
+        if access is None:
+            return ffi.NULL
+        access.check(length, name)
+        if access not in self._c_access:
+            self._c_access[access] = _c_access(access)
+        return self._c_access[access][0]
+
+    def _add(self, base, length, name, handler, handle, fn, opaque, access=None) -> Range:
+        c_access = self._rules(access, length, name)
+        rc = lib.hv_bus_add(self._c, base, length, handle, fn, opaque, c_access)
         if rc == -errno.EEXIST:
             other = self.find_overlap(base, length)
             raise ConfigError(f"{name}: {self.kind} range {self._fmt(base, length)} overlaps "
                               f"{other.name} at {self._fmt(other.base, other.length)}")
         if rc < 0:
             raise ConfigError(f"{name}: bad {self.kind} range {base:#x}+{length:#x}")
-        r = Range(base, length, name, handler, handle, fn, opaque)
+        r = Range(base, length, name, handler, handle, fn, opaque, access=access,
+                  c_access=c_access)
         self._ranges[base] = r
         return r
 
-    def register(self, base: int, length: int, handler: Any, name: str = "") -> Range:
-        """Route [base, base+length) to a Python handler; overlap raises ConfigError."""
+    def register(self, base: int, length: int, handler: Any, name: str = "",
+                 access: Access | None = None) -> Range:
+        """Route [base, base+length) to a Python handler; overlap raises ConfigError.
+        ``access``: the accesses the handler takes (default: every access as it came)."""
         name = name or type(handler).__name__
         with self._lock:
             h = _add_handler(handler, name)
             try:
-                return self._add(base, length, name, handler, h, ffi.NULL, ffi.NULL)
+                return self._add(base, length, name, handler, h, ffi.NULL, ffi.NULL, access)
             except Exception:
                 _drop_handler(h)
                 raise
 
     def register_native(self, base: int, length: int, fn, opaque=ffi.NULL, name: str = "",
-                        fallback: PythonHandle | None = None) -> Range:
+                        fallback: PythonHandle | None = None,
+                        access: Access | None = None) -> Range:
         """Route a range to a C handler (an `hv_native_fn` from the core or another cffi module).
         ``fallback``: the Python handler that C handler passes accesses to, if any; it is
         dropped with the range."""
         with self._lock:
-            r = self._add(base, length, name or "native", None, -1, fn, opaque)
+            r = self._add(base, length, name or "native", None, -1, fn, opaque, access)
             r.fallback = fallback
             return r
 
@@ -167,13 +267,19 @@ class Bus:
             if new_base == old_base:
                 return
             lib.hv_bus_remove(self._c, old_base)
-            rc = lib.hv_bus_add(self._c, new_base, r.length, r.handle, r.fn, r.opaque)
+            acc = r.c_access if r.c_access is not None else ffi.NULL
+            rc = lib.hv_bus_add(self._c, new_base, r.length, r.handle, r.fn, r.opaque, acc)
             if rc < 0:  # leave it where it was
-                lib.hv_bus_add(self._c, old_base, r.length, r.handle, r.fn, r.opaque)
+                lib.hv_bus_add(self._c, old_base, r.length, r.handle, r.fn, r.opaque, acc)
                 raise ConfigError(f"{r.name}: cannot move to {self._fmt(new_base, r.length)}")
             del self._ranges[old_base]
             r.base = new_base
             self._ranges[new_base] = r
+
+    def close(self) -> None:
+        """Unregister every range (their Python handlers leave the C core's table)."""
+        for r in self.ranges():
+            self.unregister(r.base)
 
     def find(self, addr: int) -> Range | None:
         for r in self._ranges.values():

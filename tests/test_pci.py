@@ -120,9 +120,12 @@ def test_byte_and_word_lanes(m):
     assert [cfg_read(m, 0, r, 1) for r in range(4)] == [0x86, 0x80, 0x37, 0x12]
     assert cfg_read(m, 0, 2, 2) == 0x1237
     assert cfg_read(m, 0, 0, 2) == 0x8086
-    # An access running past 0xcff is not a valid lane.
+    # An access running past 0xcff reaches the lanes it covers, as a chipset splits it; the
+    # bytes beyond are nobody's.
     m.pio.write(0xCF8, 4, cf8(0, 0, 0, 0))
-    assert m.pio.read(0xCFE, 4) == 0xFFFFFFFF
+    assert m.pio.read(0xCFE, 4) == 0xFFFF1237
+    # A qword through ECAM is two dwords, not all ones.
+    assert m.mmio.read(ecam(0, 0, 0, 0), 8) == cfg_read(m, 0, 0, 4) | cfg_read(m, 0, 4, 4) << 32
     assert m.mmio.read(ecam(0, 0, 0, 1), 2) == 0x3780  # ECAM: unaligned word
 
 
@@ -314,10 +317,14 @@ def test_accesses_past_the_space(m):
     assert m.mmio.read(ecam(0, 0, 0, 0x100), 4) == 0xFFFFFFFF
     m.mmio.write(ecam(0, 0, 0, 0x100), 4, 0)
     assert m.mmio.read(ecam(0, 0, 0, 0xFFE), 4) == 0xFFFFFFFF  # straddles the 4 KiB end
-    assert m.mmio.read(ecam(0, 0, 0, 0xFC), 8) == 0xFFFFFFFFFFFFFFFF
-    # Express function: extended space answers, nothing past 4 KiB.
+    # A qword straddling the end: its low dword answers, the high one is nobody's.
+    assert m.mmio.read(ecam(0, 0, 0, 0xFC), 8) == \
+        0xFFFFFFFF << 32 | m.mmio.read(ecam(0, 0, 0, 0xFC), 4)
+    # Express function: extended space answers; a dword straddling its 4 KiB end gets its
+    # last three bytes, and the fourth from the next function (none here: ones).
     assert m.mmio.read(ecam(0, 5, 0, 0x100), 4) == 0x12345678
-    assert m.mmio.read(ecam(0, 5, 0, 0xFFD), 4) == 0xFFFFFFFF
+    dev.config.put(0xFFC, 4, 0xA1B2C3D4)
+    assert m.mmio.read(ecam(0, 5, 0, 0xFFD), 4) == 0xFFA1B2C3
     assert dev.config.read(4096, 4) == 0xFFFFFFFF and dev.config.read(-1, 1) == 0xFF
     assert dev.config.read(0, 3) == 0xFFFFFF and dev.config.write(0, 3, 0) is False
 

@@ -14,6 +14,13 @@ CDEF = r"""
 typedef uint64_t (*hv_native_fn)(void *opaque, uint64_t offset, uint32_t size,
                                  uint64_t value, int is_write);
 struct hv_bus { int count; uint64_t unclaimed; ...; };
+enum { HV_PARTIAL_DROP, HV_PARTIAL_MERGE, HV_PARTIAL_ZERO };
+struct hv_field { uint32_t off; uint8_t size; uint8_t partial; };
+struct hv_access {
+    uint8_t sizes; uint8_t aligned; uint8_t partial;
+    uint32_t nfields; const struct hv_field *fields;
+    uint64_t adapted; uint64_t dropped;
+};
 struct hv_vcpu {
     int fd; int index; void *run; size_t run_size;
     volatile int stop;
@@ -32,7 +39,7 @@ void hv_py_set_failed(uintptr_t fn);
 struct hv_bus *hv_bus_new(void);
 void hv_bus_free(struct hv_bus *b);
 int hv_bus_add(struct hv_bus *b, uint64_t base, uint64_t len, int py_handle,
-               hv_native_fn fn, void *opaque);
+               hv_native_fn fn, void *opaque, struct hv_access *acc);
 int hv_bus_remove(struct hv_bus *b, uint64_t base);
 uint64_t hv_bus_dispatch(struct hv_bus *b, uint64_t addr, uint32_t size, uint64_t value,
                          int is_write);

@@ -63,7 +63,7 @@ static int upper_bound(const struct hv_bus *b, uint64_t addr)
 
 /* 0, -EINVAL (empty or wrapping range), -EEXIST (overlap), -ENOMEM. */
 int hv_bus_add(struct hv_bus *b, uint64_t base, uint64_t len, int py_handle,
-               hv_native_fn fn, void *opaque)
+               hv_native_fn fn, void *opaque, struct hv_access *acc)
 {
     if (len == 0 || base + len - 1 < base || (py_handle < 0 && !fn))
         return -EINVAL;
@@ -89,7 +89,7 @@ int hv_bus_add(struct hv_bus *b, uint64_t base, uint64_t len, int py_handle,
     }
     if (!rc) {
         memmove(&b->ranges[i + 1], &b->ranges[i], (b->count - i) * sizeof(*b->ranges));
-        b->ranges[i] = (struct hv_range){ base, len, py_handle, fn, opaque };
+        b->ranges[i] = (struct hv_range){ base, len, py_handle, fn, opaque, acc };
         b->count++;
     }
     pthread_rwlock_unlock(&b->lock);
@@ -126,6 +126,108 @@ static int bus_lookup(struct hv_bus *b, uint64_t addr, struct hv_range *out)
     return found;
 }
 
+static inline uint64_t range_call(const struct hv_range *r, uint64_t off, uint32_t size,
+                                  uint64_t value, int is_write)
+{
+    if (r->py_handle >= 0)
+        return py_call(r->py_handle, off, size, value, is_write);
+    return r->fn(r->opaque, off, size, value, is_write);
+}
+
+/* One unit [uoff, uoff+usize) of which the guest touched bytes [lo, hi): a whole-unit call,
+ * or a partial one resolved by the unit's rule. Returns the unit's value read (reads). */
+static uint64_t unit_access(const struct hv_range *r, struct hv_access *a, uint64_t uoff,
+                            uint32_t usize, uint64_t lo, uint64_t hi, uint64_t part,
+                            int is_write, int partial)
+{
+    uint32_t shift = 8 * (uint32_t)(lo - uoff);
+    uint64_t lanes = size_mask((uint32_t)(hi - lo)) << shift;
+    if (!is_write)
+        return range_call(r, uoff, usize, 0, 0) & size_mask(usize);
+    if (lo == uoff && hi == uoff + usize) {
+        range_call(r, uoff, usize, part, 1);
+        return 0;
+    }
+    switch (partial) {
+    case HV_PARTIAL_MERGE: {
+        uint64_t old = range_call(r, uoff, usize, 0, 0);
+        range_call(r, uoff, usize, ((old & ~lanes) | ((part << shift) & lanes)) & size_mask(usize), 1);
+        break;
+    }
+    case HV_PARTIAL_ZERO:
+        range_call(r, uoff, usize, (part << shift) & lanes, 1);
+        break;
+    default:
+        __atomic_add_fetch(&a->dropped, 1, __ATOMIC_RELAXED);
+    }
+    return 0;
+}
+
+/* The guest access [off, off+size) in the pieces the range's rules allow: cut at field
+ * bounds, or into the largest naturally aligned sizes the handler takes; a piece smaller
+ * than any of those widens to the aligned unit around it. Bytes past the range's end read
+ * as ones and are not written. Returns the value read, assembled little-endian. */
+static uint64_t adapted_access(const struct hv_range *r, uint64_t off, uint32_t size,
+                               uint64_t value, int is_write)
+{
+    struct hv_access *a = r->acc;
+    uint64_t end = off + size, stop = end < r->len ? end : r->len, pos = off, result = 0;
+    uint32_t nf = 0;
+    __atomic_add_fetch(&a->adapted, 1, __ATOMIC_RELAXED);
+    if (a->nfields) {   /* the first field that ends after off */
+        uint32_t lo_i = 0, hi_i = a->nfields;
+        while (lo_i < hi_i) {
+            uint32_t mid = (lo_i + hi_i) / 2;
+            if (a->fields[mid].off + a->fields[mid].size <= off)
+                lo_i = mid + 1;
+            else
+                hi_i = mid;
+        }
+        nf = lo_i;
+    }
+    while (pos < stop) {
+        uint64_t uoff, lo = pos, hi;
+        uint32_t usize;
+        int partial = a->partial;
+        if (a->nfields) {
+            if (nf >= a->nfields || a->fields[nf].off >= stop)
+                break;   /* nothing declared there: reads zero, writes ignored */
+            const struct hv_field *f = &a->fields[nf++];
+            if (f->off > pos)
+                lo = pos = f->off;
+            uoff = f->off;
+            usize = f->size;
+            partial = f->partial;
+        } else {
+            usize = 0;
+            for (uint32_t s = 8; s >= 1; s >>= 1)
+                if ((a->sizes & s) && !(pos & (s - 1)) && pos + s <= stop) {
+                    usize = s;
+                    break;
+                }
+            if (!usize) {   /* widen to the smallest declared size's aligned unit */
+                usize = 8;
+                for (uint32_t s = 1; s <= 8; s <<= 1)
+                    if (a->sizes & s) {
+                        usize = s;
+                        break;
+                    }
+            }
+            uoff = pos & ~(uint64_t)(usize - 1);
+        }
+        hi = uoff + usize < stop ? uoff + usize : stop;
+        uint32_t at = 8 * (uint32_t)(lo - off);   /* where these bytes sit in the guest value */
+        uint64_t part = at < 64 ? (value >> at) & size_mask((uint32_t)(hi - lo)) : 0;
+        uint64_t v = unit_access(r, a, uoff, usize, lo, hi, part, is_write, partial);
+        if (!is_write)
+            result |= ((v >> (8 * (lo - uoff))) & size_mask((uint32_t)(hi - lo))) << at;
+        pos = hi;
+    }
+    if (!is_write && stop < end)   /* bytes past the range's end */
+        result |= size_mask(size) & ~size_mask((uint32_t)(stop - off));
+    return result;
+}
+
 /* One access: the value read (masked to size; all ones when unclaimed) or 0 for writes. */
 uint64_t hv_bus_dispatch(struct hv_bus *b, uint64_t addr, uint32_t size, uint64_t value,
                          int is_write)
@@ -138,10 +240,12 @@ uint64_t hv_bus_dispatch(struct hv_bus *b, uint64_t addr, uint32_t size, uint64_
     }
     uint64_t off = addr - r.base;
     uint64_t v;
-    if (r.py_handle >= 0)
-        v = py_call(r.py_handle, off, size, value & mask, is_write);
+    const struct hv_access *a = r.acc;
+    if (!a || (!a->nfields && (a->sizes & size) && !(size & (size - 1)) && off + size <= r.len &&
+               !(a->aligned && (off & (size - 1)))))
+        v = range_call(&r, off, size, value & mask, is_write);
     else
-        v = r.fn(r.opaque, off, size, value & mask, is_write);
+        v = adapted_access(&r, off, size, value & mask, is_write);
     return is_write ? 0 : (v & mask);
 }
 

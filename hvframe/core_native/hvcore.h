@@ -9,12 +9,33 @@
 typedef uint64_t (*hv_native_fn)(void *opaque, uint64_t offset, uint32_t size,
                                  uint64_t value, int is_write);
 
+/* Access-size rules of a range (hvframe.dispatch.Access): the bus splits, widens and merges
+ * guest accesses so that a handler only ever sees the accesses it declared. */
+enum { HV_PARTIAL_DROP = 0, HV_PARTIAL_MERGE = 1, HV_PARTIAL_ZERO = 2 };
+
+struct hv_field {
+    uint32_t off;
+    uint8_t size;            /* 1, 2, 4 or 8 */
+    uint8_t partial;         /* HV_PARTIAL_*: a write that covers only part of the field */
+};
+
+struct hv_access {
+    uint8_t sizes;           /* bitmask of access sizes (1|2|4|8) the handler takes as they are */
+    uint8_t aligned;         /* those accesses must also be naturally aligned */
+    uint8_t partial;         /* HV_PARTIAL_* for a write covering part of the smallest size */
+    uint32_t nfields;        /* > 0: accesses are cut at these fields' bounds instead */
+    const struct hv_field *fields;   /* sorted by off, not overlapping */
+    uint64_t adapted;        /* guest accesses that needed splitting or widening */
+    uint64_t dropped;        /* partial writes dropped by HV_PARTIAL_DROP */
+};
+
 struct hv_range {
     uint64_t base;
     uint64_t len;
     int py_handle;          /* >= 0: Python handler index; -1: native */
     hv_native_fn fn;
     void *opaque;
+    struct hv_access *acc;  /* NULL: every access goes to the handler as it came */
 };
 
 struct hv_bus {

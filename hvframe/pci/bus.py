@@ -22,6 +22,7 @@ between functions through machine.irq_source, and the interrupt line register sa
 from __future__ import annotations
 
 
+from ..dispatch import Access
 from ..errors import ConfigError
 from .config_space import (CMD_IO, CMD_MEMORY, HEADER_TYPE_MULTIFUNCTION, all_ones)
 from .device import FOUR_GIB, PciFunction
@@ -30,6 +31,9 @@ from .windows import (CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, ECAM_BASE, ECAM_BUS
 from .. import concurrency
 
 CONFIG_ENABLE = 1 << 31
+# Configuration space is reached in naturally aligned bytes, words and dwords: a wider or
+# misaligned access arrives as those pieces.
+CONFIG_ACCESS = Access(sizes=(1, 2, 4), aligned=True)
 INTX_GSI_BASE = 16
 
 
@@ -52,14 +56,15 @@ class _ConfigAddress:
 
 
 class _ConfigData:
-    """Ports 0xcfc-0xcff: the latched dword, at the byte lane of the port accessed."""
+    """Ports 0xcfc-0xcff: the latched dword, at the byte lane of the port accessed (the bus
+    cuts anything else into aligned pieces: CONFIG_ACCESS)."""
 
     def __init__(self, bus: "PciBus"):
         self.bus = bus
 
     def _target(self, offset: int, size: int):
         addr = self.bus.config_address
-        if not addr & CONFIG_ENABLE or offset + size > 4:
+        if not addr & CONFIG_ENABLE:
             return None
         return (addr >> 16) & 0xFF, (addr >> 11) & 0x1F, (addr >> 8) & 0x7, (addr & 0xFC) + offset
 
@@ -78,15 +83,12 @@ class _Ecam:
         self.bus = bus
 
     def read(self, offset: int, size: int) -> int:
-        if size > 4:  # config space is at most dword-accessed
-            return all_ones(size)
         return self.bus.config_read(offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 0x7,
                                     offset & 0xFFF, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if size <= 4:
-            self.bus.config_write(offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 0x7,
-                                  offset & 0xFFF, size, value)
+        self.bus.config_write(offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 0x7,
+                              offset & 0xFFF, size, value)
 
 
 class PciBus:
@@ -115,8 +117,10 @@ class PciBus:
             return
         m = self.machine
         m.pio.register(CONFIG_ADDRESS_PORT, 1, _ConfigAddress(self), name="pci-config-address")
-        m.pio.register(CONFIG_DATA_PORT, 4, _ConfigData(self), name="pci-config-data")
-        m.mmio.register(self.ecam_base, self.ecam_size, _Ecam(self), name="pci-ecam")
+        m.pio.register(CONFIG_DATA_PORT, 4, _ConfigData(self), name="pci-config-data",
+                       access=CONFIG_ACCESS)
+        m.mmio.register(self.ecam_base, self.ecam_size, _Ecam(self), name="pci-ecam",
+                        access=CONFIG_ACCESS)
         self._registered = True
 
     # -- functions ------------------------------------------------------------------------
@@ -193,8 +197,7 @@ class PciBus:
                     before[id(bar)] = (fn, bar, bar.mapped_at)
                     target = fn.decode_target(bar, m)
                     if bar.mapped_at is not None and bar.mapped_at != target:
-                        getattr(m, bar.space).unregister(bar.mapped_at)
-                        bar.mapped_at = None
+                        bar.unmap(getattr(m, bar.space))
                     if target is not None and bar.mapped_at is None:
                         wanted.append((bar, target))
             for bar, target in wanted:
@@ -202,15 +205,13 @@ class PciBus:
                 if space.find_overlap(target, bar.size) is not None:
                     continue
                 try:
-                    space.register(target, bar.size, bar.handler, name=bar.bus_name)
+                    bar.map(space, target)
                 except ConfigError:
                     continue
-                bar.mapped_at = target
             # Devices with doorbells (ioeventfds) at BAR addresses must follow every move.
             for fn, bar, old in before.values():
-                hook = getattr(fn, "bar_remapped", None)
-                if hook is not None and bar.mapped_at != old:
-                    hook(bar, bar.mapped_at)
+                if bar.mapped_at != old:
+                    fn.bar_remapped(bar, bar.mapped_at)
 
     # -- firmware's job -------------------------------------------------------------------
     def assign_bars(self, *, mmio64_high: bool = True) -> None:

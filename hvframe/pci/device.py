@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import concurrency
+from ..dispatch import Access
 from ..errors import ConfigError
 from .config_space import (BAR_OFFSETS, CAP_HEADER_SIZE, CAP_PTR_OFFSET, CMD_INTX_DISABLE,
                            CMD_IO, CMD_MEMORY, CMD_WRITABLE, COMMAND_OFFSET, CONVENTIONAL_SIZE,
@@ -36,6 +37,17 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+@dataclass(frozen=True)
+class BarRegion:
+    """Part of a BAR with a handler and access rules of its own, mapped and moved with it
+    (QEMU's subregions): a BAR holding registers of different shapes side by side."""
+    offset: int
+    length: int
+    handler: Any
+    access: Access | None = None
+    name: str = ""
+
+
 @dataclass
 class Bar:
     """One BAR (or the expansion ROM, index 6) and where it is currently decoded."""
@@ -43,14 +55,39 @@ class Bar:
     index: int
     kind: str           # "io", "mmio32", "mmio64" or "rom"
     size: int
-    handler: Any
+    handler: Any        # the whole BAR's handler, or None when it is made of regions
     prefetchable: bool = False
     mapped_at: int | None = None
     bus_name: str = ""  # the name given to the dispatch range
+    access: Access | None = None
+    regions: tuple[BarRegion, ...] = ()
 
     @property
     def space(self) -> str:
         return "pio" if self.kind == "io" else "mmio"
+
+    def parts(self) -> tuple[BarRegion, ...]:
+        return self.regions or (BarRegion(0, self.size, self.handler, self.access),)
+
+    def map(self, bus, base: int) -> None:
+        """Register every part at base (all or none: ConfigError if one cannot be)."""
+        done = []
+        try:
+            for p in self.parts():
+                name = f"{self.bus_name} {p.name}" if p.name else self.bus_name
+                bus.register(base + p.offset, p.length, p.handler, name=name, access=p.access)
+                done.append(p)
+        except ConfigError:
+            for p in done:
+                bus.unregister(base + p.offset)
+            raise
+        self.mapped_at = base
+
+    def unmap(self, bus) -> None:
+        if self.mapped_at is not None:
+            for p in self.parts():
+                bus.unregister(self.mapped_at + p.offset)
+            self.mapped_at = None
 
 
 class RomHandler:
@@ -108,14 +145,21 @@ class PciFunction:
 
     # -- declaration ----------------------------------------------------------------------
     def add_bar(self, index: int, size: int, kind: str = "mmio32", handler: Any = None,
-                prefetchable: bool = False) -> Bar:
-        """Declare BAR `index`; a 64-bit BAR also takes slot index+1."""
+                prefetchable: bool = False, *, access: Access | None = None,
+                regions: tuple[BarRegion, ...] = ()) -> Bar:
+        """Declare BAR `index`; a 64-bit BAR also takes slot index+1. Either one handler (with
+        optional access rules) or regions, sorted, inside the BAR and not overlapping."""
         if self.pci_bus is not None:
             raise ConfigError(f"{self.name}: BARs must be added before the function is on a bus")
         if kind not in BAR_KINDS:
             raise ConfigError(f"{self.name}: BAR kind must be one of {BAR_KINDS}")
-        if handler is None or not hasattr(handler, "read") or not hasattr(handler, "write"):
-            raise ConfigError(f"{self.name}: BAR{index} needs a handler with read() and write()")
+        if (handler is None) == (not regions):
+            raise ConfigError(f"{self.name}: BAR{index} needs one handler or regions")
+        end = 0
+        for r in regions:
+            if r.offset < end or r.length <= 0 or r.offset + r.length > size:
+                raise ConfigError(f"{self.name}: BAR{index} regions overlap or overrun it")
+            end = r.offset + r.length
         wide = kind == "mmio64"
         if not 0 <= index <= (4 if wide else 5):
             raise ConfigError(f"{self.name}: BAR index {index} out of range")
@@ -131,7 +175,8 @@ class PciFunction:
                 raise ConfigError(f"{self.name}: an I/O BAR cannot be prefetchable")
         elif size < 16 or (kind == "mmio32" and size > 1 << 31):
             raise ConfigError(f"{self.name}: memory BAR{index} size {size:#x} out of range")
-        bar = Bar(index, kind, size, handler, prefetchable, bus_name=f"{self.name} BAR{index}")
+        bar = Bar(index, kind, size, handler, prefetchable, bus_name=f"{self.name} BAR{index}",
+                  access=access, regions=tuple(regions))
         self.bars[index] = bar
         cs = self.config
         off = BAR_OFFSETS[index]
@@ -352,11 +397,13 @@ class PciFunction:
         return None
 
     # -- lifecycle --------------------------------------------------------------------------
+    def bar_remapped(self, bar: Bar, address: int | None) -> None:
+        """A BAR was mapped, moved or unmapped (address None) by the guest's configuration
+        writes: devices with doorbells (ioeventfds) at BAR addresses move them here."""
+
     def unmap_all(self) -> None:
         if self.pci_bus is None:
             return
         m = self.pci_bus.machine
         for bar in self.all_bars():
-            if bar.mapped_at is not None:
-                getattr(m, bar.space).unregister(bar.mapped_at)
-                bar.mapped_at = None
+            bar.unmap(getattr(m, bar.space))

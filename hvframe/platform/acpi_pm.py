@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from .. import concurrency
+from ..dispatch import Access, Partial
 
 PM1A_EVT = 0x400   # PM1_STS (2 bytes) + PM1_EN (2 bytes)
 PM1A_CNT = 0x404   # 2 bytes
@@ -20,6 +21,14 @@ PWRBTN_STS = 1 << 8
 TMR_STS = 1 << 0
 
 
+# Each register is its own range and sees only whole accesses; the bus cuts or widens the
+# rest. A byte written to the status register clears bits in that byte only (W1C: the other
+# byte reads as zero); one written to the enable or control register merges into it.
+WORD_W1C = Access(sizes=(2,), aligned=True, partial=Partial.ZERO)
+WORD = Access(sizes=(2,), aligned=True, partial=Partial.MERGE)
+DWORD_READ_ONLY = Access(sizes=(4,), aligned=True, partial=Partial.DROP)
+
+
 class AcpiPm:
     def __init__(self, machine):
         self.machine = machine
@@ -28,48 +37,44 @@ class AcpiPm:
         self.cnt = 0
         self._lock = concurrency.lock(concurrency.DEVICE, "acpi-pm")
         self._t0 = time.monotonic_ns()
-        self.evt_block = _Block(self._evt_read, self._evt_write)
-        self.cnt_block = _Block(self._cnt_read, self._cnt_write)
-        self.timer = _Block(self._tmr_read, lambda off, size, value: None)
-        machine.pio.register(PM1A_EVT, 4, self.evt_block, name="acpi-pm1a-evt")
-        machine.pio.register(PM1A_CNT, 2, self.cnt_block, name="acpi-pm1a-cnt")
-        machine.pio.register(PM_TMR, 4, self.timer, name="acpi-pm-timer")
+        self.status_reg = _Register(lambda: self.sts, self._sts_write)
+        self.enable_reg = _Register(lambda: self.en, self._en_write)
+        self.control_reg = _Register(lambda: self.cnt, self._cnt_write)
+        self.timer = _Register(self._tmr_read, lambda value: None)
+        machine.pio.register(PM1A_EVT, 2, self.status_reg, name="acpi-pm1a-sts", access=WORD_W1C)
+        machine.pio.register(PM1A_EVT + 2, 2, self.enable_reg, name="acpi-pm1a-en", access=WORD)
+        machine.pio.register(PM1A_CNT, 2, self.control_reg, name="acpi-pm1a-cnt", access=WORD)
+        machine.pio.register(PM_TMR, 4, self.timer, name="acpi-pm-timer",
+                             access=DWORD_READ_ONLY)
 
-    def _evt_read(self, off: int, size: int) -> int:
-        regs = (self.sts | self.en << 16).to_bytes(4, "little")
-        return int.from_bytes(regs[off:off + size].ljust(size, b"\xff"), "little")
-
-    def _evt_write(self, off: int, size: int, value: int) -> None:
-        data = value.to_bytes(8, "little")[:size]
+    def _sts_write(self, value: int) -> None:
         with self._lock:
-            for i, b in enumerate(data):
-                pos = off + i
-                if pos < 2:      # status bits are write-one-to-clear
-                    self.sts &= ~(b << (8 * pos))
-                elif pos < 4:
-                    shift = 8 * (pos - 2)
-                    self.en = (self.en & ~(0xFF << shift)) | (b << shift)
+            self.sts &= ~value
 
-    def _cnt_read(self, off: int, size: int) -> int:
-        return (self.cnt >> (8 * off)) & ((1 << (8 * size)) - 1)
-
-    def _cnt_write(self, off: int, size: int, value: int) -> None:
+    def _en_write(self, value: int) -> None:
         with self._lock:
-            shift = 8 * off
-            mask = ((1 << (8 * size)) - 1) << shift
-            new = (self.cnt & ~mask | (value << shift) & mask) & 0xFFFF
-            self.cnt = new & ~SLP_EN   # SLP_EN always reads as zero
-        if new & SLP_EN and (new >> SLP_TYP_SHIFT) & 7 == S5:
+            self.en = value
+
+    def _cnt_write(self, value: int) -> None:
+        with self._lock:
+            self.cnt = value & ~SLP_EN   # SLP_EN always reads as zero
+        if value & SLP_EN and (value >> SLP_TYP_SHIFT) & 7 == S5:
             self.machine.request_exit(1, "guest powered off (ACPI S5)")
 
-    def _tmr_read(self, off: int, size: int) -> int:
+    def _tmr_read(self) -> int:
         ticks = (time.monotonic_ns() - self._t0) * PM_TMR_HZ // 1_000_000_000
-        return ((ticks & 0xFFFFFF) >> (8 * off)) & ((1 << (8 * size)) - 1)
+        return ticks & 0xFFFFFF
 
 
-class _Block:
-    """A port handler made of two callables."""
+class _Register:
+    """One register as a port handler: whole accesses only (its range's Access says so)."""
 
-    def __init__(self, read, write):
-        self.read = read
-        self.write = write
+    def __init__(self, get, put):
+        self.get = get
+        self.put = put
+
+    def read(self, offset: int, size: int) -> int:
+        return self.get()
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.put(value)

@@ -32,7 +32,8 @@ from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 from ..core_native import api_ffi as ffi
 from ..layout import fields_of
-from ..pci.device import PciFunction
+from ..dispatch import Access, Bus, Partial
+from ..pci.device import BarRegion, PciFunction
 from ..pci.msi import MsixCapability
 from .device import (F_ANY_LAYOUT, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
                      ISR_CONFIG, ISR_QUEUE, NO_VECTOR, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
@@ -124,37 +125,21 @@ def _le(value: int, size: int) -> bytes:
     return (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
-def _fields(st: Struct) -> list[tuple[str, int, int]]:
-    return [(name, off, size) for name, (off, size) in fields_of(st).items()]
+def _names_by_offset(st: Struct) -> dict[int, str]:
+    return {off: name for name, (off, _) in fields_of(st).items()}
 
 
-_COMMON_FIELDS = _fields(VirtioPciCommonCfg)
-_LEGACY_FIELDS = _fields(VirtioPciLegacyHeader)
-_LEGACY_MSIX_FIELDS = [(n, LEGACY_HEADER_SIZE + o, s) for n, o, s in _fields(VirtioPciLegacyMsix)]
-
-
-def _read_fields(fields, get, offset: int, size: int) -> int:
-    """Compose a register read of [offset, offset+size) from the fields it overlaps."""
-    value = 0
-    for name, off, fsize in fields:
-        lo, hi = max(offset, off), min(offset + size, off + fsize)
-        if lo < hi:
-            part = (get(name) >> (8 * (lo - off))) & ((1 << (8 * (hi - lo))) - 1)
-            value |= part << (8 * (lo - offset))
-    return value
-
-
-def _write_fields(fields, get, set_, offset: int, size: int, value: int) -> None:
-    """Apply a register write to every field it overlaps (partial writes merge bytes, so a
-    64-bit address written as two dwords works)."""
-    for name, off, fsize in fields:
-        lo, hi = max(offset, off), min(offset + size, off + fsize)
-        if lo < hi:
-            n = hi - lo
-            part = (value >> (8 * (lo - offset))) & ((1 << (8 * n)) - 1)
-            shift = 8 * (lo - off)
-            mask = ((1 << (8 * n)) - 1) << shift
-            set_(name, (get(name) & ~mask) | (part << shift))
+# The bus hands the register handlers one whole field per call (hvframe.dispatch.Access): a
+# narrower write merges into the field (so a 64-bit address written as two dwords works),
+# and the handler needs no byte-lane code.
+COMMON_ACCESS = Access.of_struct(VirtioPciCommonCfg)
+LEGACY_ACCESS = Access.of_struct(VirtioPciLegacyHeader)
+# Bytes 20-23 of the legacy BAR: the two MSI-X vectors while MSI-X is on, else the first four
+# bytes of the device configuration; both are words.
+LEGACY_WORDS = Access(sizes=(2,), aligned=True, partial=Partial.MERGE)
+_COMMON_NAMES = _names_by_offset(VirtioPciCommonCfg)
+_LEGACY_NAMES = _names_by_offset(VirtioPciLegacyHeader)
+_LEGACY_MSIX_NAMES = _names_by_offset(VirtioPciLegacyMsix)
 
 
 _claims_lock = concurrency.lock(concurrency.LEAF, "queue claims")
@@ -230,45 +215,12 @@ class _QueueWorker:
             self.transport.service_queue(self.queue)
 
 
-class _Bar4:
-    """BAR4: the modern regions."""
+class _Handler:
+    """A register region of the transport: read/write calls routed to two of its methods."""
 
-    def __init__(self, t: "VirtioPciFunction"):
-        self.t = t
-
-    def read(self, offset: int, size: int) -> int:
-        t = self.t
-        region, off = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
-        if region == COMMON_OFF:
-            return t.common_read(off, size)
-        if region == ISR_OFF:
-            return t.read_isr() if off == 0 else 0
-        if region == DEVICE_OFF:
-            return t.device_config_read(off, size)
-        return 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        t = self.t
-        region, off = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
-        if region == NOTIFY_OFF:
-            t.kick(off // NOTIFY_MULTIPLIER)
-        elif region == COMMON_OFF:
-            t.common_write(off, size, value)
-        elif region == DEVICE_OFF:
-            t.device_config_write(off, size, value)
-
-
-class _LegacyBar:
-    """BAR0: the legacy I/O header followed by device configuration."""
-
-    def __init__(self, t: "VirtioPciFunction"):
-        self.t = t
-
-    def read(self, offset: int, size: int) -> int:
-        return self.t.legacy_read(offset, size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.t.legacy_write(offset, size, value)
+    def __init__(self, read, write):
+        self.read = read
+        self.write = write
 
 
 class VirtioPciFunction(PciFunction):
@@ -305,8 +257,36 @@ class VirtioPciFunction(PciFunction):
         legacy_size = 32
         while legacy_size < LEGACY_HEADER_SIZE + LEGACY_MSIX_SIZE + len(device.config_bytes()):
             legacy_size <<= 1
-        self.add_bar(LEGACY_BAR, legacy_size, "io", _LegacyBar(self))
-        self.add_bar(MODERN_BAR, MODERN_BAR_SIZE, "mmio32", _Bar4(self))
+        tail = LEGACY_HEADER_SIZE + LEGACY_MSIX_SIZE
+        self.add_bar(LEGACY_BAR, legacy_size, "io", regions=(
+            BarRegion(0, LEGACY_HEADER_SIZE, _Handler(self.legacy_read, self.legacy_write),
+                      LEGACY_ACCESS, "legacy header"),
+            BarRegion(LEGACY_HEADER_SIZE, LEGACY_MSIX_SIZE,
+                      _Handler(self.legacy_words_read, self.legacy_words_write), LEGACY_WORDS,
+                      "legacy MSI-X or config"),
+            BarRegion(tail, legacy_size - tail,
+                      _Handler(self.legacy_config_read, self.legacy_config_write),
+                      name="legacy config")))
+        modern = (
+            BarRegion(COMMON_OFF, REGION_SIZE, _Handler(self.common_read, self.common_write),
+                      COMMON_ACCESS, "common"),
+            BarRegion(ISR_OFF, REGION_SIZE,
+                      _Handler(lambda off, size: self.read_isr() if off == 0 else 0,
+                               lambda off, size, value: None), name="isr"),
+            BarRegion(DEVICE_OFF, REGION_SIZE,
+                      _Handler(self.device_config_read, self.device_config_write),
+                      name="device"),
+            BarRegion(NOTIFY_OFF, REGION_SIZE,
+                      _Handler(lambda off, size: 0,
+                               lambda off, size, value: self.kick(off // NOTIFY_MULTIPLIER)),
+                      name="notify"))
+        self.add_bar(MODERN_BAR, MODERN_BAR_SIZE, "mmio32", regions=modern)
+        # The PCI configuration access window (VIRTIO_PCI_CAP_PCI_CFG) reaches BAR4 whether it
+        # is decoded or not, with the same access rules: through a bus of its own.
+        self._modern_window = Bus("virtio-pci cfg window")
+        for r in modern:
+            self._modern_window.register(r.offset, r.length, r.handler, name=r.name,
+                                         access=r.access)
         MsixCapability(self, vectors=nq + 1, bar=MSIX_BAR, table_offset=0, pba_offset=0x800,
                        bar_size=0x1000)
         self._add_virtio_cap(CFG_COMMON, COMMON_OFF, REGION_SIZE)
@@ -331,7 +311,7 @@ class VirtioPciFunction(PciFunction):
         if cfg_type == CFG_PCI:
             # The driver picks bar, offset and length, then moves data through pci_cfg_data.
             wm = bytearray(len(body))
-            for name, o, n in _fields(st):
+            for name, (o, n) in fields_of(st).items():
                 if name in ("bar", "offset", "length", "pci_cfg_data"):
                     wm[o - 2:o - 2 + n] = b"\xff" * n
             wmask = bytes(wm)
@@ -357,7 +337,7 @@ class VirtioPciFunction(PciFunction):
         access = self._pci_cfg_access(offset, size)
         if access is not None:
             off, length, data = access
-            self.config.put(data, 4, self.bar(MODERN_BAR).handler.read(off, length))
+            self.config.put(data, 4, self._modern_window.read(off, length))
         return super().config_read(offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
@@ -366,7 +346,7 @@ class VirtioPciFunction(PciFunction):
         if access is not None:
             off, length, data = access
             v = self.config.get(data, 4) & ((1 << (8 * length)) - 1)
-            self.bar(MODERN_BAR).handler.write(off, length, v)
+            self._modern_window.write(off, length, v)
 
     # -- state ----------------------------------------------------------------------------
     def _reset_state(self) -> None:
@@ -445,7 +425,7 @@ class VirtioPciFunction(PciFunction):
 
     def common_read(self, offset: int, size: int) -> int:
         with self._lock:
-            return _read_fields(_COMMON_FIELDS, self._common_get, offset, size)
+            return self._common_get(_COMMON_NAMES[offset])
 
     def common_write(self, offset: int, size: int, value: int) -> None:
         with concurrency.deferring(), self._lock:
@@ -454,18 +434,12 @@ class VirtioPciFunction(PciFunction):
             q = self._selected()
             if q is not None and q.enabled:
                 # A vector write to an enabled queue is still allowed (4.1.5.1.2 remaps).
-                if offset == QUEUE_MSIX_VECTOR and size == 2:
+                if offset == QUEUE_MSIX_VECTOR:
                     q.msix_vector = self._valid_vector(value)
                     return
-            _write_fields(_COMMON_FIELDS, self._common_get, self._common_set, offset, size,
-                          value)
+            self._common_set(_COMMON_NAMES[offset], value)
 
     # -- legacy header --------------------------------------------------------------------
-    def _legacy_layout(self) -> tuple[list, int]:
-        if self.msix.enabled:
-            return _LEGACY_FIELDS + _LEGACY_MSIX_FIELDS, LEGACY_HEADER_SIZE + LEGACY_MSIX_SIZE
-        return _LEGACY_FIELDS, LEGACY_HEADER_SIZE
-
     def _legacy_get(self, name: str) -> int:
         q = self._selected()
         if name == "host_features":
@@ -515,26 +489,43 @@ class VirtioPciFunction(PciFunction):
             q.msix_vector = self._valid_vector(value)
 
     def legacy_read(self, offset: int, size: int) -> int:
-        if offset == LEGACY_ISR and size == 1:
+        if offset == LEGACY_ISR:
             return self.read_isr()
-        fields, cfg_start = self._legacy_layout()
-        if offset >= cfg_start:
-            return self.device_config_read(offset - cfg_start, size)
         with self._lock:
-            return _read_fields(fields, self._legacy_get, offset, size)
+            return self._legacy_get(_LEGACY_NAMES[offset])
 
     def legacy_write(self, offset: int, size: int, value: int) -> None:
-        if offset == LEGACY_NOTIFY and size == 2:
+        if offset == LEGACY_NOTIFY:
             self.kick(value)       # the hot path, when no ioeventfd caught it
-            return
-        fields, cfg_start = self._legacy_layout()
-        if offset >= cfg_start:
-            self.device_config_write(offset - cfg_start, size, value)
             return
         with concurrency.deferring(), self._lock:
             if self._resetting:
                 return       # another vCPU's reset is under way: the device is not there yet
-            _write_fields(fields, self._legacy_get, self._legacy_set, offset, size, value)
+            self._legacy_set(_LEGACY_NAMES[offset], value)
+
+    def legacy_words_read(self, offset: int, size: int) -> int:
+        if not self.msix.enabled:
+            return self.device_config_read(offset, size)
+        with self._lock:
+            return self._legacy_get(_LEGACY_MSIX_NAMES[offset])
+
+    def legacy_words_write(self, offset: int, size: int, value: int) -> None:
+        if not self.msix.enabled:
+            self.device_config_write(offset, size, value)
+            return
+        with concurrency.deferring(), self._lock:
+            if not self._resetting:
+                self._legacy_set(_LEGACY_MSIX_NAMES[offset], value)
+
+    def _legacy_config_offset(self, offset: int) -> int:
+        """Device configuration follows the MSI-X vectors only while MSI-X is on."""
+        return offset if self.msix.enabled else offset + LEGACY_MSIX_SIZE
+
+    def legacy_config_read(self, offset: int, size: int) -> int:
+        return self.device_config_read(self._legacy_config_offset(offset), size)
+
+    def legacy_config_write(self, offset: int, size: int, value: int) -> None:
+        self.device_config_write(self._legacy_config_offset(offset), size, value)
 
     # -- device configuration -------------------------------------------------------------
     def device_config_read(self, offset: int, size: int) -> int:
@@ -805,6 +796,7 @@ class VirtioPciFunction(PciFunction):
         self._workers = []
 
     def close(self) -> None:
+        self._modern_window.close()
         self._stop_workers()
         for q in self.queues:
             self._disable_queue(q, deadline=concurrency.JOIN_DEADLINE)
