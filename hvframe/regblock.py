@@ -60,7 +60,7 @@ from construct import Struct
 
 from . import concurrency
 from .core_native import ffi, lib
-from .dispatch import Bus, PythonHandle, Range
+from .dispatch import Access, Bus, PythonHandle, Range
 from .device import PortHandler
 from .layout import fields_of
 
@@ -174,15 +174,16 @@ class RegisterBlock:
 
     # ---- on a bus --------------------------------------------------------------------------
 
-    def map(self, bus: Bus, base: int) -> Range:
-        """Serve [base, base + length) of bus: natively where declared, else by the handler."""
+    def map(self, bus: Bus, base: int, access: Access | None = None) -> Range:
+        """Serve [base, base + length) of bus: natively where declared, else by the handler;
+        ``access``: the range's access rules (hvframe.dispatch.Access)."""
         if self._handle is not None:
             raise ValueError(f"{self.name}: already mapped")
         handle = PythonHandle(self.handler, self.name)
         lib.hv_regblock_set_handler(self._c, handle.handle)
         try:
             r = bus.register_native(base, self.length, lib.hv_regblock_access, self._c,
-                                    name=self.name, fallback=handle)
+                                    name=self.name, fallback=handle, access=access)
         except BaseException:
             lib.hv_regblock_set_handler(self._c, -1)
             handle.drop()

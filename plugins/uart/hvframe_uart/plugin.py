@@ -5,7 +5,7 @@ from hvframe.device import DeviceType, Option
 from hvframe.hookspecs import hookimpl
 
 from .backends import SPEC_HELP, FileBackend, NullBackend, StdioBackend, open_backend
-from .uart16550 import Uart16550
+from .uart16550 import BYTE_PORTS, Uart16550
 
 # name: (I/O base, ISA IRQ). COM3/COM4 share IRQs with COM1/COM2, as on PCs.
 COM_PORTS = {
@@ -35,7 +35,7 @@ def _make_factory(name: str, base: int, irq: int):
             if options.get("native", True) and isinstance(backend, NATIVE_OUTPUT):
                 uart.map_native(machine.pio, base, name=name)
             else:
-                machine.pio.register(base, PORT_COUNT, uart, name=name)
+                machine.pio.register(base, PORT_COUNT, uart, name=name, access=BYTE_PORTS)
         except BaseException:
             backend.close()
             raise

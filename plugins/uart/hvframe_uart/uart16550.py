@@ -56,7 +56,7 @@ from typing import Callable, Optional, Protocol
 from construct import Int8ul, Struct
 
 from hvframe import concurrency
-from hvframe.dispatch import Bus
+from hvframe.dispatch import Access, Bus
 from hvframe.layout import offsets_of
 from hvframe.regblock import Fifo, FifoDrainer, Full, Kind, Reg, RegisterBlock
 
@@ -139,6 +139,11 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+# Eight byte-wide registers: a wider access is that many byte cycles to consecutive registers,
+# as on the ISA bus, so the model only ever sees bytes.
+BYTE_PORTS = Access(sizes=(1,))
+
+
 class Uart16550:
     """One 16550A. Handler for an 8-port PIO range; see the module docstring for the model."""
 
@@ -196,7 +201,7 @@ class Uart16550:
         natively while the mode is plain (see the module docstring). The backend's write()
         must never wait (it is called from the drain thread under the transmit lock)."""
         block = RegisterBlock(REGISTERS, NATIVE_REGS, self, fifos=NATIVE_FIFOS, name=name)
-        block.map(bus, base)
+        block.map(bus, base, access=BYTE_PORTS)
         self._drainer = FifoDrainer(block, "tx", self.flush_native, name=f"{name}-tx-drain")
         with self._lock:
             self._native = block
