@@ -6,6 +6,7 @@ import os
 import pytest
 
 from conftest import KVM_MISSING, run_hvframe
+from hvframe.lpc.bridge import machine_uuid
 from hvframe.plugins import Registry
 
 BIOS = "/usr/share/seabios/bios.bin"
@@ -34,6 +35,8 @@ def boot(bios, *extra):
 
 def check(p):
     assert "SeaBIOS (version" in p.stdout, (p.stdout, p.stderr)
+    # SeaBIOS installed the SMBIOS tables fw_cfg handed it: it shows their system UUID.
+    assert f"Machine UUID {machine_uuid()}" in p.stdout, p.stdout
     assert "No bootable device" in p.stdout, (p.stdout, p.stderr)
     assert p.returncode == 0, (p.returncode, p.stderr)
     assert "guest reset" in p.stderr

@@ -8,8 +8,11 @@ finds one whenever the machine has an LPC bridge; `machine.fw_cfg` is that devic
 """
 from __future__ import annotations
 
+import socket
 import struct
+import uuid
 
+from ..acpi import smbios
 from ..pci.bus import attach
 from ..pci.device import PciFunction
 from .fw_cfg import FwCfg
@@ -58,7 +61,18 @@ def _new_fw_cfg(machine) -> FwCfg:
     # No interactive boot menu wait (SeaBIOS shows one unless told not to).
     fw.add_file("etc/show-boot-menu", struct.pack("<H", 0))
     fw.add_file("bootorder", b"")
+    # Ready-made SMBIOS tables: firmware installs them instead of building its own.
+    anchor, tables = smbios.build(machine.cpus, [(r.gpa, r.size) for r in machine.memory.regions],
+                                  machine_uuid())
+    fw.add_file("etc/smbios/smbios-anchor", anchor)
+    fw.add_file("etc/smbios/smbios-tables", tables)
     return fw
+
+
+def machine_uuid() -> uuid.UUID:
+    """The system UUID firmware reports, stable for this host (bhyve derives it from the host
+    and VM names)."""
+    return uuid.uuid5(uuid.NAMESPACE_DNS, f"{socket.gethostname()}.hvframe")
 
 
 def create(machine, options) -> LpcBridge:
