@@ -12,6 +12,7 @@ Exit status of `run` is bhyve's: 0 reboot, 1 poweroff, 2 halt, 3 triple fault, 4
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import HvError
@@ -19,7 +20,33 @@ from .errors import HvError
 EXIT_ERROR = 4    # bhyve's error status (hvframe.machine.EXIT_ERROR; not imported for `devices`)
 
 
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns without importing shutil: argparse makes a help
+    formatter (which asks shutil) for every add_argument, and shutil (with bz2, lzma) costs
+    every start-up ~4 ms."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        super().__init__(prog, indent_increment, max_help_position,
+                         _terminal_columns() if width is None else width)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, bhyve's error status, no usage dump
         print(f"hvframe: {message} (see `hvframe {self.prog.split()[-1]} --help`)", file=sys.stderr)
         sys.exit(EXIT_ERROR)

@@ -62,16 +62,16 @@ returns plain ``threading`` locks: no cost on the exit path.
 """
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
-import traceback
 import weakref
 from contextlib import contextmanager
 from typing import Callable
 
-log = logging.getLogger(__name__)
+from .logs import logger
+
+log = logger(__name__)      # logging is imported only when something is logged
 
 RESET = 5
 QUEUE = 10
@@ -106,6 +106,7 @@ def _held() -> list:
 
 
 def _report(message: str) -> None:
+    import traceback
     where = "".join(traceback.format_stack(limit=12)[:-2])
     text = f"{message} (thread {threading.current_thread().name})\n{where}"
     log.error("lock order violation: %s", message)
@@ -314,6 +315,7 @@ class DeviceThread:
         try:
             self._target(self)
         except BaseException as e:     # noqa: BLE001 - reported, then the owner decides
+            import traceback
             self.error = e
             log.error("%s: thread failed: %s", self.name,
                       "".join(traceback.format_exception(type(e), e, e.__traceback__)))

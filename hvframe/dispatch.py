@@ -14,7 +14,6 @@ import enum
 import errno
 import os
 import sys
-import traceback
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -64,6 +63,7 @@ def _handler_failed(handle: int, offset: int, is_write: int, exc: BaseException)
           f"{offset:#x}: {type(exc).__name__}: {exc} (answered as unclaimed; further errors "
           f"of this kind are not shown)", file=sys.stderr)
     if os.environ.get("HVFRAME_DEBUG"):
+        import traceback
         traceback.print_exception(exc)
 
 

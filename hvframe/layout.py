@@ -25,8 +25,14 @@ def offsets_of(st: Struct) -> dict[str, int]:
 
 
 def offset_of(st: Struct, name: str) -> int:
-    """Byte offset of field ``name`` in a fixed-size Struct (KeyError if it has none)."""
-    return fields_of(st)[name][0]
+    """Byte offset of field ``name`` in a Struct whose fields before it have fixed sizes (the
+    rest may vary, e.g. a table with a GreedyRange tail); KeyError if it has no such field."""
+    off = 0
+    for sc in st.subcons:
+        if sc.name == name:
+            return off
+        off += sc.sizeof()
+    raise KeyError(name)
 
 
 def struct_of(st: Struct) -> struct.Struct:

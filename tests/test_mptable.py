@@ -44,6 +44,9 @@ def test_checksums_and_counts(ncpus, slots):
     lints = {l.dst_pin: l for l in by[M.ENTRY_LINT]}
     assert lints[0].int_type == M.INT_TYPE_EXTINT and lints[1].int_type == M.INT_TYPE_NMI
     assert all(l.dst_apic_id == 0xFF for l in lints.values())
+    # the checksums are patched into bytes built once: exactly what the declarations build
+    assert M.MpFloatingPointer.build(fp) == blob[:16]
+    assert M.MpConfigTable.build(cfg) == cfg_raw
 
 
 def test_install_points_to_pcmp():

@@ -13,6 +13,7 @@ from __future__ import annotations
 from construct import (Bytes, Const, GreedyRange, Int8ul, Int16ul, Int32ul, PaddedString,
                        Padding, Rebuild, Struct, Switch, this)
 
+from ..layout import offset_of
 from ..memory import GuestMemory
 from .tables import MPS_INTI_ACTIVE_HIGH, MPS_INTI_CONFORMING, MPS_INTI_LEVEL, checksum_fix
 
@@ -126,6 +127,10 @@ def mp_entries(ncpus: int, pci_slots) -> list[dict]:
     return e
 
 
+_CONFIG_CHECKSUM = offset_of(MpConfigTable, "checksum")
+_POINTER_CHECKSUM = offset_of(MpFloatingPointer, "checksum")
+
+
 def build_mptable(base: int, ncpus: int, pci_slots=()) -> bytes:
     """Floating pointer at base, configuration table right after it (both 16-byte aligned)."""
     if base % 16:
@@ -136,13 +141,16 @@ def build_mptable(base: int, ncpus: int, pci_slots=()) -> bytes:
                product_id="HVFRAME", oem_table_pointer=0, oem_table_size=0,
                lapic_address=LAPIC_ADDRESS, ext_table_length=0, ext_table_checksum=0,
                entries=entries)
-    cfg["checksum"] = checksum_fix(MpConfigTable.build(cfg))
-    table = MpConfigTable.build(cfg)
+    # Built once with checksum 0, which is then filled in place (the same bytes as building
+    # again with it, at half the cost).
+    table = bytearray(MpConfigTable.build(cfg))
     assert len(table) == table_len
+    table[_CONFIG_CHECKSUM] = checksum_fix(table)
     fp = dict(physptr=base + 16, spec_rev=SPEC_REV, checksum=0, feature1=0, feature2=0,
               feature3_5=bytes(3))
-    fp["checksum"] = checksum_fix(MpFloatingPointer.build(fp))
-    return MpFloatingPointer.build(fp) + table
+    pointer = bytearray(MpFloatingPointer.build(fp))
+    pointer[_POINTER_CHECKSUM] = checksum_fix(pointer)
+    return bytes(pointer + table)
 
 
 def install_mptable(memory: GuestMemory, base: int = MP_BASE, ncpus: int = 1, pci_slots=(),

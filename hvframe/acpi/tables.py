@@ -10,6 +10,8 @@ from __future__ import annotations
 from construct import (Bytes, Const, GreedyBytes, GreedyRange, Int8ul, Int16ul, Int32ul,
                        Int64ul, PaddedString, Padding, Rebuild, Struct, Switch, this)
 
+from ..layout import fields_of
+
 OEM_ID = "HVFRME"
 OEM_TABLE_ID = "HVFRAME"
 OEM_REVISION = 1
@@ -212,21 +214,34 @@ def header(signature: str, revision: int) -> dict:
                 creator_revision=CREATOR_REVISION)
 
 
+def _patch(raw: bytearray, at: int, value: int, size: int) -> None:
+    raw[at:at + size] = value.to_bytes(size, "little")
+
+
+# Where build_sdt and build_rsdp patch the built bytes (from the declarations above): each
+# table is built once with length and checksums 0, and those fields are filled in place;
+# building it again with the values in would give the same bytes at three times the cost.
+_SDT_LENGTH = fields_of(SdtHeader)["length"]
+_SDT_CHECKSUM = fields_of(SdtHeader)["checksum"][0]
+_RSDP_CHECKSUM = fields_of(Rsdp)["checksum"][0]
+_RSDP_EXTENDED_CHECKSUM = fields_of(Rsdp)["extended_checksum"][0]
+
+
 def build_sdt(struct, obj: dict) -> bytes:
     """Build a System Description Table whose first field is "header" (SdtHeader), setting
     header.length to the built size and header.checksum so the whole table sums to zero."""
     obj = dict(obj)
     obj["header"] = dict(obj["header"], length=0, checksum=0)
-    raw = struct.build(obj)
-    obj["header"]["length"] = len(raw)
-    raw = struct.build(obj)
-    obj["header"]["checksum"] = checksum_fix(raw)
-    return struct.build(obj)
+    raw = bytearray(struct.build(obj))
+    _patch(raw, _SDT_LENGTH[0], len(raw), _SDT_LENGTH[1])
+    raw[_SDT_CHECKSUM] = checksum_fix(raw)
+    return bytes(raw)
 
 
 def build_rsdp(xsdt_address: int, rsdt_address: int = 0) -> bytes:
     obj = dict(checksum=0, oem_id=OEM_ID, revision=2, rsdt_address=rsdt_address,
                length=Rsdp.sizeof(), xsdt_address=xsdt_address, extended_checksum=0)
-    obj["checksum"] = checksum_fix(Rsdp.build(obj)[:RSDP_V1_LENGTH])
-    obj["extended_checksum"] = checksum_fix(Rsdp.build(obj))
-    return Rsdp.build(obj)
+    raw = bytearray(Rsdp.build(obj))
+    raw[_RSDP_CHECKSUM] = checksum_fix(raw[:RSDP_V1_LENGTH])
+    raw[_RSDP_EXTENDED_CHECKSUM] = checksum_fix(raw)
+    return bytes(raw)

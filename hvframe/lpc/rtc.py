@@ -17,7 +17,6 @@ with the standard checksum over 0x10-0x2d at 0x2e (high) / 0x2f (low).
 """
 from __future__ import annotations
 
-import calendar
 import time
 from .. import concurrency
 
@@ -154,6 +153,7 @@ class Rtc:
             f[0] = v * 100 + f[0] % 100
         else:
             return   # day of week follows from the date
+        import calendar      # only when the guest sets the clock: it costs start-up ~3 ms
         try:
             guest = calendar.timegm((f[0], max(f[1], 1), max(f[2], 1), f[3], f[4], f[5], 0, 0, 0))
         except (ValueError, OverflowError):

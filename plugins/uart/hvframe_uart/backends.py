@@ -13,19 +13,21 @@ stops and joins them with a deadline, and a thread that dies of a bug is reporte
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import select
-import socket
 import stat
 import termios
 import tty
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from hvframe.errors import ConfigError
 from hvframe import concurrency
+from hvframe.logs import logger
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import socket     # imported where a socket backend is made: it costs start-up ~5 ms
+
+log = logger(__name__)
 
 OnInput = Callable[[bytes], None]
 
@@ -347,6 +349,7 @@ class SocketServerBackend:
         return None
 
     def _serve(self, thread: concurrency.DeviceThread, on_input: OnInput) -> None:
+        import socket
         while True:
             conn = self._accept(thread)
             if conn is None:
@@ -373,6 +376,7 @@ class SocketServerBackend:
                 return
 
     def _drop_client(self, conn: socket.socket) -> None:
+        import socket
         concurrency.may_block("the UART socket writer to let go of its client")
         with self._cond:
             if self._client is conn:
@@ -392,6 +396,7 @@ class SocketServerBackend:
             self._cond.notify_all()
 
     def _flush_output(self, thread: concurrency.DeviceThread) -> None:
+        import socket
         while True:
             thread.checkpoint()
             concurrency.may_block("output for the UART's client")
@@ -426,6 +431,7 @@ class SocketServerBackend:
     def _thread_failed(self, exc: BaseException) -> None:
         """(DeviceThread.on_error) End the connection and serve nobody: the other thread
         stops at its next wait, and output is dropped from now on."""
+        import socket
         with self._cond:
             self._broken = f"{type(exc).__name__}: {exc}"
             client, self._client = self._client, None
@@ -461,6 +467,7 @@ class SocketServerBackend:
                 self._cond.notify_all()
 
     def close(self) -> None:
+        import socket
         with self._cond:
             if self._closing:
                 return
@@ -489,6 +496,7 @@ class SocketServerBackend:
 
 
 def _tcp_listener(label: str, rest: str) -> socket.socket:
+    import socket
     host, sep, port_text = rest.rpartition(":")
     if not sep or not port_text.isdigit() or int(port_text) > 65535:
         raise ConfigError(f"{label}: bad tcp backend {rest!r}; use tcp=HOST:PORT, "
@@ -511,6 +519,7 @@ def _tcp_listener(label: str, rest: str) -> socket.socket:
 
 
 def _remove_stale_socket(label: str, path: str) -> None:
+    import socket
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -531,6 +540,7 @@ def _remove_stale_socket(label: str, path: str) -> None:
 
 
 def _unix_listener(label: str, path: str) -> socket.socket:
+    import socket
     if not path:
         raise ConfigError(f"{label}: unix backend needs a path; use unix=PATH")
     _remove_stale_socket(label, path)
