@@ -83,8 +83,13 @@ class FailurePolicy:
         """A read of the lost device; None: all ones."""
         return None
 
+    def may_resume(self) -> bool:
+        """Whether forwarding may start again as soon as the device is reachable; if not, the
+        policy calls fn.resume() itself (a virtio driver must first reset the device)."""
+        return True
+
     def recovered(self) -> None:
-        """The backend is back; the driver will reset the device."""
+        """Forwarding starts again."""
 
 
 class _ForwardedBar:
@@ -150,6 +155,7 @@ class PassthruFunction(PciFunction):
                          subsystem_vendor=_u(cfg, 0x2C, 2), subsystem_id=_u(cfg, 0x2E, 2),
                          pin=cfg[0x3D] if intx and 1 <= cfg[0x3D] <= 4 else 0, name=name)
         self.lost = False
+        self._reconnected = False
         self._lost_lock = concurrency.lock(concurrency.LEAF, f"{name} lost")
         if policy is None:
             from .failure import policy_for
@@ -262,6 +268,10 @@ class PassthruFunction(PciFunction):
                 log.warning("%s: read of region %d at %#x: %s", self.name, region, offset, e)
                 return (1 << 8 * size) - 1
         v = self.policy.read_while_lost(region, offset, size)
+        if v is None and region == p.PCI_CONFIG_REGION:
+            # Capability bodies as the device had them: a driver probing while the device is
+            # away still finds its structure.
+            return _u(self.device_config, offset, size)
         return (1 << 8 * size) - 1 if v is None else v
 
     def _forward_write(self, region: int, offset: int, size: int, value: int) -> None:
@@ -344,14 +354,18 @@ class PassthruFunction(PciFunction):
 
     def _lose(self, why: Exception) -> None:
         with self._lost_lock:
-            if self.lost:
+            if self.lost and self._reconnector is not None and self._reconnector.is_alive():
                 return
+            first = not self.lost
             self.lost = True
-        log.error("%s: device lost (%s); failing its requests until it is back", self.name, why)
-        try:
-            self.policy.lost()
-        except Exception:
-            log.exception("%s: failure policy", self.name)
+            self._reconnected = False
+        if first:
+            log.error("%s: device lost (%s); failing its requests until it is back",
+                      self.name, why)
+            try:
+                self.policy.lost()
+            except Exception:
+                log.exception("%s: failure policy", self.name)
         if self._relay is not None and self.pci_bus is not None:
             self._reconnect_wake.clear()
             self._reconnector = concurrency.DeviceThread(
@@ -361,16 +375,36 @@ class PassthruFunction(PciFunction):
     def _reconnect_loop(self, thread: concurrency.DeviceThread) -> None:
         while not thread.stopping:
             if self.backend.reconnect():
-                try:
-                    self._bind_doorbells()
-                except BackendLost:
-                    continue
                 with self._lost_lock:
-                    self.lost = False
-                self.policy.recovered()
-                log.warning("%s: device back", self.name)
+                    self._reconnected = True
+                log.warning("%s: device server back", self.name)
+                if self.policy.may_resume():
+                    self.resume()
                 return
             self._reconnect_wake.wait(RECONNECT_INTERVAL)
+
+    def resume(self) -> bool:
+        """Forward to the device again, once it is reachable (the policy calls this when the
+        driver has reset the device); False while it is not."""
+        with self._lost_lock:
+            if not self.lost or not self._reconnected:
+                return not self.lost
+        try:
+            self._bind_doorbells()
+        except BackendLost as e:
+            with self._lost_lock:
+                self._reconnected = False
+            self._lose(e)
+            return False
+        self.policy.recovered()
+        with self._lost_lock:
+            self.lost = False
+            self._reconnected = False
+        return True
+
+    def doorbell_fds(self) -> list[int]:
+        """The device's doorbell eventfds (still signalled by KVM while the device is lost)."""
+        return [d.iofd.fd for bells in self._doorbells.values() for d in bells]
 
     def close(self) -> None:
         if self._reconnector is not None:

@@ -124,13 +124,21 @@ class VfioUserBackend:
     def device_info(self):
         r = self.call(p.DEVICE_GET_INFO, p.DeviceInfo.build(dict(
             argsz=p.DeviceInfo.sizeof(), flags=0, num_regions=0, num_irqs=0)))
-        return p.parse(p.DeviceInfo, r.payload, exact=False)
+        return self._parse(p.DeviceInfo, r.payload)
+
+    def _parse(self, st, payload: bytes):
+        """A reply's payload head; a malformed reply means the server cannot be trusted."""
+        try:
+            return p.parse(st, payload, exact=False)
+        except p.CommandError as e:
+            self.close()
+            raise BackendLost(f"vfio-user={self.path}: malformed reply: {e}") from None
 
     def region_info(self, index: int) -> RegionInfo:
         r = self.call(p.DEVICE_GET_REGION_INFO, p.RegionInfo.build(dict(
             argsz=p.RegionInfo.sizeof(), flags=0, index=index, cap_offset=0, size=0, offset=0)))
         r.close_fds()            # no mmap of regions in this client: all accesses are trapped
-        info = p.parse(p.RegionInfo, r.payload, exact=False)
+        info = self._parse(p.RegionInfo, r.payload)
         return RegionInfo(index, info.size, bool(info.flags & p.REGION_FLAG_READ),
                           bool(info.flags & p.REGION_FLAG_WRITE))
 
@@ -140,7 +148,7 @@ class VfioUserBackend:
             n = min(size, self.max_xfer)
             r = self.call(p.REGION_READ, p.RegionAccess.build(dict(offset=offset, region=index,
                                                                    count=n)))
-            head = p.parse(p.RegionAccess, r.payload, exact=False)
+            head = self._parse(p.RegionAccess, r.payload)
             data = r.payload[p.RegionAccess.sizeof():]
             if head.count != n or len(data) != n:
                 raise BackendLost(f"vfio-user={self.path}: short REGION_READ reply")
@@ -162,7 +170,7 @@ class VfioUserBackend:
         except p.RemoteError:
             return []            # optional in the protocol: the region's writes stay trapped
         try:
-            head = p.parse(p.RegionIoFdsRequest, r.payload, exact=False)
+            head = self._parse(p.RegionIoFdsRequest, r.payload)
             esz = p.SubRegionIoFd.sizeof()
             body = r.payload[p.RegionIoFdsRequest.sizeof():]
             if len(body) != head.count * esz:
@@ -184,7 +192,7 @@ class VfioUserBackend:
     def irq_info(self, index: int) -> IrqInfo:
         r = self.call(p.DEVICE_GET_IRQ_INFO, p.IrqInfo.build(dict(
             argsz=p.IrqInfo.sizeof(), flags=0, index=index, count=0)))
-        info = p.parse(p.IrqInfo, r.payload, exact=False)
+        info = self._parse(p.IrqInfo, r.payload)
         return IrqInfo(index, info.count, bool(info.flags & p.IRQ_INFO_MASKABLE),
                        bool(info.flags & p.IRQ_INFO_AUTOMASKED))
 
