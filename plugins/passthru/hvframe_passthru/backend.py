@@ -56,6 +56,8 @@ class DeviceBackend(Protocol):
     def dma_map_all(self, memory) -> None:
         """Let the device reach all of guest RAM (a GuestMemory) at guest-physical addresses."""
     def reset(self) -> None: ...
+    def check_alive(self) -> None:
+        """Raise BackendLost if the device is known to be gone (cheap, no round trip)."""
     def reconnect(self) -> bool:
         """Try once to reach the device again after BackendLost; True when it is back."""
     def close(self) -> None: ...

@@ -58,6 +58,7 @@ CONFIG_SIZE = 256
 MAX_CAPS = 48
 MAX_ROM = 16 << 20
 RECONNECT_INTERVAL = 0.1
+LIVENESS_INTERVAL_MS = 100
 
 
 def _u(data: bytes, off: int, n: int) -> int:
@@ -447,7 +448,15 @@ class _IrqRelay:
             poller.register(fd, select.POLLIN)
         fn = self.fn
         while not thread.stopping:
-            for fd, _ in poller.poll():
+            ready = poller.poll(LIVENESS_INTERVAL_MS)
+            if not fn.lost:
+                # A device whose requests arrive by doorbell alone would never notice its
+                # server dying: look at the connection now and then.
+                try:
+                    fn.backend.check_alive()
+                except BackendLost as e:
+                    fn._lose(e)
+            for fd, _ in ready:
                 try:
                     os.eventfd_read(fd)
                 except (BlockingIOError, OSError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import threading
 
@@ -113,6 +114,24 @@ class VfioUserBackend:
                 self.conn = None
             return False
         return True
+
+    def check_alive(self) -> None:
+        """BackendLost if the server hung up (the socket reports HUP), without a message."""
+        conn = self.conn
+        if conn is None:
+            raise BackendLost(f"vfio-user={self.path}: not connected")
+        poller = select.poll()
+        try:
+            poller.register(conn.fileno(), 0)
+        except (ValueError, OSError):
+            raise BackendLost(f"vfio-user={self.path}: connection closed") from None
+        for _, ev in poller.poll(0):
+            if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                with self._lock:
+                    if self.conn is conn:
+                        conn.close()
+                        self.conn = None
+                raise BackendLost(f"vfio-user={self.path}: the server hung up")
 
     def close(self) -> None:
         with self._lock:
