@@ -74,6 +74,8 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("-v", "--verbose", action="store_true",
                    help="summaries and options of every device (imports every plugin)")
     d.add_argument("names", nargs="*", metavar="NAME", help="describe just these devices")
+    sub.add_parser("serve-device", add_help=False,
+                   help="run one PCI device as a vfio-user server (the passthru plugin)")
     return p
 
 
@@ -100,6 +102,14 @@ def config_from_args(args, registry):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve-device"]:     # its options are the passthru plugin's to parse
+        try:
+            from hvframe_passthru.server import main as serve_device
+        except ImportError:
+            print("hvframe: serve-device needs the hvframe-passthru plugin", file=sys.stderr)
+            return EXIT_ERROR
+        return serve_device(argv[1:])
     args = make_parser().parse_args(argv)
     try:
         from .plugins import Registry

@@ -117,6 +117,9 @@ class DeviceType:
     # e.g. ("path",) makes `-s 2,virtio-blk,disk.img` mean path=disk.img.
     positional: tuple[str, ...] = ()
     package: str = field(default="", compare=False)  # filled in by the plugin manager
+    # Guest RAM must be shareable (memfd) for a device of this type: its model runs in
+    # another process that maps it (passthru to a vfio-user server).
+    shared_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

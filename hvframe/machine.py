@@ -156,13 +156,14 @@ class MsiIrqFd:
 
 class Machine:
     def __init__(self, memory_size: int, cpus: int = 1, *, backend: str = "kvm",
-                 cpu_policy: str = "auto"):
+                 cpu_policy: str = "auto", shared_memory: bool = False):
         if cpus < 1:
             raise HvError("cpus must be at least 1")
         self.cpus = cpus
         self.backend = backend
         self.cpu_policy = cpu_policy
-        self.memory = GuestMemory(memory_size)
+        # Shared (memfd-backed) when a device in another process must map guest RAM.
+        self.memory = GuestMemory(memory_size, shared=shared_memory)
         self.pio = Bus("port")
         self.mmio = Bus("MMIO")
         self.devices: list[Any] = []

@@ -7,6 +7,7 @@ cannot steer the VMM into host memory outside its RAM.
 from __future__ import annotations
 
 import mmap
+import os
 from dataclasses import dataclass
 
 GiB = 1 << 30
@@ -41,7 +42,10 @@ class RamRegion:
 class GuestMemory:
     """All guest RAM as one host mapping, split into guest-physical regions."""
 
-    def __init__(self, size: int, lowmem_limit: int = LOWMEM_LIMIT):
+    def __init__(self, size: int, lowmem_limit: int = LOWMEM_LIMIT, *, shared: bool = False):
+        """shared: back RAM with a memfd (``fd``, the host mapping at offset 0 of it) that
+        another process can map, as a device server does for DMA; otherwise anonymous
+        private memory and ``fd`` is -1."""
         if size <= 0 or size % mmap.PAGESIZE:
             raise ValueError(f"memory size must be a positive multiple of {mmap.PAGESIZE}")
         self.size = size
@@ -52,8 +56,18 @@ class GuestMemory:
         self.regions: tuple[RamRegion, ...] = tuple(regions)
         self.lowmem_end = low
         self.highmem_end = regions[-1].end if len(regions) > 1 else 0
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                              | getattr(mmap, "MAP_NORESERVE", 0))
+        self.fd = -1
+        if shared:
+            self.fd = os.memfd_create("hvframe-guest-ram", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self.fd, size)
+                self._map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+            except BaseException:
+                os.close(self.fd)
+                raise
+        else:
+            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                  | getattr(mmap, "MAP_NORESERVE", 0))
         # As QEMU does with guest RAM: transparent huge pages where the host allows them
         # (fewer TLB misses for the guest and for every device copy into its buffers), and
         # not inherited by a fork (a child would make every page copy-on-write).
@@ -139,6 +153,9 @@ class GuestMemory:
             return self.unmapped
         self.closed = True
         self.regions = ()                # host_offset() now refuses everything
+        if self.fd >= 0:                 # the mapping keeps the memfd's pages while it lasts
+            os.close(self.fd)
+            self.fd = -1
         view, self._view = self._view, memoryview(b"")
         try:
             view.release()

@@ -149,12 +149,25 @@ def demo_guest_path() -> str:
     return cached_guest("demo")
 
 
+def _needs_shared_memory(cfg: Config, registry: Registry) -> bool:
+    """Whether a -s device runs outside this process and maps guest RAM (DeviceType)."""
+    for slots in cfg.group("pci").values():
+        for funcs in (slots.values() if isinstance(slots, dict) else ()):
+            for group in (funcs.values() if isinstance(funcs, dict) else ()):
+                if isinstance(group, dict) and "device" in group:
+                    dt = registry.get(group["device"], "pci")
+                    if dt is not None and dt.shared_memory:
+                        return True
+    return False
+
+
 def build_machine(cfg: Config, registry: Registry, *, backend: str = "kvm") -> tuple[Machine, RunPlan]:
     p = plan(cfg)
     if p.demo and not cfg.has("lpc.com1.device") and registry.get("com1", "lpc") is not None:
         cfg.set("lpc.com1.device", "com1")
         cfg.set("lpc.com1.backend", "stdio")
-    m = Machine(p.memory_size, p.cpus, backend=backend, cpu_policy=p.cpu_policy)
+    m = Machine(p.memory_size, p.cpus, backend=backend, cpu_policy=p.cpu_policy,
+                shared_memory=_needs_shared_memory(cfg, registry))
     try:
         for dt in registry.types:
             if dt.kind == "platform":

@@ -20,8 +20,8 @@ class SyntheticMachine(Machine):
     it directly) and the caller, standing in for KVM, reads it (MsiIrqFd.fd)."""
 
     def __init__(self, memory_size: int = 16 << 20, cpus: int = 1, *,
-                 irqfd_eventfds: bool = False):
-        super().__init__(memory_size, cpus, backend="synthetic")
+                 irqfd_eventfds: bool = False, shared_memory: bool = False):
+        super().__init__(memory_size, cpus, backend="synthetic", shared_memory=shared_memory)
         self.irqfd_eventfds = irqfd_eventfds
 
     # One exit each, through hv_bus_dispatch as KVM_EXIT_IO / KVM_EXIT_MMIO would go.

@@ -1,0 +1,99 @@
+"""virtio-blk served out of process (`hvframe serve-device`) to real guests on /dev/kvm
+through `-s N,passthru,vfio-user=PATH`: the guest drivers of tests/guests see the same
+device as in process, the data is in the image, and a server killed with SIGKILL during
+I/O makes requests fail with VIRTIO_BLK_S_IOERR while the VMM carries on, until a restarted
+server serves the guest again."""
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import hvframe_cmd, requires_kvm
+from test_kvm_virtio_blk import SECTORS, WRITTEN, field, make_image, pattern
+
+pytestmark = [requires_kvm, pytest.mark.kvm]
+
+
+def start_server(disk, sock, conf=""):
+    proc = subprocess.Popen([sys.executable, "-m", "hvframe", "serve-device", "-s",
+                             f"virtio-blk,{disk}{conf}", "--socket", str(sock)],
+                            stderr=subprocess.PIPE, text=True)
+    assert "on " + str(sock) in proc.stderr.readline()
+    return proc
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+    proc.wait(10)
+    proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def guests(tmp_path_factory):
+    from hvframe.guests.build import build_guest
+    d = tmp_path_factory.mktemp("pt")
+    return {name: build_guest([f"tests/guests/{name}.c"], d / f"{name}.elf")
+            for name in ("virtio_blk", "vblk_failover")}
+
+
+def test_guest_uses_a_virtio_blk_served_out_of_process(guests, tmp_path):
+    disk = make_image(tmp_path / "disk.img")
+    original = disk.read_bytes()
+    sock = tmp_path / "vblk.sock"
+    server = start_server(disk, sock, ",ser=HVF-OOP-1")
+    try:
+        p = subprocess.run(hvframe_cmd() + ["run", "-m", "64M", "-s", "0,hostbridge", "-s",
+                                            f"2,passthru,vfio-user={sock}", "-l", "com1,stdio",
+                                            "--kernel", guests["virtio_blk"]],
+                           input="", capture_output=True, text=True, timeout=180)
+    finally:
+        stop(server)
+    out = p.stdout
+    assert p.returncode == 1 and "vblk done" in out, (out, p.stderr)
+    assert field(out, "capacity") == str(SECTORS)
+    assert "vblk readback ok" in out
+    assert field(out, "id") == 'status 0 "HVF-OOP-1"'
+    assert field(out, "oob") == "status 1"
+    assert int(field(out, "irqs").split()[0]) >= 1          # MSI-X from the other process
+    image = disk.read_bytes()
+    for s in WRITTEN:
+        assert image[s * 512:(s + 1) * 512] == pattern(s), s
+    assert image[9 * 512:] == original[9 * 512:]
+
+
+def test_server_killed_during_io_then_restarted(guests, tmp_path):
+    disk = make_image(tmp_path / "disk.img")
+    sock = tmp_path / "vblk.sock"
+    server = start_server(disk, sock)
+    vmm = subprocess.Popen(hvframe_cmd() + ["run", "-m", "64M", "-s", "0,hostbridge", "-s",
+                                            f"2,passthru,vfio-user={sock}", "-l", "com1,stdio",
+                                            "--kernel", guests["vblk_failover"],
+                                            "-a", "count=3000"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)                          # writes under way
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        server.stderr.close()
+        time.sleep(1.5)
+        assert vmm.poll() is None              # the VMM survives its device process
+        server = start_server(disk, sock)
+        out, err = vmm.communicate(timeout=240)
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()
+            vmm.wait()
+        stop(server)
+    assert vmm.returncode == 1, (out, err)
+    assert re.search(r"^vblk ioerr \d+ status 1$", out, re.M), (out, err)
+    assert re.search(r"^vblk recovered \d+$", out, re.M), (out, err)
+    m = re.search(r"^vblk summary ok (\d+) errors (\d+) recovered (\d+)$", out, re.M)
+    assert m and int(m.group(1)) > 0 and int(m.group(2)) > 0 and int(m.group(3)) >= 1, out
+    image = disk.read_bytes()
+    for s in WRITTEN:                          # every sector was written and acknowledged
+        assert image[s * 512:(s + 1) * 512] == pattern(s), s
