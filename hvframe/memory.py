@@ -9,6 +9,8 @@ from __future__ import annotations
 import mmap
 from dataclasses import dataclass
 
+from .errors import HvError
+
 GiB = 1 << 30
 MiB = 1 << 20
 FOUR_GIB = 4 * GiB
@@ -52,8 +54,12 @@ class GuestMemory:
         self.regions: tuple[RamRegion, ...] = tuple(regions)
         self.lowmem_end = low
         self.highmem_end = regions[-1].end if len(regions) > 1 else 0
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                              | getattr(mmap, "MAP_NORESERVE", 0))
+        try:
+            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                  | getattr(mmap, "MAP_NORESERVE", 0))
+        except OSError as e:        # the host's overcommit policy or address-space limit
+            raise HvError(f"-m: cannot reserve {size >> 20} MiB of guest RAM on this host: "
+                          f"{e.strerror}") from None
         # As QEMU does with guest RAM: transparent huge pages where the host allows them
         # (fewer TLB misses for the guest and for every device copy into its buffers), and
         # not inherited by a fork (a child would make every page copy-on-write).
