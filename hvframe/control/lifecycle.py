@@ -237,6 +237,7 @@ class Lifecycle:
         return code
 
     def _run_machines(self) -> tuple[int, str]:
+        resetting = False
         while True:
             with self._cond:
                 stop = self._host_stop
@@ -248,6 +249,9 @@ class Lifecycle:
                     m.pause()          # armed: the vCPUs park as soon as they start
                 self._attach(m)
                 m.start_devices()
+                if resetting:      # QEMU sends RESET once the machine is reset
+                    self.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+                    resetting = False
                 code = m.run(timeout=self.timeout)
                 if code is None:
                     code = EXIT_ERROR
@@ -263,7 +267,9 @@ class Lifecycle:
                 self.emit("SHUTDOWN", {"guest": False, "reason": stop[2]})
                 return code, reason
             if reset and code == EXIT_REBOOT:
-                self.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+                resetting = True
+                with self._cond:
+                    self.status = "prelaunch"
                 continue
             self.emit("SHUTDOWN", {"guest": code != EXIT_ERROR, "reason": _shutdown_reason(code, reason)})
             return code, reason

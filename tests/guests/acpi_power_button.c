@@ -30,6 +30,7 @@ int main(const struct hvm_start_info *si)
 {
     (void)si;
     u32 ticks = cmdline_u32("ticks", 0);    /* 0: wait forever */
+    u32 spin = cmdline_u32("spin", 200000); /* pause loops between ticks */
     irq_init("");
     irq_set_hook(SCI_VECTOR, sci);
     ioapic_route(SCI_GSI, SCI_VECTOR, IOAPIC_LEVEL);
@@ -37,7 +38,7 @@ int main(const struct hvm_start_info *si)
     irq_enable();
     printf("power button armed (PM1_CNT 0x%x)\n", inw(0x404));
     for (u32 n = 1; !pressed; n++) {
-        for (volatile u32 i = 0; i < 200000 && !pressed; i++)
+        for (volatile u32 i = 0; i < spin && !pressed; i++)
             cpu_relax();
         if (!pressed)
             printf("tick %u\n", n);
