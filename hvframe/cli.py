@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         # `devices` builds no machine: no plugin is imported for its platform devices, and
         # a plugin that cannot be loaded is reported and skipped.
         listing = args.command == "devices"
-        registry = Registry(platform=not listing, skip_broken=listing)
+        registry = Registry(platform=not listing, skip_broken=listing and not args.names)
         if listing:
             print(registry.describe(verbose=args.verbose, names=args.names))
             for problem in registry.broken:
