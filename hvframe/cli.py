@@ -69,6 +69,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("-a", "--cmdline", help="kernel command line")
     r.add_argument("-v", "--verbose", action="store_true", help="say why the guest stopped")
     r.add_argument("--timeout", type=float, help="stop the guest after this many seconds (exit 4)")
+    from .control.ctl import add_bhyve_flags, add_ctl_parser
+    add_bhyve_flags(r)          # bhyve's other flags, the VM name, --qmp, --grace
     d = sub.add_parser("devices", help="list installed devices, their kinds and packages "
                                        "(-v or NAMEs: summaries and options too)")
     d.add_argument("-v", "--verbose", action="store_true",
@@ -76,6 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("names", nargs="*", metavar="NAME", help="describe just these devices")
     sub.add_parser("serve-device", add_help=False,
                    help="run one PCI device as a vfio-user server (the passthru plugin)")
+    add_ctl_parser(sub)
     return p
 
 
@@ -112,20 +115,45 @@ def main(argv=None) -> int:
         return serve_device(argv[1:])
     args = make_parser().parse_args(argv)
     try:
+        if args.command == "ctl":
+            from .control.ctl import ctl_main
+            return ctl_main(args)
         from .plugins import Registry
-        # `devices` builds no machine: no plugin is imported for its platform devices.
-        registry = Registry(platform=args.command != "devices")
-        if args.command == "devices":
+        # `devices` builds no machine: no plugin is imported for its platform devices, and
+        # a plugin that cannot be loaded is reported and skipped.
+        listing = args.command == "devices"
+        registry = Registry(platform=not listing, skip_broken=listing and not args.names)
+        if listing:
             print(registry.describe(verbose=args.verbose, names=args.names))
+            for problem in registry.broken:
+                print(f"hvframe: skipped: {problem}", file=sys.stderr)
             return 0
         if args.command != "run":
             make_parser().print_help()
             return EXIT_ERROR
-        from .runner import run
+        from .control.ctl import bhyve_notes, check_unsupported, qmp_paths
+        from .control.lifecycle import DEFAULT_GRACE, Lifecycle
+        from .control.rundir import check_name, default_name
+        check_unsupported(args)
         cfg = config_from_args(args, registry)
-        return run(cfg, registry, verbose=args.verbose, timeout=args.timeout)
+        name = check_name(args.vmname) if args.vmname else default_name()
+        if str(cfg.get("config.dump", "")).lower() in ("1", "true", "yes", "on"):
+            print(f"name={name}")       # bhyve's -o config.dump=1: the tree, then exit
+            print("\n".join(f"{k}={v}" for k, v in cfg.items() if k != "config.dump"))
+            return 0
+        grace = DEFAULT_GRACE if args.grace is None else (args.grace or None)
+        return Lifecycle(cfg, registry, name=name, qmp_paths=qmp_paths(args.qmp),
+                         verbose=args.verbose, timeout=args.timeout, grace=grace,
+                         notes=bhyve_notes(args)).run()
     except HvError as e:
         print(f"hvframe: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:      # a VMM bug or a host failure: one line, never a traceback
+        import os
+        if os.environ.get("HVFRAME_TRACEBACK"):
+            raise
+        print(f"hvframe: internal error: {type(e).__name__}: {e} "
+              "(HVFRAME_TRACEBACK=1 shows where)", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -11,6 +11,9 @@ Threads, and who owns them
   ``close()``, which ``Machine.close()`` calls; a thread that dies of an exception is logged
   and its owner told (``on_error``), never a silently dead queue.
 * **The main thread** builds the machine, waits for it and closes it.
+* **Control-plane threads** (hvframe.control), owned by the run's Lifecycle: the QMP control
+  thread (commands, events) and the signal thread (signals, the SIGTERM grace timer). A
+  pause parks vCPU threads at the machine's PauseGate, outside any device code and lock.
 
 Locks, outermost first
 ----------------------

@@ -16,6 +16,7 @@ from .dispatch import Bus
 from .errors import HvError
 from .memory import GuestMemory
 from . import concurrency
+from .control.pause import PauseGate
 
 # bhyve's exit statuses
 EXIT_REBOOT, EXIT_POWEROFF, EXIT_HALT, EXIT_TRIPLEFAULT, EXIT_ERROR = 0, 1, 2, 3, 4
@@ -155,6 +156,8 @@ class MsiIrqFd:
 
 
 class Machine:
+    pci = None      # the PCI bus, once hvframe.pci.bus.ensure_pci_bus has made one
+
     def __init__(self, memory_size: int, cpus: int = 1, *, backend: str = "kvm",
                  cpu_policy: str = "auto", shared_memory: bool = False):
         if cpus < 1:
@@ -177,6 +180,7 @@ class Machine:
         self._irqfds: list[MsiIrqFd] = []
         self._irqfds_lock = concurrency.lock(concurrency.LEAF, "irqfd list")
         self._exit = threading.Event()
+        self.pause_gate = PauseGate()       # where vCPU threads park while paused
         self.exit_code: int | None = None
         self.exit_reason = ""
         self.vcpus: list = []
@@ -286,8 +290,21 @@ class Machine:
                 return
             self.exit_code, self.exit_reason = code, reason
         self._exit.set()
+        self.pause_gate.end()
         for v in self.vcpus:
             lib.hv_vcpu_stop(v.c)
+
+    def pause(self, deadline: float = concurrency.JOIN_DEADLINE) -> bool:
+        """Stop every vCPU between two KVM_RUNs (see hvframe.control.pause); True once all
+        running vCPU threads have parked. Before run() it only arms the gate."""
+        self.pause_gate.close()
+        for v in self.vcpus:
+            lib.hv_vcpu_stop(v.c)
+        running = [t for t in getattr(self, "_vcpu_threads", ()) if t.is_alive()]
+        return self.pause_gate.wait_parked(len(running), deadline)
+
+    def resume(self) -> None:
+        self.pause_gate.open()
 
     @property
     def exited(self) -> bool:
@@ -399,6 +416,7 @@ class Machine:
                 if self._exit.is_set():
                     return
                 c.stop = 0
+                self.pause_gate.park()      # a pause kicked it out (after c.stop = 0: no stop lost)
                 continue
             if rc == lib.HV_EXIT_SHUTDOWN:
                 self.request_exit(EXIT_TRIPLEFAULT, f"triple fault on vCPU {vcpu.index}")

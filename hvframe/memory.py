@@ -10,6 +10,8 @@ import mmap
 import os
 from dataclasses import dataclass
 
+from .errors import HvError
+
 GiB = 1 << 30
 MiB = 1 << 20
 FOUR_GIB = 4 * GiB
@@ -57,17 +59,19 @@ class GuestMemory:
         self.lowmem_end = low
         self.highmem_end = regions[-1].end if len(regions) > 1 else 0
         self.fd = -1
-        if shared:
-            self.fd = os.memfd_create("hvframe-guest-ram", os.MFD_CLOEXEC)
-            try:
+        try:
+            if shared:
+                self.fd = os.memfd_create("hvframe-guest-ram", os.MFD_CLOEXEC)
                 os.ftruncate(self.fd, size)
                 self._map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
-            except BaseException:
+            else:
+                self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                      | getattr(mmap, "MAP_NORESERVE", 0))
+        except OSError as e:        # the host's overcommit policy or address-space limit
+            if self.fd >= 0:
                 os.close(self.fd)
-                raise
-        else:
-            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                                  | getattr(mmap, "MAP_NORESERVE", 0))
+            raise HvError(f"-m: cannot reserve {size >> 20} MiB of guest RAM on this host: "
+                          f"{e.strerror}") from None
         # As QEMU does with guest RAM: transparent huge pages where the host allows them
         # (fewer TLB misses for the guest and for every device copy into its buffers), and
         # not inherited by a fork (a child would make every page copy-on-write).

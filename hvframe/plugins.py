@@ -204,7 +204,12 @@ class Registry:
     at once), e.g. Registry(plugin_manager(entry_points=False)) for the built-ins alone."""
 
     def __init__(self, pm: pluggy.PluginManager | None = None,
-                 entries: list[Entry] | None = None, *, platform: bool = True):
+                 entries: list[Entry] | None = None, *, platform: bool = True,
+                 skip_broken: bool = False):
+        # skip_broken (listings): a plugin that cannot be loaded is noted in `broken`
+        # instead of stopping everything.
+        self._skip_broken = skip_broken
+        self.broken: list[str] = []
         self._by_name: dict[str, DeviceType] = {}
         self._types: list[DeviceType] = []
         self._declared: dict[str, Entry] = {}          # device name -> its entry point
@@ -271,8 +276,17 @@ class Registry:
             if self.pm.get_plugin(modname) is None and not self.pm.is_registered(mod):
                 self.pm.register(mod, name=modname)
         except Exception as e:
-            raise PluginError(f"{label} cannot be loaded: {_one_line(e)}") from None
-        self._add_plugin(modname, mod, package, [e for e in entries if e.kind is not None])
+            error = PluginError(f"{label} cannot be loaded: {_one_line(e)}")
+            if not self._skip_broken:
+                raise error from None
+            self.broken.append(str(error))
+            return
+        try:
+            self._add_plugin(modname, mod, package, [e for e in entries if e.kind is not None])
+        except PluginError as e:
+            if not self._skip_broken:
+                raise
+            self.broken.append(str(e))
 
     def _add_plugin(self, modname: str, plugin, package: str, declared: list[Entry]) -> None:
         label = f"plugin {modname} ({package})"

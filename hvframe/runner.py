@@ -14,7 +14,8 @@ from .machine import EXIT_ERROR, Machine
 from .plugins import Registry
 
 DEFAULT_MEMORY = "256M"
-TOP_LEVEL_KEYS = {"cpus", "memory", "pci", "lpc", "boot", "cpu", "platform"}
+MAX_CPUS = 254     # the MP table's APIC IDs (the IOAPIC takes the next one); the MADT allows 255
+TOP_LEVEL_KEYS = {"cpus", "memory", "pci", "lpc", "boot", "cpu", "platform", "config"}
 _PCI_ADDR = re.compile(r"^\d+(:\d+){0,2}$")
 
 
@@ -121,6 +122,8 @@ def plan(cfg: Config) -> RunPlan:
     if mem < (1 << 20) or mem % 4096:
         raise ConfigError(f"-m {cfg.get('memory.size')}: memory must be at least 1M and a multiple of 4K")
     cpus = parse_cpus(cfg.get("cpus", "1"))
+    if cpus > MAX_CPUS:
+        raise ConfigError(f"-c {cpus}: at most {MAX_CPUS} vCPUs fit the MP and ACPI tables")
     policy = cfg.get("cpu.policy", "auto")
     if policy not in POLICIES:
         raise ConfigError(f"cpu.policy={policy}: use one of {', '.join(POLICIES)}")

@@ -197,9 +197,13 @@ def test_old_style_entry_point_is_imported_eagerly(tmp_path):
     assert "oldie-dev  [pci]  -- oldie-plugin 1.0" in p.stdout and "oldie  [" not in p.stdout
     p, _ = probe(tmp_path, ["run", "-s", "3,oldie-dev,bogus"], env)
     one_line_error(p, "oldie-dev: unexpected option 'bogus'")
-    # An old-style plugin that cannot be imported stops every command, in one line, as before.
+    # An old-style plugin that cannot be imported: `hvframe devices` reports it and lists
+    # the rest (issue 13); a run, which would need it, stops in one line.
     env = fake_distribution(tmp_path / "site2", "gone-plugin", {"gone": "gone_missing"})
     p, _ = probe(tmp_path, ["devices"], env)
+    assert p.returncode == 0 and "com1  [lpc]" in p.stdout, p.stderr
+    assert "skipped: plugin gone_missing (gone-plugin 1.0) cannot be loaded" in p.stderr
+    p, _ = probe(tmp_path, ["run", "-s", "3,oldie-dev"], env)
     one_line_error(p, "plugin gone_missing (gone-plugin 1.0) cannot be loaded")
 
 

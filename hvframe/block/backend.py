@@ -28,7 +28,9 @@ import os
 import stat
 import struct
 import threading
+import itertools
 import time
+import weakref
 from collections import deque
 from typing import Any, Callable, Sequence
 
@@ -192,6 +194,15 @@ def _lock_holder(st: os.stat_result) -> str | None:
     return None
 
 
+_open_backends: "weakref.WeakSet[BlockBackend]" = weakref.WeakSet()
+_open_seq = itertools.count()
+
+
+def open_backends() -> list["BlockBackend"]:
+    """The images open in this process, oldest first (QMP's query-block)."""
+    return sorted((b for b in list(_open_backends) if b.fd >= 0), key=lambda b: b.opened_seq)
+
+
 class BlockBackend:
     """An open raw image. Build with `BlockBackend.open(...)`."""
 
@@ -217,6 +228,8 @@ class BlockBackend:
         self._flush_lock = threading.Lock()
         self._failed: BlockError | None = None   # the write-back failure flushes report
         self.locked = False                       # holds an OFD lock on the image
+        self.opened_seq = next(_open_seq)
+        _open_backends.add(self)
 
     # ---------------------------------------------------------------- opening
     @classmethod

@@ -44,6 +44,7 @@ int hv_bus_remove(struct hv_bus *b, uint64_t base);
 uint64_t hv_bus_dispatch(struct hv_bus *b, uint64_t addr, uint32_t size, uint64_t value,
                          int is_write);
 int hv_bus_count(struct hv_bus *b);
+uint64_t hv_bus_hits(struct hv_bus *b, uint64_t base);
 uint64_t hv_native_sink(void *opaque, uint64_t offset, uint32_t size, uint64_t value, int is_write);
 uint64_t hv_native_gil_only(void *opaque, uint64_t offset, uint32_t size, uint64_t value,
                             int is_write);

@@ -120,6 +120,7 @@ static int bus_lookup(struct hv_bus *b, uint64_t addr, struct hv_range *out)
     int i = upper_bound(b, addr) - 1;
     if (i >= 0 && addr - b->ranges[i].base < b->ranges[i].len) {
         *out = b->ranges[i];
+        __atomic_add_fetch(&b->ranges[i].hits, 1, __ATOMIC_RELAXED);
         found = 1;
     }
     pthread_rwlock_unlock(&b->lock);
@@ -247,6 +248,18 @@ uint64_t hv_bus_dispatch(struct hv_bus *b, uint64_t addr, uint32_t size, uint64_
     else
         v = adapted_access(&r, off, size, value & mask, is_write);
     return is_write ? 0 : (v & mask);
+}
+
+/* Accesses routed to the range that starts at base so far (0 if there is none). */
+uint64_t hv_bus_hits(struct hv_bus *b, uint64_t base)
+{
+    uint64_t n = 0;
+    pthread_rwlock_rdlock(&b->lock);
+    int i = upper_bound(b, base) - 1;
+    if (i >= 0 && b->ranges[i].base == base)
+        n = __atomic_load_n(&b->ranges[i].hits, __ATOMIC_RELAXED);
+    pthread_rwlock_unlock(&b->lock);
+    return n;
 }
 
 int hv_bus_count(struct hv_bus *b)

@@ -36,6 +36,7 @@ struct hv_range {
     hv_native_fn fn;
     void *opaque;
     struct hv_access *acc;  /* NULL: every access goes to the handler as it came */
+    uint64_t hits;          /* guest accesses routed here (hv_bus_hits; `hvframe ctl --get-stats`) */
 };
 
 struct hv_bus {

@@ -2,6 +2,12 @@
 
 The guest powers off by writing SLP_TYP=5 (S5) with SLP_EN to PM1a_CNT, which ends the run
 with exit status 1, as bhyve does.
+
+The power button is ACPI's fixed-feature one (the FADT's PWR_BUTTON flag is clear, so the DSDT
+needs no device for it): press_power_button() sets PWRBTN_STS in PM1_STS and, while the guest
+has PWRBTN_EN set in PM1_EN, raises the SCI (IRQ 9, level-triggered, active high as the MADT
+and FADT say) until the guest clears the status bit. SIGTERM and QMP's system_powerdown
+press it. There is no SMI command port, so the machine is always in ACPI mode: SCI_EN reads 1.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ SLP_EN = 1 << 13
 SLP_TYP_SHIFT = 10
 S5 = 5
 PWRBTN_STS = 1 << 8
+PWRBTN_EN = 1 << 8
 TMR_STS = 1 << 0
+SCI_IRQ = 9
 
 
 # Each register is its own range and sees only whole accesses; the bus cuts or widens the
@@ -34,7 +42,8 @@ class AcpiPm:
         self.machine = machine
         self.sts = 0
         self.en = 0
-        self.cnt = 0
+        self.cnt = SCI_EN
+        self.power_button_presses = 0
         self._lock = concurrency.lock(concurrency.DEVICE, "acpi-pm")
         self._t0 = time.monotonic_ns()
         self.status_reg = _Register(lambda: self.sts, self._sts_write)
@@ -47,17 +56,32 @@ class AcpiPm:
         machine.pio.register(PM_TMR, 4, self.timer, name="acpi-pm-timer",
                              access=DWORD_READ_ONLY)
 
+    def press_power_button(self) -> None:
+        """Any thread: the button is pressed (and released)."""
+        with self._lock:
+            self.sts |= PWRBTN_STS
+            self.power_button_presses += 1
+            self._update_sci()
+
+    def _update_sci(self) -> None:
+        # (lock held) The SCI is the OR of the enabled status bits; only the power button
+        # can raise it (the PM timer's overflow event is not implemented).
+        self.machine.irq(SCI_IRQ, 1 if self.sts & self.en & PWRBTN_STS else 0)
+
     def _sts_write(self, value: int) -> None:
         with self._lock:
             self.sts &= ~value
+            self._update_sci()
 
     def _en_write(self, value: int) -> None:
         with self._lock:
             self.en = value
+            self._update_sci()
 
     def _cnt_write(self, value: int) -> None:
         with self._lock:
-            self.cnt = value & ~SLP_EN   # SLP_EN always reads as zero
+            # SLP_EN always reads as zero; SCI_EN as one (no SMI port to leave ACPI mode).
+            self.cnt = (value & ~SLP_EN) | SCI_EN
         if value & SLP_EN and (value >> SLP_TYP_SHIFT) & 7 == S5:
             self.machine.request_exit(1, "guest powered off (ACPI S5)")
 

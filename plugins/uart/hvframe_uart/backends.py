@@ -212,18 +212,55 @@ def _wait_readable(thread: concurrency.DeviceThread, fd, wake: _WakePipe, what: 
     return False
 
 
+ESCAPE = 0x01           # Ctrl-A, as QEMU's console multiplexer
+ESCAPE_HELP = (b"\r\nC-a x    quit hvframe\r\nC-a C-a  send C-a to the guest\r\n"
+               b"C-a h    this help\r\n")
+
+
+class ConsoleEscape:
+    """QEMU's console escape on a terminal: Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A,
+    Ctrl-A h prints help; any other key after Ctrl-A is dropped. The state (an escape
+    pending) carries over between reads."""
+
+    def __init__(self, on_quit: Callable[[], None], say: Callable[[bytes], None]):
+        self.on_quit, self.say = on_quit, say
+        self.pending = False
+
+    def filter(self, data: bytes) -> tuple[bytes, bool]:
+        """(bytes for the guest, quit asked)."""
+        out = bytearray()
+        for b in data:
+            if self.pending:
+                self.pending = False
+                if b == ESCAPE:
+                    out.append(ESCAPE)
+                elif b in (ord("x"), ord("X")):
+                    return bytes(out), True
+                elif b in (ord("h"), ord("?")):
+                    self.say(ESCAPE_HELP)
+            elif b == ESCAPE:
+                self.pending = True
+            else:
+                out.append(b)
+        return bytes(out), False
+
+
 class StdioBackend:
     """The controlling terminal (or whatever fds 0 and 1 are).
 
     A TTY on in_fd is put in raw mode when the reader starts, so every key (Ctrl-C included)
-    goes to the guest; the saved mode is restored on close() and, failing that, at interpreter
-    exit. A non-TTY in_fd (pipe, file, /dev/null) is read until EOF. The fds are not closed.
-    The reader is a DeviceThread the backend owns; close() stops it through a wake-up pipe.
+    goes to the guest, except the console escape (ConsoleEscape, when on_quit is given: a
+    terminal only, so piped input reaches the guest unchanged); the saved mode is restored
+    on close() and, failing that, at interpreter exit. A non-TTY in_fd (pipe, file,
+    /dev/null) is read until EOF. The fds are not closed. The reader is a DeviceThread the
+    backend owns; close() stops it through a wake-up pipe.
     """
 
-    def __init__(self, in_fd: int = 0, out_fd: int = 1):
+    def __init__(self, in_fd: int = 0, out_fd: int = 1,
+                 on_quit: Optional[Callable[[], None]] = None):
         self.in_fd = in_fd
         self.out_fd = out_fd
+        self.on_quit = on_quit
         self._saved_mode: Optional[list] = None
         self._thread: Optional[concurrency.DeviceThread] = None
         self._wake = _WakePipe()
@@ -245,6 +282,9 @@ class StdioBackend:
             wake=self._wake.wake).start()
 
     def _read_loop(self, thread: concurrency.DeviceThread, on_input: OnInput) -> None:
+        escape = None
+        if self.on_quit is not None and self._saved_mode is not None:
+            escape = ConsoleEscape(self.on_quit, self._out.write)
         while _wait_readable(thread, self.in_fd, self._wake, "input on the UART's stdio"):
             try:
                 data = os.read(self.in_fd, READ_CHUNK)
@@ -254,7 +294,14 @@ class StdioBackend:
                 return      # e.g. EIO when the terminal hangs up
             if not data:
                 return      # EOF: a pipe or file has been read to the end
-            on_input(data)  # may block: the UART's backpressure (released by its close())
+            quit_asked = False
+            if escape is not None:
+                data, quit_asked = escape.filter(data)
+            if data:
+                on_input(data)  # may block: the UART's backpressure (released by its close())
+            if quit_asked:
+                self.on_quit()
+                return
 
     @property
     def dropped(self) -> int:
@@ -558,13 +605,13 @@ _stdio_user: Optional[str] = None
 _stdio_lock = concurrency.lock(concurrency.LEAF, "stdio")
 
 
-def _open_stdio(label: str) -> StdioBackend:
+def _open_stdio(label: str, on_quit=None) -> StdioBackend:
     global _stdio_user
     with _stdio_lock:
         if _stdio_user is not None:
             raise ConfigError(f"{label}: stdio is already used by {_stdio_user}")
         _stdio_user = label
-    backend = StdioBackend()
+    backend = StdioBackend(on_quit=on_quit)
 
     def release() -> None:
         global _stdio_user
@@ -575,14 +622,15 @@ def _open_stdio(label: str) -> StdioBackend:
     return backend
 
 
-def open_backend(spec: str, label: str = "uart"):
-    """Build the backend named by spec; label (e.g. 'com1') prefixes error messages."""
+def open_backend(spec: str, label: str = "uart", on_quit: Optional[Callable[[], None]] = None):
+    """Build the backend named by spec; label (e.g. 'com1') prefixes error messages;
+    on_quit is what the console escape's quit (Ctrl-A x, stdio on a terminal) calls."""
     spec = (spec or "").strip()
     kind, eq, rest = spec.partition("=")
     if spec == "null":
         return NullBackend()
     if spec == "stdio":
-        return _open_stdio(label)
+        return _open_stdio(label, on_quit)
     if eq and kind == "file":
         if not rest:
             raise ConfigError(f"{label}: file backend needs a path; use file=PATH")

@@ -29,7 +29,9 @@ class PciUart(PciFunction):
 def pci_uart_factory(machine, options) -> PciUart:
     b, s, f = options["pci.address"]
     name = f"uart {b}:{s}:{f}"
-    backend = open_backend(options.get("backend") or "null", label=name)
+    from .plugin import console_quit
+    backend = open_backend(options.get("backend") or "null", label=name,
+                           on_quit=console_quit(machine))
     try:
         return PciUart(backend, name=name)
     except BaseException:

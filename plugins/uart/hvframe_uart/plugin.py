@@ -20,6 +20,14 @@ PORT_COUNT = 8
 NATIVE_OUTPUT = (StdioBackend, FileBackend, NullBackend)
 
 
+def console_quit(machine):
+    """What Ctrl-A x on a stdio console does: end the run as a power-off by the host."""
+    def quit_() -> None:
+        from hvframe.control import CONSOLE_QUIT
+        machine.request_exit(1, CONSOLE_QUIT)
+    return quit_
+
+
 def pci_uart_factory(machine, options):
     # The PCI UART brings the PCI layer (and construct): imported only when one is configured.
     from .pci_uart import pci_uart_factory as factory
@@ -28,7 +36,8 @@ def pci_uart_factory(machine, options):
 
 def _make_factory(name: str, base: int, irq: int):
     def factory(machine, options) -> Uart16550:
-        backend = open_backend(options.get("backend") or "null", label=name)
+        backend = open_backend(options.get("backend") or "null", label=name,
+                               on_quit=console_quit(machine))
         # COM1/COM3 and COM2/COM4 share a line: each port is one source of it.
         uart = Uart16550(set_irq=machine.irq_source(irq), backend=backend)
         try:
