@@ -495,3 +495,96 @@ def test_tap_that_cannot_be_opened_is_a_config_error(netns):
             _factory(f"tap={name},queues=2")
     finally:
         subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def _udp_frame(dst_mac, src_mac, src_ip, dst_ip, sport, dport, payload, *, partial):
+    """Ethernet/IPv4/UDP; with partial, the UDP checksum holds only the pseudo-header sum
+    (what a driver using checksum offload leaves), else the full checksum."""
+    import socket as s
+    src, dst = s.inet_aton(src_ip), s.inet_aton(dst_ip)
+    ulen = 8 + len(payload)
+
+    def fold(x):
+        while x >> 16:
+            x = (x & 0xFFFF) + (x >> 16)
+        return x
+
+    def sum16(b):
+        b += b"\0" * (len(b) % 2)
+        return sum(struct.unpack(f">{len(b) // 2}H", b))
+    pseudo = sum16(src + dst + struct.pack(">BBH", 0, 17, ulen))
+    udp = struct.pack(">HHHH", sport, dport, ulen, 0) + payload
+    csum = fold(pseudo) if partial else (~fold(pseudo + sum16(udp)) & 0xFFFF) or 0xFFFF
+    udp = udp[:6] + struct.pack(">H", csum) + udp[8:]
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 1, 0, 64, 17, 0, src, dst)
+    ip = ip[:10] + struct.pack(">H", ~fold(sum16(ip)) & 0xFFFF) + ip[12:]
+    return dst_mac + src_mac + b"\x08\x00" + ip + udp
+
+
+def _udp_ok(f):
+    """Whether the UDP checksum of an Ethernet/IPv4/UDP frame is right."""
+    ip = f[14:34]
+    udp = f[34:34 + struct.unpack(">H", f[38:40])[0]]
+    data = ip[12:20] + struct.pack(">BBH", 0, 17, len(udp)) + udp
+    data += b"\0" * (len(data) % 2)
+    x = sum(struct.unpack(f">{len(data) // 2}H", data))
+    while x >> 16:
+        x = (x & 0xFFFF) + (x >> 16)
+    return x == 0xFFFF
+
+
+@pytest.mark.parametrize("guest_csum", [True, False])
+def test_tap_checksum_offload_both_ways(netns, guest_csum):
+    import socket as s
+    feats = ALL if guest_csum else ALL & ~(bit(L.F_GUEST_CSUM) | bit(L.F_GUEST_TSO4)
+                                           | bit(L.F_GUEST_TSO6) | bit(L.F_GUEST_ECN))
+    r = TapRig(netns, features=feats)
+    name, nsfd = netns
+    try:
+        run = ["ip", "-n", name]
+        subprocess.run(run + ["addr", "add", "10.77.0.1/24", "dev", r.tapname], check=True)
+        subprocess.run(run + ["neigh", "add", "10.77.0.2", "lladdr", MAC.hex(":"), "dev",
+                              r.tapname, "nud", "permanent"], check=True)
+        import json
+        link = json.loads(subprocess.run(run + ["-j", "link", "show", "dev", r.tapname],
+                                         check=True, capture_output=True, text=True).stdout)
+        tap_mac = bytes.fromhex(link[0]["address"].replace(":", ""))
+        sock = in_netns(nsfd, lambda: s.socket(s.AF_INET, s.SOCK_DGRAM))
+        sock.bind(("10.77.0.1", 9000))
+        sock.settimeout(10)
+        try:
+            # Guest to namespace: only the pseudo-header sum, NEEDS_CSUM; the namespace's
+            # UDP socket gets the datagram (a wrong checksum would be dropped).
+            payload = bytes(range(200))
+            f = _udp_frame(tap_mac, MAC, "10.77.0.2", "10.77.0.1", 5555, 9000, payload,
+                           partial=True)
+            r.nd.send(0, f, flags=L.HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=6)
+            assert sock.recvfrom(4096) == (payload, ("10.77.0.2", 5555))
+            # Namespace to guest: with GUEST_CSUM the checksum may be left to the guest.
+            sock.sendto(payload * 3, ("10.77.0.2", 7777))
+            for _ in range(20):
+                fields, got = r.nd.recv(0)
+                if got[12:14] == b"\x08\x00" and got[23] == 17:
+                    break
+            flags, gso, hdr_len, gso_size, csum_start, csum_offset, nbuf = fields
+            assert got[42:] == payload * 3
+            if guest_csum:
+                # The namespace's stack left the checksum to the tap, which leaves it to us.
+                assert flags & L.HDR_F_NEEDS_CSUM
+                assert (csum_start, csum_offset) == (34, 6)
+                # What the guest's stack does with it: sum from csum_start, fold, store.
+                seg = got[34:] + b"\0" * (len(got[34:]) % 2)
+                x = sum(struct.unpack(f">{len(seg) // 2}H", seg))
+                while x >> 16:
+                    x = (x & 0xFFFF) + (x >> 16)
+                got = got[:40] + struct.pack(">H", ~x & 0xFFFF) + got[42:]
+                assert _udp_ok(got)
+            else:
+                assert flags & L.HDR_F_NEEDS_CSUM == 0
+                assert _udp_ok(got)
+            if not guest_csum:
+                assert flags == 0 and r.backend.offload_flags == 0
+        finally:
+            sock.close()
+    finally:
+        r.close()
