@@ -104,6 +104,16 @@ def test_tx_and_rx_through_a_stream_byte_for_byte(stream_rig):
     assert st["rx_bytes"] == sum(map(len, sent))
 
 
+def test_indirect_descriptors_and_many_pieces(stream_rig):
+    r = stream_rig()
+    f = frame(n=3000, seed=11)
+    r.nd.send(0, f, pieces=7, indirect=True)
+    assert r.backend.recv_frame() == f
+    r.nd.send(0, f, pieces=100, indirect=True)  # 101 descriptors in one table
+    assert r.backend.recv_frame() == f
+    assert r.dev.stats()["tx_frames"] == 2
+
+
 def test_stream_frames_arrive_in_pieces_and_oversize_is_skipped_whole(stream_rig):
     be = StreamPair(max_frame=2000)
     r = stream_rig(backend=be)
@@ -586,5 +596,43 @@ def test_tap_checksum_offload_both_ways(netns, guest_csum):
                 assert flags == 0 and r.backend.offload_flags == 0
         finally:
             sock.close()
+    finally:
+        r.close()
+
+
+def test_bad_option_on_the_command_line_is_one_line_and_exit_4():
+    from tests.conftest import run_hvframe
+    r = run_hvframe(["run", "-m", "16M", "-s", "0,hostbridge", "-s", "3,virtio-net,tap0,queues=0",
+                     "--timeout", "5"])
+    assert r.returncode == 4, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "queues=0" in lines[0], r.stderr
+
+
+def test_tap_flood_with_no_receive_buffers_costs_no_cpu(netns):
+    r = TapRig(netns)
+    try:
+        # The driver takes back every buffer it posted... by never posting more: use them up.
+        ours = bytes.fromhex("020000ccdd02")
+        f = frame(src=ours, n=1000)
+        for _ in range(64):
+            r.peer.send(f)
+        wait_for(lambda: r.nd.rx_pending(0) >= 64, what="the posted buffers filled")
+        t0 = time.process_time() - time.thread_time()
+        end = time.monotonic() + 1.0
+        n = 0
+        while time.monotonic() < end:
+            r.peer.send(f)          # the tap queues, then drops and counts: never blocks
+            n += 1
+        cpu = time.process_time() - time.thread_time() - t0
+        assert n > 1000
+        assert cpu < 0.2, f"device threads used {cpu:.3f}s of CPU with the ring empty"
+        # Buffers again: frames flow again, whole.
+        while r.nd.rx_pending(0):
+            r.nd.recv(0)
+        got = r.nd.recv(0)[1]
+        while got[6:12] != ours:
+            got = r.nd.recv(0)[1]
+        assert got == f
     finally:
         r.close()
