@@ -304,11 +304,27 @@ def test_link_down_with_config_interrupt_when_peer_goes_away(stream_rig):
     gen = r.fn.config_generation
     r.backend.peer.close()
     wait_for(lambda: not r.nd.config(6, 2) & L.S_LINK_UP, what="link down")
-    assert r.fn.config_generation != gen
+    wait_for(lambda: r.fn.config_generation != gen, what="a configuration change")
     assert r.backend.gone
     # Transmit carries on: frames dropped and counted, the VMM fine.
     r.nd.send(0, frame())
     assert r.dev.stats()["tx_drop_gone"] >= 1
+
+
+def test_link_comes_back_when_the_backend_reconnects(stream_rig):
+    r = stream_rig()
+    be = r.backend
+    be.peer.close()
+    wait_for(lambda: not r.nd.config(6, 2) & L.S_LINK_UP, what="link down")
+    gen = r.fn.config_generation
+    be.reconnect()
+    wait_for(lambda: r.nd.config(6, 2) & L.S_LINK_UP, what="link up again")
+    wait_for(lambda: r.fn.config_generation != gen, what="a configuration change")
+    f = frame(seed=21)
+    r.nd.send(0, f)
+    assert be.recv_frame() == f
+    be.send_frame(f)
+    assert r.nd.recv(0)[1] == f
 
 
 def test_rx_ring_empty_while_flooded_costs_no_cpu_and_bounded_memory(stream_rig):

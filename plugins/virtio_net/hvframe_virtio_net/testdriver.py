@@ -176,6 +176,17 @@ class StreamPair(NetBackend):
         self.gone = False
         self.pairs_set: list[int] = []
         self._buf = b""
+        self._old: list[socket.socket] = []
+
+    def reconnect(self) -> None:
+        """A new connection (as a reconnecting stream backend makes): new descriptors, the
+        link up again. The old ends stay open until close(), so no number is reused."""
+        self._old += [self.dev_end, self.peer]
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.setblocking(False)
+        self.dev_end, self.peer = a, b
+        self._buf = b""
+        self.gone = False
 
     def queue_fds(self) -> list[int]:
         return [self.dev_end.fileno()]
@@ -196,8 +207,8 @@ class StreamPair(NetBackend):
         self.gone = True
 
     def close(self) -> None:
-        self.dev_end.close()
-        self.peer.close()
+        for s in [self.dev_end, self.peer] + self._old:
+            s.close()
 
     # -- the test's end -------------------------------------------------------------------
     def send_frame(self, frame: bytes) -> None:
