@@ -502,6 +502,31 @@ def test_tap_two_queue_pairs(netns):
         r.close()
 
 
+def test_tap_two_queue_pairs_receive_on_both(netns):
+    r = TapRig(netns, pairs=2)
+    try:
+        assert r.nd.ctrl(L.CTRL_MQ, L.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 2)) == L.CTRL_OK
+        # Many flows: the kernel spreads them over the tap's queues by their hash.
+        sent = {_udp_frame(MAC, bytes.fromhex("020000ccdd02"), "10.78.0.1", "10.78.0.2",
+                           1000 + i, 7000, bytes([i]) * 50, partial=False) for i in range(64)}
+        for f in sent:
+            r.peer.send(f)
+        got, per_pair = set(), [0, 0]
+        end = time.monotonic() + 10
+        while len(got) < len(sent) and time.monotonic() < end:
+            for p in (0, 1):
+                while r.nd.rx_pending(p):
+                    f = r.nd.recv(p)[1]
+                    if f in sent:
+                        got.add(f)
+                        per_pair[p] += 1
+            time.sleep(0.01)
+        assert got == sent
+        assert per_pair[0] and per_pair[1], per_pair
+    finally:
+        r.close()
+
+
 def test_tap_deleted_takes_link_down(netns):
     r = TapRig(netns)
     try:
