@@ -20,6 +20,7 @@ asserted here: the figures are reported (extra_info and a printed line); the lin
 against raw tap and QEMU with a guest are benchmarked with the stream backends.
 """
 import os
+import shutil
 import struct
 import subprocess
 import time
@@ -48,8 +49,8 @@ _U16 = struct.Struct("<H")
 
 @pytest.fixture(scope="module")
 def netns():
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        pytest.skip("needs root and /dev/net/tun")
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
+        pytest.skip("needs root, /dev/net/tun and ip (iproute2)")
     name = f"hvbench-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",

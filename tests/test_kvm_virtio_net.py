@@ -6,6 +6,7 @@ the datagram whose checksum the guest left to the device, and the frames it send
 echoed, byte for byte."""
 import json
 import os
+import shutil
 import re
 import select
 import socket
@@ -34,8 +35,8 @@ def guest(tmp_path_factory):
 
 @pytest.fixture
 def netns_tap():
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        pytest.skip("needs root and /dev/net/tun")
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
+        pytest.skip("needs root, /dev/net/tun and ip (iproute2)")
     ns, tap = f"hvnet-{uuid.uuid4().hex[:8]}", f"hvg{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:

@@ -3,6 +3,7 @@ driver in hvframe_virtio_net.testdriver; frames travel through the native data p
 device's queue workers to a socketpair (BE32_LENGTH framing) or a real tap (VNET_HDR) whose
 far side is an AF_PACKET socket in a network namespace the test makes."""
 import os
+import shutil
 import struct
 import subprocess
 import threading
@@ -399,8 +400,8 @@ def test_default_mac_is_stable_and_locally_administered():
 # -- through a real tap -------------------------------------------------------------------
 
 def _can_tap():
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        return "needs root and /dev/net/tun"
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
+        return "needs root, /dev/net/tun and ip (iproute2)"
     return None
 
 
