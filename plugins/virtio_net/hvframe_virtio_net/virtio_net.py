@@ -221,17 +221,20 @@ class VirtioNet(VirtioDevice):
             return CYCLE_PYTHON
         if self._pending:
             self._take_pending(queue)
-        nq = queue_state(vq)
-        if role == QueueRole.RX:
-            rq = self.rxqs[pair]
-            if not self._receiving(pair):
-                return CYCLE_IDLE     # buffers stay posted; nothing reads for this queue
-            rc = nq.call(lib.vnet_rx_cycle, rq, gate)
-            port = rq.port
-        else:
-            tq = self.txqs[pair]
-            rc = nq.call(lib.vnet_tx_cycle, tq, gate, POLL_NS)
-            port = tq.port
+        try:
+            nq = queue_state(vq)
+            if role == QueueRole.RX:
+                rq = self.rxqs[pair]
+                if not self._receiving(pair):
+                    return CYCLE_IDLE     # buffers stay posted; nothing reads for this queue
+                rc = nq.call(lib.vnet_rx_cycle, rq, gate)
+                port = rq.port
+            else:
+                tq = self.txqs[pair]
+                rc = nq.call(lib.vnet_tx_cycle, tq, gate, POLL_NS)
+                port = tq.port
+        except (ValueError, BufferError):
+            return CYCLE_IDLE         # guest memory closed under us: the machine is going
         if (port.gone or port.hup) and self.link:
             self._link_lost(f"queue {queue}: the backend's far side went away")
         return rc
