@@ -202,7 +202,10 @@ class PciBus:
                 if space.find_overlap(target, bar.size) is not None:
                     continue
                 try:
-                    space.register(target, bar.size, bar.handler, name=bar.bus_name)
+                    if bar.native is not None:
+                        bar.native.map(space, target, bar.bus_name)
+                    else:
+                        space.register(target, bar.size, bar.handler, name=bar.bus_name)
                 except ConfigError:
                     continue
                 bar.mapped_at = target

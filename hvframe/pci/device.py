@@ -12,7 +12,7 @@ crash the VMM.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .. import concurrency
 from ..errors import ConfigError
@@ -36,6 +36,16 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+class NativeBar(Protocol):
+    """A BAR served by a native register handler (the handler of add_bar stays the Python
+    side it passes accesses on to): the PciBus maps it with map() instead of registering the
+    Python handler, and unmaps it with Bus.unregister (which drops the range's fallback)."""
+
+    def map(self, bus, base: int, name: str):
+        """Register [base, base + BAR size) on bus (a hvframe.dispatch.Bus) with
+        register_native; returns the Range."""
+
+
 @dataclass
 class Bar:
     """One BAR (or the expansion ROM, index 6) and where it is currently decoded."""
@@ -47,6 +57,7 @@ class Bar:
     prefetchable: bool = False
     mapped_at: int | None = None
     bus_name: str = ""  # the name given to the dispatch range
+    native: NativeBar | None = None   # maps a native handler instead of `handler`
 
     @property
     def space(self) -> str:
@@ -108,8 +119,10 @@ class PciFunction:
 
     # -- declaration ----------------------------------------------------------------------
     def add_bar(self, index: int, size: int, kind: str = "mmio32", handler: Any = None,
-                prefetchable: bool = False) -> Bar:
-        """Declare BAR `index`; a 64-bit BAR also takes slot index+1."""
+                prefetchable: bool = False, native: NativeBar | None = None) -> Bar:
+        """Declare BAR `index`; a 64-bit BAR also takes slot index+1. With `native`, the
+        BAR is served by that native handler, which passes what it does not serve on to
+        `handler`."""
         if self.pci_bus is not None:
             raise ConfigError(f"{self.name}: BARs must be added before the function is on a bus")
         if kind not in BAR_KINDS:
@@ -131,7 +144,8 @@ class PciFunction:
                 raise ConfigError(f"{self.name}: an I/O BAR cannot be prefetchable")
         elif size < 16 or (kind == "mmio32" and size > 1 << 31):
             raise ConfigError(f"{self.name}: memory BAR{index} size {size:#x} out of range")
-        bar = Bar(index, kind, size, handler, prefetchable, bus_name=f"{self.name} BAR{index}")
+        bar = Bar(index, kind, size, handler, prefetchable, bus_name=f"{self.name} BAR{index}",
+                  native=native)
         self.bars[index] = bar
         cs = self.config
         off = BAR_OFFSETS[index]
