@@ -135,13 +135,14 @@ def test_fre_and_st_show_in_fr_and_cr_and_stop_clears_the_issued_commands(setup,
     p.start()
     cmd = p.read("cmd")
     assert cmd & regs.CMD_FR and cmd & regs.CMD_CR
-    hold = threading.Event()
+    hold, out = threading.Event(), threading.Event()
     disk_dev = hba.ports[0].device
     real_read = disk_dev.backend.read
-    disk_dev.backend.read = lambda off, bufs: (hold.wait(5), real_read(off, bufs))[1]
+    disk_dev.backend.read = lambda off, bufs: (out.set(), hold.wait(5), real_read(off, bufs))[2]
     disk_dev.cached_reads = False                              # the worker's way only
     p.issue(3, h2d(READ_DMA_EXT, lba=0, count=1), [(BUF, 512)])
     assert p.read("ci") == 1 << 3
+    assert out.wait(5)                 # the port's worker started it: the read is out
     p.stop()
     assert p.read("ci") == 0                                   # ST 1->0 clears PxCI
     assert p.read("cmd") & regs.CMD_CR                         # ...but the read is still out

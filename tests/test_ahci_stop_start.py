@@ -207,6 +207,7 @@ def test_a_failed_write_through_flush_is_kept_when_the_port_was_stopped(tmp_path
                 d.p.prepare(0, h2d(ata.WRITE_FPDMA_QUEUED, lba=8, count=0, features=1,
                                    device=0x40 | ata.FUA_BIT), [(BUF, 512)], write=True)
                 issue(d.p, 1)
+                accepted(d.p, 1)              # set up (by the port's worker) with it
             finally:
                 be.fd = real_fd
             d.p.write("cmd", d.p.read("cmd") & ~regs.CMD_ST)

@@ -62,12 +62,18 @@ ffibuilder = plugin_ffi(
                                   uint32_t clear, uint32_t set);
         uint32_t ahci_hba_update(struct ahci_hba_regs *h, uint32_t field, uint32_t clear,
                                  uint32_t set);
+        void ahci_port_accepted(struct ahci_hba_regs *h, uint32_t port, uint32_t slots,
+                                uint32_t status, uint32_t cmd);
+        uint32_t ahci_port_done(struct ahci_hba_regs *h, uint32_t port, uint32_t tfd,
+                                uint32_t cmd, uint32_t field, uint32_t clear, uint32_t events,
+                                int msi_enabled);
         uint32_t ahci_port_issue(struct ahci_hba_regs *h, uint32_t port, uint32_t bits);
         uint32_t ahci_port_take(struct ahci_hba_regs *h, uint32_t port);
         void ahci_port_stop(struct ahci_hba_regs *h, uint32_t port);
         uint32_t ahci_irq_update(struct ahci_hba_regs *h, int msi_enabled);
         int ahci_port_worker_open(struct ahci_hba_regs *h, uint32_t port);
-        int64_t ahci_port_wait(struct ahci_hba_regs *h, uint32_t port, int timeout_ms);
+        int64_t ahci_port_wait(struct ahci_hba_regs *h, uint32_t port, uint64_t spin_ns,
+                               int timeout_ms);
         void ahci_port_kick(struct ahci_hba_regs *h, uint32_t port);
         void ahci_port_worker_close(struct ahci_hba_regs *h, uint32_t port);
     """,

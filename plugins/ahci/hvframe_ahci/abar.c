@@ -32,6 +32,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/eventfd.h>
 
@@ -358,6 +359,49 @@ uint32_t ahci_hba_update(struct ahci_hba_regs *h, uint32_t field, uint32_t clear
     return v;
 }
 
+/* NCQ slots the device accepted, in one call (the hot path's): their PxCI bits clear, the
+ * status byte of PxTFD becomes `status` (BSY off), PxCMD's value as read becomes cmd. */
+void ahci_port_accepted(struct ahci_hba_regs *h, uint32_t port, uint32_t slots,
+                        uint32_t status, uint32_t cmd)
+{
+    if (port >= h->nports)
+        return;
+    struct ahci_port_regs *p = &h->port[port];
+    pthread_mutex_lock(&h->lock);
+    STORE(p->f[AHCI_F_TFD], (p->f[AHCI_F_TFD] & ~0xFFu) | (status & 0xFFu));
+    STORE(p->f[AHCI_F_CMD], cmd);
+    STORE(p->f[AHCI_F_CI], p->f[AHCI_F_CI] & ~slots);
+    pthread_mutex_unlock(&h->lock);
+}
+
+static uint32_t irq_update_locked(struct ahci_hba_regs *h, int msi_enabled)
+{
+    uint32_t new_is;
+    uint32_t r = irq_compute(h, h->is, -1, 0, &new_is);
+    irq_store(h, new_is, r);
+    h->intx = msi_enabled ? 0 : (r & AHCI_IRQ_LEVEL);
+    return r;
+}
+
+/* Commands done, in one call (the hot path's), in the order a polling guest relies on:
+ * PxTFD = tfd and PxCMD's value = cmd, then `clear` bits of field (PxCI or PxSACT) cleared,
+ * then `events` set in PxIS, then the interrupt recomputed (ahci_irq_update's answer). */
+uint32_t ahci_port_done(struct ahci_hba_regs *h, uint32_t port, uint32_t tfd, uint32_t cmd,
+                        uint32_t field, uint32_t clear, uint32_t events, int msi_enabled)
+{
+    if (port >= h->nports || (field != AHCI_F_CI && field != AHCI_F_SACT))
+        return 0;
+    struct ahci_port_regs *p = &h->port[port];
+    pthread_mutex_lock(&h->lock);
+    STORE(p->f[AHCI_F_TFD], tfd);
+    STORE(p->f[AHCI_F_CMD], cmd);
+    STORE(p->f[field], p->f[field] & ~clear);
+    STORE(p->f[AHCI_F_IS], p->f[AHCI_F_IS] | events);
+    uint32_t r = irq_update_locked(h, msi_enabled);
+    pthread_mutex_unlock(&h->lock);
+    return r;
+}
+
 /* PxCI written through Python (no worker, or while native accesses are off): the slots
  * new to PxCI, now set and also left in `issued` for ahci_port_take. */
 uint32_t ahci_port_issue(struct ahci_hba_regs *h, uint32_t port, uint32_t bits)
@@ -408,10 +452,7 @@ void ahci_port_stop(struct ahci_hba_regs *h, uint32_t port)
 uint32_t ahci_irq_update(struct ahci_hba_regs *h, int msi_enabled)
 {
     pthread_mutex_lock(&h->lock);
-    uint32_t new_is;
-    uint32_t r = irq_compute(h, h->is, -1, 0, &new_is);
-    irq_store(h, new_is, r);
-    h->intx = msi_enabled ? 0 : (r & AHCI_IRQ_LEVEL);
+    uint32_t r = irq_update_locked(h, msi_enabled);
     pthread_mutex_unlock(&h->lock);
     return r;
 }
@@ -437,13 +478,28 @@ int ahci_port_worker_open(struct ahci_hba_regs *h, uint32_t port)
     return 0;
 }
 
-/* (the worker) Wait until slots are issued, up to timeout_ms (< 0: forever) or a kick: the
- * slots waiting (0 on timeout or kick), or -errno (-EBADF once the worker is closed). */
-int64_t ahci_port_wait(struct ahci_hba_regs *h, uint32_t port, int timeout_ms)
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* (the worker) Wait until slots are issued: first polling for up to spin_ns (a driver
+ * that just had commands served usually issues more at once, and a sleeping thread takes
+ * tens of microseconds to wake), then sleeping up to timeout_ms (< 0: forever) or a kick.
+ * The slots waiting (0 on timeout or kick), or -errno (-EBADF once the worker is closed). */
+int64_t ahci_port_wait(struct ahci_hba_regs *h, uint32_t port, uint64_t spin_ns,
+                       int timeout_ms)
 {
     if (port >= h->nports)
         return -EINVAL;
     struct ahci_port_regs *p = &h->port[port];
+    if (spin_ns) {
+        uint64_t end = now_ns() + spin_ns;
+        while (!LOAD(p->issued) && now_ns() < end)
+            __builtin_ia32_pause();
+    }
     pthread_mutex_lock(&h->lock);
     uint32_t n = p->issued;
     int efd = p->efd;

@@ -72,6 +72,8 @@ ABAR_INDEX = 5
 INTA = 1
 SLOTS = 32
 NATIVE_JOB_BYTES = 256 << 10     # the native path gives each worker at least this much
+ISSUE_SPIN_NS = 0                # a port's worker may poll this long for more before sleeping: on a
+                                 # host with idle cores; measured no gain here, so off
 _U32 = 0xFFFFFFFF
 
 
@@ -311,11 +313,14 @@ class AhciPort:
         self.epoch += 1
         self.draining = self.inflight > 0
 
-    def _returned(self, n: int) -> None:
+    def _returned(self, n: int, sync: bool = True) -> None:
         """n commands came back from the device; the last one of a drain lets the port
-        start what the guest issued meanwhile."""
-        self.inflight -= n
-        if self.inflight:
+        start what the guest issued meanwhile. sync=False: the caller stores PxCMD's value
+        itself (with the rest of a completion, in one call)."""
+        self._inflight -= n
+        if sync:
+            self._sync_cmd()
+        if self._inflight:
             return
         self.hba.idle.notify_all()
         if self.draining:
@@ -360,13 +365,17 @@ class AhciPort:
             v |= IS_PRCS
         return v
 
+    def _sync_cmd(self) -> None:
+        lib.ahci_port_update(self._h, self.index, F_CMD, _U32, self.cmd_value())
+
     def cmd_value(self) -> int:
-        v = self.cmd & ~(CMD_CR | CMD_FR | (0x1F << CMD_CCS_SHIFT) | CMD_CLO)
-        if self.cmd & CMD_ST or self.inflight:
+        cmd = self._cmd
+        v = cmd & ~(CMD_CR | CMD_FR | (0x1F << CMD_CCS_SHIFT) | CMD_CLO)
+        if cmd & CMD_ST or self._inflight:
             v |= CMD_CR
-        if self.cmd & CMD_FRE:
+        if cmd & CMD_FRE:
             v |= CMD_FR
-        return v | self.ccs << CMD_CCS_SHIFT
+        return v | self._ccs << CMD_CCS_SHIFT
 
     # -- registers -------------------------------------------------------------------------
     def read_reg(self, name: str) -> int:
@@ -445,7 +454,7 @@ class AhciPort:
         natively: the vCPU sets them in PxCI and wakes this thread, which takes the GIL and
         the HBA lock the exit does without."""
         while not thread.stopping:
-            n = lib.ahci_port_wait(self._h, self.index, -1)
+            n = lib.ahci_port_wait(self._h, self.index, ISSUE_SPIN_NS, -1)
             if thread.stopping or n == -errno.EBADF:
                 return
             if n <= 0:
@@ -495,11 +504,10 @@ class AhciPort:
             return False
         # Accepted, as _start_pending accepts an NCQ command: BSY clears, PxCI with it.
         slots = [s for s in range(SLOTS) if new >> s & 1]
-        self._clear(F_CI, new)
-        self.tfd = (self.tfd & ~0xFF) | ST_OK
         self.ncq_active |= new
-        self.inflight += len(slots)
-        self.ccs = slots[-1]
+        self._inflight += len(slots)
+        self._ccs = slots[-1]
+        lib.ahci_port_accepted(self._h, self.index, new, ST_OK, self.cmd_value())
         ioc, epoch = nat.ioc, self.epoch
         # Reads the page cache holds are moved now, in the exit (GIL released, nothing
         # waited for): a worker hand-off costs more than they do. io_uring completes cached
@@ -549,21 +557,28 @@ class AhciPort:
         if epoch != self.epoch:      # stopped meanwhile: nothing to tell the guest
             self._returned(bin(mask).count("1"))
             return
-        self._returned(bin(ok).count("1"))
-        if ok:
+        sdb = False
+        if ok and not self.halted:
+            try:
+                self._post_sdb(ST_OK, 0, ok)
+                sdb = True
+            except TransferError as e:
+                self._returned(bin(ok).count("1"))
+                self.ncq_active &= ~ok
+                self._fatal(e.is_bit, e.serr)
+        if sdb:
+            # One call: the status, then the tags, then the event, then the interrupt.
+            self._returned(bin(ok).count("1"), sync=False)
             self.ncq_active &= ~ok
-            if not self.halted:
-                try:
-                    self._post_sdb(ST_OK, 0, ok)
-                except TransferError as e:
-                    self._fatal(e.is_bit, e.serr)
-                else:
-                    # The status first, then the tags, then the event: a guest that sees
-                    # one sees what came before it.
-                    self.tfd = ST_OK
-                    self._clear(F_SACT, ok)
-                    self._set(F_IS, IS_SDBS | (IS_DPS if ok & ioc else 0))
-                    self.hba.update_irq()
+            msi = self.hba.msi_enabled()
+            r = lib.ahci_port_done(self._h, self.index, ST_OK, self.cmd_value(), F_SACT, ok,
+                                   IS_SDBS | (IS_DPS if ok & ioc else 0), msi)
+            self.hba.drive_irq(r, msi)
+        elif ok and self.halted:
+            self._returned(bin(ok).count("1"))
+            self.ncq_active &= ~ok
+        elif not ok:
+            self._returned(0)
         for s in range(SLOTS):
             if failed >> s & 1:
                 write = self._native.slot[s].write
@@ -726,17 +741,19 @@ class AhciPort:
             return
         # The status first, then the slot, then the events: a guest polling PxCI (or
         # PxSACT) that sees the slot done reads its status (native reads take no lock).
-        self.tfd = result.status | result.error << 8
-        if ok:
-            self._clear(F_SACT if cmd.ncq else F_CI, bit)
-            if cmd.ioc:
-                events |= IS_DPS
-        self._set(F_IS, events)
+        tfd = result.status | result.error << 8
         if not ok:
+            self.tfd = tfd
+            self._set(F_IS, events)
             self.ccs = cmd.slot
             self._fatal(IS_TFES, 0)
             return
-        self.hba.update_irq()
+        if cmd.ioc:
+            events |= IS_DPS
+        msi = self.hba.msi_enabled()
+        r = lib.ahci_port_done(self._h, self.index, tfd, self.cmd_value(),
+                               F_SACT if cmd.ncq else F_CI, bit, events, msi)
+        self.hba.drive_irq(r, msi)
         self._run()
 
     def _fatal(self, is_bit: int, serr: int) -> None:
@@ -918,8 +935,14 @@ class AhciHba(PciFunction):
         the same state under the same mutex; those exits deliver an MSI themselves only
         through the vector's open gate and leave anything else (INTx, a masked vector) to
         this method, so interrupts are driven in the order of the changes."""
-        msi = self.msi is not None and self.msi.enabled
-        r = lib.ahci_irq_update(self._regs, 1 if msi else 0)
+        msi = self.msi_enabled()
+        self.drive_irq(lib.ahci_irq_update(self._regs, msi), msi)
+
+    def msi_enabled(self) -> int:
+        return 1 if self.msi is not None and self.msi.enabled else 0
+
+    def drive_irq(self, r: int, msi: int) -> None:
+        """(hba.lock held) Deliver what a native recomputation (AHCI_IRQ_*) asked for."""
         level = bool(r & lib.AHCI_IRQ_LEVEL)
         if msi:
             if self.intx_level:
