@@ -1,18 +1,24 @@
 """The AHCI host bus adapter: an Intel ICH9 SATA controller (8086:2922, class 01:06:01) with
 its registers behind BAR5 (ABAR), up to 32 ports, MSI or INTA.
 
-Command flow. A guest write to PxCI (and, for NCQ, PxSACT first) queues the new slots; each
-is fetched from host memory (command header, command table, PRDs -- every pointer checked
-against guest RAM) on the vCPU thread and handed to the port's device (ata.AtaDisk or
-atapi.AtapiCdrom). A device answers at once with a Result, or submits the transfer to its
+Registers. The ABAR is served by abar.c, this package's native register handler: the
+registers a driver touches on every command (PxIS, PxCI, PxSACT, PxTFD, PxCMD, HBA IS, ...)
+are read and written there by the vCPU without the GIL, in a native register file Python
+changes only through the same native functions (see AhciPort, AhciHba); the rest is passed
+to AhciHba.read/write.
+
+Command flow. A guest write to PxCI (and, for NCQ, PxSACT first) sets the new slots in PxCI
+and wakes the port's worker thread (AhciPort.serve_issued), which fetches each from host
+memory (command header, command table, PRDs -- every pointer checked against guest RAM) and
+hands it to the port's device (ata.AtaDisk or atapi.AtapiCdrom). A device answers at once with a Result, or submits the transfer to its
 BlockQueue and completes the Command from a worker thread later. Completion writes the FISes
 into the received-FIS area, updates PxTFD, clears PxCI (non-queued) or PxSACT (NCQ, through a
 Set Device Bits FIS) and raises the port's interrupt, in that order, so a guest that sees the
 interrupt sees the data.
 
-NCQ READ/WRITE FPDMA QUEUED commands take a native path when a PxCI write issues nothing
-else (ncq.c, this package's native module: the same fetch and checks in C, the transfer with the
-GIL released) and complete in batches: one Set Device Bits FIS and one interrupt per batch.
+NCQ READ/WRITE FPDMA QUEUED commands take a native path when the slots the worker takes are
+all such (ncq.c: the same fetch and checks in C, the transfer with the GIL released) and
+complete in batches: one Set Device Bits FIS and one interrupt per batch.
 Anything the native path declines goes the Python way below, which gives its errors.
 
 Non-queued commands run one at a time in slot order; NCQ commands run concurrently. An error
@@ -30,7 +36,8 @@ without waiting for CR, as a hostile or careless driver does) wait in PxCI and s
 the drain ends. So a stale request can neither run after a newer one on the same blocks nor
 share a slot's native state with its successor, and no vCPU ever waits for a worker. Block
 requests go to a bounded BlockQueue that refuses when full (the command fails with an ATA
-error) instead of blocking the vCPU, which holds the HBA lock.
+error) instead of blocking the port's worker, which holds the HBA lock. Slots a guest issued
+that the worker has not taken yet are forgotten by a stop like the others.
 """
 from __future__ import annotations
 
