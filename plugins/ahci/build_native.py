@@ -71,6 +71,8 @@ ffibuilder = plugin_ffi(
         uint32_t ahci_port_take(struct ahci_hba_regs *h, uint32_t port);
         void ahci_port_stop(struct ahci_hba_regs *h, uint32_t port);
         uint32_t ahci_irq_update(struct ahci_hba_regs *h, int msi_enabled);
+        void ahci_irq_store(struct ahci_hba_regs *h, uint32_t hba_is, uint32_t level,
+                            uint32_t intx);
         int ahci_port_worker_open(struct ahci_hba_regs *h, uint32_t port);
         int64_t ahci_port_wait(struct ahci_hba_regs *h, uint32_t port, uint64_t spin_ns,
                                int timeout_ms);

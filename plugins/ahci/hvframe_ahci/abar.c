@@ -385,7 +385,8 @@ static uint32_t irq_update_locked(struct ahci_hba_regs *h, int msi_enabled)
 
 /* Commands done, in one call (the hot path's), in the order a polling guest relies on:
  * PxTFD = tfd and PxCMD's value = cmd, then `clear` bits of field (PxCI or PxSACT) cleared,
- * then `events` set in PxIS, then the interrupt recomputed (ahci_irq_update's answer). */
+ * then `events` set in PxIS, then the interrupt recomputed (ahci_irq_update's answer; not
+ * when msi_enabled < 0: Python computes it, see ahci_irq_store). */
 uint32_t ahci_port_done(struct ahci_hba_regs *h, uint32_t port, uint32_t tfd, uint32_t cmd,
                         uint32_t field, uint32_t clear, uint32_t events, int msi_enabled)
 {
@@ -397,9 +398,20 @@ uint32_t ahci_port_done(struct ahci_hba_regs *h, uint32_t port, uint32_t tfd, ui
     STORE(p->f[AHCI_F_CMD], cmd);
     STORE(p->f[field], p->f[field] & ~clear);
     STORE(p->f[AHCI_F_IS], p->f[AHCI_F_IS] | events);
-    uint32_t r = irq_update_locked(h, msi_enabled);
+    uint32_t r = msi_enabled < 0 ? 0 : irq_update_locked(h, msi_enabled);
     pthread_mutex_unlock(&h->lock);
     return r;
+}
+
+/* Store an interrupt state Python computed itself (the reference computation, used while
+ * native accesses are off), so that native accesses carry on from it when they are on. */
+void ahci_irq_store(struct ahci_hba_regs *h, uint32_t hba_is, uint32_t level, uint32_t intx)
+{
+    pthread_mutex_lock(&h->lock);
+    STORE(h->is, hba_is);
+    h->level = level ? 1 : 0;
+    h->intx = intx ? 1 : 0;
+    pthread_mutex_unlock(&h->lock);
 }
 
 /* PxCI written through Python (no worker, or while native accesses are off): the slots

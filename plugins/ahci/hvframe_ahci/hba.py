@@ -577,10 +577,7 @@ class AhciPort:
             # One call: the status, then the tags, then the event, then the interrupt.
             self._returned(bin(ok).count("1"), sync=False)
             self.ncq_active &= ~ok
-            msi = self.hba.msi_enabled()
-            r = lib.ahci_port_done(self._h, self.index, ST_OK, self.cmd_value(), F_SACT, ok,
-                                   IS_SDBS | (IS_DPS if ok & ioc else 0), msi)
-            self.hba.drive_irq(r, msi)
+            self._done(ST_OK, F_SACT, ok, IS_SDBS | (IS_DPS if ok & ioc else 0))
         elif ok and self.halted:
             self._returned(bin(ok).count("1"))
             self.ncq_active &= ~ok
@@ -757,11 +754,19 @@ class AhciPort:
             return
         if cmd.ioc:
             events |= IS_DPS
-        msi = self.hba.msi_enabled()
-        r = lib.ahci_port_done(self._h, self.index, tfd, self.cmd_value(),
-                               F_SACT if cmd.ncq else F_CI, bit, events, msi)
-        self.hba.drive_irq(r, msi)
+        self._done(tfd, F_SACT if cmd.ncq else F_CI, bit, events)
         self._run()
+
+    def _done(self, tfd: int, field: int, slots: int, events: int) -> None:
+        """Commands done well, in one native call: PxTFD (and PxCMD's value), then their
+        PxCI or PxSACT bits cleared, then the PxIS events, then the interrupt."""
+        mode = self.hba.irq_mode()
+        r = lib.ahci_port_done(self._h, self.index, tfd, self.cmd_value(), field, slots,
+                               events, mode)
+        if mode < 0:
+            self.hba.update_irq()
+        else:
+            self.hba.drive_irq(r, mode)
 
     def _fatal(self, is_bit: int, serr: int) -> None:
         """Stop processing until software clears PxCMD.ST (section 6.2.2)."""
@@ -943,7 +948,30 @@ class AhciHba(PciFunction):
         through the vector's open gate and leave anything else (INTx, a masked vector) to
         this method, so interrupts are driven in the order of the changes."""
         msi = self.msi_enabled()
-        self.drive_irq(lib.ahci_irq_update(self._regs, msi), msi)
+        if self._native_on:
+            r = lib.ahci_irq_update(self._regs, msi)
+        else:
+            r = self._irq_reference(msi)
+        self.drive_irq(r, msi)
+
+    def _irq_reference(self, msi: int) -> int:
+        """ahci_irq_update's computation in Python: what runs while native accesses are off,
+        so that tests comparing the two modes compare the C exits with an independent
+        reference. Stores the outcome natively, for native accesses to carry on from."""
+        old = self.is_
+        new = old
+        for p in self.ports:
+            if p.status_bits() & p.ie:
+                new |= p.bit
+        level = bool(self.ghc & GHC_IE and new)
+        fire = level and bool(new & ~old or not self._regs.level)
+        lib.ahci_irq_store(self._regs, new, level, 0 if msi else level)
+        return (lib.AHCI_IRQ_LEVEL if level else 0) | (lib.AHCI_IRQ_FIRE if fire else 0)
+
+    def irq_mode(self) -> int:
+        """msi_enabled() for the native functions that recompute the interrupt; -1 while
+        native accesses are off (update_irq computes it then)."""
+        return self.msi_enabled() if self._native_on else -1
 
     def msi_enabled(self) -> int:
         return 1 if self.msi is not None and self.msi.enabled else 0
