@@ -516,10 +516,10 @@ class AhciPort:
         self._ccs = slots[-1]
         lib.ahci_port_accepted(self._h, self.index, new, ST_OK, self.cmd_value())
         ioc, epoch = nat.ioc, self.epoch
-        # Reads the page cache holds are moved now, in the exit (GIL released, nothing
-        # waited for): a worker hand-off costs more than they do. io_uring completes cached
-        # buffered reads inline the same way. Only small batches: the port's lock is held
-        # meanwhile. The rest go to the disk's workers.
+        # Reads the page cache holds are moved now, by the port's worker (GIL released,
+        # nothing waited for): another hand-off, to the disk's workers, costs more than they
+        # do. io_uring completes cached buffered reads inline the same way. Only small
+        # batches: the HBA lock is held meanwhile. The rest go to the disk's workers.
         cached = (lib.ahci_execute_cached(nat, new)
                   if dev.cached_reads and nat.bytes <= NATIVE_JOB_BYTES else 0)
         self.native_slots += len(slots)
