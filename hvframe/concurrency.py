@@ -40,7 +40,10 @@ LEAF           calls nothing while held: queues' condition variables, tables, co
 
 Below every rank: the C mutex of a native register block (hvframe.regblock), held inside
 the core for a few instructions per access or call, never across a call into Python. Its
-calls may be made with any of the locks above held.
+calls may be made with any of the locks above held. Plugins' native register files follow
+the same rule: AHCI's (hvframe_ahci/abar.c) is taken by a vCPU's ABAR exits without the GIL
+or any Python lock, and by Python only under the HBA lock (DEVICE); while held, nothing is
+called but a non-blocking eventfd write (an MSI irqfd, the port worker's wake-up).
 
 Rules
 -----

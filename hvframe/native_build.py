@@ -12,6 +12,10 @@ A plugin's build script (named in its setup.py's ``cffi_modules``) calls ``plugi
 - The FFI includes the core's (``ffi.include``), so the core's types (``struct hv_vq``,
   ``struct hv_ram``, ``hv_chain_fn``...) are shared: a queue set up by hvframe.virtio.native
   can be handed to the plugin's functions and the plugin's chain servers to the core's.
+- A native bus handler of the plugin (``hv_native_fn``, registered with
+  ``Bus.register_native``) passes what it does not serve to a Python handler with
+  ``hv->py_call(handle, offset, size, value, is_write)``, ``handle`` being a
+  ``hvframe.dispatch.PythonHandle``'s; never with a lock held that the handler may take.
 - ``structs`` and ``constants`` are generated into C (and into the cdef) from the plugin's
   construct declarations: the layout is declared once, in Python (hvframe.layout.c_layouts).
 

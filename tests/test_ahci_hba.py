@@ -135,13 +135,14 @@ def test_fre_and_st_show_in_fr_and_cr_and_stop_clears_the_issued_commands(setup,
     p.start()
     cmd = p.read("cmd")
     assert cmd & regs.CMD_FR and cmd & regs.CMD_CR
-    hold = threading.Event()
+    hold, out = threading.Event(), threading.Event()
     disk_dev = hba.ports[0].device
     real_read = disk_dev.backend.read
-    disk_dev.backend.read = lambda off, bufs: (hold.wait(5), real_read(off, bufs))[1]
+    disk_dev.backend.read = lambda off, bufs: (out.set(), hold.wait(5), real_read(off, bufs))[2]
     disk_dev.cached_reads = False                              # the worker's way only
     p.issue(3, h2d(READ_DMA_EXT, lba=0, count=1), [(BUF, 512)])
     assert p.read("ci") == 1 << 3
+    assert out.wait(5)                 # the port's worker started it: the read is out
     p.stop()
     assert p.read("ci") == 0                                   # ST 1->0 clears PxCI
     assert p.read("cmd") & regs.CMD_CR                         # ...but the read is still out
@@ -352,8 +353,10 @@ def test_slot_issued_twice_runs_once(setup, disk):
     assert hba.wait_idle() and calls == [512]
 
 
-def test_a_cached_read_completes_during_its_pxci_write(setup, disk):
-    # What SeaBIOS polls for is done at its first look; an uncached one goes to a worker.
+def test_a_cached_read_completes_without_a_block_queue_hand_off(setup, disk):
+    # What SeaBIOS polls for is read from the page cache by the port's worker as it starts
+    # the command (the PxCI exit itself only hands the slot over, without the GIL); an
+    # uncached one goes on to the disk's block queue.
     m, drv, p = setup
     p.start()
     hba = hba_of(m)
@@ -364,9 +367,9 @@ def test_a_cached_read_completes_during_its_pxci_write(setup, disk):
     real = dev.backend.read
     dev.backend.read = lambda off, bufs: (calls.append(off), real(off, bufs))[1]
     p.prepare(0, h2d(READ_DMA_EXT, lba=8, count=2), [(BUF, 1024)])
-    with hba.lock:                 # no worker can complete it while we look
-        p.write("ci", 1)
-        assert p.read("ci") == 0 and not p.read("is") & regs.IS_TFES
+    p.write("ci", 1)
+    p.wait(1)
+    assert p.read("ci") == 0 and not p.read("is") & regs.IS_TFES
     assert m.memory.read(BUF, 1024) == data and calls == []
     dev.cached_reads = False
     p.prepare(0, h2d(READ_DMA_EXT, lba=8, count=2), [(BUF + 4096, 1024)])

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from hvframe_ahci._native import ffi as ahci_ffi, lib
 from hvframe_ahci import ata, regs
-from hvframe_ahci.hba import AhciHba, AhciPort
+from hvframe_ahci.hba import F_SACT, AhciHba, AhciPort
 from hvframe_ahci.testdriver import AhciDriver, build_machine, h2d
 
 SLOT = 4
@@ -229,7 +229,7 @@ def test_a_slot_still_in_flight_is_not_prepared_again(tmp_path):
         with hba.lock:                         # hold completions back
             # (a write: a read the page cache has would complete during the issue itself)
             ncq(p, 0, 0, 1, [(BUF, 512)], write=True)
-            port.sact |= 1
+            port._set(F_SACT, 1)
             port._issue(1)
             assert port.ncq_active == 1
             assert not port._issue_native(1)

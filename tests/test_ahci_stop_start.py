@@ -31,6 +31,15 @@ def issue(p, slots):
     p.write("ci", slots)
 
 
+def accepted(p, slots, deadline=5.0):
+    """Poll until the device has taken the NCQ slots (their PxCI bits clear): the PxCI write
+    only hands them to the port's worker, and a stop before they start forgets them."""
+    end = time.monotonic() + deadline
+    while p.read("ci") & slots:
+        assert time.monotonic() < end, "the port never started the commands"
+        time.sleep(0.0005)
+
+
 class SlowDisk:
     """An AHCI disk whose requests are held at a gate (up to a few seconds), so requests
     issued before a stop are still with the backend when the port is started again.
@@ -140,6 +149,7 @@ def test_a_stale_write_never_lands_after_an_acknowledged_one(tmp_path, native):
             for slot in range(32):
                 ncq(d.p, slot, lba, 8, BUF, write=True)
             issue(d.p, 0xFFFFFFFF)
+            accepted(d.p, 0xFFFFFFFF)
             d.p.write("cmd", d.p.read("cmd") & ~regs.CMD_ST)
             assert d.p.read("cmd") & CMD_CR       # still draining: CR says so
             d.p.write("cmd", d.p.read("cmd") | regs.CMD_ST)
@@ -197,6 +207,7 @@ def test_a_failed_write_through_flush_is_kept_when_the_port_was_stopped(tmp_path
                 d.p.prepare(0, h2d(ata.WRITE_FPDMA_QUEUED, lba=8, count=0, features=1,
                                    device=0x40 | ata.FUA_BIT), [(BUF, 512)], write=True)
                 issue(d.p, 1)
+                accepted(d.p, 1)              # set up (by the port's worker) with it
             finally:
                 be.fd = real_fd
             d.p.write("cmd", d.p.read("cmd") & ~regs.CMD_ST)

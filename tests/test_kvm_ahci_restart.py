@@ -102,17 +102,17 @@ def test_guest_restarts_port_while_a_slow_disk_drains(guest, tmp_path):
         queue.submit = lambda fn, *a, callback: real_submit(slow(fn), *a, callback=callback)
         queue.submit_many = lambda reqs: real_submit_many(
             [(slow(fn), a, callback) for fn, a, callback in reqs])
-        real_stop, real_issue = port._stop, port._issue
+        real_stop, real_start = port._stop, port._start_issued
 
         def stop():
             real_stop()
             stops.append(port.draining)
 
-        def issue(bits):
-            if port.draining:
+        def start_issued(bits):         # slots new to PxCI, taken from the exits' hand-off
+            if port.draining and bits:
                 held.append(bits)
-            real_issue(bits)
-        port._stop, port._issue = stop, issue
+            real_start(bits)
+        port._stop, port._start_issued = stop, start_issued
 
         result = {}
         runner = threading.Thread(target=lambda: result.update(code=m.run(timeout=DEADLINE)),

@@ -9,6 +9,11 @@ except ImportError as e:  # pragma: no cover - only on a broken install
         "hvframe's native core is not built: install hvframe with pip "
         "(`pip install -e .`), which compiles hvframe/core_native with cffi") from e
 
+# Plugins' native register handlers reach Python handlers through the API's py_call, which is
+# the exit core's (the two are separate modules).
+api.hv_api_set_py_call(api_ffi.cast(
+    "hv_py_call_fn", int(ffi.cast("uintptr_t", ffi.addressof(lib, "hv_py_dispatch")))))
+
 
 def set_ram_regions(ram, memory) -> None:
     """Describe guest RAM (a GuestMemory) in a ``struct hv_ram`` (its host mapping, ``mem``,

@@ -20,6 +20,7 @@ int hv_vq_cycle(struct hv_vq *q, hv_chain_fn fn, void *ctx, const struct hv_irq_
                 uint64_t poll_ns);
 int hv_vq_serve(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max);
 int64_t hv_eventfd_wait(int fd, uint64_t spin_ns, int timeout_ms);
+void hv_api_set_py_call(hv_py_call_fn fn);
 """
 
 SOURCES = ["vq.c", "include/hvframe_native.h"]

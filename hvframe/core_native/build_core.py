@@ -35,6 +35,7 @@ enum { HV_EXIT_STOPPED, HV_EXIT_SHUTDOWN, HV_EXIT_INTERNAL, HV_EXIT_HLT,
 
 int hv_py_set_handler(int handle, uintptr_t reader, uintptr_t writer);
 void hv_py_set_failed(uintptr_t fn);
+uint64_t hv_py_dispatch(int handle, uint64_t offset, uint32_t size, uint64_t value, int is_write);
 
 struct hv_bus *hv_bus_new(void);
 void hv_bus_free(struct hv_bus *b);

@@ -407,6 +407,13 @@ static uint64_t py_call(int handle, uint64_t offset, uint32_t size, uint64_t val
     return result;
 }
 
+/* py_call for native handlers outside this module (struct hv_api's py_call, set at import by
+ * hvframe.core_native): a plugin's register handler passes what it does not serve on. */
+uint64_t hv_py_dispatch(int handle, uint64_t offset, uint32_t size, uint64_t value, int is_write)
+{
+    return py_call(handle, offset, size, value, is_write);
+}
+
 /* ---- native handlers ---------------------------------------------------------------------- */
 
 /* Accepts writes, reads as zero: a placeholder for ports that must answer but mean nothing. */

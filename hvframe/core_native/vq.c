@@ -507,7 +507,17 @@ int64_t hv_eventfd_wait(int fd, uint64_t spin_ns, int timeout_ms)
 
 /* ---- the table ------------------------------------------------------------------------- */
 
-static const struct hv_api api = {
+/* Until set, the API's py_call answers like an empty bus. */
+static uint64_t py_call_unset(int handle, uint64_t offset, uint32_t size, uint64_t value,
+                              int is_write)
+{
+    (void)handle; (void)offset; (void)size; (void)value;
+    return is_write ? 0 : ~0ULL;
+}
+
+/* Not const: py_call lives in the exit-dispatch module and is filled in at import
+ * (hv_api_set_py_call, from hvframe.core_native), before any plugin is bound. */
+static struct hv_api api = {
     .version = HV_API_VERSION,
     .size = sizeof(struct hv_api),
     .ram_translate = ram_translate,
@@ -526,9 +536,15 @@ static const struct hv_api api = {
     .vq_peek_at = vq_peek_at,
     .vq_push_n = vq_push_n,
     .vq_poll_avail = vq_poll_avail,
+    .py_call = py_call_unset,
 };
 
 const struct hv_api *hv_api(void)
 {
     return &api;
+}
+
+void hv_api_set_py_call(hv_py_call_fn fn)
+{
+    api.py_call = fn ? fn : py_call_unset;
 }

@@ -12,7 +12,7 @@ crash the VMM.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .. import concurrency
 from ..dispatch import Access
@@ -48,6 +48,16 @@ class BarRegion:
     name: str = ""
 
 
+class NativeBar(Protocol):
+    """A BAR served by a native register handler (the handler of add_bar stays the Python
+    side it passes accesses on to): the PciBus maps it with map() instead of registering the
+    Python handler, and unmaps it with Bus.unregister (which drops the range's fallback)."""
+
+    def map(self, bus, base: int, name: str):
+        """Register [base, base + BAR size) on bus (a hvframe.dispatch.Bus) with
+        register_native; returns the Range."""
+
+
 @dataclass
 class Bar:
     """One BAR (or the expansion ROM, index 6) and where it is currently decoded."""
@@ -61,6 +71,7 @@ class Bar:
     bus_name: str = ""  # the name given to the dispatch range
     access: Access | None = None
     regions: tuple[BarRegion, ...] = ()
+    native: NativeBar | None = None   # maps a native handler instead of `handler`
 
     @property
     def space(self) -> str:
@@ -71,6 +82,10 @@ class Bar:
 
     def map(self, bus, base: int) -> None:
         """Register every part at base (all or none: ConfigError if one cannot be)."""
+        if self.native is not None:
+            self.native.map(bus, base, self.bus_name)
+            self.mapped_at = base
+            return
         done = []
         try:
             for p in self.parts():
@@ -84,7 +99,10 @@ class Bar:
         self.mapped_at = base
 
     def unmap(self, bus) -> None:
-        if self.mapped_at is not None:
+        if self.mapped_at is not None and self.native is not None:
+            bus.unregister(self.mapped_at)
+            self.mapped_at = None
+        elif self.mapped_at is not None:
             for p in self.parts():
                 bus.unregister(self.mapped_at + p.offset)
             self.mapped_at = None
@@ -146,9 +164,11 @@ class PciFunction:
     # -- declaration ----------------------------------------------------------------------
     def add_bar(self, index: int, size: int, kind: str = "mmio32", handler: Any = None,
                 prefetchable: bool = False, *, access: Access | None = None,
-                regions: tuple[BarRegion, ...] = ()) -> Bar:
+                regions: tuple[BarRegion, ...] = (), native: NativeBar | None = None) -> Bar:
         """Declare BAR `index`; a 64-bit BAR also takes slot index+1. Either one handler (with
-        optional access rules) or regions, sorted, inside the BAR and not overlapping."""
+        optional access rules) or regions, sorted, inside the BAR and not overlapping. With
+        `native`, the BAR is served by that native handler, which passes what it does not
+        serve on to `handler`."""
         if self.pci_bus is not None:
             raise ConfigError(f"{self.name}: BARs must be added before the function is on a bus")
         if kind not in BAR_KINDS:
@@ -176,7 +196,7 @@ class PciFunction:
         elif size < 16 or (kind == "mmio32" and size > 1 << 31):
             raise ConfigError(f"{self.name}: memory BAR{index} size {size:#x} out of range")
         bar = Bar(index, kind, size, handler, prefetchable, bus_name=f"{self.name} BAR{index}",
-                  access=access, regions=tuple(regions))
+                  access=access, regions=tuple(regions), native=native)
         self.bars[index] = bar
         cs = self.config
         off = BAR_OFFSETS[index]

@@ -105,6 +105,10 @@ class MsiCapability:
         self.offset = fn.add_capability(CAP_ID_MSI, body, wmask)
         self._irqfd = None           # made when the guest first lets the vector fire
         self._fast = None            # the irqfd, while its route is known to be current
+        # The gate native device code fires the vector through (hv_irq_gate), open exactly
+        # when notify()'s lock-free path would fire the same irqfd.
+        self._gate = ffi.new("struct hv_irq_gate *")
+        self._gate.fd = -1
         self._control_byte = self.offset + MSI_CONTROL   # enable is bit 0
         self._mask_byte = self.offset + MSI_MASK
         fn.msi = self
@@ -133,6 +137,21 @@ class MsiCapability:
     def _set_pending(self, on: bool) -> None:
         self.fn.config.put(self.offset + MSI_PENDING, 4, 1 if on else 0)
 
+    def gate(self):
+        """The vector's ``struct hv_irq_gate *`` for native device code: while open,
+        writing its fd is notify(0); while shut, it must call notify()."""
+        return self._gate
+
+    def _refresh_gate(self) -> None:
+        """(lock held) Open the gate exactly when notify()'s lock-free path would fire."""
+        g, irq = self._gate, self._fast
+        if irq is not None and irq.eventfd_delivery and irq.fd >= 0 and self.enabled \
+                and not self.masked and self.fn.pci_bus is not None:
+            g.fd = irq.fd
+            g.open = 1
+        else:
+            g.open = 0
+
     def _sync_route(self):
         """(lock held, vector deliverable) The irqfd, routed to the current message."""
         irq = self._irqfd
@@ -141,6 +160,9 @@ class MsiCapability:
         if irq is not None and irq is not _NO_IRQFD:
             irq.set_message(*self.message())
             self._fast = irq
+            if self._gate not in irq.gates:
+                irq.gates.append(self._gate)
+        self._refresh_gate()
         return irq
 
     def _deliver(self) -> None:
@@ -186,6 +208,7 @@ class MsiCapability:
                 # The message may change before the vector can fire again: until then (and
                 # a sync) notify() takes the locked path.
                 self._fast = None
+                self._gate.open = 0
 
 
 class MsixCapability:

@@ -79,6 +79,12 @@ struct hv_irq_gate { int fd; int open; };
 
 enum { HV_VQ_CYCLE_IDLE = 0, HV_VQ_CYCLE_PYTHON, HV_VQ_CYCLE_NOTIFY, HV_VQ_CYCLE_YIELD };
 
+/* A Python handler of the exit-dispatch core (hvframe.dispatch.PythonHandle.handle) called
+ * as an exit calls it: takes the GIL for the call only; the value read (all ones when the
+ * handle is empty or the handler fails), 0 for writes. */
+typedef uint64_t (*hv_py_call_fn)(int handle, uint64_t offset, uint32_t size, uint64_t value,
+                                  int is_write);
+
 /* The core's functions for plugins. New entries go at the end; `size` lets a plugin built
  * against a newer header refuse an older core. */
 struct hv_api {
@@ -121,6 +127,9 @@ struct hv_api {
     /* busy-poll up to ns for avail.idx to move past last_avail_idx (1) or not (0); returns
      * early (0) when another thread asks for the queue (yield_req) */
     int (*vq_poll_avail)(struct hv_vq *q, uint64_t ns);
+    /* pass an access on to a Python handler (a native register handler's fallback); never
+     * call it with a lock held that the handler's Python side may take */
+    hv_py_call_fn py_call;
 };
 /* HV_CDEF_END */
 

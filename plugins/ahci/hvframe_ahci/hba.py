@@ -1,18 +1,24 @@
 """The AHCI host bus adapter: an Intel ICH9 SATA controller (8086:2922, class 01:06:01) with
 its registers behind BAR5 (ABAR), up to 32 ports, MSI or INTA.
 
-Command flow. A guest write to PxCI (and, for NCQ, PxSACT first) queues the new slots; each
-is fetched from host memory (command header, command table, PRDs -- every pointer checked
-against guest RAM) on the vCPU thread and handed to the port's device (ata.AtaDisk or
-atapi.AtapiCdrom). A device answers at once with a Result, or submits the transfer to its
+Registers. The ABAR is served by abar.c, this package's native register handler: the
+registers a driver touches on every command (PxIS, PxCI, PxSACT, PxTFD, PxCMD, HBA IS, ...)
+are read and written there by the vCPU without the GIL, in a native register file Python
+changes only through the same native functions (see AhciPort, AhciHba); the rest is passed
+to AhciHba.read/write.
+
+Command flow. A guest write to PxCI (and, for NCQ, PxSACT first) sets the new slots in PxCI
+and wakes the port's worker thread (AhciPort.serve_issued), which fetches each from host
+memory (command header, command table, PRDs -- every pointer checked against guest RAM) and
+hands it to the port's device (ata.AtaDisk or atapi.AtapiCdrom). A device answers at once with a Result, or submits the transfer to its
 BlockQueue and completes the Command from a worker thread later. Completion writes the FISes
 into the received-FIS area, updates PxTFD, clears PxCI (non-queued) or PxSACT (NCQ, through a
 Set Device Bits FIS) and raises the port's interrupt, in that order, so a guest that sees the
 interrupt sees the data.
 
-NCQ READ/WRITE FPDMA QUEUED commands take a native path when a PxCI write issues nothing
-else (ncq.c, this package's native module: the same fetch and checks in C, the transfer with the
-GIL released) and complete in batches: one Set Device Bits FIS and one interrupt per batch.
+NCQ READ/WRITE FPDMA QUEUED commands take a native path when the slots the worker takes are
+all such (ncq.c: the same fetch and checks in C, the transfer with the GIL released) and
+complete in batches: one Set Device Bits FIS and one interrupt per batch.
 Anything the native path declines goes the Python way below, which gives its errors.
 
 Non-queued commands run one at a time in slot order; NCQ commands run concurrently. An error
@@ -30,7 +36,8 @@ without waiting for CR, as a hostile or careless driver does) wait in PxCI and s
 the drain ends. So a stale request can neither run after a newer one on the same blocks nor
 share a slot's native state with its successor, and no vCPU ever waits for a worker. Block
 requests go to a bounded BlockQueue that refuses when full (the command fails with an ATA
-error) instead of blocking the vCPU, which holds the HBA lock.
+error) instead of blocking the port's worker, which holds the HBA lock. Slots a guest issued
+that the worker has not taken yet are forgotten by a stop like the others.
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ from functools import partial
 
 from hvframe.block.backend import BlockError
 from hvframe.core_native import bind, set_ram_regions
+from hvframe.core_native import ffi as core_ffi
+from hvframe.dispatch import PythonHandle
 from hvframe.memory import GuestMemoryError
 from hvframe.pci.device import PciFunction
 from hvframe.pci.msi import MsiCapability
@@ -70,6 +79,8 @@ ABAR_INDEX = 5
 INTA = 1
 SLOTS = 32
 NATIVE_JOB_BYTES = 256 << 10     # the native path gives each worker at least this much
+ISSUE_SPIN_NS = 0                # a port's worker may poll this long for more before sleeping: on a
+                                 # host with idle cores; measured no gain here, so off
 _U32 = 0xFFFFFFFF
 
 
@@ -204,11 +215,58 @@ class _NativeCommand:
         self.slot, self.epoch, self.ioc, self.ncq = slot, epoch, ioc, True
 
 
+# Port fields kept in the native register file (abar.c, struct ahci_port_regs).
+F_IS, F_IE, F_CMD, F_TFD, F_SSTS, F_SERR, F_SACT, F_CI = (
+    lib.AHCI_F_IS, lib.AHCI_F_IE, lib.AHCI_F_CMD, lib.AHCI_F_TFD, lib.AHCI_F_SSTS,
+    lib.AHCI_F_SERR, lib.AHCI_F_SACT, lib.AHCI_F_CI)
+
+
+def _native_field(field: int, doc: str) -> property:
+    """A port register only Python writes (under the HBA lock) and native reads serve: the
+    value lives in the native register file."""
+    def get(self) -> int:
+        return self._r.f[field]
+
+    def put(self, value: int) -> None:
+        lib.ahci_port_update(self._h, self.index, field, _U32, value & _U32)
+    return property(get, put, doc=doc)
+
+
+def _cmd_part(name: str, doc: str) -> property:
+    """State PxCMD's value as read depends on: each change is stored natively at once."""
+    attr = "_" + name
+
+    def get(self) -> int:
+        return getattr(self, attr)
+
+    def put(self, value: int) -> None:
+        setattr(self, attr, value)
+        lib.ahci_port_update(self._h, self.index, F_CMD, _U32, self.cmd_value())
+    return property(get, put, doc=doc)
+
+
 class AhciPort:
-    """One port's registers and command engine. All state is guarded by the HBA's lock."""
+    """One port's registers and command engine. All state is guarded by the HBA's lock.
+
+    The registers a guest's driver touches on every command live in the HBA's native
+    register file (abar.c), where the vCPU's exits read and change them without the GIL:
+    PxIS, PxCI and PxSACT are changed from both sides, so Python changes them only with
+    read-modify-writes there (_set/_clear); PxIE, PxTFD, PxSSTS, PxSERR and PxCMD's value as
+    read only Python writes (properties). New PxCI slots a guest writes are taken from there
+    by the port's worker thread (serve_issued), which starts them."""
+
+    ie = _native_field(F_IE, "PxIE")
+    tfd = _native_field(F_TFD, "PxTFD: status | error << 8")
+    ssts = _native_field(F_SSTS, "PxSSTS")
+    serr = _native_field(F_SERR, "PxSERR")
+    cmd = _cmd_part("cmd", "PxCMD as written (CR, FR and CCS are added when read)")
+    ccs = _cmd_part("ccs", "the slot PxCMD.CCS names")
+    inflight = _cmd_part("inflight", "commands with the device, any epoch (PxCMD.CR)")
 
     def __init__(self, hba: "AhciHba", index: int, device=None):
         self.hba, self.index, self.device = hba, index, device
+        self._h, self._r = hba._regs, hba._regs.port[index]
+        self._cmd = self._ccs = self._inflight = 0
         self.bit = 1 << index
         self.inflight = 0            # commands with the device (any epoch)
         self.epoch = 0               # bumped by stop/reset: late completions are dropped
@@ -221,17 +279,39 @@ class AhciPort:
         self.reset_registers()
         self.comreset()
 
+    # -- native register file -----------------------------------------------------------
+    @property
+    def is_(self) -> int:
+        """PxIS bits as stored (status_bits() is what a read returns)."""
+        return self._r.f[F_IS]
+
+    @property
+    def ci(self) -> int:
+        return self._r.f[F_CI]
+
+    @property
+    def sact(self) -> int:
+        return self._r.f[F_SACT]
+
+    def _set(self, field: int, bits: int) -> None:
+        """Set bits of PxIS, PxCI or PxSACT in one step against the guest's writes."""
+        lib.ahci_port_update(self._h, self.index, field, 0, bits)
+
+    def _clear(self, field: int, bits: int) -> None:
+        lib.ahci_port_update(self._h, self.index, field, bits, 0)
+
     # -- state -----------------------------------------------------------------------------
     def reset_registers(self) -> None:
         self.clb = self.clbu = self.fb = self.fbu = 0
-        self.is_ = self.ie = 0
+        self._clear(F_IS, _U32)
+        self.ie = 0
         self.cmd = CMD_SUD | CMD_POD     # no staggered spin-up, no cold presence detect
         self.sctl = self.serr = self.sntf = 0
         self._stop()
 
     def _stop(self) -> None:
         """Forget every issued command (ST cleared, reset)."""
-        self.ci = self.sact = 0
+        lib.ahci_port_stop(self._h, self.index)     # PxCI, PxSACT and what was not taken
         self.pending: deque[int] = deque()
         self.busy: int | None = None     # the non-queued slot being executed
         self.ncq_active = 0
@@ -240,18 +320,23 @@ class AhciPort:
         self.epoch += 1
         self.draining = self.inflight > 0
 
-    def _returned(self, n: int) -> None:
+    def _returned(self, n: int, sync: bool = True) -> None:
         """n commands came back from the device; the last one of a drain lets the port
-        start what the guest issued meanwhile."""
-        self.inflight -= n
-        if self.inflight:
+        start what the guest issued meanwhile. sync=False: the caller stores PxCMD's value
+        itself (with the rest of a completion, in one call)."""
+        self._inflight -= n
+        if sync:
+            self._sync_cmd()
+        if self._inflight:
             return
         self.hba.idle.notify_all()
         if self.draining:
             self.draining = False
             if self.cmd & CMD_ST and self.ci:
-                issued, self.ci = self.ci, 0
-                self._issue(issued)
+                # Everything in PxCI was issued during the drain: start it (and not again
+                # when the worker looks).
+                lib.ahci_port_take(self._h, self.index)
+                self._start_issued(self.ci)
 
     def comreset(self) -> None:
         """The link comes up and the device sends its signature FIS. The driver starts over,
@@ -287,13 +372,17 @@ class AhciPort:
             v |= IS_PRCS
         return v
 
+    def _sync_cmd(self) -> None:
+        lib.ahci_port_update(self._h, self.index, F_CMD, _U32, self.cmd_value())
+
     def cmd_value(self) -> int:
-        v = self.cmd & ~(CMD_CR | CMD_FR | (0x1F << CMD_CCS_SHIFT) | CMD_CLO)
-        if self.cmd & CMD_ST or self.inflight:
+        cmd = self._cmd
+        v = cmd & ~(CMD_CR | CMD_FR | (0x1F << CMD_CCS_SHIFT) | CMD_CLO)
+        if cmd & CMD_ST or self._inflight:
             v |= CMD_CR
-        if self.cmd & CMD_FRE:
+        if cmd & CMD_FRE:
             v |= CMD_FR
-        return v | self.ccs << CMD_CCS_SHIFT
+        return v | self._ccs << CMD_CCS_SHIFT
 
     # -- registers -------------------------------------------------------------------------
     def read_reg(self, name: str) -> int:
@@ -315,7 +404,7 @@ class AhciPort:
             if name == "ie":
                 self.hba.update_irq()
         elif name == "is":
-            self.is_ &= ~(value & mask)
+            self._clear(F_IS, value & mask)
             self.hba.update_irq()
         elif name == "serr":
             self.serr &= ~(value & mask)
@@ -328,7 +417,7 @@ class AhciPort:
             self._write_sctl((self.sctl & ~mask) | (value & mask))
         elif name == "sact":
             if self.cmd & CMD_ST:
-                self.sact |= value & mask
+                self._set(F_SACT, value & mask)
         elif name == "ci":
             if self.cmd & CMD_ST:
                 self._issue(value & mask)
@@ -362,11 +451,28 @@ class AhciPort:
 
     # -- command issue ---------------------------------------------------------------------
     def _issue(self, bits: int) -> None:
-        new = bits & ~self.ci
-        if not new:
-            return
-        self.ci |= new
-        if self.draining:
+        """PxCI written through Python: the new slots start now (with any a native write
+        left for the worker)."""
+        lib.ahci_port_issue(self._h, self.index, bits)
+        self._start_issued(lib.ahci_port_take(self._h, self.index))
+
+    def serve_issued(self, thread) -> None:
+        """(the port's worker, a DeviceThread) Start the slots guests' PxCI writes issue
+        natively: the vCPU sets them in PxCI and wakes this thread, which takes the GIL and
+        the HBA lock the exit does without."""
+        while not thread.stopping:
+            n = lib.ahci_port_wait(self._h, self.index, ISSUE_SPIN_NS, -1)
+            if thread.stopping or n == -errno.EBADF:
+                return
+            if n <= 0:
+                continue
+            with self.hba.lock:
+                self._start_issued(lib.ahci_port_take(self._h, self.index))
+                self.hba.idle.notify_all()
+
+    def _start_issued(self, new: int) -> None:
+        """(hba.lock held) Start slots new to PxCI (already set there)."""
+        if not new or self.draining:
             return                       # they start when the stale requests are back
         if self._issue_native(new):
             return
@@ -405,16 +511,15 @@ class AhciPort:
             return False
         # Accepted, as _start_pending accepts an NCQ command: BSY clears, PxCI with it.
         slots = [s for s in range(SLOTS) if new >> s & 1]
-        self.ci &= ~new
-        self.tfd = (self.tfd & ~0xFF) | ST_OK
         self.ncq_active |= new
-        self.inflight += len(slots)
-        self.ccs = slots[-1]
+        self._inflight += len(slots)
+        self._ccs = slots[-1]
+        lib.ahci_port_accepted(self._h, self.index, new, ST_OK, self.cmd_value())
         ioc, epoch = nat.ioc, self.epoch
-        # Reads the page cache holds are moved now, in the exit (GIL released, nothing
-        # waited for): a worker hand-off costs more than they do. io_uring completes cached
-        # buffered reads inline the same way. Only small batches: the port's lock is held
-        # meanwhile. The rest go to the disk's workers.
+        # Reads the page cache holds are moved now, by the port's worker (GIL released,
+        # nothing waited for): another hand-off, to the disk's workers, costs more than they
+        # do. io_uring completes cached buffered reads inline the same way. Only small
+        # batches: the HBA lock is held meanwhile. The rest go to the disk's workers.
         cached = (lib.ahci_execute_cached(nat, new)
                   if dev.cached_reads and nat.bytes <= NATIVE_JOB_BYTES else 0)
         self.native_slots += len(slots)
@@ -459,21 +564,25 @@ class AhciPort:
         if epoch != self.epoch:      # stopped meanwhile: nothing to tell the guest
             self._returned(bin(mask).count("1"))
             return
-        self._returned(bin(ok).count("1"))
-        if ok:
+        sdb = False
+        if ok and not self.halted:
+            try:
+                self._post_sdb(ST_OK, 0, ok)
+                sdb = True
+            except TransferError as e:
+                self._returned(bin(ok).count("1"))
+                self.ncq_active &= ~ok
+                self._fatal(e.is_bit, e.serr)
+        if sdb:
+            # One call: the status, then the tags, then the event, then the interrupt.
+            self._returned(bin(ok).count("1"), sync=False)
             self.ncq_active &= ~ok
-            if not self.halted:
-                try:
-                    self._post_sdb(ST_OK, 0, ok)
-                except TransferError as e:
-                    self._fatal(e.is_bit, e.serr)
-                else:
-                    self.sact &= ~ok
-                    self.is_ |= IS_SDBS
-                    self.tfd = ST_OK
-                    if ok & ioc:
-                        self.is_ |= IS_DPS
-                    self.hba.update_irq()
+            self._done(ST_OK, F_SACT, ok, IS_SDBS | (IS_DPS if ok & ioc else 0))
+        elif ok and self.halted:
+            self._returned(bin(ok).count("1"))
+            self.ncq_active &= ~ok
+        elif not ok:
+            self._returned(0)
         for s in range(SLOTS):
             if failed >> s & 1:
                 write = self._native.slot[s].write
@@ -519,7 +628,7 @@ class AhciPort:
                     self._start(cmd, ata_error(ERR_ABRT))
                     continue
                 # The device accepts the command: BSY clears, PxCI with it.
-                self.ci &= ~(1 << slot)
+                self._clear(F_CI, 1 << slot)
                 self.tfd = (self.tfd & ~0xFF) | ST_OK
                 self.ncq_active |= 1 << slot
             elif self.ncq_active or self.sact:
@@ -586,7 +695,7 @@ class AhciPort:
     def _device_control(self, slot: int, control: int) -> None:
         """A Device Control FIS: SRST set holds the device in reset, SRST cleared ends the
         software reset and the device answers with its signature."""
-        self.ci &= ~(1 << slot)
+        self._clear(F_CI, 1 << slot)
         if control & CONTROL_SRST:
             self.tfd = (self.tfd & ~0xFF) | ST_BSY
             return
@@ -595,7 +704,7 @@ class AhciPort:
             self.tfd = self.device.reset_status
             self._post_d2h(self.tfd, 0, {"count": s & 0xFF, "lba0": s >> 8 & 0xFF,
                                          "lba1": s >> 16 & 0xFF, "lba2": s >> 24 & 0xFF})
-            self.is_ |= IS_DHRS
+            self._set(F_IS, IS_DHRS)
             self.hba.update_irq()
 
     # -- completion -------------------------------------------------------------------------
@@ -619,39 +728,50 @@ class AhciPort:
             self._fatal(result.fatal, result.serr)
             return
         ok = not result.status & ST_ERR
+        events = 0
         try:
             if cmd.ncq:
                 self._post_sdb(result.status, result.error, bit if ok else 0)
-                if ok:
-                    self.sact &= ~bit
-                self.is_ |= IS_SDBS
+                events = IS_SDBS
             else:
                 if result.transferred:
                     self._write_prdbc(cmd.slot, result.transferred)
                 if result.pio and ok:
-                    self._post_pio_setup(result, cmd)
+                    events = self._post_pio_setup(result, cmd)
                 self._post_d2h(result.status, result.error, result.regs)
-                if ok:
-                    self.ci &= ~bit
-                self.is_ |= IS_DHRS
+                events |= IS_DHRS
         except TransferError as e:
             self._fatal(e.is_bit, e.serr)
             return
-        self.tfd = result.status | result.error << 8
-        if ok:
-            if cmd.ioc:
-                self.is_ |= IS_DPS
-        else:
+        # The status first, then the slot, then the events: a guest polling PxCI (or
+        # PxSACT) that sees the slot done reads its status (native reads take no lock).
+        tfd = result.status | result.error << 8
+        if not ok:
+            self.tfd = tfd
+            self._set(F_IS, events)
             self.ccs = cmd.slot
             self._fatal(IS_TFES, 0)
             return
-        self.hba.update_irq()
+        if cmd.ioc:
+            events |= IS_DPS
+        self._done(tfd, F_SACT if cmd.ncq else F_CI, bit, events)
         self._run()
+
+    def _done(self, tfd: int, field: int, slots: int, events: int) -> None:
+        """Commands done well, in one native call: PxTFD (and PxCMD's value), then their
+        PxCI or PxSACT bits cleared, then the PxIS events, then the interrupt."""
+        mode = self.hba.irq_mode()
+        r = lib.ahci_port_done(self._h, self.index, tfd, self.cmd_value(), field, slots,
+                               events, mode)
+        if mode < 0:
+            self.hba.update_irq()
+        else:
+            self.hba.drive_irq(r, mode)
 
     def _fatal(self, is_bit: int, serr: int) -> None:
         """Stop processing until software clears PxCMD.ST (section 6.2.2)."""
-        self.is_ |= is_bit
         self.serr |= serr
+        self._set(F_IS, is_bit)
         self.halted = True
         self.hba.update_irq()
 
@@ -686,17 +806,17 @@ class AhciPort:
                       r.get("lba4", 0), r.get("lba5", 0), r.get("count", 0),
                       r.get("count_exp", 0))
 
-    def _post_pio_setup(self, result: Result, cmd: Command) -> None:
+    def _post_pio_setup(self, result: Result, cmd: Command) -> int:
+        """Post the PIO Setup FIS; the PxIS bit it sets (reported with the D2H FIS's)."""
         v = self._rx("psfis", PIO_SETUP.size)
         if v is None:
-            return
+            return 0
         to_host = result.pio == "in"
         f = cmd.fis
         PIO_SETUP.pack_into(v, 0, FIS_PIO_SETUP, (PIO_TO_HOST | FIS_I) if to_host else 0,
                             ST_OK | ST_DRQ, 0, f[4], f[5], f[6], f[7], f[8], f[9], f[10],
                             f[12], f[13], result.status, min(result.transferred, 0xFFFF))
-        if to_host:
-            self.is_ |= IS_PSS
+        return IS_PSS if to_host else 0
 
     def _post_sdb(self, status: int, error: int, sactive: int) -> None:
         v = self._rx("sdbfis", SDB.size)
@@ -704,8 +824,50 @@ class AhciPort:
             SDB.pack_into(v, 0, FIS_SDB, FIS_I, status & 0x77, error, sactive)
 
 
+class _AbarFallback(PythonHandle):
+    """The HBA's Python handler as the native ABAR handler's fallback; dropped with the
+    range, when it also stops being called."""
+
+    def __init__(self, hba: "AhciHba", name: str):
+        super().__init__(hba, name)
+        self._regs = hba._regs
+        lib.ahci_set_handler(self._regs, self.handle)
+
+    def drop(self) -> None:
+        lib.ahci_set_handler(self._regs, -1)
+        super().drop()
+
+
+class NativeAbar:
+    """BAR5 served by abar.c (a hvframe.pci.device.NativeBar): hot registers without the
+    GIL, the rest passed on to AhciHba.read/write."""
+
+    def __init__(self, hba: "AhciHba"):
+        self.hba = hba
+        # The bus core's function and argument types are another cffi module's.
+        self._fn = core_ffi.cast("hv_native_fn", int(ffi.cast("uintptr_t", lib.ahci_abar_access)))
+        self._opaque = core_ffi.cast("void *", int(ffi.cast("uintptr_t", hba._regs)))
+
+    def map(self, bus, base: int, name: str):
+        fallback = _AbarFallback(self.hba, name)
+        try:
+            r = bus.register_native(base, ABAR_SIZE, self._fn, self._opaque, name=name,
+                                    fallback=fallback)
+        except BaseException:
+            fallback.drop()
+            raise
+        r.handler = self.hba
+        return r
+
+
 class AhciHba(PciFunction):
-    """The HBA: generic host control registers, ports, MSI and INTA."""
+    """The HBA: generic host control registers, ports, MSI and INTA.
+
+    Registers live in a native register file (abar.c, struct ahci_hba_regs) that BAR5's
+    native handler serves; Python keeps everything else and does the rare accesses. Locks,
+    outermost first: hba.lock (DEVICE; all Python state, every Python change of the register
+    file), then the register file's mutex (innermost, native: never held across Python).
+    The vCPU takes only the mutex for the accesses served natively."""
 
     def __init__(self, machine, devices: dict[int, object], name: str = "ahci"):
         super().__init__(VENDOR_INTEL, DEVICE_ICH9_AHCI, CLASS_AHCI, revision=REVISION,
@@ -719,31 +881,108 @@ class AhciHba(PciFunction):
         if nports > MAX_PORTS:
             raise ValueError(f"at most {MAX_PORTS} ports")
         self.devices = devices
-        self.ports = [AhciPort(self, i, devices.get(i)) for i in range(nports)]
         self.cap = (CAP_S64A | CAP_SNCQ | CAP_SCLO | CAP_SAM | CAP_PMD | 3 << CAP_ISS_SHIFT
                     | (SLOTS - 1) << CAP_NCS_SHIFT | (nports - 1))
         self.pi = (1 << nports) - 1
+        self._regs = ffi.new("struct ahci_hba_regs *")
+        lib.ahci_hba_init(self._regs, nports, self.cap, self.pi, AHCI_VERSION)
+        self._native_on = True           # serve natively (off: every access to Python)
+        self.ports = [AhciPort(self, i, devices.get(i)) for i in range(nports)]
         self.ghc = GHC_AE
-        self.is_ = 0
-        self._level = False
-        self.add_bar(ABAR_INDEX, ABAR_SIZE, "mmio32", self)
+        self.add_bar(ABAR_INDEX, ABAR_SIZE, "mmio32", self, native=NativeAbar(self))
         MsiCapability(self)
+        lib.ahci_set_msi_gate(self._regs, self.msi.gate())
+        # Each port with a device gets the worker that starts what guests issue natively.
+        self._workers = []
+        for p in self.ports:
+            if p.device is None or lib.ahci_port_worker_open(self._regs, p.index) < 0:
+                continue                 # PxCI writes then go the Python way
+            t = concurrency.DeviceThread(
+                f"{name} port {p.index} issue", p.serve_issued,
+                wake=partial(lib.ahci_port_kick, self._regs, p.index),
+                on_error=partial(self._worker_failed, p))
+            self._workers.append((p, t.start()))
+
+    def _worker_failed(self, port: "AhciPort", error: BaseException) -> None:
+        """A port's worker died: PxCI writes go through Python from now on, and what it had
+        not taken is started here."""
+        with self.lock:
+            lib.ahci_port_worker_close(self._regs, port.index)
+            port._start_issued(lib.ahci_port_take(self._regs, port.index))
+
+    # -- native register file ---------------------------------------------------------------
+    @property
+    def ghc(self) -> int:
+        return self._regs.ghc
+
+    @ghc.setter
+    def ghc(self, value: int) -> None:
+        lib.ahci_hba_update(self._regs, lib.AHCI_H_GHC, _U32, value)
+
+    @property
+    def is_(self) -> int:
+        return getattr(self._regs, "is")
+
+    @property
+    def native(self) -> bool:
+        """Whether BAR5's hot registers are served natively (False: all by Python, for
+        tests comparing the two)."""
+        return self._native_on
+
+    @native.setter
+    def native(self, on: bool) -> None:
+        with self.lock:
+            self._native_on = bool(on)
+            lib.ahci_set_native(self._regs, 1 if on else 0)
+
+    @property
+    def native_counts(self) -> tuple[int, int]:
+        """(accesses served natively, accesses passed to Python) since the HBA was made."""
+        return self._regs.served, self._regs.passed
 
     # -- interrupts ------------------------------------------------------------------------
     def update_irq(self) -> None:
-        """Recompute IS from the ports and drive MSI (on new events) or INTA (as a level)."""
-        new = self.is_
+        """Recompute IS from the ports and drive MSI (on new events) or INTA (as a level).
+        (hba.lock held.) The computation is the native one the guest's W1C exits make, on
+        the same state under the same mutex; those exits deliver an MSI themselves only
+        through the vector's open gate and leave anything else (INTx, a masked vector) to
+        this method, so interrupts are driven in the order of the changes."""
+        msi = self.msi_enabled()
+        if self._native_on:
+            r = lib.ahci_irq_update(self._regs, msi)
+        else:
+            r = self._irq_reference(msi)
+        self.drive_irq(r, msi)
+
+    def _irq_reference(self, msi: int) -> int:
+        """ahci_irq_update's computation in Python: what runs while native accesses are off,
+        so that tests comparing the two modes compare the C exits with an independent
+        reference. Stores the outcome natively, for native accesses to carry on from."""
+        old = self.is_
+        new = old
         for p in self.ports:
             if p.status_bits() & p.ie:
                 new |= p.bit
-        gained = new & ~self.is_
-        self.is_ = new
         level = bool(self.ghc & GHC_IE and new)
-        was, self._level = self._level, level
-        if self.msi is not None and self.msi.enabled:
+        fire = level and bool(new & ~old or not self._regs.level)
+        lib.ahci_irq_store(self._regs, new, level, 0 if msi else level)
+        return (lib.AHCI_IRQ_LEVEL if level else 0) | (lib.AHCI_IRQ_FIRE if fire else 0)
+
+    def irq_mode(self) -> int:
+        """msi_enabled() for the native functions that recompute the interrupt; -1 while
+        native accesses are off (update_irq computes it then)."""
+        return self.msi_enabled() if self._native_on else -1
+
+    def msi_enabled(self) -> int:
+        return 1 if self.msi is not None and self.msi.enabled else 0
+
+    def drive_irq(self, r: int, msi: int) -> None:
+        """(hba.lock held) Deliver what a native recomputation (AHCI_IRQ_*) asked for."""
+        level = bool(r & lib.AHCI_IRQ_LEVEL)
+        if msi:
             if self.intx_level:
                 self.set_intx(0)
-            if level and (gained or not was):
+            if r & lib.AHCI_IRQ_FIRE:
                 self.msi.notify(0)
         elif level != bool(self.intx_level):
             self.set_intx(1 if level else 0)
@@ -791,7 +1030,7 @@ class AhciHba(PciFunction):
                     self.ghc = GHC_AE | (((self.ghc & ~mask) | (value & mask)) & GHC_IE)
                     self.update_irq()
             elif name == "is":
-                self.is_ &= ~(value & mask)
+                lib.ahci_hba_update(self._regs, lib.AHCI_H_IS, value & mask, 0)
                 self.update_irq()
             return                        # cap, pi, vs and the rest are read-only
         n, reg = divmod(off - PORT_BASE, PORT_STRIDE)
@@ -800,21 +1039,32 @@ class AhciHba(PciFunction):
             self.ports[n].write_reg(name, value, mask)
 
     def reset(self) -> None:
-        """GHC.HR: every port stops and re-runs COMRESET; GHC.IE and IS clear."""
-        self.ghc = GHC_AE
-        self.is_ = 0
-        for p in self.ports:
-            p.reset_registers()
-            p.comreset()
-        self.update_irq()
+        """GHC.HR: every port stops and re-runs COMRESET; GHC.IE and IS clear. Other vCPUs'
+        accesses wait for it in Python (native accesses off meanwhile), so none of them
+        sees, or changes, half a reset."""
+        lib.ahci_set_native(self._regs, 0)
+        try:
+            self.ghc = GHC_AE
+            lib.ahci_hba_update(self._regs, lib.AHCI_H_IS, _U32, 0)
+            for p in self.ports:
+                p.reset_registers()
+                p.comreset()
+            self.update_irq()
+        finally:
+            lib.ahci_set_native(self._regs, 1 if self._native_on else 0)
 
     # -- lifecycle -------------------------------------------------------------------------
     def wait_idle(self, timeout: float | None = 5.0) -> bool:
         """Wait until no command is with a device (tests and shutdown)."""
         with self.lock:
-            return self.idle.wait_for(lambda: not any(p.inflight for p in self.ports), timeout)
+            return self.idle.wait_for(
+                lambda: not any(p.inflight or p._r.issued for p in self.ports), timeout)
 
     def close(self) -> None:
+        for port, thread in self._workers:
+            thread.stop()
+            lib.ahci_port_worker_close(self._regs, port.index)
+        self._workers = []
         for dev in self.devices.values():
             dev.close()
 

@@ -5,8 +5,9 @@
  * hvframe_ahci.ata.AtaDisk make, and keeps a slot only when every check passes: anything
  * else (another command, a bad tag, a range past the end, a PRD outside RAM, too many
  * segments) is left to the Python path, which answers it with the right ATA/AHCI error.
- * ahci_execute() then moves the data with the core's file I/O helper (GIL released). Port
- * registers, FISes and interrupts stay with Python, which settles a whole batch at once.
+ * ahci_execute() then moves the data with the core's file I/O helper (GIL released). FISes
+ * and the completion stay with Python, which settles a whole batch at once (the registers it
+ * changes live in abar.c's register file).
  *
  * Guest values are hostile: each header, FIS and PRD is copied once before use, and guest
  * addresses are translated through the core's RAM region check only, with overflow-safe

@@ -34,8 +34,9 @@ def h2d(command: int, lba: int = 0, count: int = 0, features: int = 0, device: i
                     count >> 8 & 0xFF, 0, control)
 
 
-def build_machine(*slots: str, memory: int = 64 << 20):
-    """A synthetic machine with the given -s arguments (a host bridge at slot 0 is added)."""
+def build_machine(*slots: str, memory: int = 64 << 20, irqfd_eventfds: bool = False):
+    """A synthetic machine with the given -s arguments (a host bridge at slot 0 is added).
+    irqfd_eventfds: MSIs are eventfd writes, as under KVM (hvframe.synthetic)."""
     from hvframe.config import Config
     from hvframe.pci.bus import add_pci_devices
     from hvframe.plugins import Registry
@@ -45,7 +46,7 @@ def build_machine(*slots: str, memory: int = 64 << 20):
     registry, cfg = Registry(), Config()
     for s in ("0,hostbridge", *slots):
         add_slot(cfg, registry, s)
-    m = SyntheticMachine(memory)
+    m = SyntheticMachine(memory, irqfd_eventfds=irqfd_eventfds)
     try:
         add_pci_devices(m, registry, cfg.group("pci"), direct_boot=False)
     except BaseException:
