@@ -4,6 +4,8 @@ states a driver's recovery depends on."""
 import os
 import threading
 
+import time
+
 import pytest
 from construct import Container
 
@@ -218,19 +220,29 @@ def test_fragmented_prds_scatter_and_gather(setup, disk):
         b"".join(bytes([i + 1]) * n for i, n in enumerate(sizes))
 
 
+def wait_level(m, line, level, timeout=10.0):
+    """The port's worker completes a command (PxCI, PxIS) and then drives the line: a
+    polling test sees the registers first."""
+    end = time.monotonic() + timeout
+    while m.irq_levels.get(line) != level and time.monotonic() < end:
+        time.sleep(0.001)
+    return m.irq_levels.get(line)
+
+
 def test_interrupt_through_intx(setup):
     m, drv, p = setup
     line = drv.config_read(0x3C, 1)
     p.start(ie=regs.IS_DHRS | regs.IS_PSS)
     drv.write("ghc", regs.GHC_AE | regs.GHC_IE)
     p.run(0, h2d(IDENTIFY_DEVICE), [(BUF, 512)])
-    assert drv.read("is") == 1 and m.irq_levels[line] == 1
+    assert drv.read("is") == 1 and wait_level(m, line, 1) == 1
     assert drv.config_read(0x06, 2) & 0x08                     # PCI status: interrupt
     p.write("is", 0xFFFFFFFF)
     assert m.irq_levels[line] == 1                             # IS.IPS is sticky ...
     drv.write("is", 1)
     assert m.irq_levels[line] == 0                             # ... until software clears it
     p.run(1, h2d(IDENTIFY_DEVICE), [(BUF, 512)])
+    wait_level(m, line, 1)
     drv.write("is", 1)                                         # port still pending: stays up
     assert drv.read("is") == 1 and m.irq_levels[line] == 1
     drv.write("ghc", regs.GHC_AE)                              # GHC.IE off masks it
