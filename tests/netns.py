@@ -149,6 +149,15 @@ class Netns:
         if gateway:
             self.ip("route", "add", "default", "via", gateway, "dev", dev)
 
+    def sysctl(self, key: str, value: str) -> None:
+        """Set a net.* sysctl of the namespace (key as in /proc/sys, dots or slashes)."""
+        path = "/proc/sys/" + key.replace(".", "/")
+
+        def write():
+            with open(path, "w") as f:
+                f.write(value)
+        self.call(write)
+
     def link_state(self, dev: str) -> str:
         """operstate of `dev` ("UP", "DOWN", "UNKNOWN", ...)."""
         return self.ip("-o", "link", "show", dev).split(" state ")[1].split()[0]
