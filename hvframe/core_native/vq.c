@@ -181,6 +181,43 @@ static int vq_peek(struct hv_vq *q, struct hv_chain *ch)
     return vq_walk(q, head, ch);
 }
 
+/* The chain `ahead` places after the next available one, not consumed. */
+static int vq_peek_at(struct hv_vq *q, uint32_t ahead, struct hv_chain *ch)
+{
+    if (ahead >= q->size)
+        return HV_VQ_STOP_EMPTY;
+    if ((uint16_t)(q->shadow_avail - q->last_avail_idx) <= ahead) {
+        uint16_t idx = __atomic_load_n(vq_avail_idx(q), __ATOMIC_ACQUIRE);
+        if ((uint16_t)(idx - q->last_avail_idx) > q->size)
+            return HV_VQ_STOP_INVALID;          /* more than a queue ahead */
+        q->shadow_avail = idx;
+        if ((uint16_t)(idx - q->last_avail_idx) <= ahead)
+            return HV_VQ_STOP_EMPTY;
+    }
+    uint16_t head;
+    memcpy(&head, q->avail + HV_VRING_AVAIL_RING_OFF + HV_VRING_AVAIL_ELEM_SIZE
+                  * ((uint16_t)(q->last_avail_idx + ahead) & (q->size - 1)), sizeof(head));
+    return vq_walk(q, head, ch);
+}
+
+/* n chains consumed and returned together; used.idx published once, after the elements. */
+static void vq_push_n(struct hv_vq *q, const uint16_t *heads, const uint32_t *lens, uint32_t n)
+{
+    if (n == 0)
+        return;
+    q->last_avail_idx = (uint16_t)(q->last_avail_idx + n);
+    if (q->event_idx && q->notifications)
+        __atomic_store_n(vq_avail_event(q), q->last_avail_idx, __ATOMIC_RELAXED);
+    for (uint32_t i = 0; i < n; i++) {
+        struct hv_vring_used_elem e = { heads[i], lens[i] };
+        memcpy(q->used + HV_VRING_USED_RING_OFF
+               + sizeof(e) * ((uint16_t)(q->used_idx + i) & (q->size - 1)), &e, sizeof(e));
+    }
+    q->used_idx = (uint16_t)(q->used_idx + n);
+    __atomic_store_n((uint16_t *)(q->used + HV_VRING_USED_IDX_OFF), q->used_idx,
+                     __ATOMIC_RELEASE);
+}
+
 /* VirtQueue.pop's bookkeeping, then push: the element before the index (release store). */
 static void vq_push(struct hv_vq *q, const struct hv_chain *ch, uint32_t used_len)
 {
@@ -486,6 +523,9 @@ static const struct hv_api api = {
     .file_datasync = file_datasync,
     .file_read_cached = file_read_cached,
     .eventfd_wait = hv_eventfd_wait,
+    .vq_peek_at = vq_peek_at,
+    .vq_push_n = vq_push_n,
+    .vq_poll_avail = vq_poll_avail,
 };
 
 const struct hv_api *hv_api(void)

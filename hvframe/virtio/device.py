@@ -68,6 +68,15 @@ class VirtioDevice:
     # VirtioBlk.serve_cycle). None: every chain goes to handle_chain.
     serve_cycle: Callable[[int, Any, Any], int] | None = None
 
+    def queue_waits(self, queue: int) -> tuple[tuple[int, int], ...]:
+        """Descriptors besides its doorbells that the worker of ``queue`` also waits on, as
+        (fd, poll events) pairs; asked before every wait, on the worker's thread, so the
+        answer may follow the queue's state (a receive queue watches its backend for input
+        only while it has buffers to fill). Readiness on them just serves the queue again:
+        the device reads them. A descriptor reporting an error or hang-up must stop being
+        named, or the worker would wake at once again. Default: none."""
+        return ()
+
     def config_bytes(self) -> bytes:
         """The device configuration space as the guest reads it."""
         return b""

@@ -215,9 +215,20 @@ class _QueueWorker:
         poller = select.poll()
         for fd in self.fds:
             poller.register(fd, select.POLLIN)
+        device, index = self.transport.device, self.queue.index
         while not thread.stopping:
-            ready = poller.poll()
+            # The device's own descriptors for this wait (VirtioDevice.queue_waits).
+            extra = {fd: ev for fd, ev in device.queue_waits(index) if fd not in self.fds}
+            for fd, ev in extra.items():
+                poller.register(fd, ev)
+            try:
+                ready = poller.poll()
+            finally:
+                for fd in extra:
+                    poller.unregister(fd)
             for fd, events in ready:
+                if fd in extra:
+                    continue          # the device's: it reads them when it serves the queue
                 if events & (select.POLLNVAL | select.POLLERR):
                     return            # a doorbell was closed under us: the machine is going
                 try:

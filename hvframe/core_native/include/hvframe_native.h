@@ -110,6 +110,17 @@ struct hv_api {
     /* wait for an eventfd (EFD_NONBLOCK): spin spin_ns, then sleep up to timeout_ms (< 0:
      * forever); the count read, 0 on timeout, or -errno */
     int64_t (*eventfd_wait)(int fd, uint64_t spin_ns, int timeout_ms);
+    /* -- added after version 1's first table (a plugin that uses them checks `size`) -- */
+    /* the chain `ahead` places after the next available one (0: vq_peek), not consumed:
+     * HV_VQ_CHAIN or a HV_VQ_STOP_* code (EMPTY when fewer are available) */
+    int (*vq_peek_at)(struct hv_vq *q, uint32_t ahead, struct hv_chain *ch);
+    /* consume the next n available chains (heads as peeked) and put them in the used ring
+     * with their lengths, publishing used.idx once, after all n elements: a driver sees a
+     * frame merged over several receive buffers whole or not at all */
+    void (*vq_push_n)(struct hv_vq *q, const uint16_t *heads, const uint32_t *lens, uint32_t n);
+    /* busy-poll up to ns for avail.idx to move past last_avail_idx (1) or not (0); returns
+     * early (0) when another thread asks for the queue (yield_req) */
+    int (*vq_poll_avail)(struct hv_vq *q, uint64_t ns);
 };
 /* HV_CDEF_END */
 

@@ -62,6 +62,11 @@ class NetBackend(abc.ABC):
         """Called with exactly what the guest acknowledged (and again on CTRL_GUEST_OFFLOADS):
         the backend may hand the device frames using these offloads and no others."""
 
+    def set_queue_pairs(self, n: int) -> None:
+        """The driver uses queue pairs 0..n-1 only (VQ_PAIRS_SET): a backend that steers
+        frames among its descriptors (a multi-queue tap) stops giving any to the others.
+        Default: nothing to do."""
+
     def link_up(self) -> bool:
         """Whether the far side is there (tap still exists, peer still connected)."""
         return True

@@ -1,0 +1,455 @@
+"""virtio-net (virtio 1.2, section 5.1) on a NetBackend.
+
+    -s N,virtio-net,BACKEND[,mac=..][,mtu=..][,queues=N]
+
+Queues: receive 2i and transmit 2i+1 for each queue pair i, then the control queue. Frames
+travel natively (vnet.c, GIL released) on the transport's queue workers: vnet_tx_cycle and
+vnet_rx_cycle serve the rings, read and write the backend descriptors, interrupt through the
+irqfd gates. Python keeps the control queue, configuration, offload negotiation, link state
+and errors.
+
+What the receive path waits for follows its state (queue_waits): backend input while the
+driver has buffers; the driver's kick (notifications on, ring re-checked) when it has none,
+so a guest that posts no buffers while its peer floods costs nothing but the backend's own
+queue (a tap drops beyond its queue length and counts it; a stream peer is held back). A
+frame is never truncated: it fits the buffers it goes to or is dropped whole and counted.
+
+Offloads: the device offers segmentation only where the backend can carry it (tap); CSUM is
+offered everywhere (for a stream backend the device completes the checksum itself). The
+backend is told exactly the receive offloads the driver acknowledged (set_offloads), again
+on CTRL_GUEST_OFFLOADS.
+"""
+from __future__ import annotations
+
+import logging
+import select
+import struct
+
+from hvframe import concurrency
+from hvframe.core_native import bind as _bind
+from hvframe.virtio.device import F_VERSION_1, VirtioDevice, bit
+from hvframe.virtio.native import CYCLE_IDLE, CYCLE_PYTHON, POLL_NS, queue_state
+from hvframe.virtio.virtqueue import struct_of
+
+from . import layout as L
+from .backend import Framing, NetBackend, Offloads
+from ._native import ffi, lib
+
+_bind(lib.vnet_bind)
+log = logging.getLogger(__name__)
+
+_CTRL_HDR = struct_of(L.VirtioNetCtrlHdr)
+_CTRL_MQ = struct_of(L.VirtioNetCtrlMq)
+_CTRL_OFFLOADS = struct_of(L.VirtioNetCtrlOffloads)
+GUEST_OFFLOAD_BITS = (bit(L.F_GUEST_CSUM) | bit(L.F_GUEST_TSO4) | bit(L.F_GUEST_TSO6)
+                      | bit(L.F_GUEST_ECN) | bit(L.F_GUEST_UFO))
+RX_BUF_SLACK = 64 << 10        # stream reads beyond one frame: fewer, larger reads
+VLAN_HLEN = 4
+CTRL_MAX = 64 << 10            # the longest control command read (a MAC table of ~10,000)
+
+
+def parse_mac(text: str) -> bytes:
+    """'02:00:5e:10:00:01' (or with '-') -> 6 bytes; ValueError unless a unicast address."""
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(p) in (1, 2) for p in parts):
+        raise ValueError(f"{text!r} is not a MAC address (six hex bytes, e.g. 02:00:00:00:00:01)")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a MAC address") from None
+    if mac[0] & 1 or mac == bytes(6):
+        raise ValueError(f"{text}: not a unicast address")
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+class QueueRole:
+    RX, TX, CTRL = "rx", "tx", "ctrl"
+
+
+class VirtioNet(VirtioDevice):
+    name = "virtio-net"
+    device_type = L.VIRTIO_ID_NET
+    pci_class = 0x020000            # network, Ethernet
+    config_layout = L.VirtioNetConfig
+
+    def __init__(self, backend: NetBackend, *, mac: bytes, queue_pairs: int = 1,
+                 mtu: int | None = None, queue_size: int = 256):
+        self.backend = backend
+        self.pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs + 1
+        self.queue_max_size = queue_size
+        self.default_mac = mac
+        self.mtu = mtu
+        caps = backend.capabilities()
+        self.caps = caps
+        gso = backend.framing == Framing.VNET_HDR     # a byte stream carries no segments
+        features = (bit(L.F_MAC) | bit(L.F_STATUS) | bit(L.F_MRG_RXBUF) | bit(L.F_CSUM)
+                    | bit(L.F_CTRL_VQ) | bit(L.F_CTRL_RX) | bit(L.F_CTRL_MAC_ADDR)
+                    | bit(L.F_CTRL_GUEST_OFFLOADS))
+        if caps.csum:
+            features |= bit(L.F_GUEST_CSUM)
+            for ok, guest, host in ((caps.tso4, L.F_GUEST_TSO4, L.F_HOST_TSO4),
+                                    (caps.tso6, L.F_GUEST_TSO6, L.F_HOST_TSO6)):
+                if ok:
+                    features |= bit(guest) | (bit(host) if gso else 0)
+            if caps.ecn and (caps.tso4 or caps.tso6):
+                features |= bit(L.F_GUEST_ECN) | (bit(L.F_HOST_ECN) if gso else 0)
+        if queue_pairs > 1:
+            features |= bit(L.F_MQ)
+        if mtu is not None:
+            features |= bit(L.F_MTU)
+        self.device_features = features
+
+        # Python's state (under _lock): link, MAC, filter settings, active pairs.
+        self._lock = concurrency.lock(concurrency.DEVICE_INNER, "virtio-net state")
+        self.features = 0
+        self.link = backend.link_up()
+        self.active_pairs = 1
+        self.reset_drops = 0
+        self.python_drops = 0
+
+        # The native data path's state: one port per backend descriptor, a receive and a
+        # transmit queue per pair (pair i on port i mod ports; only pairs below the number
+        # of ports receive), shared features and filter.
+        self._keep = []                 # buffers the structs point to
+        self.feat = ffi.new("struct vnet_feat *")
+        self.filter = ffi.new("struct vnet_filter *")
+        self.ports = []
+        for fd in backend.queue_fds():
+            self.ports.append(self._new_port(fd))
+        if not self.ports:
+            raise ValueError("the backend gave no descriptor")
+        self.rxqs, self.txqs = [], []
+        tap = backend.framing == Framing.VNET_HDR
+        for i in range(queue_pairs):
+            port = self.ports[i % len(self.ports)]
+            rq = ffi.new("struct vnet_rxq *")
+            rq.port, rq.filter, rq.feat = port, self.filter, self.feat
+            if tap:
+                cap = L.HDR_SIZE + backend.max_frame + VLAN_HLEN + 64
+                rq.bounce = self._buffer(cap)
+                rq.bounce_cap = cap
+            rq.wait = lib.VNET_WAIT_INPUT
+            tq = ffi.new("struct vnet_txq *")
+            tq.port, tq.feat = port, self.feat
+            tq.bounce = self._buffer(backend.max_frame)
+            tq.bounce_cap = backend.max_frame
+            self.rxqs.append(rq)
+            self.txqs.append(tq)
+        self._reset_filter()
+        self._build_config()
+
+    def _buffer(self, size: int):
+        buf = ffi.new("uint8_t[]", size)
+        self._keep.append(buf)
+        return buf
+
+    def _new_port(self, fd: int):
+        be = self.backend
+        p = ffi.new("struct vnet_port *")
+        p.fd = fd
+        p.framing = (lib.VNET_FRAMING_BE32 if be.framing == Framing.BE32_LENGTH
+                     else lib.VNET_FRAMING_VNET_HDR)
+        p.max_frame = be.max_frame
+        if be.framing == Framing.BE32_LENGTH:
+            cap = L.STREAM_LEN_SIZE + be.max_frame + RX_BUF_SLACK
+            p.rx_buf, p.rx_cap = self._buffer(cap), cap
+            cap = L.STREAM_LEN_SIZE + be.max_frame
+            p.tx_buf, p.tx_cap = self._buffer(cap), cap
+        return p
+
+    # -- queues ---------------------------------------------------------------------------
+    def role(self, queue: int) -> tuple[str, int]:
+        if queue == 2 * self.pairs:
+            return QueueRole.CTRL, 0
+        return (QueueRole.RX if queue % 2 == 0 else QueueRole.TX), queue // 2
+
+    def _receiving(self, pair: int) -> bool:
+        """Whether receive queue `pair` reads its port now."""
+        return pair < self.active_pairs and pair < len(self.ports) and self.link
+
+    def serve_cycle(self, queue: int, vq, gate) -> int:
+        role, pair = self.role(queue)
+        if role == QueueRole.CTRL:
+            return CYCLE_PYTHON
+        nq = queue_state(vq)
+        if role == QueueRole.RX:
+            rq = self.rxqs[pair]
+            if not self._receiving(pair):
+                return CYCLE_IDLE     # buffers stay posted; nothing reads for this queue
+            rc = nq.call(lib.vnet_rx_cycle, rq, gate)
+            port = rq.port
+        else:
+            tq = self.txqs[pair]
+            rc = nq.call(lib.vnet_tx_cycle, tq, gate, POLL_NS)
+            port = tq.port
+        if (port.gone or port.hup) and self.link:
+            self._link_lost(f"queue {queue}: the backend's far side went away")
+        return rc
+
+    def queue_waits(self, queue: int) -> tuple[tuple[int, int], ...]:
+        role, pair = self.role(queue)
+        if role == QueueRole.RX:
+            if not self._receiving(pair):
+                return ()
+            rq = self.rxqs[pair]
+            port = rq.port
+            if port.fd < 0 or port.gone:
+                return ()
+            if rq.wait == lib.VNET_WAIT_INPUT:
+                return ((port.fd, select.POLLIN),)
+            if rq.wait == lib.VNET_WAIT_RING and not port.hup:
+                return ((port.fd, 0),)          # hang-up and errors only
+            return ()
+        if role == QueueRole.TX:
+            tq = self.txqs[pair]
+            port = tq.port
+            if tq.wait == lib.VNET_WAIT_OUTPUT and port.fd >= 0 and not port.gone:
+                return ((port.fd, select.POLLOUT),)
+        return ()
+
+    def handle_chain(self, queue: int, chain) -> int:
+        role, _ = self.role(queue)
+        if role == QueueRole.CTRL:
+            return self._control(chain)
+        # A chain the native path left (more pieces than it takes, or no backend): dropped.
+        with self._lock:
+            self.python_drops += 1
+        return 0
+
+    # -- link -----------------------------------------------------------------------------
+    def _link_lost(self, why: str) -> None:
+        with self._lock:
+            if not self.link:
+                return
+            self.link = False
+            try:
+                self.backend.peer_gone()
+            except Exception:
+                log.exception("%s: backend peer_gone failed", self.name)
+            self._build_config()
+        log.warning("%s: link down: %s", self.name, why)
+        if self.transport is not None:
+            self.transport.config_changed()
+
+    # -- configuration space --------------------------------------------------------------
+    def _build_config(self) -> None:
+        status = L.S_LINK_UP if self.link else 0
+        self._config = L.VirtioNetConfig.build(dict(
+            mac=ffi.buffer(self.filter.mac)[:], status=status, max_virtqueue_pairs=self.pairs,
+            mtu=self.mtu or 0, speed=L.SPEED_UNKNOWN, duplex=L.DUPLEX_UNKNOWN,
+            rss_max_key_size=0, rss_max_indirection_table_length=0, supported_hash_types=0))
+
+    def config_bytes(self) -> bytes:
+        return self._config
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        # Legacy drivers set the MAC by writing it (modern ones use CTRL_MAC_ADDR_SET).
+        if offset < 6 and not self.features & bit(F_VERSION_1):
+            with self._lock:
+                n = min(len(data), 6 - offset)
+                ffi.memmove(self.filter.mac + offset, data[:n], n)
+                self._build_config()
+
+    # -- life cycle -----------------------------------------------------------------------
+    def _reset_filter(self) -> None:
+        f = self.filter
+        ffi.memmove(f.mac, self.default_mac, 6)
+        # Until the driver says otherwise, everything is received (as QEMU does).
+        f.promisc, f.allmulti, f.alluni = 1, 0, 0
+        f.n_uni = f.n_multi = 0
+        self._allmulti = False
+        self._multi_overflow = False
+
+    def activate(self, features: int) -> None:
+        def has(*bits):
+            return all(features & bit(b) for b in bits)
+        with self._lock:
+            self.features = features
+            feat = self.feat
+            feat.hdr_len = L.HDR_SIZE if has(L.F_MRG_RXBUF) or has(F_VERSION_1) \
+                else L.LEGACY_HDR_SIZE
+            feat.mrg_rxbuf = has(L.F_MRG_RXBUF)
+            feat.csum = has(L.F_CSUM)
+            # Segmentation needs checksums, ECN needs segmentation (5.1.3.1).
+            feat.host_tso4 = has(L.F_CSUM, L.F_HOST_TSO4)
+            feat.host_tso6 = has(L.F_CSUM, L.F_HOST_TSO6)
+            feat.host_ecn = has(L.F_HOST_ECN) and (feat.host_tso4 or feat.host_tso6)
+            self._set_guest_offloads(features & GUEST_OFFLOAD_BITS)
+            max_plain = self.backend.max_frame
+            if has(L.F_MTU):
+                max_plain = min(max_plain, self.mtu + L.ETH_HLEN + VLAN_HLEN)
+            feat.rx_max_plain = max_plain
+            self.active_pairs = 1
+            self.backend.set_queue_pairs(1)
+            for rq in self.rxqs:
+                rq.wait = lib.VNET_WAIT_INPUT
+
+    def _set_guest_offloads(self, bits: int) -> None:
+        """(under _lock) The receive offloads the driver takes: the backend first when
+        turning off (no new frames with them; those already read are finished or dropped),
+        the data path first when turning on."""
+        def has(*b):
+            return all(bits & bit(x) for x in b)
+        csum = has(L.F_GUEST_CSUM)
+        tso4 = has(L.F_GUEST_CSUM, L.F_GUEST_TSO4)
+        tso6 = has(L.F_GUEST_CSUM, L.F_GUEST_TSO6)
+        ecn = has(L.F_GUEST_ECN) and (tso4 or tso6)
+        acked = Offloads(csum, tso4, tso6, ecn)
+        feat = self.feat
+        more = (csum > feat.guest_csum or tso4 > feat.guest_tso4 or tso6 > feat.guest_tso6
+                or ecn > feat.guest_ecn)
+        if not more:
+            self.backend.set_offloads(acked)
+        feat.guest_csum, feat.guest_tso4, feat.guest_tso6, feat.guest_ecn = csum, tso4, tso6, ecn
+        if more:
+            self.backend.set_offloads(acked)
+        self.guest_offloads = acked
+
+    def reset(self) -> None:
+        # The queues are stopped: nothing runs on the structs now.
+        with self._lock:
+            self.features = 0
+            self._set_guest_offloads(0)
+            for rq in self.rxqs:
+                if lib.vnet_rx_drop_pending(rq):
+                    self.reset_drops += 1
+            self.active_pairs = 1
+            self.backend.set_queue_pairs(1)
+            self._reset_filter()
+            self._build_config()
+
+    def close(self) -> None:
+        for p in self.ports:
+            p.fd = -1
+        self.backend.close()
+
+    # -- counters -------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """What went through and what was dropped, and why (summed over queues)."""
+        out = {k: 0 for k in ("rx_frames", "rx_bytes", "rx_drop_filtered", "rx_drop_bad",
+                              "rx_drop_too_big", "rx_bad_buffers", "tx_frames", "tx_bytes",
+                              "tx_drop_bad", "tx_drop_oversize", "tx_drop_error",
+                              "tx_drop_gone", "rx_oversize", "rx_runt", "rx_truncated",
+                              "tx_partial")}
+        for rq in self.rxqs:
+            for k in ("frames", "bytes", "drop_filtered", "drop_bad", "drop_too_big",
+                      "bad_buffers"):
+                out["rx_" + k] += getattr(rq, k)
+        for tq in self.txqs:
+            for k in ("frames", "bytes", "drop_bad", "drop_oversize", "drop_error",
+                      "drop_gone"):
+                out["tx_" + k] += getattr(tq, k)
+        for p in self.ports:
+            for k in ("rx_oversize", "rx_runt", "rx_truncated", "tx_partial"):
+                out[k] += getattr(p, k)
+        out["reset_drops"] = self.reset_drops
+        out["python_drops"] = self.python_drops
+        return out
+
+    # -- control queue --------------------------------------------------------------------
+    def _control(self, chain) -> int:
+        if not chain.writable or not len(chain.writable[0]):
+            log.warning("%s: control command without room for its ack dropped", self.name)
+            return 0
+        if chain.read_len() > CTRL_MAX:
+            data = b""                  # no command is this long: ERR
+        else:
+            data = chain.gather()
+        ack = L.CTRL_ERR
+        if len(data) >= _CTRL_HDR.size:
+            cls, cmd = _CTRL_HDR.unpack_from(data)
+            try:
+                ack = L.CTRL_OK if self._command(cls, cmd, data[_CTRL_HDR.size:]) else L.CTRL_ERR
+            except Exception:
+                log.exception("%s: control command %d.%d failed", self.name, cls, cmd)
+        chain.writable[0][0] = ack
+        return 1
+
+    def _command(self, cls: int, cmd: int, body: bytes) -> bool:
+        """One control command; whether it succeeded."""
+        feats = self.features
+
+        def has(b):
+            return bool(feats & bit(b))
+        wake = False
+        with self._lock:
+            f = self.filter
+            if cls == L.CTRL_RX and has(L.F_CTRL_RX):
+                if len(body) != 1 or cmd not in (L.CTRL_RX_PROMISC, L.CTRL_RX_ALLMULTI):
+                    return False
+                if cmd == L.CTRL_RX_PROMISC:
+                    f.promisc = 1 if body[0] else 0
+                else:
+                    self._allmulti = bool(body[0])
+                    f.allmulti = int(self._allmulti or self._multi_overflow)
+                return True
+            if cls == L.CTRL_MAC and cmd == L.CTRL_MAC_TABLE_SET and has(L.F_CTRL_RX):
+                tables = self._parse_mac_tables(body)
+                if tables is None:
+                    return False
+                uni, multi = tables
+                f.alluni = int(len(uni) > L.MAC_TABLE_ENTRIES)
+                f.n_uni = 0
+                for i, m in enumerate(uni[:L.MAC_TABLE_ENTRIES]):
+                    ffi.memmove(f.uni[i], m, 6)
+                f.n_uni = min(len(uni), L.MAC_TABLE_ENTRIES)
+                self._multi_overflow = len(multi) > L.MAC_TABLE_ENTRIES
+                f.n_multi = 0
+                for i, m in enumerate(multi[:L.MAC_TABLE_ENTRIES]):
+                    ffi.memmove(f.multi[i], m, 6)
+                f.n_multi = min(len(multi), L.MAC_TABLE_ENTRIES)
+                f.allmulti = int(self._allmulti or self._multi_overflow)
+                return True
+            if cls == L.CTRL_MAC and cmd == L.CTRL_MAC_ADDR_SET and has(L.F_CTRL_MAC_ADDR):
+                if len(body) != 6:
+                    return False
+                ffi.memmove(f.mac, body, 6)
+                self._build_config()
+                return True
+            if cls == L.CTRL_MQ and cmd == L.CTRL_MQ_VQ_PAIRS_SET and has(L.F_MQ):
+                if len(body) != _CTRL_MQ.size:
+                    return False
+                (n,) = _CTRL_MQ.unpack(body)
+                if not 1 <= n <= self.pairs:
+                    return False
+                self.active_pairs = n
+                self.backend.set_queue_pairs(n)
+                wake = True
+            elif (cls == L.CTRL_GUEST_OFFLOADS and cmd == L.CTRL_GUEST_OFFLOADS_SET
+                  and has(L.F_CTRL_GUEST_OFFLOADS)):
+                if len(body) != _CTRL_OFFLOADS.size:
+                    return False
+                (bits,) = _CTRL_OFFLOADS.unpack(body)
+                # Only offloads the driver negotiated may be turned on (5.1.6.5.6.1).
+                if bits & ~(feats & GUEST_OFFLOAD_BITS):
+                    return False
+                self._set_guest_offloads(bits)
+                return True
+            else:
+                return False
+        if wake and self.transport is not None:
+            for i in range(self.pairs):
+                self.transport.notify_queue(2 * i)   # the receive queues look again
+        return True
+
+    @staticmethod
+    def _parse_mac_tables(body: bytes):
+        """VIRTIO_NET_CTRL_MAC_TABLE_SET's two tables, or None when malformed."""
+        tables, off = [], 0
+        for _ in range(2):
+            if len(body) < off + 4:
+                return None
+            (n,) = struct.unpack_from("<I", body, off)
+            off += 4
+            if n > (len(body) - off) // 6:
+                return None
+            tables.append([bytes(body[off + 6 * i:off + 6 * i + 6]) for i in range(n)])
+            off += 6 * n
+        if off != len(body):
+            return None
+        return tables

@@ -1,0 +1,497 @@
+"""virtio-net over the virtio-pci transport, driven through the dispatch core by the test
+driver in hvframe_virtio_net.testdriver; frames travel through the native data path on the
+device's queue workers to a socketpair (BE32_LENGTH framing) or a real tap (VNET_HDR) whose
+far side is an AF_PACKET socket in a network namespace the test makes."""
+import os
+import struct
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from hvframe.errors import ConfigError
+from hvframe.pci.bus import attach, ensure_pci_bus
+from hvframe.synthetic import SyntheticMachine
+from hvframe.virtio.device import (F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
+                                   STATUS_NEEDS_RESET, bit)
+from hvframe.virtio.pci import VirtioPciFunction
+from hvframe_virtio_net import layout as L
+from hvframe_virtio_net.backend import Offloads
+from hvframe_virtio_net.plugin import default_mac, virtio_net_device_types
+from hvframe_virtio_net.testdriver import NetDriver, StreamPair, in_netns, tap_peer_socket
+from hvframe_virtio_net.virtio_net import VirtioNet
+
+SLOT = 3
+MAC = bytes.fromhex("020000aabb01")
+BASIC = (bit(L.F_MAC) | bit(L.F_STATUS) | bit(L.F_CTRL_VQ) | bit(L.F_CTRL_RX)
+         | bit(L.F_CTRL_MAC_ADDR) | bit(F_RING_EVENT_IDX) | bit(F_RING_INDIRECT_DESC))
+ALL = (BASIC | bit(L.F_MRG_RXBUF) | bit(L.F_CSUM) | bit(L.F_GUEST_CSUM) | bit(L.F_MQ)
+       | bit(L.F_CTRL_GUEST_OFFLOADS) | bit(L.F_HOST_TSO4) | bit(L.F_HOST_TSO6)
+       | bit(L.F_GUEST_TSO4) | bit(L.F_GUEST_TSO6) | bit(L.F_HOST_ECN) | bit(L.F_GUEST_ECN)
+       | bit(L.F_MTU))
+
+
+def frame(dst=MAC, src=bytes.fromhex("020000ccdd02"), n=100, seed=0, ethertype=0x88B5):
+    body = bytes((i * 31 + seed) & 0xFF for i in range(n))
+    return dst + src + struct.pack(">H", ethertype) + body
+
+
+class Rig:
+    """A synthetic machine with one virtio-net at slot 3 on `backend`, a driver bound."""
+
+    def __init__(self, backend, features=ALL, *, pairs=1, mtu=None, legacy=False,
+                 rx_buf_size=2048, post=64, queue_size=None):
+        self.m = SyntheticMachine(64 << 20)
+        self.backend = backend
+        self.dev = VirtioNet(backend, mac=MAC, queue_pairs=pairs, mtu=mtu)
+        self.fn = VirtioPciFunction(self.dev, name="virtio-net test")
+        options = {"pci.address": (0, SLOT, 0)}
+        attach(self.m, self.fn, options)
+        self.m.add_device(self.fn)
+        ensure_pci_bus(self.m).assign_bars()
+        self.nd = NetDriver(self.m, SLOT, features, legacy=legacy, rx_buf_size=rx_buf_size,
+                            queue_size=queue_size)
+        for p in range(pairs):
+            if post:
+                self.nd.post_rx(p, post)
+
+    def close(self):
+        self.m.close()
+
+
+@pytest.fixture
+def stream_rig():
+    rigs = []
+
+    def make(*args, backend=None, **kw):
+        r = Rig(backend or StreamPair(), *args, **kw)
+        rigs.append(r)
+        return r
+    yield make
+    for r in rigs:
+        r.close()
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise TimeoutError(what)
+        time.sleep(0.005)
+
+
+# -- through a socketpair (BE32_LENGTH) ---------------------------------------------------
+
+def test_tx_and_rx_through_a_stream_byte_for_byte(stream_rig):
+    r = stream_rig()
+    be = r.backend
+    sent = [frame(n=n, seed=n) for n in (46, 100, 1500, 9000, 60000)]
+    for f in sent:
+        r.nd.send(0, f, pieces=3)
+    assert [be.recv_frame() for _ in sent] == sent
+    for f in sent:
+        be.send_frame(f)
+    got = [r.nd.recv(0) for _ in sent]
+    assert [g[1] for g in got] == sent
+    # Without offloads from a stream: a plain header, num_buffers saying how many buffers.
+    for ((flags, gso, *_rest, nbuf), _), f in zip(got, sent):
+        assert flags == 0 and gso == L.GSO_NONE
+        assert nbuf == -(-(len(f) + L.HDR_SIZE) // 2048)
+    st = r.dev.stats()
+    assert st["tx_frames"] == len(sent) and st["rx_frames"] == len(sent)
+    assert st["rx_bytes"] == sum(map(len, sent))
+
+
+def test_stream_frames_arrive_in_pieces_and_oversize_is_skipped_whole(stream_rig):
+    be = StreamPair(max_frame=2000)
+    r = stream_rig(backend=be)
+    good1, big, good2 = frame(n=500, seed=1), frame(n=3000, seed=2), frame(n=700, seed=3)
+    wire = b"".join(struct.pack(">I", len(f)) + f for f in (good1, big, good2))
+    for i in range(0, len(wire), 37):          # dribbled: partial reads everywhere
+        be.peer.sendall(wire[i:i + 37])
+        time.sleep(0.0005)
+    assert r.nd.recv(0)[1] == good1
+    assert r.nd.recv(0)[1] == good2
+    assert r.dev.stats()["rx_oversize"] == 1
+
+
+def test_frame_too_big_for_unmerged_buffers_is_dropped_not_truncated(stream_rig):
+    r = stream_rig(BASIC | bit(L.F_CSUM), rx_buf_size=1600)
+    be = r.backend
+    big, small = frame(n=3000, seed=5), frame(n=200, seed=6)
+    be.send_frame(big)
+    be.send_frame(small)
+    fields, got = r.nd.recv(0)
+    assert got == small
+    assert r.dev.stats()["rx_drop_too_big"] == 1
+
+
+def test_partial_stream_writes_complete_in_order(stream_rig):
+    be = StreamPair(sndbuf=4096)
+    r = stream_rig(backend=be)
+    sent = [frame(n=20000, seed=i) for i in range(20)]
+    for f in sent:
+        r.nd.send(0, f, wait=False)
+    got = [be.recv_frame() for _ in sent]
+    assert got == sent
+    assert r.dev.stats()["tx_partial"] > 0       # the small socket buffer forced them
+
+
+def test_checksum_offload_completed_for_a_stream(stream_rig):
+    r = stream_rig()
+    be = r.backend
+    # An IPv4/UDP datagram with the pseudo-header sum in place, as a driver leaves it.
+    payload = bytes(range(37))
+    src, dst = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    udp_len = 8 + len(payload)
+    pseudo = sum(struct.unpack(">6H", src + dst + struct.pack(">BBH", 0, 17, udp_len)))
+    pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+    udp = struct.pack(">HHHH", 1234, 5678, udp_len, pseudo) + payload
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 0, 0, 64, 17, 0, src, dst)
+    f = MAC + bytes(6) + b"\x08\x00" + ip + udp
+    r.nd.send(0, f, flags=L.HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=6)
+    out = be.recv_frame()
+    # The one's complement sum over pseudo-header and datagram is 0xFFFF when it is right.
+    seg = out[34:]
+    total = sum(struct.unpack(">6H", src + dst + struct.pack(">BBH", 0, 17, udp_len)))
+    data = seg + (b"\0" if len(seg) % 2 else b"")
+    total += sum(struct.unpack(f">{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert total == 0xFFFF
+    assert out[:40] == f[:40] and out[42:] == f[42:]
+
+
+def test_bad_offload_headers_are_dropped_and_counted(stream_rig):
+    r = stream_rig(BASIC)                       # no CSUM, no TSO negotiated
+    be = r.backend
+    r.nd.send(0, frame(), flags=L.HDR_F_NEEDS_CSUM, csum_start=14, csum_offset=2)
+    r.nd.send(0, frame(), gso_type=L.GSO_TCPV4, gso_size=1000)
+    r.nd.send(0, b"\1\2\3")                     # a runt
+    good = frame(seed=9)
+    r.nd.send(0, good)
+    assert be.recv_frame() == good
+    assert r.dev.stats()["tx_drop_bad"] == 3
+
+
+def test_legacy_driver_uses_the_short_header(stream_rig):
+    r = stream_rig(BASIC, legacy=True)
+    be = r.backend
+    assert r.nd.hdr_len == L.LEGACY_HDR_SIZE
+    f = frame(n=300)
+    r.nd.send(0, f)
+    assert be.recv_frame() == f
+    be.send_frame(f)
+    assert r.nd.recv(0)[1] == f
+
+
+def test_two_queue_pairs_and_vq_pairs_set(stream_rig):
+    r = stream_rig(pairs=2)
+    be = r.backend
+    assert r.nd.ctrl(L.CTRL_MQ, L.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 3)) == L.CTRL_ERR
+    assert r.nd.ctrl(L.CTRL_MQ, L.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 2)) == L.CTRL_OK
+    assert be.pairs_set[-1] == 2
+    a, b = frame(seed=1), frame(seed=2)
+    r.nd.send(0, a)
+    r.nd.send(1, b)          # both pairs write to the one descriptor, frames whole
+    assert {be.recv_frame(), be.recv_frame()} == {a, b}
+    assert r.dev.stats()["tx_frames"] == 2
+
+
+def test_ctrl_rx_filter_promisc_allmulti_mac_table(stream_rig):
+    r = stream_rig()
+    be, nd = r.backend, r.nd
+    other = bytes.fromhex("020000999999")
+    mcast = bytes.fromhex("01005e000001")
+    assert nd.ctrl(L.CTRL_RX, L.CTRL_RX_PROMISC, b"\0") == L.CTRL_OK
+    empty_tables = struct.pack("<I", 0) + struct.pack("<I", 0)
+    assert nd.ctrl(L.CTRL_MAC, L.CTRL_MAC_TABLE_SET, empty_tables) == L.CTRL_OK
+    for dst in (other, mcast, MAC, b"\xff" * 6):
+        be.send_frame(frame(dst=dst))
+    assert nd.recv(0)[1][:6] == MAC
+    assert nd.recv(0)[1][:6] == b"\xff" * 6
+    assert r.dev.stats()["rx_drop_filtered"] == 2
+    # The multicast address in the table, then all multicast, then promiscuous again.
+    tables = struct.pack("<I", 0) + struct.pack("<I", 1) + mcast
+    assert nd.ctrl(L.CTRL_MAC, L.CTRL_MAC_TABLE_SET, tables) == L.CTRL_OK
+    be.send_frame(frame(dst=mcast))
+    assert nd.recv(0)[1][:6] == mcast
+    assert nd.ctrl(L.CTRL_RX, L.CTRL_RX_ALLMULTI, b"\1") == L.CTRL_OK
+    be.send_frame(frame(dst=bytes.fromhex("333300000001")))
+    assert nd.recv(0)[1][:6] == bytes.fromhex("333300000001")
+    assert nd.ctrl(L.CTRL_RX, L.CTRL_RX_PROMISC, b"\1") == L.CTRL_OK
+    be.send_frame(frame(dst=other))
+    assert nd.recv(0)[1][:6] == other
+    # Malformed commands: ERR, nothing changed.
+    assert nd.ctrl(L.CTRL_MAC, L.CTRL_MAC_TABLE_SET, struct.pack("<I", 5)) == L.CTRL_ERR
+    assert nd.ctrl(L.CTRL_RX, 7, b"\1") == L.CTRL_ERR
+    assert nd.ctrl(42, 0) == L.CTRL_ERR
+
+
+def test_ctrl_mac_addr_set_changes_config_and_filter(stream_rig):
+    r = stream_rig()
+    be, nd = r.backend, r.nd
+    new = bytes.fromhex("020000123456")
+    assert nd.ctrl(L.CTRL_MAC, L.CTRL_MAC_ADDR_SET, new) == L.CTRL_OK
+    assert bytes(nd.config(i, 1) for i in range(6)) == new
+    nd.ctrl(L.CTRL_RX, L.CTRL_RX_PROMISC, b"\0")
+    be.send_frame(frame(dst=MAC))
+    be.send_frame(frame(dst=new))
+    assert nd.recv(0)[1][:6] == new
+    assert nd.ctrl(L.CTRL_MAC, L.CTRL_MAC_ADDR_SET, new[:5]) == L.CTRL_ERR
+
+
+def test_ctrl_guest_offloads_only_what_was_negotiated():
+    class Caps(StreamPair):
+        def capabilities(self):
+            return Offloads(csum=True, tso4=True, tso6=True, ecn=True)
+    r = Rig(Caps())
+    try:
+        be, nd = r.backend, r.nd
+        assert be.acked[-1] == Offloads(True, True, True, True)
+        assert nd.ctrl(L.CTRL_GUEST_OFFLOADS, L.CTRL_GUEST_OFFLOADS_SET,
+                       struct.pack("<Q", bit(L.F_GUEST_CSUM))) == L.CTRL_OK
+        assert be.acked[-1] == Offloads(csum=True)
+        assert nd.ctrl(L.CTRL_GUEST_OFFLOADS, L.CTRL_GUEST_OFFLOADS_SET,
+                       struct.pack("<Q", bit(L.F_GUEST_UFO))) == L.CTRL_ERR
+        assert be.acked[-1] == Offloads(csum=True)
+    finally:
+        r.close()
+    # A driver that takes fewer offloads: the backend is told exactly those.
+    r = Rig(Caps(), BASIC | bit(L.F_CSUM) | bit(L.F_GUEST_CSUM))
+    try:
+        assert r.backend.acked[-1] == Offloads(csum=True)
+    finally:
+        r.close()
+
+
+def test_features_follow_backend_capabilities(stream_rig):
+    r = stream_rig()
+    offered = r.nd.drv.device_features()
+    for b in (L.F_GUEST_CSUM, L.F_GUEST_TSO4, L.F_HOST_TSO4, L.F_HOST_TSO6, L.F_GUEST_ECN):
+        assert not offered & bit(b), b            # a stream carries no offloads
+    for b in (L.F_CSUM, L.F_MRG_RXBUF, L.F_CTRL_VQ, L.F_STATUS, L.F_MAC):
+        assert offered & bit(b), b
+    assert not r.nd.features & bit(L.F_MTU)
+
+
+def test_mtu_in_config_and_enforced_on_receive(stream_rig):
+    r = stream_rig(mtu=1000)
+    assert r.nd.features & bit(L.F_MTU)
+    assert r.nd.config(L.VirtioNetConfig.subcons[0].sizeof() + 4, 2) == 1000  # mtu field
+    be = r.backend
+    be.send_frame(frame(n=1500))
+    be.send_frame(frame(n=900, seed=4))
+    assert r.nd.recv(0)[1] == frame(n=900, seed=4)
+    assert r.dev.stats()["rx_drop_too_big"] == 1
+
+
+def test_link_down_with_config_interrupt_when_peer_goes_away(stream_rig):
+    r = stream_rig()
+    assert r.nd.config(6, 2) & L.S_LINK_UP
+    gen = r.fn.config_generation
+    r.backend.peer.close()
+    wait_for(lambda: not r.nd.config(6, 2) & L.S_LINK_UP, what="link down")
+    assert r.fn.config_generation != gen
+    assert r.backend.gone
+    # Transmit carries on: frames dropped and counted, the VMM fine.
+    r.nd.send(0, frame())
+    assert r.dev.stats()["tx_drop_gone"] >= 1
+
+
+def test_rx_ring_empty_while_flooded_costs_no_cpu_and_bounded_memory(stream_rig):
+    from tests.conftest import rss_kib
+    r = stream_rig(post=0)
+    be = r.backend
+    be.peer.setblocking(False)
+    f = frame(n=1400)
+    sent = 0
+    rss0 = rss_kib()
+    t0 = time.thread_time(), time.process_time()
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        try:
+            be.peer.send(struct.pack(">I", len(f)) + f)
+            sent += 1
+        except BlockingIOError:
+            time.sleep(0.01)       # the device stopped reading: the stream holds back
+    cpu = time.process_time() - t0[1] - (time.thread_time() - t0[0])
+    assert sent > 0
+    assert cpu < 0.2, f"device threads used {cpu:.3f}s of CPU while the ring was empty"
+    assert rss_kib() - rss0 < 16 << 10
+    # The guest refills: delivery resumes with the frames held back, none lost in between.
+    r.nd.post_rx(0, 64)
+    got = [r.nd.recv(0)[1] for _ in range(min(sent, 20))]
+    assert all(g == f for g in got)
+    assert r.dev.stats()["rx_frames"] >= 20
+
+
+def test_reset_and_reinitialize(stream_rig):
+    r = stream_rig()
+    r.nd.send(0, frame())
+    assert r.backend.recv_frame() == frame()
+    r.nd = NetDriver(r.m, SLOT, ALL)
+    r.nd.post_rx(0, 16)
+    assert r.backend.acked[-2] == Offloads()      # reset took the offloads back
+    r.backend.send_frame(frame(seed=3))
+    assert r.nd.recv(0)[1] == frame(seed=3)
+
+
+# -- configuration errors ------------------------------------------------------------------
+
+def _factory(conf, machine=None):
+    dt = virtio_net_device_types()[0]
+    options = dt.validate(dt.parse_conf(conf), where="test")
+    options["pci.address"] = (0, SLOT, 0)
+    return dt.factory(machine or SyntheticMachine(16 << 20), options)
+
+
+@pytest.mark.parametrize("conf,msg", [
+    ("tap0,queues=0", "queues=0"),
+    ("tap0,mac=zz:00:00:00:00:01", "mac="),
+    ("tap0,mac=01:00:00:00:00:01", "unicast"),
+    ("vmnet0", "unknown backend"),
+    ("", "no backend"),
+    ("tap0,tap=tap1", "more than one backend"),
+    ("tap=this-name-is-far-too-long", "interface name"),
+    ("tap0,queue-size=100", "queue-size"),
+])
+def test_bad_options_are_config_errors(conf, msg):
+    with pytest.raises(ConfigError, match=msg):
+        _factory(conf)
+
+
+def test_default_mac_is_stable_and_locally_administered():
+    a = default_mac("tap=tap0", (0, 3, 0))
+    assert a == default_mac("tap=tap0", (0, 3, 0))
+    assert a != default_mac("tap=tap0", (0, 4, 0)) != default_mac("tap=tap1", (0, 3, 0))
+    assert a[0] & 2 and not a[0] & 1
+
+
+# -- through a real tap -------------------------------------------------------------------
+
+def _can_tap():
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        return "needs root and /dev/net/tun"
+    return None
+
+
+@pytest.fixture
+def netns():
+    why = _can_tap()
+    if why:
+        pytest.skip(why)
+    name = f"hvnet-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        yield name, fd
+    finally:
+        os.close(fd)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+class TapRig(Rig):
+    def __init__(self, netns, conf_extra="", features=ALL, pairs=1, **kw):
+        name, fd = netns
+        self.tapname = f"hvt{uuid.uuid4().hex[:8]}"
+        self.m = SyntheticMachine(64 << 20)
+        self.fn = _factory(f"tap={self.tapname},mac={MAC.hex(':')},queues={pairs}{conf_extra}",
+                           self.m)
+        attach(self.m, self.fn, {"pci.address": (0, SLOT, 0)})
+        self.m.add_device(self.fn)
+        ensure_pci_bus(self.m).assign_bars()
+        self.dev = self.fn.device
+        self.backend = self.dev.backend
+        # The tap goes into the namespace (our descriptors stay attached) and comes up there.
+        subprocess.run(["ip", "link", "set", self.tapname, "netns", name], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", self.tapname, "up"], check=True)
+        self.peer = tap_peer_socket(self.tapname, fd)
+        self.peer.settimeout(10)
+        self.nd = NetDriver(self.m, SLOT, features, **kw)
+        for p in range(pairs):
+            self.nd.post_rx(p, 64)
+
+    def recv_peer(self, want):
+        """Frames the far side saw, until one for which want(frame) holds (the namespace's
+        own traffic, IPv6 router solicitations and the like, is passed over)."""
+        while True:
+            f = self.peer.recv(70000)
+            if want(f):
+                return f
+
+    def close(self):
+        self.peer.close()
+        super().close()
+
+
+def test_tap_tx_rx_byte_for_byte(netns):
+    r = TapRig(netns)
+    try:
+        sent = [frame(dst=bytes.fromhex("020000ccdd02"), src=MAC, n=n, seed=n)
+                for n in (46, 500, 1486)]
+        for f in sent:
+            r.nd.send(0, f, pieces=2)
+            assert r.recv_peer(lambda g: g[12:14] == b"\x88\xb5") == f
+        inbound = [frame(n=n, seed=n + 1) for n in (46, 700, 1486)]
+        for f in inbound:
+            r.peer.send(f)
+        for f in inbound:
+            got = r.nd.recv(0)[1]
+            while got[12:14] != b"\x88\xb5":
+                got = r.nd.recv(0)[1]
+            assert got == f
+    finally:
+        r.close()
+
+
+def test_tap_offloads_follow_acked_features(netns):
+    r = TapRig(netns, features=BASIC | bit(L.F_CSUM) | bit(L.F_GUEST_CSUM))
+    try:
+        from hvframe_virtio_net.tap import TUN_F_CSUM
+        assert r.backend.offload_flags == TUN_F_CSUM           # not TSO: not acked
+        caps = r.backend.capabilities()
+        assert caps.csum and caps.tso4 and caps.tso6
+    finally:
+        r.close()
+    r = TapRig(netns)
+    try:
+        assert r.backend.offload_flags & 0x7 == 0x7            # CSUM | TSO4 | TSO6
+    finally:
+        r.close()
+
+
+def test_tap_two_queue_pairs(netns):
+    r = TapRig(netns, pairs=2)
+    try:
+        assert len(r.backend.queue_fds()) == 2
+        assert r.nd.ctrl(L.CTRL_MQ, L.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 2)) == L.CTRL_OK
+        sent = [frame(dst=bytes.fromhex("020000ccdd02"), src=MAC, seed=p) for p in (0, 1)]
+        for p, f in enumerate(sent):
+            r.nd.send(p, f)
+            assert r.recv_peer(lambda g: g[12:14] == b"\x88\xb5") == f
+    finally:
+        r.close()
+
+
+def test_tap_deleted_takes_link_down(netns):
+    r = TapRig(netns)
+    try:
+        subprocess.run(["ip", "-n", netns[0], "link", "del", r.tapname], check=True)
+        r.nd.send(0, frame(src=MAC))
+        wait_for(lambda: not r.nd.config(6, 2) & L.S_LINK_UP, what="link down")
+    finally:
+        r.close()
+
+
+def test_tap_that_cannot_be_opened_is_a_config_error(netns):
+    # A tap that exists with other settings (single-queue) cannot be opened multi-queue.
+    name = f"hvx{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "tuntap", "add", name, "mode", "tap"], check=True)
+    try:
+        with pytest.raises(ConfigError, match=name):
+            _factory(f"tap={name},queues=2")
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
