@@ -49,6 +49,12 @@ def open_backend(spec: str, options: Mapping[str, Any] | None = None,
         raise ConfigError(str(e)) from None
 
 
+def open_spec(spec: str, queues: int = 1) -> NetBackend:
+    """The same as open_backend, raising BackendError with messages that start with the spec
+    (for a caller that names the device itself, as the plugin does)."""
+    return _open(spec, spec, queues)
+
+
 def _open(spec: str, label: str, queues: int) -> NetBackend:
     key, eq, value = spec.partition("=")
     if not eq:

@@ -454,3 +454,10 @@ def open_fd(label: str, fd: int, queues: int) -> NetBackend:
     if not flags & IFF_VNET_HDR:
         raise BackendError(f"{label}: tap {name} was opened without IFF_VNET_HDR")
     return TapFdBackend(label, fd, name)
+
+
+def open_backend(kind: str, value: str, pairs: int) -> NetBackend:
+    """The device plugin's entry (hvframe_virtio_net.plugin): `kind` is passt, stream, socket or
+    fd and `value` what followed its '='. One-line BackendError on any problem."""
+    from .backends import open_spec
+    return open_spec(f"{kind}={value}", pairs)
