@@ -128,3 +128,28 @@ def test_device_through_passt_gets_an_arp_answer_and_survives_passt_dying(sockdi
         wait_for(lambda: not link_up(r), what="link down after passt died")
         r.nd.send(0, frame())                  # the VMM carries on
         assert r.dev.stats()["tx_frames"] >= 1
+
+
+def device_attaches_late_peers(sockdir: str) -> bool:
+    """Whether the device brings its link up for a peer that connects to socket=listen: after
+    the device was made (it must call the backend's watch_link() and attach_peer())."""
+    path = os.path.join(sockdir, "late.sock")
+    r = Rig(open_backend(f"socket=listen:{path}", {}, 1))
+    try:
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        peer.connect(path)
+        end = time.monotonic() + 3
+        while time.monotonic() < end and not link_up(r):
+            time.sleep(0.02)
+        peer.close()
+        return link_up(r)
+    finally:
+        r.close()
+
+
+@pytest.mark.xfail(strict=True, reason="the device does not watch the backend's link yet: "
+                   "virtio_net.py needs backend.watch_link() and attach_peer() (see backend.py)")
+def test_device_link_comes_up_when_a_peer_connects_later(sockdir):
+    """socket=listen: starts with the link down; a VM connecting later brings it up (with a
+    configuration interrupt), as does the next peer after one went away."""
+    assert device_attaches_late_peers(sockdir)
