@@ -136,3 +136,19 @@ def write_all(fd: int, data: bytes, timeout: float = 5.0) -> None:
             if time.monotonic() > end:
                 raise TimeoutError("peer does not read")
             select.select([], [fd], [], 0.1)
+
+
+def open_when_listening(spec: str, timeout: float = 10.0):
+    """open_backend(spec) for a server that is still starting: its socket file appears at
+    bind(), before listen(), and a connect in between is refused."""
+    from hvframe.errors import ConfigError
+    from hvframe_virtio_net.backends import open_backend
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return open_backend(spec, {}, 1)
+        except ConfigError as e:
+            if "Connection refused" not in str(e) and "No such file" not in str(e) \
+                    or time.monotonic() > end:
+                raise
+            time.sleep(0.05)

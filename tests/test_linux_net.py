@@ -23,10 +23,9 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import pytest
@@ -256,7 +255,8 @@ class Passt:
                                   "--gateway", "10.0.2.2", "--tcp-ports", str(PASST_PORT)],
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         end = time.monotonic() + 20
-        while not os.path.exists(self.socket):
+        # Its socket file appears at bind(), before listen(); this line comes after both.
+        while "You can now start" not in self.text():
             assert self.proc.poll() is None and time.monotonic() < end, self.text()
             time.sleep(0.1)
 
@@ -264,7 +264,12 @@ class Passt:
         with open(self.log, errors="replace") as f:
             return f.read()
 
-    def cleanup(self) -> None:
+    def cleanup(self, keep_in: Optional[str] = None) -> None:
+        """Remove its directory; its log and capture are copied to keep_in first."""
+        if keep_in:
+            for name in ("passt.log", "frames.pcap"):
+                if os.path.exists(os.path.join(self.dir, name)):
+                    shutil.copy(os.path.join(self.dir, name), keep_in)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -282,26 +287,27 @@ def test_host_connection_through_passt_is_reset_by_the_guest_kernel(vmm, tmp_pat
                             net_args(vmm, f"stream:{passt.socket}"))
             guests.append(g)
             g.wait_for("IP-Config: Complete:", BOOT_TIMEOUT)
-            resets, closed = 0, 0
+            outcomes, resets = [], 0
             for attempt in range(5):
                 c = ns.socket(socket.AF_INET, socket.SOCK_STREAM)
                 c.settimeout(60)
                 try:
                     c.connect(("127.0.0.1", PASST_PORT))
-                    closed += c.recv(1) == b""
-                except (ConnectionResetError, ConnectionRefusedError):
-                    closed += 1
-                except socket.timeout:
-                    pass
+                    outcomes.append("closed" if c.recv(1) == b"" else "data")
+                except OSError as e:
+                    outcomes.append(type(e).__name__)
                 finally:
                     c.close()
                 resets = tcp_resets_from(pcap_frames(passt.pcap), GUEST_ADDR, PASST_PORT)
                 if resets:
                     break
-            assert resets >= 1, f"no RST from the guest in passt's capture\n{passt.text()[-3000:]}"
-            assert closed >= 1
+                time.sleep(5)
+            assert resets >= 1, (f"no RST from the guest in passt's capture; connections: "
+                                 f"{outcomes}; passt {'running' if passt.proc.poll() is None else 'exited ' + str(passt.proc.poll())}"
+                                 f"\n{passt.text()[-3000:]}")
+            assert outcomes[-1] in ("closed", "ConnectionResetError"), outcomes
         finally:
-            passt.cleanup()
+            passt.cleanup(str(tmp_path))
 
 
 # ---- DHCP ----------------------------------------------------------------------------------
@@ -374,7 +380,7 @@ def test_linux_guest_dhcp_from_passt(vmm, tmp_path, guests):
                             "timed out first (the emulated kernel is too slow here)")
             assert "my address is 10.0.2.2" in out, out[-2000:]
         finally:
-            passt.cleanup()
+            passt.cleanup(str(tmp_path))
 
 
 # ---- the test as the guest's peer on a socket ----------------------------------------------

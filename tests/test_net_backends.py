@@ -21,8 +21,8 @@ from hvframe.errors import ConfigError
 from hvframe_virtio_net.backend import Framing, Offloads
 from hvframe_virtio_net.backends import open_backend
 from hvframe_virtio_net import stream
-from netframes import (StreamReader, arp_request, be32_frame, mac, parse_arp_reply, ip4,
-                       write_all)
+from netframes import (StreamReader, arp_request, be32_frame, ip4, mac, open_when_listening,
+                       parse_arp_reply, write_all)
 from netns import Netns, netns_missing
 
 GUEST_MAC = mac("52:54:00:12:34:56")
@@ -423,7 +423,7 @@ def test_passt_answers_arp_and_its_death_takes_the_link_down(sockdir, backends):
                       "--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert wait_until(lambda: os.path.exists(path), 10), p.stderr.read1() if p.poll() else ""
-        b = open_backend(f"passt={path}", {}, 1)
+        b = open_when_listening(f"passt={path}")
         backends.append(b)
         assert b.link_up() and b.capabilities() == Offloads()
         [fd] = b.queue_fds()

@@ -15,8 +15,8 @@ import pytest
 
 from hvframe_virtio_net import layout as L
 from hvframe_virtio_net.backends import open_backend
-from netframes import (StreamReader, arp_request, be32_frame, ip4, parse_arp_reply,
-                       write_all)
+from netframes import (StreamReader, arp_request, be32_frame, ip4, open_when_listening,
+                       parse_arp_reply, write_all)
 from netns import Netns, netns_missing
 from test_virtio_net import MAC, Rig, frame, wait_for
 
@@ -114,7 +114,7 @@ def test_device_through_passt_gets_an_arp_answer_and_survives_passt_dying(sockdi
                       "--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: os.path.exists(path), what="passt's socket")
-        r = Rig(open_backend(f"passt={path}", {}, 1))
+        r = Rig(open_when_listening(f"passt={path}"))
         rigs.append(r)
         assert link_up(r)
         r.nd.send(0, arp_request(MAC, "10.0.2.15", "10.0.2.2"))
