@@ -10,7 +10,8 @@ kernel only) with a static `ip=` (or `ip=dhcp`) and `root=` naming a disk that d
 - DHCP against dnsmasq in the namespace.
 
 Each runs under QEMU (the reference, proving the fixtures) and under hvframe once it has a
-virtio-net device. The emulated kernel is slow here (about 80 s to its network): replies are
+virtio-net device and its guest keeps time (the hvframe_keeps_time probe: one boot, and the
+hvframe cases skip with the reason while the kernel never wakes from a timed sleep there). The emulated kernel is slow here (about 80 s to its network): replies are
 counted, not timed, and each test allows minutes. One VM boots at a time.
 """
 from __future__ import annotations
@@ -147,8 +148,56 @@ def start_guest(vmm: str, tmp_path, name: str, cmdline: str, net: list[str],
     return Guest(proc, console, stderr, name)
 
 
+HVFRAME_STALL = ("under hvframe the test kernel never wakes from its first timed sleep after "
+                 "boot (rootdelay=2 never ends: the vCPU halts with no timer interrupt; 'APIC "
+                 "timer disabled due to verification failure', so its tick is the PIT); its "
+                 "network cannot come up")
+
+
+@pytest.fixture(scope="module")
+def hvframe_keeps_time(tmp_path_factory):
+    """None if the test kernel under hvframe wakes from a timed sleep after boot (every test
+    here needs that: the carrier wait of IP-Config, answering pings, DHCP); else why not. One
+    boot with no devices and rootdelay=2: it must get past the delay to the root mount."""
+    d = tmp_path_factory.mktemp("hvframe-timer")
+    console, stderr = str(d / "probe.console"), str(d / "probe.stderr")
+    cmdline = f"{CMDLINE} acpi=off lapic=notscdeadline root=/dev/vdz rootdelay=2"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(vmm_command("hvframe", console, cmdline, []),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+    g = Guest(proc, console, stderr, "timer probe")
+    try:
+        end = time.monotonic() + BOOT_TIMEOUT
+        waiting_since = None
+        while time.monotonic() < end and proc.poll() is None:
+            out = g.text()
+            if "VFS: Cannot open root device" in out or "Kernel panic" in out:
+                return None
+            if "Waiting 2 sec before mounting root device" in out:
+                waiting_since = waiting_since or time.monotonic()
+                if time.monotonic() - waiting_since > 120:
+                    return HVFRAME_STALL
+            time.sleep(2)
+        out = g.text()
+        if "VFS: Cannot open root device" in out or "Kernel panic" in out:
+            return None
+        return f"the timer probe boot did not finish (exit {proc.poll()}): {out[-300:]!r}"
+    finally:
+        g.stop()
+
+
 @pytest.fixture
-def guests():
+def vmm_ready(request):
+    """Skips an hvframe case (with the reason) while hvframe's guest cannot keep time."""
+    if request.node.callspec.params.get("vmm") == "hvframe":
+        reason = request.getfixturevalue("hvframe_keeps_time")
+        if reason:
+            pytest.skip(reason)
+
+
+@pytest.fixture
+def guests(vmm_ready):
     """Guests started by a test; all killed at its end, whatever happened."""
     started: list[Guest] = []
     yield started
