@@ -202,6 +202,94 @@ def virtio_blk_seeds():
     return seeds
 
 
+# -- virtio-net ------------------------------------------------------------------------------
+
+def virtio_net_seeds():
+    t = target("virtio_net")
+    from hvframe_virtio_net import layout as L
+    low, high = t.LOW, t.HIGH
+
+    def init(e, bits, qsize_exp=5):
+        e.u8(t.OP_INIT).u8(bits).u8(qsize_exp)
+
+    def tx(e, q, slot, n, hflags=0, gso=0, csum=(0, 0), pieces=1, hlen=12, indirect=False):
+        e.u8(t.OP_TX).u8(q).u8(slot).u8(hflags).pick(t.GSO_TYPES, gso).u16(0).u16(0) \
+            .u16(csum[0]).u16(csum[1]).pick(t.FRAME_LENS, n).u8(pieces - 1) \
+            .pick((12, 10, 6, 0), hlen).bool(indirect)
+
+    def rx(e, q, count, size, writable=True, high_ram=False):
+        e.u8(t.OP_RX).u8(q).u8(count - 1).pick(t.BUF_LENS, size).u8(1 if writable else 0) \
+            .bool(high_ram)
+
+    def ctrl(e, cls, cmd, body=b""):
+        e.u8(t.OP_CTRL).u8(cls).u8(cmd).u8(len(body)).bytes(body)
+
+    def peer(e, n, dst_index=0):
+        e.u8(t.OP_PEER).pick(t.FRAME_LENS, n).u8(dst_index)
+
+    seeds = {}
+    e = Encoder().u8(0)
+    init(e, 2)                                  # modern, MSI-X, every feature
+    rx(e, 0, 8, 1526)
+    tx(e, 1, 0, 60)
+    tx(e, 1, 1, 1514, pieces=3)
+    peer(e, 60)
+    peer(e, 1514)
+    peer(e, 4000)                               # merged over buffers, or over the MTU
+    ctrl(e, L.CTRL_RX, L.CTRL_RX_PROMISC, b"\0")
+    ctrl(e, L.CTRL_MAC, L.CTRL_MAC_TABLE_SET, bytes(4) + b"\1\0\0\0" + bytes.fromhex("01005e000001"))
+    peer(e, 60, 2)
+    peer(e, 60, 3)                              # filtered
+    ctrl(e, L.CTRL_MQ, L.CTRL_MQ_VQ_PAIRS_SET, b"\2\0")
+    rx(e, 2, 4, 4096)
+    tx(e, 3, 2, 1514)
+    seeds["modern-msix-mq-filter"] = e
+
+    e = Encoder().u8(0)
+    init(e, 1, 4)                               # legacy, INTx
+    rx(e, 0, 4, 1526)
+    tx(e, 1, 0, 60, hlen=10)
+    peer(e, 60)
+    e.u8(t.OP_STATUS).u8(0)                     # reset
+    init(e, 1, 4)
+    rx(e, 0, 2, 64)                             # too small: frames dropped whole
+    peer(e, 1514)
+    seeds["legacy-intx-reset"] = e
+
+    e = Encoder().u8(2)                         # irqfd eventfds: the native gate path
+    init(e, 2 | 0x20, 4)                        # rings in high RAM
+    rx(e, 0, 8, 4096, high_ram=True)
+    tx(e, 1, 3, 1514, hflags=L.HDR_F_NEEDS_CSUM, csum=(34, 6), indirect=True)
+    tx(e, 1, 4, 1514, gso=L.GSO_UDP)            # never negotiable: dropped
+    tx(e, 1, 5, 13)                             # a runt
+    tx(e, 1, 6, t.MAX_FRAME + 1)                # oversize
+    peer(e, t.MAX_FRAME)
+    seeds["high-rings-eventfds-offloads"] = e
+
+    e = Encoder().u8(0)
+    init(e, 2)
+    rx(e, 0, 4, 12)                             # header only
+    rx(e, 0, 2, 1526, writable=False)
+    e.u8(t.OP_RAW_STREAM).u8(8).bytes(b"\xff\xff\xff\xf0ABCD")
+    peer(e, 60)
+    e.u8(t.OP_HANGUP).u8(0)
+    tx(e, 1, 0, 60)
+    seeds["bad-buffers-raw-stream-hangup"] = e
+
+    e = Encoder().u8(0)
+    init(e, 2)
+    e.u8(t.OP_DESC).u8(1).u8(1).u16(0)
+    enc_addr(e, low - 8, low, high)
+    enc_length(e, 16)
+    e.u16(1).u16(1)
+    e.u8(t.OP_AVAIL).u8(1).bool(True).u16(0)
+    e.u8(t.OP_KICK).u8(1).u16(1).bool(True)
+    e.u8(t.OP_AVAIL).u8(0).bool(False).u16(300)  # avail index a queue ahead
+    e.u8(t.OP_KICK).u8(1).u16(0).bool(True)
+    seeds["desc-at-ram-end-bad-avail"] = e
+    return seeds
+
+
 # -- AHCI ------------------------------------------------------------------------------------
 
 def ahci_seeds():
@@ -525,7 +613,8 @@ def uart_seeds():
     return seeds
 
 
-SEEDS = {"virtqueue": virtqueue_seeds, "virtio_blk": virtio_blk_seeds, "ahci": ahci_seeds,
+SEEDS = {"virtqueue": virtqueue_seeds, "virtio_blk": virtio_blk_seeds,
+         "virtio_net": virtio_net_seeds, "ahci": ahci_seeds,
          "pci_config": pci_config_seeds, "fw_cfg": fw_cfg_seeds, "uart": uart_seeds}
 
 

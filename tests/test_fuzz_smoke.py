@@ -14,7 +14,7 @@ pytest.importorskip("atheris", reason="atheris is not installed (pip install -r 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ = os.path.join(REPO, "fuzz")
-TARGETS = ["virtqueue", "virtio_blk", "ahci", "pci_config", "fw_cfg", "uart"]
+TARGETS = ["virtqueue", "virtio_blk", "virtio_net", "ahci", "pci_config", "fw_cfg", "uart"]
 RANDOM_INPUTS = 200
 
 if FUZZ not in sys.path:

@@ -244,8 +244,9 @@ def test_two_linux_guests_on_one_socket_answer_each_other(vmm, tmp_path, guests)
         if vmm == "hvframe":
             from test_virtio_net_stream import device_attaches_late_peers
             if not device_attaches_late_peers(sock_dir):
-                pytest.skip("hvframe's virtio-net does not bring its link up for a peer that "
-                            "connects after it started (watch_link/attach_peer not used yet)")
+                pytest.skip("hvframe's virtio-net does not bring its link up for a first peer "
+                            "that connects after it started (its link watcher starts only "
+                            "after a link loss)")
         first = start_guest(vmm, tmp_path, "listener",
                             kernel_cmdline(static_ip("10.0.3.1", "10.0.3.254")),
                             net_args(vmm, f"listen:{path}"))

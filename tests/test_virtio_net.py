@@ -3,6 +3,7 @@ driver in hvframe_virtio_net.testdriver; frames travel through the native data p
 device's queue workers to a socketpair (BE32_LENGTH framing) or a real tap (VNET_HDR) whose
 far side is an AF_PACKET socket in a network namespace the test makes."""
 import os
+import shutil
 import struct
 import subprocess
 import threading
@@ -102,6 +103,16 @@ def test_tx_and_rx_through_a_stream_byte_for_byte(stream_rig):
     st = r.dev.stats()
     assert st["tx_frames"] == len(sent) and st["rx_frames"] == len(sent)
     assert st["rx_bytes"] == sum(map(len, sent))
+
+
+def test_indirect_descriptors_and_many_pieces(stream_rig):
+    r = stream_rig()
+    f = frame(n=3000, seed=11)
+    r.nd.send(0, f, pieces=7, indirect=True)
+    assert r.backend.recv_frame() == f
+    r.nd.send(0, f, pieces=100, indirect=True)  # 101 descriptors in one table
+    assert r.backend.recv_frame() == f
+    assert r.dev.stats()["tx_frames"] == 2
 
 
 def test_stream_frames_arrive_in_pieces_and_oversize_is_skipped_whole(stream_rig):
@@ -294,11 +305,27 @@ def test_link_down_with_config_interrupt_when_peer_goes_away(stream_rig):
     gen = r.fn.config_generation
     r.backend.peer.close()
     wait_for(lambda: not r.nd.config(6, 2) & L.S_LINK_UP, what="link down")
-    assert r.fn.config_generation != gen
+    wait_for(lambda: r.fn.config_generation != gen, what="a configuration change")
     assert r.backend.gone
     # Transmit carries on: frames dropped and counted, the VMM fine.
     r.nd.send(0, frame())
     assert r.dev.stats()["tx_drop_gone"] >= 1
+
+
+def test_link_comes_back_when_the_backend_reconnects(stream_rig):
+    r = stream_rig()
+    be = r.backend
+    be.peer.close()
+    wait_for(lambda: not r.nd.config(6, 2) & L.S_LINK_UP, what="link down")
+    gen = r.fn.config_generation
+    be.reconnect()
+    wait_for(lambda: r.nd.config(6, 2) & L.S_LINK_UP, what="link up again")
+    wait_for(lambda: r.fn.config_generation != gen, what="a configuration change")
+    f = frame(seed=21)
+    r.nd.send(0, f)
+    assert be.recv_frame() == f
+    be.send_frame(f)
+    assert r.nd.recv(0)[1] == f
 
 
 def test_rx_ring_empty_while_flooded_costs_no_cpu_and_bounded_memory(stream_rig):
@@ -373,8 +400,8 @@ def test_default_mac_is_stable_and_locally_administered():
 # -- through a real tap -------------------------------------------------------------------
 
 def _can_tap():
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        return "needs root and /dev/net/tun"
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
+        return "needs root, /dev/net/tun and ip (iproute2)"
     return None
 
 
@@ -476,6 +503,31 @@ def test_tap_two_queue_pairs(netns):
         r.close()
 
 
+def test_tap_two_queue_pairs_receive_on_both(netns):
+    r = TapRig(netns, pairs=2)
+    try:
+        assert r.nd.ctrl(L.CTRL_MQ, L.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 2)) == L.CTRL_OK
+        # Many flows: the kernel spreads them over the tap's queues by their hash.
+        sent = {_udp_frame(MAC, bytes.fromhex("020000ccdd02"), "10.78.0.1", "10.78.0.2",
+                           1000 + i, 7000, bytes([i]) * 50, partial=False) for i in range(64)}
+        for f in sent:
+            r.peer.send(f)
+        got, per_pair = set(), [0, 0]
+        end = time.monotonic() + 10
+        while len(got) < len(sent) and time.monotonic() < end:
+            for p in (0, 1):
+                while r.nd.rx_pending(p):
+                    f = r.nd.recv(p)[1]
+                    if f in sent:
+                        got.add(f)
+                        per_pair[p] += 1
+            time.sleep(0.01)
+        assert got == sent
+        assert per_pair[0] and per_pair[1], per_pair
+    finally:
+        r.close()
+
+
 def test_tap_deleted_takes_link_down(netns):
     r = TapRig(netns)
     try:
@@ -495,3 +547,134 @@ def test_tap_that_cannot_be_opened_is_a_config_error(netns):
             _factory(f"tap={name},queues=2")
     finally:
         subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def _udp_frame(dst_mac, src_mac, src_ip, dst_ip, sport, dport, payload, *, partial):
+    """Ethernet/IPv4/UDP; with partial, the UDP checksum holds only the pseudo-header sum
+    (what a driver using checksum offload leaves), else the full checksum."""
+    import socket as s
+    src, dst = s.inet_aton(src_ip), s.inet_aton(dst_ip)
+    ulen = 8 + len(payload)
+
+    def fold(x):
+        while x >> 16:
+            x = (x & 0xFFFF) + (x >> 16)
+        return x
+
+    def sum16(b):
+        b += b"\0" * (len(b) % 2)
+        return sum(struct.unpack(f">{len(b) // 2}H", b))
+    pseudo = sum16(src + dst + struct.pack(">BBH", 0, 17, ulen))
+    udp = struct.pack(">HHHH", sport, dport, ulen, 0) + payload
+    csum = fold(pseudo) if partial else (~fold(pseudo + sum16(udp)) & 0xFFFF) or 0xFFFF
+    udp = udp[:6] + struct.pack(">H", csum) + udp[8:]
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 1, 0, 64, 17, 0, src, dst)
+    ip = ip[:10] + struct.pack(">H", ~fold(sum16(ip)) & 0xFFFF) + ip[12:]
+    return dst_mac + src_mac + b"\x08\x00" + ip + udp
+
+
+def _udp_ok(f):
+    """Whether the UDP checksum of an Ethernet/IPv4/UDP frame is right."""
+    ip = f[14:34]
+    udp = f[34:34 + struct.unpack(">H", f[38:40])[0]]
+    data = ip[12:20] + struct.pack(">BBH", 0, 17, len(udp)) + udp
+    data += b"\0" * (len(data) % 2)
+    x = sum(struct.unpack(f">{len(data) // 2}H", data))
+    while x >> 16:
+        x = (x & 0xFFFF) + (x >> 16)
+    return x == 0xFFFF
+
+
+@pytest.mark.parametrize("guest_csum", [True, False])
+def test_tap_checksum_offload_both_ways(netns, guest_csum):
+    import socket as s
+    feats = ALL if guest_csum else ALL & ~(bit(L.F_GUEST_CSUM) | bit(L.F_GUEST_TSO4)
+                                           | bit(L.F_GUEST_TSO6) | bit(L.F_GUEST_ECN))
+    r = TapRig(netns, features=feats)
+    name, nsfd = netns
+    try:
+        run = ["ip", "-n", name]
+        subprocess.run(run + ["addr", "add", "10.77.0.1/24", "dev", r.tapname], check=True)
+        subprocess.run(run + ["neigh", "add", "10.77.0.2", "lladdr", MAC.hex(":"), "dev",
+                              r.tapname, "nud", "permanent"], check=True)
+        import json
+        link = json.loads(subprocess.run(run + ["-j", "link", "show", "dev", r.tapname],
+                                         check=True, capture_output=True, text=True).stdout)
+        tap_mac = bytes.fromhex(link[0]["address"].replace(":", ""))
+        sock = in_netns(nsfd, lambda: s.socket(s.AF_INET, s.SOCK_DGRAM))
+        sock.bind(("10.77.0.1", 9000))
+        sock.settimeout(10)
+        try:
+            # Guest to namespace: only the pseudo-header sum, NEEDS_CSUM; the namespace's
+            # UDP socket gets the datagram (a wrong checksum would be dropped).
+            payload = bytes(range(200))
+            f = _udp_frame(tap_mac, MAC, "10.77.0.2", "10.77.0.1", 5555, 9000, payload,
+                           partial=True)
+            r.nd.send(0, f, flags=L.HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=6)
+            assert sock.recvfrom(4096) == (payload, ("10.77.0.2", 5555))
+            # Namespace to guest: with GUEST_CSUM the checksum may be left to the guest.
+            sock.sendto(payload * 3, ("10.77.0.2", 7777))
+            for _ in range(20):
+                fields, got = r.nd.recv(0)
+                if got[12:14] == b"\x08\x00" and got[23] == 17:
+                    break
+            flags, gso, hdr_len, gso_size, csum_start, csum_offset, nbuf = fields
+            assert got[42:] == payload * 3
+            if guest_csum:
+                # The namespace's stack left the checksum to the tap, which leaves it to us.
+                assert flags & L.HDR_F_NEEDS_CSUM
+                assert (csum_start, csum_offset) == (34, 6)
+                # What the guest's stack does with it: sum from csum_start, fold, store.
+                seg = got[34:] + b"\0" * (len(got[34:]) % 2)
+                x = sum(struct.unpack(f">{len(seg) // 2}H", seg))
+                while x >> 16:
+                    x = (x & 0xFFFF) + (x >> 16)
+                got = got[:40] + struct.pack(">H", ~x & 0xFFFF) + got[42:]
+                assert _udp_ok(got)
+            else:
+                assert flags & L.HDR_F_NEEDS_CSUM == 0
+                assert _udp_ok(got)
+            if not guest_csum:
+                assert flags == 0 and r.backend.offload_flags == 0
+        finally:
+            sock.close()
+    finally:
+        r.close()
+
+
+def test_bad_option_on_the_command_line_is_one_line_and_exit_4():
+    from tests.conftest import run_hvframe
+    r = run_hvframe(["run", "-m", "16M", "-s", "0,hostbridge", "-s", "3,virtio-net,tap0,queues=0",
+                     "--timeout", "5"])
+    assert r.returncode == 4, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "queues=0" in lines[0], r.stderr
+
+
+def test_tap_flood_with_no_receive_buffers_costs_no_cpu(netns):
+    r = TapRig(netns)
+    try:
+        # The driver takes back every buffer it posted... by never posting more: use them up.
+        ours = bytes.fromhex("020000ccdd02")
+        f = frame(src=ours, n=1000)
+        for _ in range(64):
+            r.peer.send(f)
+        wait_for(lambda: r.nd.rx_pending(0) >= 64, what="the posted buffers filled")
+        t0 = time.process_time() - time.thread_time()
+        end = time.monotonic() + 1.0
+        n = 0
+        while time.monotonic() < end:
+            r.peer.send(f)          # the tap queues, then drops and counts: never blocks
+            n += 1
+        cpu = time.process_time() - time.thread_time() - t0
+        assert n > 1000
+        assert cpu < 0.2, f"device threads used {cpu:.3f}s of CPU with the ring empty"
+        # Buffers again: frames flow again, whole.
+        while r.nd.rx_pending(0):
+            r.nd.recv(0)
+        got = r.nd.recv(0)[1]
+        while got[6:12] != ours:
+            got = r.nd.recv(0)[1]
+        assert got == f
+    finally:
+        r.close()

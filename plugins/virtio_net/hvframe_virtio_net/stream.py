@@ -292,7 +292,7 @@ class StreamBackend(NetBackend):
                 self._drain_idle()
             arrived = None
             if self._listener is not None and self._listener.fileno() in ready:
-                arrived = self._accept(want_peer)
+                arrived = self._accept()
             elif reconnect_at is not None and time.monotonic() >= reconnect_at:
                 arrived = self._reconnect()
             if arrived is not None:
@@ -311,7 +311,7 @@ class StreamBackend(NetBackend):
         except (BlockingIOError, InterruptedError):
             pass
 
-    def _accept(self, want_peer: bool) -> Optional[socket.socket]:
+    def _accept(self) -> Optional[socket.socket]:
         try:
             peer, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -320,9 +320,11 @@ class StreamBackend(NetBackend):
             log.warning("%s: accept failed: %s", self.label, e)
             time.sleep(0.1)
             return None
-        if not want_peer:
-            with self._lock:
+        with self._lock:                     # now, not before the poll: peer_gone() may
+            taken = self._attached or self._pending is not None   # have come meanwhile
+            if taken:
                 self.refused_peers += 1
+        if taken:
             peer.close()                     # one peer at a time
             return None
         return peer

@@ -120,8 +120,9 @@ class NetDriver:
     # -- transmit -------------------------------------------------------------------------
     def send(self, pair: int, frame: bytes, *, flags: int = 0, gso_type: int = 0,
              hdr_len: int = 0, gso_size: int = 0, csum_start: int = 0, csum_offset: int = 0,
-             wait: bool = True, pieces: int = 1) -> None:
-        """One frame after its header; `pieces` splits the frame over that many buffers."""
+             wait: bool = True, pieces: int = 1, indirect: bool = False) -> None:
+        """One frame after its header; `pieces` splits the frame over that many buffers,
+        `indirect` puts them in an indirect table."""
         q = 2 * pair + 1
         dq = self.drv.queues[q]
         slot = self._tx_slot[q]
@@ -134,7 +135,7 @@ class NetDriver:
         step = max(1, -(-len(frame) // pieces))
         for off in range(0, len(frame), step):
             bufs.append((base + 0x40 + off, min(step, len(frame) - off), False))
-        dq.add(bufs)
+        dq.add(bufs, indirect_at=base + 0x10800 if indirect else None)
         dq.publish()
         self.drv.kick(q)
         if wait:
@@ -175,6 +176,17 @@ class StreamPair(NetBackend):
         self.gone = False
         self.pairs_set: list[int] = []
         self._buf = b""
+        self._old: list[socket.socket] = []
+
+    def reconnect(self) -> None:
+        """A new connection (as a reconnecting stream backend makes): new descriptors, the
+        link up again. The old ends stay open until close(), so no number is reused."""
+        self._old += [self.dev_end, self.peer]
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.setblocking(False)
+        self.dev_end, self.peer = a, b
+        self._buf = b""
+        self.gone = False
 
     def queue_fds(self) -> list[int]:
         return [self.dev_end.fileno()]
@@ -195,8 +207,8 @@ class StreamPair(NetBackend):
         self.gone = True
 
     def close(self) -> None:
-        self.dev_end.close()
-        self.peer.close()
+        for s in [self.dev_end, self.peer] + self._old:
+            s.close()
 
     # -- the test's end -------------------------------------------------------------------
     def send_frame(self, frame: bytes) -> None:

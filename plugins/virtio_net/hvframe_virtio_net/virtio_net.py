@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import select
 import struct
+import threading
 
 from hvframe import concurrency
 from hvframe.core_native import bind as _bind
@@ -45,7 +46,11 @@ GUEST_OFFLOAD_BITS = (bit(L.F_GUEST_CSUM) | bit(L.F_GUEST_TSO4) | bit(L.F_GUEST_
                       | bit(L.F_GUEST_ECN) | bit(L.F_GUEST_UFO))
 RX_BUF_SLACK = 64 << 10        # stream reads beyond one frame: fewer, larger reads
 VLAN_HLEN = 4
+LINK_POLL_S = 0.25             # how often a lost link is looked at again (reconnecting backends)
 CTRL_MAX = 64 << 10            # the longest control command read (a MAC table of ~10,000)
+
+
+_PORT_COUNTERS = ("rx_oversize", "rx_runt", "rx_truncated", "tx_partial")
 
 
 def parse_mac(text: str) -> bytes:
@@ -64,6 +69,16 @@ def parse_mac(text: str) -> bytes:
 
 def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
+
+
+class _Port:
+    """One backend descriptor's native state (struct vnet_port) and the buffers it points
+    to; alive while a queue uses it."""
+
+    __slots__ = ("c", "bufs")
+
+    def __init__(self, c, bufs):
+        self.c, self.bufs = c, bufs
 
 
 class QueueRole:
@@ -118,24 +133,32 @@ class VirtioNet(VirtioDevice):
         self._keep = []                 # buffers the structs point to
         self.feat = ffi.new("struct vnet_feat *")
         self.filter = ffi.new("struct vnet_filter *")
-        self.ports = []
-        for fd in backend.queue_fds():
-            self.ports.append(self._new_port(fd))
+        self.ports = [self._new_port(fd) for fd in backend.queue_fds()]
         if not self.ports:
             raise ValueError("the backend gave no descriptor")
+        # Each queue's port, as its worker uses it; a reconnected backend's new ports wait in
+        # _pending until that worker picks them up (between its cycles, so a cycle never
+        # sees its port change).
+        self._queue_port: dict[int, _Port] = {}
+        self._pending: dict[int, _Port] = {}
+        self._retired = dict.fromkeys(_PORT_COUNTERS, 0)
+        self._watcher: concurrency.DeviceThread | None = None
+        self._watch_wake = threading.Event()
+        self._closed = False
         self.rxqs, self.txqs = [], []
         tap = backend.framing == Framing.VNET_HDR
         for i in range(queue_pairs):
             port = self.ports[i % len(self.ports)]
+            self._queue_port[2 * i] = self._queue_port[2 * i + 1] = port
             rq = ffi.new("struct vnet_rxq *")
-            rq.port, rq.filter, rq.feat = port, self.filter, self.feat
+            rq.port, rq.filter, rq.feat = port.c, self.filter, self.feat
             if tap:
                 cap = L.HDR_SIZE + backend.max_frame + VLAN_HLEN + 64
                 rq.bounce = self._buffer(cap)
                 rq.bounce_cap = cap
             rq.wait = lib.VNET_WAIT_INPUT
             tq = ffi.new("struct vnet_txq *")
-            tq.port, tq.feat = port, self.feat
+            tq.port, tq.feat = port.c, self.feat
             tq.bounce = self._buffer(backend.max_frame)
             tq.bounce_cap = backend.max_frame
             self.rxqs.append(rq)
@@ -148,19 +171,39 @@ class VirtioNet(VirtioDevice):
         self._keep.append(buf)
         return buf
 
-    def _new_port(self, fd: int):
+    def _new_port(self, fd: int) -> _Port:
         be = self.backend
         p = ffi.new("struct vnet_port *")
         p.fd = fd
         p.framing = (lib.VNET_FRAMING_BE32 if be.framing == Framing.BE32_LENGTH
                      else lib.VNET_FRAMING_VNET_HDR)
         p.max_frame = be.max_frame
+        bufs = []
         if be.framing == Framing.BE32_LENGTH:
             cap = L.STREAM_LEN_SIZE + be.max_frame + RX_BUF_SLACK
-            p.rx_buf, p.rx_cap = self._buffer(cap), cap
+            bufs.append(ffi.new("uint8_t[]", cap))
+            p.rx_buf, p.rx_cap = bufs[-1], cap
             cap = L.STREAM_LEN_SIZE + be.max_frame
-            p.tx_buf, p.tx_cap = self._buffer(cap), cap
-        return p
+            bufs.append(ffi.new("uint8_t[]", cap))
+            p.tx_buf, p.tx_cap = bufs[-1], cap
+        return _Port(p, bufs)
+
+    def _take_pending(self, queue: int) -> None:
+        """(on the queue's worker, between cycles) Switch to the port a reconnection made."""
+        port = self._pending.pop(queue, None)
+        if port is None:
+            return
+        role, pair = self.role(queue)
+        if role == QueueRole.RX:
+            rq = self.rxqs[pair]
+            # A stream frame in hand lives in the old port's buffer: it goes with it.
+            if lib.vnet_rx_drop_pending(rq):
+                with self._lock:
+                    self.reset_drops += 1
+            rq.port = port.c
+        else:
+            self.txqs[pair].port = port.c
+        self._queue_port[queue] = port     # the old one goes once no queue holds it
 
     # -- queues ---------------------------------------------------------------------------
     def role(self, queue: int) -> tuple[str, int]:
@@ -176,23 +219,30 @@ class VirtioNet(VirtioDevice):
         role, pair = self.role(queue)
         if role == QueueRole.CTRL:
             return CYCLE_PYTHON
-        nq = queue_state(vq)
-        if role == QueueRole.RX:
-            rq = self.rxqs[pair]
-            if not self._receiving(pair):
-                return CYCLE_IDLE     # buffers stay posted; nothing reads for this queue
-            rc = nq.call(lib.vnet_rx_cycle, rq, gate)
-            port = rq.port
-        else:
-            tq = self.txqs[pair]
-            rc = nq.call(lib.vnet_tx_cycle, tq, gate, POLL_NS)
-            port = tq.port
+        if self._pending:
+            self._take_pending(queue)
+        try:
+            nq = queue_state(vq)
+            if role == QueueRole.RX:
+                rq = self.rxqs[pair]
+                if not self._receiving(pair):
+                    return CYCLE_IDLE     # buffers stay posted; nothing reads for this queue
+                rc = nq.call(lib.vnet_rx_cycle, rq, gate)
+                port = rq.port
+            else:
+                tq = self.txqs[pair]
+                rc = nq.call(lib.vnet_tx_cycle, tq, gate, POLL_NS)
+                port = tq.port
+        except (ValueError, BufferError):
+            return CYCLE_IDLE         # guest memory closed under us: the machine is going
         if (port.gone or port.hup) and self.link:
             self._link_lost(f"queue {queue}: the backend's far side went away")
         return rc
 
     def queue_waits(self, queue: int) -> tuple[tuple[int, int], ...]:
         role, pair = self.role(queue)
+        if self._pending:
+            self._take_pending(queue)
         if role == QueueRole.RX:
             if not self._receiving(pair):
                 return ()
@@ -232,9 +282,58 @@ class VirtioNet(VirtioDevice):
             except Exception:
                 log.exception("%s: backend peer_gone failed", self.name)
             self._build_config()
+            if self._watcher is None and not self._closed:
+                self._watcher = concurrency.DeviceThread(
+                    "virtio-net-link", self._watch_link, wake=self._watch_wake.set,
+                    on_error=self._watcher_failed).start()
         log.warning("%s: link down: %s", self.name, why)
         if self.transport is not None:
             self.transport.config_changed()
+
+    def _watch_link(self, thread: concurrency.DeviceThread) -> None:
+        """(the link watcher, a DeviceThread this device owns; close() stops it) While the
+        link is down, ask the backend every LINK_POLL_S whether its far side is back (a
+        reconnecting stream backend); if so, take its new descriptors and bring the link up."""
+        while not thread.stopping:
+            concurrency.may_block("the next link check")
+            self._watch_wake.wait(LINK_POLL_S)
+            self._watch_wake.clear()
+            if thread.stopping:
+                return
+            thread.checkpoint()
+            if thread.stopping:
+                return
+            if not self.link and self._relink():
+                log.warning("%s: link up again", self.name)
+                if self.transport is not None:
+                    self.transport.config_changed()
+                    for q in range(2 * self.pairs):
+                        self.transport.notify_queue(q)
+
+    def _relink(self) -> bool:
+        with self._lock:
+            if self.link or self._closed or not self.backend.link_up():
+                return False
+            fds = self.backend.queue_fds()
+            if len(fds) != len(self.ports):
+                log.error("%s: the backend came back with %d descriptors, not %d; the link "
+                          "stays down", self.name, len(fds), len(self.ports))
+                return False
+            for old in self.ports:
+                for k in _PORT_COUNTERS:
+                    self._retired[k] += getattr(old.c, k)
+            self.ports = [self._new_port(fd) for fd in fds]
+            for i in range(self.pairs):
+                port = self.ports[i % len(self.ports)]
+                self._pending[2 * i] = self._pending[2 * i + 1] = port
+            for rq in self.rxqs:
+                rq.wait = lib.VNET_WAIT_INPUT
+            self.link = True
+            self._build_config()
+            return True
+
+    def _watcher_failed(self, exc: BaseException) -> None:
+        log.error("%s: the link watcher died; a reconnected backend is not noticed", self.name)
 
     # -- configuration space --------------------------------------------------------------
     def _build_config(self) -> None:
@@ -324,8 +423,13 @@ class VirtioNet(VirtioDevice):
             self._build_config()
 
     def close(self) -> None:
-        for p in self.ports:
-            p.fd = -1
+        with self._lock:
+            self._closed = True
+            watcher = self._watcher
+        if watcher is not None:
+            watcher.stop()
+        for p in list(self._queue_port.values()) + self.ports:
+            p.c.fd = -1
         self.backend.close()
 
     # -- counters -------------------------------------------------------------------------
@@ -344,9 +448,8 @@ class VirtioNet(VirtioDevice):
             for k in ("frames", "bytes", "drop_bad", "drop_oversize", "drop_error",
                       "drop_gone"):
                 out["tx_" + k] += getattr(tq, k)
-        for p in self.ports:
-            for k in ("rx_oversize", "rx_runt", "rx_truncated", "tx_partial"):
-                out[k] += getattr(p, k)
+        for k in _PORT_COUNTERS:
+            out[k] += self._retired[k] + sum(getattr(p.c, k) for p in self.ports)
         out["reset_drops"] = self.reset_drops
         out["python_drops"] = self.python_drops
         return out
