@@ -413,7 +413,21 @@ def test_linux_guest_dhcp_from_dnsmasq(vmm, tmp_path, guests):
         m = re.search(r"IP-Config: Got DHCP answer from [\d.]+, my address is (10\.0\.2\.5\d)", out)
         assert m, out[-2000:]
         assert re.search(rf"DHCPACK\(tap0\) {re.escape(m.group(1))} {GUEST_MAC}", dhcp_log)
-        assert ns.ping(m.group(1), count=5, interval=1.0, wait=20) >= 4
+        cap = ns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        cap.bind(("tap0", 0))
+        cap.setblocking(False)
+        replies = ns.ping(m.group(1), count=10, interval=1.0, wait=60)
+        from_guest = []
+        while True:
+            try:
+                f = cap.recv(65536)
+            except BlockingIOError:
+                break
+            if f[6:12] == bytes.fromhex(GUEST_MAC.replace(":", "")):
+                from_guest.append(f[12:14].hex() + (f"/{f[23]}" if f[12:14] == b"\x08\x00" else ""))
+        cap.close()
+        assert replies >= 8, (f"{replies} of 10 pings to the leased address answered; frames "
+                              f"from the guest meanwhile (ethertype/proto): {from_guest}")
 
 
 @pytest.mark.skipif(PASST is None, reason="passt is not installed (Debian: passt)")
