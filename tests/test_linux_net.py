@@ -196,6 +196,16 @@ def vmm_ready(request):
             pytest.skip(reason)
 
 
+def ping_replies(ns: Netns, addr: str, count: int = 10) -> int:
+    """Pings from the namespace that `addr` answers, out of `count`, after a warm-up that
+    waits (up to 2 minutes) for a first answer: the emulated kernel answers ARP slowly, and
+    pings sent meanwhile may be lost with the unresolved neighbour's queue."""
+    end = time.monotonic() + 120
+    while ns.ping(addr, count=1, wait=10) == 0 and time.monotonic() < end:
+        pass
+    return ns.ping(addr, count=count, interval=1.0, wait=30)
+
+
 @pytest.fixture
 def guests(vmm_ready):
     """Guests started by a test; all killed at its end, whatever happened."""
@@ -217,7 +227,7 @@ def test_namespace_pings_linux_guest_on_tap(vmm, tmp_path, guests):
         out = g.wait_for("IP-Config: Complete:", BOOT_TIMEOUT)
         assert f"addr={GUEST_ADDR}, mask=255.255.255.0, gw={HOST_ADDR}" in out
         assert f"device=eth0, hwaddr={GUEST_MAC}" in out
-        replies = ns.ping(GUEST_ADDR, count=10, interval=1.0, wait=20)
+        replies = ping_replies(ns, GUEST_ADDR)
         assert replies >= 8, f"{replies} of 10 pings answered\n{g.text()[-2000:]}"
 
 
@@ -416,7 +426,7 @@ def test_linux_guest_dhcp_from_dnsmasq(vmm, tmp_path, guests):
         cap = ns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
         cap.bind(("tap0", 0))
         cap.setblocking(False)
-        replies = ns.ping(m.group(1), count=10, interval=1.0, wait=60)
+        replies = ping_replies(ns, m.group(1))
         from_guest = []
         while True:
             try:
