@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Build the minimal Linux 6.1 test kernel described in shared/linux/README.md.
+# Build the minimal Linux 6.1 test kernel described in scripts/linux/README.md.
 #
 # Source: Debian's linux-source-6.1 package (tarball in /usr/src).
-# Config: shared/linux/tiny-6.1.config (beside the repository checkout), or --config PATH.
+# Config: scripts/linux/tiny-6.1.config (in the repository, beside this script), or --config PATH.
 # Two one-line changes are applied with sed (INT3 and FWAIT cannot be emulated by the
 # nested KVM of our hosts): the int3_selftest() call is skipped and the fwait in
 # fpu__drop() becomes a nop.  The result, an ELF vmlinux with a PVH entry note, is
@@ -60,8 +60,7 @@ done
 [[ "$jobs" =~ ^[1-9][0-9]*$ ]] || die "-j wants a positive number, got '$jobs'"
 
 if [ -z "$config" ]; then
-    top=$(git -C "$script_dir" rev-parse --show-toplevel 2>/dev/null || (cd "$script_dir/.." && pwd))
-    config="$top/../shared/linux/tiny-6.1.config"
+    config="$script_dir/linux/tiny-6.1.config"
 fi
 [ -f "$config" ] || die "kernel config not found: $config (pass --config PATH)"
 config=$(cd "$(dirname "$config")" && pwd)/$(basename "$config")

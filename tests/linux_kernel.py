@@ -3,7 +3,7 @@ import glob
 import os
 
 CACHE = os.path.join(os.environ.get("HVFRAME_CACHE", os.path.expanduser("~/.cache/hvframe")), "linux")
-# From shared/linux/README.md: what the kernel must be told on hosts whose KVM emulates
+# From scripts/linux/README.md: what the kernel must be told on hosts whose KVM emulates
 # kernel-mode guest code.
 CMDLINE = ("console=ttyS0 panic=-1 lpj=2000 noxsave i8042.noaux i8042.nokbd "
            "clearcpuid=smap,smep,umip,pku,xsave,popcnt,avx,avx2,bmi1,bmi2,movbe,erms,fsrm,rdrand,"

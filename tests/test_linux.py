@@ -19,7 +19,7 @@ pytestmark = [requires_kvm, pytest.mark.kvm,
 @pytest.fixture(scope="module")
 def initramfs(tmp_path_factory):
     # /init exists, so the kernel gets as far as starting it; user space itself cannot run on
-    # nested KVM hosts (see shared/linux/README.md), so what it contains does not matter.
+    # nested KVM hosts (see scripts/linux/README.md), so what it contains does not matter.
     path = tmp_path_factory.mktemp("initramfs") / "initramfs.cpio"
     path.write_bytes(newc_cpio({"dev": (0o040755, b""), "init": (0o100755, b"#!/bin/sh\nexit 0\n")}))
     return str(path)

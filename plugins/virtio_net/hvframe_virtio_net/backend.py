@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass
+from typing import Callable
 
 
 class Framing(enum.IntEnum):
@@ -73,6 +74,23 @@ class NetBackend(abc.ABC):
     def peer_gone(self) -> None:
         """The data path saw EOF or an error that means the far side went away. The backend
         notes it (link_up() turns False) and may try to reconnect later."""
+
+    # A peer that comes (back) by itself: a VM connecting to `socket=listen:`, a reconnect to
+    # passt. The descriptor numbers of queue_fds() never change; while the link is down they
+    # lead nowhere (nothing to read, writes discarded), and a new peer is put on the same
+    # numbers only when the device asks, so its stream never starts in the middle of a frame
+    # the data path had half read or written.
+
+    def watch_link(self, on_change: Callable[[], None]) -> None:
+        """The device's callback for a peer that is waiting to be attached. Called on a
+        backend thread holding no backend lock; the device answers with attach_peer(). A
+        backend whose link never comes back by itself ignores it. A device that never calls
+        this gets a waiting peer attached at once."""
+
+    def attach_peer(self) -> bool:
+        """(the device, its data path for this backend stopped, stream state reset) Put a
+        waiting peer on queue_fds() and return link_up()."""
+        return self.link_up()
 
     @abc.abstractmethod
     def close(self) -> None:
