@@ -147,9 +147,6 @@ def device_attaches_late_peers(sockdir: str) -> bool:
         r.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the device starts its link watcher only after a link "
-                   "loss, so a listening VM whose first peer comes after it started stays down "
-                   "(virtio_net.py: start the watcher when link_up() is False at creation too)")
 def test_device_link_comes_up_when_a_peer_connects_later(sockdir):
     """socket=listen: starts with the link down; a VM connecting later brings it up."""
     assert device_attaches_late_peers(sockdir)

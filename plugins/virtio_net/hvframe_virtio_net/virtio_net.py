@@ -165,6 +165,11 @@ class VirtioNet(VirtioDevice):
             self.txqs.append(tq)
         self._reset_filter()
         self._build_config()
+        if not self.link:
+            # A backend with no far side yet (a listening socket before its first peer):
+            # watch for it as after a link loss.
+            with self._lock:
+                self._start_watcher()
 
     def _buffer(self, size: int):
         buf = ffi.new("uint8_t[]", size)
@@ -282,13 +287,17 @@ class VirtioNet(VirtioDevice):
             except Exception:
                 log.exception("%s: backend peer_gone failed", self.name)
             self._build_config()
-            if self._watcher is None and not self._closed:
-                self._watcher = concurrency.DeviceThread(
-                    "virtio-net-link", self._watch_link, wake=self._watch_wake.set,
-                    on_error=self._watcher_failed).start()
+            self._start_watcher()
         log.warning("%s: link down: %s", self.name, why)
         if self.transport is not None:
             self.transport.config_changed()
+
+    def _start_watcher(self) -> None:
+        """(under _lock) The link watcher, once: it runs until close()."""
+        if self._watcher is None and not self._closed:
+            self._watcher = concurrency.DeviceThread(
+                "virtio-net-link", self._watch_link, wake=self._watch_wake.set,
+                on_error=self._watcher_failed).start()
 
     def _watch_link(self, thread: concurrency.DeviceThread) -> None:
         """(the link watcher, a DeviceThread this device owns; close() stops it) While the
