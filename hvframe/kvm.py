@@ -28,13 +28,20 @@ IOAPIC_PINS = 24
 
 
 def default_irqchip_routes() -> list[tuple[int, int, int]]:
-    """(gsi, irqchip, pin) of the routing table KVM installs with KVM_CREATE_IRQCHIP (see
-    kvm_setup_default_irq_routing): GSI n goes to IOAPIC pin n for n < 24, and GSIs 0-15 also
-    to the PICs (0-7 master, 8-15 slave, pin n % 8). KVM_SET_GSI_ROUTING replaces the whole
-    table, so every table hvframe sets starts with these."""
+    """(gsi, irqchip, pin) of the PC's ISA and PCI interrupt routing, as QEMU's pc machine
+    sets it and as the MP table and MADT describe it: GSI 0 (the PIT) goes to IOAPIC pin 2
+    (ISA IRQ0's override) and nothing else uses pin 2 or GSI 2 (the PICs' cascade); every
+    other GSI n < 24 goes to IOAPIC pin n, and GSIs 0-15 also to the PICs (0-7 master, 8-15
+    slave, pin n % 8). KVM's own default table (kvm_setup_default_irq_routing) sends GSI 0 to
+    pin 0, where the guest does not look for its timer; and since KVM finds the GSI to tell of
+    an IOAPIC EOI from the pin, a second route to pin 2 would keep the PIT from ever seeing
+    its tick acknowledged (it stops reinjecting). Set at VM creation and at the head of every
+    table after it (KVM_SET_GSI_ROUTING replaces the whole table)."""
     routes = []
     for gsi in range(IOAPIC_PINS):
-        routes.append((gsi, lib.KVM_IRQCHIP_IOAPIC, gsi))
+        if gsi == 2:
+            continue
+        routes.append((gsi, lib.KVM_IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi))
         if gsi < 16:
             routes.append((gsi, lib.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else lib.KVM_IRQCHIP_PIC_SLAVE,
                            gsi % 8))
@@ -127,6 +134,9 @@ class KvmVm:
         n = lib.hv_ioctl_int(kvm.fd, lib.KVM_CHECK_EXTENSION, lib.KVM_CAP_IRQ_ROUTING)
         self.max_gsi = n if n > 0 else 0   # GSIs (and table entries) KVM accepts
         self.has_irqfd = lib.hv_ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, lib.KVM_CAP_IRQFD) > 0
+        if self.max_gsi:
+            with self._routes_lock:
+                self._commit_routes()      # the PC's routing from the start (the PIT on pin 2)
         for r in memory.regions:
             self.add_memory_slot(r.gpa, r.size, self._host_base + r.host_offset)
 
