@@ -475,6 +475,9 @@ def test_linux_guest_dhcp_from_passt(vmm, tmp_path, guests):
 TEST_MAC = "02:00:00:00:00:77"
 
 
+@pytest.mark.skip(reason="fixture not proven yet: under QEMU (2026-12-01) the guest answered "
+                  "the test's ARP request over the socket but only 1 of 10 echo requests; "
+                  "to be investigated before it can judge a VMM")
 @pytest.mark.parametrize("vmm", VMMS)
 def test_socket_peer_pings_linux_guest_frame_by_frame(vmm, tmp_path, guests):
     """The VM connects to a socket the test listens on (hvframe: socket=connect:, QEMU:
