@@ -26,7 +26,9 @@ def initramfs(tmp_path_factory):
 
 
 def boot_linux(initramfs, args, cmdline, timeout):
-    """Boot the test kernel with COM1 on stdout; it must reach init, then (there being no user
+    """(Timeouts: the kernel's 250 Hz tick now reaches it, since the PIT is routed to IOAPIC pin 2
+    as the MP table says, and every tick is emulated here, so a boot takes several minutes.)
+    Boot the test kernel with COM1 on stdout; it must reach init, then (there being no user
     space here) panic and, with panic=-1, reboot: exit 0. Returns the console. Without an
     initramfs the kernel mounts its root= device and looks for /sbin/init there."""
     initrd = ["--initrd", initramfs] if initramfs else []
@@ -42,7 +44,7 @@ def test_linux_boots_to_init_with_console_on_com1_and_pci_listed(initramfs):
     """acpi=off: CPUs and interrupt routing come from hvframe's MP table; both vCPUs come up.
     A PCI UART in slot 2 is found by Linux's 8250_pci driver."""
     out = boot_linux(initramfs, ["-c", "2", "-s", "0,hostbridge", "-s", "2,uart,null"],
-                     CMDLINE + " acpi=off", timeout=400)
+                     CMDLINE + " acpi=off", timeout=900)
     assert "Linux version 6.1" in out
     assert "pci 0000:00:00.0: [8086:1237] type 00 class 0x060000" in out
     assert "serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A" in out
@@ -55,7 +57,7 @@ def test_linux_boots_to_init_with_console_on_com1_and_pci_listed(initramfs):
 def test_linux_boots_with_the_acpi_tables(initramfs):
     """The same kernel without acpi=off: it finds hvframe's RSDP, MADT, MCFG and DSDT (slower:
     its AML interpreter runs emulated here)."""
-    out = boot_linux(initramfs, ["-s", "0,hostbridge", "-s", "31,lpc"], CMDLINE, timeout=500)
+    out = boot_linux(initramfs, ["-s", "0,hostbridge", "-s", "31,lpc"], CMDLINE, timeout=900)
     assert "ACPI: RSDP 0x00000000000E0000" in out
     assert "ACPI: Using IOAPIC for interrupt routing" in out
     assert "PCI: MMCONFIG for domain 0000 [bus 00-ff] at [mem 0xe0000000-0xefffffff]" in out
@@ -86,7 +88,7 @@ def test_linux_mounts_ext2_root_from_virtio_blk_read_write(tmp_path):
     before = superblock(image)
     assert before["Mount count"].strip() == "0"
     out = boot_linux(None, ["-s", "0,hostbridge", "-s", f"2,virtio-blk,{image}"],
-                     CMDLINE + " acpi=off root=/dev/vda rw", timeout=400)
+                     CMDLINE + " acpi=off root=/dev/vda rw", timeout=900)
     assert "virtio_blk virtio0: [vda] 49152 512-byte logical blocks" in out
     assert "VFS: Mounted root (ext2 filesystem) on device 254:0." in out
     after = superblock(image)
@@ -109,7 +111,7 @@ def test_linux_ahci_attaches_disk_and_cd_and_mounts_root_read_write(tmp_path):
     iso = make_eltorito_iso(tmp_path / "cd.iso", "HVF-LINUX-CD")
     out = boot_linux(None, ["-s", "0,hostbridge",
                             "-s", f"4,ahci,hd:{image},model=HVF Root Disk,ser=HVFROOT1,cd:{iso}"],
-                     CMDLINE + " acpi=off root=/dev/sda rw", timeout=400)
+                     CMDLINE + " acpi=off root=/dev/sda rw", timeout=900)
     assert "ata1: SATA link up" in out and "ata2: SATA link up" in out
     assert "ata1.00: ATA-10: HVF Root Disk" in out
     assert "ata1.00: 49152 sectors, multi 0: LBA48 NCQ (depth 32)" in out
