@@ -141,8 +141,9 @@ def device_attaches_late_peers(sockdir: str) -> bool:
         end = time.monotonic() + 3
         while time.monotonic() < end and not link_up(r):
             time.sleep(0.02)
+        up = link_up(r)         # before the peer leaves: its going takes the link down again
         peer.close()
-        return link_up(r)
+        return up
     finally:
         r.close()
 
