@@ -1,6 +1,7 @@
 import os
 import shutil
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -71,3 +72,12 @@ def assert_c_struct_matches(cname, declaration, ffi=None):
     for name, (off, size) in fields_of(declaration).items():
         assert ffi.offsetof(cname, name) == off, (cname, name)
         assert ffi.sizeof(c_fields[name].type) == size, (cname, name)
+
+
+@pytest.fixture
+def sockdir():
+    """A short directory for Unix sockets (paths must stay under 108 bytes, which pytest's
+    tmp_path can exceed); removed afterwards."""
+    d = tempfile.mkdtemp(prefix="hvft-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -11,7 +11,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -27,13 +26,6 @@ from netns import Netns, netns_missing
 
 GUEST_MAC = mac("52:54:00:12:34:56")
 
-
-@pytest.fixture
-def sockdir():
-    # Unix socket paths must stay short (107 bytes): pytest's tmp_path can be too long.
-    d = tempfile.mkdtemp(prefix="hvft-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -22,12 +21,6 @@ from test_virtio_net import MAC, Rig, frame, wait_for
 
 PASST = shutil.which("passt")
 
-
-@pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="hvft-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
