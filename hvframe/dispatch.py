@@ -111,6 +111,12 @@ class Access:
     extract their bytes, writes follow ``partial``). With ``fields``, accesses are instead cut
     at the fields' bounds, so the handler sees each field whole; bytes between fields read
     zero and writes to them are ignored.
+
+    A merged partial write is a read and a write of the handler's unit, not one atomic step:
+    two vCPUs writing different bytes of one unit at the same moment can lose one write,
+    where hardware would keep both. Only the guest's own register is affected, never the
+    VMM; a handler that must not lose such bits takes whole-unit writes only (sizes without
+    1 and 2) or uses Partial.ZERO with write-1 semantics.
     """
     sizes: tuple[int, ...] = (1, 2, 4, 8)
     aligned: bool = False
