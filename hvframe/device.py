@@ -120,6 +120,9 @@ class DeviceType:
     # Guest RAM must be shareable (memfd) for a device of this type: its model runs in
     # another process that maps it (passthru to a vfio-user server).
     shared_memory: bool = False
+    # What `hvframe bench NAME` measures (hvframe.bench.Benchmarks): register exits and
+    # data paths. None: one read at the start of each range the device registers.
+    benchmarks: Any = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
