@@ -1,11 +1,12 @@
 """Device type pci-counter: `-s N,pci-counter[,vectors=N]`."""
 from __future__ import annotations
 
+from hvframe.bench import Benchmarks, Register
 from hvframe.device import DeviceType, Option
 from hvframe.errors import ConfigError
 from hvframe.hookspecs import hookimpl
 
-from .pci_counter import MSIX_OFFSET, PciCounter
+from .pci_counter import MSIX_OFFSET, REG, PciCounter
 
 MAX_VECTORS = MSIX_OFFSET // 16 // 2        # table and PBA fit the BAR's upper half
 
@@ -18,11 +19,17 @@ def pci_counter_factory(machine, options) -> PciCounter:
     return PciCounter(options["vectors"], name=f"pci-counter {b}:{s}:{f}")
 
 
+BENCHMARKS = Benchmarks(registers=(
+    Register("COUNT read", REG["count"], 4, bar=0),
+    Register("VECTOR write", REG["vector"], 4, write=0, bar=0),
+    Register("DOORBELL write", REG["doorbell"], 4, write=1, bar=0)))
+
+
 def pci_counter_device_types() -> list[DeviceType]:
     return [DeviceType(
         name="pci-counter", kind="pci", factory=pci_counter_factory,
         summary="example PCI device (1234:c0de): a counter whose doorbell raises MSI-X",
-        options=(Option("vectors", "int", 2, "MSI-X vectors"),))]
+        options=(Option("vectors", "int", 2, "MSI-X vectors"),), benchmarks=BENCHMARKS)]
 
 
 @hookimpl
