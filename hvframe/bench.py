@@ -252,6 +252,8 @@ def table(device: str, results: list[Result], compared: dict[str, float] | None 
         if compared and r.name in compared:
             delta = f"{(compared[r.name] - 1) * 100:+.0f}%"
         rows.append((r.name, r.kind, per_op, _rate(1e9 / r.ns_per_op), mbs, delta))
+    if not any(r.bytes_per_op for r in results):      # no data path: no MB/s column
+        rows = [row[:4] + row[5:] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"hvframe bench {device}: synthetic exits through the dispatch core, best round"]
     for row in rows:

@@ -56,7 +56,6 @@ def new_device(name: str, kind: str, directory: str = ".") -> str:
         f"{v['module']}/__init__.py": ("common", "__init__.py"),
         f"{v['module']}/plugin.py": (kind, "plugin.py"),
         f"{v['module']}/{v['module_file']}.py": (kind, "model.py"),
-        "tests/conftest.py": ("common", "conftest.py"),
         f"tests/test_{v['module_file']}.py": (kind, "test.py"),
     }
     templates = resources.files("hvframe") / "templates"

@@ -1,5 +1,8 @@
 """pci-counter driven as a guest would drive it: PCI configuration through 0xcf8/0xcfc, its
 BAR as MMIO exits through the dispatch core, MSI-X messages as the machine records them."""
+# The fixtures (machine, rig, the lock-order check), imported before the rest of hvframe.
+from hvframe.synthetic_fixtures import lock_order_checked, machine, rig  # noqa: F401
+
 import threading
 
 import pytest

@@ -1,6 +1,9 @@
 """virtio-rng driven as a guest driver would (hvframe.virtio.harness: PCI config through
 0xcf8/0xcfc, rings in guest RAM, kicks through the notify region), built from `-s` the way
 `hvframe run` builds it."""
+# The fixtures (machine, rig, the lock-order check), imported before the rest of hvframe.
+from hvframe.synthetic_fixtures import lock_order_checked, machine, rig  # noqa: F401
+
 import time
 
 import pytest
