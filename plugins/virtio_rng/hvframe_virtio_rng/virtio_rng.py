@@ -93,13 +93,15 @@ class VirtioRng(VirtioDevice):
         self.bytes_served += written
         return written
 
-    # -- the refill thread: owned by the device, started on the first rate-limited wait ----
+    # -- the refill thread: owned by the device, running while a rate limit is set ---------
+    def activate(self, features: int) -> None:
+        if self.budget.max_bytes and self._refill is None:   # kept after close(): no other
+            self._refill = concurrency.DeviceThread(
+                "virtio-rng-refill", self._run_refill, wake=self._wakeup.set).start()
+
     def _refill_in(self, seconds: float) -> None:
         with self._due_lock:
             self._due = time.monotonic() + seconds
-            if self._refill is None:
-                self._refill = concurrency.DeviceThread(
-                    "virtio-rng-refill", self._run_refill, wake=self._wakeup.set).start()
         self._wakeup.set()
 
     def _run_refill(self, thread: concurrency.DeviceThread) -> None:
@@ -120,7 +122,5 @@ class VirtioRng(VirtioDevice):
                 self.transport.notify_queue(0)
 
     def close(self) -> None:
-        with self._due_lock:
-            refill, self._refill = self._refill, None
-        if refill is not None:
-            refill.stop()
+        if self._refill is not None:
+            self._refill.stop()                  # joins with a deadline

@@ -103,3 +103,17 @@ def test_budget_windows():
 def test_bad_options_are_one_config_error(machine, rig, conf, word):
     with pytest.raises(ConfigError, match=word):
         rig(machine, f"-s {SLOT},virtio-rng,{conf}")
+
+
+def test_reset_while_a_request_is_held_and_close_stop_the_refill_thread(machine, rig):
+    import threading
+    drv = bring_up(machine, rig, "max-bytes=8,period=60000")
+    assert request(drv, (64, True))[0] == 8
+    drv.submit(0, [(drv.data_base, 64, True)])
+    drv.kick(0)                                  # held for a minute
+    t0 = time.monotonic()
+    drv.set_status(0)                            # the driver resets the device meanwhile
+    assert drv.status() == 0 and time.monotonic() - t0 < 2
+    assert any(t.name == "virtio-rng-refill" for t in threading.enumerate())
+    machine.close()
+    assert not any(t.name == "virtio-rng-refill" for t in threading.enumerate())
