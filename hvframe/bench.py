@@ -135,7 +135,9 @@ def virtio_registers() -> tuple[Register, ...]:
 
 
 # -- building the device -------------------------------------------------------------------
-def _build(registry, spec: str, scratch: str):
+def build(registry, spec: str, scratch: str):
+    """(machine, BenchRig, Benchmarks) for ``spec``: the device built on a synthetic machine
+    (the caller closes it); ``scratch`` is a directory for what Benchmarks.defaults makes."""
     from .synthetic import SyntheticMachine, rig
     name, _, conf = spec.partition(",")
     kind = registry.kind_of(name)
@@ -171,7 +173,7 @@ def _build(registry, spec: str, scratch: str):
         raise
 
 
-def _registers(rig: BenchRig, bench: Benchmarks) -> list[tuple[Register, str, int]]:
+def register_exits(rig: BenchRig, bench: Benchmarks) -> list[tuple[Register, str, int]]:
     """(register, space, absolute address) of every register scenario."""
     out = []
     if not bench.registers:      # nothing declared: one read at the start of each range
@@ -201,9 +203,9 @@ def run(registry, spec: str, *, rounds: int = 5, exits: int = 2000,
         raise ConfigError("bench: --rounds and --exits must be at least 1")
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="hvframe-bench-") as scratch:
-        m, rig, bench = _build(registry, spec, scratch)
+        m, rig, bench = build(registry, spec, scratch)
         try:
-            for reg, space, addr in _registers(rig, bench):
+            for reg, space, addr in register_exits(rig, bench):
                 is_write = reg.write is not None
                 batch = m.prepare_exits([(addr, reg.size, reg.write or 0, is_write)] * exits,
                                         mmio=space == "mmio")

@@ -5,6 +5,7 @@ start from, written from the templates in hvframe/templates:
     DIR/hvframe-NAME/hvframe_NAME/         the model (NAME.py) and its device type (plugin.py,
                                            with the benchmarks `hvframe bench NAME` runs)
     DIR/hvframe-NAME/tests/                its tests, on the synthetic machine
+    DIR/hvframe-NAME/benchmarks/           pytest-benchmark benchmarks of its register exits
 
 It installs (`pip install -e DIR/hvframe-NAME`), lists in `hvframe devices` and passes its
 own tests as written; then it is yours to change. plugins/virtio_rng and plugins/pci_counter
@@ -57,11 +58,13 @@ def new_device(name: str, kind: str, directory: str = ".") -> str:
         f"{v['module']}/plugin.py": (kind, "plugin.py"),
         f"{v['module']}/{v['module_file']}.py": (kind, "model.py"),
         f"tests/test_{v['module_file']}.py": (kind, "test.py"),
+        f"benchmarks/test_{v['module_file']}_bench.py": ("common", "bench.py"),
     }
     templates = resources.files("hvframe") / "templates"
     try:
         os.makedirs(os.path.join(root, v["module"]))
         os.makedirs(os.path.join(root, "tests"))
+        os.makedirs(os.path.join(root, "benchmarks"))
     except OSError as e:
         raise ConfigError(f"new-device: {root}: {e.strerror}") from None
     for target, (group, source) in files.items():

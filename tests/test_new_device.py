@@ -47,6 +47,11 @@ def test_template_lists_and_passes_its_own_tests(installed, kind):
                        cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert " passed" in r.stdout and "failed" not in r.stdout
+    # its benchmarks run too (once each: no timing here)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "--benchmark-disable", "benchmarks"],
+                       cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_template_bench_runs(installed):
