@@ -7,7 +7,9 @@ A device type declares what to measure in ``DeviceType.benchmarks`` (a ``Benchma
                data_paths=(virtio_path("read 4 KiB x32", chain, depth=32, bytes_per_op=4096),),
                defaults=lambda scratch: {"path": make_image(scratch)})
 
-Each register scenario is one exit repeated: the same access dispatched ``exits`` times in
+The first row is the floor: the same exit to an empty Python handler, what the core and one
+interpreter call cost on this host at this moment (the device's rows read against it; a
+busy host moves both). Each register scenario is one exit repeated: the same access dispatched ``exits`` times in
 one call into the native dispatch core (hvframe.synthetic.ExitBatch), exactly the path a
 vCPU's KVM_EXIT_IO / KVM_EXIT_MMIO takes after KVM, so the figure is the device's own cost
 per exit (KVM's part is not in it). A device that declares no registers gets one read at the
@@ -205,7 +207,9 @@ def run(registry, spec: str, *, rounds: int = 5, exits: int = 2000,
     with tempfile.TemporaryDirectory(prefix="hvframe-bench-") as scratch:
         m, rig, bench = build(registry, spec, scratch)
         try:
-            for reg, space, addr in register_exits(rig, bench):
+            floor = _floor_port(m)
+            exits_to_time = [(Register(FLOOR, 0, 1), "pio", floor), *register_exits(rig, bench)]
+            for reg, space, addr in exits_to_time:
                 is_write = reg.write is not None
                 batch = m.prepare_exits([(addr, reg.size, reg.write or 0, is_write)] * exits,
                                         mmio=space == "mmio")
@@ -228,6 +232,27 @@ def run(registry, spec: str, *, rounds: int = 5, exits: int = 2000,
         finally:
             m.close()
     return spec, results
+
+
+FLOOR = "(floor: an empty Python handler's read)"
+
+
+class _EmptyHandler:
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+def _floor_port(m) -> int:
+    """A free port with an empty handler on it: the row that shows what the dispatch core and
+    one Python call cost on this host now, for reading the device's rows against."""
+    port = 0x600
+    while m.pio.find_overlap(port, 1) is not None:
+        port += 1
+    m.pio.register(port, 1, _EmptyHandler(), name="bench floor")
+    return port
 
 
 def _timed(fn: Callable[[], Any]) -> float:
