@@ -321,7 +321,12 @@ def main(args, registry) -> int:
     print(as_json(device, results) if args.json else table(device, results, ratios))
     if ratios is None:
         return 0
-    worse = {n: q for n, q in ratios.items() if q > 1 + args.threshold / 100}
+    limit = 1 + args.threshold / 100
+    # The floor is the host, not the device: reported, never a regression of the device's.
+    worse = {n: q for n, q in ratios.items() if q > limit and n != FLOOR}
+    if FLOOR in ratios and not 1 / limit <= ratios[FLOOR] <= limit:
+        print(f"hvframe: bench: note: the floor moved {(ratios[FLOOR] - 1) * 100:+.0f}% since "
+              "the baseline: the host is busier or quieter than it was", file=sys.stderr)
     missing = sorted(set(baseline) - {r.name for r in results})
     if missing:
         print(f"hvframe: bench: not in this run: {', '.join(missing)}", file=sys.stderr)
