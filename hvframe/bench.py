@@ -186,6 +186,9 @@ def register_exits(rig: BenchRig, bench: Benchmarks) -> list[tuple[Register, str
         return out
     for reg in bench.registers:
         if reg.bar is not None:
+            if rig.address is None:
+                raise ConfigError(f"bench: register {reg.name} names BAR{reg.bar}, but the "
+                                  "device is not a PCI function")
             bar = rig.device.bar(reg.bar)
             space = "pio" if bar.kind == "io" else "mmio"
             out.append((reg, space, rig.device.bar_address(reg.bar) + reg.offset))
