@@ -69,21 +69,22 @@ class VirtioRng(VirtioDevice):
         self._refill: concurrency.DeviceThread | None = None
 
     # The worker's loop (with the queue lock held): chains go to handle_chain one by one
-    # while the budget lasts; a spent budget leaves the rest on the ring until the refill.
+    # while the budget lasts, one interrupt per batch; a spent budget leaves the rest on the
+    # ring until the refill thread wakes the worker in the next period.
     def serve_cycle(self, queue: int, vq, gate) -> int:
-        if vq.needs_notification():
-            return CYCLE_NOTIFY
         if self.transport.queues[queue].claims:
             return CYCLE_YIELD                   # a reset waits for the queue
-        if not vq.has_available() and not vq.enable_notifications():
-            return CYCLE_IDLE
         wait = self.budget.wait()
-        if wait > 0:
+        if not wait and vq.has_available():
+            vq.disable_notifications()
+            return CYCLE_PYTHON                  # the next chain, to handle_chain
+        if vq.needs_notification():
+            return CYCLE_NOTIFY
+        if wait:
             vq.disable_notifications()           # kicks would only find the budget spent
             self._refill_in(wait)
             return CYCLE_IDLE
-        vq.disable_notifications()
-        return CYCLE_PYTHON
+        return CYCLE_PYTHON if vq.enable_notifications() else CYCLE_IDLE
 
     def handle_chain(self, queue: int, chain) -> int:
         granted = self.budget.take(min(chain.write_len(), MAX_REQUEST))
