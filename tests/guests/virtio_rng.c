@@ -11,6 +11,7 @@
  *   vrng features_ok 1
  *   vrng request I len L                (each used entry)
  *   vrng got N bytes distinct D          (D: distinct byte values among the N)
+ *   vrng bytes not all the same | ALL THE SAME
  *   vrng irqs N
  *   vrng done
  * "vrng error ..." and a power-off on a failure to set up. */
@@ -182,6 +183,7 @@ int main(const struct hvm_start_info *si)
         if (!seen[pool[i]]++)
             distinct++;
     printf("vrng got %u bytes distinct %u\n", got, distinct);
+    printf("vrng bytes %s\n", distinct > 1 ? "not all the same" : "ALL THE SAME");
     irq_disable();
     printf("vrng irqs %u\n", irq_count[VEC_QUEUE]);
     printf("vrng done\n");
