@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .bench import Benchmarks
 
 KINDS = ("pci", "lpc", "platform")
 
@@ -122,7 +125,7 @@ class DeviceType:
     shared_memory: bool = False
     # What `hvframe bench NAME` measures (hvframe.bench.Benchmarks): register exits and
     # data paths. None: one read at the start of each range the device registers.
-    benchmarks: Any = None
+    benchmarks: Benchmarks | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
