@@ -3,6 +3,8 @@
     hvframe run [-c N] [-m SIZE] [-s slot,device[,conf]]... [-l dev,conf]... [-o path=value]...
                 [--kernel FILE [--initrd FILE] [--cmdline TEXT]]
     hvframe devices [-v] [NAME...]
+    hvframe bench DEVICE[,options] [--json] [--baseline FILE [--threshold PCT]]
+    hvframe new-device NAME --kind port|pci|virtio [--dir DIR]
 
 Start-up imports only what the command line asks for: device plugins are found from their
 entry-point metadata (hvframe.plugins) and imported when one of their devices is named.
@@ -76,6 +78,21 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("-v", "--verbose", action="store_true",
                    help="summaries and options of every device (imports every plugin)")
     d.add_argument("names", nargs="*", metavar="NAME", help="describe just these devices")
+    b = sub.add_parser("bench", help="time a device's register exits and data paths on the "
+                                     "synthetic machine")
+    b.add_argument("device", metavar="DEVICE[,options]", help="a device and its options, as after -s N, or -l")
+    b.add_argument("--json", action="store_true", help="print the results as JSON (a baseline)")
+    b.add_argument("--baseline", metavar="FILE", help="compare with a saved --json run; exit 1 "
+                                                      "on a regression")
+    b.add_argument("--threshold", type=float, default=20.0, metavar="PCT",
+                   help="how much slower than the baseline is a regression (default 20%%)")
+    b.add_argument("--rounds", type=int, default=5, help="rounds per scenario, best kept (default 5)")
+    b.add_argument("--exits", type=int, default=2000, help="exits per round (default 2000)")
+    n = sub.add_parser("new-device", help="write a new device plugin package from the template")
+    n.add_argument("name", help="device name, e.g. my-dev")
+    n.add_argument("--kind", required=True, choices=("port", "pci", "virtio"),
+                   help="port: an LPC port device; pci: MMIO BAR and MSI-X; virtio: a virtio-pci device")
+    n.add_argument("--dir", default=".", help="where to make the package's directory (default .)")
     sub.add_parser("serve-device", add_help=False,
                    help="run one PCI device as a vfio-user server (the passthru plugin)")
     add_ctl_parser(sub)
@@ -118,11 +135,19 @@ def main(argv=None) -> int:
         if args.command == "ctl":
             from .control.ctl import ctl_main
             return ctl_main(args)
+        if args.command == "new-device":
+            from .template import new_device
+            print(new_device(args.name, args.kind, args.dir))
+            return 0
         from .plugins import Registry
         # `devices` builds no machine: no plugin is imported for its platform devices, and
         # a plugin that cannot be loaded is reported and skipped.
         listing = args.command == "devices"
-        registry = Registry(platform=not listing, skip_broken=listing and not args.names)
+        registry = Registry(platform=args.command == "run",
+                            skip_broken=listing and not args.names)
+        if args.command == "bench":
+            from .bench import main as bench_main
+            return bench_main(args, registry)
         if listing:
             print(registry.describe(verbose=args.verbose, names=args.names))
             for problem in registry.broken:

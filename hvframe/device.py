@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .bench import Benchmarks
 
 KINDS = ("pci", "lpc", "platform")
 
@@ -120,6 +123,9 @@ class DeviceType:
     # Guest RAM must be shareable (memfd) for a device of this type: its model runs in
     # another process that maps it (passthru to a vfio-user server).
     shared_memory: bool = False
+    # What `hvframe bench NAME` measures (hvframe.bench.Benchmarks): register exits and
+    # data paths. None: one read at the start of each range the device registers.
+    benchmarks: Benchmarks | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

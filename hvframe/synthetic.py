@@ -65,3 +65,35 @@ class ExitBatch:
     def run_only(self) -> None:
         """Dispatch again without resetting or collecting values (write-only batches)."""
         lib.hv_synthetic_exits(self.bus, self.addrs, self.sizes, self.values, self.writes, self.n)
+
+
+def rig(machine: Machine, args: str | list[str], registry=None) -> list:
+    """Build the devices of a command-line fragment on ``machine`` the way `hvframe run`
+    does: ``rig(m, "-s 3,virtio-rng,max-bytes=1K -l com1,null")`` parses each -s/-l/-o
+    through the runner, validates the options, calls the factories, attaches PCI
+    functions, places BARs and turns decoding on. Returns the devices built, in order."""
+    import shlex
+
+    from .config import Config
+    from .errors import ConfigError
+    from .plugins import Registry
+    from .runner import add_lpc, add_option, add_slot
+    registry = registry if registry is not None else Registry(platform=False)
+    words = shlex.split(args) if isinstance(args, str) else list(args)
+    if len(words) % 2:
+        raise ConfigError(f"rig: {' '.join(words)!r}: each -s/-l/-o takes one argument")
+    cfg = Config()
+    adders = {"-s": lambda a: add_slot(cfg, registry, a), "-l": lambda a: add_lpc(cfg, registry, a),
+              "-o": lambda a: add_option(cfg, a)}
+    for flag, arg in zip(words[::2], words[1::2]):
+        if flag not in adders:
+            raise ConfigError(f"rig: {flag}: only -s, -l and -o build devices")
+        adders[flag](arg)
+    before = len(machine.devices)
+    for name, group in sorted(cfg.group("lpc").items()):
+        dt = registry.require(group["device"], "lpc", f"lpc.{name}")
+        machine.add_device(dt.factory(machine, dt.validate(group, where=f"lpc.{name}")))
+    if cfg.group("pci"):
+        from .pci.bus import add_pci_devices
+        add_pci_devices(machine, registry, cfg.group("pci"))
+    return machine.devices[before:]

@@ -1,6 +1,7 @@
 """Device types com1-com4: a 16550A at the standard PC port and IRQ, with a chosen backend."""
 from __future__ import annotations
 
+from hvframe.bench import Benchmarks, Register
 from hvframe.device import DeviceType, Option
 from hvframe.hookspecs import hookimpl
 
@@ -53,6 +54,16 @@ def _make_factory(name: str, base: int, irq: int):
     return factory
 
 
+def uart_benchmarks(bar: int | None) -> Benchmarks:
+    """`hvframe bench`: every 16550 register read, and the writes a console makes (THR) and
+    a probe makes (SCR); ports relative to the I/O BAR (PCI) or the COM port's base."""
+    names = ("RBR", "IER", "IIR", "LCR", "MCR", "LSR", "MSR", "SCR")
+    return Benchmarks(registers=(
+        *(Register(f"{n} read", off, 1, bar=bar) for off, n in enumerate(names)),
+        Register("THR write", 0, 1, write=0x41, bar=bar),
+        Register("SCR write", 7, 1, write=0x5A, bar=bar)))
+
+
 def uart_device_types() -> list[DeviceType]:
     backend_option = Option("backend", "str", "null",
                             help=f"where the port's bytes go: {SPEC_HELP.removeprefix('use ')}")
@@ -61,7 +72,8 @@ def uart_device_types() -> list[DeviceType]:
                                 "native core (stdio, file and null backends)")
     pci_uart = DeviceType(name="uart", kind="pci", factory=pci_uart_factory,
                           summary="16550A UART on PCI (1b36:0002), I/O BAR 0, INTA",
-                          options=(backend_option,), positional=("backend",))
+                          options=(backend_option,), positional=("backend",),
+                          benchmarks=uart_benchmarks(bar=0))
     return [pci_uart] + [
         DeviceType(
             name=name,
@@ -70,6 +82,7 @@ def uart_device_types() -> list[DeviceType]:
             summary=f"16550A UART at I/O {base:#x}, IRQ {irq}",
             options=(backend_option, native_option),
             positional=("backend",),
+            benchmarks=uart_benchmarks(bar=None),
         )
         for name, (base, irq) in COM_PORTS.items()
     ]

@@ -1,0 +1,126 @@
+"""pci-counter driven as a guest would drive it: PCI configuration through 0xcf8/0xcfc, its
+BAR as MMIO exits through the dispatch core, MSI-X messages as the machine records them."""
+# The fixtures (machine, rig, the lock-order check), imported before the rest of hvframe.
+from hvframe.synthetic_fixtures import lock_order_checked, machine, rig  # noqa: F401
+
+import threading
+
+import pytest
+
+from hvframe.errors import ConfigError
+from hvframe_pci_counter.pci_counter import (DEVICE, MAGIC, MSIX_OFFSET, REG, STATUS_BAD_VECTOR,
+                                             VENDOR)
+
+SLOT = 4
+
+
+class Guest:
+    """What a guest's driver does: find the BAR, program MSI-X, use the registers."""
+
+    def __init__(self, m):
+        self.m = m
+        self.bar = self.cfg_read(0x10) & ~0xF
+
+    def cfg_read(self, reg, size=4):
+        self.m.io_write(0xCF8, 4, 0x80000000 | SLOT << 11 | reg & 0xFC)
+        return self.m.io_read(0xCFC + (reg & 3), size)
+
+    def cfg_write(self, reg, size, value):
+        self.m.io_write(0xCF8, 4, 0x80000000 | SLOT << 11 | reg & 0xFC)
+        self.m.io_write(0xCFC + (reg & 3), size, value)
+
+    def msix_cap(self):
+        ptr = self.cfg_read(0x34, 1)
+        while ptr and self.cfg_read(ptr, 1) != 0x11:
+            ptr = self.cfg_read(ptr + 1, 1)
+        return ptr
+
+    def route(self, vector, data, masked=False):
+        entry = self.bar + MSIX_OFFSET + 16 * vector
+        for off, value in ((0, 0xFEE00000), (4, 0), (8, data), (12, int(masked))):
+            self.m.mmio_write(entry + off, 4, value)
+
+    def enable_msix(self):
+        cap = self.msix_cap()
+        self.cfg_write(cap + 2, 2, self.cfg_read(cap + 2, 2) | 0x8000)
+
+    def reg(self, name, value=None, size=4):
+        if value is None:
+            return self.m.mmio_read(self.bar + REG[name], size)
+        self.m.mmio_write(self.bar + REG[name], size, value)
+
+
+@pytest.fixture
+def guest(machine, rig):
+    rig(machine, f"-s {SLOT},pci-counter,vectors=4")
+    return Guest(machine)
+
+
+def test_identity_and_one_memory_bar(guest):
+    assert guest.cfg_read(0) == DEVICE << 16 | VENDOR
+    assert 0xC0000000 <= guest.bar < 0xE0000000
+    assert [guest.cfg_read(0x14 + 4 * i) for i in range(5)] == [0] * 5   # no other BAR
+    assert guest.reg("magic") == MAGIC
+    assert guest.cfg_read(guest.msix_cap() + 2, 2) & 0x7FF == 3            # 4 vectors
+
+
+def test_doorbell_counts_and_raises_the_chosen_msix_vector(machine, guest):
+    guest.route(0, 0x40)
+    guest.route(2, 0x42)
+    guest.enable_msix()
+    guest.reg("doorbell", 5)
+    guest.reg("vector", 2)
+    guest.reg("doorbell", 7)
+    assert guest.reg("count") == 12
+    assert machine.msis == [(0xFEE00000, 0x40), (0xFEE00000, 0x42)]
+    assert guest.reg("interrupts") == 2 and guest.reg("doorbell") == 0
+
+
+def test_masked_vector_stays_pending_and_fires_on_unmask(machine, guest):
+    guest.route(0, 0x40, masked=True)
+    guest.enable_msix()
+    guest.reg("doorbell", 1)
+    assert machine.msis == []
+    guest.route(0, 0x40)                       # unmask
+    assert machine.msis == [(0xFEE00000, 0x40)]
+
+
+def test_doorbell_with_msix_off_raises_nothing_and_is_counted(machine, guest):
+    guest.reg("doorbell", 3)
+    assert machine.msis == [] and guest.reg("count") == 3 and guest.reg("dropped") == 1
+
+
+def test_bad_vector_is_refused_with_a_status_bit(guest):
+    guest.reg("vector", 1)
+    guest.reg("vector", 4)                     # outside the 4-entry table
+    assert guest.reg("vector") == 1
+    assert guest.reg("status") == STATUS_BAD_VECTOR
+    guest.reg("status", STATUS_BAD_VECTOR)     # write 1 to clear
+    assert guest.reg("status") == 0
+
+
+def test_odd_accesses_are_answered_not_raised(machine, guest):
+    guest.reg("magic", 0)                      # read-only
+    assert guest.reg("magic") == MAGIC
+    assert machine.mmio_read(guest.bar + 1, 2) == (MAGIC >> 8) & 0xFFFF   # inside a field
+    assert machine.mmio_read(guest.bar + 0x400, 4) == 0                     # between regions
+    machine.mmio_write(guest.bar + REG["count"] + 2, 1, 0xFF)
+    machine.mmio_write(guest.bar + MSIX_OFFSET + 3, 1, 0xFF)                # a byte of the table
+    assert guest.reg("count") == 0
+
+
+def test_doorbells_from_many_vcpus_are_all_counted(guest):
+    def ring():
+        for _ in range(500):
+            guest.reg("doorbell", 1)
+    threads = [threading.Thread(target=ring) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert guest.reg("count") == 2000
+
+
+def test_vectors_option_is_checked(machine, rig):
+    with pytest.raises(ConfigError, match="vectors=0"):
+        rig(machine, f"-s {SLOT},pci-counter,vectors=0")

@@ -1,0 +1,1 @@
+"""virtio-rng for hvframe (virtio 1.2 section 5.4)."""

@@ -1,0 +1,120 @@
+"""virtio-rng driven as a guest driver would (hvframe.virtio.harness: PCI config through
+0xcf8/0xcfc, rings in guest RAM, kicks through the notify region), built from `-s` the way
+`hvframe run` builds it."""
+# The fixtures (machine, rig, the lock-order check), imported before the rest of hvframe.
+from hvframe.synthetic_fixtures import lock_order_checked, machine, rig  # noqa: F401
+
+import time
+
+import pytest
+
+from hvframe.errors import ConfigError
+from hvframe.virtio.harness import VirtioPciDriver
+from hvframe_virtio_rng.virtio_rng import MAX_REQUEST, Budget
+
+SLOT = 3
+
+
+def bring_up(machine, rig, conf=""):
+    rig(machine, f"-s {SLOT},virtio-rng{',' + conf if conf else ''}")
+    drv = VirtioPciDriver(machine, SLOT)
+    drv.initialize(0)
+    return drv
+
+
+def request(drv, *buffers):
+    """One chain of (length, device-writable) buffers; returns (written, [bytes...])."""
+    base, bufs = drv.data_base, []
+    for i, (length, writable) in enumerate(buffers):
+        bufs.append((base + i * 0x20000, length, writable))
+        drv.mem.write(base + i * 0x20000, bytes(length))
+    drv.submit(0, bufs)
+    drv.kick(0)
+    (_, written), = drv.wait_used(0, 1)
+    return written, [drv.mem.read(a, n) for a, n, _ in bufs]
+
+
+def test_identifies_as_virtio_rng(machine, rig):
+    drv = bring_up(machine, rig)
+    assert drv.cfg_read(0) == 0x1005 << 16 | 0x1AF4      # transitional virtio-rng
+
+
+def test_requests_get_fresh_entropy(machine, rig):
+    drv = bring_up(machine, rig)
+    seen = []
+    for _ in range(4):
+        written, (data,) = request(drv, (64, True))
+        assert written == 64
+        assert len(set(data)) > 8           # not a constant fill
+        seen.append(data)
+    assert len(set(seen)) == 4              # and not the same bytes twice
+
+
+def test_fills_several_buffers_in_order_and_skips_readable_ones(machine, rig):
+    drv = bring_up(machine, rig)
+    written, (a, b) = request(drv, (16, True), (48, True))
+    assert written == 64 and a != bytes(16) and b[-8:] != bytes(8)
+    written, (only_readable,) = request(drv, (32, False))
+    assert written == 0 and only_readable == bytes(32)   # nothing written into it
+
+
+def test_a_huge_buffer_gets_at_most_max_request(machine, rig):
+    drv = bring_up(machine, rig)
+    written, (data,) = request(drv, (MAX_REQUEST + 4096, True))
+    assert written == MAX_REQUEST
+    assert data[MAX_REQUEST:] == bytes(4096)
+
+
+def test_rate_limit_holds_requests_until_the_next_period(machine, rig):
+    drv = bring_up(machine, rig, "max-bytes=100,period=1500")
+    budget = machine.pci.lookup(0, SLOT, 0).device.budget
+    assert request(drv, (64, True))[0] == 64
+    assert request(drv, (64, True))[0] == 36     # what is left of this period's 100
+    period_end = budget.window_end
+    drv.submit(0, [(drv.data_base, 64, True)])
+    drv.kick(0)
+    time.sleep(0.05)
+    assert drv.queues[0].reap() == []            # held on the ring, not answered empty
+    (_, written), = drv.wait_used(0, 1, timeout=5)
+    assert written == 64
+    assert time.monotonic() >= period_end        # in the next period
+
+
+def test_kick_returns_at_once_while_the_budget_is_spent(machine, rig):
+    drv = bring_up(machine, rig, "max-bytes=8,period=2000")
+    assert request(drv, (64, True))[0] == 8
+    drv.submit(0, [(drv.data_base, 64, True)])
+    t0 = time.monotonic()
+    drv.kick(0)                                  # a vCPU's notify: the worker decides
+    assert time.monotonic() - t0 < 0.5
+
+
+def test_budget_windows():
+    now = [0.0]
+    b = Budget(100, 1.0, clock=lambda: now[0])
+    assert b.take(64) == 64 and b.take(64) == 36 and b.take(1) == 0
+    assert b.wait() == pytest.approx(1.0)
+    now[0] = 1.0
+    assert b.wait() == 0 and b.take(200) == 100
+    assert Budget(0, 1.0).take(1 << 20) == 1 << 20          # no limit
+
+
+@pytest.mark.parametrize("conf, word", [("period=0", "period"), ("max-bytes=lots", "max-bytes"),
+                                        ("speed=9", "speed")])
+def test_bad_options_are_one_config_error(machine, rig, conf, word):
+    with pytest.raises(ConfigError, match=word):
+        rig(machine, f"-s {SLOT},virtio-rng,{conf}")
+
+
+def test_reset_while_a_request_is_held_and_close_stop_the_refill_thread(machine, rig):
+    import threading
+    drv = bring_up(machine, rig, "max-bytes=8,period=60000")
+    assert request(drv, (64, True))[0] == 8
+    drv.submit(0, [(drv.data_base, 64, True)])
+    drv.kick(0)                                  # held for a minute
+    t0 = time.monotonic()
+    drv.set_status(0)                            # the driver resets the device meanwhile
+    assert drv.status() == 0 and time.monotonic() - t0 < 2
+    assert any(t.name == "virtio-rng-refill" for t in threading.enumerate())
+    machine.close()
+    assert not any(t.name == "virtio-rng-refill" for t in threading.enumerate())
