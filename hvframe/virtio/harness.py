@@ -310,7 +310,7 @@ class VirtioPciDriver:
     def _eventfd_interrupt(self, q: int):
         """The MSI-X irqfd of queue q when the machine leaves irqfd eventfds to their reader
         (SyntheticMachine(irqfd_eventfds=True)), else None."""
-        if not getattr(self.m, "irqfd_eventfds", False) or self.fn.msix is None:
+        if not self.m.irqfd_eventfds or self.fn.msix is None:
             return None
         vector = self.fn.queues[q].msix_vector
         return self.fn.msix.irqfd(vector) if vector != NO_VECTOR else None
