@@ -288,6 +288,9 @@ def group(options_class: type, *, name: str, help: str = "", max_count: int | No
                                                                 help=help, max_count=max_count)})
 
 
+_COMMON_FIELDS: set[str] = set()     # PciOptions' fields, once it is defined below
+
+
 def _type_of(annotation: Any) -> str:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if args else annotation
@@ -326,6 +329,8 @@ class DeviceOptions:
                                spec["help"], choices, spec["required"], spec["unit"],
                                spec["hex"], spec["positional"], spec["example"], f.name,
                                spec["min"], spec["max"]))
+        # Options every PCI device has (rom) after the device's own, in listings.
+        opts.sort(key=lambda o: o.attr in _COMMON_FIELDS)
         out = (tuple(opts), tuple(groups))
         cls._hvframe_declared = out
         return out
@@ -398,6 +403,9 @@ class DeviceOptions:
 class PciOptions(DeviceOptions):
     """Options every PCI device has (derive a PCI device's options from this)."""
     rom: str | None = option(None, type="path", help="expansion ROM image behind the ROM BAR")
+
+
+_COMMON_FIELDS = {f.name for f in dataclasses.fields(PciOptions)}
 
 
 @dataclass

@@ -164,12 +164,14 @@ def _needs_shared_memory(cfg: Config, registry: Registry) -> bool:
     return False
 
 
-def add_devices(m: Machine, cfg: Config, registry: Registry, *, direct_boot: bool = True) -> None:
+def add_devices(m: Machine, cfg: Config, registry: Registry, *, direct_boot: bool = True,
+                platform: bool = True) -> None:
     """Build every device the configuration names on machine m: the platform devices, the
     LPC devices (lpc.NAME) and the PCI devices (pci.B.S.F), each through DeviceType.create;
     then place the PCI BARs (and with direct_boot, when no firmware will, enable decoding).
-    hvframe.testing.rig() builds devices with this too."""
-    for dt in registry.types:
+    hvframe.testing.rig() builds devices with this too (without platform devices unless
+    asked: platform=False)."""
+    for dt in (registry.types if platform else ()):
         if dt.kind == "platform":
             where = f"platform.{dt.name}"
             dt.create(m, dt.validate(cfg.group(where), where=where))
