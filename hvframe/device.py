@@ -225,7 +225,7 @@ class Option:
             if self.min is not None and out < self.min or self.max is not None and out > self.max:
                 lo = self.format(self.min) if self.min is not None else ""
                 hi = self.format(self.max) if self.max is not None else ""
-                raise ValueError(f"{self.format(out)} is out of range {lo}-{hi}")
+                raise ValueError(f"{self.name}={self.format(out)} must be {lo}-{hi}")
         return out
 
     def format(self, value: Any) -> str:
@@ -357,7 +357,9 @@ class DeviceOptions:
                 try:
                     values[o.attr] = o.convert(raw[o.name])
                 except ValueError as e:
-                    raise ConfigError(f"{where}: {o.name}: {e}") from None
+                    said = str(e)
+                    raise ConfigError(f"{where}: {said}" if said.startswith(o.name + "=")
+                                      else f"{where}: {o.name}: {said}") from None
             elif o.required:
                 raise ConfigError(f"{where}: {device or 'the device'} needs {o.name}=")
         for g in groups:

@@ -84,7 +84,7 @@ def test_backend_is_positional_and_closed_at_exit(tmp_path):
 
 def test_backend_defaults_to_null():
     dtype = device_types()["com2"]
-    assert dtype.validate({})["backend"] == "null"
+    assert dtype.validate({}).backend == "null"
     machine, uart = build("com2")
     uart.start()
     uart.write(0, 1, ord("x"))

@@ -8,12 +8,13 @@ import pytest
 
 from hvframe.device import DeviceType
 from hvframe.errors import ConfigError
-from hvframe.pci.bus import INTX_GSI_BASE, attach, ensure_pci_bus
-from hvframe.synthetic import SyntheticMachine
+from hvframe.pci.bus import INTX_GSI_BASE
+from hvframe import testing
+from hvframe.testing import SyntheticMachine
 from hvframe.virtio.device import (F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
                                    ISR_CONFIG, ISR_QUEUE, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
                                    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, bit)
-from hvframe.virtio.harness import VirtioPciDriver
+from hvframe.testing.virtio import VirtioPciDriver
 from hvframe.virtio.pci import (CFG_COMMON, CFG_DEVICE, CFG_ISR, CFG_NOTIFY, MODERN_BAR,
                                 NOTIFY_OFF)
 from hvframe_virtio_blk.plugin import virtio_blk_device_types
@@ -47,15 +48,9 @@ class Rig:
                  features=ALL, irqfd_eventfds=False):
         self.path = make_disk(tmp_path, sectors)
         self.m = SyntheticMachine(64 << 20, irqfd_eventfds=irqfd_eventfds)
-        dt = blk_type()
-        options = dt.validate(dt.parse_conf(f"{self.path}{',' + conf if conf else ''}"),
-                              where="test")
-        options["pci.address"] = (0, SLOT, 0)
-        self.fn = dt.factory(self.m, options)
-        attach(self.m, self.fn, options)
-        self.m.add_device(self.fn)
-        pci = ensure_pci_bus(self.m)
-        pci.assign_bars()
+        # Built as `hvframe run` builds it; the driver turns decoding on, as a guest's would.
+        self.fn, = testing.rig(self.m, f"-s {SLOT},virtio-blk,{self.path}{',' + conf if conf else ''}",
+                       direct_boot=False)
         self.drv = VirtioPciDriver(self.m, SLOT, legacy=legacy, msix=msix)
         self.features = self.drv.initialize(features)
         self.buf = self.drv.data_base
@@ -488,11 +483,8 @@ def test_bad_options(tmp_path, conf, message):
     path = make_disk(tmp_path)
     m = SyntheticMachine(16 << 20)
     try:
-        dt = blk_type()
-        options = dt.validate(dt.parse_conf(conf.format(path=path)), where="test")
-        options["pci.address"] = (0, SLOT, 0)
         with pytest.raises(ConfigError, match=message):
-            dt.factory(m, options)
+            testing.rig(m, f"-s {SLOT},virtio-blk,{conf.format(path=path)}")
     finally:
         m.close()
 
