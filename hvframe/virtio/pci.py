@@ -405,9 +405,15 @@ class VirtioPciFunction(PciFunction):
             return getattr(q, name[6:]) if q else 0
         if name == "config_msix_vector":
             return self.config_vector
-        if name in ("queue_notify_data", "queue_reset"):
-            return 0
-        return getattr(self, name, 0)
+        if name == "device_feature_select":
+            return self.device_feature_select
+        if name == "driver_feature_select":
+            return self.driver_feature_select
+        if name == "queue_select":
+            return self.queue_select
+        if name == "config_generation":
+            return self.config_generation
+        return 0            # queue_notify_data, queue_reset: not offered, read as zero
 
     def _common_set(self, name: str, value: int) -> None:
         q = self._selected()
