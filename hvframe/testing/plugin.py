@@ -18,6 +18,8 @@ Fixtures:
   virtio_driver(machine, slot, **kw) -> VirtioPciDriver
   ahci_driver(machine, slot) -> hvframe_ahci's AhciDriver (skips without hvframe-ahci)
   handler_failures           HandlerFailures: the handler exceptions of this test, not fatal
+  sockdir                    a short directory for Unix sockets (paths must stay under 108
+                             bytes, which tmp_path can exceed), removed afterwards
 
 Nothing from hvframe is imported when the plugin loads: the environment is set first."""
 from __future__ import annotations
@@ -107,3 +109,12 @@ def ahci_driver():
     except ImportError as e:
         pytest.skip(f"needs the hvframe-ahci plugin: {e}")
     return AhciDriver
+
+
+@pytest.fixture
+def sockdir():
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="hvft-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

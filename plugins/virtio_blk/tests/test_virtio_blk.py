@@ -490,7 +490,7 @@ def test_bad_options(tmp_path, conf, message):
 
 
 def test_runner_rejects_bad_disk_in_one_line(tmp_path):
-    from conftest import run_hvframe
+    from hvframe.testing.helpers import run_hvframe
     p = run_hvframe(["run", "-s", "2,virtio-blk," + str(tmp_path / "nope.img")])
     assert p.returncode == 4
     assert p.stderr.strip().count("\n") == 0 and "nope.img" in p.stderr

@@ -9,7 +9,7 @@ from hvframe.errors import ConfigError
 from hvframe.synthetic import SyntheticMachine
 from hvframe_uart import plugin
 
-PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "plugins" / "uart" / "pyproject.toml"
+PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 def device_types():

@@ -2,7 +2,7 @@
 for everything a user can get wrong."""
 import pytest
 
-from conftest import run_hvframe
+from hvframe.testing.helpers import run_hvframe
 from hvframe.config import Config
 from hvframe.errors import ConfigError
 from hvframe.plugins import Registry
