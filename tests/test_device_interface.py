@@ -308,3 +308,22 @@ def test_pytest_fixtures(device_rig, pci_config):
     assert (cfg.vendor_id, cfg.device_id) == (0x1B36, 0x0005)
     assert cfg.bar(0) == tb.bar(0).mapped_at and cfg.bar_size(0) == tb.bar(0).size
     assert cfg.capability(0x05) is not None and cfg.capability(0x11) is not None
+
+
+def test_the_readme_example_device_works():
+    """The plugin example in README.md, as written: typed options, a Device, the factory."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("```python\nfrom dataclasses import dataclass")
+    code = text[start + len("```python\n"):text.index("```", start + 10)]
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    dt, = ns["hvframe_device_types"]()
+    m = SyntheticMachine()
+    try:
+        dev = dt.create(m, dt.validate(dt.parse_conf("0x2e8"), where="-l scratch,0x2e8"))
+        m.io_write(0x2E8, 1, 0x5A)
+        assert m.io_read(0x2E8, 1) == 0x5A and m.devices == [dev]
+        with pytest.raises(ConfigError, match="port=0x10000 must be 0x0-0xffff"):
+            dt.validate(dt.parse_conf("0x10000"), where="-l scratch")
+    finally:
+        m.close()
