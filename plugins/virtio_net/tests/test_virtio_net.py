@@ -328,7 +328,7 @@ def test_link_comes_back_when_the_backend_reconnects(stream_rig):
 
 
 def test_rx_ring_empty_while_flooded_costs_no_cpu_and_bounded_memory(stream_rig):
-    from tests.conftest import rss_kib
+    from hvframe.testing.helpers import rss_kib
     r = stream_rig(post=0)
     be = r.backend
     be.peer.setblocking(False)
@@ -639,7 +639,7 @@ def test_tap_checksum_offload_both_ways(netns, guest_csum):
 
 
 def test_bad_option_on_the_command_line_is_one_line_and_exit_4():
-    from tests.conftest import run_hvframe
+    from hvframe.testing.helpers import run_hvframe
     r = run_hvframe(["run", "-m", "16M", "-s", "0,hostbridge", "-s", "3,virtio-net,tap0,queues=0",
                      "--timeout", "5"])
     assert r.returncode == 4, (r.stdout, r.stderr)
