@@ -2,8 +2,6 @@ import os
 
 import pytest
 
-pytest_plugins = ["pytester"]      # tests of the pytest plugin run pytest in a subprocess
-
 # The lock-order checker (hvframe.concurrency) is on for the whole test run, and for the
 # hvframe processes tests start; it must be set before hvframe makes its first lock.
 os.environ.setdefault("HVFRAME_LOCK_CHECK", "1")
