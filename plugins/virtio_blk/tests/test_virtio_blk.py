@@ -349,7 +349,7 @@ def test_completions_interrupt_through_the_irqfd_without_python(tmp_path):
         r.close()
 
 
-def test_broken_chain_sets_needs_reset_and_reset_recovers(rig):
+def test_broken_chain_sets_needs_reset_and_reset_recovers(rig, caplog):
     d, mem = rig.drv, rig.mem
     q = d.queues[0]
     # Two descriptors pointing at each other: a loop.
@@ -361,6 +361,9 @@ def test_broken_chain_sets_needs_reset_and_reset_recovers(rig):
     d.kick(0)
     assert wait_status(d, STATUS_NEEDS_RESET)
     assert (0xFEE00000, 0x40) in rig.m.msis[msis:]            # the configuration vector
+    # said by the device's own logger, named after it
+    assert any(r.name == f"hvframe.device.virtio-blk 0:{SLOT}:0" and "needs reset" in r.getMessage()
+               for r in caplog.records), [(r.name, r.getMessage()) for r in caplog.records]
     d.set_status(0)
     assert d.status() == 0
     d.initialize(ALL)
