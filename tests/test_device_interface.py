@@ -327,3 +327,25 @@ def test_the_readme_example_device_works():
             dt.validate(dt.parse_conf("0x10000"), where="-l scratch")
     finally:
         m.close()
+
+
+def test_the_older_option_tuple_declaration_still_works():
+    """Plugins declaring options as a tuple of Option get a dict with "pci.address", as
+    before; what they return must be a Device now."""
+    from hvframe.device import Option
+    from hvframe.pci.device import PciFunction
+    seen = []
+
+    def factory(machine, options):
+        seen.append(dict(options))
+        return PciFunction(0x1234, 0x5678, 0xFF0000, name="old-style")
+
+    dt = DeviceType("old", "pci", factory, options=(Option("level", "int", 3),),
+                    positional=("level",))
+    m = SyntheticMachine()
+    try:
+        fn = dt.create(m, dt.validate(dt.parse_conf("7")), PciAddress(0, 6, 0))
+        assert seen == [{"level": 7, "rom": None, "pci.address": (0, 6, 0)}]
+        assert m.pci.lookup(0, 6, 0) is fn and m.devices == [fn]
+    finally:
+        m.close()
