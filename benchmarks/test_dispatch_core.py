@@ -58,10 +58,9 @@ def test_mmio_write_exits_python(benchmark):
 
 def test_uart_transmit_exits(benchmark):
     """A guest printing through COM1: one LSR poll and one THR write per byte."""
-    from hvframe_uart.plugin import uart_device_types
+    from hvframe.testing import rig
     m = SyntheticMachine()
-    com1 = [t for t in uart_device_types() if t.name == "com1"][0]
-    com1.factory(m, com1.validate({"backend": "null"}))
+    rig(m, "-l com1,null")
     batch = [(0x3FD, 1, 0, False), (0x3F8, 1, 0x41, True)] * (EXITS // 2)
     benchmark.extra_info["exits_per_round"] = EXITS
     b = m.prepare_exits(batch)

@@ -3,7 +3,7 @@
     python -m pytest benchmarks/test_net_bench.py
 
 A tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, 12-byte header, as the device's tap backend opens
-it) in a network namespace the benchmark makes (tests/netns.py), driven from this process:
+it) in a network namespace the benchmark makes (hvframe/testing/netns.py), driven from this process:
 
 - write: what the device's transmit path does per frame: one write() of header + frame into
   the tap. The frames are addressed to a MAC nobody in the namespace has, so the namespace's
@@ -41,7 +41,7 @@ TESTS = Path(__file__).resolve().parent.parent / "tests"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from netns import Netns, netns_missing  # noqa: E402
+from hvframe.testing.netns import Netns, netns_missing  # noqa: E402
 
 pytestmark = pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing()))
 

@@ -91,12 +91,10 @@ from hvframe.machine import Machine
 m = Machine(p.memory_size, p.cpus, cpu_policy=p.cpu_policy); mark("Machine(): VM, guest RAM")
 for dt in registry.types:
     if dt.kind == "platform":
-        dev = dt.factory(m, dt.validate(cfg.group("platform." + dt.name)))
-        if dev is not None:
-            m.add_device(dev)
+        dt.create(m, dt.validate(cfg.group("platform." + dt.name)))
 mark("platform devices")
 dt = registry.require("com1", "lpc", "com1")
-m.add_device(dt.factory(m, dt.validate(cfg.group("lpc.com1")))); mark("com1 (uart plugin)")
+dt.create(m, dt.validate(cfg.group("lpc.com1"))); mark("com1 (uart plugin)")
 from hvframe.acpi.build import install_direct_boot_tables; mark("import ACPI (construct)")
 tables = install_direct_boot_tables(m); mark("ACPI and MP tables built")
 from hvframe.loader import load_kernel

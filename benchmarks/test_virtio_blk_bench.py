@@ -35,12 +35,10 @@ import time
 import pytest
 
 from hvframe.core_native import api as lib
-from hvframe.pci.bus import attach, ensure_pci_bus
-from hvframe.synthetic import SyntheticMachine
-from hvframe.virtio.harness import VirtioPciDriver
+from hvframe.testing import SyntheticMachine, rig
+from hvframe.testing.virtio import VirtioPciDriver
 from hvframe.virtio.virtqueue import (VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
                                       VRING_USED_F_NO_NOTIFY, full_barrier)
-from hvframe_virtio_blk.plugin import virtio_blk_device_types
 from hvframe_virtio_blk.virtio_blk import F_FLUSH, T_IN, T_OUT, bit
 
 IMAGE = 256 << 20
@@ -77,13 +75,7 @@ def offsets_for(size, depth, rand):
 class Rig:
     def __init__(self, image, size, depth):
         self.m = SyntheticMachine(256 << 20, irqfd_eventfds=True)
-        dt = virtio_blk_device_types()[0]
-        opts = dt.validate(dt.parse_conf(f"{image},queue-size=256"), where="bench")
-        opts["pci.address"] = (0, 2, 0)
-        fn = dt.factory(self.m, opts)
-        attach(self.m, fn, opts)
-        self.m.add_device(fn)
-        ensure_pci_bus(self.m).assign_bars()
+        rig(self.m, f"-s 2,virtio-blk,{image},queue-size=256", direct_boot=False)
         self.drv = drv = VirtioPciDriver(self.m, 2)
         drv.initialize(bit(F_FLUSH))
         self.q = drv.queues[0]

@@ -29,13 +29,11 @@ import uuid
 import pytest
 
 from hvframe.core_native import api as lib
-from hvframe.pci.bus import attach, ensure_pci_bus
-from hvframe.synthetic import SyntheticMachine
+from hvframe.testing import SyntheticMachine, rig
 from hvframe.virtio.device import F_RING_EVENT_IDX, F_VERSION_1, bit
-from hvframe.virtio.harness import VirtioPciDriver
+from hvframe.testing.virtio import VirtioPciDriver
 from hvframe.virtio.virtqueue import VIRTQ_DESC_F_WRITE
 from hvframe_virtio_net import layout as L
-from hvframe_virtio_net.plugin import virtio_net_device_types
 from hvframe_virtio_net.tap import TapBackend
 from hvframe_virtio_net.testdriver import tap_peer_socket
 
@@ -76,13 +74,8 @@ class Rig:
         ns, nsfd = netns
         self.tap = f"hvb{uuid.uuid4().hex[:8]}"
         self.m = SyntheticMachine(64 << 20, irqfd_eventfds=True)
-        dt = virtio_net_device_types()[0]
-        opts = dt.validate(dt.parse_conf(f"tap={self.tap},mac={MAC.hex(':')}"), where="bench")
-        opts["pci.address"] = (0, 3, 0)
-        self.fn = dt.factory(self.m, opts)
-        attach(self.m, self.fn, opts)
-        self.m.add_device(self.fn)
-        ensure_pci_bus(self.m).assign_bars()
+        self.fn, = rig(self.m, f"-s 3,virtio-net,tap={self.tap},mac={MAC.hex(':')}",
+                       direct_boot=False)
         into_netns(ns, self.tap)
         self.peer = tap_peer_socket(self.tap, nsfd)
         self.drv = VirtioPciDriver(self.m, 3)

@@ -1,21 +1,48 @@
-"""What a device plugin declares: its name, aliases, kind and typed options.
+"""What a device plugin declares, and what the machine asks of every device.
 
-A plugin module returns DeviceType objects from the `hvframe_device_types` hook. The runner
-turns `-s slot,name,conf` / `-l name,conf` / `-o path=value` into a typed option dict with
-`DeviceType.parse_conf` and `DeviceType.validate`, then calls `factory(machine, options)`.
+A plugin module returns DeviceType objects from the `hvframe_device_types` hook. A device type
+names its factory and its options, declared as a dataclass (a DeviceOptions subclass whose
+fields are made with option() and group()):
+
+    @dataclass
+    class RngOptions(PciOptions):
+        rate: int = option(1 << 20, help="bytes per second the guest may take", unit="B/s")
+
+    def create(machine: Machine, options: RngOptions, address: PciAddress) -> VirtioPciFunction:
+        ...
+
+    DeviceType("virtio-rng", "pci", create, options=RngOptions, summary="...")
+
+The runner turns `-s slot,name,conf` / `-l name,conf` / `-o path=value` into the dataclass
+(DeviceType.parse_conf, then DeviceType.validate: every value converted and checked, a bad one
+is a ConfigError, i.e. one line and exit status 4) and builds the device with
+DeviceType.create(machine, options, address): a PCI factory gets the function's PciAddress as
+its third argument, LPC and platform factories take (machine, options). A PCI factory may
+return its PciFunction without adding it to the bus: create() puts it at the address, with the
+expansion ROM of `rom=FILE`. hvframe.testing.rig() takes the same path.
+
+Whatever a factory returns is a Device (the base class below): the machine starts, pauses,
+resumes and closes every device through these methods, whose defaults do nothing (or say
+"not supported"), and never looks for optional methods by name.
 
 Port and MMIO handlers are plain objects with
     read(offset, size) -> int          offset within the registered range, size 1/2/4/8
     write(offset, size, value) -> None
 registered on `machine.pio` / `machine.mmio`. They are called from vCPU threads.
+
+Device types whose options are a tuple of Option (the older declaration) still work: their
+factory gets (machine, dict) with the PCI address in options["pci.address"].
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+import typing
+from dataclasses import MISSING, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Protocol, Sequence
 
 from .errors import ConfigError
+from .logs import LazyLogger, logger
 
 if TYPE_CHECKING:
     from .bench import Benchmarks
@@ -27,6 +54,91 @@ class PortHandler(Protocol):
     def read(self, offset: int, size: int) -> int: ...
     def write(self, offset: int, size: int, value: int) -> None: ...
 
+
+# ---- the device interface ----------------------------------------------------------------------
+
+class SnapshotNotSupported(ConfigError):
+    """A device that cannot save or restore its state was asked to (one line, exit 4)."""
+
+
+@dataclass(frozen=True)
+class AcpiIsaDevice:
+    """A device the DSDT describes under the LPC bridge's ISA scope (_HID, one I/O range,
+    one IRQ), e.g. a COM port: Device.acpi_isa_devices returns these."""
+    name: str           # the AML name segment, e.g. "COM1"
+    hid: str            # EISA id, e.g. "PNP0501"
+    uid: int
+    io_base: int
+    io_length: int
+    irq: int
+
+
+class PciAddress(NamedTuple):
+    """Where a PCI function sits: bus, slot (device) and function numbers."""
+    bus: int
+    slot: int
+    func: int
+
+    def __str__(self) -> str:
+        return f"{self.bus}:{self.slot}:{self.func}"
+
+
+class Device:
+    """The base of every device model a factory returns; the machine holds them in
+    `machine.devices` and calls these, in this order over a run:
+
+      start()            once, before the vCPUs run: start the device's threads
+      pause(), resume()  around a QMP `stop`/`cont`, after every vCPU has parked and before
+                         they run again: a device with threads doing guest-visible work (DMA,
+                         interrupts) holds them; the default does nothing
+      close()            once, after the vCPUs stopped: stop and join threads, close files
+
+    snapshot_state()/restore_state() save and load what the device needs to resume elsewhere;
+    the defaults raise SnapshotNotSupported. acpi_isa_devices() lists what the DSDT should
+    describe for this device (none by default). PCI functions (hvframe.pci.PciFunction) add
+    bar_remapped(), called when the guest moves or disables a BAR.
+
+    `name` says which device this is in messages (e.g. "virtio-blk 0:2:0"); `log` is the
+    device's own logger, named hvframe.device.<name>."""
+
+    name: str = ""
+
+    @property
+    def log(self) -> LazyLogger:
+        """This device's logger: logging.getLogger("hvframe.device." + name)."""
+        label = self.name or type(self).__name__
+        lg = self.__dict__.get("_device_log")
+        if lg is None or lg.name != "hvframe.device." + label:
+            lg = self.__dict__["_device_log"] = logger("hvframe.device." + label)
+        return lg
+
+    def start(self) -> None:
+        """Start the device's threads (before the first vCPU runs)."""
+
+    def pause(self) -> None:
+        """Hold guest-visible work of the device's own threads (the vCPUs are parked)."""
+
+    def resume(self) -> None:
+        """Undo pause()."""
+
+    def close(self) -> None:
+        """Stop and join the device's threads, close its files. Called once, vCPUs stopped."""
+
+    def snapshot_state(self) -> Any:
+        """What restore_state() needs to bring the device back (vCPUs paused)."""
+        raise SnapshotNotSupported(f"{self.name or type(self).__name__}: saving its state "
+                                   f"is not supported")
+
+    def restore_state(self, state: Any) -> None:
+        raise SnapshotNotSupported(f"{self.name or type(self).__name__}: restoring its state "
+                                   f"is not supported")
+
+    def acpi_isa_devices(self) -> Sequence[AcpiIsaDevice]:
+        """ISA devices the DSDT describes for this device (COM ports, say)."""
+        return ()
+
+
+# ---- option values -----------------------------------------------------------------------------
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -59,9 +171,15 @@ def _to_bool(text: Any) -> bool:
     raise ValueError(f"not a boolean: {text!r} (use on/off)")
 
 
+OPTION_TYPES = ("str", "int", "size", "bool", "path", "choice")
+
+
 @dataclass(frozen=True)
 class Option:
-    """One typed device option. type: str, int, size, bool, path (must exist), choice."""
+    """One typed device option. type: str, int, size, bool, path (must exist), choice.
+    hex: shown (defaults, examples) in hex; unit: what a number counts (shown in listings);
+    positional: a bare conf item may give it (in declaration order); attr: the field of the
+    options dataclass that holds it (name with - as _ by default)."""
 
     name: str
     type: str = "str"
@@ -69,55 +187,259 @@ class Option:
     help: str = ""
     choices: Sequence[str] = ()
     required: bool = False
+    unit: str = ""
+    hex: bool = False
+    positional: bool = False
+    example: str = ""
+    attr: str = ""
+    min: int | None = None
+    max: int | None = None
 
     def convert(self, value: Any) -> Any:
         t = self.type
         if t == "str":
-            return str(value)
-        if t == "int":
-            try:
-                return int(str(value), 0)
-            except ValueError:
-                raise ValueError(f"not an integer: {value!r}") from None
-        if t == "size":
-            return value if isinstance(value, int) else parse_size(value)
-        if t == "bool":
-            return _to_bool(value)
-        if t == "path":
+            out: Any = str(value)
+        elif t == "int":
+            if isinstance(value, bool):
+                raise ValueError(f"not an integer: {value!r}")
+            if isinstance(value, int):
+                out = value
+            else:
+                try:
+                    out = int(str(value), 0)
+                except ValueError:
+                    raise ValueError(f"not an integer: {value!r}") from None
+        elif t == "size":
+            out = value if isinstance(value, int) else parse_size(value)
+        elif t == "bool":
+            out = _to_bool(value)
+        elif t == "path":
             p = os.path.expanduser(str(value))
             if not os.path.exists(p):
                 raise ValueError(f"no such file: {p}")
-            return p
-        if t == "choice":
+            out = p
+        elif t == "choice":
             if str(value) not in self.choices:
                 raise ValueError(f"{value!r} is not one of {', '.join(self.choices)}")
-            return str(value)
-        raise TypeError(f"unknown option type {t!r}")
+            out = str(value)
+        else:
+            raise TypeError(f"unknown option type {t!r}")
+        if isinstance(out, int) and not isinstance(out, bool):
+            if self.min is not None and out < self.min or self.max is not None and out > self.max:
+                lo = self.format(self.min) if self.min is not None else ""
+                hi = self.format(self.max) if self.max is not None else ""
+                raise ValueError(f"{self.name}={self.format(out)} must be {lo}-{hi}")
+        return out
+
+    def format(self, value: Any) -> str:
+        """A value as the user would write it (hex where that is natural for the option)."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, int) and self.hex:
+            return f"{value:#x}"
+        return str(value)
 
     def describe(self) -> str:
         s = f"{self.name}=<{self.type if self.type != 'choice' else '|'.join(self.choices)}>"
+        if self.unit:
+            s += f" [{self.unit}]"
         if self.default is not None:
-            s += f" (default {self.default})"
+            s += f" (default {self.format(self.default)})"
         if self.required:
             s += " (required)"
+        if self.min is not None or self.max is not None:
+            s += f" (range {self.format(self.min) if self.min is not None else ''}-" \
+                 f"{self.format(self.max) if self.max is not None else ''})"
         return s + (f"  {self.help}" if self.help else "")
 
 
 ROM_OPTION = Option("rom", "path", help="expansion ROM image behind the ROM BAR")
 
+_META = "hvframe"
+
+
+def option(default: Any = None, *, help: str = "", type: str | None = None,
+           choices: Sequence[str] = (), unit: str = "", hex: bool = False,
+           required: bool = False, positional: bool = False, name: str | None = None,
+           example: str = "", min: int | None = None, max: int | None = None) -> Any:
+    """A field of a DeviceOptions dataclass: one option of the device.
+
+    type defaults from the field's annotation (bool, int, str; "choice" when choices are
+    given); say "size" for 512M-style sizes and "path" for files that must exist. name is the
+    option as written on the command line (default: the field name with _ as -)."""
+    spec = dict(help=help, type=type, choices=tuple(choices), unit=unit, hex=hex,
+                required=required, positional=positional, name=name, example=example,
+                min=min, max=max)
+    return field(default=default, metadata={_META: spec})
+
+
+@dataclass(frozen=True)
+class Group:
+    """A nested, numbered set of options, e.g. AHCI's port.N.{path,ro,...}: the field holds
+    {N: options_class instance} in the order of N."""
+    name: str
+    options_class: type
+    attr: str
+    help: str = ""
+    max_count: int | None = None
+
+
+def group(options_class: type, *, name: str, help: str = "", max_count: int | None = None) -> Any:
+    """A field of a DeviceOptions dataclass holding numbered groups of options_class (a
+    DeviceOptions subclass), written NAME.N.OPTION in the configuration tree."""
+    return field(default_factory=dict, metadata={_META: dict(group=options_class, name=name,
+                                                                help=help, max_count=max_count)})
+
+
+_COMMON_FIELDS: set[str] = set()     # PciOptions' fields, once it is defined below
+
+
+def _type_of(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    if base is bool:
+        return "bool"
+    if base is int:
+        return "int"
+    return "str"
+
+
+@dataclass
+class DeviceOptions:
+    """Base of a device's options dataclass (see option() and group()). check() runs after
+    every field is converted: cross-field rules, raising ValueError (or ConfigError)."""
+
+    @classmethod
+    def declared(cls) -> tuple[tuple[Option, ...], tuple[Group, ...]]:
+        """The options and groups the dataclass declares (made once per class)."""
+        cached = cls.__dict__.get("_hvframe_declared")
+        if cached is not None:
+            return cached
+        hints = typing.get_type_hints(cls)
+        opts, groups = [], []
+        for f in dataclasses.fields(cls):
+            spec = f.metadata.get(_META)
+            if spec is None:
+                continue
+            if "group" in spec:
+                groups.append(Group(spec["name"], spec["group"], f.name, spec["help"],
+                                    spec["max_count"]))
+                continue
+            default = None if f.default is MISSING else f.default
+            choices = spec["choices"]
+            otype = spec["type"] or ("choice" if choices else _type_of(hints.get(f.name)))
+            opts.append(Option(spec["name"] or f.name.replace("_", "-"), otype, default,
+                               spec["help"], choices, spec["required"], spec["unit"],
+                               spec["hex"], spec["positional"], spec["example"], f.name,
+                               spec["min"], spec["max"]))
+        # Options every PCI device has (rom) after the device's own, in listings.
+        opts.sort(key=lambda o: o.attr in _COMMON_FIELDS)
+        out = (tuple(opts), tuple(groups))
+        cls._hvframe_declared = out
+        return out
+
+    @classmethod
+    def options(cls) -> tuple[Option, ...]:
+        return cls.declared()[0]
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any], where: str, device: str = "") -> "DeviceOptions":
+        """Convert a configuration group ({option: text, group: {N: {...}}}) into the
+        dataclass; ConfigError names the bad value."""
+        opts, groups = cls.declared()
+        by_name = {o.name: o for o in opts}
+        by_group = {g.name: g for g in groups}
+        known = ", ".join([*by_name, *(f"{g}.N.*" for g in by_group)]) or "none"
+        for key in raw:
+            if key != "device" and key not in by_name and key not in by_group:
+                raise ConfigError(f"{where}: unknown option {key!r}"
+                                  f"{' for ' + device if device else ''}; options are: {known}")
+        values: dict[str, Any] = {}
+        for o in opts:
+            if o.name in raw:
+                try:
+                    values[o.attr] = o.convert(raw[o.name])
+                except ValueError as e:
+                    said = str(e)
+                    raise ConfigError(f"{where}: {said}" if said.startswith(o.name + "=")
+                                      else f"{where}: {o.name}: {said}") from None
+            elif o.required:
+                raise ConfigError(f"{where}: {device or 'the device'} needs {o.name}=")
+        for g in groups:
+            items = raw.get(g.name, {})
+            if not isinstance(items, dict):
+                raise ConfigError(f"{where}: {g.name}: give {g.name}.N.OPTION=VALUE")
+            out = {}
+            for index in sorted(items, key=lambda i: (not str(i).isdigit(), int(i) if str(i).isdigit() else 0)):
+                if not str(index).isdigit() or (g.max_count is not None and int(index) >= g.max_count):
+                    top = f"0-{g.max_count - 1}" if g.max_count else "from 0"
+                    raise ConfigError(f"{where}: {g.name}.{index}: {g.name}s are numbered {top}")
+                sub = items[index]
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"{where}: {g.name}.{index}: give its options")
+                out[int(index)] = g.options_class.from_raw(sub, f"{where}: {g.name}.{index}")
+            values[g.attr] = out
+        inst = cls(**values)
+        try:
+            inst.check()
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        return inst
+
+    def check(self) -> None:
+        """Rules across options; raise ValueError("what is wrong and what to write")."""
+
+    def to_raw(self) -> dict[str, Any]:
+        """The options as a configuration group again (what from_raw reads)."""
+        opts, groups = self.declared()
+        out: dict[str, Any] = {}
+        for o in opts:
+            v = getattr(self, o.attr)
+            if v is not None:
+                out[o.name] = o.format(v)
+        for g in groups:
+            out[g.name] = {str(i): sub.to_raw() for i, sub in getattr(self, g.attr).items()}
+        return out
+
+
+@dataclass
+class PciOptions(DeviceOptions):
+    """Options every PCI device has (derive a PCI device's options from this)."""
+    rom: str | None = option(None, type="path", help="expansion ROM image behind the ROM BAR")
+
+
+_COMMON_FIELDS = {f.name for f in dataclasses.fields(PciOptions)}
+
+
+@dataclass
+class NoOptions(DeviceOptions):
+    """For a device without options."""
+
+
+@dataclass
+class NoPciOptions(PciOptions):
+    """For a PCI device without options of its own."""
+
+
+# ---- device types ------------------------------------------------------------------------------
 
 @dataclass
 class DeviceType:
-    """A kind of device a plugin offers. factory(machine, options) builds one instance."""
+    """A kind of device a plugin offers.
+
+    options: the options dataclass (a DeviceOptions subclass; PciOptions for PCI devices), or,
+    the older way, a tuple of Option (the factory then gets a dict). factory: see create()."""
 
     name: str
     kind: str
     factory: Callable[..., Any]
     summary: str = ""
     aliases: tuple[str, ...] = ()
-    options: tuple[Option, ...] = ()
-    # Names given, in order, to conf items that are not `key=value` with a known key,
-    # e.g. ("path",) makes `-s 2,virtio-blk,disk.img` mean path=disk.img.
+    options: Any = ()
+    # Older declarations: names given, in order, to conf items that are not `key=value` with a
+    # known key (an options dataclass marks its positional options with option(positional=)).
     positional: tuple[str, ...] = ()
     package: str = field(default="", compare=False)  # filled in by the plugin manager
     # Guest RAM must be shareable (memfd) for a device of this type: its model runs in
@@ -126,17 +448,37 @@ class DeviceType:
     # What `hvframe bench NAME` measures (hvframe.bench.Benchmarks): register exits and
     # data paths. None: one read at the start of each range the device registers.
     benchmarks: Benchmarks | None = None
+    # Command lines shown by `hvframe devices NAME`, e.g. ("-s 3,virtio-blk,disk.img,ro",).
+    examples: tuple[str, ...] = ()
+    options_class: type | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"device {self.name}: kind must be one of {KINDS}")
-        if self.kind == "pci" and self.option("rom") is None:
-            # Any PCI device can carry an expansion ROM, as with bhyve's rom=FILE.
-            self.options = (*self.options, ROM_OPTION)
+        if isinstance(self.options, type):
+            if not issubclass(self.options, DeviceOptions):
+                raise TypeError(f"device {self.name}: options must be a DeviceOptions dataclass")
+            if self.kind == "pci" and not issubclass(self.options, PciOptions):
+                raise TypeError(f"device {self.name}: a PCI device's options derive from "
+                                f"hvframe.device.PciOptions")
+            self.options_class = self.options
+            opts = self.options_class.options()
+            self.options = opts
+            if not self.positional:
+                self.positional = tuple(o.name for o in opts if o.positional)
+        else:
+            self.options = tuple(self.options)
+            if self.kind == "pci" and self.option("rom") is None:
+                # Any PCI device can carry an expansion ROM, as with bhyve's rom=FILE.
+                self.options = (*self.options, ROM_OPTION)
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        return self.options_class.declared()[1] if self.options_class else ()
 
     def option(self, name: str) -> Option | None:
         for o in self.options:
@@ -145,7 +487,7 @@ class DeviceType:
         return None
 
     def parse_conf(self, conf: str) -> dict[str, str]:
-        """'disk.img,ro,sectorsize=512' -> {'path': 'disk.img', 'ro': '', 'sectorsize': '512'}."""
+        """'disk.img,ro,sectorsize=512' -> {'path': 'disk.img', 'ro': 'on', 'sectorsize': '512'}."""
         out: dict[str, str] = {}
         pos = 0
         for item in (conf.split(",") if conf else []):
@@ -162,9 +504,12 @@ class DeviceType:
                                   f"options are: {', '.join(o.name for o in self.options) or 'none'}")
         return out
 
-    def validate(self, raw: dict[str, Any], where: str = "") -> dict[str, Any]:
-        """Typed options with defaults filled in; raises ConfigError naming the bad value."""
+    def validate(self, raw: dict[str, Any], where: str = "") -> Any:
+        """Typed options with defaults filled in (the options dataclass, or a dict for older
+        declarations); raises ConfigError naming the bad value."""
         label = f"{where or self.name}"
+        if self.options_class is not None:
+            return self.options_class.from_raw(raw, label, self.name)
         out: dict[str, Any] = {}
         for key in raw:
             if key != "device" and self.option(key) is None:
@@ -181,3 +526,48 @@ class DeviceType:
             else:
                 out[opt.name] = opt.default
         return out
+
+    def create(self, machine, options: Any, address: PciAddress | None = None) -> Device | None:
+        """Build one device from validated options, as `hvframe run` does: factory(machine,
+        options, address) for PCI, factory(machine, options) otherwise. A PciFunction the
+        factory did not put on the bus is added at `address` (with its ROM). None means the
+        configuration asks for nothing (a platform device that is off)."""
+        if self.kind == "pci" and address is None:
+            address = PciAddress(0, 0, 0)
+        if self.options_class is None:
+            opts = dict(options)
+            if self.kind == "pci":
+                opts["pci.address"] = tuple(address)
+            dev = self.factory(machine, opts)
+            rom = opts.get("rom")
+        else:
+            if not isinstance(options, self.options_class):
+                raise TypeError(f"{self.name}: options must be {self.options_class.__name__}")
+            dev = (self.factory(machine, options, PciAddress(*address)) if self.kind == "pci"
+                   else self.factory(machine, options))
+            rom = options.rom if self.kind == "pci" else None     # PciOptions.rom
+        if dev is None:
+            return None
+        if not isinstance(dev, Device):
+            raise ConfigError(f"{self.name}: its factory returned {type(dev).__name__}, not an "
+                              f"hvframe.device.Device (plugin {self.package or 'unknown'})")
+        if self.kind == "pci":
+            from .pci.bus import place
+            from .pci.device import PciFunction
+            if isinstance(dev, PciFunction) and dev.pci_bus is None:
+                place(machine, dev, PciAddress(*address), rom)
+        machine.add_device(dev)
+        return dev
+
+    def example_lines(self) -> list[str]:
+        if self.examples:
+            return list(self.examples)
+        flag = "-s 3," if self.kind == "pci" else ("-l " if self.kind == "lpc" else "-o platform.")
+        if self.kind == "platform":
+            o = next((o for o in self.options), None)
+            return [f"-o platform.{self.name}.{o.name}={o.example or o.format(o.default)}"] if o else []
+        parts = [self.name]
+        for o in self.options:
+            if o.positional or o.name in self.positional:
+                parts.append(o.example or o.name.upper())
+        return [flag + ",".join(parts)]

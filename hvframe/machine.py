@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from .core_native import lib
 from .dispatch import Bus
@@ -17,6 +17,13 @@ from .errors import HvError
 from .memory import GuestMemory
 from . import concurrency
 from .control.pause import PauseGate
+
+if TYPE_CHECKING:
+    from .device import Device
+    from .lpc.bootrom import BootRom
+    from .lpc.bridge import LpcBridge
+    from .lpc.fw_cfg import FwCfg
+    from .pci.bus import PciBus
 
 # bhyve's exit statuses
 EXIT_REBOOT, EXIT_POWEROFF, EXIT_HALT, EXIT_TRIPLEFAULT, EXIT_ERROR = 0, 1, 2, 3, 4
@@ -105,7 +112,7 @@ class MsiIrqFd:
     def eventfd_delivery(self) -> bool:
         """Whether writing ``fd`` is the interrupt (under KVM, or a synthetic machine made
         with irqfd_eventfds): a native thread may then fire it with one write."""
-        return self.gsi is not None or getattr(self.machine, "irqfd_eventfds", False)
+        return self.gsi is not None or self.machine.irqfd_eventfds
 
     def set_message(self, address: int | None, data: int = 0) -> None:
         """Route the eventfd to this (address, data); None routes it nowhere (fire() is then
@@ -156,7 +163,27 @@ class MsiIrqFd:
 
 
 class Machine:
-    pci = None      # the PCI bus, once hvframe.pci.bus.ensure_pci_bus has made one
+    """What every device sees. Its services, all declared here:
+
+      memory         guest RAM (GuestMemory: read/write/view guest-physical addresses)
+      pio, mmio      the port and MMIO buses handlers are registered on
+      irq(), irq_source(), signal_msi(), add_msi_irqfd()   interrupts
+      add_ioeventfd()                                      doorbells
+      pci            the PCI bus (None until pci_bus() makes it)
+      lpc            the LPC bridge, when the machine has one (set_lpc_bridge)
+      fw_cfg         the fw_cfg interface, when it has one (fw_cfg_device() makes it)
+      bootrom        the boot ROM, when it has one (set_bootrom)
+      on_close()     something to release when the machine closes
+      request_exit() end the run with a bhyve exit status
+    """
+
+    memory: GuestMemory
+    pio: Bus
+    mmio: Bus
+    devices: "list[Device]"
+    # Whether MSI irqfds behave as under KVM (their eventfd is the interrupt) on the
+    # synthetic backend (hvframe.synthetic.SyntheticMachine); always so under KVM.
+    irqfd_eventfds: bool = False
 
     def __init__(self, memory_size: int, cpus: int = 1, *, backend: str = "kvm",
                  cpu_policy: str = "auto", shared_memory: bool = False):
@@ -169,7 +196,12 @@ class Machine:
         self.memory = GuestMemory(memory_size, shared=shared_memory)
         self.pio = Bus("port")
         self.mmio = Bus("MMIO")
-        self.devices: list[Any] = []
+        self.devices = []
+        self._pci: PciBus | None = None
+        self._lpc: LpcBridge | None = None
+        self._fw_cfg: FwCfg | None = None
+        self._bootrom: BootRom | None = None
+        self._vcpu_threads: list[threading.Thread] = []
         self.irq_levels: dict[int, int] = {}
         self.msis: list[tuple[int, int]] = []
         self._irq_sources: dict[int, list[int]] = {}
@@ -201,6 +233,63 @@ class Machine:
                 raise
         elif backend != "synthetic":
             raise HvError(f"unknown backend {backend!r}")
+
+    def bus(self, space: str) -> Bus:
+        """The bus of an address space: "pio" (ports) or "mmio"."""
+        if space == "pio":
+            return self.pio
+        if space == "mmio":
+            return self.mmio
+        raise ValueError(f"no address space {space!r} (pio or mmio)")
+
+    # -- platform services -----------------------------------------------------------------
+    @property
+    def pci(self) -> "PciBus | None":
+        """The PCI bus, once pci_bus() has made it."""
+        return self._pci
+
+    def pci_bus(self, **layout) -> "PciBus":
+        """The PCI bus, created and registered (0xcf8, 0xcfc, ECAM) on first use; layout
+        (ecam_base, ecam_buses) applies to that first call."""
+        if self._pci is None:
+            from .pci.bus import PciBus
+            bus = PciBus(self, **layout)
+            bus.register()
+            self._pci = bus
+        return self._pci
+
+    @property
+    def lpc(self) -> "LpcBridge | None":
+        """The LPC/ISA bridge (its PIRQ routes steer INTx to ISA IRQs), if there is one."""
+        return self._lpc
+
+    def set_lpc_bridge(self, bridge: "LpcBridge") -> None:
+        from .errors import ConfigError
+        if self._lpc is not None and self._lpc is not bridge:
+            raise ConfigError("the machine has an LPC bridge already (one -s N,lpc)")
+        self._lpc = bridge
+
+    @property
+    def fw_cfg(self) -> "FwCfg | None":
+        """The fw_cfg interface, if something made it (fw_cfg_device())."""
+        return self._fw_cfg
+
+    def fw_cfg_device(self) -> "FwCfg":
+        """The fw_cfg interface at 0x510, made on first use with the files PC firmware wants."""
+        if self._fw_cfg is None:
+            from .lpc.bridge import new_fw_cfg
+            self._fw_cfg = new_fw_cfg(self)
+        return self._fw_cfg
+
+    @property
+    def bootrom(self) -> "BootRom | None":
+        return self._bootrom
+
+    def set_bootrom(self, rom: "BootRom") -> None:
+        from .errors import ConfigError
+        if self._bootrom is not None and self._bootrom is not rom:
+            raise ConfigError("the machine has a boot ROM already")
+        self._bootrom = rom
 
     # -- interrupts ------------------------------------------------------------------------
     def _drive(self, line: int, level: int) -> None:
@@ -276,7 +365,11 @@ class Machine:
         return ev
 
     # -- lifecycle -------------------------------------------------------------------------
-    def add_device(self, device: Any) -> Any:
+    def add_device(self, device: "Device") -> "Device":
+        """Hold a device: started, paused, resumed and closed with the machine."""
+        from .device import Device
+        if not isinstance(device, Device):
+            raise TypeError(f"{type(device).__name__} is not an hvframe.device.Device")
         self.devices.append(device)
         return device
 
@@ -300,11 +393,21 @@ class Machine:
         self.pause_gate.close()
         for v in self.vcpus:
             lib.hv_vcpu_stop(v.c)
-        running = [t for t in getattr(self, "_vcpu_threads", ()) if t.is_alive()]
-        return self.pause_gate.wait_parked(len(running), deadline)
+        running = [t for t in self._vcpu_threads if t.is_alive()]
+        parked = self.pause_gate.wait_parked(len(running), deadline)
+        for d in self.devices:
+            d.pause()
+        return parked
 
     def resume(self) -> None:
+        for d in self.devices:
+            d.resume()
         self.pause_gate.open()
+
+    def vcpu_thread_ids(self) -> dict[int, int]:
+        """vCPU index -> the native thread id of its running thread."""
+        return {i: t.native_id for i, t in enumerate(self._vcpu_threads)
+                if t.is_alive() and t.native_id is not None}
 
     @property
     def exited(self) -> bool:
@@ -312,9 +415,7 @@ class Machine:
 
     def start_devices(self) -> None:
         for d in self.devices:
-            start = getattr(d, "start", None)
-            if start is not None:
-                start()
+            d.start()
 
     def close(self) -> None:
         """Release everything the machine holds; later calls do nothing. In order: the vCPU
@@ -325,7 +426,7 @@ class Machine:
         /dev/kvm; last, guest RAM, which is unmapped (see GuestMemory.close). A vCPU thread
         that does not stop within its deadline is reported by name, and its vCPU, the VM
         and guest RAM are left alone rather than pulled from under it."""
-        if threading.current_thread() in getattr(self, "_vcpu_threads", ()):
+        if threading.current_thread() in self._vcpu_threads:
             raise HvError("Machine.close() called from a vCPU thread: end the run with "
                           "request_exit() and close from the thread that runs the machine")
         # dict.setdefault is atomic: of two threads closing at once, one does the work.
@@ -340,12 +441,10 @@ class Machine:
                 print(f"hvframe: while closing: {e}", file=sys.stderr)
         self._closers.clear()
         for d in self.devices:
-            close = getattr(d, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception as e:
-                    print(f"hvframe: while closing {type(d).__name__}: {e}", file=sys.stderr)
+            try:
+                d.close()
+            except Exception as e:
+                print(f"hvframe: while closing {d.name or type(d).__name__}: {e}", file=sys.stderr)
         with self._irqfds_lock:
             irqfds, self._irqfds = self._irqfds, []
         for irq in irqfds:
@@ -375,7 +474,7 @@ class Machine:
     def _stop_vcpu_threads(self, deadline: float = concurrency.JOIN_DEADLINE) -> list[str]:
         """Stop the vCPU threads run() started (a run still going, or one that outlived
         run()'s join) and join them; returns the names of those still running."""
-        threads = [t for t in getattr(self, "_vcpu_threads", ()) if t.is_alive()]
+        threads = [t for t in self._vcpu_threads if t.is_alive()]
         if not threads:
             return []
         self.request_exit(EXIT_ERROR, "machine closed while running")

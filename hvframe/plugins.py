@@ -425,4 +425,14 @@ class Registry:
             for o in t.options:
                 pos = " (positional)" if o.name in t.positional else ""
                 lines.append(f"    {o.describe()}{pos}")
+            for g in t.groups:
+                top = f"0-{g.max_count - 1}" if g.max_count else "0, 1, ..."
+                lines.append(f"    {g.name}.N.<option>  N = {top}"
+                             f"{'  ' + g.help if g.help else ''}:")
+                for o in g.options_class.options():
+                    lines.append(f"        {o.describe()}")
+            examples = t.example_lines()
+            if examples:
+                lines.append("    examples:")
+                lines.extend(f"        {e}" for e in examples)
         return "\n".join(lines)

@@ -164,6 +164,28 @@ def _needs_shared_memory(cfg: Config, registry: Registry) -> bool:
     return False
 
 
+def add_devices(m: Machine, cfg: Config, registry: Registry, *, direct_boot: bool = True,
+                platform: bool = True) -> None:
+    """Build every device the configuration names on machine m: the platform devices, the
+    LPC devices (lpc.NAME) and the PCI devices (pci.B.S.F), each through DeviceType.create;
+    then place the PCI BARs (and with direct_boot, when no firmware will, enable decoding).
+    hvframe.testing.rig() builds devices with this too (without platform devices unless
+    asked: platform=False)."""
+    for dt in (registry.types if platform else ()):
+        if dt.kind == "platform":
+            where = f"platform.{dt.name}"
+            dt.create(m, dt.validate(cfg.group(where), where=where))
+    for name, group in sorted(cfg.group("lpc").items()):
+        where = f"lpc.{name}"
+        if not isinstance(group, dict) or "device" not in group:
+            raise ConfigError(f"{where}: no device given (use -l {name},...)")
+        dt = registry.require(group["device"], "lpc", where)
+        dt.create(m, dt.validate(group, where=where))
+    if cfg.group("pci"):
+        from .pci.bus import add_pci_devices
+        add_pci_devices(m, registry, cfg.group("pci"), direct_boot=direct_boot)
+
+
 def build_machine(cfg: Config, registry: Registry, *, backend: str = "kvm") -> tuple[Machine, RunPlan]:
     p = plan(cfg)
     if p.demo and not cfg.has("lpc.com1.device") and registry.get("com1", "lpc") is not None:
@@ -172,23 +194,7 @@ def build_machine(cfg: Config, registry: Registry, *, backend: str = "kvm") -> t
     m = Machine(p.memory_size, p.cpus, backend=backend, cpu_policy=p.cpu_policy,
                 shared_memory=_needs_shared_memory(cfg, registry))
     try:
-        for dt in registry.types:
-            if dt.kind == "platform":
-                opts = dt.validate(cfg.group(f"platform.{dt.name}"), where=f"platform.{dt.name}")
-                dev = dt.factory(m, opts)
-                if dev is not None:
-                    m.add_device(dev)
-        for name, group in sorted(cfg.group("lpc").items()):
-            where = f"lpc.{name}"
-            if not isinstance(group, dict) or "device" not in group:
-                raise ConfigError(f"{where}: no device given (use -l {name},...)")
-            dt = registry.require(group["device"], "lpc", where)
-            m.add_device(dt.factory(m, dt.validate(group, where=where)))
-        if cfg.group("pci"):
-            from .pci.bus import add_pci_devices
-            # No firmware assigns BARs on direct kernel boot: do it, and enable decoding.
-            # With a boot ROM the firmware programs BARs and decoding itself.
-            add_pci_devices(m, registry, cfg.group("pci"), direct_boot=not p.firmware)
+        add_devices(m, cfg, registry, direct_boot=not p.firmware)
         if p.firmware:
             # Firmware finds fw_cfg (and through it the serial console) even without -s ,lpc.
             from .lpc.bridge import setup_fw_cfg

@@ -273,12 +273,14 @@ def test_install_direct_boot_tables_on_a_machine_like_object():
 
     from hvframe.acpi.build import install_direct_boot_tables
     from hvframe.acpi.mptable import MP_BASE, MpFloatingPointer
+    from hvframe.device import AcpiIsaDevice
     bar = SimpleNamespace(kind="mmio64", size=1 << 36, mapped_at=1 << 36)
     fn = SimpleNamespace(all_bars=lambda: [bar])
     mem = GuestMemory(16 * MiB)
     try:
-        pio = SimpleNamespace(find=lambda port: object() if port == 0x3F8 else None)
-        m = SimpleNamespace(memory=mem, cpus=2, pio=pio,
+        com1 = AcpiIsaDevice("COM1", "PNP0501", 1, 0x3F8, 8, 4)
+        uart = SimpleNamespace(acpi_isa_devices=lambda: (com1,))
+        m = SimpleNamespace(memory=mem, cpus=2, devices=[uart],
                             pci=SimpleNamespace(functions={(0, 0, 0): fn, (0, 3, 0): fn}))
         out = install_direct_boot_tables(m)
         assert out["rsdp"] == ACPI_BASE and mem.read(ACPI_BASE, 8) == b"RSD PTR "
@@ -291,6 +293,6 @@ def test_install_direct_boot_tables_on_a_machine_like_object():
         fadt = [T.Fadt.parse(mem.read(a, 276)) for a in xsdt.entries if mem.read(a, 4) == b"FACP"][0]
         dsdt = T.Dsdt.parse(mem.read(fadt.x_dsdt, mem.read_u32(fadt.x_dsdt + 4))).aml
         assert aml.qword_memory(1 << 32, (1 << 37) - 1) in dsdt
-        assert b"COM1" in dsdt and b"COM2" not in dsdt      # only the UART that exists
+        assert b"COM1" in dsdt and b"COM2" not in dsdt      # only the UART the devices declare
     finally:
         mem.close()

@@ -702,12 +702,12 @@ def test_a_paused_queue_runs_nothing_until_resumed():
 
 # ------------------------------------------------------------------ shared device options
 def test_block_options_parse_like_bhyve(tmp_path):
-    from hvframe.block import BLOCK_OPTIONS, BLOCK_POSITIONAL, open_from_options
+    from hvframe.block import BlockOptions, open_from_options
     from hvframe.device import DeviceType
 
     path = make_image(tmp_path, MiB)
-    dt = DeviceType("test-disk", "pci", factory=lambda m, o: None, options=BLOCK_OPTIONS,
-                    positional=BLOCK_POSITIONAL)
+    # Any device's options can include the block options (virtio-blk's and AHCI's ports do).
+    dt = DeviceType("test-disk", "lpc", factory=lambda m, o: None, options=BlockOptions)
     opts = dt.validate(dt.parse_conf(f"{path},ro,nocache,sectorsize=512/4096,ser=XY1"))
     with open_from_options(opts) as be:
         assert be.readonly and be.direct and not be.write_through

@@ -173,10 +173,9 @@ def test_merged_registers_behave_like_memory_whatever_the_guest_does(access, ops
 def test_a_word_written_to_the_16550_reaches_two_registers(native):
     """A 16-bit OUT to COM1's THR is two byte cycles: THR gets the low byte and IER the high
     one, natively served or not."""
-    from hvframe.plugins import Registry
+    from hvframe.testing import rig
     m = SyntheticMachine()
-    dt = Registry().require("com1", "lpc", "com1")
-    uart = dt.factory(m, dt.validate({"backend": "null", "native": native}))
+    uart, = rig(m, f"-l com1,null,native={'on' if native else 'off'}")
     m.io_write(0x3F8, 2, 0x0541)          # 'A' to THR, 0x05 to IER
     assert m.io_read(0x3F9, 1) == 0x05
     assert m.io_read(0x3F8, 2) & 0xFF00 == 0x0500   # RBR (empty) and IER back

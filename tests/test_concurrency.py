@@ -424,11 +424,10 @@ def test_delayed_interrupts_a_guest_asks_for_are_bounded():
     """pci-testdev's RAISE_LATER starts a timer thread per request: a guest asking for
     thousands gets MAX_PENDING waiting at once, the rest counted as dropped."""
     from hvframe.pci import testdev
+    from hvframe.testing import rig
     m = SyntheticMachine(16 << 20)
     try:
-        dev = testdev.create(m, {"pci.address": (0, 5, 0)})
-        m.add_device(dev)
-        ensure_pci_bus(m).assign_bars()
+        dev, = rig(m, "-s 5,pci-testdev", direct_boot=False)
         before = threading.active_count()
         bar0 = dev.bar(0)
         dev.config_write(4, 2, 0x2)                   # memory decoding on

@@ -75,7 +75,7 @@ def test_adjacent_ranges_are_fine_and_many_ranges_stay_sorted():
         assert m.io_read(base + 3, 2) == base
 
 
-def test_handler_exception_is_contained_and_answered_as_unclaimed(capsys):
+def test_handler_exception_is_contained_and_answered_as_unclaimed(capsys, handler_failures):
     class Broken:
         def read(self, offset, size):
             raise RuntimeError("device bug")
@@ -91,9 +91,39 @@ def test_handler_exception_is_contained_and_answered_as_unclaimed(capsys):
     err = capsys.readouterr().err
     assert "device broken failed on read" in err and "device broken failed on write" in err
     assert err.count("failed on read") == 1  # reported once, not per access
+    # ... while a test sees every one (the pytest plugin fails a test that did not ask)
+    assert [(f.device, f.is_write, type(f.exc)) for f in handler_failures.take()] == [
+        ("broken", False, RuntimeError), ("broken", True, ValueError),
+        ("broken", False, RuntimeError)]
 
 
-def test_bad_return_value_is_contained():
+def test_a_raising_handler_fails_the_test(pytester):
+    """Without the handler_failures fixture, an exception in a handler fails the test even
+    though the access itself was answered (all ones) and the test's own asserts pass."""
+    pytester.makepyfile("""
+        from hvframe.testing import SyntheticMachine
+
+        class Broken:
+            def read(self, offset, size):
+                raise KeyError("register table bug")
+
+            def write(self, offset, size, value):
+                pass
+
+        def test_reads_look_fine():
+            m = SyntheticMachine()
+            try:
+                m.pio.register(0x500, 4, Broken(), name="broken")
+                assert m.io_read(0x500, 1) == 0xFF
+            finally:
+                m.close()
+    """)
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*device broken raised on read at offset 0x0: KeyError*"])
+
+
+def test_bad_return_value_is_contained(handler_failures):
     class ReturnsNone:
         def read(self, offset, size):
             return None
@@ -104,6 +134,7 @@ def test_bad_return_value_is_contained():
     m = SyntheticMachine()
     m.pio.register(0x510, 2, ReturnsNone(), name="none")
     assert m.io_read(0x510, 1) == 0xFF
+    assert [type(f.exc) for f in handler_failures.take()] == [TypeError]
 
 
 def test_unregister_and_move():

@@ -5,7 +5,7 @@ short the same way and one NCQ write of 'B' to the first one's blocks. Nothing m
 'B' write must win and the image must not grow.
 
 With a disk in the page cache the requests are usually done before the stop arrives, so the
-second test slows every block request down (as tests/test_ahci_stop_start.py's SlowDisk
+second test slows every block request down (as plugins/ahci/tests/test_ahci_stop_start.py's SlowDisk
 does) and checks that the port really drained at every restart."""
 import threading
 import time

@@ -2,7 +2,7 @@
 kernel only) with a static `ip=` (or `ip=dhcp`) and `root=` naming a disk that does not exist
 (with `rootwait` the kernel stays up, answering ARP and ICMP by itself), on
 
-- a tap inside a network namespace the test makes (tests/netns.py): the namespace pings it;
+- a tap inside a network namespace the test makes (hvframe/testing/netns.py): the namespace pings it;
 - passt (Debian `passt`) over its Unix socket: a TCP connection from the host side to a port
   passt forwards is answered by the guest kernel's reset;
 - the socket backend between two VMs: the second VM's IPv6 duplicate-address detection sees
@@ -33,7 +33,7 @@ import pytest
 
 from conftest import KVM_MISSING, hvframe_cmd
 from linux_kernel import CMDLINE, built_kernel
-from netns import DNSMASQ, Netns, netns_missing
+from hvframe.testing.netns import DNSMASQ, Netns, netns_missing
 
 KERNEL = built_kernel()
 QEMU = shutil.which("qemu-system-x86_64")
@@ -48,6 +48,17 @@ pytestmark = [pytest.mark.kvm,
                                  "scripts/build-test-kernel.sh (about 5 minutes, cached)"),
               pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing()))]
 
+
+
+def _virtio_net_test(name: str):
+    """A module of the virtio-net plugin's tests (plugins/virtio_net/tests), by name."""
+    import importlib
+    import sys
+    where = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "plugins", "virtio_net", "tests")
+    if where not in sys.path:
+        sys.path.insert(0, where)
+    return importlib.import_module(name)
 
 def hvframe_has_virtio_net() -> bool:
     return any(ep.name == "virtio-net"
@@ -228,7 +239,8 @@ def test_two_linux_guests_on_one_socket_answer_each_other(vmm, tmp_path, guests)
     path = os.path.join(sock_dir, "vms.sock")
     try:
         if vmm == "hvframe":
-            from test_virtio_net_stream import device_attaches_late_peers
+            stream_tests = _virtio_net_test("test_virtio_net_stream")
+            device_attaches_late_peers = stream_tests.device_attaches_late_peers
             if not device_attaches_late_peers(sock_dir):
                 pytest.skip("hvframe's virtio-net does not bring its link up for a first peer "
                             "that connects after it started (its link watcher starts only "
@@ -462,7 +474,7 @@ def test_socket_peer_pings_linux_guest_frame_by_frame(vmm, tmp_path, guests):
     """The VM connects to a socket the test listens on (hvframe: socket=connect:, QEMU:
     -netdev stream); the test speaks the 4-byte-length framing itself: it asks for the guest's
     MAC by ARP and sends ICMP echo requests, and counts the guest kernel's replies."""
-    from netframes import (StreamReader, arp_request, be32_frame, icmp_echo, mac,
+    from hvframe.testing.netframes import (StreamReader, arp_request, be32_frame, icmp_echo, mac,
                            parse_arp_reply, parse_icmp_echo_reply, write_all)
     sock_dir = tempfile.mkdtemp(prefix="hvft-", dir="/tmp")
     path = os.path.join(sock_dir, "peer.sock")

@@ -8,7 +8,7 @@ import pytest
 
 from hvframe.lpc import bootrom, bridge, fw_cfg, i8042, rtc
 from hvframe.plugins import Registry
-from hvframe.synthetic import SyntheticMachine
+from hvframe.testing import SyntheticMachine, rig
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -316,9 +316,8 @@ def test_sercon_port_follows_com1():
 
 def test_lpc_bridge_pci_identity_and_fw_cfg():
     m = SyntheticMachine()
-    reg = Registry()
-    dev = reg.get("lpc", "pci").factory(m, {"pci.address": (0, 31, 0), "reboot-timeout": 500})
-    assert m.pci.lookup(0, 31, 0) is dev
+    dev, = rig(m, "-s 31,lpc,reboot-timeout=500")
+    assert m.pci.lookup(0, 31, 0) is dev and m.lpc is dev
     assert m.pci.config_read(0, 31, 0, 0, 4) == 0x70008086
     assert m.pci.config_read(0, 31, 0, 8, 4) >> 8 == 0x060100
     m.pci.config_write(0, 31, 0, 0x60, 1, 0x0B)

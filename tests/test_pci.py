@@ -1,6 +1,8 @@
 """The PCI core through the native dispatch core: config mechanism #1, ECAM, BARs, ROM,
 capabilities, masks, multi-function, BAR allocation and INTx routing."""
 import pytest
+
+from hvframe.testing import rig
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hvframe.errors import ConfigError
@@ -58,10 +60,9 @@ def m():
 
 
 def hostbridge(m, address=(0, 0, 0), **opts):
-    dt = pci_plugin.hvframe_device_types()[0]
-    options = dt.validate({k: str(v) for k, v in opts.items()})
-    options["pci.address"] = address
-    return dt.factory(m, options)
+    conf = "".join(f",{k}={v}" for k, v in opts.items())
+    dev, = rig(m, f"-s {':'.join(map(str, address))},hostbridge{conf}", direct_boot=False)
+    return dev
 
 
 class Dev(PciFunction):

@@ -1,11 +1,12 @@
 """MSI, MSI-X and INTx of PCI functions, through the dispatch core: the pci-testdev's
 registers and MSI-X table on m.mmio, its config space through ports 0xcf8/0xcfc."""
 import pytest
+
+from hvframe.testing import rig
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hvframe.errors import ConfigError
 from hvframe.machine import Machine
-from hvframe.pci import plugin as pci_plugin
 from hvframe.pci.bus import INTX_GSI_BASE
 from hvframe.pci.config_space import CMD_INTX_DISABLE, FIELDS
 from hvframe.pci.device import PciFunction
@@ -36,10 +37,6 @@ def cfg_write(m, reg, size, value, slot=SLOT):
     m.pio.write(0xCFC + (reg & 3), size, value)
 
 
-def device_type(name):
-    return {t.name: t for t in pci_plugin.hvframe_device_types()}[name]
-
-
 @pytest.fixture
 def m():
     machine = Machine(64 << 20, backend="synthetic")
@@ -53,13 +50,7 @@ def dev(m):
 
 
 def make_testdev(m):
-    dt = device_type("pci-testdev")
-    assert dt.kind == "pci"
-    options = dt.validate({})
-    options["pci.address"] = (0, SLOT, 0)
-    d = dt.factory(m, options)
-    m.pci.assign_bars()
-    m.pci.enable_all()
+    d, = rig(m, f"-s {SLOT},pci-testdev")     # BARs placed, decoding on (direct boot)
     return d
 
 

@@ -32,8 +32,8 @@ from fuzzlib.observe import Finding, Observer, check_image
 from fuzzlib.provider import Provider
 
 from hvframe.memory import FOUR_GIB, GuestMemoryError
-from hvframe.pci import plugin as pci_plugin
 from hvframe.pci.bus import attach, ensure_pci_bus
+from hvframe.testing import rig
 from hvframe_ahci import ata, atapi, regs
 from hvframe_ahci.ata import AtaDisk
 from hvframe_ahci.atapi import AtapiCdrom
@@ -69,10 +69,7 @@ class Rig:
         self.cd_path = machines.image("ahci-cd.iso", machines.pattern(CD_SECTORS * 2048, 5))
         self.m = m = machines.synthetic_machine(LOW, HIGH)
         self.mem = m.memory
-        hb = pci_plugin.hvframe_device_types()[0]
-        opts = hb.validate({})
-        opts["pci.address"] = (0, 0, 0)
-        m.add_device(hb.factory(m, opts))
+        rig(m, "-s 0,hostbridge", direct_boot=False)
         disk = AtaDisk(machines.open_backend(self.hd_path, readonly=ro, serial="FUZZHD"),
                        name="fuzz-hd")
         cd = AtapiCdrom(machines.open_backend(self.cd_path, readonly=True, serial="FUZZCD"),

@@ -33,10 +33,9 @@ from fuzzlib import machines
 from fuzzlib.observe import Finding, Observer
 from fuzzlib.provider import Provider
 
-from hvframe.lpc import bridge
 from hvframe.memory import FOUR_GIB
-from hvframe.pci import plugin as pci_plugin
 from hvframe.pci.bus import ECAM_BASE, INTX_GSI_BASE, attach, ensure_pci_bus
+from hvframe.testing import rig
 from hvframe.pci.config_space import CMD_INTX_DISABLE
 from hvframe.pci.msi import MSI_CONTROL, MSI_MASK, MSIX_CONTROL
 from hvframe.pci.testdev import (MSIX_PBA_OFFSET, REG_ACK, REG_RAISE, REG_RAISE_LATER,
@@ -63,10 +62,7 @@ N_OPS = 11
 class Rig:
     def __init__(self, eventfds: bool):
         self.m = m = machines.synthetic_machine(LOW, HIGH, irqfd_eventfds=eventfds)
-        hb = pci_plugin.hvframe_device_types()[0]
-        opts = hb.validate({})
-        opts["pci.address"] = (0, 0, 0)
-        m.add_device(hb.factory(m, opts))
+        rig(m, "-s 0,hostbridge", direct_boot=False)
         self.bus = pci = ensure_pci_bus(m, ecam_buses=2)
         self.testdev = td = PciTestDev()
         td.raise_later = lambda vector, delay: td.interrupt(vector)   # no timer threads
@@ -77,7 +73,7 @@ class Rig:
             attach(m, u, {"pci.address": address})
             m.add_device(u)
         m.add_device(td)
-        m.add_device(bridge.create(m, {"pci.address": LPC, "reboot-timeout": None}))
+        rig(m, "-s {}:{}:{},lpc".format(*LPC), direct_boot=False)
         pci.assign_bars()
         pci.enable_all()
         self.identity = {a: [fn.config.get(o, n) for o, n in IDENTITY]

@@ -34,13 +34,11 @@ from fuzzlib.observe import Finding, Observer, check_image
 from fuzzlib.provider import Provider
 
 from hvframe.memory import FOUR_GIB, GuestMemoryError
-from hvframe.pci import plugin as pci_plugin
-from hvframe.pci.bus import attach, ensure_pci_bus
+from hvframe.testing import rig
 from hvframe.virtio.device import (F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, STATUS_NEEDS_RESET,
                                    bit)
-from hvframe.virtio.harness import VirtioPciDriver
+from hvframe.testing.virtio import VirtioPciDriver
 from hvframe.virtio.pci import CFG_NOTIFY
-from hvframe_virtio_blk.plugin import virtio_blk_device_types
 from hvframe_virtio_blk.virtio_blk import (F_BLK_SIZE, F_DISCARD, F_FLUSH, F_MQ, F_RO,
                                            F_SEG_MAX, F_TOPOLOGY, F_WRITE_ZEROES, S_OK,
                                            T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
@@ -128,20 +126,11 @@ class Rig:
         self.path = machines.image("vblk.img", self.image)
         self.m = m = machines.synthetic_machine(LOW, HIGH, irqfd_eventfds=eventfds)
         self.mem = m.memory
-        hb = pci_plugin.hvframe_device_types()[0]
-        opts = hb.validate({})
-        opts["pci.address"] = (0, 0, 0)
-        m.add_device(hb.factory(m, opts))
-        dt = virtio_blk_device_types()[0]
-        conf = f"{self.path},ser=FUZZ" + (",ro" if ro else "")
-        options = dt.validate(dt.parse_conf(conf), where="fuzz")
-        options["pci.address"] = (0, SLOT, 0)
-        options["locking"] = False        # where the block layer locks images (see open_backend)
-        self.fn = fn = dt.factory(m, options)
+        rig(m, "-s 0,hostbridge", direct_boot=False)
+        # locking=off: where the block layer locks images (see open_backend)
+        conf = f"{self.path},ser=FUZZ,locking=off" + (",ro" if ro else "")
+        (self.fn,) = (fn,) = rig(m, f"-s {SLOT},virtio-blk,{conf}", direct_boot=False)
         _synchronous_workers(fn)
-        attach(m, fn, options)
-        m.add_device(fn)
-        ensure_pci_bus(m).assign_bars()
         self.bars = [fn.config.get(0x10 + 4 * i, 4) for i in range(6)]
         self.drv = Driver(m, SLOT, msix=False, ring_base=RINGS)
         self.found = (dict(self.drv.regions), self.drv.io, self.drv.notify_mult)

@@ -38,10 +38,10 @@ from fuzzlib.observe import Finding, Observer
 from fuzzlib.provider import Provider
 
 from hvframe.memory import FOUR_GIB, GuestMemoryError
-from hvframe.pci import plugin as pci_plugin
 from hvframe.pci.bus import attach, ensure_pci_bus
+from hvframe.testing import rig
 from hvframe.virtio.device import STATUS_NEEDS_RESET, bit
-from hvframe.virtio.harness import VirtioPciDriver
+from hvframe.testing.virtio import VirtioPciDriver
 from hvframe.virtio.pci import CFG_NOTIFY, VirtioPciFunction
 from hvframe_virtio_net import layout as L
 from hvframe_virtio_net.testdriver import StreamPair
@@ -133,10 +133,7 @@ class Rig:
     def __init__(self, eventfds: bool):
         self.m = m = machines.synthetic_machine(LOW, HIGH, irqfd_eventfds=eventfds)
         self.mem = m.memory
-        hb = pci_plugin.hvframe_device_types()[0]
-        opts = hb.validate({})
-        opts["pci.address"] = (0, 0, 0)
-        m.add_device(hb.factory(m, opts))
+        rig(m, "-s 0,hostbridge", direct_boot=False)
         self.backend = StreamPair(max_frame=MAX_FRAME, sndbuf=16384)
         self.backend.peer.setblocking(False)
         self.dev = VirtioNet(self.backend, mac=MAC, queue_pairs=PAIRS, mtu=1500,

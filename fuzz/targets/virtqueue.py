@@ -5,7 +5,7 @@ is served with the native path (hv_vq_cycle over vblk_serve_chain through the tr
 service loop, or hv_vq_serve alone through VirtioBlk.serve_fast with a fuzzed limit),
 world B with the Python path alone (VirtQueue.pop + VirtioBlk.handle_chain). After every
 service step both worlds must agree on guest RAM, the image, the queue state, the
-NEEDS_RESET outcome and the interrupts (the parity tests/test_vblk_fast.py checks, on
+NEEDS_RESET outcome and the interrupts (the parity plugins/virtio_blk/tests/test_vblk_fast.py checks, on
 fuzzer-made rings). Both RAMs have PROT_NONE guard pages before, between and after their
 two regions, so a native read or write one byte outside RAM crashes the process.
 
@@ -58,7 +58,7 @@ MODE_CYCLE, MODE_FAST = 0, 1
 
 
 class FakeTransport:
-    """What VirtioPciFunction.service_queue needs, without PCI (as tests/test_vblk_fast.py)."""
+    """What VirtioPciFunction.service_queue needs, without PCI (as plugins/virtio_blk/tests/test_vblk_fast.py)."""
 
     msix = None                   # no irqfd gate: every interrupt comes back to Python
 

@@ -120,7 +120,7 @@ def mmio64_window(highmem_end: int, size: int = MMIO64_DEFAULT_SIZE,
 def build_acpi(*, ncpus: int, base: int = ACPI_BASE, size: int = ACPI_SIZE,
                highmem_end: int = 0, mmio64: tuple[int, int] | None = None,
                ecam_base: int = ECAM_BASE, ecam_buses: int = ECAM_BUSES,
-               lpc_slot: int = 31, com_ports=(1, 2)) -> dict:
+               lpc_slot: int = 31, com_ports=(1, 2), isa_devices=None) -> dict:
     """All tables laid out for guest-physical [base, base + size).
 
     Returns a dict: ``blob`` (bytes to write at base), ``rsdp`` (its address), ``tables``
@@ -133,7 +133,7 @@ def build_acpi(*, ncpus: int, base: int = ACPI_BASE, size: int = ACPI_SIZE,
         mmio64 = mmio64_window(highmem_end)
     dsdt = build_dsdt(ncpus=ncpus, ecam_base=ecam_base, ecam_buses=ecam_buses,
                       mmio32=MMIO32_WINDOW, mmio64=mmio64, lpc_slot=lpc_slot,
-                      com_ports=com_ports)
+                      com_ports=com_ports, isa_devices=isa_devices)
     facs = build_facs()
     madt = build_madt(ncpus)
     mcfg = build_mcfg(ecam_base, ecam_buses)
@@ -207,7 +207,7 @@ def install_acpi(memory: GuestMemory, base: int = ACPI_BASE, ncpus: int = 1, **k
 
 def _pci_layout(machine) -> tuple[list[int], int]:
     """Populated slots on bus 0 and the end of the highest 64-bit BAR above 4 GiB."""
-    bus = getattr(machine, "pci", None)
+    bus = machine.pci
     if bus is None:
         return [], 0
     slots, bars_end = set(), 0
@@ -233,11 +233,9 @@ def install_direct_boot_tables(machine, *, acpi_base: int = ACPI_BASE, mptable: 
     ncpus = int(machine.cpus)
     slots, bars_end = _pci_layout(machine)
     window = mmio64_window(memory.highmem_end, bars_end=bars_end)
-    com_ports = (1, 2)
-    pio = getattr(machine, "pio", None)
-    if pio is not None and hasattr(pio, "find"):      # describe only the UARTs that exist
-        com_ports = [n for n, port in ((1, 0x3F8), (2, 0x2F8)) if pio.find(port) is not None]
-    info = build_acpi(ncpus=ncpus, base=acpi_base, mmio64=window, com_ports=com_ports)
+    # Describe what the devices say they are (the COM ports that exist, say).
+    isa = [d for dev in machine.devices for d in dev.acpi_isa_devices()]
+    info = build_acpi(ncpus=ncpus, base=acpi_base, mmio64=window, isa_devices=isa)
     memory.fill(acpi_base, info["size"])
     memory.write(acpi_base, info["blob"])
     mp = None

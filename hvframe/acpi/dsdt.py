@@ -31,9 +31,11 @@ def _isa_device(dev: str, hid: str, uid: int, *resources: bytes) -> bytes:
 def build_dsdt_aml(*, ncpus: int, ecam_base: int, ecam_buses: int = 256,
                    mmio32: tuple[int, int] = (0xC0000000, 0xE0000000),
                    mmio64: tuple[int, int] | None = None, lpc_slot: int = 31,
-                   com_ports=(1, 2)) -> bytes:
-    """AML of the DSDT body. mmio32/mmio64 are [start, end) windows for BARs; com_ports says
-    which of COM1 (0x3f8, IRQ4) and COM2 (0x2f8, IRQ3) to describe."""
+                   com_ports=(1, 2), isa_devices=None) -> bytes:
+    """AML of the DSDT body. mmio32/mmio64 are [start, end) windows for BARs. isa_devices
+    (hvframe.device.AcpiIsaDevice, what the machine's devices declare) are described under
+    the ISA bridge; without them, com_ports says which of COM1 (0x3f8, IRQ4) and COM2 (0x2f8,
+    IRQ3) to describe."""
     crs = [
         aml.word_bus_number(0, ecam_buses - 1),
         aml.io(0x0CF8, 0x0CF8, 1, 8),
@@ -45,8 +47,12 @@ def build_dsdt_aml(*, ncpus: int, ecam_base: int, ecam_buses: int = 256,
         crs.append(aml.qword_memory(mmio64[0], mmio64[1] - 1))
 
     serial = {1: (0x3F8, 4), 2: (0x2F8, 3)}
-    coms = [_isa_device(f"COM{n}", "PNP0501", n, aml.io(serial[n][0], serial[n][0], 1, 8),
-                        aml.irq_noflags(serial[n][1])) for n in sorted(set(com_ports))]
+    if isa_devices is None:
+        coms = [_isa_device(f"COM{n}", "PNP0501", n, aml.io(serial[n][0], serial[n][0], 1, 8),
+                            aml.irq_noflags(serial[n][1])) for n in sorted(set(com_ports))]
+    else:
+        coms = [_isa_device(d.name, d.hid, d.uid, aml.io(d.io_base, d.io_base, 1, d.io_length),
+                            aml.irq_noflags(d.irq)) for d in sorted(isa_devices, key=lambda d: d.name)]
     isa = aml.device(
         "ISA",
         aml.name("_ADR", lpc_slot << 16),

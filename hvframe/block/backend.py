@@ -32,11 +32,12 @@ import itertools
 import time
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .. import concurrency
 from ..core_native import ffi as _ffi      # compiled: no C declarations parsed at start-up
-from ..device import Option
+from ..device import DeviceOptions, Option, option
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -639,17 +640,23 @@ class BlockBackend:
 #   -s 3,virtio-blk,disk.img,ro,nocache,sectorsize=512/4096,ser=ABC
 # Note the bhyve meanings: `nocache` is O_DIRECT (skip the host page cache) and `direct`
 # is write-through (every write is durable before it completes, like bhyve's O_SYNC).
-BLOCK_OPTIONS: tuple[Option, ...] = (
-    Option("path", "str", None, "raw disk image (file or block device)", required=True),
-    Option("ro", "bool", False, "read-only disk"),
-    Option("nocache", "bool", False, "open with O_DIRECT (bypass the host page cache)"),
-    Option("direct", "bool", False, "write-through: writes are durable when acknowledged"),
-    Option("nodelete", "bool", False, "ignore discard (TRIM/UNMAP) requests"),
-    Option("sectorsize", "str", None, "logical[/physical] sector size, e.g. 512/4096"),
-    Option("ser", "str", None, "serial number (at most 20 characters)"),
-    Option("locking", "bool", True, "lock the image (shared for ro, else exclusive); "
-                                    "locking=off to share it with another process"),
-)
+@dataclass
+class BlockOptions(DeviceOptions):
+    """The disk options of a device with one disk (virtio-blk; each AHCI port)."""
+    path: str | None = option(None, required=True, positional=True, example="disk.img",
+                              help="raw disk image (file or block device)")
+    ro: bool = option(False, help="read-only disk")
+    nocache: bool = option(False, help="open with O_DIRECT (bypass the host page cache)")
+    direct: bool = option(False, help="write-through: writes are durable when acknowledged")
+    nodelete: bool = option(False, help="ignore discard (TRIM/UNMAP) requests")
+    sectorsize: str | None = option(None, example="512/4096", unit="bytes",
+                                    help="logical[/physical] sector size, e.g. 512/4096")
+    ser: str | None = option(None, help="serial number (at most 20 characters)")
+    locking: bool = option(True, help="lock the image (shared for ro, else exclusive); "
+                                      "locking=off to share it with another process")
+
+
+BLOCK_OPTIONS: tuple[Option, ...] = BlockOptions.options()
 BLOCK_POSITIONAL = ("path",)
 
 
@@ -663,18 +670,16 @@ def parse_sectorsize(text: str, where: str = "") -> tuple[int, int | None]:
                           f"logical[/physical], e.g. 512 or 512/4096") from None
 
 
-def open_from_options(options: dict[str, Any], where: str = "") -> BlockBackend:
-    """A backend from a device's validated BLOCK_OPTIONS (ConfigError on any problem)."""
+def open_from_options(options: BlockOptions, where: str = "") -> BlockBackend:
+    """A backend from a device's validated BlockOptions (ConfigError on any problem)."""
     logical, physical = 512, None
-    if options.get("sectorsize"):
-        logical, physical = parse_sectorsize(options["sectorsize"], where)
-    return BlockBackend.open(options["path"], readonly=bool(options.get("ro")),
-                             direct=bool(options.get("nocache")),
-                             write_through=bool(options.get("direct")),
+    if options.sectorsize:
+        logical, physical = parse_sectorsize(options.sectorsize, where)
+    return BlockBackend.open(options.path, readonly=options.ro, direct=options.nocache,
+                             write_through=options.direct,
                              logical_sector=logical, physical_sector=physical,
-                             nodelete=bool(options.get("nodelete")),
-                             serial=options.get("ser"),
-                             locking=bool(options.get("locking", True)))
+                             nodelete=options.nodelete, serial=options.ser,
+                             locking=options.locking)
 
 
 def run_request(fn: Callable[..., Any], args: Sequence[Any]) -> Any:

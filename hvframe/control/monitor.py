@@ -50,9 +50,9 @@ def monitor_commands(lc) -> dict[str, Command]:
 
     def query_cpus_fast():
         with lc.using_machine() as m:
-            threads = {t.name: t.native_id for t in getattr(m, "_vcpu_threads", ())}
+            threads = m.vcpu_thread_ids()
             return [{"cpu-index": v.index, "qom-path": f"/machine/unattached/device[{v.index}]",
-                     "thread-id": threads.get(f"vcpu{v.index}") or threading.get_native_id(),
+                     "thread-id": threads.get(v.index) or threading.get_native_id(),
                      "props": {"core-id": 0, "socket-id": v.index, "thread-id": 0},
                      "target": "x86_64"} for v in m.vcpus]
 

@@ -15,6 +15,8 @@ below 0xFFFC0000.
 """
 from __future__ import annotations
 
+from ..device import Device
+
 import mmap
 
 from ..core_native import ffi
@@ -26,7 +28,9 @@ LEGACY_END = 0x100000
 LEGACY_MAX = 128 << 10
 
 
-class BootRom:
+class BootRom(Device):
+    name = "bootrom"
+
     def __init__(self, machine, path: str):
         self.machine = machine
         self.path = path
@@ -54,7 +58,7 @@ class BootRom:
             machine.vm.add_memory_slot(self.base, size, host_addr, readonly=True)
         # Writes to a read-only slot exit as MMIO; reads reach this only without KVM.
         machine.mmio.register(self.base, size, self, name="bootrom")
-        machine.bootrom = self
+        machine.set_bootrom(self)
 
     def read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.image[offset:offset + size], "little")
@@ -74,5 +78,5 @@ class BootRom:
 
 def create(machine, options) -> BootRom | None:
     """Platform device factory: a ROM only when platform.bootrom.path is set."""
-    path = options.get("path")
+    path = options.path
     return BootRom(machine, path) if path else None

@@ -13,7 +13,7 @@ import struct
 import uuid
 
 from ..acpi import smbios
-from ..pci.bus import attach
+from ..pci.bus import place
 from ..pci.device import PciFunction
 from .fw_cfg import FwCfg
 
@@ -44,17 +44,15 @@ class LpcBridge(PciFunction):
 
 def setup_fw_cfg(machine, *, boot_fail_wait_ms: int | None = None) -> FwCfg:
     """machine.fw_cfg, created on first use with the files a PC firmware wants."""
-    fw = getattr(machine, "fw_cfg", None)
-    if fw is None:
-        fw = _new_fw_cfg(machine)
+    fw = machine.fw_cfg_device()
     if boot_fail_wait_ms is not None:
         fw.add_file("etc/boot-fail-wait", struct.pack("<I", boot_fail_wait_ms))
     return fw
 
 
-def _new_fw_cfg(machine) -> FwCfg:
+def new_fw_cfg(machine) -> FwCfg:
+    """A new fw_cfg interface with the files PC firmware wants (Machine.fw_cfg_device)."""
     fw = FwCfg(machine)
-    machine.fw_cfg = fw
     # SeaBIOS mirrors its console to this port (and reads keys from it).
     if machine.pio.find_overlap(COM1_PORT, 1) is not None:
         fw.add_file("etc/sercon-port", struct.pack("<H", COM1_PORT))
@@ -75,11 +73,11 @@ def machine_uuid() -> uuid.UUID:
     return uuid.uuid5(uuid.NAMESPACE_DNS, f"{socket.gethostname()}.hvframe")
 
 
-def create(machine, options) -> LpcBridge:
-    """DeviceType factory: options carry pci.address and reboot-timeout."""
+def create(machine, options, address) -> LpcBridge:
+    """DeviceType factory (options: hvframe.lpc.plugin.LpcOptions)."""
     bridge = LpcBridge()
-    attach(machine, bridge, options, default_address=(0, 31, 0))
-    timeout = options.get("reboot-timeout")
+    place(machine, bridge, address, options.rom)
+    timeout = options.reboot_timeout
     setup_fw_cfg(machine, boot_fail_wait_ms=timeout if timeout is not None and timeout >= 0 else None)
-    machine.lpc = bridge
+    machine.set_lpc_bridge(bridge)
     return bridge

@@ -22,6 +22,8 @@ Writes through DMA are refused (error bit) unless the file was added writable.
 """
 from __future__ import annotations
 
+from ..device import Device
+
 import struct
 
 from ..memory import GuestMemoryError
@@ -58,7 +60,9 @@ FILE_NAME_LEN = 56
 DIR_ENTRY = struct.Struct(">IHH56s")
 
 
-class FwCfg:
+class FwCfg(Device):
+    name = "fw_cfg"
+
     def __init__(self, machine, *, register: bool = True):
         self.machine = machine
         self._lock = concurrency.lock(concurrency.DEVICE, "fw_cfg")

@@ -28,6 +28,8 @@ report what it holds now and the most it ever held.
 """
 from __future__ import annotations
 
+from ..device import Device
+
 from collections import deque
 
 from .. import concurrency
@@ -58,7 +60,9 @@ CAPACITY = OUTPUT_REGISTER_SIZE + KBD_BUFFER_SIZE
 _WRITE_RAM = range(0x61, 0x80)
 
 
-class I8042:
+class I8042(Device):
+    name = "i8042"
+
     CAPACITY = CAPACITY
 
     def __init__(self, machine):

@@ -8,7 +8,9 @@
   bootrom   [platform]  firmware image at the top of 4 GiB, when given a path
                         (`-l bootrom,FILE`, i.e. platform.bootrom.path=FILE)
 """
-from ..device import DeviceType, Option
+from dataclasses import dataclass
+
+from ..device import DeviceOptions, DeviceType, NoOptions, PciOptions, option
 from ..hookspecs import hookimpl
 from . import bootrom, i8042, rtc
 
@@ -16,12 +18,30 @@ from . import bootrom, i8042, rtc
 # has them, not by every machine that only needs this plugin's RTC and i8042.
 
 
-def _bridge(machine, options):
+@dataclass
+class LpcOptions(PciOptions):
+    reboot_timeout: int | None = option(None, unit="ms", help="how long SeaBIOS waits after "
+                                        "'No bootable device' before rebooting (fw_cfg "
+                                        "etc/boot-fail-wait)")
+
+
+@dataclass
+class FwCfgOptions(DeviceOptions):
+    flavor: str = option("qemu", choices=("qemu",), positional=True, help="interface")
+
+
+@dataclass
+class BootRomOptions(DeviceOptions):
+    path: str | None = option(None, type="path", positional=True, example="bios.bin",
+                              help="firmware image (none: no ROM)")
+
+
+def _bridge(machine, options: LpcOptions, address):
     from .bridge import create
-    return create(machine, options)
+    return create(machine, options, address)
 
 
-def _fw_cfg(machine, options):
+def _fw_cfg(machine, options: FwCfgOptions):
     from .bridge import setup_fw_cfg
     return setup_fw_cfg(machine)
 
@@ -29,23 +49,19 @@ def _fw_cfg(machine, options):
 @hookimpl
 def hvframe_device_types():
     return [
-        DeviceType("rtc", "platform", rtc.create,
+        DeviceType("rtc", "platform", rtc.create, options=NoOptions,
                    summary="RTC and CMOS RAM at 0x70/0x71 (memory size bytes for firmware)"),
-        DeviceType("i8042", "platform", i8042.create,
+        DeviceType("i8042", "platform", i8042.create, options=NoOptions,
                    summary="i8042 keyboard controller at 0x60/0x64 (command 0xfe resets)"),
-        DeviceType("lpc", "pci", _bridge,
+        DeviceType("lpc", "pci", _bridge, options=LpcOptions,
                    summary="LPC/ISA bridge (PIIX3 8086:7000) with QEMU-compatible fw_cfg "
                            "at 0x510",
-                   options=(Option("reboot-timeout", "int", None,
-                                   "ms SeaBIOS waits after 'No bootable device' before "
-                                   "rebooting (fw_cfg etc/boot-fail-wait)"),)),
-        DeviceType("fwcfg", "lpc", _fw_cfg,
+                   examples=("-s 31,lpc", "-s 31,lpc,reboot-timeout=1000")),
+        DeviceType("fwcfg", "lpc", _fw_cfg, options=FwCfgOptions,
                    summary="QEMU-compatible fw_cfg at 0x510/0x511, DMA at 0x514",
-                   options=(Option("flavor", "choice", "qemu", "interface", choices=("qemu",)),),
-                   positional=("flavor",)),
-        DeviceType("bootrom", "platform", bootrom.create,
+                   examples=("-l fwcfg", "-l fwcfg,qemu")),
+        DeviceType("bootrom", "platform", bootrom.create, options=BootRomOptions,
                    summary="boot firmware (e.g. SeaBIOS bios.bin) mapped below 4 GiB, the "
                            "guest starting at its reset vector: -l bootrom,FILE",
-                   options=(Option("path", "path", None, "firmware image (none: no ROM)"),),
-                   positional=("path",)),
+                   examples=("-l bootrom,/usr/share/seabios/bios.bin",)),
     ]

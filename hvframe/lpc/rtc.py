@@ -17,6 +17,8 @@ with the standard checksum over 0x10-0x2d at 0x2e (high) / 0x2f (low).
 """
 from __future__ import annotations
 
+from ..device import Device
+
 import time
 from .. import concurrency
 
@@ -69,7 +71,9 @@ def memory_bytes(lowmem_end: int, highmem_size: int, cpus: int) -> dict[int, int
     return out
 
 
-class Rtc:
+class Rtc(Device):
+    name = "rtc"
+
     def __init__(self, machine, *, clock=time.time):
         self.machine = machine
         self._clock = clock

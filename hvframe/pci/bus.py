@@ -25,6 +25,7 @@ from __future__ import annotations
 from ..dispatch import Access
 from ..errors import ConfigError
 from .config_space import (CMD_IO, CMD_MEMORY, HEADER_TYPE_MULTIFUNCTION, all_ones)
+from ..device import PciAddress
 from .device import FOUR_GIB, PciFunction
 from .windows import (CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, ECAM_BASE, ECAM_BUSES,  # noqa: F401
                       IO_WINDOW, MMIO32_WINDOW)
@@ -197,11 +198,11 @@ class PciBus:
                     before[id(bar)] = (fn, bar, bar.mapped_at)
                     target = fn.decode_target(bar, m)
                     if bar.mapped_at is not None and bar.mapped_at != target:
-                        bar.unmap(getattr(m, bar.space))
+                        bar.unmap(m.bus(bar.space))
                     if target is not None and bar.mapped_at is None:
                         wanted.append((bar, target))
             for bar, target in wanted:
-                space = getattr(m, bar.space)
+                space = m.bus(bar.space)
                 if space.find_overlap(target, bar.size) is not None:
                     continue
                 try:
@@ -264,14 +265,9 @@ class PciBus:
             self.refresh()
 
 
-def ensure_pci_bus(machine, **kwargs) -> PciBus:
+def ensure_pci_bus(machine, **layout) -> PciBus:
     """machine.pci, created and registered (0xcf8, 0xcfc, ECAM) on first use."""
-    bus = getattr(machine, "pci", None)
-    if bus is None:
-        bus = PciBus(machine, **kwargs)
-        bus.register()
-        machine.pci = bus
-    return bus
+    return machine.pci_bus(**layout)
 
 
 RESERVED_ISA_IRQS = (0, 1, 2, 8, 13)
@@ -300,7 +296,7 @@ class IntxRoute:
     def _drive(self, level: int) -> None:
         self.level = 1 if level else 0
         self.gsi(self.level)
-        bridge = getattr(self.machine, "lpc", None)
+        bridge = self.machine.lpc
         route = bridge.pirq_routes()[self.pirq] if bridge is not None else None
         if route in RESERVED_ISA_IRQS:   # timer, keyboard, cascade, RTC, FPU: not routable
             route = None
@@ -313,10 +309,9 @@ class IntxRoute:
             self.isa_sources[route](self.level)
 
 
-def attach(machine, fn: PciFunction, options: dict, default_address=(0, 0, 0)) -> PciFunction:
-    """Put a device's function on the machine's PCI bus at options["pci.address"], with the
-    expansion ROM of options["rom"] (rom=FILE, which every PCI device type accepts)."""
-    rom = options.get("rom")
+def place(machine, fn: PciFunction, address: tuple[int, int, int], rom: str | None = None) -> PciFunction:
+    """Put a function on the machine's PCI bus at address, with the expansion ROM image of
+    file rom (rom=FILE, which every PCI device type accepts)."""
     if rom and fn.rom is None:
         try:
             with open(rom, "rb") as f:
@@ -324,15 +319,19 @@ def attach(machine, fn: PciFunction, options: dict, default_address=(0, 0, 0)) -
         except OSError as e:
             raise ConfigError(f"{fn.name}: rom={rom}: {e.strerror}") from None
         fn.set_rom(image)
-    ensure_pci_bus(machine).add(fn, tuple(options.get("pci.address", default_address)))
+    machine.pci_bus().add(fn, tuple(address))
     return fn
+
+
+def attach(machine, fn: PciFunction, options: dict, default_address=(0, 0, 0)) -> PciFunction:
+    """place() for factories of the older declaration (options a dict with "pci.address")."""
+    return place(machine, fn, tuple(options.get("pci.address", default_address)), options.get("rom"))
 
 
 def add_pci_devices(machine, registry, tree: dict, *, direct_boot: bool = True) -> PciBus | None:
     """Build the `-s` devices of a configuration tree ({bus: {slot: {func: {device, ...}}}},
-    i.e. cfg.group("pci")), then place their BARs. Each factory gets its typed options plus
-    options["pci.address"] = (bus, slot, func); a factory may add its function to machine.pci
-    itself, and one that returns a PciFunction not yet on a bus is added here. With
+    i.e. cfg.group("pci")), then place their BARs. Each is built by DeviceType.create with
+    its typed options and PciAddress (a PciFunction not yet on the bus is put there). With
     direct_boot (no firmware will run) decoding is switched on for every BAR."""
     if not tree:
         return None
@@ -351,13 +350,7 @@ def add_pci_devices(machine, registry, tree: dict, *, direct_boot: bool = True) 
                 entries.append((address, where, group))
     for address, where, group in sorted(entries, key=lambda e: e[0]):
         dt = registry.require(group["device"], "pci", where)
-        options = dt.validate(group, where=where)
-        options["pci.address"] = address
-        dev = dt.factory(machine, options)
-        if isinstance(dev, PciFunction) and dev.pci_bus is None:
-            attach(machine, dev, options)
-        if dev is not None:
-            machine.add_device(dev)
+        dt.create(machine, dt.validate(group, where=where), PciAddress(*address))
     pci.assign_bars()
     if direct_boot:
         pci.enable_all()

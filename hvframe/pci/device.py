@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import concurrency
+from ..device import Device
 from ..dispatch import Access
 from ..errors import ConfigError
 from .config_space import (BAR_OFFSETS, CAP_HEADER_SIZE, CAP_PTR_OFFSET, CMD_INTX_DISABLE,
@@ -122,7 +123,7 @@ class RomHandler:
         pass
 
 
-class PciFunction:
+class PciFunction(Device):
     """One PCI function. Subclasses call the add_* methods in __init__, before the function
     is added to a PciBus, and may override config_read/config_write (calling super())."""
 
@@ -426,4 +427,4 @@ class PciFunction:
             return
         m = self.pci_bus.machine
         for bar in self.all_bars():
-            bar.unmap(getattr(m, bar.space))
+            bar.unmap(m.bus(bar.space))

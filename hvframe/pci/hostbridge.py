@@ -1,7 +1,6 @@
 """The host bridge at 00:00.0 (bhyve's `-s 0,hostbridge`): an i440FX by default."""
 from __future__ import annotations
 
-from .bus import attach
 from .device import PciFunction
 
 CLASS_HOST_BRIDGE = 0x060000
@@ -15,7 +14,7 @@ class HostBridge(PciFunction):
         super().__init__(vendor, device, CLASS_HOST_BRIDGE)
 
 
-def create(machine, options) -> HostBridge:
-    """DeviceType factory: options carry vendor, devid and pci.address (bus, slot, func)."""
-    hb = HostBridge(options.get("vendor", I440FX_VENDOR), options.get("devid", I440FX_DEVICE))
-    return attach(machine, hb, options)
+def create(machine, options, address) -> HostBridge:
+    """DeviceType factory (options: hvframe.pci.plugin.HostBridgeOptions); the runner puts
+    the function at address."""
+    return HostBridge(options.vendor, options.devid)

@@ -10,6 +10,7 @@ and FADT say) until the guest clears the status bit. SIGTERM and QMP's system_po
 press it. There is no SMI command port, so the machine is always in ACPI mode: SCI_EN reads 1.
 """
 from __future__ import annotations
+from ..device import Device
 
 import time
 from .. import concurrency
@@ -37,7 +38,9 @@ WORD = Access(sizes=(2,), aligned=True, partial=Partial.MERGE)
 DWORD_READ_ONLY = Access(sizes=(4,), aligned=True, partial=Partial.DROP)
 
 
-class AcpiPm:
+class AcpiPm(Device):
+    name = "acpi-pm"
+
     def __init__(self, machine):
         self.machine = machine
         self.sts = 0

@@ -1,10 +1,14 @@
 """The PC reset control register at port 0xcf9: writing RST_CPU resets the machine, which
 ends the run with exit status 0 (reboot), as bhyve does."""
+from ..device import Device
+
 RESET_CONTROL_PORT = 0xCF9
 RST_CPU = 1 << 2
 
 
-class ResetControl:
+class ResetControl(Device):
+    name = "reset-control"
+
     def __init__(self, machine):
         self.machine = machine
         self.value = 0

@@ -23,7 +23,6 @@ that queue stops until the driver resets the device.
 """
 from __future__ import annotations
 
-import logging
 import os
 import select
 from functools import partial
@@ -42,7 +41,6 @@ from .native import CYCLE_IDLE, CYCLE_NOTIFY, CYCLE_YIELD, claiming
 from .virtqueue import VirtQueue, VirtqueueError, offset_of
 from .. import concurrency
 
-log = logging.getLogger(__name__)
 
 VIRTIO_VENDOR = 0x1AF4
 MODERN_DEVICE_BASE = 0x1040
@@ -405,9 +403,15 @@ class VirtioPciFunction(PciFunction):
             return getattr(q, name[6:]) if q else 0
         if name == "config_msix_vector":
             return self.config_vector
-        if name in ("queue_notify_data", "queue_reset"):
-            return 0
-        return getattr(self, name, 0)
+        if name == "device_feature_select":
+            return self.device_feature_select
+        if name == "driver_feature_select":
+            return self.driver_feature_select
+        if name == "queue_select":
+            return self.queue_select
+        if name == "config_generation":
+            return self.config_generation
+        return 0            # queue_notify_data, queue_reset: not offered, read as zero
 
     def _common_set(self, name: str, value: int) -> None:
         q = self._selected()
@@ -582,7 +586,7 @@ class VirtioPciFunction(PciFunction):
         try:
             self.device.activate(self.features)
         except Exception:
-            log.exception("%s: activation failed", self.name)
+            self.log.exception("%s: activation failed", self.name)
             self.needs_reset("activation failed")
             return
         self._start_workers()
@@ -604,7 +608,7 @@ class VirtioPciFunction(PciFunction):
                 q.claims += 1
             try:
                 if not q.lock.acquire(timeout=-1 if deadline is None else deadline):
-                    log.error("%s: queue %d still busy after %.1f s; left as it is",
+                    self.log.error("%s: queue %d still busy after %.1f s; left as it is",
                               self.name, q.index, deadline)
                     return False
             finally:
@@ -644,7 +648,7 @@ class VirtioPciFunction(PciFunction):
             try:
                 self.device.reset()
             except Exception:
-                log.exception("%s: device reset failed", self.name)
+                self.log.exception("%s: device reset failed", self.name)
             with self._lock:
                 self._reset_state()
             with self._isr_lock:
@@ -652,7 +656,7 @@ class VirtioPciFunction(PciFunction):
 
     def needs_reset(self, why: str) -> None:
         """The driver broke the contract: DEVICE_NEEDS_RESET and a configuration interrupt."""
-        log.warning("%s: %s; device needs reset", self.name, why)
+        self.log.warning("%s: %s; device needs reset", self.name, why)
         with self._lock:
             if self.status & STATUS_NEEDS_RESET:
                 return
@@ -730,7 +734,7 @@ class VirtioPciFunction(PciFunction):
             written = self.device.handle_chain(q.index, chain)
         except Exception:
             # A device-model bug: fail this request, keep the VMM running.
-            log.exception("%s: queue %d request failed", self.name, q.index)
+            self.log.exception("%s: queue %d request failed", self.name, q.index)
             written = 0
         vq.push(chain.head, written)
 

@@ -10,10 +10,11 @@ In the configuration tree a port is `pci.B.S.F.port.N.{type,path,ro,...}` (as in
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from hvframe.block.backend import BLOCK_OPTIONS, open_from_options
-from hvframe.device import ROM_OPTION, DeviceType, Option
+from hvframe.block.backend import BlockOptions, open_from_options
+from hvframe.device import DeviceType, PciAddress, PciOptions, group, option
 from hvframe.errors import ConfigError
 from hvframe.hookspecs import hookimpl
 
@@ -24,13 +25,46 @@ from .regs import MAX_PORTS
 
 PORT_TYPES = ("hd", "cd")
 MODEL_MAX = 40
-# Options of one port: the shared block options plus the ATA identity.
-PORT_OPTIONS: tuple[Option, ...] = (
-    Option("type", "choice", None, "hd (ATA disk) or cd (ATAPI CD-ROM)", choices=PORT_TYPES),
-    *BLOCK_OPTIONS,
-    Option("model", "str", None, f"model number (at most {MODEL_MAX} characters)"),
-    Option("nmrr", "int", 0, "nominal media rotation rate: 0 unknown, 1 SSD, 1025-65534 rpm"),
-)
+
+
+@dataclass
+class AhciPortOptions(BlockOptions):
+    """One port: the shared block options plus the ATA identity (port.N.* in the tree)."""
+    type: str | None = option(None, choices=PORT_TYPES, help="hd (ATA disk) or cd (ATAPI CD-ROM)")
+    # Not required here: AhciDeviceType says which command line would give it.
+    path: str | None = option(None, positional=True, example="disk.img",
+                              help="raw disk image (file or block device)")
+    model: str | None = option(None, help=f"model number (at most {MODEL_MAX} characters)")
+    nmrr: int = option(0, help="nominal media rotation rate: 0 unknown, 1 SSD, 1025-65534 rpm",
+                       unit="rpm")
+
+    def check(self) -> None:
+        if self.type is None:
+            self.type = "hd"
+        model = self.model
+        if model is not None and (len(model) > MODEL_MAX or
+                                  not all(32 <= ord(c) < 127 for c in model)):
+            raise ValueError(f"model {model!r} must be at most {MODEL_MAX} printable "
+                             f"ASCII characters")
+        if not (self.nmrr in (0, 1) or 0x401 <= self.nmrr <= 0xFFFE):
+            raise ValueError(f"nmrr={self.nmrr}: use 0 (unknown), 1 (SSD) or a rotation "
+                             f"rate of 1025-65534 rpm")
+        if self.type == "cd":
+            if self.sectorsize not in (None, str(CD_SECTOR)):
+                raise ValueError(f"a CD-ROM has {CD_SECTOR}-byte sectors; drop "
+                                 f"sectorsize={self.sectorsize}")
+            self.ro = True                           # an ISO image is never written
+            self.sectorsize = str(CD_SECTOR)
+
+
+@dataclass
+class AhciOptions(PciOptions):
+    ports: dict[int, AhciPortOptions] = group(AhciPortOptions, name="port", max_count=MAX_PORTS,
+                                              help="the controller's ports, port.N.OPTION")
+
+
+# Every option a port takes, for parsing the bhyve-style conf.
+PORT_OPTIONS = AhciPortOptions.options()
 _PORT_OPTION = {o.name: o for o in PORT_OPTIONS}
 
 
@@ -84,89 +118,44 @@ class AhciDeviceType(DeviceType):
                                   f"{names}")
         return out
 
-    def validate(self, raw: dict[str, Any], where: str = "") -> dict[str, Any]:
+    def validate(self, raw: dict[str, Any], where: str = "") -> AhciOptions:
+        """AhciOptions; first the mistakes a command line makes, said in its terms."""
         label = where or self.name
-        raw = dict(raw)
-        ports_raw = raw.pop("port", {})
         for key in raw:
-            if key not in ("device", "rom"):
+            if key not in ("device", "rom", "port"):
                 raise ConfigError(f"{label}: unknown option {key!r} for {self.name}; port "
                                   f"options go in port.N.{key}")
-        out: dict[str, Any] = {"rom": None}
-        if raw.get("rom"):
-            try:
-                out["rom"] = ROM_OPTION.convert(raw["rom"])
-            except ValueError as e:
-                raise ConfigError(f"{label}: rom: {e}") from None
-        if not isinstance(ports_raw, dict) or not ports_raw:
+        ports = raw.get("port")
+        if not isinstance(ports, dict) or not ports:
             raise ConfigError(f"{label}: {self.name} needs a port, e.g. "
                               f"-s 4,{self.name},{'' if self.port_type else 'hd:'}disk.img")
-        ports: dict[int, dict[str, Any]] = {}
-        for index, group in ports_raw.items():
-            if not str(index).isdigit() or int(index) >= MAX_PORTS:
-                raise ConfigError(f"{label}: port.{index}: ports are numbered 0-{MAX_PORTS - 1}")
-            if not isinstance(group, dict):
-                raise ConfigError(f"{label}: port.{index}: give its type and path")
-            ports[int(index)] = self._validate_port(group, f"{label}: port.{index}")
-        out["ports"] = dict(sorted(ports.items()))
-        return out
-
-    def _validate_port(self, group: dict[str, Any], where: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key in group:
-            if key not in _PORT_OPTION:
-                raise ConfigError(f"{where}: unknown option {key!r}; a port takes "
-                                  f"{', '.join(_PORT_OPTION)}")
-        for opt in PORT_OPTIONS:
-            if opt.name in group:
-                try:
-                    out[opt.name] = opt.convert(group[opt.name])
-                except ValueError as e:
-                    raise ConfigError(f"{where}: {opt.name}: {e}") from None
-            else:
-                out[opt.name] = opt.default
-        if out["type"] is None:
-            out["type"] = self.port_type or "hd"
-        if not out["path"]:
-            example = f"{self.name},disk.img" if self.port_type else f"{out['type']}:disk.img"
-            raise ConfigError(f"{where}: needs a path, e.g. -s 4,{example}")
-        model = out["model"]
-        if model is not None and (len(model) > MODEL_MAX or
-                                  not all(32 <= ord(c) < 127 for c in model)):
-            raise ConfigError(f"{where}: model {model!r} must be at most {MODEL_MAX} printable "
-                              f"ASCII characters")
-        nmrr = out["nmrr"]
-        if not (nmrr in (0, 1) or 0x401 <= nmrr <= 0xFFFE):
-            raise ConfigError(f"{where}: nmrr={nmrr}: use 0 (unknown), 1 (SSD) or a rotation "
-                              f"rate of 1025-65534 rpm")
-        if out["type"] == "cd":
-            if out["sectorsize"] not in (None, str(CD_SECTOR)):
-                raise ConfigError(f"{where}: a CD-ROM has {CD_SECTOR}-byte sectors; drop "
-                                  f"sectorsize={out['sectorsize']}")
-            out["ro"] = True                         # an ISO image is never written
-            out["sectorsize"] = str(CD_SECTOR)
-        return out
+        raw = dict(raw, port={i: (dict(g, type=g.get("type") or self.port_type or "hd")
+                                  if isinstance(g, dict) else g) for i, g in ports.items()})
+        for index, g in raw["port"].items():
+            if isinstance(g, dict) and not g.get("path"):
+                example = f"{self.name},disk.img" if self.port_type else f"{g['type']}:disk.img"
+                raise ConfigError(f"{label}: port.{index}: needs a path, e.g. -s 4,{example}")
+        return super().validate(raw, where)
 
 
-def open_port_device(options: dict[str, Any], where: str):
+def open_port_device(options: AhciPortOptions, where: str):
     backend = open_from_options(options, where)
     try:
-        if options["type"] == "cd":
-            return AtapiCdrom(backend, model=options["model"], serial=options["ser"],
+        if options.type == "cd":
+            return AtapiCdrom(backend, model=options.model, serial=options.ser,
                               name=f"{where}-cd")
-        return AtaDisk(backend, model=options["model"], serial=options["ser"],
-                       nmrr=options["nmrr"], name=f"{where}-hd")
+        return AtaDisk(backend, model=options.model, serial=options.ser,
+                       nmrr=options.nmrr, name=f"{where}-hd")
     except BaseException:
         backend.close()
         raise
 
 
-def ahci_factory(machine, options: dict[str, Any]) -> AhciHba:
-    b, s, f = options.get("pci.address", (0, 0, 0))
-    name = f"ahci {b}:{s}:{f}"
+def ahci_factory(machine, options: AhciOptions, address: PciAddress) -> AhciHba:
+    name = f"ahci {address}"
     devices: dict[int, Any] = {}
     try:
-        for index, port in options["ports"].items():
+        for index, port in options.ports.items():
             devices[index] = open_port_device(port, f"{name} port {index}")
         return AhciHba(machine, devices, name=name)
     except BaseException:
@@ -176,8 +165,7 @@ def ahci_factory(machine, options: dict[str, Any]) -> AhciHba:
 
 
 def ahci_device_types() -> list[DeviceType]:
-    common = dict(kind="pci", factory=ahci_factory,
-                  options=tuple(o for o in PORT_OPTIONS if o.name != "type"))
+    common = dict(kind="pci", factory=ahci_factory, options=AhciOptions)
     types = []
     for name, port_type, summary, positional in (
             ("ahci", None, "AHCI SATA controller (Intel ICH9 8086:2922), up to 32 ports "
@@ -185,7 +173,13 @@ def ahci_device_types() -> list[DeviceType]:
             ("ahci-hd", "hd", "AHCI controller with one ATA disk on port 0", ("path",)),
             ("ahci-cd", "cd", "AHCI controller with one ATAPI CD-ROM on port 0 (ISO image)",
              ("path",))):
-        t = AhciDeviceType(name=name, summary=summary, positional=positional, **common)
+        examples = {"ahci": ("-s 4,ahci,hd:disk.img,ro,cd:install.iso",
+                             "-s 4,ahci,hd:disk.img,sectorsize=512/4096,ser=ABC123,model=My Disk",
+                             "-o pci.0.4.0.port.2.path=more.img"),
+                    "ahci-hd": ("-s 4,ahci-hd,disk.img,ser=ABC123",),
+                    "ahci-cd": ("-s 5,ahci-cd,install.iso",)}[name]
+        t = AhciDeviceType(name=name, summary=summary, positional=positional,
+                           examples=examples, **common)
         t.port_type = port_type
         types.append(t)
     return types

@@ -35,20 +35,14 @@ def h2d(command: int, lba: int = 0, count: int = 0, features: int = 0, device: i
 
 
 def build_machine(*slots: str, memory: int = 64 << 20, irqfd_eventfds: bool = False):
-    """A synthetic machine with the given -s arguments (a host bridge at slot 0 is added).
-    irqfd_eventfds: MSIs are eventfd writes, as under KVM (hvframe.synthetic)."""
-    from hvframe.config import Config
-    from hvframe.pci.bus import add_pci_devices
-    from hvframe.plugins import Registry
-    from hvframe.runner import add_slot
-    from hvframe.synthetic import SyntheticMachine
+    """A synthetic machine with the given -s arguments (a host bridge at slot 0 is added),
+    built as `hvframe run` builds them (hvframe.testing.rig), decoding left to the driver.
+    irqfd_eventfds: MSIs are eventfd writes, as under KVM (hvframe.testing.synthetic)."""
+    from hvframe.testing import SyntheticMachine, rig
 
-    registry, cfg = Registry(), Config()
-    for s in ("0,hostbridge", *slots):
-        add_slot(cfg, registry, s)
     m = SyntheticMachine(memory, irqfd_eventfds=irqfd_eventfds)
     try:
-        add_pci_devices(m, registry, cfg.group("pci"), direct_boot=False)
+        rig(m, *(f"-s {s}" for s in ("0,hostbridge", *slots)), direct_boot=False)
     except BaseException:
         m.close()
         raise

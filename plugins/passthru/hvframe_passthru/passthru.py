@@ -36,7 +36,6 @@ resets the device and carries on.
 """
 from __future__ import annotations
 
-import logging
 import os
 import select
 import threading
@@ -51,7 +50,6 @@ from hvframe.pci.msi import CAP_ID_MSI, CAP_ID_MSIX, MsiCapability, MsixCapabili
 from . import protocol as p
 from .backend import BackendLost, DeviceBackend, IoFd
 
-log = logging.getLogger(__name__)
 
 PASSTHRU_COMMAND_BITS = CMD_BUS_MASTER | CMD_PARITY | CMD_SERR | CMD_INTX_DISABLE
 CONFIG_SIZE = 256
@@ -266,7 +264,7 @@ class PassthruFunction(PciFunction):
             except BackendLost as e:
                 self._lose(e)
             except p.RemoteError as e:
-                log.warning("%s: read of region %d at %#x: %s", self.name, region, offset, e)
+                self.log.warning("%s: read of region %d at %#x: %s", self.name, region, offset, e)
                 return (1 << 8 * size) - 1
         v = self.policy.read_while_lost(region, offset, size)
         if v is None and region == p.PCI_CONFIG_REGION:
@@ -284,7 +282,7 @@ class PassthruFunction(PciFunction):
         except BackendLost as e:
             self._lose(e)
         except p.RemoteError as e:
-            log.warning("%s: write of region %d at %#x: %s", self.name, region, offset, e)
+            self.log.warning("%s: write of region %d at %#x: %s", self.name, region, offset, e)
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
         v = self._forward_read(index, offset, size)
@@ -326,7 +324,7 @@ class PassthruFunction(PciFunction):
         except BackendLost as e:
             self._lose(e)
         except p.RemoteError as e:
-            log.warning("%s: interrupt set-up refused: %s", self.name, e)
+            self.log.warning("%s: interrupt set-up refused: %s", self.name, e)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -361,12 +359,12 @@ class PassthruFunction(PciFunction):
             self.lost = True
             self._reconnected = False
         if first:
-            log.error("%s: device lost (%s); failing its requests until it is back",
+            self.log.error("%s: device lost (%s); failing its requests until it is back",
                       self.name, why)
             try:
                 self.policy.lost()
             except Exception:
-                log.exception("%s: failure policy", self.name)
+                self.log.exception("%s: failure policy", self.name)
         if self._relay is not None and self.pci_bus is not None:
             self._reconnect_wake.clear()
             self._reconnector = concurrency.DeviceThread(
@@ -378,7 +376,7 @@ class PassthruFunction(PciFunction):
             if self.backend.reconnect():
                 with self._lost_lock:
                     self._reconnected = True
-                log.warning("%s: device server back", self.name)
+                self.log.warning("%s: device server back", self.name)
                 if self.policy.may_resume():
                     self.resume()
                 return

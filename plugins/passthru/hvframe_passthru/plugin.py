@@ -4,28 +4,38 @@ serve-device` or any vfio-user server), `-s N,passthru,BUS/SLOT/FUNC` and
 no /dev/vfio)."""
 from __future__ import annotations
 
-from hvframe.device import DeviceType, Option
+from dataclasses import dataclass
+
+from hvframe.device import DeviceType, PciAddress, PciOptions, option
 from hvframe.errors import ConfigError
 from hvframe.hookspecs import hookimpl
 
 
-def passthru_factory(machine, options):
-    b, s, f = options["pci.address"]
-    where = f"passthru at {b}:{s}:{f}"
-    chosen = [k for k in ("vfio-user", "host", "sysfsdev") if options.get(k)]
-    if len(chosen) != 1:
-        raise ConfigError(f"{where}: give exactly one of vfio-user=PATH, BUS/SLOT/FUNC or "
-                          f"sysfsdev=PATH")
-    if chosen[0] == "vfio-user":
+@dataclass
+class PassthruOptions(PciOptions):
+    host: str | None = option(None, positional=True, example="0/3/0",
+                              help="host device BUS/SLOT/FUNC (kernel VFIO)")
+    vfio_user: str | None = option(None, name="vfio-user", example="/tmp/dev.sock",
+                                   help="Unix socket of a vfio-user server")
+    sysfsdev: str | None = option(None, help="host device by sysfs path (kernel VFIO)")
+
+    def check(self) -> None:
+        if sum(1 for v in (self.vfio_user, self.host, self.sysfsdev) if v) != 1:
+            raise ValueError("give exactly one of vfio-user=PATH, BUS/SLOT/FUNC or sysfsdev=PATH")
+
+
+def passthru_factory(machine, options: PassthruOptions, address: PciAddress):
+    where = f"passthru at {address}"
+    if options.vfio_user:
         from .backend import BackendLost
         from .passthru import PassthruFunction
         from .vfio_user import VfioUserBackend
         try:
-            backend = VfioUserBackend(options["vfio-user"])
+            backend = VfioUserBackend(options.vfio_user)
         except BackendLost as e:
             raise ConfigError(f"{where}: {e}") from None
         try:
-            return PassthruFunction(backend, name=f"passthru {b}:{s}:{f}")
+            return PassthruFunction(backend, name=f"passthru {address}")
         except BackendLost as e:
             backend.close()
             raise ConfigError(f"{where}: {e}") from None
@@ -33,17 +43,16 @@ def passthru_factory(machine, options):
             backend.close()
             raise
     from .vfio_kernel import open_host_device
-    return open_host_device(where, host=options.get("host"), sysfsdev=options.get("sysfsdev"))
+    return open_host_device(where, host=options.host, sysfsdev=options.sysfsdev)
 
 
 def passthru_device_types() -> list[DeviceType]:
     return [DeviceType(
         name="passthru", kind="pci", factory=passthru_factory, shared_memory=True,
         summary="PCI passthrough: a vfio-user device server, or a host device through VFIO",
-        options=(Option("vfio-user", "str", None, "Unix socket of a vfio-user server"),
-                 Option("host", "str", None, "host device BUS/SLOT/FUNC (kernel VFIO)"),
-                 Option("sysfsdev", "str", None, "host device by sysfs path (kernel VFIO)")),
-        positional=("host",))]
+        options=PassthruOptions,
+        examples=("-s 5,passthru,vfio-user=/tmp/dev.sock", "-s 5,passthru,0/3/0",
+                  "-s 5,passthru,sysfsdev=/sys/bus/pci/devices/0000:00:03.0"))]
 
 
 @hookimpl

@@ -613,22 +613,18 @@ class DeviceServer:
 # -- the process -----------------------------------------------------------------------------
 def build(registry, spec: str) -> tuple[ServerMachine, PciFunction]:
     """The device of `-s NAME[,conf]` on a ServerMachine of its own."""
-    from hvframe.pci.bus import attach
+    from hvframe.device import PciAddress
     name, _, conf = spec.partition(",")
     where = f"-s {spec}"
     if not name:
         raise ConfigError(f"{where}: missing device name; use -s device[,options]")
     dt = registry.require(name, "pci", where)
     options = dt.validate(dt.parse_conf(conf), where=where)
-    options["pci.address"] = (0, 0, 0)
     m = ServerMachine()
     try:
-        fn = dt.factory(m, options)
+        fn = dt.create(m, options, PciAddress(0, 0, 0))
         if not isinstance(fn, PciFunction):
             raise ConfigError(f"{where}: {name} is not a PCI function and cannot be served")
-        if fn.pci_bus is None:
-            attach(m, fn, options)
-        m.add_device(fn)
         m.pci.assign_bars()
         m.pci.enable_all()
         if fn.rom is not None:

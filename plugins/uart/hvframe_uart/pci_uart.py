@@ -16,7 +16,7 @@ INTA = 1
 class PciUart(PciFunction):
     def __init__(self, backend, name: str = "uart"):
         super().__init__(VENDOR, DEVICE, CLASS_16550_SERIAL, pin=INTA, name=name)
-        self.uart = Uart16550(set_irq=self.set_intx, backend=backend)
+        self.uart = Uart16550(set_irq=self.set_intx, backend=backend, name=name)
         self.add_bar(0, 8, "io", self.uart)
 
     def start(self) -> None:
@@ -26,11 +26,11 @@ class PciUart(PciFunction):
         self.uart.close()
 
 
-def pci_uart_factory(machine, options) -> PciUart:
-    b, s, f = options["pci.address"]
-    name = f"uart {b}:{s}:{f}"
+def pci_uart_factory(machine, options, address) -> PciUart:
+    """options: hvframe_uart.plugin.PciUartOptions; the runner puts the function at address."""
+    name = f"uart {address}"
     from .plugin import console_quit
-    backend = open_backend(options.get("backend") or "null", label=name,
+    backend = open_backend(options.backend or "null", label=name,
                            on_quit=console_quit(machine))
     try:
         return PciUart(backend, name=name)

@@ -1,8 +1,11 @@
-"""Device types com1-com4: a 16550A at the standard PC port and IRQ, with a chosen backend."""
+"""Device types com1-com4: a 16550A at the standard PC port and IRQ, with a chosen backend;
+and uart: the same on PCI."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from hvframe.bench import Benchmarks, Register
-from hvframe.device import DeviceType, Option
+from hvframe.device import AcpiIsaDevice, DeviceOptions, DeviceType, PciOptions, option
 from hvframe.hookspecs import hookimpl
 
 from .backends import SPEC_HELP, FileBackend, NullBackend, StdioBackend, open_backend
@@ -19,6 +22,19 @@ PORT_COUNT = 8
 # Backends whose write() only queues (a bounded buffer, or nothing): their ports' polled
 # console is served natively (Uart16550.map_native).
 NATIVE_OUTPUT = (StdioBackend, FileBackend, NullBackend)
+BACKEND_HELP = f"where the port's bytes go: {SPEC_HELP.removeprefix('use ')}"
+
+
+@dataclass
+class ComOptions(DeviceOptions):
+    backend: str = option("null", positional=True, example="stdio", help=BACKEND_HELP)
+    native: bool = option(True, help="answer a polled console's LSR reads and THR writes in "
+                                     "the native core (stdio, file and null backends)")
+
+
+@dataclass
+class PciUartOptions(PciOptions):
+    backend: str = option("null", positional=True, example="stdio", help=BACKEND_HELP)
 
 
 def console_quit(machine):
@@ -29,28 +45,29 @@ def console_quit(machine):
     return quit_
 
 
-def pci_uart_factory(machine, options):
+def pci_uart_factory(machine, options: PciUartOptions, address):
     # The PCI UART brings the PCI layer (and construct): imported only when one is configured.
     from .pci_uart import pci_uart_factory as factory
-    return factory(machine, options)
+    return factory(machine, options, address)
 
 
 def _make_factory(name: str, base: int, irq: int):
-    def factory(machine, options) -> Uart16550:
-        backend = open_backend(options.get("backend") or "null", label=name,
+    acpi = AcpiIsaDevice(name.upper(), "PNP0501", int(name[3:]), base, PORT_COUNT, irq)
+
+    def factory(machine, options: ComOptions) -> Uart16550:
+        backend = open_backend(options.backend or "null", label=name,
                                on_quit=console_quit(machine))
         # COM1/COM3 and COM2/COM4 share a line: each port is one source of it.
-        uart = Uart16550(set_irq=machine.irq_source(irq), backend=backend)
+        uart = Uart16550(set_irq=machine.irq_source(irq), backend=backend, name=name, acpi=acpi)
         try:
-            if options.get("native", True) and isinstance(backend, NATIVE_OUTPUT):
+            if options.native and isinstance(backend, NATIVE_OUTPUT):
                 uart.map_native(machine.pio, base, name=name)
             else:
                 machine.pio.register(base, PORT_COUNT, uart, name=name, access=BYTE_PORTS)
         except BaseException:
             backend.close()
             raise
-        machine.on_close(uart.close)
-        return uart     # the runner calls uart.start() before vCPUs run, uart.close() at exit
+        return uart     # the machine starts and closes it (Device.start, Device.close)
     return factory
 
 
@@ -65,14 +82,10 @@ def uart_benchmarks(bar: int | None) -> Benchmarks:
 
 
 def uart_device_types() -> list[DeviceType]:
-    backend_option = Option("backend", "str", "null",
-                            help=f"where the port's bytes go: {SPEC_HELP.removeprefix('use ')}")
-    native_option = Option("native", "bool", True,
-                           help="answer a polled console's LSR reads and THR writes in the "
-                                "native core (stdio, file and null backends)")
     pci_uart = DeviceType(name="uart", kind="pci", factory=pci_uart_factory,
                           summary="16550A UART on PCI (1b36:0002), I/O BAR 0, INTA",
-                          options=(backend_option,), positional=("backend",),
+                          options=PciUartOptions,
+                          examples=("-s 4,uart,stdio", "-s 4,uart,tcp=127.0.0.1:4444"),
                           benchmarks=uart_benchmarks(bar=0))
     return [pci_uart] + [
         DeviceType(
@@ -80,8 +93,9 @@ def uart_device_types() -> list[DeviceType]:
             kind="lpc",
             factory=_make_factory(name, base, irq),
             summary=f"16550A UART at I/O {base:#x}, IRQ {irq}",
-            options=(backend_option, native_option),
-            positional=("backend",),
+            options=ComOptions,
+            examples=(f"-l {name},stdio", f"-l {name},file=/tmp/{name}.log",
+                      f"-l {name},tcp=127.0.0.1:4444", f"-o lpc.{name}.native=off"),
             benchmarks=uart_benchmarks(bar=None),
         )
         for name, (base, irq) in COM_PORTS.items()

@@ -51,11 +51,12 @@ the ring first and hands on to the backend, whose own bound drops and counts.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 from construct import Int8ul, Struct
 
 from hvframe import concurrency
+from hvframe.device import AcpiIsaDevice, Device
 from hvframe.dispatch import Access, Bus
 from hvframe.layout import offsets_of
 from hvframe.regblock import Fifo, FifoDrainer, Full, Kind, Reg, RegisterBlock
@@ -144,13 +145,17 @@ class Backend(Protocol):
 BYTE_PORTS = Access(sizes=(1,))
 
 
-class Uart16550:
-    """One 16550A. Handler for an 8-port PIO range; see the module docstring for the model."""
+class Uart16550(Device):
+    """One 16550A. Handler for an 8-port PIO range; see the module docstring for the model.
+    acpi: how the DSDT describes it (a COM port), if it is one."""
 
     def __init__(self, set_irq: Callable[[int], None], backend: Optional[Backend] = None,
-                 backlog_limit: int = DEFAULT_BACKLOG_LIMIT):
+                 backlog_limit: int = DEFAULT_BACKLOG_LIMIT, *, name: str = "16550",
+                 acpi: Optional[AcpiIsaDevice] = None):
         if backlog_limit < 1:
             raise ValueError("backlog_limit must be at least 1")
+        self.name = name
+        self._acpi = acpi
         self.backend = backend
         self._set_irq = set_irq
         self._backlog_limit = backlog_limit
@@ -215,9 +220,10 @@ class Uart16550:
         if self._started or self.backend is None:
             return
         self._started = True
-        start = getattr(self.backend, "start", None)
-        if start is not None:
-            start(self.host_input)
+        self.backend.start(self.host_input)
+
+    def acpi_isa_devices(self) -> Sequence[AcpiIsaDevice]:
+        return (self._acpi,) if self._acpi is not None else ()
 
     def close(self) -> None:
         """Release a backend reader blocked on backpressure, hand on what the native ring

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 
 from hvframe.bench import Benchmarks, virtio_path, virtio_registers
-from hvframe.block.backend import BLOCK_OPTIONS, BLOCK_POSITIONAL, open_from_options
-from hvframe.device import DeviceType, Option
+from hvframe.block.backend import BlockOptions, open_from_options
+from hvframe.device import DeviceType, PciAddress, PciOptions, option
 from hvframe.errors import ConfigError
 from hvframe.hookspecs import hookimpl
 from hvframe.virtio.pci import MAX_QUEUES, VirtioPciFunction
@@ -18,19 +19,25 @@ from .virtio_blk import VirtioBlk
 QUEUE_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
-def virtio_blk_factory(machine, options) -> VirtioPciFunction:
-    b, s, f = options["pci.address"]
-    where = f"virtio-blk at {b}:{s}:{f}"
-    nq, qsize = options["num-queues"], options["queue-size"]
-    if not 1 <= nq <= MAX_QUEUES - 1:
-        raise ConfigError(f"{where}: num-queues={nq} must be 1-{MAX_QUEUES - 1}")
-    if qsize not in QUEUE_SIZES:
-        raise ConfigError(f"{where}: queue-size={qsize} must be one of "
-                          f"{', '.join(map(str, QUEUE_SIZES))}")
+@dataclass
+class VirtioBlkOptions(PciOptions, BlockOptions):
+    num_queues: int = option(1, help="number of request queues", min=1, max=MAX_QUEUES - 1)
+    queue_size: int = option(256, unit="descriptors", help="descriptors per queue: "
+                             + ", ".join(map(str, QUEUE_SIZES)))
+
+    def check(self) -> None:
+        if self.queue_size not in QUEUE_SIZES:
+            raise ValueError(f"queue-size={self.queue_size} must be one of "
+                             f"{', '.join(map(str, QUEUE_SIZES))}")
+
+
+def virtio_blk_factory(machine, options: VirtioBlkOptions, address: PciAddress) -> VirtioPciFunction:
+    where = f"virtio-blk at {address}"
     backend = open_from_options(options, where)
     try:
-        return VirtioPciFunction(VirtioBlk(backend, num_queues=nq, queue_size=qsize),
-                                 name=f"virtio-blk {b}:{s}:{f}")
+        return VirtioPciFunction(VirtioBlk(backend, num_queues=options.num_queues,
+                                           queue_size=options.queue_size),
+                                 name=f"virtio-blk {address}")
     except BaseException:
         backend.close()
         raise
@@ -60,10 +67,10 @@ def virtio_blk_device_types() -> list[DeviceType]:
     return [DeviceType(
         name="virtio-blk", kind="pci", factory=virtio_blk_factory,
         summary="virtio block device (transitional virtio-pci 1af4:1001) on a raw image",
-        options=(*BLOCK_OPTIONS,
-                 Option("num-queues", "int", 1, "number of request queues"),
-                 Option("queue-size", "int", 256, "descriptors per queue")),
-        positional=BLOCK_POSITIONAL, benchmarks=BENCHMARKS)]
+        options=VirtioBlkOptions,
+        examples=("-s 2,virtio-blk,disk.img", "-s 2,virtio-blk,disk.img,ro,ser=DISK1",
+                  "-s 2,virtio-blk,disk.img,sectorsize=512/4096,num-queues=2,queue-size=1024"),
+        benchmarks=BENCHMARKS)]
 
 
 @hookimpl

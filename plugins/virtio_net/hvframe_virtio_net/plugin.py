@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import socket
+from dataclasses import dataclass
 
-from hvframe.device import DeviceType, Option
+from hvframe.device import DeviceType, PciAddress, PciOptions, option
 from hvframe.errors import ConfigError
 from hvframe.hookspecs import hookimpl
 from hvframe.virtio.pci import MAX_QUEUES, VirtioPciFunction
@@ -23,6 +24,30 @@ STREAM_KINDS = ("passt", "stream", "socket", "fd")
 TAP_PREFIXES = ("tap",)
 
 
+@dataclass
+class VirtioNetOptions(PciOptions):
+    backend: str | None = option(None, positional=True, example="tap0",
+                                 help="tapN: the tap interface to attach to")
+    tap: str | None = option(None, help="tap interface name (created if missing)")
+    passt: str | None = option(None, help="passt's Unix socket")
+    stream: str | None = option(None, help="unix:PATH, frames after a 4-byte length")
+    socket: str | None = option(None, help="listen:PATH or connect:PATH, VM to VM")
+    fd: str | None = option(None, help="a tap descriptor handed in by a manager")
+    mac: str | None = option(None, example="52:54:00:12:34:56",
+                             help="MAC address (default: stable, derived from the host, the "
+                                  "backend and the slot)")
+    mtu: int | None = option(None, unit="bytes", help="MTU offered to the guest (VIRTIO_NET_F_MTU)")
+    queues: int = option(1, min=1, max=MAX_PAIRS,
+                         help="queue pairs (VIRTIO_NET_F_MQ when more than 1)")
+    queue_size: int = option(256, unit="descriptors", help="descriptors per queue: "
+                             + ", ".join(map(str, QUEUE_SIZES)))
+
+    def check(self) -> None:
+        if self.queue_size not in QUEUE_SIZES:
+            raise ValueError(f"queue-size={self.queue_size} must be one of "
+                             f"{', '.join(map(str, QUEUE_SIZES))}")
+
+
 def default_mac(backend_desc: str, address: tuple[int, int, int]) -> bytes:
     """A stable, locally administered unicast MAC for this VM's device: hvframe has no VM
     name, so what names the VM here is the host and the backend it is attached to (two VMs
@@ -32,9 +57,11 @@ def default_mac(backend_desc: str, address: tuple[int, int, int]) -> bytes:
     return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
 
 
-def _backend_choice(options, where: str) -> tuple[str, str]:
-    chosen = [(k, options[k]) for k in ("tap", *STREAM_KINDS) if options.get(k)]
-    positional = options.get("backend")
+def _backend_choice(options: VirtioNetOptions, where: str) -> tuple[str, str]:
+    given = {"tap": options.tap, "passt": options.passt, "stream": options.stream,
+             "socket": options.socket, "fd": options.fd}
+    chosen = [(k, v) for k, v in given.items() if v]
+    positional = options.backend
     if positional:
         if not positional.startswith(TAP_PREFIXES):
             raise ConfigError(f"{where}: unknown backend {positional!r}; use tapN, tap=NAME, "
@@ -60,20 +87,14 @@ def open_backend(kind: str, value: str, pairs: int) -> NetBackend:
     return open_stream(kind, value, pairs)
 
 
-def virtio_net_factory(machine, options) -> VirtioPciFunction:
-    b, s, f = options["pci.address"]
-    where = f"virtio-net at {b}:{s}:{f}"
-    pairs, qsize, mtu = options["queues"], options["queue-size"], options["mtu"]
-    if not 1 <= pairs <= MAX_PAIRS:
-        raise ConfigError(f"{where}: queues={pairs} must be 1-{MAX_PAIRS} (queue pairs)")
-    if qsize not in QUEUE_SIZES:
-        raise ConfigError(f"{where}: queue-size={qsize} must be one of "
-                          f"{', '.join(map(str, QUEUE_SIZES))}")
+def virtio_net_factory(machine, options: VirtioNetOptions, address: PciAddress) -> VirtioPciFunction:
+    where = f"virtio-net at {address}"
+    pairs, qsize, mtu = options.queues, options.queue_size, options.mtu
     mac = None
-    if options["mac"] is not None:
+    if options.mac is not None:
         from .virtio_net import parse_mac
         try:
-            mac = parse_mac(options["mac"])
+            mac = parse_mac(options.mac)
         except ValueError as e:
             raise ConfigError(f"{where}: mac={e}") from None
     kind, value = _backend_choice(options, where)
@@ -94,9 +115,9 @@ def virtio_net_factory(machine, options) -> VirtioPciFunction:
         if nfds != pairs and nfds != 1:
             raise ConfigError(f"{where}: the {kind} backend gave {nfds} descriptors for "
                               f"{pairs} queue pairs")
-        dev = VirtioNet(backend, mac=mac or default_mac(f"{kind}={value}", (b, s, f)),
+        dev = VirtioNet(backend, mac=mac or default_mac(f"{kind}={value}", tuple(address)),
                         queue_pairs=pairs, mtu=mtu, queue_size=qsize)
-        return VirtioPciFunction(dev, name=f"virtio-net {b}:{s}:{f}")
+        return VirtioPciFunction(dev, name=f"virtio-net {address}")
     except BaseException:
         backend.close()
         raise
@@ -107,18 +128,10 @@ def virtio_net_device_types() -> list[DeviceType]:
         name="virtio-net", kind="pci", factory=virtio_net_factory,
         summary="virtio network device (transitional virtio-pci 1af4:1000) on a tap or a "
                 "stream socket",
-        options=(Option("backend", "str", None, "tapN: the tap interface to attach to"),
-                 Option("tap", "str", None, "tap interface name (created if missing)"),
-                 Option("passt", "str", None, "passt's Unix socket"),
-                 Option("stream", "str", None, "unix:PATH, frames after a 4-byte length"),
-                 Option("socket", "str", None, "listen:PATH or connect:PATH, VM to VM"),
-                 Option("fd", "str", None, "a tap descriptor handed in by a manager"),
-                 Option("mac", "str", None, "MAC address (default: stable, derived from "
-                        "the host, the backend and the slot)"),
-                 Option("mtu", "int", None, "MTU offered to the guest (VIRTIO_NET_F_MTU)"),
-                 Option("queues", "int", 1, "queue pairs (VIRTIO_NET_F_MQ when more than 1)"),
-                 Option("queue-size", "int", 256, "descriptors per queue")),
-        positional=("backend",))]
+        options=VirtioNetOptions,
+        examples=("-s 3,virtio-net,tap0", "-s 3,virtio-net,tap=hv0,mac=52:54:00:12:34:56,queues=2",
+                  "-s 3,virtio-net,passt=/run/user/1000/passt.socket",
+                  "-s 3,virtio-net,socket=listen:/tmp/vm1.sock"))]
 
 
 @hookimpl

@@ -6,10 +6,10 @@ import pluggy
 import pytest
 
 from hvframe.errors import ConfigError
-from hvframe.synthetic import SyntheticMachine
+from hvframe.testing import SyntheticMachine, rig
 from hvframe_uart import plugin
 
-PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "plugins" / "uart" / "pyproject.toml"
+PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 def device_types():
@@ -17,10 +17,8 @@ def device_types():
 
 
 def build(name, conf=""):
-    dtype = device_types()[name]
     machine = SyntheticMachine()
-    options = dtype.validate(dtype.parse_conf(conf))
-    device = dtype.factory(machine, options)
+    device, = rig(machine, f"-l {name}{',' + conf if conf else ''}")
     return machine, device
 
 
@@ -59,9 +57,7 @@ def test_factory_registers_ports_and_routes_irq(name, base, irq):
 
 def test_com1_and_com3_share_irq4():
     machine = SyntheticMachine()
-    for name in ("com1", "com3"):
-        dt = device_types()[name]
-        dt.factory(machine, dt.validate({}))
+    rig(machine, "-l com1", "-l com3")
     for base in (0x3F8, 0x3E8):
         machine.io_write(base + 4, 1, 0x08)
         machine.io_write(base + 1, 1, 0x02)
@@ -84,7 +80,7 @@ def test_backend_is_positional_and_closed_at_exit(tmp_path):
 
 def test_backend_defaults_to_null():
     dtype = device_types()["com2"]
-    assert dtype.validate({})["backend"] == "null"
+    assert dtype.validate({}).backend == "null"
     machine, uart = build("com2")
     uart.start()
     uart.write(0, 1, ord("x"))

@@ -11,7 +11,7 @@ import os
 import struct
 
 import pytest
-from conftest import assert_c_struct_matches
+from hvframe.testing.helpers import assert_c_struct_matches
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 

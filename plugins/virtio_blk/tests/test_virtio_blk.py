@@ -8,12 +8,13 @@ import pytest
 
 from hvframe.device import DeviceType
 from hvframe.errors import ConfigError
-from hvframe.pci.bus import INTX_GSI_BASE, attach, ensure_pci_bus
-from hvframe.synthetic import SyntheticMachine
+from hvframe.pci.bus import INTX_GSI_BASE
+from hvframe import testing
+from hvframe.testing import SyntheticMachine
 from hvframe.virtio.device import (F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
                                    ISR_CONFIG, ISR_QUEUE, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
                                    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, bit)
-from hvframe.virtio.harness import VirtioPciDriver
+from hvframe.testing.virtio import VirtioPciDriver
 from hvframe.virtio.pci import (CFG_COMMON, CFG_DEVICE, CFG_ISR, CFG_NOTIFY, MODERN_BAR,
                                 NOTIFY_OFF)
 from hvframe_virtio_blk.plugin import virtio_blk_device_types
@@ -47,15 +48,9 @@ class Rig:
                  features=ALL, irqfd_eventfds=False):
         self.path = make_disk(tmp_path, sectors)
         self.m = SyntheticMachine(64 << 20, irqfd_eventfds=irqfd_eventfds)
-        dt = blk_type()
-        options = dt.validate(dt.parse_conf(f"{self.path}{',' + conf if conf else ''}"),
-                              where="test")
-        options["pci.address"] = (0, SLOT, 0)
-        self.fn = dt.factory(self.m, options)
-        attach(self.m, self.fn, options)
-        self.m.add_device(self.fn)
-        pci = ensure_pci_bus(self.m)
-        pci.assign_bars()
+        # Built as `hvframe run` builds it; the driver turns decoding on, as a guest's would.
+        self.fn, = testing.rig(self.m, f"-s {SLOT},virtio-blk,{self.path}{',' + conf if conf else ''}",
+                       direct_boot=False)
         self.drv = VirtioPciDriver(self.m, SLOT, legacy=legacy, msix=msix)
         self.features = self.drv.initialize(features)
         self.buf = self.drv.data_base
@@ -354,7 +349,7 @@ def test_completions_interrupt_through_the_irqfd_without_python(tmp_path):
         r.close()
 
 
-def test_broken_chain_sets_needs_reset_and_reset_recovers(rig):
+def test_broken_chain_sets_needs_reset_and_reset_recovers(rig, caplog):
     d, mem = rig.drv, rig.mem
     q = d.queues[0]
     # Two descriptors pointing at each other: a loop.
@@ -366,6 +361,9 @@ def test_broken_chain_sets_needs_reset_and_reset_recovers(rig):
     d.kick(0)
     assert wait_status(d, STATUS_NEEDS_RESET)
     assert (0xFEE00000, 0x40) in rig.m.msis[msis:]            # the configuration vector
+    # said by the device's own logger, named after it
+    assert any(r.name == f"hvframe.device.virtio-blk 0:{SLOT}:0" and "needs reset" in r.getMessage()
+               for r in caplog.records), [(r.name, r.getMessage()) for r in caplog.records]
     d.set_status(0)
     assert d.status() == 0
     d.initialize(ALL)
@@ -488,17 +486,14 @@ def test_bad_options(tmp_path, conf, message):
     path = make_disk(tmp_path)
     m = SyntheticMachine(16 << 20)
     try:
-        dt = blk_type()
-        options = dt.validate(dt.parse_conf(conf.format(path=path)), where="test")
-        options["pci.address"] = (0, SLOT, 0)
         with pytest.raises(ConfigError, match=message):
-            dt.factory(m, options)
+            testing.rig(m, f"-s {SLOT},virtio-blk,{conf.format(path=path)}")
     finally:
         m.close()
 
 
 def test_runner_rejects_bad_disk_in_one_line(tmp_path):
-    from conftest import run_hvframe
+    from hvframe.testing.helpers import run_hvframe
     p = run_hvframe(["run", "-s", "2,virtio-blk," + str(tmp_path / "nope.img")])
     assert p.returncode == 4
     assert p.stderr.strip().count("\n") == 0 and "nope.img" in p.stderr

@@ -20,9 +20,9 @@ from hvframe.errors import ConfigError
 from hvframe_virtio_net.backend import Framing, Offloads
 from hvframe_virtio_net.backends import open_backend
 from hvframe_virtio_net import stream
-from netframes import (StreamReader, arp_request, be32_frame, ip4, mac, open_when_listening,
+from hvframe.testing.netframes import (StreamReader, arp_request, be32_frame, ip4, mac, open_when_listening,
                        parse_arp_reply, write_all)
-from netns import Netns, netns_missing
+from hvframe.testing.netns import Netns, netns_missing
 
 GUEST_MAC = mac("52:54:00:12:34:56")
 

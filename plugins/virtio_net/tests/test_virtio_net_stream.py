@@ -14,9 +14,9 @@ import pytest
 
 from hvframe_virtio_net import layout as L
 from hvframe_virtio_net.backends import open_backend
-from netframes import (StreamReader, arp_request, be32_frame, ip4, open_when_listening,
+from hvframe.testing.netframes import (StreamReader, arp_request, be32_frame, ip4, open_when_listening,
                        parse_arp_reply, write_all)
-from netns import Netns, netns_missing
+from hvframe.testing.netns import Netns, netns_missing
 from test_virtio_net import MAC, Rig, frame, wait_for
 
 PASST = shutil.which("passt")

@@ -14,7 +14,7 @@ import tempfile
 import types
 
 import pytest
-from conftest import assert_c_struct_matches
+from hvframe.testing.helpers import assert_c_struct_matches
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 

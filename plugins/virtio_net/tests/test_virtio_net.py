@@ -13,14 +13,14 @@ import uuid
 import pytest
 
 from hvframe.errors import ConfigError
-from hvframe.pci.bus import attach, ensure_pci_bus
-from hvframe.synthetic import SyntheticMachine
+from hvframe.pci.bus import place
+from hvframe.testing import SyntheticMachine, rig
 from hvframe.virtio.device import (F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
                                    STATUS_NEEDS_RESET, bit)
 from hvframe.virtio.pci import VirtioPciFunction
 from hvframe_virtio_net import layout as L
 from hvframe_virtio_net.backend import Offloads
-from hvframe_virtio_net.plugin import default_mac, virtio_net_device_types
+from hvframe_virtio_net.plugin import default_mac
 from hvframe_virtio_net.testdriver import NetDriver, StreamPair, in_netns, tap_peer_socket
 from hvframe_virtio_net.virtio_net import VirtioNet
 
@@ -48,10 +48,9 @@ class Rig:
         self.backend = backend
         self.dev = VirtioNet(backend, mac=MAC, queue_pairs=pairs, mtu=mtu)
         self.fn = VirtioPciFunction(self.dev, name="virtio-net test")
-        options = {"pci.address": (0, SLOT, 0)}
-        attach(self.m, self.fn, options)
-        self.m.add_device(self.fn)
-        ensure_pci_bus(self.m).assign_bars()
+        # A backend object of the test's own: placed by hand, not from a command line.
+        self.m.add_device(place(self.m, self.fn, (0, SLOT, 0)))
+        self.m.pci.assign_bars()
         self.nd = NetDriver(self.m, SLOT, features, legacy=legacy, rx_buf_size=rx_buf_size,
                             queue_size=queue_size)
         for p in range(pairs):
@@ -329,7 +328,7 @@ def test_link_comes_back_when_the_backend_reconnects(stream_rig):
 
 
 def test_rx_ring_empty_while_flooded_costs_no_cpu_and_bounded_memory(stream_rig):
-    from tests.conftest import rss_kib
+    from hvframe.testing.helpers import rss_kib
     r = stream_rig(post=0)
     be = r.backend
     be.peer.setblocking(False)
@@ -369,10 +368,10 @@ def test_reset_and_reinitialize(stream_rig):
 # -- configuration errors ------------------------------------------------------------------
 
 def _factory(conf, machine=None):
-    dt = virtio_net_device_types()[0]
-    options = dt.validate(dt.parse_conf(conf), where="test")
-    options["pci.address"] = (0, SLOT, 0)
-    return dt.factory(machine or SyntheticMachine(16 << 20), options)
+    """A virtio-net from its -s conf, built as `hvframe run` builds it (decoding left off)."""
+    fn, = rig(machine or SyntheticMachine(16 << 20), f"-s {SLOT},virtio-net,{conf}",
+              direct_boot=False)
+    return fn
 
 
 @pytest.mark.parametrize("conf,msg", [
@@ -427,9 +426,6 @@ class TapRig(Rig):
         self.m = SyntheticMachine(64 << 20)
         self.fn = _factory(f"tap={self.tapname},mac={MAC.hex(':')},queues={pairs}{conf_extra}",
                            self.m)
-        attach(self.m, self.fn, {"pci.address": (0, SLOT, 0)})
-        self.m.add_device(self.fn)
-        ensure_pci_bus(self.m).assign_bars()
         self.dev = self.fn.device
         self.backend = self.dev.backend
         # The tap goes into the namespace (our descriptors stay attached) and comes up there.
@@ -643,7 +639,7 @@ def test_tap_checksum_offload_both_ways(netns, guest_csum):
 
 
 def test_bad_option_on_the_command_line_is_one_line_and_exit_4():
-    from tests.conftest import run_hvframe
+    from hvframe.testing.helpers import run_hvframe
     r = run_hvframe(["run", "-m", "16M", "-s", "0,hostbridge", "-s", "3,virtio-net,tap0,queues=0",
                      "--timeout", "5"])
     assert r.returncode == 4, (r.stdout, r.stderr)

@@ -4,8 +4,7 @@ import threading
 
 import pytest
 
-from hvframe.synthetic import SyntheticMachine
-from hvframe_uart import plugin
+from hvframe.testing import SyntheticMachine, rig
 from hvframe_uart.uart16550 import NATIVE_RING
 
 COM1 = 0x3F8
@@ -13,9 +12,8 @@ THR, IER, IIR, LCR, MCR, LSR = 0, 1, 2, 3, 4, 5
 
 
 def build(conf):
-    dtype = {t.name: t for t in plugin.hvframe_device_types()}["com1"]
     machine = SyntheticMachine()
-    uart = dtype.factory(machine, dtype.validate(dtype.parse_conf(conf)))
+    uart, = rig(machine, f"-l com1,{conf}")
     return machine, uart
 
 

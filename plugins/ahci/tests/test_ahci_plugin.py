@@ -2,7 +2,7 @@
 for everything a user can get wrong."""
 import pytest
 
-from conftest import run_hvframe
+from hvframe.testing.helpers import run_hvframe
 from hvframe.config import Config
 from hvframe.errors import ConfigError
 from hvframe.plugins import Registry
@@ -27,7 +27,7 @@ def ports_of(arg, *extra):
         add_option(cfg, o)
     slot = arg.split(",")[0]
     group = cfg.group(f"pci.0.{slot}.0")
-    return reg.require(group["device"], "pci", "test").validate(group)["ports"]
+    return reg.require(group["device"], "pci", "test").validate(group).ports
 
 
 def test_registered_device_types():
@@ -42,25 +42,26 @@ def test_ports_with_their_own_options(images):
     ports = ports_of(f"4,ahci,hd:{hd},ro,sectorsize=512/4096,ser=S1,cd:{cd},hd:{hd2},"
                      f"nmrr=1,model=My Disk")
     assert list(ports) == [0, 1, 2]
-    assert ports[0]["type"] == "hd" and ports[0]["path"] == str(hd) and ports[0]["ro"]
-    assert ports[0]["sectorsize"] == "512/4096" and ports[0]["ser"] == "S1"
-    assert ports[1]["type"] == "cd" and ports[1]["ro"]               # CDs are read-only
-    assert ports[2]["nmrr"] == 1 and ports[2]["model"] == "My Disk" and not ports[2]["ro"]
+    assert ports[0].type == "hd" and ports[0].path == str(hd) and ports[0].ro
+    assert ports[0].sectorsize == "512/4096" and ports[0].ser == "S1"
+    assert ports[1].type == "cd" and ports[1].ro                     # CDs are read-only
+    assert ports[2].nmrr == 1 and ports[2].model == "My Disk" and not ports[2].ro
 
 
 def test_bhyve_single_port_aliases(images):
     hd, _, cd = images
     p = ports_of(f"4,ahci-hd,{hd},ro,nodelete")
-    assert p == {0: {**p[0], "type": "hd", "path": str(hd), "ro": True, "nodelete": True}}
-    assert ports_of(f"5,ahci-cd,{cd}")[0]["type"] == "cd"
-    assert ports_of(f"4,ahci-hd,path={hd}")[0]["path"] == str(hd)
+    assert list(p) == [0]
+    assert (p[0].type, p[0].path, p[0].ro, p[0].nodelete) == ("hd", str(hd), True, True)
+    assert ports_of(f"5,ahci-cd,{cd}")[0].type == "cd"
+    assert ports_of(f"4,ahci-hd,path={hd}")[0].path == str(hd)
 
 
 def test_ports_through_the_configuration_tree(images):
     hd, _, _ = images
     p = ports_of(f"4,ahci,hd:{hd}", f"pci.0.4.0.port.3.type=hd", f"pci.0.4.0.port.3.path={hd}",
                  "pci.0.4.0.port.3.ser=XYZ")
-    assert sorted(p) == [0, 3] and p[3]["ser"] == "XYZ"
+    assert sorted(p) == [0, 3] and p[3].ser == "XYZ"
 
 
 def test_a_full_controller_has_32_ports(images):

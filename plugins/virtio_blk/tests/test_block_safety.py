@@ -14,7 +14,7 @@ import tracemalloc
 
 import pytest
 
-from conftest import requires_kvm, run_hvframe
+from hvframe.testing.helpers import requires_kvm, run_hvframe
 from hvframe.block import BlockBackend, BlockError
 from hvframe.block import backend as backend_mod
 from hvframe.errors import ConfigError
