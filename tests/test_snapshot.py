@@ -397,3 +397,55 @@ def test_uart_state_round_trip_through_its_record():
     from hvframe.errors import ConfigError
     with pytest.raises(ConfigError, match="state version 9"):
         decode_into(b, b"\x09\x00" + rec[2:], "com1")
+
+
+def test_virtio_blk_transport_state_moves_to_a_new_machine(tmp_path):
+    """A virtio-blk driven by the Python driver with MSI-X, requests done: quiesced, its
+    record and guest RAM put into a freshly built machine of the same configuration, where
+    the driver goes on with its queues as they were (no reset), interrupts included."""
+    from test_virtio_blk import Rig, blk_type, SLOT
+    from hvframe.pci.bus import attach, ensure_pci_bus
+    from hvframe.snapshot.state import decode_into, encode
+    from hvframe.synthetic import SyntheticMachine
+    from hvframe.virtio.harness import VirtioPciDriver
+    from hvframe_virtio_blk.virtio_blk import S_OK, T_IN, T_OUT
+
+    a = Rig(tmp_path, "locking=off")
+    machines = [a.m]
+    try:
+        for s in range(1, 6):
+            assert a.request(T_OUT, s, data=bytes([s]) * 512)[0] == S_OK
+        a.fn.quiesce()
+        record = encode(a.fn)
+        ram = a.mem.read(0, a.mem.size)
+        a.fn.unquiesce()
+
+        m = SyntheticMachine(64 << 20)
+        machines.append(m)
+        dt = blk_type()
+        options = dt.validate(dt.parse_conf(f"{a.path},locking=off"), where="test")
+        options["pci.address"] = (0, SLOT, 0)
+        fn = dt.factory(m, options)
+        attach(m, fn, options)
+        m.add_device(fn)
+        ensure_pci_bus(m).assign_bars()
+        m.memory.write(0, ram)
+        decode_into(fn, record, "virtio-blk")
+        assert fn.status == a.fn.status and fn.features == a.fn.features
+        assert fn.msix.enabled and fn.queues[0].vq.used_idx == a.fn.queues[0].vq.used_idx == 5
+
+        b = VirtioPciDriver(m, SLOT)
+        b.queues = a.drv.queues
+        for q in b.queues:
+            q.mem = m.memory
+        b.data_base = a.drv.data_base
+        a.m, a.drv, a.mem = m, b, m.memory          # the rig's requests now go to the new one
+        status, _ = a.request(T_OUT, 7, data=b"\x77" * 512)
+        assert status == S_OK
+        status, _ = a.request(T_IN, 3, read_len=512)
+        assert status == S_OK and a.last_read == b"\x03" * 512
+        assert b.irq_count > 0                      # completions interrupt through MSI-X
+        assert a.image()[7 * 512:8 * 512] == b"\x77" * 512
+    finally:
+        for machine in machines:
+            machine.close()
