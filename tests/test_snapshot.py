@@ -449,3 +449,42 @@ def test_virtio_blk_transport_state_moves_to_a_new_machine(tmp_path):
     finally:
         for machine in machines:
             machine.close()
+
+
+SLOW = os.environ.get("HVFRAME_SLOW_TESTS") == "1"
+
+
+@requires_kvm
+@pytest.mark.kvm
+@pytest.mark.skipif(not SLOW, reason="boots Linux twice over (minutes each on nested KVM): "
+                                     "HVFRAME_SLOW_TESTS=1")
+def test_linux_checkpointed_during_boot_and_restored_reaches_init(tmp_path):
+    from linux_kernel import CMDLINE, built_kernel, newc_cpio
+    kernel = built_kernel()
+    if kernel is None:
+        pytest.skip("the Linux test kernel is not built: run scripts/build-test-kernel.sh")
+    initrd = tmp_path / "initramfs.cpio"
+    initrd.write_bytes(newc_cpio({"dev": (0o040755, b""),
+                                  "init": (0o100755, b"#!/bin/sh\nexit 0\n")}))
+    args = ["-m", "128M", "-s", "0,hostbridge", "--kernel", kernel, "--initrd", str(initrd),
+            "-a", CMDLINE + " acpi=off"]
+    snap = tmp_path / "linux.snap"
+    a = VmProcess(tmp_path, args, name="linux-a")
+    try:
+        a.wait_for("pci 0000:00:00.0: [8086:1237]", timeout=900)   # mid-boot: probing PCI
+        p = a.ctl("--suspend", str(snap))
+        assert p.returncode == 0, p.stderr
+        a.finish(60)
+    finally:
+        a.kill()
+    first = a.console_text()
+    assert "Run /init" not in first
+    b = VmProcess(tmp_path, args + ["-r", str(snap)], name="linux-b")
+    try:
+        code, err = b.finish(900)
+    finally:
+        b.kill()
+    second = b.console_text()
+    assert "Linux version" not in second                 # went on, did not boot again
+    assert "Run /init as init process" in second, second[-2000:]
+    assert code == 0, err                                 # panic=-1: the reboot after init
