@@ -103,9 +103,11 @@ def test_suspend_then_restore_in_a_new_process_continues_the_count(tmp_path, cou
 @requires_kvm
 @pytest.mark.kvm
 def test_checkpoint_leaves_the_vm_running_and_restores_from_that_point(tmp_path, counter):
+    """Here with bhyve's LPC bridge (and fw_cfg) and a PCI UART as well."""
     image = disk(tmp_path)
     snap = tmp_path / "vm.snap"
-    a = VmProcess(tmp_path, machine_args(counter, image), name="cnt-a")
+    extra = ["-s", "31,lpc", "-s", "4,uart,null"]
+    a = VmProcess(tmp_path, machine_args(counter, image, extra), name="cnt-a")
     try:
         a.wait_for("count 30")
         p = a.ctl("--checkpoint", str(snap))
@@ -118,8 +120,8 @@ def test_checkpoint_leaves_the_vm_running_and_restores_from_that_point(tmp_path,
     first = a.console_text()
     assert counts_of(first) == list(range(1, COUNT + 1))
     # The restored run starts over from the checkpoint, not from the end of the first run.
-    code, err, second = run_to_end(tmp_path, machine_args(counter, image) + ["-r", str(snap)],
-                                   "cnt-b")
+    code, err, second = run_to_end(tmp_path, machine_args(counter, image, extra)
+                                   + ["-r", str(snap)], "cnt-b")
     assert code == 1, err
     assert "counter start" not in second
     resumed = counts_of(second)
