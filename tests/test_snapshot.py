@@ -81,9 +81,10 @@ def run_to_end(tmp_path, args, name, timeout=120):
 @requires_kvm
 @pytest.mark.kvm
 def test_suspend_then_restore_in_a_new_process_continues_the_count(tmp_path, counter):
+    """With two vCPUs (the second waiting for its start-up IPI all along)."""
     image = disk(tmp_path)
     snap = tmp_path / "vm.snap"
-    a = VmProcess(tmp_path, machine_args(counter, image), name="cnt-a")
+    a = VmProcess(tmp_path, machine_args(counter, image, ["-c", "2"]), name="cnt-a")
     try:
         a.wait_for("count 40")
         p = a.ctl("--suspend", str(snap))
@@ -94,8 +95,8 @@ def test_suspend_then_restore_in_a_new_process_continues_the_count(tmp_path, cou
         a.kill()
     first = a.console_text()
     assert counts_of(first)[-1] < COUNT
-    code, err, second = run_to_end(tmp_path, machine_args(counter, image) + ["-r", str(snap)],
-                                   "cnt-b")
+    code, err, second = run_to_end(tmp_path, machine_args(counter, image, ["-c", "2"])
+                                   + ["-r", str(snap)], "cnt-b")
     assert code == 1, err
     assert_continued(first, second, image)
 
@@ -180,6 +181,11 @@ def test_failed_migration_leaves_the_source_running(tmp_path, counter, sockdir):
             from hvframe.errors import HvError
             with pytest.raises(HvError, match="cannot connect"):
                 client.execute("migrate", {"uri": f"unix:{sockdir}/nobody.sock"})
+            with pytest.raises(HvError, match="use file:PATH, unix:PATH or tcp:HOST:PORT"):
+                client.execute("migrate", {"uri": "exec:cat"})
+            with pytest.raises(HvError, match="migration failed"):
+                client.execute("migrate", {"uri": f"file:{sockdir}/no/such/dir/x.snap"})
+            assert not os.listdir(sockdir)          # no part of a checkpoint left behind
             assert client.execute("query-status")["status"] == "running"
         finally:
             client.close()
