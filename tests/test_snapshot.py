@@ -496,3 +496,34 @@ def test_linux_checkpointed_during_boot_and_restored_reaches_init(tmp_path):
     assert "Linux version" not in second                 # went on, did not boot again
     assert "Run /init as init process" in second, second[-2000:]
     assert code == 0, err                                 # panic=-1: the reboot after init
+
+
+@requires_kvm
+@pytest.mark.kvm
+def test_incoming_refuses_a_bad_stream_and_quits_while_waiting(tmp_path, counter, sockdir):
+    image = disk(tmp_path)
+    uri = f"unix:{sockdir}/in.sock"
+    b = VmProcess(tmp_path, machine_args(counter, image) + ["--incoming", uri], name="in-1")
+    try:
+        from hvframe.control.ctl import QmpClient
+        client = QmpClient(b.wait_socket())
+        assert client.execute("query-status")["status"] == "inmigrate"
+        client.close()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(f"{sockdir}/in.sock")
+            s.sendall(b"this is not a virtual machine\n" * 10)
+        code, err = b.finish()
+        assert code == 4 and "not an hvframe snapshot" in err, err
+        lines = [ln for ln in err.splitlines() if "run directory" not in ln]   # (-v's line)
+        assert len(lines) == 1 and "Traceback" not in err, err
+    finally:
+        b.kill()
+    b = VmProcess(tmp_path, machine_args(counter, image) + ["--incoming", uri], name="in-2")
+    try:
+        b.wait_socket()
+        assert b.ctl("--destroy").returncode == 0
+        code, err = b.finish()
+        assert code == 1, err
+        assert b.console_text() == ""                # no guest ever ran
+    finally:
+        b.kill()

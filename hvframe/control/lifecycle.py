@@ -304,9 +304,19 @@ class Lifecycle:
                                                   wake=lambda: self._signals.put(None)).start()
             self.qmp.start()
             if self._incoming is not None:
-                self._snapshot = self._incoming.receive(
-                    stopping=lambda: self._host_stop is not None)
-            code, reason = self._run_machines()
+                from ..runner import plan
+                # RAM plus what vCPUs and devices can hold (their records are small).
+                limit = plan(self.cfg).memory_size + (64 << 20)
+                try:
+                    self._snapshot = self._incoming.receive(
+                        limit, stopping=lambda: self._host_stop is not None)
+                except HvError:
+                    if self._host_stop is None:
+                        raise
+            if self._snapshot is None and self._incoming is not None:
+                code, reason = self._host_stop[0], self._host_stop[1]     # quit while waiting
+            else:
+                code, reason = self._run_machines()
         except MemoryError:
             raise HvError("out of memory while building the machine (try a smaller -m)") from None
         finally:

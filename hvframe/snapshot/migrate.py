@@ -107,10 +107,11 @@ class Incoming:
             raise
         self.conn: socket.socket | None = None
 
-    def receive(self, stopping=lambda: False) -> tuple[object, Reader]:
+    def receive(self, max_bytes: int, stopping=lambda: False) -> tuple[object, Reader]:
         """Wait for the source, take its whole stream, answer READY and wait for GO; returns
         the stream kept in memory (a file at offset 0) and a Reader on it with its header
-        read. SnapshotError/ConfigError (one line) when the stream is not usable."""
+        read. SnapshotError/ConfigError (one line) when the stream is not usable, or would
+        be larger than max_bytes (kept in memory: a source may not grow it without bound)."""
         self.listener.settimeout(0.5)
         while self.conn is None:
             if stopping():
@@ -126,6 +127,9 @@ class Incoming:
             r = Reader(io.BufferedReader(_Tee(self.conn, kept), 1 << 20),
                        f"--incoming {self.uri}")
             r.read_header()
+            if sum(n for _, n in r.section_list) > max_bytes:
+                raise SnapshotError(f"--incoming {self.uri}: the VM sent is larger than this "
+                                    f"command line's ({max_bytes >> 20} MiB of state at most)")
             for _ in r.sections():
                 pass
             r.verify()
