@@ -2,6 +2,10 @@
 
     hvframe ctl --vm NAME [--get-all [--cpu N]] [--get-stats] [--pause] [--resume]
                           [--force-reset] [--force-poweroff] [--destroy]
+                          [--checkpoint FILE | --suspend FILE]
+
+--checkpoint is QMP `migrate` to file:FILE followed by `cont` (QEMU leaves a VM paused after
+a migration), --suspend the same followed by `quit`; hvframe.snapshot has the rest.
 
 Also the bhyve(8) flags `hvframe run` accepts for compatibility (add_bhyve_flags), with what
 each means here (bhyve_notes, printed with -v).
@@ -245,7 +249,8 @@ def ctl_main(args) -> int:
                if getattr(args, a)]
     if not actions:
         raise ConfigError("ctl: nothing to do; give --get-all, --get-stats, --pause, --resume, "
-                          "--force-reset, --force-poweroff or --destroy")
+                          "--force-reset, --force-poweroff, --destroy, --checkpoint FILE or "
+                          "--suspend FILE")
     client = connect(args.vm)
     try:
         if args.pause:
