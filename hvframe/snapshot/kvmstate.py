@@ -16,9 +16,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import struct
-import time
 
-from construct import Bytes, Int32ul, Int64sl, Int64ul, PrefixedArray, Prefixed, GreedyBytes, Struct
+from construct import Bytes, Int32ul, Int64ul, PrefixedArray, Prefixed, GreedyBytes, Struct
 
 from ..core_native import lib
 from ..errors import HvError
@@ -58,9 +57,6 @@ MSR_IA32_TSC_DEADLINE = 0x6E0
 EVENTS_FLAGS_OFFSET = 20
 VCPUEVENT_VALID_NMI_PENDING, VCPUEVENT_VALID_SIPI_VECTOR = 0x1, 0x2
 IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE, IRQCHIP_IOAPIC = 0, 1, 2
-# struct kvm_pit_state2: three struct kvm_pit_channel_state of 24 bytes, each with its s64
-# count_load_time (host ktime, ns) at byte 16.
-PIT_CHANNELS, PIT_CHANNEL_SIZE, PIT_LOAD_TIME_OFFSET = 3, 24, 16
 
 MsrEntry = Struct("index" / Int32ul, "value" / Int64ul)
 
@@ -80,10 +76,8 @@ VCPU_RECORD = Struct(
 )
 VCPU_RECORD_VERSION = 1
 
-# The VM's in-kernel devices (record "kvm-vm"). saved_at: the host's CLOCK_MONOTONIC when
-# it was taken, the time base of the PIT channels' count_load_time (KVM's ktime).
+# The VM's in-kernel devices (record "kvm-vm").
 VM_RECORD = Struct(
-    "saved_at" / Int64sl,
     "pic_master" / Bytes(SIZES["irqchip"]),
     "pic_slave" / Bytes(SIZES["irqchip"]),
     "ioapic" / Bytes(SIZES["irqchip"]),
@@ -237,7 +231,6 @@ class KvmStateIo:
     def save_vm(self) -> bytes:
         fd = self.machine.vm.fd
         return VM_RECORD.build(dict(
-            saved_at=time.monotonic_ns(),
             pic_master=self._irqchip(IRQCHIP_PIC_MASTER),
             pic_slave=self._irqchip(IRQCHIP_PIC_SLAVE),
             ioapic=self._irqchip(IRQCHIP_IOAPIC),
@@ -249,15 +242,7 @@ class KvmStateIo:
         fd = self.machine.vm.fd
         for name in ("pic_master", "pic_slave", "ioapic"):
             _set(fd, "KVM_SET_IRQCHIP", r[name], "VM")
-        # The PIT counts from when its channels were loaded, in host time: moved on by the
-        # time the VM was away (as QEMU does), or KVM would reinject every tick missed
-        # meanwhile, a storm a slow guest never catches up with.
-        pit = bytearray(r.pit2)
-        away = time.monotonic_ns() - r.saved_at
-        for ch in range(PIT_CHANNELS):
-            off = ch * PIT_CHANNEL_SIZE + PIT_LOAD_TIME_OFFSET
-            struct.pack_into("<q", pit, off, struct.unpack_from("<q", pit, off)[0] + away)
-        _set(fd, "KVM_SET_PIT2", bytes(pit), "VM")
+        _set(fd, "KVM_SET_PIT2", r.pit2, "VM")
         # Only the clock value: the flags of GET (TSC_STABLE...) are not for SET.
         clock = bytearray(r.clock)
         struct.pack_into("<I", clock, 8, 0)
