@@ -176,6 +176,8 @@ class QueueState:
         # Threads waiting for the lock (a reset, a disable): the Python service loop lets go
         # between chains when there are any, as the native cycle does (CYCLE_YIELD).
         self.claims = 0
+        # A checkpoint is being taken: the worker serves nothing (the transport's quiesce).
+        self.quiesced = False
         self.clear()
 
     def clear(self) -> None:
@@ -260,7 +262,6 @@ class VirtioPciFunction(PciFunction, DeviceState):
 
     state_version = 1
     state_layout = VIRTIO_PCI_STATE
-    _quiesced = False       # service_queue serves nothing while a checkpoint is taken
 
     def __init__(self, device: VirtioDevice, *, name: str | None = None):
         nq = device.num_queues
@@ -723,7 +724,7 @@ class VirtioPciFunction(PciFunction, DeviceState):
         with q.lock:
             vq = q.vq
             if vq is None or q.broken or not self.live or self.status & STATUS_NEEDS_RESET \
-                    or self._quiesced:
+                    or q.quiesced:
                 return
             device = self.device
             cycle = device.serve_cycle
@@ -805,8 +806,8 @@ class VirtioPciFunction(PciFunction, DeviceState):
     def quiesce(self) -> None:
         """Every queue's worker finishes the batch in hand (requests taken from the ring are
         completed and in the used ring) and serves nothing more until unquiesce()."""
-        self._quiesced = True
         for q in self.queues:
+            q.quiesced = True
             with claiming(q.vq):
                 with _claims_lock:
                     q.claims += 1
@@ -820,7 +821,8 @@ class VirtioPciFunction(PciFunction, DeviceState):
             self.device.quiesce()
 
     def unquiesce(self) -> None:
-        self._quiesced = False
+        for q in self.queues:
+            q.quiesced = False
         if isinstance(self.device, DeviceState):
             self.device.unquiesce()
         for w in self._workers:
