@@ -12,7 +12,6 @@ import re
 import socket
 import struct
 import subprocess
-import time
 
 import pytest
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 
 from ..errors import ConfigError, HvError
 from . import rundir
