@@ -169,7 +169,8 @@ def main(argv=None) -> int:
         grace = DEFAULT_GRACE if args.grace is None else (args.grace or None)
         return Lifecycle(cfg, registry, name=name, qmp_paths=qmp_paths(args.qmp),
                          verbose=args.verbose, timeout=args.timeout, grace=grace,
-                         notes=bhyve_notes(args)).run()
+                         notes=bhyve_notes(args), restore=args.restore,
+                         incoming=args.incoming).run()
     except HvError as e:
         print(f"hvframe: {e}", file=sys.stderr)
         return EXIT_ERROR

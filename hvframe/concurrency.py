@@ -14,6 +14,10 @@ Threads, and who owns them
 * **Control-plane threads** (hvframe.control), owned by the run's Lifecycle: the QMP control
   thread (commands, events) and the signal thread (signals, the SIGTERM grace timer). A
   pause parks vCPU threads at the machine's PauseGate, outside any device code and lock.
+  A checkpoint or migration (hvframe.snapshot) runs on the QMP control thread with the
+  vCPUs paused and no lock held: each device's quiesce() waits for its own threads there
+  (the virtio transport claims each queue lock in turn, as a reset does), then the state
+  is read under each device's own locks, one device at a time.
 
 Locks, outermost first
 ----------------------

@@ -57,10 +57,6 @@ class PortHandler(Protocol):
 
 # ---- the device interface ----------------------------------------------------------------------
 
-class SnapshotNotSupported(ConfigError):
-    """A device that cannot save or restore its state was asked to (one line, exit 4)."""
-
-
 @dataclass(frozen=True)
 class AcpiIsaDevice:
     """A device the DSDT describes under the LPC bridge's ISA scope (_HID, one I/O range,
@@ -93,8 +89,10 @@ class Device:
                          interrupts) holds them; the default does nothing
       close()            once, after the vCPUs stopped: stop and join threads, close files
 
-    snapshot_state()/restore_state() save and load what the device needs to resume elsewhere;
-    the defaults raise SnapshotNotSupported. acpi_isa_devices() lists what the DSDT should
+    A device a checkpoint can carry also subclasses hvframe.snapshot.state.DeviceState (its
+    record's construct layout and version, save_state/load_state, quiesce/unquiesce); a
+    machine holding a device that does not is refused a checkpoint, naming it.
+    acpi_isa_devices() lists what the DSDT should
     describe for this device (none by default). PCI functions (hvframe.pci.PciFunction) add
     bar_remapped(), called when the guest moves or disables a BAR.
 
@@ -123,15 +121,6 @@ class Device:
 
     def close(self) -> None:
         """Stop and join the device's threads, close its files. Called once, vCPUs stopped."""
-
-    def snapshot_state(self) -> Any:
-        """What restore_state() needs to bring the device back (vCPUs paused)."""
-        raise SnapshotNotSupported(f"{self.name or type(self).__name__}: saving its state "
-                                   f"is not supported")
-
-    def restore_state(self, state: Any) -> None:
-        raise SnapshotNotSupported(f"{self.name or type(self).__name__}: restoring its state "
-                                   f"is not supported")
 
     def acpi_isa_devices(self) -> Sequence[AcpiIsaDevice]:
         """ISA devices the DSDT describes for this device (COM ports, say)."""

@@ -85,7 +85,7 @@ def test_ctl_refusals_are_one_line(tmp_path):
     assert p.returncode == 4 and "no VM named 'nosuch' is running" in p.stderr
     for flag in ("--suspend", "--checkpoint"):
         p = ctl("--vm", "x", flag, str(tmp_path / "ckpt"))
-        assert p.returncode == 4 and "not supported yet" in p.stderr
+        assert p.returncode == 4 and "no VM named 'x' is running" in p.stderr
         assert p.stderr.count("\n") == 1
     p = ctl("--vm", "x")
     assert p.returncode == 4 and "nothing to do" in p.stderr

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_hvframe
 from hvframe.device import (AcpiIsaDevice, Device, DeviceOptions, DeviceType, NoOptions,
-                            PciAddress, PciOptions, SnapshotNotSupported, group, option)
+                            PciAddress, PciOptions, group, option)
 from hvframe.errors import ConfigError
 from hvframe.testing import SyntheticMachine, rig
 
@@ -29,7 +29,7 @@ ALLOWED = {
     ("plugins/ahci/hvframe_ahci/hba.py", "self._regs"),
 }
 HOOK_NAMES = {"start", "close", "pause", "resume", "serve_cycle", "native_setup",
-              "bar_remapped", "snapshot_state", "restore_state", "acpi_isa_devices",
+              "bar_remapped", "save_state", "load_state", "quiesce", "acpi_isa_devices",
               "pci", "lpc", "fw_cfg", "bootrom", "irqfd_eventfds", "_vcpu_threads"}
 MACHINE_NAMES = {"m", "machine", "self.m", "self.machine", "self.bus.machine"}
 
@@ -89,10 +89,6 @@ def test_device_defaults_and_logger(caplog):
     d = Plain()
     d.start(), d.pause(), d.resume(), d.close()        # all optional: nothing happens
     assert d.acpi_isa_devices() == ()
-    with pytest.raises(SnapshotNotSupported, match="plain 0:3:0: saving its state is not"):
-        d.snapshot_state()
-    with pytest.raises(SnapshotNotSupported, match="restoring"):
-        d.restore_state({})
     d.log.warning("hello")
     assert [(r.name, r.getMessage()) for r in caplog.records] == [
         ("hvframe.device.plain 0:3:0", "hello")]

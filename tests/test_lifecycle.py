@@ -188,7 +188,8 @@ def test_console_escape_filter_keeps_state_across_reads():
     (["-m", "100000G"], "cannot reserve"),
     (["-c", "255"], "-c 255: at most 254 vCPUs"),
     (["-G", "1234"], "GDB server is not supported"),
-    (["-r", "ckpt"], "restoring a checkpoint is not supported yet"),
+    (["-r", "ckpt"], "ckpt: No such file or directory"),
+    (["--incoming", "udp:1"], "--incoming udp:1: use unix:PATH or tcp:HOST:PORT"),
     (["--qmp", "tcp:1234"], "use --qmp unix:PATH"),
     (["bad/name"], "VM name 'bad/name'"),
 ])

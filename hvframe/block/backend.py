@@ -339,6 +339,23 @@ class BlockBackend:
                               f'stop it, or use locking=off to share it') from None
         self.locked = True
 
+    def release_lock(self) -> None:
+        """Give up the image lock while another process takes the VM over (a migration's
+        hand-over, as QEMU inactivates its images); take_lock() takes it back."""
+        if self.locked and self.fd >= 0:
+            try:
+                _ofd_lock(self.fd, fcntl.F_UNLCK)
+            except OSError:
+                return
+            self.locked = False
+            self._relock = True
+
+    def take_lock(self) -> None:
+        """The lock release_lock() gave up (ConfigError if another process has it now)."""
+        if getattr(self, "_relock", False) and self.fd >= 0:
+            self._lock_image(os.fstat(self.fd))
+            self._relock = False
+
     def _probe_direct(self) -> None:
         """Read the first sector with O_DIRECT: some filesystems accept the flag at open time
         and only refuse the I/O, and a device with larger sectors refuses small ones."""

@@ -2,6 +2,10 @@
 
     hvframe ctl --vm NAME [--get-all [--cpu N]] [--get-stats] [--pause] [--resume]
                           [--force-reset] [--force-poweroff] [--destroy]
+                          [--checkpoint FILE | --suspend FILE]
+
+--checkpoint is QMP `migrate` to file:FILE followed by `cont` (QEMU leaves a VM paused after
+a migration), --suspend the same followed by `quit`; hvframe.snapshot has the rest.
 
 Also the bhyve(8) flags `hvframe run` accepts for compatibility (add_bhyve_flags), with what
 each means here (bhyve_notes, printed with -v).
@@ -9,14 +13,13 @@ each means here (bhyve_notes, printed with -v).
 from __future__ import annotations
 
 import json
+import os
 import socket
-import sys
 
 from ..errors import ConfigError, HvError
 from . import rundir
 
 EXIT_ERROR = 4
-NOT_YET = 4        # --suspend/--checkpoint/-r: need checkpointing (issue 13, item 4)
 
 
 # -- `hvframe run`: bhyve's flags ------------------------------------------------------------
@@ -52,8 +55,13 @@ def add_bhyve_flags(r) -> None:
     r.add_argument("-K", dest="bhyve_layout", metavar="LAYOUT",
                    help="bhyve: keyboard layout (accepted and ignored: no framebuffer)")
     r.add_argument("-G", dest="bhyve_gdb", metavar="PORT", help="bhyve: GDB server (not supported)")
-    r.add_argument("-r", dest="restore", metavar="FILE",
-                   help="bhyve: restore a checkpoint (not supported yet)")
+    r.add_argument("-r", "--restore", dest="restore", metavar="FILE",
+                   help="start from a checkpoint (hvframe ctl --checkpoint/--suspend, QMP "
+                        "migrate file:PATH) instead of booting; give the same devices as the "
+                        "VM it was taken of")
+    r.add_argument("--incoming", metavar="ADDR",
+                   help="wait for a VM migrated to unix:PATH or tcp:HOST:PORT (QMP migrate "
+                        "on the source), then run it here")
     r.add_argument("--qmp", action="append", default=[], metavar="unix:PATH",
                    help="also serve QMP on this Unix socket (it is always on the VM's control "
                         "socket in its run directory)")
@@ -81,8 +89,11 @@ def bhyve_notes(args) -> list[str]:
 def check_unsupported(args) -> None:
     if args.bhyve_gdb:
         raise ConfigError(f"-G {args.bhyve_gdb}: the GDB server is not supported")
-    if args.restore:
-        raise ConfigError(f"-r {args.restore}: restoring a checkpoint is not supported yet")
+    if args.restore and args.incoming:
+        raise ConfigError("--restore and --incoming cannot be used together")
+    if args.incoming:
+        from ..snapshot.migrate import parse_address
+        parse_address(args.incoming, "--incoming")
 
 
 def qmp_paths(specs: list[str]) -> list[str]:
@@ -110,8 +121,11 @@ def add_ctl_parser(sub) -> None:
     c.add_argument("--force-poweroff", action="store_true",
                    help="power the VM off at once (as --destroy)")
     c.add_argument("--destroy", action="store_true", help="stop the VM (its process exits)")
-    c.add_argument("--suspend", metavar="FILE", help="checkpoint, then stop (not supported yet)")
-    c.add_argument("--checkpoint", metavar="FILE", help="save a checkpoint (not supported yet)")
+    c.add_argument("--suspend", metavar="FILE",
+                   help="save a checkpoint to FILE, then stop the VM (hvframe run --restore "
+                        "FILE goes on from it)")
+    c.add_argument("--checkpoint", metavar="FILE",
+                   help="save a checkpoint to FILE; the VM runs on")
 
 
 class QmpClient:
@@ -226,16 +240,16 @@ def format_get_stats(stats: dict) -> str:
 
 
 def ctl_main(args) -> int:
-    if args.suspend or args.checkpoint:
-        what = "--suspend" if args.suspend else "--checkpoint"
-        print(f"hvframe ctl: {what}: checkpointing is not supported yet", file=sys.stderr)
-        return NOT_YET
     rundir.check_name(args.vm)
+    if args.suspend and args.checkpoint:
+        raise ConfigError("ctl: --suspend and --checkpoint cannot be used together")
     actions = [a for a in ("get_all", "get_stats", "pause", "resume", "force_reset",
-                           "force_poweroff", "destroy") if getattr(args, a)]
+                           "force_poweroff", "destroy", "suspend", "checkpoint")
+               if getattr(args, a)]
     if not actions:
         raise ConfigError("ctl: nothing to do; give --get-all, --get-stats, --pause, --resume, "
-                          "--force-reset, --force-poweroff or --destroy")
+                          "--force-reset, --force-poweroff, --destroy, --checkpoint FILE or "
+                          "--suspend FILE")
     client = connect(args.vm)
     try:
         if args.pause:
@@ -249,6 +263,19 @@ def ctl_main(args) -> int:
             print(format_get_all(regs))
         if args.get_stats:
             print(format_get_stats(client.execute("x-query-exit-stats")))
+        target = args.suspend or args.checkpoint
+        if target:
+            # QEMU's way: migrate to a file leaves the VM paused ("postmigrate").
+            running = client.execute("query-status").get("running")
+            try:
+                client.execute("migrate", {"uri": f"file:{os.path.abspath(target)}"})
+            except HvError as e:
+                raise ConfigError(f"{'--suspend' if args.suspend else '--checkpoint'} "
+                                  f"{target}: {e}") from None
+            if args.suspend:
+                client.execute("quit")
+            elif running:
+                client.execute("cont")
         if args.resume:
             client.execute("cont")
         if args.force_reset:

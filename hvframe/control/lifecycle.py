@@ -38,7 +38,7 @@ USER_DEADLINE = 10.0       # how long closing waits for a QMP command using the 
 class Lifecycle:
     def __init__(self, cfg, registry, *, name: str, qmp_paths=(), verbose: bool = False,
                  timeout: float | None = None, grace: float | None = DEFAULT_GRACE,
-                 notes=()):
+                 notes=(), restore: str | None = None, incoming: str | None = None):
         from ..runner import build_machine
         self.cfg, self.registry, self.name = cfg, registry, name
         self.qmp_paths = list(qmp_paths)
@@ -56,6 +56,12 @@ class Lifecycle:
         self._deadline: float | None = None                  # grace timer
         self.qmp: QmpServer | None = None
         self.rundir: RunDir | None = None
+        # A checkpoint to start from (--restore FILE), or a migration to receive (--incoming).
+        self.restore_path, self.incoming_uri = restore, incoming
+        self._snapshot = None          # (file, Reader) until the first machine has it
+        self._incoming = None
+        self.migration_status = "none"
+        self._released_images: list = []   # image locks handed to a migration's destination
 
     # -- the machine, for the control thread ----------------------------------------------
     @contextmanager
@@ -118,7 +124,14 @@ class Lifecycle:
             self.emit("STOP")
 
     def cont(self) -> None:
+        from ..errors import HvError
         with self.using_machine() as m:
+            for b in self._released_images:     # after a migration: the images again
+                try:
+                    b.take_lock()
+                except HvError as e:
+                    raise QmpError(f"cannot run on: {e}") from None
+            self._released_images = []
             changed = self._want_paused
             self._want_paused = False
             m.resume()
@@ -153,6 +166,70 @@ class Lifecycle:
             m = self._machine
         if m is not None:
             m.request_exit(code, reason)
+
+    def migrate(self, uri: str) -> None:
+        """QMP migrate: the VM's checkpoint to `file:PATH`, or streamed to another hvframe
+        (`unix:PATH`, `tcp:HOST:PORT`, see hvframe.snapshot.migrate). Stop-and-copy, and
+        synchronous: the reply comes once it is over. The VM is left paused, as QEMU's
+        ("postmigrate"): `cont` runs it on here, `quit` ends it."""
+        from ..block.backend import open_backends
+        from ..errors import HvError
+        from ..snapshot import checkpoint
+        from ..snapshot.migrate import DONE, GO, READY, connect, expect
+        kind, _, rest = uri.partition(":")
+        if kind not in ("file", "unix", "tcp") or not rest:
+            raise QmpError(f"uri {uri!r}: use file:PATH, unix:PATH or tcp:HOST:PORT")
+        with self.using_machine() as m:
+            try:
+                checkpoint.check_supported(m)
+            except HvError as e:
+                raise QmpError(str(e)) from None
+            was_running = not self._want_paused
+            if not m.pause():
+                if was_running:
+                    m.resume()
+                raise QmpError("the vCPUs did not stop in time")
+            self._migration_event("setup")
+            released = []
+            try:
+                meta = checkpoint.describe(m, dict(self.cfg.items()), self.name)
+                self._migration_event("active")
+                if kind == "file":
+                    _save_file(m, rest, meta)
+                else:
+                    sock = connect(uri)
+                    try:
+                        with sock.makefile("wb") as out:
+                            checkpoint.save(m, out, meta)
+                        expect(sock, READY, "migrate")
+                        for b in open_backends():
+                            b.release_lock()
+                            released.append(b)
+                        sock.sendall(GO)
+                        expect(sock, DONE, "migrate")
+                    finally:
+                        sock.close()
+            except (HvError, OSError) as e:
+                for b in released:
+                    try:
+                        b.take_lock()
+                    except HvError:
+                        pass
+                self._migration_event("failed")
+                if was_running:
+                    m.resume()
+                msg = str(e) if isinstance(e, HvError) else (e.strerror or str(e))
+                raise QmpError(f"migration failed: {msg}") from None
+            self._released_images = released
+            self._want_paused = True
+            self.status = "postmigrate"
+            self._migration_event("completed")
+        if was_running:
+            self.emit("STOP")
+
+    def _migration_event(self, status: str) -> None:
+        self.migration_status = status
+        self.emit("MIGRATION", {"status": status})
 
     # -- signals ------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -215,11 +292,31 @@ class Lifecycle:
                     print(f"hvframe: {note}", file=sys.stderr)
                 print(f"hvframe: VM {self.name}: run directory {self.rundir.path}",
                       file=sys.stderr)
+            if self.restore_path:
+                from ..snapshot.format import open_snapshot
+                self._snapshot = open_snapshot(self.restore_path)   # refused before building
+            if self.incoming_uri:
+                from ..snapshot.migrate import Incoming
+                self._incoming = Incoming(self.incoming_uri)
+                self.status = "inmigrate"
             old_signals = self._install_signals()
             sig_thread = concurrency.DeviceThread("lifecycle-signals", self._signal_loop,
                                                   wake=lambda: self._signals.put(None)).start()
             self.qmp.start()
-            code, reason = self._run_machines()
+            if self._incoming is not None:
+                from ..runner import plan
+                # RAM plus what vCPUs and devices can hold (their records are small).
+                limit = plan(self.cfg).memory_size + (64 << 20)
+                try:
+                    self._snapshot = self._incoming.receive(
+                        limit, stopping=lambda: self._host_stop is not None)
+                except HvError:
+                    if self._host_stop is None:
+                        raise
+            if self._snapshot is None and self._incoming is not None:
+                code, reason = self._host_stop[0], self._host_stop[1]     # quit while waiting
+            else:
+                code, reason = self._run_machines()
         except MemoryError:
             raise HvError("out of memory while building the machine (try a smaller -m)") from None
         finally:
@@ -231,6 +328,10 @@ class Lifecycle:
                 self.qmp.stop()
             if self.rundir is not None:
                 self.rundir.close()
+            if self._snapshot is not None:
+                self._snapshot[0].close()
+            if self._incoming is not None:
+                self._incoming.close()
             _restore_terminal(term)
         if code not in (0, 1) or self.verbose:
             print(f"hvframe: {reason} (exit {code})", file=sys.stderr)
@@ -245,6 +346,16 @@ class Lifecycle:
                 return stop[0], stop[1]
             m, _ = self._build(self.cfg, self.registry)
             try:
+                if self._snapshot is not None:       # the first machine starts from it
+                    from ..snapshot.checkpoint import restore
+                    f, reader = self._snapshot
+                    try:
+                        restore(m, reader)
+                    finally:
+                        self._snapshot = None
+                        f.close()
+                    if self._incoming is not None:
+                        self._incoming.done()
                 if self._want_paused:
                     m.pause()          # armed: the vCPUs park as soon as they start
                 self._attach(m)
@@ -273,6 +384,23 @@ class Lifecycle:
                 continue
             self.emit("SHUTDOWN", {"guest": code != EXIT_ERROR, "reason": _shutdown_reason(code, reason)})
             return code, reason
+
+
+def _save_file(m, path: str, meta: dict) -> None:
+    """A checkpoint to `path`, written beside it first: a failed one leaves no part behind."""
+    from ..snapshot import checkpoint
+    tmp = f"{path}.part{os.getpid()}"
+    try:
+        with open(tmp, "wb") as out:
+            checkpoint.save(m, out, meta)
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _shutdown_reason(code: int, reason: str) -> str:

@@ -87,6 +87,14 @@ def monitor_commands(lc) -> dict[str, Command]:
                     "devices": device_access_counts(m),
                     "unclaimed": {"io": m.pio.unclaimed, "mmio": m.mmio.unclaimed}}
 
+    def migrate(**args):
+        lc.migrate(args["uri"])
+        return {}
+
+    def query_migrate():
+        status = lc.migration_status
+        return {} if status == "none" else {"status": status}
+
     def human_monitor_command(**args):
         line = args["command-line"].strip()
         words = line.split()
@@ -119,6 +127,12 @@ def monitor_commands(lc) -> dict[str, Command]:
         "query-commands": Command("query-commands", query_commands),
         "human-monitor-command": Command("human-monitor-command", human_monitor_command,
                                          (Arg("command-line", str, True), Arg("cpu-index", int))),
+        # QEMU's detach/blk/inc/resume are accepted; hvframe's migrate is always
+        # stop-and-copy and answers when it is over.
+        "migrate": Command("migrate", migrate, (Arg("uri", str, True), Arg("detach", bool),
+                                                Arg("blk", bool), Arg("inc", bool),
+                                                Arg("resume", bool))),
+        "query-migrate": Command("query-migrate", query_migrate),
         "x-query-registers": Command("x-query-registers", query_registers),
         "x-query-exit-stats": Command("x-query-exit-stats", query_exit_stats),
     }

@@ -554,12 +554,22 @@ int hv_vcpu_run(struct hv_vcpu *v)
     v->thread = pthread_self();
     __atomic_store_n(&v->thread_valid, 1, __ATOMIC_SEQ_CST);
     int result;
+    /* An I/O or MMIO exit was answered and KVM has not yet been re-entered: the guest's
+     * instruction is only complete (RAX written, RIP past it) after the next KVM_RUN. */
+    int completion_pending = 0;
     for (;;) {
-        if (v->stop) {
+        if (v->stop && !completion_pending) {
             result = HV_EXIT_STOPPED;
             break;
         }
-        if (ioctl(v->fd, KVM_RUN, 0) < 0) {
+        if (v->stop)
+            /* Leaving for a pause or a checkpoint: KVM finishes the instruction and returns
+             * EINTR at once, so the registers read meanwhile are consistent and a restored
+             * guest does not repeat the access. */
+            __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+        int rc = ioctl(v->fd, KVM_RUN, 0);
+        completion_pending = 0;
+        if (rc < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
                 if (v->stop) {
@@ -577,10 +587,12 @@ int hv_vcpu_run(struct hv_vcpu *v)
         case KVM_EXIT_IO:
             v->exits_io++;
             handle_io(v, run);
+            completion_pending = 1;
             continue;
         case KVM_EXIT_MMIO:
             v->exits_mmio++;
             handle_mmio(v, run);
+            completion_pending = 1;
             continue;
         case KVM_EXIT_INTR:
             v->exits_other++;

@@ -20,7 +20,10 @@ from ..device import Device
 import mmap
 
 from ..core_native import ffi
+from construct import Struct
+
 from ..errors import ConfigError
+from ..snapshot.state import DeviceState
 
 FOUR_GIB = 1 << 32
 MAX_SIZE = 256 << 10
@@ -28,8 +31,17 @@ LEGACY_END = 0x100000
 LEGACY_MAX = 128 << 10
 
 
-class BootRom(Device):
+class BootRom(Device, DeviceState):
     name = "bootrom"
+    # Read-only: the image comes from the same file on restore; nothing of it changes.
+    state_version = 1
+    state_layout = Struct()
+
+    def save_state(self) -> dict:
+        return {}
+
+    def load_state(self, s) -> None:
+        pass
 
     def __init__(self, machine, path: str):
         self.machine = machine

@@ -15,6 +15,7 @@ import uuid
 from ..acpi import smbios
 from ..pci.bus import place
 from ..pci.device import PciFunction
+from ..snapshot.pci import PlainPciState
 from .fw_cfg import FwCfg
 
 PIIX3_VENDOR, PIIX3_ISA_DEVICE = 0x8086, 0x7000
@@ -23,7 +24,7 @@ PIRQ_ROUTE = 0x60
 COM1_PORT = 0x3F8
 
 
-class LpcBridge(PciFunction):
+class LpcBridge(PciFunction, PlainPciState):
     name = "lpc"
 
     def __init__(self, vendor: int = PIIX3_VENDOR, device: int = PIIX3_ISA_DEVICE):

@@ -27,7 +27,10 @@ from ..device import Device
 import struct
 
 from ..memory import GuestMemoryError
+from construct import Bytes, Int16ul, Int32ul, PrefixedArray, Prefixed, GreedyBytes, Struct
+
 from .. import concurrency
+from ..snapshot.state import DeviceState
 
 SELECTOR_PORT = 0x510
 DATA_PORT = 0x511
@@ -60,8 +63,15 @@ FILE_NAME_LEN = 56
 DIR_ENTRY = struct.Struct(">IHH56s")
 
 
-class FwCfg(Device):
+class FwCfg(Device, DeviceState):
     name = "fw_cfg"
+    # The items come from the configuration (rebuilt alike on restore); what the guest can
+    # change is where it reads, the DMA address it is writing, and the writable files.
+    state_version = 1
+    state_layout = Struct(
+        "selector" / Int16ul, "offset" / Int32ul, "dma_addr" / Bytes(8),
+        "writable" / PrefixedArray(Int16ul, Struct("key" / Int16ul,
+                                                   "data" / Prefixed(Int32ul, GreedyBytes))))
 
     def __init__(self, machine, *, register: bool = True):
         self.machine = machine
@@ -116,6 +126,21 @@ class FwCfg(Device):
     def file(self, name: str) -> bytes | None:
         key = self.files.get(name)
         return None if key is None else bytes(self.items[key])
+
+    def save_state(self) -> dict:
+        with self._lock:
+            return dict(selector=self.selector, offset=self.offset,
+                        dma_addr=bytes(self.dma_addr),
+                        writable=[dict(key=k, data=bytes(self.items[k]))
+                                  for k in sorted(self.writable)])
+
+    def load_state(self, s) -> None:
+        with self._lock:
+            self.selector, self.offset = s.selector & KEY_MASK, s.offset
+            self.dma_addr[:] = s.dma_addr
+            for w in s.writable:
+                if w.key in self.writable and len(w.data) == len(self.items[w.key]):
+                    self.items[w.key][:] = w.data
 
     # -- port interface ---------------------------------------------------------------------
     def select(self, key: int) -> None:

@@ -32,7 +32,10 @@ from ..device import Device
 
 from collections import deque
 
+from construct import Bytes, Flag, Int8ul, Int16sl, PrefixedArray, Struct
+
 from .. import concurrency
+from ..snapshot.state import DeviceState
 
 DATA_PORT = 0x60
 STATUS_PORT = 0x64
@@ -60,10 +63,16 @@ CAPACITY = OUTPUT_REGISTER_SIZE + KBD_BUFFER_SIZE
 _WRITE_RAM = range(0x61, 0x80)
 
 
-class I8042(Device):
+class I8042(Device, DeviceState):
     name = "i8042"
 
     CAPACITY = CAPACITY
+    # -1 stands for None (no command pending, output register empty).
+    state_version = 1
+    state_layout = Struct("ccb" / Int8ul, "ram" / Bytes(32), "output_port" / Int8ul,
+                          "pending_cmd" / Int16sl, "obuf" / Int16sl, "obuf_aux" / Flag,
+                          "kbd_tx" / PrefixedArray(Int8ul, Int8ul), "last_was_cmd" / Flag,
+                          "kbd_pending" / Int16sl, "scancode_set" / Int8ul)
 
     def __init__(self, machine):
         self.machine = machine
@@ -82,6 +91,27 @@ class I8042(Device):
         self._irq = (0, 0)               # (IRQ 1, IRQ 12) as last driven
         machine.pio.register(DATA_PORT, 1, _Port(self, DATA_PORT), name="i8042-data")
         machine.pio.register(STATUS_PORT, 1, _Port(self, STATUS_PORT), name="i8042-cmd")
+
+    def save_state(self) -> dict:
+        def opt(v):
+            return -1 if v is None else v
+        with self._lock:
+            return dict(ccb=self.ccb, ram=bytes(self.ram), output_port=self.output_port,
+                        pending_cmd=opt(self.pending_cmd), obuf=opt(self.obuf),
+                        obuf_aux=self.obuf_aux, kbd_tx=list(self.kbd_tx)[:255],
+                        last_was_cmd=self.last_was_cmd, kbd_pending=opt(self.kbd_pending),
+                        scancode_set=self.scancode_set)
+
+    def load_state(self, s) -> None:
+        def opt(v):
+            return None if v < 0 else v & 0xFF
+        with self._lock:
+            self.ccb, self.ram[:], self.output_port = s.ccb, s.ram, s.output_port
+            self.pending_cmd, self.obuf = opt(s.pending_cmd), opt(s.obuf)
+            self.obuf_aux, self.last_was_cmd = s.obuf_aux, s.last_was_cmd
+            self.kbd_tx = deque(list(s.kbd_tx)[:KBD_BUFFER_SIZE])
+            self.kbd_pending, self.scancode_set = opt(s.kbd_pending), s.scancode_set
+            self._update_irq()
 
     # -- output buffer ----------------------------------------------------------------------
     @property

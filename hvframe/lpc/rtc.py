@@ -20,7 +20,10 @@ from __future__ import annotations
 from ..device import Device
 
 import time
+from construct import Bytes, Flag, Float64l, Int8ul, Struct
+
 from .. import concurrency
+from ..snapshot.state import DeviceState
 
 RTC_PORT = 0x70
 CMOS_SIZE = 128
@@ -71,8 +74,13 @@ def memory_bytes(lowmem_end: int, highmem_size: int, cpus: int) -> dict[int, int
     return out
 
 
-class Rtc(Device):
+class Rtc(Device, DeviceState):
     name = "rtc"
+    # The guest's clock is kept as its offset from the host's: restored elsewhere it goes on
+    # from the host's time as QEMU's does (base=utc), not from when it was saved.
+    state_version = 1
+    state_layout = Struct("index" / Int8ul, "nmi_disabled" / Flag, "offset" / Float64l,
+                          "cmos" / Bytes(CMOS_SIZE))
 
     def __init__(self, machine, *, clock=time.time):
         self.machine = machine
@@ -190,6 +198,17 @@ class Rtc(Device):
             if a < 0xC0 and a != self._time_reg(reg):
                 return False
         return True
+
+    def save_state(self) -> dict:
+        with self._lock:
+            return dict(index=self.index, nmi_disabled=self.nmi_disabled, offset=self.offset,
+                        cmos=bytes(self.cmos))
+
+    def load_state(self, s) -> None:
+        with self._cond:
+            self.index, self.nmi_disabled, self.offset = s.index, s.nmi_disabled, s.offset
+            self.cmos[:] = s.cmos
+            self._cond.notify_all()        # the timer thread: the period may have changed
 
     def start(self) -> None:
         if self._thread is None:

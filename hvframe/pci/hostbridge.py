@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from .device import PciFunction
+from ..snapshot.pci import PlainPciState
 
 CLASS_HOST_BRIDGE = 0x060000
 I440FX_VENDOR, I440FX_DEVICE = 0x8086, 0x1237
 
 
-class HostBridge(PciFunction):
+class HostBridge(PciFunction, PlainPciState):
     name = "hostbridge"
 
     def __init__(self, vendor: int = I440FX_VENDOR, device: int = I440FX_DEVICE):

@@ -13,7 +13,10 @@ from __future__ import annotations
 from ..device import Device
 
 import time
+from construct import Int16ul, Int32ul, Struct
+
 from .. import concurrency
+from ..snapshot.state import DeviceState
 from ..dispatch import Access, Partial
 
 PM1A_EVT = 0x400   # PM1_STS (2 bytes) + PM1_EN (2 bytes)
@@ -38,8 +41,11 @@ WORD = Access(sizes=(2,), aligned=True, partial=Partial.MERGE)
 DWORD_READ_ONLY = Access(sizes=(4,), aligned=True, partial=Partial.DROP)
 
 
-class AcpiPm(Device):
+class AcpiPm(Device, DeviceState):
     name = "acpi-pm"
+    state_version = 1
+    state_layout = Struct("sts" / Int16ul, "en" / Int16ul, "cnt" / Int16ul,
+                          "power_button_presses" / Int32ul)
 
     def __init__(self, machine):
         self.machine = machine
@@ -87,6 +93,17 @@ class AcpiPm(Device):
             self.cnt = (value & ~SLP_EN) | SCI_EN
         if value & SLP_EN and (value >> SLP_TYP_SHIFT) & 7 == S5:
             self.machine.request_exit(1, "guest powered off (ACPI S5)")
+
+    def save_state(self) -> dict:
+        with self._lock:
+            return dict(sts=self.sts, en=self.en, cnt=self.cnt,
+                        power_button_presses=self.power_button_presses)
+
+    def load_state(self, s) -> None:
+        with self._lock:
+            self.sts, self.en, self.cnt = s.sts, s.en, s.cnt
+            self.power_button_presses = s.power_button_presses
+            self._update_sci()
 
     def _tmr_read(self) -> int:
         ticks = (time.monotonic_ns() - self._t0) * PM_TMR_HZ // 1_000_000_000

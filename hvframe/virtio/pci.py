@@ -27,7 +27,8 @@ import os
 import select
 from functools import partial
 
-from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+from construct import (Bytes, Flag, GreedyBytes, Int8ul, Int16ul, Int32ul, Int64ul, Prefixed,
+                       PrefixedArray, Struct)
 
 from ..core_native import api_ffi as ffi
 from ..layout import fields_of
@@ -40,6 +41,9 @@ from .device import (F_ANY_LAYOUT, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VER
 from .native import CYCLE_IDLE, CYCLE_NOTIFY, CYCLE_YIELD, claiming
 from .virtqueue import VirtQueue, VirtqueueError, offset_of
 from .. import concurrency
+from ..errors import ConfigError
+from ..snapshot.pci import PCI_FUNCTION_STATE, load_pci, save_pci
+from ..snapshot.state import DeviceState, decode_into, encode
 
 
 VIRTIO_VENDOR = 0x1AF4
@@ -140,6 +144,23 @@ _LEGACY_NAMES = _names_by_offset(VirtioPciLegacyHeader)
 _LEGACY_MSIX_NAMES = _names_by_offset(VirtioPciLegacyMsix)
 
 
+# The transport's checkpoint record: the PCI function, the common configuration, each
+# queue as the driver set it up with the device's ring positions, then the device model's
+# own record (hvframe.snapshot.state framing).
+VIRTIO_QUEUE_STATE = Struct(
+    "size" / Int16ul, "msix_vector" / Int16ul, "enabled" / Flag, "desc" / Int64ul,
+    "driver" / Int64ul, "device" / Int64ul, "pfn" / Int32ul, "broken" / Flag,
+    "live" / Flag, "last_avail_idx" / Int16ul, "used_idx" / Int16ul,
+)
+VIRTIO_PCI_STATE = Struct(
+    "pci" / PCI_FUNCTION_STATE,
+    "status" / Int8ul, "device_feature_select" / Int32ul, "driver_feature_select" / Int32ul,
+    "driver_features" / Int64ul, "features" / Int64ul, "config_vector" / Int16ul,
+    "config_generation" / Int8ul, "queue_select" / Int32ul, "isr" / Int8ul, "live" / Flag,
+    "queues" / PrefixedArray(Int16ul, VIRTIO_QUEUE_STATE),
+    "device" / Prefixed(Int32ul, GreedyBytes),
+)
+
 _claims_lock = concurrency.lock(concurrency.LEAF, "queue claims")
 
 
@@ -153,6 +174,8 @@ class QueueState:
         # Threads waiting for the lock (a reset, a disable): the Python service loop lets go
         # between chains when there are any, as the native cycle does (CYCLE_YIELD).
         self.claims = 0
+        # A checkpoint is being taken: the worker serves nothing (the transport's quiesce).
+        self.quiesced = False
         self.clear()
 
     def clear(self) -> None:
@@ -232,8 +255,11 @@ class _Handler:
         self.write = write
 
 
-class VirtioPciFunction(PciFunction):
+class VirtioPciFunction(PciFunction, DeviceState):
     """A virtio device on PCI: the transport around one VirtioDevice."""
+
+    state_version = 1
+    state_layout = VIRTIO_PCI_STATE
 
     def __init__(self, device: VirtioDevice, *, name: str | None = None):
         nq = device.num_queues
@@ -622,7 +648,7 @@ class VirtioPciFunction(PciFunction):
                 q.lock.release()
         return True
 
-    def _build_queue(self, q: QueueState) -> None:
+    def _build_queue(self, q: QueueState, last_avail_idx: int = 0, used_idx: int = 0) -> None:
         try:
             if q.size > q.max_size:
                 raise VirtqueueError(f"queue size {q.size} > maximum {q.max_size}")
@@ -630,7 +656,8 @@ class VirtioPciFunction(PciFunction):
                 raise VirtqueueError("the function is not on a PCI bus")
             q.vq = VirtQueue(self.pci_bus.machine.memory, q.size, q.desc, q.driver, q.device,
                              event_idx=bool(self.features & bit(F_RING_EVENT_IDX)),
-                             indirect=bool(self.features & bit(F_RING_INDIRECT_DESC)))
+                             indirect=bool(self.features & bit(F_RING_INDIRECT_DESC)),
+                             last_avail_idx=last_avail_idx, used_idx=used_idx)
         except VirtqueueError as e:
             q.broken = True
             self.needs_reset(f"queue {q.index}: {e}")
@@ -700,7 +727,8 @@ class VirtioPciFunction(PciFunction):
         """Serve everything available on queue q (its worker thread)."""
         with q.lock:
             vq = q.vq
-            if vq is None or q.broken or not self.live or self.status & STATUS_NEEDS_RESET:
+            if vq is None or q.broken or not self.live or self.status & STATUS_NEEDS_RESET \
+                    or q.quiesced:
                 return
             device = self.device
             cycle = device.serve_cycle
@@ -772,6 +800,89 @@ class VirtioPciFunction(PciFunction):
     def _wake_worker(self, q: QueueState) -> None:
         if q.index < len(self._workers):
             self._workers[q.index].wake()
+
+    # -- checkpoint (hvframe.snapshot.state) -----------------------------------------------------
+    def state_blocker(self) -> str | None:
+        if not isinstance(self.device, DeviceState):
+            return f"{self.name}: its virtio device model has no checkpoint support"
+        return None
+
+    def quiesce(self) -> None:
+        """Every queue's worker finishes the batch in hand (requests taken from the ring are
+        completed and in the used ring) and serves nothing more until unquiesce()."""
+        for q in self.queues:
+            q.quiesced = True
+            with claiming(q.vq):
+                with _claims_lock:
+                    q.claims += 1
+                try:
+                    q.lock.acquire()
+                    q.lock.release()
+                finally:
+                    with _claims_lock:
+                        q.claims -= 1
+        if isinstance(self.device, DeviceState):
+            self.device.quiesce()
+
+    def unquiesce(self) -> None:
+        for q in self.queues:
+            q.quiesced = False
+        if isinstance(self.device, DeviceState):
+            self.device.unquiesce()
+        for w in self._workers:
+            w.wake()                  # whatever the driver queued meanwhile
+
+    def save_state(self) -> dict:
+        with self._lock:
+            queues = []
+            for q in self.queues:
+                vq = q.vq
+                queues.append(dict(size=q.size, msix_vector=q.msix_vector, enabled=q.enabled,
+                                   desc=q.desc, driver=q.driver, device=q.device, pfn=q.pfn,
+                                   broken=q.broken, live=vq is not None,
+                                   last_avail_idx=vq.last_avail_idx if vq else 0,
+                                   used_idx=vq.used_idx if vq else 0))
+            return dict(pci=save_pci(self), status=self.status,
+                        device_feature_select=self.device_feature_select,
+                        driver_feature_select=self.driver_feature_select,
+                        driver_features=self.driver_features, features=self.features,
+                        config_vector=self.config_vector,
+                        config_generation=self.config_generation,
+                        queue_select=self.queue_select, isr=self.isr, live=self.live,
+                        queues=queues, device=encode(self.device))
+
+    def load_state(self, s) -> None:
+        """Into a transport fresh from its configuration (no driver yet): the registers, the
+        queues rebuilt at the ring positions saved, workers started and woken once."""
+        if len(s.queues) != len(self.queues):
+            raise ConfigError(f"snapshot: {self.name}: {len(s.queues)} queues saved, this "
+                              f"device has {len(self.queues)}")
+        load_pci(self, s.pci)
+        decode_into(self.device, s.device, f"{self.name} device")
+        with self._lock:
+            self.status, self.features = s.status, s.features
+            self.device_feature_select = s.device_feature_select
+            self.driver_feature_select = s.driver_feature_select
+            self.driver_features = s.driver_features
+            self.config_vector, self.config_generation = s.config_vector, s.config_generation
+            self.queue_select, self.live = s.queue_select, s.live
+            with self._isr_lock:
+                self.isr = s.isr
+            for q, sq in zip(self.queues, s.queues):
+                q.size, q.msix_vector, q.enabled = sq.size, sq.msix_vector, sq.enabled
+                q.desc, q.driver, q.device, q.pfn = sq.desc, sq.driver, sq.device, sq.pfn
+                q.broken = sq.broken
+                if sq.live:
+                    self._build_queue(q, sq.last_avail_idx, sq.used_idx)
+            if self.live:
+                try:
+                    self.device.activate(self.features)
+                except Exception:
+                    log.exception("%s: activation failed", self.name)
+                    self.needs_reset("activation failed")
+                self._start_workers()
+                for w in self._workers:
+                    w.wake()
 
     # -- doorbells and workers ------------------------------------------------------------
     def _ensure_doorbells(self) -> None:

@@ -3,21 +3,38 @@ with IDs Linux's 8250_pci and other drivers of QEMU's pci-serial already know (1
 class 07:00:02, a 16550-compatible serial controller) and its interrupt on INTA."""
 from __future__ import annotations
 
+from construct import Struct
+
 from hvframe.pci.device import PciFunction
+from hvframe.snapshot.pci import PCI_FUNCTION_STATE, load_pci, save_pci
+from hvframe.snapshot.state import DeviceState
 
 from .backends import open_backend
-from .uart16550 import Uart16550
+from .uart16550 import UART_STATE, Uart16550
 
 VENDOR, DEVICE = 0x1B36, 0x0002
 CLASS_16550_SERIAL = 0x070002
 INTA = 1
 
 
-class PciUart(PciFunction):
+class PciUart(PciFunction, DeviceState):
+    state_version = 1
+    state_layout = Struct("pci" / PCI_FUNCTION_STATE, "uart" / UART_STATE)
+
     def __init__(self, backend, name: str = "uart"):
         super().__init__(VENDOR, DEVICE, CLASS_16550_SERIAL, pin=INTA, name=name)
         self.uart = Uart16550(set_irq=self.set_intx, backend=backend, name=name)
         self.add_bar(0, 8, "io", self.uart)
+
+    def quiesce(self) -> None:
+        self.uart.quiesce()
+
+    def save_state(self) -> dict:
+        return dict(pci=save_pci(self), uart=self.uart.save_state())
+
+    def load_state(self, s) -> None:
+        load_pci(self, s.pci)
+        self.uart.load_state(s.uart)
 
     def start(self) -> None:
         self.uart.start()

@@ -53,12 +53,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Optional, Protocol, Sequence
 
-from construct import Int8ul, Struct
+from construct import Flag, Int8ul, Int16ul, PrefixedArray, Struct
 
 from hvframe import concurrency
 from hvframe.device import AcpiIsaDevice, Device
 from hvframe.dispatch import Access, Bus
 from hvframe.layout import offsets_of
+from hvframe.snapshot.state import DeviceState
 from hvframe.regblock import Fifo, FifoDrainer, Full, Kind, Reg, RegisterBlock
 
 # Register offsets (DLAB selects DLL/DLM at 0/1).
@@ -145,7 +146,20 @@ class Backend(Protocol):
 BYTE_PORTS = Access(sizes=(1,))
 
 
-class Uart16550(Device):
+# A 16550's checkpoint record: its registers, the RX FIFO (each byte with whether it came
+# from the host, which decides where a cleared FIFO's bytes go) and the host bytes waiting
+# for room, the transmit FIFO not yet handed to the backend.
+UART_STATE = Struct(
+    "ier" / Int8ul, "lcr" / Int8ul, "mcr" / Int8ul, "scr" / Int8ul, "dll" / Int8ul,
+    "dlm" / Int8ul, "fifo_enabled" / Flag, "rx_trigger" / Int8ul,
+    "rx" / PrefixedArray(Int16ul, Struct("byte" / Int8ul, "from_host" / Flag)),
+    "backlog" / PrefixedArray(Int16ul, Int8ul), "last_rx" / Int8ul, "overrun" / Flag,
+    "tx" / PrefixedArray(Int16ul, Int8ul), "thre_pending" / Flag, "msr_lines" / Int8ul,
+    "msr_delta" / Int8ul,
+)
+
+
+class Uart16550(Device, DeviceState):
     """One 16550A. Handler for an 8-port PIO range; see the module docstring for the model.
     acpi: how the DSDT describes it (a COM port), if it is one."""
 
@@ -212,6 +226,43 @@ class Uart16550(Device):
             self._native = block
             self._sync_native()
         self._drainer.start()
+
+    # ---- checkpoint (hvframe.snapshot.state) -------------------------------------------------
+    state_version = 1
+    state_layout = UART_STATE
+
+    def quiesce(self) -> None:
+        """What the guest wrote natively goes to the backend before the state is taken."""
+        self.flush_native()
+
+    def save_state(self) -> dict:
+        with self._lock:
+            return dict(ier=self._ier, lcr=self._lcr, mcr=self._mcr, scr=self._scr,
+                        dll=self._dll, dlm=self._dlm, fifo_enabled=self._fifo_enabled,
+                        rx_trigger=self._rx_trigger,
+                        rx=[dict(byte=b, from_host=h) for b, h in self._rx],
+                        backlog=list(self._backlog)[:0xFFFF], last_rx=self._last_rx,
+                        overrun=self._overrun, tx=list(self._tx)[:0xFFFF],
+                        thre_pending=self._thre_pending, msr_lines=self._msr_lines,
+                        msr_delta=self._msr_delta)
+
+    def load_state(self, s) -> None:
+        with self._lock:
+            self._ier, self._lcr, self._mcr, self._scr = s.ier, s.lcr, s.mcr, s.scr
+            self._dll, self._dlm = s.dll, s.dlm
+            self._fifo_enabled = s.fifo_enabled
+            self._rx_trigger = s.rx_trigger if s.rx_trigger in RX_TRIGGER_LEVELS else 1
+            self._rx = deque((e.byte, e.from_host) for e in s.rx[:FIFO_SIZE])
+            self._backlog = deque(s.backlog[:self._backlog_limit])
+            self._last_rx, self._overrun = s.last_rx, s.overrun
+            self._tx = deque(s.tx[:FIFO_SIZE])
+            self._thre_pending = s.thre_pending
+            self._msr_lines, self._msr_delta = s.msr_lines, s.msr_delta
+            self._irq_level = -1          # drive the line whatever it was
+            self._update_irq()
+            self._sync_native()
+        if self._tx:
+            self._transmit()
 
     # ---- lifecycle --------------------------------------------------------------------------
 

@@ -16,10 +16,14 @@ for a status byte cannot be answered and is returned with nothing written.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 
+from construct import Flag, Struct
+
 from hvframe import concurrency
+from hvframe.snapshot.state import DeviceState
 from hvframe.block.backend import BlockBackend, BlockError, views_after
 from hvframe.virtio.device import VirtioDevice, bit
 from hvframe.virtio.virtqueue import struct_of
@@ -58,7 +62,11 @@ def _split_status(views: list):
     return views, None
 
 
-class VirtioBlk(VirtioDevice):
+class VirtioBlk(VirtioDevice, DeviceState):
+    # The disk's contents are not in a checkpoint (the image is, as with QEMU, the same file
+    # on both sides); a write-back failure the guest has not reset away is.
+    state_version = 1
+    state_layout = Struct("writeback_failed" / Flag)
     name = "virtio-blk"
     device_type = VIRTIO_ID_BLOCK
     pci_class = 0x010000            # mass storage, SCSI: what drivers and firmware expect
@@ -204,6 +212,21 @@ class VirtioBlk(VirtioDevice):
             return _CYCLE_PYTHON      # guest memory closed or unusable
         finally:
             self._keep_writeback_error(blk)
+
+    def quiesce(self) -> None:
+        """Acknowledged writes on stable storage before the state is taken."""
+        try:
+            if not self.backend.closed and not self.backend.readonly:
+                self.backend.flush()
+        except BlockError:
+            pass                      # kept by the backend: the record says so
+
+    def save_state(self) -> dict:
+        return dict(writeback_failed=self.backend.failed)
+
+    def load_state(self, s) -> None:
+        if s.writeback_failed:
+            self.backend.writeback_failed(errno.EIO)
 
     def _keep_writeback_error(self, blk) -> None:
         """A write-through fdatasync the native path made failed: the backend keeps the
