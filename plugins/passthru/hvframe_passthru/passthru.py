@@ -77,6 +77,9 @@ class FailurePolicy:
     def observe_write(self, region: int, offset: int, size: int, value: int) -> None:
         pass
 
+    def observe_read(self, region: int, offset: int, size: int, value: int) -> None:
+        """A read the device answered (a policy may keep registers to answer for later)."""
+
     def lost(self) -> None:
         """The backend is gone; called once, on the thread that noticed."""
 
@@ -262,7 +265,9 @@ class PassthruFunction(PciFunction):
     def _forward_read(self, region: int, offset: int, size: int) -> int:
         if not self.lost:
             try:
-                return int.from_bytes(self.backend.region_read(region, offset, size), "little")
+                v = int.from_bytes(self.backend.region_read(region, offset, size), "little")
+                self.policy.observe_read(region, offset, size, v)
+                return v
             except BackendLost as e:
                 self._lose(e)
             except p.RemoteError as e:
@@ -392,12 +397,12 @@ class PassthruFunction(PciFunction):
                 return not self.lost
         try:
             self._bind_doorbells()
+            self.policy.recovered()       # (may write the driver's set-up to the device)
         except BackendLost as e:
             with self._lost_lock:
                 self._reconnected = False
             self._lose(e)
             return False
-        self.policy.recovered()
         with self._lost_lock:
             self.lost = False
             self._reconnected = False

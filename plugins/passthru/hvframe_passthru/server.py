@@ -619,7 +619,12 @@ def build(registry, spec: str) -> tuple[ServerMachine, PciFunction]:
     if not name:
         raise ConfigError(f"{where}: missing device name; use -s device[,options]")
     dt = registry.require(name, "pci", where)
-    options = dt.validate(dt.parse_conf(conf), where=where)
+    # Through a Config, as the runner does: dotted keys (AHCI's port.N.path) become groups.
+    from hvframe.config import Config
+    cfg = Config()
+    for key, value in dt.parse_conf(conf).items():
+        cfg.set(f"device.{key}", value)
+    options = dt.validate(cfg.group("device"), where=where)
     options["pci.address"] = (0, 0, 0)
     m = ServerMachine()
     try:
