@@ -69,7 +69,7 @@ class AhciFailure(FailurePolicy):
                 elif reg == G["ghc"] and value & GHC_HR and self.lost_now:
                     self._reset_shadow()
                 else:
-                    self.ghc[reg] = value & ~GHC_HR
+                    self.ghc[reg] = value & ~GHC_HR if reg == G["ghc"] else value
             else:
                 regs = self.ports.setdefault(port, {})
                 if reg in W1C:
@@ -132,7 +132,9 @@ class AhciFailure(FailurePolicy):
         with self._lock:
             if port is None:
                 v = self.ghc.get(reg)
-                return None if v is None else (v & ~GHC_HR) | (GHC_AE if reg == G["ghc"] else 0)
+                if v is not None and reg == G["ghc"]:
+                    v = (v & ~GHC_HR) | GHC_AE      # a reset completes at once; AHCI only
+                return v
             regs = self.ports.get(port, {})
             if reg in (P["ci"], P["sact"]):
                 return 0
