@@ -4,6 +4,8 @@ kernel's documented rules and answers for the device from `hvframe serve-device`
 Everything above the ioctls is the layer the vfio-user backend uses, so the same guest-side
 driver reads and writes the image through it. On a host with VFIO this is no substitute for a
 real device; no test here opens /dev/vfio."""
+import time
+
 import pytest
 
 from hvframe.errors import ConfigError
@@ -82,7 +84,6 @@ def test_identity_and_msix_come_from_the_device(krig):
     assert fn.msix is not None and fn.msix.vectors == 2
     krig.m.msis.clear()
     krig.request(T_IN, 0, read_len=512)
-    import time
     deadline = time.monotonic() + 5
     while not krig.m.msis and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -14,8 +14,7 @@ and ST) is written to it, so the driver carries on without resetting the HBA.
 """
 from __future__ import annotations
 
-import threading
-
+from hvframe import concurrency
 from hvframe_ahci.regs import (CMD_CLO, CMD_CR, CMD_FR, CMD_FRE, CMD_POD, CMD_ST, CMD_SUD,
                                ERR_ABRT, GHC_AE, GHC_HR, GHC_IE, GHC_OFFSETS, IS_TFES,
                                MAX_PORTS, PORT_BASE, PORT_OFFSETS, PORT_STRIDE, ST_DRDY, ST_ERR)
@@ -33,7 +32,8 @@ CMD_KEPT = CMD_FRE | CMD_SUD | CMD_POD
 
 class AhciFailure(FailurePolicy):
     def __init__(self):
-        self._lock = threading.Lock()            # LEAF: shadows only, no calls out under it
+        # Shadows only: nothing is called out under it.
+        self._lock = concurrency.lock(concurrency.LEAF, "ahci failure shadow")
         self.ghc: dict[int, int] = {}            # offset -> value
         self.ports: dict[int, dict[int, int]] = {}
         self.lost_now = False
@@ -83,7 +83,7 @@ class AhciFailure(FailurePolicy):
             irq_low = self.lost_now and not any(r.get(P["is"], 0) for r in self.ports.values())
         if failed:
             self._interrupt(port)
-        elif irq_low and (reg == P["is"] or reg == G["is"]):
+        elif irq_low and reg == (G["is"] if port is None else P["is"]):
             self.fn.set_intx(0)
 
     def _reset_shadow(self) -> None:
