@@ -345,3 +345,18 @@ def test_the_older_option_tuple_declaration_still_works():
         assert m.pci.lookup(0, 6, 0) is fn and m.devices == [fn]
     finally:
         m.close()
+
+
+def test_virtio_models_log_through_their_device_logger(tmp_path, caplog):
+    """A virtio model (VirtioBlk behind its transport) logs as the device it is part of."""
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(1 << 20))
+    m = SyntheticMachine(16 << 20)
+    try:
+        fn, = rig(m, f"-s 3,virtio-blk,{image},locking=off", direct_boot=False)
+        assert fn.device.log is fn.log
+        fn.device.log.warning("from the model")
+        assert [r.name for r in caplog.records if r.getMessage() == "from the model"] == [
+            "hvframe.device." + fn.name]
+    finally:
+        m.close()

@@ -68,6 +68,15 @@ class VirtioDevice:
     # VirtioBlk.serve_cycle). None: every chain goes to handle_chain.
     serve_cycle: Callable[[int, Any, Any], int] | None = None
 
+    @property
+    def log(self):
+        """The device's logger: its transport's (hvframe.device.<transport name>), or one
+        named after the model while it has none."""
+        if self.transport is not None:
+            return self.transport.log
+        from ..logs import logger
+        return logger("hvframe.device." + self.name)
+
     def queue_waits(self, queue: int) -> tuple[tuple[int, int], ...]:
         """Descriptors besides its doorbells that the worker of ``queue`` also waits on, as
         (fd, poll events) pairs; asked before every wait, on the worker's thread, so the

@@ -42,7 +42,6 @@ that the worker has not taken yet are forgotten by a stop like the others.
 from __future__ import annotations
 
 import errno
-import logging
 from collections import deque
 from functools import partial
 
@@ -70,7 +69,6 @@ from hvframe import concurrency
 from ._native import ffi, lib
 
 bind(lib.ahci_bind)
-log = logging.getLogger(__name__)
 
 VENDOR_INTEL, DEVICE_ICH9_AHCI = 0x8086, 0x2922
 CLASS_AHCI = 0x010601
@@ -651,7 +649,7 @@ class AhciPort:
             except TransferError as e:
                 result = Result(fatal=e.is_bit, serr=e.serr)
             except Exception:  # a device model bug must not take the VMM down
-                log.exception("%s port %d: command %#x failed", self.hba.name, self.index,
+                self.hba.log.exception("%s port %d: command %#x failed", self.hba.name, self.index,
                               cmd.command)
                 result = ata_error(ERR_ABRT)
         if result is not None:

@@ -17,7 +17,6 @@ for a status byte cannot be answered and is returned with nothing written.
 from __future__ import annotations
 
 import errno
-import logging
 import threading
 
 from construct import Flag, Struct
@@ -37,7 +36,6 @@ try:
 except ImportError:  # pragma: no cover - a broken install: the Python path serves all
     _lib = None
 
-log = logging.getLogger(__name__)
 
 from .layout import (  # noqa: F401  (re-exported: the names tests and tools know)
     F_BLK_SIZE, F_CONFIG_WCE, F_DISCARD, F_FLUSH, F_GEOMETRY, F_MQ, F_RO, F_SEG_MAX,
@@ -141,7 +139,7 @@ class VirtioBlk(VirtioDevice, DeviceState):
         self._build_config()
         if self.transport is not None:
             self.transport.config_changed()
-        log.info("%s: capacity is now %d sectors", self.backend.path, self.backend.size // SECTOR)
+        self.log.info("%s: capacity is now %d sectors", self.backend.path, self.backend.size // SECTOR)
         return True
 
     def _watch_capacity(self, thread: concurrency.DeviceThread) -> None:
@@ -159,10 +157,10 @@ class VirtioBlk(VirtioDevice, DeviceState):
             try:
                 self.check_capacity()
             except Exception:
-                log.exception("%s: capacity check failed", self.backend.path)
+                self.log.exception("%s: capacity check failed", self.backend.path)
 
     def _watcher_failed(self, exc: BaseException) -> None:
-        log.error("%s: the capacity watcher died; size changes of the image are no longer "
+        self.log.error("%s: the capacity watcher died; size changes of the image are no longer "
                   "reported to the guest", self.backend.path)
 
     def activate(self, features: int) -> None:
@@ -238,7 +236,7 @@ class VirtioBlk(VirtioDevice, DeviceState):
     def handle_chain(self, queue: int, chain) -> int:
         data_in, status = _split_status(chain.writable)
         if status is None:
-            log.warning("%s: request without a status byte dropped", self.backend.path)
+            self.log.warning("%s: request without a status byte dropped", self.backend.path)
             return 0
         header = chain.gather(HEADER_SIZE)
         if len(header) < HEADER_SIZE:
@@ -283,7 +281,7 @@ class VirtioBlk(VirtioDevice, DeviceState):
         except BlockError as e:
             code = S_UNSUPP if e.kind == BlockError.UNSUPPORTED else S_IOERR
             written = 0
-            log.debug("%s: request type %d sector %d failed: %s", self.backend.path, rtype,
+            self.log.debug("%s: request type %d sector %d failed: %s", self.backend.path, rtype,
                       sector, e)
         status[0] = code
         return written + 1

@@ -21,7 +21,6 @@ on CTRL_GUEST_OFFLOADS.
 """
 from __future__ import annotations
 
-import logging
 import select
 import struct
 import threading
@@ -37,7 +36,6 @@ from .backend import Framing, NetBackend, Offloads
 from ._native import ffi, lib
 
 _bind(lib.vnet_bind)
-log = logging.getLogger(__name__)
 
 _CTRL_HDR = struct_of(L.VirtioNetCtrlHdr)
 _CTRL_MQ = struct_of(L.VirtioNetCtrlMq)
@@ -285,10 +283,10 @@ class VirtioNet(VirtioDevice):
             try:
                 self.backend.peer_gone()
             except Exception:
-                log.exception("%s: backend peer_gone failed", self.name)
+                self.log.exception("%s: backend peer_gone failed", self.name)
             self._build_config()
             self._start_watcher()
-        log.warning("%s: link down: %s", self.name, why)
+        self.log.warning("%s: link down: %s", self.name, why)
         if self.transport is not None:
             self.transport.config_changed()
 
@@ -313,7 +311,7 @@ class VirtioNet(VirtioDevice):
             if thread.stopping:
                 return
             if not self.link and self._relink():
-                log.warning("%s: link up again", self.name)
+                self.log.warning("%s: link up again", self.name)
                 if self.transport is not None:
                     self.transport.config_changed()
                     for q in range(2 * self.pairs):
@@ -325,7 +323,7 @@ class VirtioNet(VirtioDevice):
                 return False
             fds = self.backend.queue_fds()
             if len(fds) != len(self.ports):
-                log.error("%s: the backend came back with %d descriptors, not %d; the link "
+                self.log.error("%s: the backend came back with %d descriptors, not %d; the link "
                           "stays down", self.name, len(fds), len(self.ports))
                 return False
             for old in self.ports:
@@ -342,7 +340,7 @@ class VirtioNet(VirtioDevice):
             return True
 
     def _watcher_failed(self, exc: BaseException) -> None:
-        log.error("%s: the link watcher died; a reconnected backend is not noticed", self.name)
+        self.log.error("%s: the link watcher died; a reconnected backend is not noticed", self.name)
 
     # -- configuration space --------------------------------------------------------------
     def _build_config(self) -> None:
@@ -466,7 +464,7 @@ class VirtioNet(VirtioDevice):
     # -- control queue --------------------------------------------------------------------
     def _control(self, chain) -> int:
         if not chain.writable or not len(chain.writable[0]):
-            log.warning("%s: control command without room for its ack dropped", self.name)
+            self.log.warning("%s: control command without room for its ack dropped", self.name)
             return 0
         if chain.read_len() > CTRL_MAX:
             data = b""                  # no command is this long: ERR
@@ -478,7 +476,7 @@ class VirtioNet(VirtioDevice):
             try:
                 ack = L.CTRL_OK if self._command(cls, cmd, data[_CTRL_HDR.size:]) else L.CTRL_ERR
             except Exception:
-                log.exception("%s: control command %d.%d failed", self.name, cls, cmd)
+                self.log.exception("%s: control command %d.%d failed", self.name, cls, cmd)
         chain.writable[0][0] = ack
         return 1
 
