@@ -117,7 +117,7 @@ def test_doorbells_from_many_vcpus_are_all_counted(guest):
 @pytest.mark.parametrize("conf, words", [
     ("vectors=0", f"vectors=0 must be 1-{MAX_VECTORS}"),
     (f"vectors={MAX_VECTORS + 1}", f"vectors={MAX_VECTORS + 1} must be 1-{MAX_VECTORS}"),
-                                         ("speed=9", "unexpected option 'speed=9'")])
+    ("speed=9", "unexpected option 'speed=9'")])
 def test_bad_options_are_one_config_error(device_rig, conf, words):
     with pytest.raises(ConfigError, match=words):
         device_rig(f"-s {SLOT},pci-counter,{conf}")
