@@ -76,8 +76,17 @@ class Rig:
     def __init__(self, image, size, depth):
         self.m = SyntheticMachine(256 << 20, irqfd_eventfds=True)
         rig(self.m, f"-s 2,virtio-blk,{image},queue-size=256", direct_boot=False)
-        self.drv = drv = VirtioPciDriver(self.m, 2)
+        drv = VirtioPciDriver(self.m, 2)
         drv.initialize(bit(F_FLUSH))
+        self._setup_rings(drv, size, depth)
+        # The queue's MSI-X vector is an irqfd; its eventfd is the completion interrupt.
+        vector = drv.fn.queues[0].msix_vector
+        self.irq_fd = drv.fn.msix.irqfd(vector).fd
+
+    def _setup_rings(self, drv, size, depth):
+        """The descriptors of every slot, fixed for the run (test_passthru_bench.py's rig
+        shares this)."""
+        self.drv = drv
         self.q = drv.queues[0]
         self.depth, self.size = depth, size
         mem, q = self.m.memory, self.q
@@ -100,9 +109,6 @@ class Rig:
         # multiple of the depth, so a batch never wraps inside the ring.
         assert q.size % depth == 0
         self.ring_entries = struct.pack(f"<{depth}H", *range(0, 3 * depth, 3))
-        # The queue's MSI-X vector is an irqfd; its eventfd is the completion interrupt.
-        vector = drv.fn.queues[0].msix_vector
-        self.irq_fd = drv.fn.msix.irqfd(vector).fd
 
     def set_direction(self, write):
         # Data descriptors are device-writable for reads, device-readable for writes.

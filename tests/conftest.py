@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -26,3 +27,14 @@ def guest_dir(tmp_path_factory):
 
 
 # sockdir (a short directory for Unix sockets) comes from hvframe's pytest plugin.
+
+
+def plugin_test_module(plugin: str, name: str):
+    """A module of a plugin's own tests (plugins/PLUGIN/tests), by name, for a test here that
+    reuses its rig."""
+    import importlib
+    where = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "plugins", plugin, "tests")
+    if where not in sys.path:
+        sys.path.insert(0, where)
+    return importlib.import_module(name)

@@ -3,7 +3,7 @@ from hvframe.cpuid import CpuidEntry, guest_cpuid
 
 SUPPORTED = [
     CpuidEntry(0, 0, 0, 0x1F, 0x68747541, 0x444D4163, 0x69746E65),  # an AMD host
-    CpuidEntry(1, 0, 0, 0xA0671, 0x00000800, (1 << 26) | (1 << 23) | (1 << 21), 0x0F8BFBFF),
+    CpuidEntry(1, 0, 0, 0xA0671, 0x00000800, (1 << 26) | (1 << 24) | (1 << 23) | (1 << 21), 0x0F8BFBFF),
     CpuidEntry(4, 0, 1, 0x4000121, 0, 0, 0),
     CpuidEntry(7, 0, 1, 0, (1 << 20) | (1 << 7) | (1 << 0), (1 << 2), 0),
     CpuidEntry(0xB, 0, 1, 0, 0, 0, 1),
@@ -39,6 +39,7 @@ def test_emulator_safe_policy_masks_features_and_claims_intel():
     assert (zero.ebx, zero.edx, zero.ecx) == (0x756E6547, 0x49656E69, 0x6C65746E)  # GenuineIntel
     one = leaf(t, 1)
     assert not one.ecx & (1 << 26) and not one.ecx & (1 << 23)   # no XSAVE, no POPCNT
+    assert not one.ecx & (1 << 24)                               # no TSC-deadline timer
     assert one.ecx & (1 << 21)                                   # x2APIC kept
     seven = leaf(t, 7)
     assert seven.ebx == 0 and seven.ecx == 0                     # no SMAP/SMEP/FSGSBASE/UMIP

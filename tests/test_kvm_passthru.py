@@ -1,4 +1,4 @@
-"""virtio-blk served out of process (`hvframe serve-device`) to real guests on /dev/kvm
+"""virtio-blk and AHCI served out of process (`hvframe serve-device`) to real guests on /dev/kvm
 through `-s N,passthru,vfio-user=PATH`: the guest drivers of tests/guests see the same
 device as in process, the data is in the image, and a server killed with SIGKILL during
 I/O makes requests fail with VIRTIO_BLK_S_IOERR while the VMM carries on, until a restarted
@@ -97,3 +97,94 @@ def test_server_killed_during_io_then_restarted(guests, tmp_path):
     image = disk.read_bytes()
     for s in WRITTEN:                          # every sector was written and acknowledged
         assert image[s * 512:(s + 1) * 512] == pattern(s), s
+
+
+def ahci_pattern(lba: int) -> bytes:
+    return bytes((lba * 31 + j * 7 + 0x5A) & 0xFF for j in range(512))
+
+
+def start_ahci_server(disk, sock, conf=""):
+    proc = subprocess.Popen([sys.executable, "-m", "hvframe", "serve-device", "-s",
+                             f"ahci,hd:{disk}{conf}", "--socket", str(sock)],
+                            stderr=subprocess.PIPE, text=True)
+    assert "on " + str(sock) in proc.stderr.readline()
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ahci_guests(tmp_path_factory):
+    from hvframe.guests.build import build_guest
+    d = tmp_path_factory.mktemp("pt-ahci")
+    return {name: build_guest([f"tests/guests/{name}.c"], d / f"{name}.elf")
+            for name in ("ahci", "ahci_failover")}
+
+
+def ahci_field(out, name):
+    m = re.search(rf"^ahci {name} (.*)$", out, re.M)
+    assert m, (name, out)
+    return m.group(1)
+
+
+def test_guest_uses_an_ahci_served_out_of_process(ahci_guests, tmp_path):
+    disk = tmp_path / "disk.img"
+    original = (bytes(range(256)) * 2).ljust(2048 * 512, b"\x11")
+    disk.write_bytes(original)
+    sock = tmp_path / "ahci.sock"
+    server = start_ahci_server(disk, sock, ",ser=HVF-OOP-AHCI")
+    try:
+        p = subprocess.run(hvframe_cmd() + ["run", "-m", "64M", "-s", "0,hostbridge", "-s",
+                                            f"3,passthru,vfio-user={sock}", "-l", "com1,stdio",
+                                            "--kernel", ahci_guests["ahci"]],
+                           input="", capture_output=True, text=True, timeout=180)
+    finally:
+        stop(server)
+    out = p.stdout
+    assert p.returncode == 1 and "ahci done" in out, (out, p.stderr)
+    assert "8086:2922" in ahci_field(out, "pci")
+    assert ahci_field(out, "serial") == '"HVF-OOP-AHCI"'
+    assert ahci_field(out, "read0").endswith("sum c03fbf00 first 00010203")
+    assert "ahci readback ok" in out
+    assert ahci_field(out, "ncq read").endswith("ok")
+    assert ahci_field(out, "oob").endswith("err 1 tfes 1")     # the device's own error
+    assert ahci_field(out, "reread").endswith("ok")
+    assert int(ahci_field(out, "irqs").split()[0]) >= 1         # MSI from the other process
+    image = disk.read_bytes()
+    for lba in list(range(1, 9)) + list(range(32, 40)):
+        assert image[lba * 512:(lba + 1) * 512] == ahci_pattern(lba), lba
+    assert image[:512] == original[:512] and image[72 * 512:] == original[72 * 512:]
+
+
+def test_ahci_server_killed_during_io_then_restarted(ahci_guests, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(2048 * 512))
+    sock = tmp_path / "ahci.sock"
+    server = start_ahci_server(disk, sock)
+    vmm = subprocess.Popen(hvframe_cmd() + ["run", "-m", "64M", "-s", "0,hostbridge", "-s",
+                                            f"3,passthru,vfio-user={sock}", "-l", "com1,stdio",
+                                            "--kernel", ahci_guests["ahci_failover"],
+                                            "-a", "count=3000"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)                          # writes under way
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        server.stderr.close()
+        time.sleep(1.5)
+        assert vmm.poll() is None              # the VMM survives its device process
+        server = start_ahci_server(disk, sock)
+        out, err = vmm.communicate(timeout=240)
+    finally:
+        if vmm.poll() is None:
+            vmm.kill()
+            vmm.wait()
+        stop(server)
+    assert vmm.returncode == 1, (out, err)
+    # The failed command ended as a task file error: ERR with ABRT in PxTFD, TFES in PxIS.
+    assert re.search(r"^ahci ioerr \d+ tfd 441 is 4\w{7}$", out, re.M), (out, err)
+    assert re.search(r"^ahci recovered \d+$", out, re.M), (out, err)
+    m = re.search(r"^ahci summary ok (\d+) errors (\d+) recovered (\d+)$", out, re.M)
+    assert m and int(m.group(1)) > 0 and int(m.group(2)) > 0 and int(m.group(3)) >= 1, out
+    image = disk.read_bytes()
+    for s in range(1, 9):                      # every sector was written and acknowledged
+        assert image[s * 512:(s + 1) * 512] == ahci_pattern(s), s

@@ -31,7 +31,7 @@ from typing import Optional
 
 import pytest
 
-from conftest import KVM_MISSING, hvframe_cmd
+from conftest import KVM_MISSING, hvframe_cmd, plugin_test_module
 from linux_kernel import CMDLINE, built_kernel
 from hvframe.testing.netns import DNSMASQ, Netns, netns_missing
 
@@ -49,16 +49,6 @@ pytestmark = [pytest.mark.kvm,
               pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing()))]
 
 
-
-def _virtio_net_test(name: str):
-    """A module of the virtio-net plugin's tests (plugins/virtio_net/tests), by name."""
-    import importlib
-    import sys
-    where = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "plugins", "virtio_net", "tests")
-    if where not in sys.path:
-        sys.path.insert(0, where)
-    return importlib.import_module(name)
 
 def hvframe_has_virtio_net() -> bool:
     return any(ep.name == "virtio-net"
@@ -239,7 +229,7 @@ def test_two_linux_guests_on_one_socket_answer_each_other(vmm, tmp_path, guests)
     path = os.path.join(sock_dir, "vms.sock")
     try:
         if vmm == "hvframe":
-            stream_tests = _virtio_net_test("test_virtio_net_stream")
+            stream_tests = plugin_test_module("virtio_net", "test_virtio_net_stream")
             device_attaches_late_peers = stream_tests.device_attaches_late_peers
             if not device_attaches_late_peers(sock_dir):
                 pytest.skip("hvframe's virtio-net does not bring its link up for a first peer "

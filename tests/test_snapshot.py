@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from conftest import hvframe_cmd, requires_kvm
+from conftest import hvframe_cmd, plugin_test_module, requires_kvm
 from control_helpers import VmProcess
 
 COUNT = 700
@@ -410,11 +410,11 @@ def test_virtio_blk_transport_state_moves_to_a_new_machine(tmp_path):
     """A virtio-blk driven by the Python driver with MSI-X, requests done: quiesced, its
     record and guest RAM put into a freshly built machine of the same configuration, where
     the driver goes on with its queues as they were (no reset), interrupts included."""
-    from test_virtio_blk import Rig, blk_type, SLOT
-    from hvframe.pci.bus import attach, ensure_pci_bus
+    vb = plugin_test_module("virtio_blk", "test_virtio_blk")
+    Rig, SLOT = vb.Rig, vb.SLOT
     from hvframe.snapshot.state import decode_into, encode
-    from hvframe.synthetic import SyntheticMachine
-    from hvframe.virtio.harness import VirtioPciDriver
+    from hvframe.testing import SyntheticMachine, rig
+    from hvframe.testing.virtio import VirtioPciDriver
     from hvframe_virtio_blk.virtio_blk import S_OK, T_IN, T_OUT
 
     a = Rig(tmp_path, "locking=off")
@@ -429,13 +429,7 @@ def test_virtio_blk_transport_state_moves_to_a_new_machine(tmp_path):
 
         m = SyntheticMachine(64 << 20)
         machines.append(m)
-        dt = blk_type()
-        options = dt.validate(dt.parse_conf(f"{a.path},locking=off"), where="test")
-        options["pci.address"] = (0, SLOT, 0)
-        fn = dt.factory(m, options)
-        attach(m, fn, options)
-        m.add_device(fn)
-        ensure_pci_bus(m).assign_bars()
+        fn, = rig(m, f"-s {SLOT},virtio-blk,{a.path},locking=off", direct_boot=False)
         m.memory.write(0, ram)
         decode_into(fn, record, "virtio-blk")
         assert fn.status == a.fn.status and fn.features == a.fn.features

@@ -229,6 +229,7 @@ class BlockBackend:
         self._flush_lock = threading.Lock()
         self._failed: BlockError | None = None   # the write-back failure flushes report
         self.locked = False                       # holds an OFD lock on the image
+        self._relock = False                      # release_lock() gave it up for a while
         self.opened_seq = next(_open_seq)
         _open_backends.add(self)
 
@@ -352,7 +353,7 @@ class BlockBackend:
 
     def take_lock(self) -> None:
         """The lock release_lock() gave up (ConfigError if another process has it now)."""
-        if getattr(self, "_relock", False) and self.fd >= 0:
+        if self._relock and self.fd >= 0:
             self._lock_image(os.fstat(self.fd))
             self._relock = False
 

@@ -1,4 +1,5 @@
-"""Failure policies: what the client does for a device whose server is gone.
+"""Failure policies: what the client does for a device whose server is gone (AHCI's in
+ahci_failure.py).
 
 virtio-blk (modern interface): the policy follows the driver's set-up in the forwarded
 writes to the common configuration (queue addresses, sizes, vectors, status). When the
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 VIRTIO_VENDOR = 0x1AF4
 VIRTIO_BLK_IDS = (0x1001, 0x1042)
 VIRTIO_BLK_S_IOERR = 1
+AHCI_CLASS = 0x010601            # mass storage, SATA, AHCI 1.0
 COMMON = offsets_of(VirtioPciCommonCfg)
 ISR_QUEUE = 1
 
@@ -47,6 +49,12 @@ def policy_for(config: bytes) -> FailurePolicy:
     """The policy for a device, by its identity (vendor and device ID)."""
     if _u(config, 0, 2) == VIRTIO_VENDOR and _u(config, 2, 2) in VIRTIO_BLK_IDS:
         return VirtioBlkFailure(config)
+    if _u(config, 9, 3) == AHCI_CLASS:
+        try:
+            from .ahci_failure import AhciFailure     # its registers: the AHCI plugin's
+        except ImportError:
+            return FailurePolicy()
+        return AhciFailure()
     return FailurePolicy()
 
 

@@ -75,6 +75,9 @@ class FailurePolicy:
     def observe_write(self, region: int, offset: int, size: int, value: int) -> None:
         pass
 
+    def observe_read(self, region: int, offset: int, size: int, value: int) -> None:
+        """A read the device answered (a policy may keep registers to answer for later)."""
+
     def lost(self) -> None:
         """The backend is gone; called once, on the thread that noticed."""
 
@@ -114,8 +117,8 @@ class _ForwardedBar:
 
 
 class _Doorbell:
-    """A device's ioeventfd bound under KVM at its place in a BAR (none on the synthetic
-    backend, where the write reaches the BAR handler and is forwarded)."""
+    """A device's ioeventfd bound under KVM at its place in a BAR (on the synthetic backend
+    the write reaches the BAR handler, which signals the eventfd itself)."""
 
     def __init__(self, machine, iofd: IoFd):
         self.machine, self.iofd, self.addr = machine, iofd, None
@@ -260,7 +263,9 @@ class PassthruFunction(PciFunction):
     def _forward_read(self, region: int, offset: int, size: int) -> int:
         if not self.lost:
             try:
-                return int.from_bytes(self.backend.region_read(region, offset, size), "little")
+                v = int.from_bytes(self.backend.region_read(region, offset, size), "little")
+                self.policy.observe_read(region, offset, size, v)
+                return v
             except BackendLost as e:
                 self._lose(e)
             except p.RemoteError as e:
@@ -290,8 +295,24 @@ class PassthruFunction(PciFunction):
         return v
 
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
-        self._forward_write(index, offset, size, value & ((1 << 8 * size) - 1))
+        value &= (1 << 8 * size) - 1
+        if self._ring_doorbell(index, offset, size, value):
+            return
+        self._forward_write(index, offset, size, value)
         self._intx_ack()
+
+    def _ring_doorbell(self, index: int, offset: int, size: int, value: int) -> bool:
+        """A write to one of the device's doorbells that reached us (the synthetic backend,
+        where no KVM ioeventfd catches it) signals the doorbell's eventfd, as KVM would,
+        instead of travelling over the socket."""
+        for d in self._doorbells.get(index, ()):
+            f = d.iofd
+            if f.offset == offset and f.size in (0, size) and \
+                    (f.datamatch is None or f.datamatch == value):
+                self.policy.observe_write(index, offset, size, value)
+                os.eventfd_write(f.fd, 1)
+                return True
+        return False
 
     def _intx_ack(self) -> None:
         """An access after INTx was raised: drop the line and let the device say again."""
@@ -390,12 +411,12 @@ class PassthruFunction(PciFunction):
                 return not self.lost
         try:
             self._bind_doorbells()
+            self.policy.recovered()       # (may write the driver's set-up to the device)
         except BackendLost as e:
             with self._lost_lock:
                 self._reconnected = False
             self._lose(e)
             return False
-        self.policy.recovered()
         with self._lost_lock:
             self.lost = False
             self._reconnected = False

@@ -619,7 +619,12 @@ def build(registry, spec: str) -> tuple[ServerMachine, PciFunction]:
     if not name:
         raise ConfigError(f"{where}: missing device name; use -s device[,options]")
     dt = registry.require(name, "pci", where)
-    options = dt.validate(dt.parse_conf(conf), where=where)
+    # Through a Config, as the runner does: dotted keys (AHCI's port.N.path) become groups.
+    from hvframe.config import Config
+    cfg = Config()
+    for key, value in dt.parse_conf(conf).items():
+        cfg.set(f"device.{key}", value)
+    options = dt.validate(cfg.group("device"), where=where)
     m = ServerMachine()
     try:
         fn = dt.create(m, options, PciAddress(0, 0, 0))
@@ -673,6 +678,8 @@ def make_parser() -> argparse.ArgumentParser:
                     help="the device and its options, as after -s N, (e.g. virtio-blk,disk.img)")
     ap.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
     ap.add_argument("--once", action="store_true", help="exit when the first client goes")
+    ap.add_argument("--no-confine", action="store_true",
+                    help="run without the Landlock and seccomp restrictions (debugging)")
     return ap
 
 
@@ -693,7 +700,11 @@ def main(argv=None) -> int:
         print(f"hvframe serve-device: {e}", file=sys.stderr)
         return 4
     server = DeviceServer(machine, fn)
-    print(f"hvframe serve-device: {fn.name} on {args.socket}", file=sys.stderr, flush=True)
+    # From here on the process only serves: restricted before any guest input arrives.
+    from .confine import confine
+    applied = [] if args.no_confine else confine()
+    print(f"hvframe serve-device: {fn.name} on {args.socket} "
+          f"(confined: {', '.join(applied) or 'no'})", file=sys.stderr, flush=True)
     try:
         while True:
             try:
@@ -711,7 +722,7 @@ def main(argv=None) -> int:
         try:
             os.unlink(args.socket)
         except OSError:
-            pass
+            pass             # (refused once confined: the next server takes the file over)
         machine.close()
 
 

@@ -1,0 +1,135 @@
+"""virtio-blk served out of process (`hvframe serve-device`, reached through
+`-s N,passthru,vfio-user=PATH`) against the same device in process, same image, same run.
+
+    python -m pytest benchmarks/test_passthru_bench.py
+
+The driver and what is timed are test_virtio_blk_bench.py's (one queue-depth batch: headers,
+avail entries, the kick when the device asks for one, the wait for the completion interrupt
+until used.idx covers the batch). In process the kick reaches the device's worker through
+its ioeventfd and the completion comes back on the queue's MSI-X irqfd. Out of process the
+kick is the server's ioeventfd too (handed over with DEVICE_GET_REGION_IO_FDS and bound by
+the client as KVM would bind it), the data moves in guest RAM shared by memfd, and the
+completion is the server signalling the client's eventfd, which the client's relay turns
+into the guest's MSI-X message (the client's MSI-X table is emulated: the guest may mask a
+vector or move it). No request goes through the vfio-user socket.
+
+The two sides run alternately, one round each, so that both see the host in the same state
+(these hosts are shared and their load moves); each side is the best of ROUNDS. The server
+reads a copy of the image (each device holds its image locked); both copies are read once
+before timing, so both are in the page cache. extra_info records both rates and the
+fraction; the aim of the passthru issue is 0.9.
+"""
+import shutil
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+from hvframe.pci.bus import add_pci_devices
+from hvframe.plugins import Registry
+from hvframe.synthetic import SyntheticMachine
+from hvframe.virtio.harness import VirtioPciDriver
+from hvframe_virtio_blk.virtio_blk import F_FLUSH, T_IN, bit
+from test_virtio_blk_bench import ROUNDS, Rig, image, offsets_for  # noqa: F401 (fixture)
+
+CASES = {
+    # name: (request bytes, queue depth, random?)
+    "4k-randread-qd32": (4096, 32, True),
+    "128k-seqread-qd8": (128 << 10, 8, False),
+}
+AIM = 0.9
+SLOT = 2
+
+
+class _Driver(VirtioPciDriver):
+    def _hook_interrupts(self):
+        pass                         # completions are seen on the irqfd and the used ring
+
+
+class OutOfProcessRig(Rig):
+    """The bench rig with the device behind `hvframe serve-device`."""
+
+    def __init__(self, image, size, depth, sock):
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "hvframe", "serve-device", "-s",
+             f"virtio-blk,{image},queue-size=256", "--socket", str(sock)],
+            stderr=subprocess.PIPE, text=True)
+        line = self.server.stderr.readline()
+        assert "on " + str(sock) in line, line
+        self.m = SyntheticMachine(256 << 20, irqfd_eventfds=True, shared_memory=True)
+        add_pci_devices(self.m, Registry(platform=False),
+                        {"0": {str(SLOT): {"0": {"device": "passthru",
+                                                 "vfio-user": str(sock)}}}},
+                        direct_boot=False)
+        self.m.start_devices()
+        fn = self.m.pci.lookup(0, SLOT, 0)
+        drv = _Driver(self.m, SLOT)
+        drv.fn = types.SimpleNamespace(device=types.SimpleNamespace(num_queues=1))
+        drv.initialize(bit(F_FLUSH))
+        drv.fn = fn
+        self._setup_rings(drv, size, depth)
+        self.irq_fd = fn.msix.irqfd(1).fd            # the harness gives queue 0 vector 1
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            self.server.terminate()
+            self.server.wait(10)
+            self.server.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def image_copy(image):
+    copy = image.with_name("disk-copy.img")
+    shutil.copyfile(image, copy)
+    return copy
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_out_of_process_vs_in_process(benchmark, image, image_copy, case, tmp_path):
+    size, depth, rand = CASES[case]
+    offsets = offsets_for(size, depth, rand)
+
+    def rounds_of(rig):
+        rig.set_direction(False)
+        batches = [rig.headers_for(T_IN, offsets[i:i + depth])
+                   for i in range(0, len(offsets), depth)]
+
+        def one_round():
+            for b in batches:
+                rig.batch(b)
+        one_round()                                   # warm the page cache and the rings
+        return one_round
+
+    inside = Rig(image, size, depth)
+    outside = None
+    try:
+        outside = OutOfProcessRig(image_copy, size, depth, tmp_path / "vblk.sock")
+        in_round, out_round = rounds_of(inside), rounds_of(outside)
+        times = []
+
+        def timed_in_round():
+            t = time.perf_counter()
+            in_round()
+            times.append(time.perf_counter() - t)
+
+        benchmark.pedantic(out_round, setup=timed_in_round, rounds=ROUNDS, iterations=1)
+        inproc = min(times)
+    finally:
+        inside.close()
+        if outside is not None:
+            outside.close()
+    oop = benchmark.stats.stats.min
+    n = len(offsets)
+    fraction = inproc / oop
+    benchmark.extra_info.update({
+        "requests_per_round": n,
+        "in_process_iops": round(n / inproc), "out_of_process_iops": round(n / oop),
+        "in_process_MBps": round(n * size / inproc / 1e6, 1),
+        "out_of_process_MBps": round(n * size / oop / 1e6, 1),
+        "fraction": round(fraction, 3), "aim": AIM})
+    print(f"\n{case}: in process {n / inproc:.0f} req/s, out of process {n / oop:.0f} req/s, "
+          f"fraction {fraction:.3f} (aim {AIM})")
