@@ -9,16 +9,17 @@ A device type declares what to measure in ``DeviceType.benchmarks`` (a ``Benchma
 
 The first row is the floor: the same exit to an empty Python handler, what the core and one
 interpreter call cost on this host at this moment (the device's rows read against it; a
-busy host moves both). Each register scenario is one exit repeated: the same access dispatched ``exits`` times in
-one call into the native dispatch core (hvframe.synthetic.ExitBatch), exactly the path a
-vCPU's KVM_EXIT_IO / KVM_EXIT_MMIO takes after KVM, so the figure is the device's own cost
-per exit (KVM's part is not in it). A device that declares no registers gets one read at the
-start of every range it registered. A data path is a setup function that returns ``step()``,
-which does some operations (say, a batch of virtio requests) and returns how many; it is
-timed round by round. Every scenario runs ``rounds`` times; the best round is reported.
+busy host moves both). Each register scenario is one exit repeated: the same access
+dispatched ``exits`` times in one call into the native dispatch core
+(hvframe.testing.synthetic.ExitBatch), exactly the path a vCPU's KVM_EXIT_IO /
+KVM_EXIT_MMIO takes after KVM, so the figure is the device's own cost per exit (KVM's part
+is not in it). A device that declares no registers gets one read at the start of every
+range it registered. A data path is a setup function that returns ``step()``, which does
+some operations (say, a batch of virtio requests) and returns how many; it is timed round
+by round. Every scenario runs ``rounds`` times; the best round is reported.
 
-The device is built as `hvframe run` builds it (hvframe.synthetic.rig): `-s 3,DEVICE,...`
-for PCI devices, `-l DEVICE,...` for LPC ones.
+The device is built as `hvframe run` builds it (hvframe.testing.rig): `-s 3,DEVICE,...`
+for PCI devices, `-l DEVICE,...` for LPC ones; a platform device by DeviceType.create.
 
 ``--json`` prints the results as JSON (save them as a baseline); ``--baseline FILE`` compares
 with such a file and exits 1 when a scenario got slower by more than ``--threshold`` percent.
@@ -32,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .device import PciAddress
 from .errors import ConfigError
 
 EXIT_REGRESSION = 1
@@ -73,7 +75,7 @@ class BenchRig:
     """The machine a benchmark runs on and the device it built."""
     machine: Any
     device: Any
-    address: tuple[int, int, int] | None    # PCI devices
+    address: PciAddress | None              # PCI devices
     ranges: dict[str, list] = field(default_factory=dict)   # space -> the device's ranges
     scratch: str = ""
 
@@ -99,9 +101,9 @@ def virtio_path(name: str, chain: Callable[[Any, int, int], list], *, depth: int
     """A virtio device's queue as a data path: ``chain(memory, base, i)`` lays out request i
     in guest RAM at base (64 KiB of room) and returns its buffers [(gpa, len, writable)];
     each step posts all ``depth`` requests, kicks once and waits for them (the driver in
-    hvframe.virtio.harness, waiting on the queue's MSI-X irqfd as KVM would)."""
+    hvframe.testing.virtio, waiting on the queue's MSI-X irqfd as KVM would)."""
     def setup(rig: BenchRig) -> Callable[[], int]:
-        from .virtio.harness import VirtioPciDriver
+        from .testing.virtio import VirtioPciDriver
         drv = VirtioPciDriver(rig.machine, rig.address[1])
         drv.initialize(features)
         chains = [chain(rig.machine.memory, drv.data_base + i * 0x10000, i) for i in range(depth)]
@@ -139,8 +141,11 @@ def virtio_registers() -> tuple[Register, ...]:
 # -- building the device -------------------------------------------------------------------
 def build(registry, spec: str, scratch: str):
     """(machine, BenchRig, Benchmarks) for ``spec``: the device built on a synthetic machine
-    (the caller closes it); ``scratch`` is a directory for what Benchmarks.defaults makes."""
-    from .synthetic import SyntheticMachine, rig
+    (the caller closes it) through the runner's path, hvframe.testing.rig (`-s 3,DEVICE,...`
+    or `-l DEVICE,...`), or DeviceType.create for a platform device; ``scratch`` is a
+    directory for what Benchmarks.defaults makes."""
+    from .testing.rig import rig
+    from .testing.synthetic import SyntheticMachine
     name, _, conf = spec.partition(",")
     kind = registry.kind_of(name)
     if kind is None:
@@ -154,21 +159,19 @@ def build(registry, spec: str, scratch: str):
     m = SyntheticMachine(256 << 20, irqfd_eventfds=True)
     try:
         if dt.kind == "pci":         # the bus's own ports are not the device's registers
-            from .pci.bus import ensure_pci_bus
-            ensure_pci_bus(m)
+            m.pci_bus()
         buses = {"pio": m.pio, "mmio": m.mmio}
         before = {s: {r.base for r in bus.ranges()} for s, bus in buses.items()}
-        if dt.kind == "platform":
-            devices = [m.add_device(dt.factory(m, dt.validate(dt.parse_conf(conf))))]
+        address = PciAddress(0, BENCH_SLOT, 0) if dt.kind == "pci" else None
+        if dt.kind == "platform":    # rig builds every platform device or none
+            device = dt.create(m, dt.validate(dt.parse_conf(conf), where=f"platform.{name}"))
         else:
-            flag = "-s" if dt.kind == "pci" else "-l"
-            arg = f"{BENCH_SLOT},{dt.name}" if flag == "-s" else dt.name
-            devices = rig(m, [flag, arg + (f",{conf}" if conf else "")], registry)
+            arg = f"-s {BENCH_SLOT},{name}" if dt.kind == "pci" else f"-l {name}"
+            built = rig(m, arg + (f",{conf}" if conf else ""), registry=registry)
+            device = built[0] if built else None
         m.start_devices()
         ranges = {s: [r for r in bus.ranges() if r.base not in before[s]]
                   for s, bus in buses.items()}
-        device = devices[0] if devices else None
-        address = (0, BENCH_SLOT, 0) if dt.kind == "pci" else None
         return m, BenchRig(m, device, address, ranges, scratch), bench
     except BaseException:
         m.close()

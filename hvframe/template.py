@@ -4,7 +4,8 @@ start from, written from the templates in hvframe/templates:
     DIR/hvframe-NAME/pyproject.toml        the entry point in group hvframe.devices
     DIR/hvframe-NAME/hvframe_NAME/         the model (NAME.py) and its device type (plugin.py,
                                            with the benchmarks `hvframe bench NAME` runs)
-    DIR/hvframe-NAME/tests/                its tests, on the synthetic machine
+    DIR/hvframe-NAME/tests/                its tests, on the synthetic machine, with the
+                                           fixtures of hvframe's pytest plugin
     DIR/hvframe-NAME/benchmarks/           pytest-benchmark benchmarks of its register exits
 
 It installs (`pip install -e DIR/hvframe-NAME`), lists in `hvframe devices` and passes its

@@ -1,9 +1,10 @@
 """Device type pci-counter: `-s N,pci-counter[,vectors=N]`."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from hvframe.bench import Benchmarks, Register
-from hvframe.device import DeviceType, Option
-from hvframe.errors import ConfigError
+from hvframe.device import DeviceType, PciAddress, PciOptions, option
 from hvframe.hookspecs import hookimpl
 
 from .pci_counter import MSIX_OFFSET, REG, PciCounter
@@ -11,12 +12,14 @@ from .pci_counter import MSIX_OFFSET, REG, PciCounter
 MAX_VECTORS = MSIX_OFFSET // 16 // 2        # table and PBA fit the BAR's upper half
 
 
-def pci_counter_factory(machine, options) -> PciCounter:
-    b, s, f = options["pci.address"]
-    if not 1 <= options["vectors"] <= MAX_VECTORS:
-        raise ConfigError(f"pci-counter at {b}:{s}:{f}: vectors={options['vectors']} must "
-                          f"be 1-{MAX_VECTORS}")
-    return PciCounter(options["vectors"], name=f"pci-counter {b}:{s}:{f}")
+@dataclass
+class PciCounterOptions(PciOptions):
+    vectors: int = option(2, help="MSI-X vectors", min=1, max=MAX_VECTORS)
+
+
+def pci_counter_factory(machine, options: PciCounterOptions, address: PciAddress) -> PciCounter:
+    # hvframe puts the returned function on the PCI bus at `address`.
+    return PciCounter(options.vectors, name=f"pci-counter {address}")
 
 
 BENCHMARKS = Benchmarks(registers=(
@@ -29,7 +32,8 @@ def pci_counter_device_types() -> list[DeviceType]:
     return [DeviceType(
         name="pci-counter", kind="pci", factory=pci_counter_factory,
         summary="example PCI device (1234:c0de): a counter whose doorbell raises MSI-X",
-        options=(Option("vectors", "int", 2, "MSI-X vectors"),), benchmarks=BENCHMARKS)]
+        options=PciCounterOptions, examples=("-s 4,pci-counter", "-s 4,pci-counter,vectors=8"),
+        benchmarks=BENCHMARKS)]
 
 
 @hookimpl

@@ -1,8 +1,6 @@
 """pci-counter driven as a guest would drive it: PCI configuration through 0xcf8/0xcfc, its
-BAR as MMIO exits through the dispatch core, MSI-X messages as the machine records them."""
-# The fixtures (machine, rig, the lock-order check), imported before the rest of hvframe.
-from hvframe.synthetic_fixtures import lock_order_checked, machine, rig  # noqa: F401
-
+BAR as MMIO exits through the dispatch core, MSI-X messages as the machine records them.
+Fixtures (device_rig, pci_config) come from hvframe's pytest plugin."""
 import threading
 
 import pytest
@@ -10,30 +8,18 @@ import pytest
 from hvframe.errors import ConfigError
 from hvframe_pci_counter.pci_counter import (DEVICE, MAGIC, MSIX_OFFSET, REG, STATUS_BAD_VECTOR,
                                              VENDOR)
+from hvframe_pci_counter.plugin import MAX_VECTORS
 
 SLOT = 4
+MSIX_CAP_ID = 0x11
 
 
 class Guest:
     """What a guest's driver does: find the BAR, program MSI-X, use the registers."""
 
-    def __init__(self, m):
-        self.m = m
-        self.bar = self.cfg_read(0x10) & ~0xF
-
-    def cfg_read(self, reg, size=4):
-        self.m.io_write(0xCF8, 4, 0x80000000 | SLOT << 11 | reg & 0xFC)
-        return self.m.io_read(0xCFC + (reg & 3), size)
-
-    def cfg_write(self, reg, size, value):
-        self.m.io_write(0xCF8, 4, 0x80000000 | SLOT << 11 | reg & 0xFC)
-        self.m.io_write(0xCFC + (reg & 3), size, value)
-
-    def msix_cap(self):
-        ptr = self.cfg_read(0x34, 1)
-        while ptr and self.cfg_read(ptr, 1) != 0x11:
-            ptr = self.cfg_read(ptr + 1, 1)
-        return ptr
+    def __init__(self, m, cfg):
+        self.m, self.cfg = m, cfg
+        self.bar = cfg.bar(0)
 
     def route(self, vector, data, masked=False):
         entry = self.bar + MSIX_OFFSET + 16 * vector
@@ -41,8 +27,8 @@ class Guest:
             self.m.mmio_write(entry + off, 4, value)
 
     def enable_msix(self):
-        cap = self.msix_cap()
-        self.cfg_write(cap + 2, 2, self.cfg_read(cap + 2, 2) | 0x8000)
+        cap = self.cfg.capability(MSIX_CAP_ID)
+        self.cfg.write(cap + 2, 2, self.cfg.read(cap + 2, 2) | 0x8000)
 
     def reg(self, name, value=None, size=4):
         if value is None:
@@ -51,17 +37,24 @@ class Guest:
 
 
 @pytest.fixture
-def guest(machine, rig):
-    rig(machine, f"-s {SLOT},pci-counter,vectors=4")
-    return Guest(machine)
+def guest(device_rig, pci_config):
+    m, _ = device_rig(f"-s {SLOT},pci-counter,vectors=4")
+    return Guest(m, pci_config(m, SLOT))
+
+
+@pytest.fixture
+def machine(guest):
+    return guest.m
 
 
 def test_identity_and_one_memory_bar(guest):
-    assert guest.cfg_read(0) == DEVICE << 16 | VENDOR
+    cfg = guest.cfg
+    assert (cfg.vendor_id, cfg.device_id) == (VENDOR, DEVICE)
     assert 0xC0000000 <= guest.bar < 0xE0000000
-    assert [guest.cfg_read(0x14 + 4 * i) for i in range(5)] == [0] * 5   # no other BAR
+    assert cfg.bar_size(0) == 0x1000
+    assert [cfg.bar_size(i) for i in range(1, 6)] == [0] * 5               # no other BAR
     assert guest.reg("magic") == MAGIC
-    assert guest.cfg_read(guest.msix_cap() + 2, 2) & 0x7FF == 3            # 4 vectors
+    assert cfg.read(cfg.capability(MSIX_CAP_ID) + 2, 2) & 0x7FF == 3      # 4 vectors
 
 
 def test_doorbell_counts_and_raises_the_chosen_msix_vector(machine, guest):
@@ -121,6 +114,10 @@ def test_doorbells_from_many_vcpus_are_all_counted(guest):
     assert guest.reg("count") == 2000
 
 
-def test_vectors_option_is_checked(machine, rig):
-    with pytest.raises(ConfigError, match="vectors=0"):
-        rig(machine, f"-s {SLOT},pci-counter,vectors=0")
+@pytest.mark.parametrize("conf, words", [
+    ("vectors=0", f"vectors=0 must be 1-{MAX_VECTORS}"),
+    (f"vectors={MAX_VECTORS + 1}", f"vectors={MAX_VECTORS + 1} must be 1-{MAX_VECTORS}"),
+    ("speed=9", "unexpected option 'speed=9'")])
+def test_bad_options_are_one_config_error(device_rig, conf, words):
+    with pytest.raises(ConfigError, match=words):
+        device_rig(f"-s {SLOT},pci-counter,{conf}")

@@ -1,25 +1,27 @@
-"""virtio-rng driven as a guest driver would (hvframe.virtio.harness: PCI config through
-0xcf8/0xcfc, rings in guest RAM, kicks through the notify region), built from `-s` the way
-`hvframe run` builds it."""
-# The fixtures (machine, rig, the lock-order check), imported before the rest of hvframe.
-from hvframe.synthetic_fixtures import lock_order_checked, machine, rig  # noqa: F401
-
+"""virtio-rng driven as a guest driver would (hvframe.testing's VirtioPciDriver: PCI config
+through 0xcf8/0xcfc, rings in guest RAM, kicks through the notify region), built from `-s`
+the way `hvframe run` builds it. Fixtures (device_rig, virtio_driver) come from hvframe's
+pytest plugin."""
+import threading
 import time
 
 import pytest
 
 from hvframe.errors import ConfigError
-from hvframe.virtio.harness import VirtioPciDriver
 from hvframe_virtio_rng.virtio_rng import MAX_REQUEST, Budget
 
 SLOT = 3
 
 
-def bring_up(machine, rig, conf=""):
-    rig(machine, f"-s {SLOT},virtio-rng{',' + conf if conf else ''}")
-    drv = VirtioPciDriver(machine, SLOT)
-    drv.initialize(0)
-    return drv
+@pytest.fixture
+def bring_up(device_rig, virtio_driver):
+    """bring_up(conf="") -> (machine, driver): virtio-rng at SLOT, DRIVER_OK."""
+    def make(conf=""):
+        m, _ = device_rig(f"-s {SLOT},virtio-rng{',' + conf if conf else ''}")
+        drv = virtio_driver(m, SLOT)
+        drv.initialize(0)
+        return m, drv
+    return make
 
 
 def request(drv, *buffers):
@@ -34,13 +36,13 @@ def request(drv, *buffers):
     return written, [drv.mem.read(a, n) for a, n, _ in bufs]
 
 
-def test_identifies_as_virtio_rng(machine, rig):
-    drv = bring_up(machine, rig)
+def test_identifies_as_virtio_rng(bring_up):
+    _, drv = bring_up()
     assert drv.cfg_read(0) == 0x1005 << 16 | 0x1AF4      # transitional virtio-rng
 
 
-def test_requests_get_fresh_entropy(machine, rig):
-    drv = bring_up(machine, rig)
+def test_requests_get_fresh_entropy(bring_up):
+    _, drv = bring_up()
     seen = []
     for _ in range(4):
         written, (data,) = request(drv, (64, True))
@@ -50,23 +52,23 @@ def test_requests_get_fresh_entropy(machine, rig):
     assert len(set(seen)) == 4              # and not the same bytes twice
 
 
-def test_fills_several_buffers_in_order_and_skips_readable_ones(machine, rig):
-    drv = bring_up(machine, rig)
+def test_fills_several_buffers_in_order_and_skips_readable_ones(bring_up):
+    _, drv = bring_up()
     written, (a, b) = request(drv, (16, True), (48, True))
     assert written == 64 and a != bytes(16) and b[-8:] != bytes(8)
     written, (only_readable,) = request(drv, (32, False))
     assert written == 0 and only_readable == bytes(32)   # nothing written into it
 
 
-def test_a_huge_buffer_gets_at_most_max_request(machine, rig):
-    drv = bring_up(machine, rig)
+def test_a_huge_buffer_gets_at_most_max_request(bring_up):
+    _, drv = bring_up()
     written, (data,) = request(drv, (MAX_REQUEST + 4096, True))
     assert written == MAX_REQUEST
     assert data[MAX_REQUEST:] == bytes(4096)
 
 
-def test_rate_limit_holds_requests_until_the_next_period(machine, rig):
-    drv = bring_up(machine, rig, "max-bytes=100,period=1500")
+def test_rate_limit_holds_requests_until_the_next_period(bring_up):
+    machine, drv = bring_up("max-bytes=100,period=1500")
     budget = machine.pci.lookup(0, SLOT, 0).device.budget
     assert request(drv, (64, True))[0] == 64
     assert request(drv, (64, True))[0] == 36     # what is left of this period's 100
@@ -80,8 +82,8 @@ def test_rate_limit_holds_requests_until_the_next_period(machine, rig):
     assert time.monotonic() >= period_end        # in the next period
 
 
-def test_kick_returns_at_once_while_the_budget_is_spent(machine, rig):
-    drv = bring_up(machine, rig, "max-bytes=8,period=2000")
+def test_kick_returns_at_once_while_the_budget_is_spent(bring_up):
+    _, drv = bring_up("max-bytes=8,period=2000")
     assert request(drv, (64, True))[0] == 8
     drv.submit(0, [(drv.data_base, 64, True)])
     t0 = time.monotonic()
@@ -99,16 +101,16 @@ def test_budget_windows():
     assert Budget(0, 1.0).take(1 << 20) == 1 << 20          # no limit
 
 
-@pytest.mark.parametrize("conf, word", [("period=0", "period"), ("max-bytes=lots", "max-bytes"),
-                                        ("speed=9", "speed")])
-def test_bad_options_are_one_config_error(machine, rig, conf, word):
-    with pytest.raises(ConfigError, match=word):
-        rig(machine, f"-s {SLOT},virtio-rng,{conf}")
+@pytest.mark.parametrize("conf, words", [("period=0", "period=0 must be 1-"),
+                                         ("max-bytes=lots", "max-bytes: not a size"),
+                                         ("speed=9", "unexpected option 'speed=9'")])
+def test_bad_options_are_one_config_error(device_rig, conf, words):
+    with pytest.raises(ConfigError, match=words):
+        device_rig(f"-s {SLOT},virtio-rng,{conf}")
 
 
-def test_reset_while_a_request_is_held_and_close_stop_the_refill_thread(machine, rig):
-    import threading
-    drv = bring_up(machine, rig, "max-bytes=8,period=60000")
+def test_reset_while_a_request_is_held_and_close_stop_the_refill_thread(bring_up):
+    machine, drv = bring_up("max-bytes=8,period=60000")
     assert request(drv, (64, True))[0] == 8
     drv.submit(0, [(drv.data_base, 64, True)])
     drv.kick(0)                                  # held for a minute
