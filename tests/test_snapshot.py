@@ -459,11 +459,6 @@ SLOW = os.environ.get("HVFRAME_SLOW_TESTS") == "1"
 @pytest.mark.kvm
 @pytest.mark.skipif(not SLOW, reason="boots Linux twice over (minutes each on nested KVM): "
                                      "HVFRAME_SLOW_TESTS=1")
-@pytest.mark.xfail(strict=False, reason="not yet seen passing: suspended while probing PCI, "
-                   "the restored kernel printed two more lines and then sat at 'vgaarb: loaded' "
-                   "until the 900 s timeout (2026-12-02, load average 6-8 on 2 cores); a fresh "
-                   "boot on the same loaded host also sat there over 7 minutes, so whether the "
-                   "restore is at fault is still open")
 def test_linux_checkpointed_during_boot_and_restored_reaches_init(tmp_path):
     from linux_kernel import CMDLINE, built_kernel, newc_cpio
     kernel = built_kernel()

@@ -13,7 +13,7 @@ above those calls is hvframe_passthru.passthru, shared with the vfio-user backen
 
 The host calls themselves (open, ioctl, pread, pwrite, the sysfs iommu_group link) go through
 a VfioHost, so the sequence can be driven against a stand-in kernel where there is no VFIO
-(tests/vfio_fake.py). Hosts without /dev/vfio (these development machines among them) are
+(plugins/passthru/tests/vfio_fake.py). Hosts without /dev/vfio (these development machines among them) are
 refused in one line.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The kernel VFIO backend (`-s N,passthru,sysfsdev=PATH` / BUS/SLOT/FUNC) where the host has
-no /dev/vfio: its ioctl sequence runs against tests/vfio_fake.py, a stand-in that keeps the
+no /dev/vfio: its ioctl sequence runs against vfio_fake.py beside it, a stand-in that keeps the
 kernel's documented rules and answers for the device from `hvframe serve-device` (virtio-blk).
 Everything above the ioctls is the layer the vfio-user backend uses, so the same guest-side
 driver reads and writes the image through it. On a host with VFIO this is no substitute for a
