@@ -38,7 +38,7 @@ from hvframe.testing.netns import DNSMASQ, Netns, netns_missing
 KERNEL = built_kernel()
 QEMU = shutil.which("qemu-system-x86_64")
 PASST = shutil.which("passt")
-BOOT_TIMEOUT = 900          # reset to "IP-Config: Complete": about 100 s under QEMU on an idle host, 6+ min on a busy one
+BOOT_TIMEOUT = 1200         # reset to "IP-Config: Complete": about 100 s under QEMU on an idle host, 6-14 min on a busy one
 GUEST_MAC = "52:54:00:12:34:56"
 HOST_ADDR, GUEST_ADDR = "10.0.2.1", "10.0.2.15"
 
@@ -66,15 +66,13 @@ VMMS = [pytest.param("qemu", marks=[
                                "HVFRAME_SLOW_TESTS=1 to run them")]),
         pytest.param("hvframe", marks=[
             pytest.mark.skipif(not hvframe_has_virtio_net(), reason="hvframe has no virtio-net "
-                               "device yet (plugins/virtio_net registers none)"),
-            # Seen 2026-12-01: the guest brings eth0 up and IP-Config completes on the tap, but
-            # none of 10 pings from the namespace is answered (and the QEMU case, which had
-            # passed 10 of 10, also got 0 of 10 in the run after an interrupted one: fixture or
-            # device, not found yet). Not in the default run until then; HVFRAME_SLOW_TESTS=1.
-            pytest.mark.skipif(not os.environ.get("HVFRAME_SLOW_TESTS"),
-                               reason="under hvframe the Linux guest configures eth0 but does "
-                               "not answer pings yet (known failure, being worked on); set "
-                               "HVFRAME_SLOW_TESTS=1 to run it")])]
+                               "device yet (plugins/virtio_net registers none)")])]
+# The hvframe tap case is in the default run: one boot (10-14 min to IP-Config on 2026-12-02
+# with three other emulated kernels sharing the 2 cores; less on an idle host). Seen then, in
+# two boots: 15 of 15 pings answered, then the test passed (8 or more of 10); no drop in the
+# device counters. The 0-of-10 of 2026-12-01 (once under QEMU too) did not come back; the same exchange
+# without Linux is tests/test_virtio_net.py::test_namespace_pings_a_linux_like_driver_on_a_tap.
+# The other hvframe cases need a boot or two each and carry @SLOW.
 
 
 def static_ip(addr: str, gw: str = HOST_ADDR) -> str:
@@ -204,7 +202,9 @@ def test_namespace_pings_linux_guest_on_tap(vmm, tmp_path, guests):
         assert f"addr={GUEST_ADDR}, mask=255.255.255.0, gw={HOST_ADDR}" in out
         assert f"device=eth0, hwaddr={GUEST_MAC}" in out
         replies = ping_replies(ns, GUEST_ADDR)
-        assert replies >= 8, f"{replies} of 10 pings answered\n{g.text()[-2000:]}"
+        assert replies >= 8, (f"{replies} of 10 pings answered; the namespace's side:\n"
+                              f"{ns.ip('-s', 'link', 'show', 'tap0')}{ns.ip('neigh')}\n"
+                              f"{g.text()[-2000:]}")
 
 
 # ---- two VMs on the socket backend -----------------------------------------------------------
@@ -235,9 +235,11 @@ def test_two_linux_guests_on_one_socket_answer_each_other(vmm, tmp_path, guests)
                 pytest.skip("hvframe's virtio-net does not bring its link up for a first peer "
                             "that connects after it started (its link watcher starts only "
                             "after a link loss)")
+        # hvframe's listening socket has no carrier until a peer connects, and IP-Config
+        # would wait 120 s for one (seen 2026-12-02): the listener does not wait.
         first = start_guest(vmm, tmp_path, "listener",
-                            kernel_cmdline(static_ip("10.0.3.1", "10.0.3.254")),
-                            net_args(vmm, f"listen:{path}"))
+                            kernel_cmdline(static_ip("10.0.3.1", "10.0.3.254"))
+                            + " carrier_timeout=2", net_args(vmm, f"listen:{path}"))
         guests.append(first)
         first.wait_for("IP-Config: Complete:", BOOT_TIMEOUT)
         assert os.path.exists(path)
