@@ -60,9 +60,9 @@ def encode(device: DeviceState) -> bytes:
                              body=device.state_layout.build(device.save_state())))
 
 
-def decode_into(device: DeviceState, data: bytes, label: str) -> None:
-    """Parse a record and give it to the device; ConfigError (one line) for a record of
-    another version or one that does not parse."""
+def parse_record(device: DeviceState, data: bytes, label: str):
+    """Parse a record for `device` without giving it to the device; ConfigError (one line)
+    for a record of another version or one that does not parse."""
     try:
         rec = RECORD.parse(data)
     except ConstructError:
@@ -71,7 +71,11 @@ def decode_into(device: DeviceState, data: bytes, label: str) -> None:
         raise ConfigError(f"snapshot: {label}: state version {rec.version}, this hvframe "
                           f"reads version {device.state_version}")
     try:
-        state = device.state_layout.parse(rec.body)
+        return device.state_layout.parse(rec.body)
     except ConstructError as e:
         raise ConfigError(f"snapshot: {label}: malformed record ({e.__class__.__name__})") from None
-    device.load_state(state)
+
+
+def decode_into(device: DeviceState, data: bytes, label: str) -> None:
+    """Parse a record and give it to the device (ConfigError as parse_record)."""
+    device.load_state(parse_record(device, data, label))

@@ -43,7 +43,7 @@ from .virtqueue import VirtQueue, VirtqueueError, offset_of
 from .. import concurrency
 from ..errors import ConfigError
 from ..snapshot.pci import PCI_FUNCTION_STATE, load_pci, save_pci
-from ..snapshot.state import DeviceState, decode_into, encode
+from ..snapshot.state import DeviceState, encode, parse_record
 
 
 VIRTIO_VENDOR = 0x1AF4
@@ -857,8 +857,8 @@ class VirtioPciFunction(PciFunction, DeviceState):
         if len(s.queues) != len(self.queues):
             raise ConfigError(f"snapshot: {self.name}: {len(s.queues)} queues saved, this "
                               f"device has {len(self.queues)}")
+        device_state = parse_record(self.device, s.device, f"{self.name} device")
         load_pci(self, s.pci)
-        decode_into(self.device, s.device, f"{self.name} device")
         with self._lock:
             self.status, self.features = s.status, s.features
             self.device_feature_select = s.device_feature_select
@@ -880,6 +880,10 @@ class VirtioPciFunction(PciFunction, DeviceState):
                 except Exception:
                     log.exception("%s: activation failed", self.name)
                     self.needs_reset("activation failed")
+            # After activation: activate() sets what negotiation implies, the record puts
+            # back what the driver changed since (a virtio-net's offloads, queue pairs).
+            self.device.load_state(device_state)
+            if self.live:
                 self._start_workers()
                 for w in self._workers:
                     w.wake()

@@ -18,15 +18,28 @@ Offloads: the device offers segmentation only where the backend can carry it (ta
 offered everywhere (for a stream backend the device completes the checksum itself). The
 backend is told exactly the receive offloads the driver acknowledged (set_offloads), again
 on CTRL_GUEST_OFFLOADS.
+
+Checkpoint (DeviceState): the record carries the MAC, the receive filter (promisc, allmulti,
+the MAC tables), the receive offloads the driver acknowledged, the active queue pairs, the MTU
+and the counters. The backend is not in it: the restored machine reopens it from the same
+command line, and the record's offloads and queue pairs are applied to it again. Quiescing is
+the transport's (no queue worker is inside a cycle, so no frame is half placed in guest
+buffers) plus the rest of a frame half written to a stream backend, finished here.
 """
 from __future__ import annotations
 
+import os
 import select
 import struct
 import threading
+import time
+
+from construct import Bytes, Flag, Int16ul, Int32ul, Int64ul, PrefixedArray, Struct
 
 from hvframe import concurrency
 from hvframe.core_native import bind as _bind
+from hvframe.errors import ConfigError
+from hvframe.snapshot.state import DeviceState
 from hvframe.virtio.device import F_VERSION_1, VirtioDevice, bit
 from hvframe.virtio.native import CYCLE_IDLE, CYCLE_PYTHON, POLL_NS, queue_state
 from hvframe.virtio.virtqueue import struct_of
@@ -49,6 +62,30 @@ CTRL_MAX = 64 << 10            # the longest control command read (a MAC table o
 
 
 _PORT_COUNTERS = ("rx_oversize", "rx_runt", "rx_truncated", "tx_partial")
+_RXQ_COUNTERS = ("frames", "bytes", "drop_filtered", "drop_bad", "drop_too_big", "bad_buffers")
+_TXQ_COUNTERS = ("frames", "bytes", "drop_bad", "drop_oversize", "drop_error", "drop_gone")
+QUIESCE_TX_S = 2.0             # how long a half-written stream frame may take to finish
+
+_MAC_TABLE = PrefixedArray(Int16ul, Bytes(6))
+# The checkpoint record (DeviceState, version 1).
+VIRTIO_NET_STATE = Struct(
+    "mac" / Bytes(6),                     # the current one (CTRL_MAC_ADDR_SET may change it)
+    "link" / Flag,                        # as saved; after restore the reopened backend decides
+    "mtu" / Int32ul,                      # 0: none offered; must match the configuration
+    "active_pairs" / Int16ul,
+    "guest_offloads" / Int64ul,           # the acknowledged receive offloads, feature bits
+    "promisc" / Flag,
+    "allmulti" / Flag,                    # the driver's CTRL_RX_ALLMULTI setting
+    "alluni" / Flag,                      # more unicast addresses than the table holds
+    "multi_overflow" / Flag,              # more multicast addresses than the table holds
+    "uni" / _MAC_TABLE,
+    "multi" / _MAC_TABLE,
+    "rxq" / PrefixedArray(Int16ul, Struct(*(k / Int64ul for k in _RXQ_COUNTERS))),
+    "txq" / PrefixedArray(Int16ul, Struct(*(k / Int64ul for k in _TXQ_COUNTERS))),
+    "port" / Struct(*(k / Int64ul for k in _PORT_COUNTERS)),
+    "reset_drops" / Int64ul,
+    "python_drops" / Int64ul,
+)
 
 
 def parse_mac(text: str) -> bytes:
@@ -83,11 +120,13 @@ class QueueRole:
     RX, TX, CTRL = "rx", "tx", "ctrl"
 
 
-class VirtioNet(VirtioDevice):
+class VirtioNet(VirtioDevice, DeviceState):
     name = "virtio-net"
     device_type = L.VIRTIO_ID_NET
     pci_class = 0x020000            # network, Ethernet
     config_layout = L.VirtioNetConfig
+    state_version = 1
+    state_layout = VIRTIO_NET_STATE
 
     def __init__(self, backend: NetBackend, *, mac: bytes, queue_pairs: int = 1,
                  mtu: int | None = None, queue_size: int = 256):
@@ -124,6 +163,8 @@ class VirtioNet(VirtioDevice):
         self.active_pairs = 1
         self.reset_drops = 0
         self.python_drops = 0
+        self._guest_offload_bits = 0
+        self.guest_offloads = Offloads()
 
         # The native data path's state: one port per backend descriptor, a receive and a
         # transmit queue per pair (pair i on port i mod ports; only pairs below the number
@@ -415,6 +456,7 @@ class VirtioNet(VirtioDevice):
         if more:
             self.backend.set_offloads(acked)
         self.guest_offloads = acked
+        self._guest_offload_bits = bits
 
     def reset(self) -> None:
         # The queues are stopped: nothing runs on the structs now.
@@ -438,6 +480,100 @@ class VirtioNet(VirtioDevice):
         for p in list(self._queue_port.values()) + self.ports:
             p.c.fd = -1
         self.backend.close()
+
+    # -- checkpoint (hvframe.snapshot.state) ---------------------------------------------
+    def quiesce(self) -> None:
+        """(the queue workers are quiesced by the transport) Finish the rest of a frame half
+        written to a stream backend, so its peer never sees half a frame; a backend that
+        takes nothing for QUIESCE_TX_S keeps it (sent when the queue runs again)."""
+        for port in self._live_ports():
+            c = port.c
+            deadline = time.monotonic() + QUIESCE_TX_S
+            while c.tx_off < c.tx_len and c.fd >= 0 and not c.gone:
+                try:
+                    n = os.write(c.fd, ffi.buffer(c.tx_buf + c.tx_off, c.tx_len - c.tx_off))
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError:
+                    break                 # the data path sees the error when it runs again
+                c.tx_off += n
+                if c.tx_off < c.tx_len:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.log.warning("%s: a frame half written at checkpoint", self.name)
+                        break
+                    concurrency.may_block("a stream backend taking the rest of a frame")
+                    select.select([], [c.fd], [], left)
+            if c.tx_len and c.tx_off >= c.tx_len:
+                c.tx_off = c.tx_len = 0
+
+    def _live_ports(self) -> list[_Port]:
+        with self._lock:
+            return list({id(p): p for p in list(self._queue_port.values()) + self.ports}.values())
+
+    def save_state(self) -> dict:
+        with self._lock:
+            f = self.filter
+            port = dict(self._retired)
+            for p in self.ports:
+                for k in _PORT_COUNTERS:
+                    port[k] += getattr(p.c, k)
+            return dict(
+                mac=ffi.buffer(f.mac)[:], link=self.link, mtu=self.mtu or 0,
+                active_pairs=self.active_pairs, guest_offloads=self._guest_offload_bits,
+                promisc=bool(f.promisc), allmulti=self._allmulti, alluni=bool(f.alluni),
+                multi_overflow=self._multi_overflow,
+                uni=[ffi.buffer(f.uni[i])[:] for i in range(f.n_uni)],
+                multi=[ffi.buffer(f.multi[i])[:] for i in range(f.n_multi)],
+                rxq=[{k: getattr(q, k) for k in _RXQ_COUNTERS} for q in self.rxqs],
+                txq=[{k: getattr(q, k) for k in _TXQ_COUNTERS} for q in self.txqs],
+                port=port, reset_drops=self.reset_drops, python_drops=self.python_drops)
+
+    def load_state(self, s) -> None:
+        """(by the transport, after activate(); the workers do not run yet) The filter,
+        offloads and queue pairs as the driver left them, applied to the reopened backend."""
+        where = f"snapshot: {self.name}"
+        if s.mtu != (self.mtu or 0):
+            raise ConfigError(f"{where}: saved with mtu={s.mtu or 'none'}, this device has "
+                              f"mtu={self.mtu or 'none'}")
+        if len(s.rxq) != self.pairs or len(s.txq) != self.pairs:
+            raise ConfigError(f"{where}: {len(s.rxq)} queue pairs saved, this device has "
+                              f"{self.pairs}")
+        if not 1 <= s.active_pairs <= self.pairs:
+            raise ConfigError(f"{where}: {s.active_pairs} active queue pairs of {self.pairs}")
+        if len(s.uni) > L.MAC_TABLE_ENTRIES or len(s.multi) > L.MAC_TABLE_ENTRIES:
+            raise ConfigError(f"{where}: a MAC table longer than {L.MAC_TABLE_ENTRIES}")
+        if s.guest_offloads & ~(self.features & GUEST_OFFLOAD_BITS):
+            raise ConfigError(f"{where}: receive offloads {s.guest_offloads:#x} the driver "
+                              f"did not negotiate")
+        with self._lock:
+            f = self.filter
+            ffi.memmove(f.mac, bytes(s.mac), 6)
+            f.promisc, f.alluni = int(s.promisc), int(s.alluni)
+            self._allmulti, self._multi_overflow = bool(s.allmulti), bool(s.multi_overflow)
+            f.allmulti = int(self._allmulti or self._multi_overflow)
+            for i, m in enumerate(s.uni):
+                ffi.memmove(f.uni[i], bytes(m), 6)
+            f.n_uni = len(s.uni)
+            for i, m in enumerate(s.multi):
+                ffi.memmove(f.multi[i], bytes(m), 6)
+            f.n_multi = len(s.multi)
+            self._set_guest_offloads(s.guest_offloads)
+            self.active_pairs = s.active_pairs
+            self.backend.set_queue_pairs(s.active_pairs)
+            for q, sq in zip(self.rxqs, s.rxq):
+                for k in _RXQ_COUNTERS:
+                    setattr(q, k, sq[k])
+            for q, sq in zip(self.txqs, s.txq):
+                for k in _TXQ_COUNTERS:
+                    setattr(q, k, sq[k])
+            for k in _PORT_COUNTERS:
+                self._retired[k] += s.port[k]
+            self.reset_drops, self.python_drops = s.reset_drops, s.python_drops
+            self._build_config()
+        if bool(s.link) != self.link:
+            self.log.warning("%s: link %s after restore (was %s)", self.name,
+                             "up" if self.link else "down", "up" if s.link else "down")
 
     # -- counters -------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:

@@ -4,6 +4,7 @@ device's queue workers to a socketpair (BE32_LENGTH framing) or a real tap (VNET
 far side is an AF_PACKET socket in a network namespace the test makes."""
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import threading
@@ -22,7 +23,7 @@ from hvframe_virtio_net import layout as L
 from hvframe_virtio_net.backend import Offloads
 from hvframe_virtio_net.plugin import default_mac
 from hvframe_virtio_net.testdriver import NetDriver, StreamPair, in_netns, tap_peer_socket
-from hvframe_virtio_net.virtio_net import VirtioNet
+from hvframe_virtio_net.virtio_net import VirtioNet, format_mac
 
 SLOT = 3
 MAC = bytes.fromhex("020000aabb01")
@@ -795,3 +796,118 @@ def test_namespace_pings_a_linux_like_driver_on_a_tap(netns):
         if t.is_alive():
             t.join(10)
         r.close()
+
+
+# -- checkpoint -----------------------------------------------------------------------------
+
+class _StreamServer:
+    """The far side of `stream=unix:PATH`: accepts the device's connection, speaks the
+    4-byte-length framing (a passt stand-in)."""
+
+    def __init__(self, path):
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(str(path))
+        self.srv.listen(2)
+        self.conns = []
+
+    def accept(self):
+        self.srv.settimeout(10)
+        c, _ = self.srv.accept()
+        self.conns.append(c)
+        self.conn, self.buf = c, b""
+
+    def send_frame(self, f):
+        self.conn.sendall(struct.pack(">I", len(f)) + f)
+
+    def recv_frame(self, timeout=10.0):
+        end = time.monotonic() + timeout
+        while len(self.buf) < 4 or len(self.buf) < 4 + struct.unpack(">I", self.buf[:4])[0]:
+            self.conn.settimeout(max(0.01, end - time.monotonic()))
+            data = self.conn.recv(1 << 20)
+            if not data:
+                raise EOFError("the device closed its connection")
+            self.buf += data
+        n = struct.unpack(">I", self.buf[:4])[0]
+        f, self.buf = self.buf[4:4 + n], self.buf[4 + n:]
+        return f
+
+    def close(self):
+        for s in self.conns + [self.srv]:
+            s.close()
+
+
+def test_checkpoint_moves_a_running_driver_to_a_new_machine(tmp_path):
+    """virtio-net on `stream=unix:PATH`, a driver exchanging frames with promisc off, a MAC
+    set by CTRL_MAC_ADDR_SET and CSUM offload turned off: quiesced, its record and guest RAM
+    put into a machine built from the same command line (the backend reopened), where the
+    driver goes on with its rings: frames both ways byte for byte, the filter and offloads
+    as the driver left them."""
+    from hvframe.snapshot.state import decode_into, encode
+    server = _StreamServer(tmp_path / "passt.sock")
+    line = f"-s {SLOT},virtio-net,stream=unix:{tmp_path / 'passt.sock'},mac={format_mac(MAC)}"
+    machines = []
+    try:
+        ma = SyntheticMachine(64 << 20)
+        machines.append(ma)
+        fa, = rig(ma, line, direct_boot=False)
+        server.accept()
+        nd = NetDriver(ma, SLOT, ALL)
+        nd.post_rx(0, 16)
+        new_mac = bytes.fromhex("020000aabb77")
+        assert nd.ctrl(L.CTRL_MAC, L.CTRL_MAC_ADDR_SET, new_mac) == L.CTRL_OK
+        assert nd.ctrl(L.CTRL_RX, L.CTRL_RX_PROMISC, b"\0") == L.CTRL_OK
+        assert nd.ctrl(L.CTRL_GUEST_OFFLOADS, L.CTRL_GUEST_OFFLOADS_SET,
+                       struct.pack("<Q", 0)) == L.CTRL_OK
+        for i in range(3):
+            nd.send(0, frame(n=200 + i, seed=i))
+            assert server.recv_frame() == frame(n=200 + i, seed=i)
+            server.send_frame(frame(dst=new_mac, n=300 + i, seed=i))
+            assert nd.recv(0)[1] == frame(dst=new_mac, n=300 + i, seed=i)
+        before = fa.device.stats()
+
+        fa.quiesce()
+        record = encode(fa)
+        ram = ma.memory.read(0, ma.memory.size)
+        ma.close()                       # the source goes away, its connection with it
+
+        mb = SyntheticMachine(64 << 20)
+        machines.append(mb)
+        fb, = rig(mb, line, direct_boot=False)
+        server.accept()
+        mb.memory.write(0, ram)
+        decode_into(fb, record, "virtio-net")
+        dev = fb.device
+        assert dev.config_bytes()[:6] == new_mac
+        assert dev.filter.promisc == 0 and dev.guest_offloads == Offloads()
+        assert dev.stats()["tx_frames"] == before["tx_frames"] == 3
+        assert dev.stats()["rx_frames"] == before["rx_frames"] == 3
+
+        # The driver carries on against the new machine with its rings as they were.
+        drv = type(nd.drv)(mb, SLOT)
+        drv.queues = nd.drv.queues
+        for q in drv.queues:
+            q.mem = mb.memory
+        drv.data_base = nd.drv.data_base
+        nd.m, nd.mem, nd.drv, nd.dev = mb, mb.memory, drv, dev
+        sent = frame(n=1500, seed=9)
+        nd.send(0, sent)
+        assert server.recv_frame() == sent
+        got = frame(dst=new_mac, n=1200, seed=8)
+        server.send_frame(frame(dst=bytes.fromhex("020000999999"), seed=7))  # filtered now
+        server.send_frame(got)
+        assert nd.recv(0)[1] == got
+        assert dev.stats()["rx_drop_filtered"] == before["rx_drop_filtered"] + 1
+
+        # A record of another version is refused in one line.
+        other = SyntheticMachine(64 << 20)
+        machines.append(other)
+        fc, = rig(other, line, direct_boot=False)
+        server.accept()
+        bad = encode(fa.device)
+        with pytest.raises(ConfigError, match="state version 2") as e:
+            decode_into(fc.device, b"\x02\x00" + bad[2:], "virtio-net")
+        assert "\n" not in str(e.value)
+    finally:
+        for m in machines:
+            m.close()
+        server.close()
