@@ -8,6 +8,9 @@ ioeventfd), never on a vCPU. With max-bytes, at most that many bytes reach the g
 period, as QEMU's rng rate limit: a request that finds the budget spent stays on the ring
 until the next period begins, when a thread of the device's own wakes the queue's worker.
 Nothing sleeps for the limit: not the vCPU, not the worker.
+
+Checkpoint (DeviceState): the bytes served and the rate limit's budget (what is left of the
+period and for how long), so a restored guest cannot draw a fresh budget by being restored.
 """
 from __future__ import annotations
 
@@ -15,7 +18,10 @@ import os
 import threading
 import time
 
+from construct import Float64l, Int64ul, Struct
+
 from hvframe import concurrency
+from hvframe.snapshot.state import DeviceState
 from hvframe.virtio.device import VirtioDevice
 from hvframe.virtio.native import CYCLE_IDLE, CYCLE_NOTIFY, CYCLE_PYTHON, CYCLE_YIELD
 
@@ -23,6 +29,13 @@ VIRTIO_ID_RNG = 4
 # The guest chooses the buffer size (up to the whole of its RAM): what one request gets,
 # and so what the host allocates for it, is bounded here. Linux asks for 64 bytes or less.
 MAX_REQUEST = 64 << 10
+
+# The checkpoint record (DeviceState, version 1).
+VIRTIO_RNG_STATE = Struct(
+    "bytes_served" / Int64ul,
+    "remaining" / Int64ul,              # of this period's budget
+    "period_left" / Float64l,           # seconds until the period ends (0: a new one is due)
+)
 
 
 class Budget:
@@ -54,11 +67,13 @@ class Budget:
         return 0.0 if self.remaining else self.window_end - now
 
 
-class VirtioRng(VirtioDevice):
+class VirtioRng(VirtioDevice, DeviceState):
     name = "virtio-rng"
     device_type = VIRTIO_ID_RNG
     num_queues = 1
     queue_max_size = 64
+    state_version = 1
+    state_layout = VIRTIO_RNG_STATE
 
     def __init__(self, max_bytes: int = 0, period_ms: int = 1000):
         self.budget = Budget(max_bytes, period_ms / 1000)
@@ -121,6 +136,19 @@ class VirtioRng(VirtioDevice):
                     self._due = None
             if fire:
                 self.transport.notify_queue(0)
+
+    # -- checkpoint: the worker is quiesced by the transport; the refill thread only wakes it.
+    def save_state(self) -> dict:
+        b = self.budget
+        return dict(bytes_served=self.bytes_served, remaining=b.remaining,
+                    period_left=max(0.0, b.window_end - b.clock()))
+
+    def load_state(self, s) -> None:
+        b = self.budget
+        self.bytes_served = s.bytes_served
+        # Under this configuration's limit, which may be lower than the one saved under.
+        b.remaining = min(s.remaining, b.max_bytes)
+        b.window_end = b.clock() + min(max(s.period_left, 0.0), b.period)
 
     def close(self) -> None:
         if self._refill is not None:

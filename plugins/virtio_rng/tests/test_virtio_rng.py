@@ -120,3 +120,35 @@ def test_reset_while_a_request_is_held_and_close_stop_the_refill_thread(bring_up
     assert any(t.name == "virtio-rng-refill" for t in threading.enumerate())
     machine.close()
     assert not any(t.name == "virtio-rng-refill" for t in threading.enumerate())
+
+
+def test_checkpoint_carries_the_spent_budget_to_a_new_machine(bring_up, device_rig,
+                                                              virtio_driver):
+    """A driver that spent most of its budget, checkpointed: in a machine built from the same
+    line and given the record and RAM, it gets only what was left of the period, on the
+    same rings; a record of another version is refused in one line."""
+    from hvframe.snapshot.state import decode_into, encode
+    conf = "max-bytes=100,period=60000"
+    ma, drv = bring_up(conf)
+    assert request(drv, (64, True))[0] == 64
+    fa = ma.pci.lookup(0, SLOT, 0)
+    fa.quiesce()
+    record = encode(fa)
+    ram = ma.memory.read(0, ma.memory.size)
+    fa.unquiesce()
+
+    mb, (fb,) = device_rig(f"-s {SLOT},virtio-rng,{conf}", direct_boot=False)
+    mb.memory.write(0, ram)
+    decode_into(fb, record, "virtio-rng")
+    assert fb.device.bytes_served == 64 and fb.device.budget.remaining == 36
+    b = virtio_driver(mb, SLOT)
+    b.queues = drv.queues
+    for q in b.queues:
+        q.mem = mb.memory
+    b.data_base = drv.data_base
+    written, (data,) = request(b, (64, True))
+    assert written == 36 and data[:36] != bytes(36) and data[36:] == bytes(28)
+
+    with pytest.raises(ConfigError, match="state version 3") as e:
+        decode_into(fb.device, b"\x03\x00" + encode(fa.device)[2:], "virtio-rng")
+    assert "\n" not in str(e.value)
