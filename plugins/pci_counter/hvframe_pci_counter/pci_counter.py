@@ -11,6 +11,9 @@ A write of N to DOORBELL adds N to COUNT and raises MSI-X vector VECTOR. What a 
 get wrong is answered in the device's own terms: a VECTOR outside the table is refused and
 sets STATUS.BAD_VECTOR (write 1 to clear); a doorbell while MSI-X is off raises nothing
 and counts in DROPPED. Nothing a guest writes can raise out of a handler.
+
+Checkpoint (DeviceState): the registers, after the PCI function's own part (configuration
+space, MSI-X table and pending bits: hvframe.snapshot.pci).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from hvframe.dispatch import Access, Partial
 from hvframe.layout import offsets_of
 from hvframe.pci.device import BarRegion, PciFunction
 from hvframe.pci.msi import MsixCapability
+from hvframe.snapshot.pci import PCI_FUNCTION_STATE, load_pci, save_pci
+from hvframe.snapshot.state import DeviceState
 
 VENDOR, DEVICE, CLASS = 0x1234, 0xC0DE, 0xFF0000
 MAGIC = 0x544E5443                  # "CTNT" read as little-endian bytes: C T N T
@@ -40,9 +45,21 @@ Registers = Struct(
 REG = offsets_of(Registers)
 _NAMES = {off: name for name, off in REG.items()}
 
+# The checkpoint record (DeviceState, version 1).
+PCI_COUNTER_STATE = Struct(
+    "pci" / PCI_FUNCTION_STATE,
+    "count" / Int32ul,
+    "vector" / Int32ul,
+    "status" / Int32ul,
+    "interrupts" / Int32ul,
+    "dropped" / Int32ul,
+)
 
-class PciCounter(PciFunction):
+
+class PciCounter(PciFunction, DeviceState):
     name = "pci-counter"
+    state_version = 1
+    state_layout = PCI_COUNTER_STATE
 
     def __init__(self, vectors: int = 2, *, name: str | None = None):
         super().__init__(VENDOR, DEVICE, CLASS, name=name)
@@ -91,6 +108,23 @@ class PciCounter(PciFunction):
                 self.dropped += 1
         if deliver:
             self.msix.notify(vector)                # pending while masked, sent on unmask
+
+
+    # -- checkpoint (no work of its own in flight: the vCPUs are paused) ----------------------
+    def save_state(self) -> dict:
+        with self.lock:
+            regs = dict(count=self.count, vector=self.vector, status=self.status,
+                        interrupts=self.interrupts, dropped=self.dropped)
+        return dict(pci=save_pci(self), **regs)
+
+    def load_state(self, s) -> None:
+        from hvframe.errors import ConfigError
+        if s.vector >= self.vectors:
+            raise ConfigError(f"snapshot: {self.name}: vector {s.vector} of {self.vectors}")
+        load_pci(self, s.pci)
+        with self.lock:
+            self.count, self.vector, self.status = s.count, s.vector, s.status
+            self.interrupts, self.dropped = s.interrupts, s.dropped
 
 
 class MsixTableRegion:
