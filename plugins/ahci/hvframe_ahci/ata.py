@@ -8,9 +8,14 @@ read is UNC.
 """
 from __future__ import annotations
 
+import errno
 import struct
 
+from construct import Flag, Int8ul, Struct
+
 from hvframe.block.backend import BlockBackend, BlockError, BlockQueue
+from hvframe.errors import ConfigError
+from hvframe.snapshot.state import DeviceState
 
 from .hba import Command, Result, ata_error
 from .regs import (  # noqa: F401  (the NCQ numbers are ATA's, declared with the layouts)
@@ -68,10 +73,20 @@ def identify_block(words: list[int], strings: dict[int, tuple[str, int]]) -> byt
     return bytes(buf)
 
 
-class AtaDisk:
+# The disk's checkpoint record (DeviceState, version 1; inside its AHCI port's record).
+ATA_DISK_STATE = Struct(
+    "write_cache" / Flag,             # SET FEATURES' choice
+    "udma_mode" / Int8ul,
+    "writeback_failed" / Flag,        # a lost write-back: every FLUSH fails until COMRESET
+)
+
+
+class AtaDisk(DeviceState):
     signature = SIG_ATA
     reset_status = ST_OK
     atapi = False
+    state_version = 1
+    state_layout = ATA_DISK_STATE
 
     def __init__(self, backend: BlockBackend, *, model: str | None = None,
                  serial: str | None = None, nmrr: int = 0, workers: int = 4,
@@ -135,6 +150,26 @@ class AtaDisk:
     def execute(self, cmd: Command) -> Result | None:
         op = self._ops.get(cmd.command)
         return ata_error(ERR_ABRT) if op is None else op(cmd)
+
+    # -- checkpoint (the HBA quiesces its ports first: no command is with the device) ----
+    def quiesce(self) -> None:
+        """Acknowledged writes on stable storage before the state is taken."""
+        try:
+            if not self.backend.closed and not self.backend.readonly:
+                self.backend.flush()
+        except BlockError:
+            pass                      # kept by the backend: the record says so
+
+    def save_state(self) -> dict:
+        return dict(write_cache=self.write_cache, udma_mode=self.udma_mode,
+                    writeback_failed=self.backend.failed)
+
+    def load_state(self, s) -> None:
+        if s.udma_mode > 7:
+            raise ConfigError(f"snapshot: ahci disk: UDMA mode {s.udma_mode} (0-7)")
+        self.write_cache, self.udma_mode = bool(s.write_cache), s.udma_mode
+        if s.writeback_failed:
+            self.backend.writeback_failed(errno.EIO)
 
     def close(self) -> None:
         self.queue.close()

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import struct
 
+from construct import Flag, Int8ul, Struct
+
 from hvframe.block.backend import BlockBackend, BlockError, BlockQueue
+from hvframe.errors import ConfigError
+from hvframe.snapshot.state import DeviceState
 
 from .ata import FIRMWARE, identify_block
 from .hba import Command, Result, ata_error
@@ -72,10 +76,22 @@ def msf(lba: int) -> bytes:
     return bytes((0, f // (75 * 60), (f // 75) % 60, f % 75))
 
 
-class AtapiCdrom:
+# The CD-ROM's checkpoint record (DeviceState, version 1; inside its AHCI port's record).
+ATAPI_CDROM_STATE = Struct(
+    "sense_key" / Int8ul, "asc" / Int8ul, "ascq" / Int8ul,    # what REQUEST SENSE returns
+    "tray_open" / Flag,
+    "prevent" / Flag,                 # PREVENT ALLOW MEDIUM REMOVAL
+    "unit_attention" / Flag,          # "medium may have changed" not yet reported
+    "media_event" / Int8ul,           # for GET EVENT STATUS NOTIFICATION
+)
+
+
+class AtapiCdrom(DeviceState):
     signature = SIG_ATAPI
     reset_status = 0x00            # a packet device is not "ready" until identified
     atapi = True
+    state_version = 1
+    state_layout = ATAPI_CDROM_STATE
 
     def __init__(self, backend: BlockBackend, *, model: str | None = None,
                  serial: str | None = None, workers: int = 2, name: str = "ahci-cd"):
@@ -114,6 +130,21 @@ class AtapiCdrom:
 
     def is_queued(self, command: int) -> bool:
         return False
+
+    # -- checkpoint (the HBA quiesces its ports first: no command is with the device) ----
+    def save_state(self) -> dict:
+        key, asc, ascq = self.sense
+        return dict(sense_key=key, asc=asc, ascq=ascq, tray_open=self.tray_open,
+                    prevent=self.prevent, unit_attention=self.unit_attention,
+                    media_event=self.media_event)
+
+    def load_state(self, s) -> None:
+        if s.sense_key > 0xF or s.media_event not in (EVENT_NONE, EVENT_NEW_MEDIA,
+                                                      EVENT_MEDIA_REMOVAL):
+            raise ConfigError("snapshot: ahci cdrom: malformed sense or media event")
+        self.sense = (s.sense_key, s.asc, s.ascq)
+        self.tray_open, self.prevent = bool(s.tray_open), bool(s.prevent)
+        self.unit_attention, self.media_event = bool(s.unit_attention), s.media_event
 
     def close(self) -> None:
         self.queue.close()

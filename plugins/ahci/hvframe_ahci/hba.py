@@ -38,12 +38,21 @@ share a slot's native state with its successor, and no vCPU ever waits for a wor
 requests go to a bounded BlockQueue that refuses when full (the command fails with an ATA
 error) instead of blocking the port's worker, which holds the HBA lock. Slots a guest issued
 that the worker has not taken yet are forgotten by a stop like the others.
+
+Checkpoint (DeviceState). quiesce() holds what guests issue from then on (the slots stay in
+PxCI, kept in AhciPort.held) and waits until no port has a command with its device or one
+issued and not yet taken; unquiesce() starts the held slots. The record: the PCI function's
+part, GHC and IS, and per port its registers, the error state (halted, the slots waiting
+behind the error), the held slots and the attached device's own record (ata.AtaDisk,
+atapi.AtapiCdrom). A restored port starts its held slots once loaded.
 """
 from __future__ import annotations
 
 import errno
 from collections import deque
 from functools import partial
+
+from construct import (Flag, GreedyBytes, Int8ul, Int32ul, Prefixed, PrefixedArray, Struct)
 
 from hvframe.block.backend import BlockError
 from hvframe.core_native import bind, set_ram_regions
@@ -52,6 +61,9 @@ from hvframe.dispatch import PythonHandle
 from hvframe.memory import GuestMemoryError
 from hvframe.pci.device import PciFunction
 from hvframe.pci.msi import MsiCapability
+from hvframe.errors import ConfigError
+from hvframe.snapshot.pci import PCI_FUNCTION_STATE, load_pci, save_pci
+from hvframe.snapshot.state import DeviceState, encode, parse_record
 
 from .regs import (ABAR_SIZE, AHCI_VERSION, CAP_ISS_SHIFT, CAP_NCS_SHIFT, CAP_PMD, CAP_S64A,
                    CAP_SAM, CAP_SCLO, CAP_SNCQ, CMD_ATAPI, CMD_CCS_SHIFT, CMD_CLO, CMD_CR,
@@ -80,6 +92,27 @@ NATIVE_JOB_BYTES = 256 << 10     # the native path gives each worker at least th
 ISSUE_SPIN_NS = 0                # a port's worker may poll this long for more before sleeping: on a
                                  # host with idle cores; measured no gain here, so off
 _U32 = 0xFFFFFFFF
+QUIESCE_TIMEOUT_S = 30.0         # for the commands with the backends to come back
+
+_PORT_REGS = ("clb", "clbu", "fb", "fbu", "pxis", "ie", "cmd", "ccs", "tfd", "sig", "ssts",
+              "sctl", "serr", "sntf", "sact", "ci")
+# One port's part of the HBA's checkpoint record.
+AHCI_PORT_STATE = Struct(
+    *(name / Int32ul for name in _PORT_REGS),   # cmd as written; pxis as stored (PxIS)
+    "halted" / Flag,                            # stopped by an error until ST is cleared
+    "pending" / PrefixedArray(Int8ul, Int8ul),  # slots waiting behind the error, in order
+    "held" / Int32ul,                           # slots issued during the quiesce
+    "atapi" / Flag,                             # the device is a CD-ROM
+    "device" / Prefixed(Int32ul, GreedyBytes),  # the device's record; empty: no device
+)
+# The HBA's checkpoint record (DeviceState, version 1).
+AHCI_HBA_STATE = Struct(
+    "pci" / PCI_FUNCTION_STATE,
+    "ghc" / Int32ul,
+    "is" / Int32ul,
+    "irq_level" / Flag,                         # the interrupt as last driven
+    "ports" / PrefixedArray(Int8ul, AHCI_PORT_STATE),
+)
 
 
 class TransferError(Exception):
@@ -274,6 +307,7 @@ class AhciPort:
         # Slots the native path took, and of those the reads served from the page cache in
         # the exit itself (statistics, and what tests check the paths by).
         self.native_slots = self.native_cached = 0
+        self.held = 0                # slots issued while the HBA is quiesced
         self.reset_registers()
         self.comreset()
 
@@ -472,12 +506,47 @@ class AhciPort:
         """(hba.lock held) Start slots new to PxCI (already set there)."""
         if not new or self.draining:
             return                       # they start when the stale requests are back
+        if self.hba.quiesced:
+            self.held |= new             # a checkpoint is being taken: they start after it
+            return
         if self._issue_native(new):
             return
         for slot in range(SLOTS):
             if new >> slot & 1:
                 self.pending.append(slot)
         self._run()
+
+    # -- checkpoint (hba.lock held; the HBA is quiesced) --------------------------------------
+    def settled(self) -> bool:
+        """Nothing with the device, nothing issued and not taken, nothing about to start."""
+        return not (self._inflight or self._r.issued or (self.pending and not self.halted))
+
+    def save_state(self) -> dict:
+        # Issued during the quiesce and not yet taken by the worker: held like the others.
+        self.held |= lib.ahci_port_take(self._h, self.index)
+        regs = dict(clb=self.clb, clbu=self.clbu, fb=self.fb, fbu=self.fbu, pxis=self.is_,
+                    ie=self.ie, cmd=self._cmd, ccs=self._ccs, tfd=self.tfd, sig=self.sig,
+                    ssts=self.ssts, sctl=self.sctl, serr=self.serr, sntf=self.sntf,
+                    sact=self.sact, ci=self.ci)
+        return dict(regs, halted=self.halted, pending=list(self.pending), held=self.held,
+                    atapi=self.device is not None and self.device.atapi,
+                    device=encode(self.device) if self.device is not None else b"")
+
+    def load_state(self, s, device_state) -> None:
+        """Into a port fresh from its configuration, before its worker has anything to do."""
+        self.clb, self.clbu, self.fb, self.fbu = s.clb, s.clbu, s.fb, s.fbu
+        self.sctl, self.sntf, self.sig = s.sctl, s.sntf, s.sig
+        self.ie, self.tfd, self.ssts, self.serr = s.ie & IS_DEFINED, s.tfd, s.ssts, s.serr
+        self._cmd, self._ccs = s.cmd, s.ccs & 0x1F
+        self._sync_cmd()
+        for field, value in ((F_IS, s.pxis), (F_SACT, s.sact), (F_CI, s.ci)):
+            self._clear(field, _U32)
+            self._set(field, value)
+        self.halted = bool(s.halted)
+        self.pending = deque(s.pending)
+        self.held = s.held
+        if device_state is not None:
+            self.device.load_state(device_state)
 
     # -- the native NCQ path ---------------------------------------------------------------
     def _issue_native(self, new: int) -> bool:
@@ -858,7 +927,7 @@ class NativeAbar:
         return r
 
 
-class AhciHba(PciFunction):
+class AhciHba(PciFunction, DeviceState):
     """The HBA: generic host control registers, ports, MSI and INTA.
 
     Registers live in a native register file (abar.c, struct ahci_hba_regs) that BAR5's
@@ -866,6 +935,9 @@ class AhciHba(PciFunction):
     outermost first: hba.lock (DEVICE; all Python state, every Python change of the register
     file), then the register file's mutex (innermost, native: never held across Python).
     The vCPU takes only the mutex for the accesses served natively."""
+
+    state_version = 1
+    state_layout = AHCI_HBA_STATE
 
     def __init__(self, machine, devices: dict[int, object], name: str = "ahci"):
         super().__init__(VENDOR_INTEL, DEVICE_ICH9_AHCI, CLASS_AHCI, revision=REVISION,
@@ -875,6 +947,7 @@ class AhciHba(PciFunction):
         self.memory = machine.memory
         self.lock = concurrency.lock(concurrency.DEVICE, f"{name} hba", reentrant=True)
         self.idle = concurrency.condition(self.lock)
+        self.quiesced = False            # a checkpoint: slots issued now are held
         nports = max(devices) + 1 if devices else 1
         if nports > MAX_PORTS:
             raise ValueError(f"at most {MAX_PORTS} ports")
@@ -1057,6 +1130,69 @@ class AhciHba(PciFunction):
         with self.lock:
             return self.idle.wait_for(
                 lambda: not any(p.inflight or p._r.issued for p in self.ports), timeout)
+
+    # -- checkpoint -------------------------------------------------------------------------
+    def quiesce(self) -> None:
+        """Hold what guests issue from now on and wait until every command already issued
+        is back from its device (NCQ batches included); then the devices' own quiesce."""
+        with self.lock:
+            self.quiesced = True
+            settled = self.idle.wait_for(lambda: all(p.settled() for p in self.ports),
+                                         QUIESCE_TIMEOUT_S)
+        if not settled:
+            self.unquiesce()
+            raise ConfigError(f"{self.name}: commands still with the disk after "
+                              f"{QUIESCE_TIMEOUT_S:.0f} s; no checkpoint taken")
+        for p in self.ports:
+            if isinstance(p.device, DeviceState):
+                p.device.quiesce()
+
+    def unquiesce(self) -> None:
+        with self.lock:
+            self.quiesced = False
+            self._start_held()
+
+    def _start_held(self) -> None:
+        """(hba.lock held) Start the slots a quiesce held, on ports still running."""
+        for p in self.ports:
+            held, p.held = p.held, 0
+            if held and p.cmd & CMD_ST:
+                p._start_issued(held & p.ci)
+
+    def save_state(self) -> dict:
+        with self.lock:
+            return {"pci": save_pci(self), "ghc": self.ghc, "is": self.is_,
+                    "irq_level": bool(self._regs.level),
+                    "ports": [p.save_state() for p in self.ports]}
+
+    def load_state(self, s) -> None:
+        """Into an HBA fresh from the same configuration, guest RAM already in place."""
+        if len(s.ports) != len(self.ports):
+            raise ConfigError(f"snapshot: {self.name}: {len(s.ports)} ports saved, this HBA "
+                              f"has {len(self.ports)}")
+        device_states = []
+        for p, sp in zip(self.ports, s.ports):
+            if bool(sp.device) != (p.device is not None):
+                raise ConfigError(f"snapshot: {self.name} port {p.index}: saved "
+                                  f"{'with' if sp.device else 'without'} a device, configured "
+                                  f"{'with' if p.device is not None else 'without'} one")
+            if p.device is not None and bool(sp.atapi) != p.device.atapi:
+                raise ConfigError(f"snapshot: {self.name} port {p.index}: saved with a "
+                                  f"{'CD-ROM' if sp.atapi else 'disk'}, configured with a "
+                                  f"{'CD-ROM' if p.device.atapi else 'disk'}")
+            device_states.append(parse_record(p.device, sp.device,
+                                              f"{self.name} port {p.index} device")
+                                 if p.device is not None else None)
+            if any(slot >= SLOTS for slot in sp.pending):
+                raise ConfigError(f"snapshot: {self.name} port {p.index}: a slot above 31")
+        load_pci(self, s.pci)
+        with self.lock:
+            self.ghc = GHC_AE | (s.ghc & GHC_IE)
+            for p, sp, ds in zip(self.ports, s.ports, device_states):
+                p.load_state(sp, ds)
+            level = bool(s.irq_level)
+            lib.ahci_irq_store(self._regs, s["is"], level, 0 if self.msi_enabled() else level)
+            self._start_held()
 
     def close(self) -> None:
         for port, thread in self._workers:

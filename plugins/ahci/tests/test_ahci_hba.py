@@ -389,3 +389,88 @@ def test_a_cached_read_completes_without_a_block_queue_hand_off(setup, disk):
     p.wait(1)
     assert hba.wait_idle() and calls == [4096]
     assert m.memory.read(BUF + 4096, 1024) == data
+
+
+# -- checkpoint -----------------------------------------------------------------------------
+def test_checkpoint_moves_ports_disk_and_cdrom_to_a_new_machine(disk, tmp_path):
+    """A disk written through a non-queued and an NCQ command, a CD-ROM left with sense data,
+    a READ issued while quiesced (held, not started): the record and RAM put into a machine
+    built from the same line, where the held READ completes, the driver reads back what it
+    wrote with both command kinds, and REQUEST SENSE returns the sense the CD-ROM had."""
+    from hvframe.errors import ConfigError
+    from hvframe.snapshot.state import decode_into, encode
+    from hvframe_ahci import atapi
+    from hvframe_ahci.ata import READ_FPDMA_QUEUED, WRITE_FPDMA_QUEUED
+    iso = tmp_path / "cd.iso"
+    iso.write_bytes(os.urandom(16 * 2048))
+    line = f"{SLOT},ahci,hd:{disk},cd:{iso}"
+    packet = h2d(atapi.ATA_PACKET, features=1)
+    machines = []
+    try:
+        ma = build_machine(line)
+        machines.append(ma)
+        drv = AhciDriver(ma, SLOT)
+        drv.write("ghc", regs.GHC_AE | regs.GHC_IE)
+        p0, p1 = drv.port(0), drv.port(1)
+        p0.start(ie=regs.IS_DHRS | regs.IS_SDBS)
+        p1.start()
+        plain, queued = os.urandom(8192), os.urandom(4096)
+        ma.memory.write(BUF, plain)
+        assert not p0.run(0, h2d(WRITE_DMA_EXT, lba=16, count=16), [(BUF, 8192)],
+                          write=True) & regs.IS_FATAL
+        ma.memory.write(BUF + 0x10000, queued)
+        p0.issue(3, h2d(WRITE_FPDMA_QUEUED, lba=40, count=3 << 3, features=8),
+                 [(BUF + 0x10000, 4096)], ncq=True, write=True)
+        assert not p0.wait(1 << 3) & regs.IS_FATAL
+        assert p1.run(0, packet, atapi=True, acmd=bytes([0xF3]).ljust(12, b"\0")) \
+            & regs.IS_TFES                            # unknown opcode: ILLEGAL REQUEST
+        p1.recover()
+
+        hba_a = hba_of(ma)
+        hba_a.quiesce()
+        ma.memory.write(BUF + 0x20000, bytes(8192))
+        p0.issue(5, h2d(READ_DMA_EXT, lba=16, count=16), [(BUF + 0x20000, 8192)])
+        time.sleep(0.05)
+        assert p0.read("ci") & 1 << 5                 # held while quiesced
+        record = encode(hba_a)
+        ram = ma.memory.read(0, ma.memory.size)
+        hba_a.unquiesce()
+        assert not p0.wait(1 << 5) & regs.IS_FATAL    # and started after
+        assert ma.memory.read(BUF + 0x20000, 8192) == plain
+        ma.close()
+
+        mb = build_machine(line)
+        machines.append(mb)
+        mb.memory.write(0, ram)
+        hba_b = hba_of(mb)
+        decode_into(hba_b, record, "ahci")
+        drv_b = AhciDriver(mb, SLOT)
+        q0, q1 = drv_b.port(0), drv_b.port(1)
+        assert not q0.wait(1 << 5) & regs.IS_FATAL    # the held READ ran here
+        assert mb.memory.read(BUF + 0x20000, 8192) == plain
+        assert q0.read("cmd") & regs.CMD_ST and q0.read("ie") == regs.IS_DHRS | regs.IS_SDBS
+        assert drv_b.read("ghc") & regs.GHC_IE
+        mb.memory.write(BUF, bytes(0x20000))
+        assert not q0.run(1, h2d(READ_DMA_EXT, lba=16, count=16), [(BUF, 8192)]) \
+            & regs.IS_FATAL
+        assert mb.memory.read(BUF, 8192) == plain
+        q0.issue(7, h2d(READ_FPDMA_QUEUED, lba=40, count=7 << 3, features=8),
+                 [(BUF + 0x10000, 4096)], ncq=True)
+        assert not q0.wait(1 << 7) & regs.IS_FATAL
+        assert mb.memory.read(BUF + 0x10000, 4096) == queued
+        assert not q1.run(0, packet, [(BUF, 18)], atapi=True,
+                          acmd=bytes([atapi.REQUEST_SENSE, 0, 0, 0, 18]).ljust(12, b"\0")) \
+            & regs.IS_TFES
+        s = mb.memory.read(BUF, 18)
+        assert (s[2] & 0xF, s[12], s[13]) == (atapi.ILLEGAL_REQUEST, 0x20, 0x00)
+
+        with pytest.raises(ConfigError, match="state version 2") as e:
+            decode_into(hba_b, b"\x02\x00" + record[2:], "ahci")
+        assert "\n" not in str(e.value)
+        mc = build_machine(f"{SLOT},ahci,hd:{disk},locking=off")
+        machines.append(mc)
+        with pytest.raises(ConfigError, match="2 ports saved"):
+            decode_into(hba_of(mc), record, "ahci")
+    finally:
+        for m in machines:
+            m.close()
