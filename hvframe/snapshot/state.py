@@ -6,7 +6,9 @@ A device model that can be checkpointed subclasses DeviceState and declares
     state_layout    the record's construct declaration (a Struct)
     save_state()    -> a dict for state_layout (called with the device quiesced)
     load_state(s)   the parsed record (a construct Container) into a freshly built device
-                    of the same configuration, before its threads run for the guest
+                    of the same configuration, before its threads run for the guest (a
+                    virtio model's: after the transport has activated it, see
+                    VirtioPciFunction.load_state)
 
 and, when it has work of its own in flight (worker threads, a native data path), quiesce()
 and unquiesce(): quiesce returns once nothing the guest asked for is half done and nothing
