@@ -1190,8 +1190,9 @@ class AhciHba(PciFunction, DeviceState):
             self.ghc = GHC_AE | (s.ghc & GHC_IE)
             for p, sp, ds in zip(self.ports, s.ports, device_states):
                 p.load_state(sp, ds)
-            level = bool(s.irq_level)
-            lib.ahci_irq_store(self._regs, s["is"], level, 0 if self.msi_enabled() else level)
+            # The line as load_pci drove it again (INTx), for the native exits to go on from.
+            lib.ahci_irq_store(self._regs, s["is"], 1 if s.irq_level else 0,
+                               1 if self.intx_level else 0)
             self._start_held()
 
     def close(self) -> None:

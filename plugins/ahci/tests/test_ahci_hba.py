@@ -450,6 +450,10 @@ def test_checkpoint_moves_ports_disk_and_cdrom_to_a_new_machine(disk, tmp_path):
         assert mb.memory.read(BUF + 0x20000, 8192) == plain
         assert q0.read("cmd") & regs.CMD_ST and q0.read("ie") == regs.IS_DHRS | regs.IS_SDBS
         assert drv_b.read("ghc") & regs.GHC_IE
+        assert hba_b.intx_level == 1                  # PxIS events pending: INTA asserted
+        q0.write("is", 0xFFFFFFFF)
+        drv_b.write("is", 0xFFFFFFFF)
+        assert hba_b.intx_level == 0                  # and dropped once they are cleared
         mb.memory.write(BUF, bytes(0x20000))
         assert not q0.run(1, h2d(READ_DMA_EXT, lba=16, count=16), [(BUF, 8192)]) \
             & regs.IS_FATAL
