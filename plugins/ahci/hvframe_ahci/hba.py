@@ -62,6 +62,7 @@ from hvframe.memory import GuestMemoryError
 from hvframe.pci.device import PciFunction
 from hvframe.pci.msi import MsiCapability
 from hvframe.errors import ConfigError
+from hvframe.snapshot.format import SnapshotError
 from hvframe.snapshot.pci import PCI_FUNCTION_STATE, load_pci, save_pci
 from hvframe.snapshot.state import DeviceState, encode, parse_record
 
@@ -1141,7 +1142,7 @@ class AhciHba(PciFunction, DeviceState):
                                          QUIESCE_TIMEOUT_S)
         if not settled:
             self.unquiesce()
-            raise ConfigError(f"{self.name}: commands still with the disk after "
+            raise SnapshotError(f"{self.name}: commands still with the disk after "
                               f"{QUIESCE_TIMEOUT_S:.0f} s; no checkpoint taken")
         for p in self.ports:
             if isinstance(p.device, DeviceState):
