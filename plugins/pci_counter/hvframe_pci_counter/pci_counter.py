@@ -21,6 +21,7 @@ from construct import Int32ul, Struct
 
 from hvframe import concurrency
 from hvframe.dispatch import Access, Partial
+from hvframe.errors import ConfigError
 from hvframe.layout import offsets_of
 from hvframe.pci.device import BarRegion, PciFunction
 from hvframe.pci.msi import MsixCapability
@@ -118,7 +119,6 @@ class PciCounter(PciFunction, DeviceState):
         return dict(pci=save_pci(self), **regs)
 
     def load_state(self, s) -> None:
-        from hvframe.errors import ConfigError
         if s.vector >= self.vectors:
             raise ConfigError(f"snapshot: {self.name}: vector {s.vector} of {self.vectors}")
         load_pci(self, s.pci)
