@@ -632,16 +632,21 @@ class AhciPort:
         if epoch != self.epoch:      # stopped meanwhile: nothing to tell the guest
             self._returned(bin(mask).count("1"))
             return
-        sdb = False
+        sdb = unreported = False
         if ok and not self.halted:
             try:
                 self._post_sdb(ST_OK, 0, ok)
                 sdb = True
             except TransferError as e:
+                # The FIS area is bad: the port halts. These slots are back all the same,
+                # and counted back here only (the port is halted now: not again below).
                 self._returned(bin(ok).count("1"))
                 self.ncq_active &= ~ok
                 self._fatal(e.is_bit, e.serr)
-        if sdb:
+                unreported = True
+        if unreported:
+            pass
+        elif sdb:
             # One call: the status, then the tags, then the event, then the interrupt.
             self._returned(bin(ok).count("1"), sync=False)
             self.ncq_active &= ~ok

@@ -254,6 +254,10 @@ _EXAMPLES = [
      ("ghc", _IE), ("is", _ALL), ("hba_is", _ALL)],
     [("ghc", _IE), ("ie", _ALL), ("ci", 1 << 5), ("is", regs.IS_DHRS), ("hba_is", 1),
      ("is", _ALL), ("hba_is", 1)],
+    # Found by hypothesis: PxFB pointed outside RAM while two NCQ reads complete. Posting
+    # their SDB FIS fails and halts the port; the slots were once counted back twice, and
+    # the port never went idle again.
+    [(PORT0 + regs.PORT_OFFSETS["fb"] + 3, 0, 1, True, 0xFF), ("sact", 3), ("ci", 3)],
 ]
 
 
