@@ -4,11 +4,8 @@ through `-s N,passthru,vfio-user=PATH`; the superblock in the image file shows t
 Minutes per boot on nested KVM (every instruction of the kernel is emulated): out of the
 default run, HVFRAME_SLOW_TESTS=1 runs them (one boot at a time).
 
-Not yet seen to pass: on 2026-12-02, on a host loaded 5-8 on its two cores, the virtio-blk
-boot got no further than "vgaarb: loaded" in 25 minutes (13 CPU-minutes, the vCPU in the
-scheduler's and kvm-clock's code, no MMIO exit yet: virtio_pci had not probed the device), and
-the pytest run timed out at 1200 s. Whether the in-process boot passes that point under the
-same load was not measured (no two Linux boots at once)."""
+Seen passing on 2026-12-02 (virtio-blk 327 s, AHCI 308 s) once the emulator-safe CPU policy
+stopped offering the TSC-deadline timer; before that the boot stalled after "vgaarb: loaded"."""
 import os
 import subprocess
 import sys
