@@ -151,6 +151,12 @@ class VirtioBlkFailure(FailurePolicy):
 
     def recovered(self) -> None:
         self.lost_now = False
+        self._stop_watcher()
+
+    def close(self) -> None:
+        self._stop_watcher()
+
+    def _stop_watcher(self) -> None:
         if self._watcher is not None:
             if self._watcher.stop():
                 os.close(self._wake_fd)

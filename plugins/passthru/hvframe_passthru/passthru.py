@@ -93,6 +93,9 @@ class FailurePolicy:
     def recovered(self) -> None:
         """Forwarding starts again."""
 
+    def close(self) -> None:
+        """The function is closing: stop whatever the policy started (threads, fds)."""
+
 
 class _ForwardedBar:
     """A BAR's handler: region reads and writes (the MSI-X table and PBA excepted)."""
@@ -431,6 +434,7 @@ class PassthruFunction(PciFunction):
             self._reconnector.stop()
         if self._relay is not None:
             self._relay.stop()
+        self.policy.close()
         for bells in self._doorbells.values():
             for d in bells:
                 try:
