@@ -496,3 +496,16 @@ class _IrqRelay:
         if self.thread.stop():
             for fd in (*self._what, self.wake_fd):
                 os.close(fd)
+
+
+def open_function(backend: DeviceBackend, where: str, name: str) -> PassthruFunction:
+    """The PCI function over a backend just opened (either kind); the backend is closed if
+    the function cannot be made, and a lost device is one ConfigError line."""
+    try:
+        return PassthruFunction(backend, name=name)
+    except BackendLost as e:
+        backend.close()
+        raise ConfigError(f"{where}: {e}") from None
+    except BaseException:
+        backend.close()
+        raise

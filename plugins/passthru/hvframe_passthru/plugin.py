@@ -28,20 +28,13 @@ def passthru_factory(machine, options: PassthruOptions, address: PciAddress):
     where = f"passthru at {address}"
     if options.vfio_user:
         from .backend import BackendLost
-        from .passthru import PassthruFunction
+        from .passthru import open_function
         from .vfio_user import VfioUserBackend
         try:
             backend = VfioUserBackend(options.vfio_user)
         except BackendLost as e:
             raise ConfigError(f"{where}: {e}") from None
-        try:
-            return PassthruFunction(backend, name=f"passthru {address}")
-        except BackendLost as e:
-            backend.close()
-            raise ConfigError(f"{where}: {e}") from None
-        except BaseException:
-            backend.close()
-            raise
+        return open_function(backend, where, f"passthru {address}")
     from .vfio_kernel import open_host_device
     return open_host_device(where, host=options.host, sysfsdev=options.sysfsdev)
 

@@ -327,7 +327,7 @@ class VfioKernelBackend:
 
 def open_host_device(where: str, *, host: str | None, sysfsdev: str | None):
     """The PassthruFunction of a host device through the kernel's VFIO."""
-    from .passthru import PassthruFunction
+    from .passthru import open_function
     path = host_sysfs_path(host, sysfsdev, where)
     if not vfio_available():
         raise ConfigError(f"{where}: this host has no {VFIO_DEV} (no VFIO/IOMMU): "
@@ -336,11 +336,4 @@ def open_host_device(where: str, *, host: str | None, sysfsdev: str | None):
         backend = VfioKernelBackend(path, host=HostVfio())
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    try:
-        return PassthruFunction(backend, name=f"passthru {where.rpartition(' ')[2]}")
-    except BackendLost as e:
-        backend.close()
-        raise ConfigError(f"{where}: {e}") from None
-    except BaseException:
-        backend.close()
-        raise
+    return open_function(backend, where, f"passthru {where.rpartition(' ')[2]}")
