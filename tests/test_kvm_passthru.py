@@ -65,14 +65,14 @@ def test_guest_uses_a_virtio_blk_served_out_of_process(guests, tmp_path):
     assert image[9 * 512:] == original[9 * 512:]
 
 
-def test_server_killed_during_io_then_restarted(guests, tmp_path):
-    disk = make_image(tmp_path / "disk.img")
-    sock = tmp_path / "vblk.sock"
-    server = start_server(disk, sock)
+def run_killing_the_server(start, disk, sock, slot: int, guest: str) -> tuple[str, str]:
+    """Run `guest` against a device served by start(disk, sock) at `slot`, SIGKILL the
+    server while the guest's writes are under way, check the VMM survives, start a new
+    server; returns the guest's console and stderr once it powered off."""
+    server = start(disk, sock)
     vmm = subprocess.Popen(hvframe_cmd() + ["run", "-m", "64M", "-s", "0,hostbridge", "-s",
-                                            f"2,passthru,vfio-user={sock}", "-l", "com1,stdio",
-                                            "--kernel", guests["vblk_failover"],
-                                            "-a", "count=3000"],
+                                            f"{slot},passthru,vfio-user={sock}", "-l", "com1,stdio",
+                                            "--kernel", guest, "-a", "count=3000"],
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
@@ -82,7 +82,7 @@ def test_server_killed_during_io_then_restarted(guests, tmp_path):
         server.stderr.close()
         time.sleep(1.5)
         assert vmm.poll() is None              # the VMM survives its device process
-        server = start_server(disk, sock)
+        server = start(disk, sock)
         out, err = vmm.communicate(timeout=240)
     finally:
         if vmm.poll() is None:
@@ -90,6 +90,13 @@ def test_server_killed_during_io_then_restarted(guests, tmp_path):
             vmm.wait()
         stop(server)
     assert vmm.returncode == 1, (out, err)
+    return out, err
+
+
+def test_server_killed_during_io_then_restarted(guests, tmp_path):
+    disk = make_image(tmp_path / "disk.img")
+    sock = tmp_path / "vblk.sock"
+    out, err = run_killing_the_server(start_server, disk, sock, 2, guests["vblk_failover"])
     assert re.search(r"^vblk ioerr \d+ status 1$", out, re.M), (out, err)
     assert re.search(r"^vblk recovered \d+$", out, re.M), (out, err)
     m = re.search(r"^vblk summary ok (\d+) errors (\d+) recovered (\d+)$", out, re.M)
@@ -158,28 +165,8 @@ def test_ahci_server_killed_during_io_then_restarted(ahci_guests, tmp_path):
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(2048 * 512))
     sock = tmp_path / "ahci.sock"
-    server = start_ahci_server(disk, sock)
-    vmm = subprocess.Popen(hvframe_cmd() + ["run", "-m", "64M", "-s", "0,hostbridge", "-s",
-                                            f"3,passthru,vfio-user={sock}", "-l", "com1,stdio",
-                                            "--kernel", ahci_guests["ahci_failover"],
-                                            "-a", "count=3000"],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(3)                          # writes under way
-        server.send_signal(signal.SIGKILL)
-        server.wait(10)
-        server.stderr.close()
-        time.sleep(1.5)
-        assert vmm.poll() is None              # the VMM survives its device process
-        server = start_ahci_server(disk, sock)
-        out, err = vmm.communicate(timeout=240)
-    finally:
-        if vmm.poll() is None:
-            vmm.kill()
-            vmm.wait()
-        stop(server)
-    assert vmm.returncode == 1, (out, err)
+    out, err = run_killing_the_server(start_ahci_server, disk, sock, 3,
+                                      ahci_guests["ahci_failover"])
     # The failed command ended as a task file error: ERR with ABRT in PxTFD, TFES in PxIS.
     assert re.search(r"^ahci ioerr \d+ tfd 441 is 4\w{7}$", out, re.M), (out, err)
     assert re.search(r"^ahci recovered \d+$", out, re.M), (out, err)
