@@ -124,6 +124,10 @@ class Guest:
         except FileNotFoundError:
             return ""
 
+    def stderr_text(self, tail: int = 2000) -> str:
+        with open(self.stderr, errors="replace") as f:
+            return f.read()[-tail:]
+
     def wait_for(self, marker: str, timeout: float) -> str:
         """Wait for `marker` on the console; fails (with the console's tail and the VMM's
         stderr) if the VMM exits first or the time runs out."""
@@ -195,16 +199,19 @@ def test_namespace_pings_linux_guest_on_tap(vmm, tmp_path, guests):
     with the given address, and the namespace's pings are answered by the guest kernel."""
     with Netns() as ns:
         ns.add_tap("tap0", f"{HOST_ADDR}/24")
-        g = start_guest(vmm, tmp_path, "tap", kernel_cmdline(static_ip(GUEST_ADDR)),
-                        net_args(vmm, "tap:tap0"), ns)
-        guests.append(g)
-        out = g.wait_for("IP-Config: Complete:", BOOT_TIMEOUT)
-        assert f"addr={GUEST_ADDR}, mask=255.255.255.0, gw={HOST_ADDR}" in out
-        assert f"device=eth0, hwaddr={GUEST_MAC}" in out
-        replies = ping_replies(ns, GUEST_ADDR)
-        assert replies >= 8, (f"{replies} of 10 pings answered; the namespace's side:\n"
-                              f"{ns.ip('-s', 'link', 'show', 'tap0')}{ns.ip('neigh')}\n"
-                              f"{g.text()[-2000:]}")
+        with ns.capture("tap0") as frames:
+            g = start_guest(vmm, tmp_path, "tap", kernel_cmdline(static_ip(GUEST_ADDR)),
+                            net_args(vmm, "tap:tap0"), ns)
+            guests.append(g)
+            out = g.wait_for("IP-Config: Complete:", BOOT_TIMEOUT)
+            assert f"addr={GUEST_ADDR}, mask=255.255.255.0, gw={HOST_ADDR}" in out
+            assert f"device=eth0, hwaddr={GUEST_MAC}" in out
+            replies = ping_replies(ns, GUEST_ADDR)
+            assert replies >= 8, (
+                f"{replies} of 10 pings answered; the namespace's side:\n"
+                f"{ns.ip('-s', 'link', 'show', 'tap0')}{ns.ip('neigh')}\n"
+                f"the frames on tap0 (out: from the namespace):\n{frames.text()}\n"
+                f"the console's end:\n{g.text()[-2000:]}\nthe VMM's stderr:\n{g.stderr_text()}")
 
 
 # ---- two VMs on the socket backend -----------------------------------------------------------

@@ -152,3 +152,32 @@ def open_when_listening(spec: str, timeout: float = 10.0):
                     or time.monotonic() > end:
                 raise
             time.sleep(0.05)
+
+
+def describe(frame: bytes) -> str:
+    """One line for a frame in a test's failure message: addresses, and the ARP, IPv4/ICMP
+    or IPv6 fields that say what it was."""
+    if len(frame) < 14:
+        return f"runt ({len(frame)} bytes)"
+    dst, src = frame[0:6].hex(":"), frame[6:12].hex(":")
+    (kind,) = struct.unpack_from("!H", frame, 12)
+    body = frame[14:]
+    what = f"type {kind:#06x}"
+    if kind == ETH_ARP and len(body) >= 28:
+        op = "request" if body[7] == 1 else "reply" if body[7] == 2 else f"op {body[7]}"
+        what = f"ARP {op} {_dotted(body[14:18])} -> {_dotted(body[24:28])}"
+    elif kind == ETH_IP and len(body) >= 20:
+        ihl = (body[0] & 0x0F) * 4
+        what = f"IPv4 {_dotted(body[12:16])} -> {_dotted(body[16:20])} proto {body[9]}"
+        if body[9] == 1 and len(body) >= ihl + 8:
+            t, _, _, ident, seq = struct.unpack_from("!BBHHH", body, ihl)
+            what += f" ICMP type {t} id {ident} seq {seq}"
+    elif kind == ETH_IPV6 and len(body) >= 40:
+        what = f"IPv6 next header {body[6]}"
+        if body[6] == 58 and len(body) > 40:
+            what += f" ICMPv6 type {body[40]}"
+    return f"{len(frame):5d} bytes {src} > {dst} {what}"
+
+
+def _dotted(b: bytes) -> str:
+    return ".".join(str(x) for x in b)

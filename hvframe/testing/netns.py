@@ -17,6 +17,7 @@ it; processes started with popen() are killed first (their whole process group).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import itertools
 import os
@@ -34,6 +35,7 @@ IP = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin")
 DNSMASQ = shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
 PREFIX = "hvft-"
 CLONE_NEWNET = 0x40000000
+ETH_P_ALL = 0x0003
 _counter = itertools.count()
 
 
@@ -228,6 +230,17 @@ class Netns:
         finally:
             sock.close()
 
+    def capture(self, dev: str, limit: int = 400) -> "FrameLog":
+        """Record the frames that cross `dev` (both ways) while the returned FrameLog is
+        open, for a failure message: `with ns.capture("tap0") as log: ...; log.text()`."""
+        sock = self.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        try:
+            sock.bind((dev, 0))
+        except OSError:
+            sock.close()
+            raise
+        return FrameLog(sock, limit)
+
     # ---- DHCP ---------------------------------------------------------------------------
     def dnsmasq(self, dev: str, first: str, last: str, log_path: str,
                 extra: Sequence[str] = ()) -> subprocess.Popen:
@@ -262,6 +275,46 @@ class Netns:
             except subprocess.TimeoutExpired:
                 pass
         _ip("netns", "del", self.name, check=False)
+
+
+class FrameLog:
+    """Frames seen on one device (Netns.capture): a reader thread, stopped by close(),
+    keeps the last `limit` as one-line descriptions with their time and direction."""
+
+    def __init__(self, sock: socket.socket, limit: int):
+        self._sock = sock
+        self._lines: collections.deque[str] = collections.deque(maxlen=limit)
+        self._start = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="netns-capture", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        from .netframes import describe
+        while not self._stop.is_set():
+            if not _wait_readable(self._sock, 0.2):
+                continue
+            try:
+                frame, addr = self._sock.recvfrom(65536)
+            except OSError:
+                return
+            way = "out" if addr[2] == socket.PACKET_OUTGOING else "in "
+            self._lines.append(f"{time.monotonic() - self._start:8.3f} {way} {describe(frame)}")
+
+    def text(self) -> str:
+        """The frames so far, oldest first ("out": sent by the namespace's side)."""
+        return "\n".join(list(self._lines)) + "\n"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
+
+    def __enter__(self) -> "FrameLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _wait_readable(sock: socket.socket, timeout: float) -> bool:
