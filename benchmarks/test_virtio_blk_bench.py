@@ -103,6 +103,11 @@ class Rig:
         self.mem = mem
         self.hdr_view = mem.view(self.headers, 16 * depth)
         self.avail_view = mem.view(q.avail, 4 + 2 * q.size)
+        # avail.idx is published with one 16-bit store (an item of an "H" view):
+        # struct.pack_into would clear it first, and a device reading in between takes the
+        # 0 for a full queue once its index is within a queue of the wrap (it then serves
+        # stale ring entries and the batch never completes).
+        self.avail16 = self.avail_view.cast("H")
         self.used_view = mem.view(q.used, 4)       # flags, idx
         self.used_seen = 0
         # The avail entries of a batch are always heads 0, 3, 6, ...; the ring size is a
@@ -128,7 +133,7 @@ class Rig:
         pos = 4 + 2 * (idx % q.size)
         self.avail_view[pos:pos + 2 * depth] = self.ring_entries
         q.avail_idx = target = (idx + depth) & 0xFFFF
-        _U16.pack_into(self.avail_view, 2, target)
+        self.avail16[1] = target
         full_barrier()             # avail.idx visible before used.flags is read (virtio 2.7.13)
         if not _U16.unpack_from(self.used_view, 0)[0] & VRING_USED_F_NO_NOTIFY:
             self.drv.kick(0)
@@ -142,6 +147,7 @@ class Rig:
 
     def close(self):
         self.hdr_view.release()
+        self.avail16.release()
         self.avail_view.release()
         self.used_view.release()
         self.m.close()

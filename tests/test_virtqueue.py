@@ -550,3 +550,109 @@ def test_fuzz_pop_only_raises_virtqueue_error(size_log, event_idx, data):
             m.close()
         except BufferError:
             pass
+
+
+# -- ring indices are published with one store -------------------------------------------------
+# The other side reads avail.idx / used.idx / used.flags / avail_event while they are written.
+# struct.pack_into clears the field before storing the value, and a two-byte memoryview copy
+# stores byte by byte: a reader in between sees 0 or a torn index. A device whose last index
+# is within a queue of the 16-bit wrap takes avail.idx = 0 for a full queue and serves stale
+# entries (the out-of-process benchmark's "available index 65312 is more than the queue size
+# (256) ahead of the last consumed index 0"). Which is which is counted here by the CPU: a
+# hardware write watchpoint (perf_event_open, PERF_TYPE_BREAKPOINT) on the field.
+
+class WriteWatch:
+    """Counts this thread's CPU stores to [addr, addr+length) (a hardware watchpoint)."""
+
+    _ENABLE, _DISABLE, _RESET = 0x2400, 0x2401, 0x2403
+
+    def __init__(self, addr: int, length: int = 2):
+        import ctypes
+        import os
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        attr = bytearray(128)
+        # type BREAKPOINT, size VER5, disabled | exclude_kernel | exclude_hv, bp_type W
+        struct.pack_into("<IIQQQQQIIQQ", attr, 0, 5, 112, 0, 0, 0, 0,
+                         (1 << 0) | (1 << 5) | (1 << 6), 0, 2, addr, length)
+        fd = libc.syscall(298, (ctypes.c_char * len(attr)).from_buffer(attr), 0, -1, -1, 0)
+        if fd < 0:
+            err = ctypes.get_errno()
+            pytest.skip(f"no hardware write watchpoint here (perf_event_open: "
+                        f"{os.strerror(err)}): the store count cannot be taken")
+        self.fd = fd
+
+    def count(self, fn) -> int:
+        import fcntl
+        import os
+        fcntl.ioctl(self.fd, self._RESET, 0)
+        fcntl.ioctl(self.fd, self._ENABLE, 0)
+        try:
+            fn()
+        finally:
+            fcntl.ioctl(self.fd, self._DISABLE, 0)
+        return struct.unpack("<Q", os.read(self.fd, 8))[0]
+
+    def close(self):
+        import os
+        os.close(self.fd)
+
+
+def _host_address(mem, gpa: int) -> int:
+    from hvframe.core_native import api_ffi as ffi
+    with ffi.from_buffer(mem.buffer) as p:
+        return int(ffi.cast("uintptr_t", p)) + mem.host_offset(gpa, 1)
+
+
+def _stores(mem, gpa: int, fn) -> int:
+    w = WriteWatch(_host_address(mem, gpa))
+    try:
+        return w.count(fn)
+    finally:
+        w.close()
+
+
+def test_watchpoint_sees_the_two_stores_of_struct_pack_into(mem):
+    """The counter itself: pack_into's clear-then-store is more than one store (what the
+    fixes below avoid), an item of an "H" view is one."""
+    view = mem.view(AVAIL, 4)
+    try:
+        assert _stores(mem, AVAIL + 2, lambda: struct.pack_into("<H", view, 2, 7)) >= 2
+        with view.cast("H") as h:
+            assert _stores(mem, AVAIL + 2, lambda: h.__setitem__(1, 8)) == 1
+    finally:
+        view.release()
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_device_publishes_used_idx_flags_and_avail_event_in_one_store_each(mem, event_idx):
+    d = Driver(mem, event_idx=event_idx, start_idx=65534)
+    q = d.q
+    d.write_desc(0, DATA, 64, WRITE)
+    d.publish(0)
+    chain = q.pop()
+    assert _stores(mem, USED + vq.USED_IDX_OFF, lambda: q.push(chain.head, 64)) == 1
+    assert d.used().idx == 65535
+    if event_idx:
+        avail_event = USED + vq.USED_RING_OFF + 8 * d.size
+        d.publish(0)
+        assert _stores(mem, avail_event, q.pop) == 1
+        assert _stores(mem, avail_event, q.enable_notifications) == 1
+        assert struct.unpack("<H", mem.read(avail_event, 2))[0] == 0     # wrapped
+    else:
+        flags = USED + vq.USED_FLAGS_OFF
+        assert _stores(mem, flags, q.disable_notifications) == 1
+        assert mem.read(flags, 2) == struct.pack("<H", vq.VRING_USED_F_NO_NOTIFY)
+        assert _stores(mem, flags, q.enable_notifications) == 1
+        assert mem.read(flags, 2) == b"\0\0"
+
+
+def test_test_driver_publishes_avail_idx_and_used_event_in_one_store(mem):
+    """hvframe.testing.virtio's driver (and the benchmarks built on its layout) publish
+    avail.idx in one store: a torn or zeroed index is the device's to misread."""
+    from hvframe.testing.virtio import DriverQueue
+    dq = DriverQueue(mem, 0, 8, DESC, event_idx=True)
+    dq.add([(DATA, 64, True)])
+    assert _stores(mem, dq.avail + 2, dq.publish) == 1
+    assert struct.unpack("<H", mem.read(dq.avail + 2, 2))[0] == 1
+    assert _stores(mem, dq.avail + 4 + 2 * dq.size, dq.reap) == 1

@@ -33,6 +33,15 @@ BAR_OFFSETS = [0x10 + 4 * i for i in range(6)]
 _DESC = struct.Struct("<QIHH")
 
 
+def store_u16(mem, gpa: int, value: int) -> None:
+    """Store a ring index (avail.idx, used_event) the device reads while it runs, as one
+    16-bit store. mem.write of two bytes copies them one at a time, and struct.pack_into
+    clears the field before storing it: a device reading in between sees a torn index or 0,
+    which near the 16-bit wrap it takes for a full queue (tests/test_virtqueue.py)."""
+    with mem.view(gpa, 2) as v, v.cast("H") as h:
+        h[0] = value
+
+
 class DriverQueue:
     """The driver's side of one split virtqueue laid out in guest RAM."""
 
@@ -74,7 +83,7 @@ class DriverQueue:
         return heads[0]
 
     def publish(self) -> None:
-        self.mem.write(self.avail + 2, struct.pack("<H", self.avail_idx))
+        store_u16(self.mem, self.avail + 2, self.avail_idx)
 
     def used_idx(self) -> int:
         return struct.unpack("<H", self.mem.read(self.used + 2, 2))[0]
@@ -90,7 +99,7 @@ class DriverQueue:
             self.free.extend(self._chains.pop(head, []))
             self.last_used = (self.last_used + 1) & 0xFFFF
         if self.event_idx:   # used_event: interrupt me at the next completion
-            self.mem.write(self.avail + 4 + 2 * self.size, struct.pack("<H", self.last_used))
+            store_u16(self.mem, self.avail + 4 + 2 * self.size, self.last_used)
         return out
 
 

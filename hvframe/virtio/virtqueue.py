@@ -254,6 +254,11 @@ class VirtQueue:
             self._desc = memory.view(desc_addr, desc_table_size(size))
             self._avail = memory.view(avail_addr, avail_ring_size(size, event_idx))
             self._used = memory.view(used_addr, used_ring_size(size, event_idx))
+            # used.flags, used.idx and avail_event, which the driver reads while we run, are
+            # stored as items of this view: one 16-bit store each (x86 order is the ring's).
+            # struct.pack_into clears the field first and stores the value after: a driver
+            # reading in between sees 0 (store counts: tests/test_virtqueue.py).
+            self._used16 = self._used.cast("H")
         except GuestMemoryError as e:
             raise VirtqueueError(f"virtqueue outside guest RAM: {e}") from None
         self._mask = size - 1
@@ -267,7 +272,7 @@ class VirtQueue:
 
     def close(self) -> None:
         """Release the views into guest memory (the queue is unusable afterwards)."""
-        for v in (self._desc, self._avail, self._used):
+        for v in (self._desc, self._avail, self._used16, self._used):
             v.release()
 
     # -- available ring ------------------------------------------------------------------
@@ -300,7 +305,7 @@ class VirtQueue:
         chain = self._walk(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx and self._notifications:
-            _U16.pack_into(self._used, self._avail_event_off, self.last_avail_idx)
+            self._used16[self._avail_event_off >> 1] = self.last_avail_idx
         return chain
 
     def _walk(self, head: int) -> Chain:
@@ -380,7 +385,7 @@ class VirtQueue:
                              head, written)
         # The element is stored before the index that publishes it (store order on x86).
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, USED_IDX_OFF, self.used_idx)
+        self._used16[USED_IDX_OFF >> 1] = self.used_idx
 
     def needs_notification(self) -> bool:
         """Whether to interrupt the driver for the used entries pushed since the last call."""
@@ -398,8 +403,7 @@ class VirtQueue:
         """Ask the driver not to kick (a hint: it may still do so)."""
         self._notifications = False
         if not self.event_idx:
-            flags = _U16.unpack_from(self._used, USED_FLAGS_OFF)[0]
-            _U16.pack_into(self._used, USED_FLAGS_OFF, flags | VRING_USED_F_NO_NOTIFY)
+            self._used16[USED_FLAGS_OFF >> 1] |= VRING_USED_F_NO_NOTIFY
         # With EVENT_IDX, avail_event simply stops advancing: the driver will not kick until
         # its avail.idx passes the stale value again.
 
@@ -408,9 +412,8 @@ class VirtQueue:
         no kick will announce those)."""
         self._notifications = True
         if self.event_idx:
-            _U16.pack_into(self._used, self._avail_event_off, self.last_avail_idx)
+            self._used16[self._avail_event_off >> 1] = self.last_avail_idx
         else:
-            flags = _U16.unpack_from(self._used, USED_FLAGS_OFF)[0]
-            _U16.pack_into(self._used, USED_FLAGS_OFF, flags & ~VRING_USED_F_NO_NOTIFY & 0xFFFF)
+            self._used16[USED_FLAGS_OFF >> 1] &= ~VRING_USED_F_NO_NOTIFY & 0xFFFF
         full_barrier()   # the store above must be visible before we re-read avail.idx
         return self._read_avail_idx() != self.last_avail_idx
