@@ -201,3 +201,24 @@ def test_cached_guest_builds_once_per_input(tmp_path):
     assert Path(first).stat().st_mtime_ns == mtime, "rebuilt although nothing changed"
     other = cached_guest("demo", tmp_path, defines={"UNUSED_FLAG": 1})
     assert other != first and Path(other).is_file()
+
+
+def test_cached_guest_rebuilds_when_a_header_beside_its_sources_changes(tmp_path):
+    """The shared guest headers (tests/guests/virtio_pci.h, ahci.h) sit beside the guests that
+    include them: a change to one must not leave a stale cached ELF behind."""
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    header = src_dir / "shared.h"
+    header.write_text("#define SHARED_WORD 1234\n")
+    src = src_dir / "uses_header.c"
+    src.write_text('#include "rt.h"\n#include "shared.h"\n'
+                   "volatile unsigned shared_word = SHARED_WORD;\n"
+                   "int main(const struct hvm_start_info *si) { (void)si; return 0; }\n")
+    cache = tmp_path / "cache"
+    first = cached_guest([src], cache)
+    assert cached_guest([src], cache) == first
+    header.write_text("#define SHARED_WORD 5678\n")
+    second = cached_guest([src], cache)
+    assert second != first, "a changed header reused the old build"
+    assert Path(first).read_bytes() != Path(second).read_bytes()
+    assert (5678).to_bytes(4, "little") in Path(second).read_bytes()

@@ -195,7 +195,8 @@ def default_cache_dir() -> Path:
 
 def cached_guest(name_or_sources: Sources = "demo", cache_dir: Union[str, os.PathLike, None] = None,
                  *, defines: Defines = None) -> str:
-    """Path of a built guest in a cache directory, building it only when the sources, runtime,
+    """Path of a built guest in a cache directory, building it only when the sources, the
+    headers beside them (shared guest headers such as tests/guests/virtio_pci.h), runtime,
     flags or compiler changed (the key is a hash of all of them). Used by `hvframe run` for
     its default demo guest."""
     sources = resolve_sources(name_or_sources)

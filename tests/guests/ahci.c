@@ -45,52 +45,9 @@
  *   ahci done
  * PxTFD values print as ERROR << 8 | STATUS: 50 is DRDY|DSC (success), 441 is ABRT + ERR.
  * A failure prints "ahci error ..." and powers off without "ahci done". */
-#include "rt.h"
-
 #define VEC_HBA         0x41
 #define POLL_LOOPS      5000000u
-
-/* HBA registers */
-#define CAP     0x00
-#define GHC     0x04
-#define IS      0x08
-#define PI      0x0c
-#define VS      0x10
-#define GHC_HR  (1u << 0)
-#define GHC_IE  (1u << 1)
-#define GHC_AE  (1u << 31)
-#define CAP_SCLO (1u << 24)
-#define CAP_SSS (1u << 27)
-#define CAP_SNCQ (1u << 30)
-
-/* port registers, at 0x100 + 0x80 * port */
-#define PxCLB   0x00
-#define PxCLBU  0x04
-#define PxFB    0x08
-#define PxFBU   0x0c
-#define PxIS    0x10
-#define PxIE    0x14
-#define PxCMD   0x18
-#define PxTFD   0x20
-#define PxSIG   0x24
-#define PxSSTS  0x28
-#define PxSCTL  0x2c
-#define PxSERR  0x30
-#define PxSACT  0x34
-#define PxCI    0x38
-#define CMD_ST  (1u << 0)
-#define CMD_SUD (1u << 1)
-#define CMD_POD (1u << 2)
-#define CMD_CLO (1u << 3)
-#define CMD_FRE (1u << 4)
-#define CMD_FR  (1u << 14)
-#define CMD_CR  (1u << 15)
-#define CMD_CPD (1u << 20)
-#define IS_TFES (1u << 30)
-#define IS_ERRORS 0xfd800000u   /* TFES HBFS HBDS IFS INFS OFS IPMS (and CPDS) */
-#define TFD_ERR 0x01
-#define TFD_DRQ 0x08
-#define TFD_BSY 0x80
+#include "ahci.h"
 
 /* ATA commands */
 #define ATA_IDENTIFY        0xec
@@ -105,51 +62,17 @@
 
 static u32 pdev;                /* the HBA, PCI_DEV(slot, fn) */
 
-/* ---- HBA access ---- */
-static u32 abar, port_base;
-
-static u32 hba_read(u32 r) { return mmio_read32(abar + r); }
-static void hba_write(u32 r, u32 v) { mmio_write32(abar + r, v); }
-static u32 port_read(u32 r) { return mmio_read32(port_base + r); }
-static void port_write(u32 r, u32 v) { mmio_write32(port_base + r, v); }
-
-static int wait_clear(u32 reg, u32 mask)
-{
-    for (u32 i = 0; i < POLL_LOOPS; i++) {
-        if (!(port_read(reg) & mask))
-            return 1;
-        cpu_relax();
-    }
-    return 0;
-}
-
 static void delay(u32 n)
 {
     for (u32 i = 0; i < n; i++)
         inb(0x80);              /* ~1 us each on real hardware, an exit under a VMM */
 }
 
-/* ---- command structures ---- */
-struct cmd_header {
-    u16 flags;                  /* CFL 4:0, A 5, W 6, P 7, R 8, B 9, C 10, PMP 15:12 */
-    u16 prdtl;
-    volatile u32 prdbc;
-    u32 ctba, ctbau;
-    u32 reserved[4];
-};
-struct prd { u32 dba, dbau, reserved, dbc; };     /* dbc: byte count - 1, bit 31 I */
-struct cmd_table {
-    u8 cfis[64];
-    u8 acmd[16];
-    u8 reserved[48];
-    struct prd prdt[8];
-};
-_Static_assert(sizeof(struct cmd_header) == 32, "command header");
 _Static_assert(sizeof(struct cmd_table) == 0x80 + 8 * 16, "command table");
 
 static struct cmd_header cmdlist[32] __attribute__((aligned(1024)));
 static u8 rfis[256] __attribute__((aligned(256)));
-static struct cmd_table tables[NTAGS] __attribute__((aligned(128)));
+static struct cmd_table tables[NTAGS];
 
 static u8 ident[512] __attribute__((aligned(2)));
 static u8 sector0[512] __attribute__((aligned(2)));
@@ -309,30 +232,15 @@ int main(const struct hvm_start_info *si)
     printf("ahci cap %08x ports %u slots %u ncq %u sss %u pi %x vs %x\n", cap, (cap & 0x1f) + 1,
            nslots, cap & CAP_SNCQ ? 1 : 0, cap & CAP_SSS ? 1 : 0, pi, hba_read(VS));
 
-    /* the first implemented port with a device (or port 0) */
-    int port = -1;
-    for (int p = 0; p < 32 && port < 0; p++) {
-        if (!(pi & (1u << p)))
-            continue;
-        port_base = abar + 0x100 + 0x80 * p;
-        if ((port_read(PxSSTS) & 0xf) == 3)
-            port = p;
-    }
-    if (port < 0)
-        port = 0;
-    port_base = abar + 0x100 + 0x80 * port;
+    int port = port_select_first_linked();
 
     /* bring the port up (AHCI 1.3.1 10.1.2, 10.3.1) */
     if (!port_stop(1)) {
         printf("ahci error port %d does not stop\n", port);
         return 0;
     }
-    port_write(PxCLB, (u32)cmdlist);
-    port_write(PxCLBU, 0);
-    port_write(PxFB, (u32)rfis);
-    port_write(PxFBU, 0);
-    port_write(PxSERR, 0xffffffffu);
-    port_write(PxIS, 0xffffffffu);
+    port_set_lists(cmdlist, rfis);
+    port_clear_status();
     port_write(PxCMD, port_read(PxCMD) | CMD_FRE);
     u32 pcmd = port_read(PxCMD);
     if (pcmd & CMD_CPD)
@@ -533,8 +441,7 @@ oob:
     /* recovery (AHCI 1.3.1 6.2.2.1): ST off, CR clear, errors cleared, CLO or COMRESET when
      * the device still looks busy, ST on */
     int rec = port_stop(0);
-    port_write(PxSERR, 0xffffffffu);
-    port_write(PxIS, 0xffffffffu);
+    port_clear_status();
     hba_write(IS, 0xffffffffu);
     u32 how = 0;
     if (port_read(PxTFD) & (TFD_BSY | TFD_DRQ)) {

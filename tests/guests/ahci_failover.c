@@ -26,20 +26,15 @@ static int bring_up(void)
             port = p;
     if (port < 0)
         return 0;
-    port_base = abar + 0x100 + 0x80 * port;
+    port_select(port);
     if (!port_stop(1))
         return 0;
-    port_write(PxCLB, (u32)cmdlist);
-    port_write(PxCLBU, 0);
-    port_write(PxFB, (u32)rfis);
-    port_write(PxFBU, 0);
-    port_write(PxSERR, 0xffffffffu);
-    port_write(PxIS, 0xffffffffu);
+    port_set_lists(cmdlist, rfis);
+    port_clear_status();
     port_write(PxCMD, port_read(PxCMD) | CMD_FRE | CMD_SUD | CMD_POD);
     if (!wait_link())
         return 0;
-    port_write(PxSERR, 0xffffffffu);
-    port_write(PxIS, 0xffffffffu);
+    port_clear_status();
     port_write(PxCMD, port_read(PxCMD) | CMD_ST);
     return 1;
 }
@@ -47,8 +42,7 @@ static int bring_up(void)
 static void recover(void)
 {
     port_stop(0);
-    port_write(PxSERR, 0xffffffffu);
-    port_write(PxIS, 0xffffffffu);
+    port_clear_status();
     hba_write(IS, 0xffffffffu);
     port_write(PxCMD, port_read(PxCMD) | CMD_ST);
 }

@@ -10,8 +10,6 @@
  *   an NCQ READ of LBA 100, which must be all 'B'.
  * Prints "AHCI-RESTART OK" or "AHCI-RESTART FAIL <what>" on COM1; main returns: power off.
  * The commands are polled (no interrupts); each wait is bounded. */
-#include "rt.h"
-
 #ifndef AHCI_SLOT
 #define AHCI_SLOT       3
 #endif
@@ -19,38 +17,8 @@
 #define ROUNDS          6
 #define READ_LBA0       512u
 #define WRITE_LBA0      100u
-
-#define GHC     0x04
-#define GHC_AE  (1u << 31)
-#define PI      0x0c
-#define PxCLB   0x00
-#define PxCLBU  0x04
-#define PxFB    0x08
-#define PxFBU   0x0c
-#define PxIS    0x10
-#define PxCMD   0x18
-#define PxTFD   0x20
-#define PxSSTS  0x28
-#define PxSERR  0x30
-#define PxSACT  0x34
-#define PxCI    0x38
-#define CMD_ST  (1u << 0)
-#define CMD_SUD (1u << 1)
-#define CMD_POD (1u << 2)
-#define CMD_FRE (1u << 4)
-#define CMD_FR  (1u << 14)
-#define CMD_CR  (1u << 15)
-#define IS_ERRORS 0xfd800000u
-#define TFD_ERR 0x01
-#define TFD_DRQ 0x08
-#define TFD_BSY 0x80
-
-struct cmd_header { u16 flags, prdtl; volatile u32 prdbc; u32 ctba, ctbau, reserved[4]; };
-struct prd { u32 dba, dbau, reserved, dbc; };
-struct cmd_table {                          /* CTBA is 128-byte aligned: so is every table */
-    u8 cfis[64], acmd[16], reserved[48];
-    struct prd prdt[1];
-} __attribute__((aligned(128)));
+#define AHCI_PRDS       1
+#include "ahci.h"
 
 static struct cmd_header cmdlist[32] __attribute__((aligned(1024)));
 static u8 rfis[256] __attribute__((aligned(256)));
@@ -59,10 +27,6 @@ static u8 rbuf[4096] __attribute__((aligned(16)));     /* every stale read lands
 static u8 abuf[4096] __attribute__((aligned(16)));
 static u8 bbuf[4096] __attribute__((aligned(16)));
 static u8 check[4096] __attribute__((aligned(16)));
-
-static u32 abar, port_base;
-static u32 port_read(u32 r) { return mmio_read32(port_base + r); }
-static void port_write(u32 r, u32 v) { mmio_write32(port_base + r, v); }
 
 #define FAIL(...) do { printf("AHCI-RESTART FAIL " __VA_ARGS__); return 0; } while (0)
 
@@ -120,14 +84,6 @@ static int wait_idle(u32 mask)
     return 0;
 }
 
-static int wait_clear(u32 reg, u32 mask)
-{
-    for (u32 i = 0; i < POLL_LOOPS; i++)
-        if (!(port_read(reg) & mask))
-            return 1;
-    return 0;
-}
-
 int main(const struct hvm_start_info *si)
 {
     (void)si;
@@ -138,16 +94,8 @@ int main(const struct hvm_start_info *si)
         FAIL("no AHCI at slot %d: class %x bar5 %x\n", AHCI_SLOT, class, bar5);
     abar = bar5 & ~0xfu;
     pci_write16(pdev, 0x04, pci_read16(pdev, 0x04) | 0x6);    /* memory, bus master */
-    mmio_write32(abar + GHC, mmio_read32(abar + GHC) | GHC_AE);
-
-    u32 pi = mmio_read32(abar + PI);
-    int port = 0;
-    for (int p = 31; p >= 0; p--) {
-        port_base = abar + 0x100 + 0x80 * p;
-        if (pi & (1u << p) && (port_read(PxSSTS) & 0xf) == 3)
-            port = p;
-    }
-    port_base = abar + 0x100 + 0x80 * port;
+    hba_write(GHC, hba_read(GHC) | GHC_AE);
+    int port = port_select_first_linked();
 
     /* bring the port up */
     port_write(PxCMD, port_read(PxCMD) & ~CMD_ST);
@@ -156,10 +104,7 @@ int main(const struct hvm_start_info *si)
     port_write(PxCMD, port_read(PxCMD) & ~CMD_FRE);
     if (!wait_clear(PxCMD, CMD_FR))
         FAIL("port %d FIS receive does not stop\n", port);
-    port_write(PxCLB, (u32)cmdlist);
-    port_write(PxCLBU, 0);
-    port_write(PxFB, (u32)rfis);
-    port_write(PxFBU, 0);
+    port_set_lists(cmdlist, rfis);
     port_write(PxCMD, port_read(PxCMD) | CMD_FRE | CMD_SUD | CMD_POD);
     u32 i;
     for (i = 0; i < POLL_LOOPS && (port_read(PxSSTS) & 0xf) != 3; i++)

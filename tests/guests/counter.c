@@ -17,50 +17,16 @@
 
 #define COUNTER_MAGIC 0x434e5452u
 
-static int bring_up(void)
-{
-    cc_write8(CC_STATUS, 0);
-    for (u32 i = 0; cc_read8(CC_STATUS) != 0; i++)
-        if (i > 50)
-            return 0;
-    cc_write8(CC_STATUS, ST_ACKNOWLEDGE | ST_DRIVER);
-    cc_write32(CC_GFSELECT, 0);
-    cc_write32(CC_GF, 0);
-    cc_write32(CC_GFSELECT, 1);
-    cc_write32(CC_GF, 1u << (F_VERSION_1 - 32));
-    cc_write8(CC_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK);
-    if (!(cc_read8(CC_STATUS) & ST_FEATURES_OK))
-        return 0;
-    cc_write16(CC_Q_SELECT, 0);
-    u16 qmax = cc_read16(CC_Q_SIZE);
-    if (qmax == 0 || qmax == 0xffff)
-        return 0;
-    qsize = qmax < QSIZE_MAX ? qmax : QSIZE_MAX;
-    while (qsize & (qsize - 1))
-        qsize &= qsize - 1;
-    avail_idx = used_seen = 0;
-    cc_write16(CC_Q_SIZE, qsize);
-    cc_write64(CC_Q_DESC, (u32)desc);
-    cc_write64(CC_Q_DRIVER, (u32)&avail);
-    cc_write64(CC_Q_DEVICE, (u32)&used);
-    cc_write16(CC_Q_MSIX, NO_VECTOR);
-    notify_off = cc_read16(CC_Q_NOTIFY_OFF);
-    cc_write16(CC_Q_ENABLE, 1);
-    cc_write8(CC_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
-    return (cc_read8(CC_STATUS) & (ST_DRIVER_OK | ST_NEEDS_RESET)) == ST_DRIVER_OK;
-}
-
 int main(const struct hvm_start_info *si)
 {
     (void)si;
     u32 count = cmdline_u32("count", 300);
     printf("counter start\n");
-    if (!find_function(VIRTIO_VENDOR, 0x1001, 0x1042)) {
+    if (!vp_find(0x1001, 0x1042)) {
         printf("counter error no virtio-blk function\n");
         return 0;
     }
-    setup_bars();
-    if (!walk_caps() || !bring_up()) {
+    if (!map_device() || !vp_restart_polled(&vq)) {
         printf("counter error device setup\n");
         return 0;
     }

@@ -42,48 +42,14 @@
  *   vblk irqs N
  *   vblk done
  * A failure to set up prints "vblk error ..." and powers off without "vblk done". */
-#include "rt.h"
+#define VQ_SIZE_MAX     16
+#include "virtio_pci.h"
 
 #define VEC_QUEUE       0x40
-#define POLL_LOOPS      20000000u
-
-#define VIRTIO_VENDOR   0x1af4
-
-/* virtio-pci capability types (4.1.4) */
-#define CAP_COMMON      1
-#define CAP_NOTIFY      2
-#define CAP_ISR         3
-#define CAP_DEVICE      4
-
-/* common configuration structure offsets (4.1.4.3) */
-#define CC_DFSELECT     0x00
-#define CC_DF           0x04
-#define CC_GFSELECT     0x08
-#define CC_GF           0x0c
-#define CC_MSIX_CONFIG  0x10
-#define CC_NUM_QUEUES   0x12
-#define CC_STATUS       0x14
-#define CC_CFG_GEN      0x15
-#define CC_Q_SELECT     0x16
-#define CC_Q_SIZE       0x18
-#define CC_Q_MSIX       0x1a
-#define CC_Q_ENABLE     0x1c
-#define CC_Q_NOTIFY_OFF 0x1e
-#define CC_Q_DESC       0x20
-#define CC_Q_DRIVER     0x28
-#define CC_Q_DEVICE     0x30
-
-#define ST_ACKNOWLEDGE  1
-#define ST_DRIVER       2
-#define ST_DRIVER_OK    4
-#define ST_FEATURES_OK  8
-#define ST_NEEDS_RESET  0x40
-#define ST_FAILED       0x80
+#define POLL_LOOPS      VP_POLL_LOOPS
 
 #define F_BLK_RO        5
 #define F_BLK_FLUSH     9
-#define F_VERSION_1     32
-#define NO_VECTOR       0xffff
 
 #define T_IN            0
 #define T_OUT           1
@@ -91,166 +57,11 @@
 #define T_GET_ID        8
 #define T_BOGUS         0x7f
 
-#define VRING_DESC_F_NEXT   1
-#define VRING_DESC_F_WRITE  2
-
-#define QSIZE_MAX       16
 #define WRITE_SECTORS   8
 #define NBYTES          (WRITE_SECTORS * 512)
 
-static u32 pdev;                /* our function, PCI_DEV(slot, fn) */
-
-static int find_function(u16 vendor, u16 dev_a, u16 dev_b)
-{
-    for (int d = pci_next(-1); d >= 0; d = pci_next(d)) {
-        u32 id = pci_read32(d, 0);
-        if ((id & 0xffff) == vendor && ((id >> 16) == dev_a || (id >> 16) == dev_b)) {
-            pdev = d;
-            return 1;
-        }
-    }
-    return 0;
-}
-
-/* Memory BARs of every function on bus 0 below 4 GiB, to find a hole for a BAR we move. */
-static u32 lowest_mem_bar(void)
-{
-    u32 low = 0xFEC00000u;      /* IOAPIC: nothing above this is ours to take */
-    for (int d = pci_next(-1); d >= 0; d = pci_next(d)) {
-        if ((pci_read32(d, 0x0c) >> 16 & 0x7f) != 0)    /* bridges: skip */
-            continue;
-        for (u32 b = 0; b < 6; b++) {
-            u32 v = pci_read32(d, 0x10 + 4 * b);
-            if (v & 1)
-                continue;
-            u32 hi = 0;
-            if ((v & 6) == 4) {
-                hi = pci_read32(d, 0x10 + 4 * (b + 1));
-                b++;
-            }
-            u32 a = v & ~0xfu;
-            if (!hi && a >= 0x80000000u && a < low)
-                low = a;
-        }
-    }
-    return low;
-}
-
-/* BAR b of our function as a 32-bit address; a 64-bit BAR above 4 GiB is moved below the
- * lowest memory BAR on the bus (and above 2 GiB), decoding off while it moves. */
-static u32 bar_addr[6];
-
-static void setup_bars(void)
-{
-    u16 cmd = pci_read16(pdev, 0x04);
-    for (u32 b = 0; b < 6; b++) {
-        u32 v = pci_read32(pdev, 0x10 + 4 * b);
-        if (v & 1) {
-            bar_addr[b] = v & ~3u;
-            if (bar_addr[b])
-                printf("vblk bar %u io %x\n", b, bar_addr[b]);
-            continue;
-        }
-        int is64 = (v & 6) == 4;
-#ifdef VBLK_FORCE_HIGH_BAR
-        /* self-test of the move below: put 64-bit BARs at +4 GiB first (build with
-         * defines={"VBLK_FORCE_HIGH_BAR": 1}) */
-        if (is64 && (v & ~0xfu)) {
-            pci_write16(pdev, 0x04, cmd & ~3);
-            pci_write32(pdev, 0x10 + 4 * (b + 1), 1);
-        }
-#endif
-        u32 hi = is64 ? pci_read32(pdev, 0x10 + 4 * (b + 1)) : 0;
-        u32 lo = v & ~0xfu;
-        if (hi) {
-            pci_write16(pdev, 0x04, cmd & ~3);
-            pci_write32(pdev, 0x10 + 4 * b, 0xffffffffu);
-            pci_write32(pdev, 0x10 + 4 * (b + 1), 0xffffffffu);
-            u32 size = ~(pci_read32(pdev, 0x10 + 4 * b) & ~0xfu) + 1;
-            u32 target = (lowest_mem_bar() - size) & ~(size - 1);
-            pci_write32(pdev, 0x10 + 4 * b, target);
-            pci_write32(pdev, 0x10 + 4 * (b + 1), 0);
-            pci_write16(pdev, 0x04, cmd);
-            bar_addr[b] = pci_read32(pdev, 0x10 + 4 * b) & ~0xfu;
-            printf("vblk bar %u addr %x moved from %x%08x size %x\n", b, bar_addr[b], hi, lo,
-                   size);
-        } else {
-            bar_addr[b] = lo;
-            if (lo)
-                printf("vblk bar %u addr %x\n", b, lo);
-        }
-        if (is64)
-            b++;
-    }
-    pci_write16(pdev, 0x04, pci_read16(pdev, 0x04) | 0x7);      /* I/O, memory, bus master */
-}
-
-/* ---- virtio-pci structures ---- */
-static u32 common, notify_base, notify_mult, isr, devcfg;
-
-static u8 cc_read8(u32 off) { return *(volatile u8 *)(common + off); }
-static u16 cc_read16(u32 off) { return *(volatile u16 *)(common + off); }
-static u32 cc_read32(u32 off) { return *(volatile u32 *)(common + off); }
-static void cc_write8(u32 off, u8 v) { *(volatile u8 *)(common + off) = v; }
-static void cc_write16(u32 off, u16 v) { *(volatile u16 *)(common + off) = v; }
-static void cc_write32(u32 off, u32 v) { *(volatile u32 *)(common + off) = v; }
-static void cc_write64(u32 off, u64 v) { cc_write32(off, (u32)v); cc_write32(off + 4, (u32)(v >> 32)); }
-
-static int walk_caps(void)
-{
-    static const char *const names[] = { "?", "common", "notify", "isr", "device", "pci" };
-    if (!(pci_read16(pdev, 0x06) & 0x10))
-        return 0;
-    u32 p = pci_read8(pdev, 0x34) & 0xfc;
-    for (int n = 0; p && n < 48; n++) {
-        u8 id = pci_read8(pdev, p), next = pci_read8(pdev, p + 1) & 0xfc;
-        if (id == 0x09) {
-            u8 type = pci_read8(pdev, p + 3), bar = pci_read8(pdev, p + 4);
-            u32 off = pci_read32(pdev, p + 8), len = pci_read32(pdev, p + 12);
-            if (type >= CAP_COMMON && type <= CAP_DEVICE && bar < 6 && bar_addr[bar]) {
-                u32 addr = bar_addr[bar] + off;
-                if (type == CAP_NOTIFY) {
-                    notify_mult = pci_read32(pdev, p + 16);
-                    if (!notify_base)
-                        notify_base = addr;
-                    printf("vblk cap notify bar %u off %x len %x mult %u\n", bar, off, len,
-                           notify_mult);
-                } else {
-                    /* the first of each type is the one to use (4.1.4) */
-                    u32 *slot = type == CAP_COMMON ? &common : type == CAP_ISR ? &isr : &devcfg;
-                    if (!*slot)
-                        *slot = addr;
-                    printf("vblk cap %s bar %u off %x len %x\n", names[type], bar, off, len);
-                }
-            }
-        }
-        p = next;
-    }
-    return common && notify_base && isr && devcfg;
-}
-
-/* MSI-X table entry 0 -> LAPIC 0, vector VEC_QUEUE; MSI-X enabled, function unmasked. */
-static int msix_setup(void)
-{
-    u32 p = pci_find_cap(pdev, 0x11);
-    if (!p)
-        return 0;
-    u32 tbl = pci_read32(pdev, p + 4);
-    msix_route(bar_addr[tbl & 7] + (tbl & ~7u), 0, VEC_QUEUE);
-    pci_write16(pdev, p + 2, (pci_read16(pdev, p + 2) | 0x8000) & ~0x4000);
-    return 1;
-}
-
 /* ---- the virtqueue ---- */
-struct vdesc { u64 addr; u32 len; u16 flags, next; };
-struct vavail { u16 flags, idx, ring[QSIZE_MAX], used_event; };
-struct vused_elem { u32 id, len; };
-struct vused { u16 flags, idx; struct vused_elem ring[QSIZE_MAX]; u16 avail_event; };
-
-static struct vdesc desc[QSIZE_MAX] __attribute__((aligned(16)));
-static struct vavail avail __attribute__((aligned(2)));
-static struct vused used __attribute__((aligned(4)));
-static u16 qsize, avail_idx, used_seen, notify_off;
+static struct vq vq;
 
 struct blk_hdr { u32 type, reserved; u64 sector; };
 
@@ -273,26 +84,16 @@ static void post(int r, u16 first, u32 type, u64 sector, const struct seg *segs,
     hdrs[r] = (struct blk_hdr){ type, 0, sector };
     status[r] = 0xee;
     u16 d = first;
-    desc[d] = (struct vdesc){ (u32)&hdrs[r], sizeof hdrs[r], VRING_DESC_F_NEXT, d + 1 };
+    vq.desc[d] = (struct vdesc){ (u32)&hdrs[r], sizeof hdrs[r], VRING_DESC_F_NEXT, d + 1 };
     for (int i = 0; i < nseg; i++) {
         d++;
-        desc[d] = (struct vdesc){ (u32)segs[i].p, segs[i].len,
-                                  VRING_DESC_F_NEXT | (device_writes ? VRING_DESC_F_WRITE : 0),
-                                  d + 1 };
+        vq.desc[d] = (struct vdesc){ (u32)segs[i].p, segs[i].len,
+                                     VRING_DESC_F_NEXT | (device_writes ? VRING_DESC_F_WRITE : 0),
+                                     d + 1 };
     }
     d++;
-    desc[d] = (struct vdesc){ (u32)&status[r], 1, VRING_DESC_F_WRITE, 0 };
-    avail.ring[avail_idx % qsize] = first;
-    barrier();
-    __asm__ volatile("lock; addl $0, (%%esp)" ::: "memory");   /* ring before idx */
-    avail.idx = ++avail_idx;
-    barrier();
-}
-
-static void kick(void)
-{
-    __asm__ volatile("lock; addl $0, (%%esp)" ::: "memory");   /* idx before the notify */
-    *(volatile u16 *)(notify_base + notify_off * notify_mult) = 0;
+    vq.desc[d] = (struct vdesc){ (u32)&status[r], 1, VRING_DESC_F_WRITE, 0 };
+    vq_publish(&vq, first);
 }
 
 /* Wait for `n` more used entries; returns the used length of the last one or -1. */
@@ -301,11 +102,11 @@ static int wait_used(int n)
 {
     for (u32 i = 0; i < POLL_LOOPS; i++) {
         barrier();
-        u16 idx = *(volatile u16 *)&used.idx;
-        if ((u16)(idx - used_seen) >= n) {
+        u16 idx = *(volatile u16 *)&vq.used.idx;
+        if ((u16)(idx - vq.used_seen) >= n) {
             barrier();
-            last_used_len = used.ring[(u16)(used_seen + n - 1) % qsize].len;
-            used_seen += n;
+            last_used_len = vq.used.ring[(u16)(vq.used_seen + n - 1) % vq.size].len;
+            vq.used_seen += n;
             return 1;
         }
         cpu_relax();
@@ -318,7 +119,7 @@ static int wait_used(int n)
 static u8 request(u32 type, u64 sector, const struct seg *segs, int nseg, int device_writes)
 {
     post(0, 0, type, sector, segs, nseg, device_writes);
-    kick();
+    vq_kick(&vq);
     if (!wait_used(1)) {
         printf("vblk timeout type %u\n", type);
         last_used_len = 0;
@@ -327,87 +128,51 @@ static u8 request(u32 type, u64 sector, const struct seg *segs, int nseg, int de
     return status[0];
 }
 
-static u8 pattern(u32 sector, u32 j) { return (u8)(sector * 31 + j * 7 + 0x5a); }
-
-static void fail(const char *what)
+/* Our function's transport, the bring-up counter.c and vblk_failover.c share too: BARs (one
+ * above 4 GiB moved below), all four virtio structures, each printed as a "vblk" line. */
+static int map_device(void)
 {
-    printf("vblk error %s\n", what);
-    cc_write8(CC_STATUS, cc_read8(CC_STATUS) | ST_FAILED);
-    poweroff();
+    vp_tag = "vblk";
+    vp_verbose = 1;
+    vp_map_bars(1);
+    return vp_walk_caps() && vp_isr && vp_device;
 }
+
+static u8 pattern(u32 sector, u32 j) { return (u8)(sector * 31 + j * 7 + 0x5a); }
 
 int main(const struct hvm_start_info *si)
 {
     (void)si;
-    if (!find_function(VIRTIO_VENDOR, 0x1001, 0x1042)) {
-        printf("vblk error no virtio-blk function\n");
-        return 0;
-    }
-    u32 id = pci_read32(pdev, 0);
-    printf("vblk pci 00:%02x.%u id %04x:%04x\n", PCI_SLOT(pdev), PCI_FN(pdev), id & 0xffff,
-           id >> 16);
-    setup_bars();
-    if (!walk_caps()) {
+    vp_tag = "vblk";
+    vp_probe("virtio-blk", 0x1001, 0x1042);
+    if (!map_device()) {
         printf("vblk error missing virtio capability\n");
         return 0;
     }
 
-    /* 3.1.1: reset, ACKNOWLEDGE, DRIVER */
-    cc_write8(CC_STATUS, 0);
-    for (u32 i = 0; cc_read8(CC_STATUS) != 0; i++)
-        if (i > POLL_LOOPS)
-            fail("reset did not complete");
-    cc_write8(CC_STATUS, ST_ACKNOWLEDGE);
-    cc_write8(CC_STATUS, ST_ACKNOWLEDGE | ST_DRIVER);
-
-    u64 dev_features;
-    cc_write32(CC_DFSELECT, 0);
-    dev_features = cc_read32(CC_DF);
-    cc_write32(CC_DFSELECT, 1);
-    dev_features |= (u64)cc_read32(CC_DF) << 32;
+    vp_begin();
+    u64 dev_features = vp_device_features();
     u64 want = 1ull << F_VERSION_1 | 1ull << F_BLK_FLUSH | 1ull << F_BLK_RO;
     u64 accept = dev_features & want;
     printf("vblk features %llx accepted %llx\n", dev_features, accept);
     if (!(accept & 1ull << F_VERSION_1))
-        fail("device does not offer VIRTIO_F_VERSION_1");
-    cc_write32(CC_GFSELECT, 0);
-    cc_write32(CC_GF, (u32)accept);
-    cc_write32(CC_GFSELECT, 1);
-    cc_write32(CC_GF, (u32)(accept >> 32));
-    cc_write8(CC_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK);
-    int fok = (cc_read8(CC_STATUS) & ST_FEATURES_OK) != 0;
+        vp_fail("device does not offer VIRTIO_F_VERSION_1");
+    int fok = vp_features_ok(accept);
     printf("vblk features_ok %d\n", fok);
     if (!fok)
-        fail("FEATURES_OK not accepted");
+        vp_fail("FEATURES_OK not accepted");
 
     /* interrupts: IDT, LAPIC, MSI-X entry 0 */
     irq_init("vblk error ");
-    int have_msix = msix_setup();
+    int have_msix = vp_msix_setup(VEC_QUEUE);
     cc_write16(CC_MSIX_CONFIG, NO_VECTOR);
 
-    /* queue 0 (4.1.5.1.3) */
-    cc_write16(CC_Q_SELECT, 0);
-    u16 qmax = cc_read16(CC_Q_SIZE);
-    if (qmax == 0)
-        fail("queue 0 not available");
-    qsize = qmax < QSIZE_MAX ? qmax : QSIZE_MAX;
-    while (qsize & (qsize - 1))         /* split rings: a power of two */
-        qsize &= qsize - 1;
-    cc_write16(CC_Q_SIZE, qsize);
-    cc_write64(CC_Q_DESC, (u32)desc);
-    cc_write64(CC_Q_DRIVER, (u32)&avail);
-    cc_write64(CC_Q_DEVICE, (u32)&used);
-    u16 vec = NO_VECTOR;
-    if (have_msix) {
-        cc_write16(CC_Q_MSIX, 0);
-        vec = cc_read16(CC_Q_MSIX);
-    }
-    notify_off = cc_read16(CC_Q_NOTIFY_OFF);
-    cc_write16(CC_Q_ENABLE, 1);
-    printf("vblk queue size %u (max %u) msix vector %u num_queues %u\n", qsize, qmax,
-           vec == NO_VECTOR ? 0xffffu : vec, cc_read16(CC_NUM_QUEUES));
+    if (!vp_queue_setup(&vq, 0, have_msix ? 0 : NO_VECTOR))
+        vp_fail("queue 0 not available");
+    printf("vblk queue size %u (max %u) msix vector %u num_queues %u\n", vq.size, vq.max,
+           vq.vector, cc_read16(CC_NUM_QUEUES));
 
-    cc_write8(CC_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
+    vp_driver_ok();
     printf("vblk status %x\n", cc_read8(CC_STATUS));
     irq_enable();
 
@@ -416,8 +181,8 @@ int main(const struct hvm_start_info *si)
     u8 gen;
     do {
         gen = cc_read8(CC_CFG_GEN);
-        cap_lo = *(volatile u32 *)devcfg;
-        cap_hi = *(volatile u32 *)(devcfg + 4);
+        cap_lo = *(volatile u32 *)vp_device;
+        cap_hi = *(volatile u32 *)(vp_device + 4);
     } while (gen != cc_read8(CC_CFG_GEN));
     u64 capacity = (u64)cap_hi << 32 | cap_lo;
     printf("vblk capacity %llu\n", capacity);
@@ -468,7 +233,7 @@ int main(const struct hvm_start_info *si)
         struct seg sb[1] = { { bbuf[r], 512 } };
         post(1 + r, (u16)(3 * r), T_IN, 1 + r, sb, 1, 1);
     }
-    kick();
+    vq_kick(&vq);
     int ok = wait_used(3);
     int same = 1;
     for (int r = 0; r < 3; r++)

@@ -26,37 +26,11 @@
  *   vnet rx q Q len L bufs B sum HEX     (per echoed frame)
  *   vnet done
  * A failure prints "vnet error ..." and powers off without "vnet done". */
-#include "rt.h"
+#define QSIZE           16
+#define VQ_SIZE_MAX     QSIZE
+#include "virtio_pci.h"
 
-#define POLL_LOOPS      20000000u
-#define VIRTIO_VENDOR   0x1af4
-
-#define CAP_COMMON      1
-#define CAP_NOTIFY      2
-#define CAP_ISR         3
-#define CAP_DEVICE      4
-
-#define CC_DFSELECT     0x00
-#define CC_DF           0x04
-#define CC_GFSELECT     0x08
-#define CC_GF           0x0c
-#define CC_MSIX_CONFIG  0x10
-#define CC_NUM_QUEUES   0x12
-#define CC_STATUS       0x14
-#define CC_Q_SELECT     0x16
-#define CC_Q_SIZE       0x18
-#define CC_Q_MSIX       0x1a
-#define CC_Q_ENABLE     0x1c
-#define CC_Q_NOTIFY_OFF 0x1e
-#define CC_Q_DESC       0x20
-#define CC_Q_DRIVER     0x28
-#define CC_Q_DEVICE     0x30
-
-#define ST_ACKNOWLEDGE  1
-#define ST_DRIVER       2
-#define ST_DRIVER_OK    4
-#define ST_FEATURES_OK  8
-#define ST_FAILED       0x80
+#define POLL_LOOPS      VP_POLL_LOOPS
 
 #define F_CSUM          0
 #define F_MAC           5
@@ -64,159 +38,22 @@
 #define F_STATUS        16
 #define F_CTRL_VQ       17
 #define F_MQ            22
-#define F_VERSION_1     32
-#define NO_VECTOR       0xffff
 
-#define VRING_DESC_F_NEXT   1
-#define VRING_DESC_F_WRITE  2
-
-#define QSIZE           16
 #define MAXQ            5
 #define RXBUF           1024
 #define ECHO_FRAMES     4
 #define HDR_F_NEEDS_CSUM 1
 
-static u32 pdev;
-
-static int find_function(void)
-{
-    for (int d = pci_next(-1); d >= 0; d = pci_next(d)) {
-        u32 id = pci_read32(d, 0);
-        if ((id & 0xffff) == VIRTIO_VENDOR && ((id >> 16) == 0x1000 || (id >> 16) == 0x1041)) {
-            pdev = d;
-            return 1;
-        }
-    }
-    return 0;
-}
-
-/* BARs as programmed (direct boot: hvframe placed them below 4 GiB or above; this guest
- * only uses ones below 4 GiB, paging being off). */
-static u32 bar_addr[6];
-
-static void setup_bars(void)
-{
-    for (u32 b = 0; b < 6; b++) {
-        u32 v = pci_read32(pdev, 0x10 + 4 * b);
-        if (v & 1) {
-            bar_addr[b] = v & ~3u;
-            continue;
-        }
-        int is64 = (v & 6) == 4;
-        u32 hi = is64 ? pci_read32(pdev, 0x10 + 4 * (b + 1)) : 0;
-        bar_addr[b] = hi ? 0 : v & ~0xfu;
-        if (is64)
-            b++;
-    }
-    pci_write16(pdev, 0x04, pci_read16(pdev, 0x04) | 0x7);
-}
-
-static u32 common, notify_base, notify_mult, devcfg;
-
-static u8 cc_read8(u32 off) { return *(volatile u8 *)(common + off); }
-static u16 cc_read16(u32 off) { return *(volatile u16 *)(common + off); }
-static u32 cc_read32(u32 off) { return *(volatile u32 *)(common + off); }
-static void cc_write8(u32 off, u8 v) { *(volatile u8 *)(common + off) = v; }
-static void cc_write16(u32 off, u16 v) { *(volatile u16 *)(common + off) = v; }
-static void cc_write32(u32 off, u32 v) { *(volatile u32 *)(common + off) = v; }
-static void cc_write64(u32 off, u64 v) { cc_write32(off, (u32)v); cc_write32(off + 4, (u32)(v >> 32)); }
-
-static int walk_caps(void)
-{
-    u32 p = pci_read8(pdev, 0x34) & 0xfc;
-    for (int n = 0; p && n < 48; n++) {
-        u8 id = pci_read8(pdev, p), next = pci_read8(pdev, p + 1) & 0xfc;
-        if (id == 0x09) {
-            u8 type = pci_read8(pdev, p + 3), bar = pci_read8(pdev, p + 4);
-            u32 off = pci_read32(pdev, p + 8);
-            if (bar < 6 && bar_addr[bar]) {
-                u32 addr = bar_addr[bar] + off;
-                if (type == CAP_NOTIFY && !notify_base) {
-                    notify_base = addr;
-                    notify_mult = pci_read32(pdev, p + 16);
-                } else if (type == CAP_COMMON && !common) {
-                    common = addr;
-                } else if (type == CAP_DEVICE && !devcfg) {
-                    devcfg = addr;
-                }
-            }
-        }
-        p = next;
-    }
-    return common && notify_base && devcfg;
-}
-
 /* ---- virtqueues ---- */
-struct vdesc { u64 addr; u32 len; u16 flags, next; };
-struct vavail { u16 flags, idx, ring[QSIZE], used_event; };
-struct vused_elem { u32 id, len; };
-struct vused { u16 flags, idx; struct vused_elem ring[QSIZE]; u16 avail_event; };
-
-struct vq {
-    struct vdesc desc[QSIZE] __attribute__((aligned(16)));
-    struct vavail avail __attribute__((aligned(2)));
-    struct vused used __attribute__((aligned(4)));
-    u16 size, avail_idx, used_seen, notify_off, next_desc;
-};
 static struct vq vqs[MAXQ];
 static int nqueues, pairs;
 
 struct net_hdr { u8 flags, gso_type; u16 hdr_len, gso_size, csum_start, csum_offset, num_buffers; };
 
-static void mb(void) { __asm__ volatile("lock; addl $0, (%%esp)" ::: "memory"); }
-
-static void publish(struct vq *q, u16 head)
+static void setup_queue(struct vq *q, int qi)
 {
-    q->avail.ring[q->avail_idx % q->size] = head;
-    mb();
-    q->avail.idx = ++q->avail_idx;
-    mb();
-}
-
-static void kick(int qi)
-{
-    mb();
-    *(volatile u16 *)(notify_base + vqs[qi].notify_off * notify_mult) = (u16)qi;
-}
-
-/* The next used element of q, or 0 after POLL_LOOPS. */
-static int next_used(struct vq *q, struct vused_elem *e, u32 loops)
-{
-    for (u32 i = 0; i < loops; i++) {
-        barrier();
-        if (*(volatile u16 *)&q->used.idx != q->used_seen) {
-            barrier();
-            *e = q->used.ring[q->used_seen % q->size];
-            q->used_seen++;
-            return 1;
-        }
-        cpu_relax();
-    }
-    return 0;
-}
-
-static void fail(const char *what)
-{
-    printf("vnet error %s\n", what);
-    cc_write8(CC_STATUS, cc_read8(CC_STATUS) | ST_FAILED);
-    poweroff();
-}
-
-static void setup_queue(int qi)
-{
-    struct vq *q = &vqs[qi];
-    cc_write16(CC_Q_SELECT, (u16)qi);
-    u16 qmax = cc_read16(CC_Q_SIZE);
-    if (qmax == 0)
-        fail("queue not available");
-    q->size = qmax < QSIZE ? qmax : QSIZE;
-    cc_write16(CC_Q_SIZE, q->size);
-    cc_write64(CC_Q_DESC, (u32)q->desc);
-    cc_write64(CC_Q_DRIVER, (u32)&q->avail);
-    cc_write64(CC_Q_DEVICE, (u32)&q->used);
-    cc_write16(CC_Q_MSIX, NO_VECTOR);
-    q->notify_off = cc_read16(CC_Q_NOTIFY_OFF);
-    cc_write16(CC_Q_ENABLE, 1);
+    if (!vp_queue_setup(q, (u16)qi, NO_VECTOR))
+        vp_fail("queue not available");
 }
 
 /* ---- transmit ---- */
@@ -235,11 +72,11 @@ static void send(int qi, const struct net_hdr *h, const u8 *frame, u32 len, u32 
         q->desc[d] = (struct vdesc){ (u32)(frame + off), n,
                                      off + n < len ? VRING_DESC_F_NEXT : 0, (u16)(d + 1) };
     }
-    publish(q, 0);
-    kick(qi);
+    vq_publish(q, 0);
+    vq_kick(q);
     struct vused_elem e;
-    if (!next_used(q, &e, POLL_LOOPS))
-        fail("transmit timeout");
+    if (!vq_next_used(q, &e, POLL_LOOPS))
+        vp_fail("transmit timeout");
 }
 
 static u8 mac[6];
@@ -308,7 +145,7 @@ static void post_rx(int pair, u16 head)
 {
     struct vq *q = &vqs[2 * pair];
     q->desc[head] = (struct vdesc){ (u32)rxbuf[pair][head], RXBUF, VRING_DESC_F_WRITE, 0 };
-    publish(q, head);
+    vq_publish(q, head);
 }
 
 /* A whole received frame (merged over num_buffers buffers) from either receive queue into
@@ -319,7 +156,7 @@ static u32 receive(int *which, u32 *bufs)
         for (int p = 0; p < pairs; p++) {
             struct vq *q = &vqs[2 * p];
             struct vused_elem e;
-            if (!next_used(q, &e, 1))
+            if (!vq_next_used(q, &e, 1))
                 continue;
             const u8 *b = rxbuf[p][e.id % QSIZE];
             const struct net_hdr *h = (const struct net_hdr *)b;
@@ -327,14 +164,14 @@ static u32 receive(int *which, u32 *bufs)
             memcpy(frame, b + sizeof(struct net_hdr), len);
             post_rx(p, (u16)(e.id % QSIZE));
             for (u32 k = 1; k < nbuf; k++) {
-                if (!next_used(q, &e, POLL_LOOPS))
-                    fail("merged buffer missing");
+                if (!vq_next_used(q, &e, POLL_LOOPS))
+                    vp_fail("merged buffer missing");
                 if (len + e.len <= sizeof frame)
                     memcpy(frame + len, rxbuf[p][e.id % QSIZE], e.len);
                 len += e.len;
                 post_rx(p, (u16)(e.id % QSIZE));
             }
-            kick(2 * p);
+            vq_kick(q);
             *which = 2 * p;
             *bufs = nbuf;
             return len;
@@ -350,44 +187,28 @@ static volatile u8 ctrl_ack;
 int main(const struct hvm_start_info *si)
 {
     (void)si;
-    if (!find_function())
-        fail("no virtio-net function");
-    u32 id = pci_read32(pdev, 0);
-    printf("vnet pci 00:%02x.%u id %04x:%04x\n", PCI_SLOT(pdev), PCI_FN(pdev), id & 0xffff,
-           id >> 16);
-    setup_bars();
-    if (!walk_caps())
-        fail("missing virtio capability");
+    vp_tag = "vnet";
+    vp_probe("virtio-net", 0x1000, 0x1041);
+    vp_map_bars(0);
+    if (!vp_walk_caps() || !vp_device)
+        vp_fail("missing virtio capability");
 
-    cc_write8(CC_STATUS, 0);
-    for (u32 i = 0; cc_read8(CC_STATUS) != 0; i++)
-        if (i > POLL_LOOPS)
-            fail("reset did not complete");
-    cc_write8(CC_STATUS, ST_ACKNOWLEDGE);
-    cc_write8(CC_STATUS, ST_ACKNOWLEDGE | ST_DRIVER);
-    cc_write32(CC_DFSELECT, 0);
-    u64 dev = cc_read32(CC_DF);
-    cc_write32(CC_DFSELECT, 1);
-    dev |= (u64)cc_read32(CC_DF) << 32;
+    vp_begin();
+    u64 dev = vp_device_features();
     u64 want = 1ull << F_VERSION_1 | 1ull << F_MAC | 1ull << F_STATUS | 1ull << F_MRG_RXBUF
                | 1ull << F_CSUM | 1ull << F_CTRL_VQ | 1ull << F_MQ;
     u64 acc = dev & want;
     printf("vnet features %llx accepted %llx\n", dev, acc);
     if (!(acc & 1ull << F_VERSION_1) || !(acc & 1ull << F_MRG_RXBUF) || !(acc & 1ull << F_CTRL_VQ))
-        fail("device lacks VERSION_1, MRG_RXBUF or CTRL_VQ");
-    cc_write32(CC_GFSELECT, 0);
-    cc_write32(CC_GF, (u32)acc);
-    cc_write32(CC_GFSELECT, 1);
-    cc_write32(CC_GF, (u32)(acc >> 32));
-    cc_write8(CC_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK);
-    if (!(cc_read8(CC_STATUS) & ST_FEATURES_OK))
-        fail("FEATURES_OK not accepted");
+        vp_fail("device lacks VERSION_1, MRG_RXBUF or CTRL_VQ");
+    if (!vp_features_ok(acc))
+        vp_fail("FEATURES_OK not accepted");
     cc_write16(CC_MSIX_CONFIG, NO_VECTOR);
 
     for (int i = 0; i < 6; i++)
-        mac[i] = *(volatile u8 *)(devcfg + i);
-    u16 link = *(volatile u16 *)(devcfg + 6);
-    u16 maxpairs = (acc & 1ull << F_MQ) ? *(volatile u16 *)(devcfg + 8) : 1;
+        mac[i] = *(volatile u8 *)(vp_device + i);
+    u16 link = *(volatile u16 *)(vp_device + 6);
+    u16 maxpairs = (acc & 1ull << F_MQ) ? *(volatile u16 *)(vp_device + 8) : 1;
     pairs = maxpairs >= 2 ? 2 : 1;
     printf("vnet mac %02x:%02x:%02x:%02x:%02x:%02x status %u pairs %u\n", mac[0], mac[1],
            mac[2], mac[3], mac[4], mac[5], link, maxpairs);
@@ -395,27 +216,18 @@ int main(const struct hvm_start_info *si)
     nqueues = cc_read16(CC_NUM_QUEUES);
     int ctrlq = (acc & 1ull << F_MQ) ? 2 * maxpairs : 2;
     if (ctrlq >= nqueues)
-        fail("no control queue");
+        vp_fail("no control queue");
     /* Our queues: the pairs we use, and the control queue (kept at index 4 of vqs). */
     for (int i = 0; i < 2 * pairs; i++)
-        setup_queue(i);
+        setup_queue(&vqs[i], i);
     struct vq *cq = &vqs[MAXQ - 1];
-    cc_write16(CC_Q_SELECT, (u16)ctrlq);
-    u16 cmax = cc_read16(CC_Q_SIZE);
-    cq->size = cmax < QSIZE ? cmax : QSIZE;
-    cc_write16(CC_Q_SIZE, cq->size);
-    cc_write64(CC_Q_DESC, (u32)cq->desc);
-    cc_write64(CC_Q_DRIVER, (u32)&cq->avail);
-    cc_write64(CC_Q_DEVICE, (u32)&cq->used);
-    cc_write16(CC_Q_MSIX, NO_VECTOR);
-    cq->notify_off = cc_read16(CC_Q_NOTIFY_OFF);
-    cc_write16(CC_Q_ENABLE, 1);
+    setup_queue(cq, ctrlq);
     printf("vnet queues %u\n", nqueues);
 
     for (int p = 0; p < pairs; p++)
         for (u16 h = 0; h < QSIZE && h < vqs[2 * p].size; h++)
             post_rx(p, h);
-    cc_write8(CC_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
+    vp_driver_ok();
 
     if (pairs == 2) {
         /* VIRTIO_NET_CTRL_MQ, VQ_PAIRS_SET 2 */
@@ -423,16 +235,15 @@ int main(const struct hvm_start_info *si)
         ctrl_ack = 0xee;
         cq->desc[0] = (struct vdesc){ (u32)ctrl_cmd, 4, VRING_DESC_F_NEXT, 1 };
         cq->desc[1] = (struct vdesc){ (u32)&ctrl_ack, 1, VRING_DESC_F_WRITE, 0 };
-        publish(cq, 0);
-        mb();
-        *(volatile u16 *)(notify_base + cq->notify_off * notify_mult) = (u16)ctrlq;
+        vq_publish(cq, 0);
+        vq_kick(cq);
         struct vused_elem e;
-        if (!next_used(cq, &e, POLL_LOOPS))
-            fail("control queue timeout");
+        if (!vq_next_used(cq, &e, POLL_LOOPS))
+            vp_fail("control queue timeout");
         printf("vnet mq ack %u\n", ctrl_ack);
     }
     for (int p = 0; p < pairs; p++)
-        kick(2 * p);
+        vq_kick(&vqs[2 * p]);
 
     struct net_hdr plain = { 0, 0, 0, 0, 0, 0, 0 };
     u8 *f = txbuf[0];
@@ -460,9 +271,9 @@ int main(const struct hvm_start_info *si)
         u32 bufs;
         u32 len = receive(&q, &bufs);
         if (!len)
-            fail("nothing received");
+            vp_fail("nothing received");
         if (len > sizeof frame)
-            fail("frame too long");
+            vp_fail("frame too long");
         printf("vnet rx q %u len %u bufs %u sum %x\n", q, len, bufs, sum_words(frame, len & ~3u));
         if (frame[12] == 0x88 && frame[13] == 0xb5)
             frame[13] = 0xb6;
