@@ -352,6 +352,18 @@ class PciFunction(Device):
         return self.config.read(offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
+        msix = self.msix
+        if msix is not None and msix.control_written_by(offset, size):
+            # MSI-X gates shut before an enable/function-mask change, reopened after it.
+            msix.before_control_write()
+            try:
+                self._config_write(offset, size, value)
+            finally:
+                msix.after_control_write()
+        else:
+            self._config_write(offset, size, value)
+
+    def _config_write(self, offset: int, size: int, value: int) -> None:
         old_cmd = self.command
         with self._intx_lock:   # a status write-1-to-clear against set_intx's update
             if not self.config.write(offset, size, value):

@@ -32,13 +32,15 @@ first lets the vector fire: its route follows the guest's table and capability w
 (brought up to date whenever a write leaves the vector deliverable, i.e. enabled and
 unmasked), so raising an unmasked vector from any thread is a state check and one eventfd
 write, with no ioctl. Should no irqfd be available, PciFunction.send_msi (KVM_SIGNAL_MSI)
-is used instead. Table and PBA accesses of any
+is used instead. An MSI-X vector's gate (the irqfd native code may write directly) opens
+and shuts in one place, which tells the capability's gate_listener (MsixGateListener), a
+shut before the guest's change that causes it takes effect. Table and PBA accesses of any
 size, alignment or offset never raise: only aligned 4- and 8-byte accesses mean anything,
 the rest read 0 and are ignored.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..core_native import api_ffi as ffi
 from ..errors import ConfigError, HvError
@@ -89,6 +91,18 @@ def _new_irqfd(fn: "PciFunction"):
         return bus.machine.add_msi_irqfd()
     except HvError:
         return _NO_IRQFD   # out of GSIs, say: KVM_SIGNAL_MSI still works
+
+
+class MsixGateListener(Protocol):
+    """Told when an MSI-X vector's gate opens or shuts (MsixCapability.gate_listener); a
+    device whose interrupts are raised elsewhere (a passthrough server) hands that side the
+    irqfd itself while the gate is open, and its own relay while it is shut."""
+
+    def gate_changed(self, vector: int, fd: int | None) -> None:
+        """(MSI-X lock held) The vector's gate is now open on irqfd eventfd `fd` (the route
+        is the vector's message), or shut (None). A shut is told before the guest-visible
+        change that causes it (mask, message, disable) takes effect: when this returns,
+        whatever raised the vector through `fd` must be raising it through notify()."""
 
 
 class MsiCapability:
@@ -254,6 +268,12 @@ class MsixCapability:
         self._gates = ffi.new("struct hv_irq_gate[]", vectors)
         for g in self._gates:
             g.fd = -1
+        # Who is told when a gate opens or shuts (one, set by the device), what it was last
+        # told per vector, and how many control-register writes are under way (gates stay
+        # shut meanwhile: see before_control_write).
+        self.gate_listener: MsixGateListener | None = None
+        self._told: list[int | None] = [None] * vectors
+        self._control_writes = 0
         if add_bar:
             end = max(table_offset + table_len, pba_offset + pba_len)
             size = bar_size or PAGE
@@ -304,17 +324,49 @@ class MsixCapability:
     def _refresh_gate(self, v: int) -> None:
         """(lock held) Open the vector's gate exactly when notify()'s lock-free path would
         fire its irqfd with the eventfd alone."""
-        g, irq = self._gates[v], self._fast[v]
+        irq = self._fast[v]
         if irq is not None and irq.eventfd_delivery and irq.fd >= 0 and self._deliverable(v) \
-                and self.fn.pci_bus is not None:
-            g.fd = irq.fd
-            g.open = 1
+                and self.fn.pci_bus is not None and not self._control_writes:
+            self._set_gate(v, irq.fd)
         else:
+            self._set_gate(v, None)
+
+    def _set_gate(self, v: int, fd: int | None) -> None:
+        """(lock held) The one place a vector's gate opens (on `fd`) or shuts (None): shut
+        here first, then the listener told, so neither path raises a stale route."""
+        g = self._gates[v]
+        if fd is None:
             g.open = 0
+        if self._told[v] != fd:
+            self._told[v] = fd
+            if self.gate_listener is not None:
+                self.gate_listener.gate_changed(v, fd)
+        if fd is not None:
+            g.fd = fd
+            g.open = 1
 
     def _refresh_gates(self) -> None:
         for v in range(self.vectors):
             self._refresh_gate(v)
+
+    def control_written_by(self, offset: int, size: int) -> bool:
+        """Whether a config write at offset/size reaches the enable and function-mask byte."""
+        hi = self.offset + MSIX_CONTROL + 1
+        return offset <= hi < offset + size
+
+    def before_control_write(self) -> None:
+        """(PciFunction.config_write, before the guest's write reaches the control register)
+        Shut every gate, listeners told, and keep them shut until after_control_write: a
+        disable or function mask must not find a vector still raised past notify()."""
+        with self.lock:
+            self._control_writes += 1
+            for v in range(self.vectors):
+                self._set_gate(v, None)
+
+    def after_control_write(self) -> None:
+        with self.lock:
+            self._control_writes -= 1
+            self._refresh_gates()
 
     # -- delivery -------------------------------------------------------------------------
     def notify(self, vector: int = 0) -> bool:
@@ -412,7 +464,7 @@ class MsixCapability:
         # Off the lock-free path until the route is the entry again (below, or when the
         # vector next becomes deliverable): an unmask must never fire a stale message.
         self._fast[vector] = None
-        self._gates[vector].open = 0
+        self._set_gate(vector, None)
         if reg == ENTRY_ADDR_LO:
             e[reg] = value & 0xFFFFFFFC
         elif reg == ENTRY_CONTROL:
