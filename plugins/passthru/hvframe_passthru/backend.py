@@ -52,6 +52,9 @@ class DeviceBackend(Protocol):
     def irq_info(self, index: int) -> IrqInfo: ...
     def set_irq_eventfds(self, index: int, fds: list[int]) -> None:
         """Vectors 0..len(fds)-1 of `index` signal these eventfds; [] turns the index off."""
+    def set_irq_eventfd(self, index: int, vector: int, fd: int) -> None:
+        """Vector `vector` of `index` (already on) signals `fd` from now on; once this
+        returns, the device signals the eventfd it had no more."""
     def unmask_intx(self) -> None: ...
     def dma_map_all(self, memory) -> None:
         """Let the device reach all of guest RAM (a GuestMemory) at guest-physical addresses."""

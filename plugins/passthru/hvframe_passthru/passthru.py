@@ -24,6 +24,11 @@ Interrupts: each vector of each index the device has gets a relay eventfd handed
 device; a relay thread turns a signal into msix.notify(v), msi.notify() or INTx assertion
 here, which then take the usual path (irqfds under KVM, masking and pending bits as the guest
 set them). The device's MSI-X (or MSI) is switched on and off with the guest's enable bit.
+An MSI-X vector whose gate is open (MsixCapability: enabled, unmasked, its irqfd routed to
+its message) is handed the guest's irqfd itself instead, as QEMU hands KVM's irqfds to VFIO,
+so the device's completion reaches KVM with no stop here; the capability tells us
+(gate_changed) before a mask, message change or disable takes effect, and the vector is
+switched back to its relay first, so a signal while masked still sets the pending bit.
 INTx is level-triggered and automasked: asserted when the device signals, deasserted again
 after the next forwarded BAR access (the guest's interrupt handler acknowledging), when the
 device is unmasked so that it signals again if its line is still up.
@@ -235,6 +240,9 @@ class PassthruFunction(PciFunction):
         MsixCapability(self, vectors, bir, table_offset=table & ~7, pba_offset=pba & ~7,
                        add_bar=False)
         x = self.msix
+        # Per vector: the guest's irqfd eventfd while its gate is open (see gate_changed).
+        self._msix_irqfds: list[int | None] = [None] * vectors
+        x.gate_listener = self
         h.msix_ranges = [(x.table_offset, x.table_offset + x.table_len),
                          (x.pba_offset, x.pba_offset + x.pba_len)]
         self.watch_config(x.offset, 4, self._msix_written)
@@ -329,11 +337,40 @@ class PassthruFunction(PciFunction):
                 pass
 
     # -- interrupts ---------------------------------------------------------------------------
+    def _msix_fds(self) -> list[int]:
+        """(MSI-X lock held) What each vector is to signal: the guest's irqfd while its gate
+        is open, else its relay."""
+        relay = self._relay.msix_fds
+        return [relay[v] if fd is None else fd for v, fd in enumerate(self._msix_irqfds)]
+
     def _msix_written(self) -> None:
-        on = self.msix.enabled
-        if on != self._msix_on:
+        # Under the capability's lock, so gate_changed and this agree on what the device has
+        # (the server answers SET_IRQS without calling back: no round trip can wait on us).
+        with self.msix.lock:
+            on = self.msix.enabled
+            if on == self._msix_on:
+                return
             self._msix_on = on
-            self._send_irqs(p.PCI_MSIX_IRQ, self._relay.msix_fds if on else [])
+            lost = self._send_irqs(p.PCI_MSIX_IRQ, self._msix_fds() if on else [], lose=False)
+        if lost is not None:
+            self._lose(lost)
+
+    def gate_changed(self, vector: int, fd: int | None) -> None:
+        """MsixGateListener, under the MSI-X lock: the vector's gate opened on the guest's
+        irqfd `fd` (hand it to the device) or shut (hand the relay back, before the guest's
+        change takes effect: the device's next signal goes through msix.notify())."""
+        self._msix_irqfds[vector] = fd
+        if not self._msix_on or self._relay is None:
+            return                         # handed over with the rest when MSI-X goes on
+        target = self._relay.msix_fds[vector] if fd is None else fd
+        try:
+            self.backend.set_irq_eventfd(p.PCI_MSIX_IRQ, vector, target)
+        except BackendLost:
+            # Recorded for the reconnect; the relay thread's liveness check reports the loss
+            # (not here, under the capability's lock).
+            pass
+        except p.RemoteError as e:
+            self.log.warning("%s: MSI-X vector %d eventfd refused: %s", self.name, vector, e)
 
     def _msi_written(self) -> None:
         on = self.msi.enabled
@@ -341,14 +378,17 @@ class PassthruFunction(PciFunction):
             self._msi_on = on
             self._send_irqs(p.PCI_MSI_IRQ, self._relay.msi_fds if on else [])
 
-    def _send_irqs(self, index: int, fds: list[int]) -> None:
+    def _send_irqs(self, index: int, fds: list[int], lose: bool = True) -> BackendLost | None:
         # While lost, the backend still records what a reconnect must hand the device.
         try:
             self.backend.set_irq_eventfds(index, fds)
         except BackendLost as e:
+            if not lose:
+                return e
             self._lose(e)
         except p.RemoteError as e:
             self.log.warning("%s: interrupt set-up refused: %s", self.name, e)
+        return None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -456,6 +496,7 @@ class _IrqRelay:
         self.msi_fds = [mk()] if fn.msi else []
         self.intx_fds = [mk()] if fn.pin else []
         self.wake_fd = mk()
+        self.msix_relayed = 0      # MSI-X signals that came this way (tests, diagnostics)
         self._what = {fd: ("msix", v) for v, fd in enumerate(self.msix_fds)}
         self._what.update({fd: ("msi", 0) for fd in self.msi_fds})
         self._what.update({fd: ("intx", 0) for fd in self.intx_fds})
@@ -486,6 +527,7 @@ class _IrqRelay:
                     continue
                 kind, v = self._what.get(fd, (None, 0))
                 if kind == "msix":
+                    self.msix_relayed += 1
                     fn.msix.notify(v)
                 elif kind == "msi":
                     fn.msi.notify(0)

@@ -281,6 +281,10 @@ class VfioKernelBackend:
         else:
             self._set_irqs(p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_TRIGGER, index, 0, 0)
 
+    def set_irq_eventfd(self, index: int, vector: int, fd: int) -> None:
+        self._set_irqs(p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, index, vector, 1,
+                       struct.pack("<i", fd))
+
     def unmask_intx(self) -> None:
         self._set_irqs(p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_UNMASK, p.PCI_INTX_IRQ, 0, 1)
 

@@ -232,6 +232,17 @@ class VfioUserBackend:
                 argsz=p.IrqSet.sizeof(), flags=flags, index=index, start=start,
                 count=len(chunk))), chunk)
 
+    def set_irq_eventfd(self, index: int, vector: int, fd: int) -> None:
+        # The server dup2()s the new eventfd over the one its device writes before it answers.
+        fds = self._irq_fds.get(index)
+        if fds and vector < len(fds):
+            fds = list(fds)
+            fds[vector] = fd
+            self._irq_fds[index] = fds       # what a reconnect hands over
+        self.call(p.DEVICE_SET_IRQS, p.IrqSet.build(dict(
+            argsz=p.IrqSet.sizeof(), flags=p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER,
+            index=index, start=vector, count=1)), [fd])
+
     def unmask_intx(self) -> None:
         self.call(p.DEVICE_SET_IRQS, p.IrqSet.build(dict(
             argsz=p.IrqSet.sizeof(), flags=p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_UNMASK,

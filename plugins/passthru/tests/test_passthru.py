@@ -55,11 +55,11 @@ class Driver(VirtioPciDriver):
 
 
 class Rig:
-    def __init__(self, tmp_path, conf=""):
+    def __init__(self, tmp_path, conf="", irqfd_eventfds=False):
         self.disk = make_disk(tmp_path / "disk.img")
         self.sock = tmp_path / "vblk.sock"
         self.server = start_server(self.disk, self.sock, conf)
-        self.m = SyntheticMachine(64 << 20, shared_memory=True)
+        self.m = SyntheticMachine(64 << 20, shared_memory=True, irqfd_eventfds=irqfd_eventfds)
         add_pci_devices(self.m, Registry(platform=False),
                         {"0": {str(SLOT): {"0": {"device": "passthru",
                                                  "vfio-user": str(self.sock)}}}},
@@ -147,6 +147,131 @@ def test_masked_vector_goes_pending_and_is_sent_on_unmask(rig):
     assert rig.fn.msix.is_pending(1)
     rig.m.mmio_write(table + 16 + 12, 4, 0)
     assert (0xFEE00000, 0x41) in rig.m.msis
+
+
+# -- the guest's irqfd handed to the server while the vector's gate is open ---------------------
+# With irqfd_eventfds the synthetic machine's irqfds behave as under KVM: writing the eventfd
+# is the interrupt. The harness gives queue 0 vector 1 (data 0x41).
+
+@pytest.fixture
+def irqfd_rig(tmp_path):
+    r = Rig(tmp_path, irqfd_eventfds=True)
+    # What the server was handed, and the guest's view of vector 1 at that moment.
+    r.handed = []
+    backend, fn = r.fn.backend, r.fn
+    real = backend.set_irq_eventfd
+
+    def recording(index, vector, fd):
+        x = fn.msix
+        r.handed.append((vector, fd, x.vector_masked(vector), x.function_masked, x.enabled,
+                         x.message(vector)))
+        real(index, vector, fd)
+    backend.set_irq_eventfd = recording
+    yield r
+    r.close()
+
+
+def drain(fd):
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def wait_for(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_open_vector_gets_the_guest_irqfd_and_completions_bypass_the_relay(irqfd_rig):
+    r = irqfd_rig
+    irq = r.fn.msix.irqfd(1)
+    assert r.fn.msix.gate(1).open and r.fn._msix_irqfds[1] == irq.fd
+    relayed = r.fn._relay.msix_relayed
+    drain(irq.fd)
+    for sector in range(4):
+        assert r.request(T_IN, sector, read_len=512) == 0
+        assert wait_for(lambda: drain(irq.fd) == 1)
+    # Every completion raised the guest's irqfd, none came through the relay thread.
+    assert r.fn._relay.msix_relayed == relayed
+
+
+def test_masked_vector_falls_back_to_the_relay_and_the_pending_bit(irqfd_rig):
+    r = irqfd_rig
+    table = r.drv.bar(1)
+    irq = r.fn.msix.irqfd(1)
+    relay_fd = r.fn._relay.msix_fds[1]
+    drain(irq.fd)
+    r.handed.clear()
+    r.m.mmio_write(table + 16 + 12, 4, 1)             # mask vector 1
+    # The relay went back to the server before the mask took effect.
+    assert r.handed == [(1, relay_fd, False, False, True, (0xFEE00000, 0x41))]
+    relayed = r.fn._relay.msix_relayed
+    assert r.request(T_IN, 0, read_len=512) == 0
+    assert wait_for(lambda: r.fn.msix.is_pending(1))
+    assert r.fn._relay.msix_relayed == relayed + 1
+    assert drain(irq.fd) == 0                          # nothing reached the guest
+    r.m.mmio_write(table + 16 + 12, 4, 0)             # unmask: delivered once
+    assert not r.fn.msix.is_pending(1)
+    assert r.handed[-1] == (1, irq.fd, False, False, True, (0xFEE00000, 0x41))
+    time.sleep(0.1)
+    assert drain(irq.fd) == 1
+    # And the irqfd is the server's again.
+    assert r.request(T_IN, 1, read_len=512) == 0
+    assert wait_for(lambda: drain(irq.fd) == 1)
+    assert r.fn._relay.msix_relayed == relayed + 1
+
+
+def test_function_mask_and_disable_fall_back_before_they_take_effect(irqfd_rig):
+    r = irqfd_rig
+    cap = r.drv.msix_cap
+    irq = r.fn.msix.irqfd(1)
+    relay = r.fn._relay.msix_fds
+    ctl = r.drv.cfg_read(cap + 2, 2)
+    drain(irq.fd)
+    r.handed.clear()
+    r.drv.cfg_write(cap + 2, 2, ctl | 0x4000)          # function mask
+    # Both open vectors got their relay while the function was still unmasked.
+    assert sorted(h[:2] for h in r.handed) == [(0, relay[0]), (1, relay[1])]
+    assert all(h[3] is False for h in r.handed)
+    assert r.request(T_IN, 0, read_len=512) == 0
+    assert wait_for(lambda: r.fn.msix.is_pending(1))
+    assert drain(irq.fd) == 0
+    r.drv.cfg_write(cap + 2, 2, ctl)                  # unmask: the pending one, once
+    assert not r.fn.msix.is_pending(1)
+    time.sleep(0.1)
+    assert drain(irq.fd) == 1
+    assert r.fn._msix_irqfds[1] == irq.fd
+    r.handed.clear()
+    r.drv.cfg_write(cap + 2, 2, ctl & ~0x8000)        # MSI-X off
+    assert (1, relay[1], False, False, True, (0xFEE00000, 0x41)) in r.handed
+    assert r.fn._msix_irqfds == [None, None]
+    r.drv.cfg_write(cap + 2, 2, ctl)                  # and on again: the irqfd is back
+    assert r.fn._msix_irqfds[1] == irq.fd
+    relayed = r.fn._relay.msix_relayed
+    assert r.request(T_IN, 1, read_len=512) == 0
+    assert wait_for(lambda: drain(irq.fd) == 1)
+    assert r.fn._relay.msix_relayed == relayed
+
+
+def test_message_change_falls_back_then_hands_the_rerouted_irqfd(irqfd_rig):
+    r = irqfd_rig
+    table = r.drv.bar(1)
+    irq = r.fn.msix.irqfd(1)
+    r.handed.clear()
+    r.m.mmio_write(table + 16 + 8, 4, 0x52)           # new data, vector left unmasked
+    relay_fd = r.fn._relay.msix_fds[1]
+    # Relay first, under the old message; the irqfd again once routed to the new one.
+    assert r.handed == [(1, relay_fd, False, False, True, (0xFEE00000, 0x41)),
+                        (1, irq.fd, False, False, True, (0xFEE00000, 0x52))]
+    assert irq.message == (0xFEE00000, 0x52)
+    drain(irq.fd)
+    assert r.request(T_IN, 2, read_len=512) == 0
+    assert wait_for(lambda: drain(irq.fd) == 1)
 
 
 def test_bar_writes_stay_ours_and_the_command_mask_applies(rig):
