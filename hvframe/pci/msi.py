@@ -102,7 +102,8 @@ class MsixGateListener(Protocol):
         """(MSI-X lock held) The vector's gate is now open on irqfd eventfd `fd` (the route
         is the vector's message), or shut (None). A shut is told before the guest-visible
         change that causes it (mask, message, disable) takes effect: when this returns,
-        whatever raised the vector through `fd` must be raising it through notify()."""
+        whatever raised the vector through `fd` must be raising it through notify().
+        (An irqfd itself goes away only in Machine.close, after every device's close().)"""
 
 
 class MsiCapability:

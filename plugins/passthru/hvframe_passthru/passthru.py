@@ -355,6 +355,16 @@ class PassthruFunction(PciFunction):
         if lost is not None:
             self._lose(lost)
 
+    def _rehand_msix(self) -> None:
+        """After a reconnect: the MSI-X eventfds as they are now (the backend replayed what
+        it had recorded, which a gate change racing the replay may have made stale)."""
+        if self.msix is None or self._relay is None:
+            return
+        with self.msix.lock:
+            if self._msix_on:
+                # A loss here is noticed again by the relay thread's liveness check.
+                self._send_irqs(p.PCI_MSIX_IRQ, self._msix_fds(), lose=False)
+
     def gate_changed(self, vector: int, fd: int | None) -> None:
         """MsixGateListener, under the MSI-X lock: the vector's gate opened on the guest's
         irqfd `fd` (hand it to the device) or shut (hand the relay back, before the guest's
@@ -438,6 +448,7 @@ class PassthruFunction(PciFunction):
     def _reconnect_loop(self, thread: concurrency.DeviceThread) -> None:
         while not thread.stopping:
             if self.backend.reconnect():
+                self._rehand_msix()
                 with self._lost_lock:
                     self._reconnected = True
                 self.log.warning("%s: device server back", self.name)

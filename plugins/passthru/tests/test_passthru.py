@@ -310,6 +310,24 @@ def test_server_killed_fails_requests_with_ioerr_then_recovers(rig):
     assert rig.disk.read_bytes()[2 * 512:3 * 512] == b"\x33" * 512
 
 
+def test_restarted_server_gets_the_guest_irqfd_again(irqfd_rig):
+    r = irqfd_rig
+    irq = r.fn.msix.irqfd(1)
+    r.server.send_signal(signal.SIGKILL)
+    r.server.wait(10)
+    assert r.request(T_IN, 1, read_len=512) == 1          # failed by the client
+    r.server.stderr.close()
+    r.server = start_server(r.disk, r.sock)
+    assert wait_for(lambda: r.fn._reconnected or not r.fn.lost, 10)
+    r.init_driver()
+    assert not r.fn.lost and r.fn._msix_irqfds[1] == irq.fd
+    relayed = r.fn._relay.msix_relayed
+    drain(irq.fd)
+    assert r.request(T_IN, 3, read_len=512) == 0
+    assert wait_for(lambda: drain(irq.fd) == 1)
+    assert r.fn._relay.msix_relayed == relayed
+
+
 def test_reads_of_a_lost_device_are_all_ones_and_never_raise(rig):
     rig.server.send_signal(signal.SIGKILL)
     rig.server.wait(10)

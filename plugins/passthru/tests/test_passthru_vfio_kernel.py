@@ -13,7 +13,8 @@ from hvframe.pci.bus import add_pci_devices
 from hvframe.plugins import Registry
 from hvframe.synthetic import SyntheticMachine
 from hvframe_passthru import vfio_kernel as vk
-from test_passthru import SECTORS, SLOT, T_IN, T_OUT, Rig, make_disk, start_server
+from test_passthru import (SECTORS, SLOT, T_IN, T_OUT, Rig, drain, make_disk, start_server,
+                           wait_for)
 from vfio_fake import FakeVfio
 
 SYSFS = "/sys/bus/pci/devices/0000:00:19.0"
@@ -32,11 +33,11 @@ def use_fake(monkeypatch, fake):
 class KernelRig(Rig):
     """test_passthru's rig with the device reached through the kernel backend."""
 
-    def __init__(self, tmp_path, monkeypatch, **fake_options):
+    def __init__(self, tmp_path, monkeypatch, irqfd_eventfds=False, **fake_options):
         self.disk = make_disk(tmp_path / "disk.img")
         self.sock = tmp_path / "vblk.sock"
         self.server = start_server(self.disk, self.sock)
-        self.m = SyntheticMachine(64 << 20, shared_memory=True)
+        self.m = SyntheticMachine(64 << 20, shared_memory=True, irqfd_eventfds=irqfd_eventfds)
         self.fake = FakeVfio(str(self.sock), memory=self.m.memory, **fake_options)
         use_fake(monkeypatch, self.fake)
         add_pci_devices(self.m, Registry(platform=False),
@@ -88,6 +89,28 @@ def test_identity_and_msix_come_from_the_device(krig):
     while not krig.m.msis and time.monotonic() < deadline:
         time.sleep(0.01)
     assert (0xFEE00000, 0x41) in krig.m.msis
+
+
+def test_kernel_backend_hands_the_guest_irqfd_and_takes_it_back_on_mask(tmp_path, monkeypatch):
+    r = KernelRig(tmp_path, monkeypatch, irqfd_eventfds=True)
+    try:
+        irq = r.fn.msix.irqfd(1)
+        assert r.fn._msix_irqfds[1] == irq.fd
+        relayed = r.fn._relay.msix_relayed
+        drain(irq.fd)
+        assert r.request(T_IN, 0, read_len=512) == 0
+        assert wait_for(lambda: drain(irq.fd) == 1)
+        assert r.fn._relay.msix_relayed == relayed          # straight to the irqfd
+        table = r.drv.bar(1)
+        r.m.mmio_write(table + 16 + 12, 4, 1)              # masked: back to the relay
+        assert r.request(T_IN, 1, read_len=512) == 0
+        assert wait_for(lambda: r.fn.msix.is_pending(1))
+        assert r.fn._relay.msix_relayed == relayed + 1 and drain(irq.fd) == 0
+        r.m.mmio_write(table + 16 + 12, 4, 0)
+        time.sleep(0.1)
+        assert drain(irq.fd) == 1
+    finally:
+        r.close()
 
 
 def test_close_unmaps_and_closes_every_fd(tmp_path, monkeypatch):
