@@ -125,12 +125,15 @@ class Guest:
             return ""
 
     def stderr_text(self, tail: int = 2000) -> str:
-        with open(self.stderr, errors="replace") as f:
-            return f.read()[-tail:]
+        try:
+            with open(self.stderr, errors="replace") as f:
+                return f.read()[-tail:]
+        except FileNotFoundError:
+            return ""
 
-    def wait_for(self, marker: str, timeout: float) -> str:
-        """Wait for `marker` on the console; fails (with the console's tail and the VMM's
-        stderr) if the VMM exits first or the time runs out."""
+    def wait_for(self, marker: str, timeout: float, context=None) -> str:
+        """Wait for `marker` on the console; fails (with the console's tail, the VMM's
+        stderr and `context()` if given) if the VMM exits first or the time runs out."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             out = self.text()
@@ -139,10 +142,10 @@ class Guest:
             if self.proc.poll() is not None:
                 break
             time.sleep(1)
-        with open(self.stderr, errors="replace") as f:
-            err = f.read()
+        more = f"\n{context()}" if context is not None else ""
         pytest.fail(f"{self.name}: no {marker!r} on the console "
-                    f"(exit {self.proc.poll()}):\n{self.text()[-3000:]}\nstderr:\n{err[-2000:]}")
+                    f"(exit {self.proc.poll()}):\n{self.text()[-3000:]}\n"
+                    f"stderr:\n{self.stderr_text()}{more}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -203,7 +206,8 @@ def test_namespace_pings_linux_guest_on_tap(vmm, tmp_path, guests):
             g = start_guest(vmm, tmp_path, "tap", kernel_cmdline(static_ip(GUEST_ADDR)),
                             net_args(vmm, "tap:tap0"), ns)
             guests.append(g)
-            out = g.wait_for("IP-Config: Complete:", BOOT_TIMEOUT)
+            out = g.wait_for("IP-Config: Complete:", BOOT_TIMEOUT,
+                             lambda: f"the frames on tap0:\n{frames.text()}")
             assert f"addr={GUEST_ADDR}, mask=255.255.255.0, gw={HOST_ADDR}" in out
             assert f"device=eth0, hwaddr={GUEST_MAC}" in out
             replies = ping_replies(ns, GUEST_ADDR)

@@ -554,8 +554,8 @@ def test_fuzz_pop_only_raises_virtqueue_error(size_log, event_idx, data):
 
 # -- ring indices are published with one store -------------------------------------------------
 # The other side reads avail.idx / used.idx / used.flags / avail_event while they are written.
-# struct.pack_into clears the field before storing the value, and a two-byte memoryview copy
-# stores byte by byte: a reader in between sees 0 or a torn index. A device whose last index
+# struct.pack_into clears the field before storing the value (a reader in between sees 0),
+# and a two-byte memoryview copy is a memcpy whose stores are the C library's to choose. A device whose last index
 # is within a queue of the 16-bit wrap takes avail.idx = 0 for a full queue and serves stale
 # entries (the out-of-process benchmark's "available index 65312 is more than the queue size
 # (256) ahead of the last consumed index 0"). Which is which is counted here by the CPU: a

@@ -353,7 +353,7 @@ class PciFunction(Device):
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         msix = self.msix
-        if msix is not None and msix.control_written_by(offset, size):
+        if msix is not None and msix.control_changed_by(offset, size, value):
             # MSI-X gates shut before an enable/function-mask change, reopened after it.
             msix.before_control_write()
             try:

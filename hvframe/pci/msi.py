@@ -350,10 +350,14 @@ class MsixCapability:
         for v in range(self.vectors):
             self._refresh_gate(v)
 
-    def control_written_by(self, offset: int, size: int) -> bool:
-        """Whether a config write at offset/size reaches the enable and function-mask byte."""
+    def control_changed_by(self, offset: int, size: int, value: int) -> bool:
+        """Whether a config write at offset/size changes the enable or function-mask bit
+        (a rewrite of the same bits leaves the gates, and a passthrough server, alone)."""
         hi = self.offset + MSIX_CONTROL + 1
-        return offset <= hi < offset + size
+        if not offset <= hi < offset + size:
+            return False
+        new = (value >> (8 * (hi - offset))) & 0xFF
+        return bool((new ^ self.fn.config.data[hi]) & _MSIX_CTL_HI)
 
     def before_control_write(self) -> None:
         """(PciFunction.config_write, before the guest's write reaches the control register)

@@ -35,8 +35,9 @@ _DESC = struct.Struct("<QIHH")
 
 def store_u16(mem, gpa: int, value: int) -> None:
     """Store a ring index (avail.idx, used_event) the device reads while it runs, as one
-    16-bit store. mem.write of two bytes copies them one at a time, and struct.pack_into
-    clears the field before storing it: a device reading in between sees a torn index or 0,
+    16-bit store. struct.pack_into clears the field before storing it, and mem.write of two
+    bytes is a memcpy whose stores depend on the C library: a device reading in between the
+    first may see 0,
     which near the 16-bit wrap it takes for a full queue (tests/test_virtqueue.py)."""
     with mem.view(gpa, 2) as v, v.cast("H") as h:
         h[0] = value

@@ -242,6 +242,8 @@ class PassthruFunction(PciFunction):
         x = self.msix
         # Per vector: the guest's irqfd eventfd while its gate is open (see gate_changed).
         self._msix_irqfds: list[int | None] = [None] * vectors
+        # False once the device refused a hand-over: every vector stays on its relay.
+        self._irqfd_handover = True
         x.gate_listener = self
         h.msix_ranges = [(x.table_offset, x.table_offset + x.table_len),
                          (x.pba_offset, x.pba_offset + x.pba_len)]
@@ -341,6 +343,8 @@ class PassthruFunction(PciFunction):
         """(MSI-X lock held) What each vector is to signal: the guest's irqfd while its gate
         is open, else its relay."""
         relay = self._relay.msix_fds
+        if not self._irqfd_handover:
+            return list(relay)
         return [relay[v] if fd is None else fd for v, fd in enumerate(self._msix_irqfds)]
 
     def _msix_written(self) -> None:
@@ -370,7 +374,7 @@ class PassthruFunction(PciFunction):
         irqfd `fd` (hand it to the device) or shut (hand the relay back, before the guest's
         change takes effect: the device's next signal goes through msix.notify())."""
         self._msix_irqfds[vector] = fd
-        if not self._msix_on or self._relay is None:
+        if not self._msix_on or self._relay is None or not self._irqfd_handover:
             return                         # handed over with the rest when MSI-X goes on
         target = self._relay.msix_fds[vector] if fd is None else fd
         try:
@@ -380,7 +384,18 @@ class PassthruFunction(PciFunction):
             # (not here, under the capability's lock).
             pass
         except p.RemoteError as e:
-            self.log.warning("%s: MSI-X vector %d eventfd refused: %s", self.name, vector, e)
+            # The device may have kept the irqfd of a vector the guest is masking (vfio-user),
+            # or be left with no eventfd at all (kernel VFIO frees the old trigger first):
+            # every vector back on its relay, and no more hand-overs for this function.
+            self._irqfd_handover = False
+            self.log.warning("%s: MSI-X vector %d eventfd refused (%s); its interrupts go "
+                             "through the relay from now on", self.name, vector, e)
+            try:
+                self.backend.set_irq_eventfds(p.PCI_MSIX_IRQ, list(self._relay.msix_fds))
+            except BackendLost:
+                pass
+            except p.RemoteError as e2:
+                self.log.error("%s: the device refused its MSI-X eventfds: %s", self.name, e2)
 
     def _msi_written(self) -> None:
         on = self.msi.enabled

@@ -226,6 +226,58 @@ def test_masked_vector_falls_back_to_the_relay_and_the_pending_bit(irqfd_rig):
     assert r.fn._relay.msix_relayed == relayed + 1
 
 
+def test_refused_hand_over_puts_every_vector_back_on_its_relay_for_good(irqfd_rig, caplog):
+    """A device that refuses a one-vector change may still signal the irqfd of a vector the
+    guest is masking: the whole index goes back to the relays at once, and the function
+    hands out no irqfd again (one warning, however often the guest masks)."""
+    from errno import EINVAL
+    from hvframe_passthru import protocol
+    r = irqfd_rig
+    table = r.drv.bar(1)
+    irq = r.fn.msix.irqfd(1)
+    relay = r.fn._relay.msix_fds
+    backend = r.fn.backend
+    whole, real_whole = [], backend.set_irq_eventfds
+
+    def refuse(index, vector, fd):
+        raise protocol.RemoteError(protocol.DEVICE_SET_IRQS, EINVAL)
+
+    def record_whole(index, fds):
+        whole.append(list(fds))
+        real_whole(index, fds)
+    backend.set_irq_eventfd, backend.set_irq_eventfds = refuse, record_whole
+    drain(irq.fd)
+    r.m.mmio_write(table + 16 + 12, 4, 1)             # mask vector 1: the change is refused
+    assert whole == [list(relay)]                      # every vector on its relay, at once
+    assert r.request(T_IN, 0, read_len=512) == 0
+    assert wait_for(lambda: r.fn.msix.is_pending(1))  # masked: pending, not delivered
+    assert drain(irq.fd) == 0
+    r.m.mmio_write(table + 16 + 12, 4, 0)             # unmask: delivered once, by us
+    time.sleep(0.1)
+    assert drain(irq.fd) == 1
+    relayed = r.fn._relay.msix_relayed
+    assert r.request(T_IN, 1, read_len=512) == 0      # the relay carries it from now on
+    assert wait_for(lambda: drain(irq.fd) == 1)
+    assert r.fn._relay.msix_relayed == relayed + 1
+    for _ in range(3):
+        r.m.mmio_write(table + 16 + 12, 4, 1)
+        r.m.mmio_write(table + 16 + 12, 4, 0)
+    assert whole == [list(relay)]
+    assert sum("eventfd refused" in rec.getMessage() for rec in caplog.records) == 1
+
+
+def test_rewriting_the_same_msix_control_leaves_the_server_alone(irqfd_rig):
+    r = irqfd_rig
+    cap = r.drv.msix_cap
+    ctl = r.drv.cfg_read(cap + 2, 2)
+    r.handed.clear()
+    r.drv.cfg_write(cap + 2, 2, ctl)                  # same enable and mask bits
+    r.drv.cfg_write(cap, 4, r.drv.cfg_read(cap, 4))   # the whole dword, as read
+    assert r.handed == []
+    r.drv.cfg_write(cap + 2, 2, ctl | 0x4000)          # a real change still falls back
+    assert len(r.handed) == 2
+
+
 def test_function_mask_and_disable_fall_back_before_they_take_effect(irqfd_rig):
     r = irqfd_rig
     cap = r.drv.msix_cap
