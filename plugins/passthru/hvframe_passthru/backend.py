@@ -62,5 +62,7 @@ class DeviceBackend(Protocol):
     def check_alive(self) -> None:
         """Raise BackendLost if the device is known to be gone (cheap, no round trip)."""
     def reconnect(self) -> bool:
-        """Try once to reach the device again after BackendLost; True when it is back."""
+        """Try once to reach the device again after BackendLost; True when it is back, with
+        guest RAM mapped and the INTx and MSI eventfds it had; MSI-X's are the caller's to hand
+        over again (set_irq_eventfds), under the MSI-X capability's lock."""
     def close(self) -> None: ...

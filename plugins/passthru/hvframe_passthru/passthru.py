@@ -360,8 +360,9 @@ class PassthruFunction(PciFunction):
             self._lose(lost)
 
     def _rehand_msix(self) -> None:
-        """After a reconnect: the MSI-X eventfds as they are now (the backend replayed what
-        it had recorded, which a gate change racing the replay may have made stale)."""
+        """After a reconnect: the MSI-X eventfds as they are now, under the capability's lock
+        (the backend replays the other indices; a replay of MSI-X's could race a gate change
+        and leave a masked vector on the guest's irqfd)."""
         if self.msix is None or self._relay is None:
             return
         with self.msix.lock:

@@ -105,7 +105,10 @@ class VfioUserBackend:
             if self._memory is not None:
                 self.dma_map_all(self._memory)
             for index, fds in self._irq_fds.items():
-                if fds:
+                # MSI-X is handed over again by the function, under its capability's lock
+                # (PassthruFunction._rehand_msix): replayed from here, a gate change racing
+                # the replay could leave a masked vector on the guest's irqfd.
+                if fds and index != p.PCI_MSIX_IRQ:
                     self.set_irq_eventfds(index, fds)
         except (BackendLost, p.RemoteError):
             with self._lock:
