@@ -352,6 +352,35 @@ def test_closed_backend(tmp_path):
     assert ei.value.kind == BlockError.CLOSED
 
 
+def test_settle_flushes_for_a_checkpoint_and_keeps_a_failed_write_back(tmp_path, monkeypatch):
+    """What a device's quiesce calls: writes made durable; a closed or read-only image is
+    left alone; a failed write-back does not raise there but stays, so the next flush
+    still fails (and the device's record carries `failed`)."""
+    path = make_image(tmp_path, MiB)
+    be = BlockBackend.open(path)
+    syncs = []
+    real = os.fdatasync
+    monkeypatch.setattr(backend_mod.os, "fdatasync", lambda fd: syncs.append(fd) or real(fd))
+    be.settle()
+    assert len(syncs) == 1 and not be.failed
+
+    def fail(fd):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(backend_mod.os, "fdatasync", fail)
+    be.settle()                                    # not raised...
+    assert be.failed
+    with pytest.raises(BlockError) as ei:          # ...and not forgotten
+        be.flush()
+    assert ei.value.kind == BlockError.IO
+    be.close()
+    be.settle()                                    # closed: nothing to do, nothing raised
+    ro = BlockBackend.open(path, readonly=True)
+    monkeypatch.setattr(backend_mod.os, "fdatasync", lambda fd: syncs.append(fd))
+    ro.settle()
+    assert len(syncs) == 1
+    ro.close()
+
+
 # ------------------------------------------------------------------ worker pool
 def test_queue_runs_off_the_calling_thread(tmp_path):
     path = make_image(tmp_path, MiB)

@@ -506,6 +506,18 @@ class BlockBackend:
             offset += n
             views = views_after(views, n)
 
+    def settle(self) -> None:
+        """Before a checkpoint (a device's quiesce): acknowledged writes on stable storage,
+        if the image is open and writable. A failed write-back is not raised: it stays in
+        `failed`, which the device's record carries, and flushes keep failing after a
+        restore until the guest is told."""
+        if self.fd < 0 or self.readonly:
+            return
+        try:
+            self.flush()
+        except BlockError:
+            pass
+
     def flush(self) -> None:
         """Make every completed write durable. Once a write-back failed this fails every time
         (until clear_error()): the kernel reports the error to one fdatasync only and marks

@@ -154,11 +154,7 @@ class AtaDisk(DeviceState):
     # -- checkpoint (the HBA quiesces its ports first: no command is with the device) ----
     def quiesce(self) -> None:
         """Acknowledged writes on stable storage before the state is taken."""
-        try:
-            if not self.backend.closed and not self.backend.readonly:
-                self.backend.flush()
-        except BlockError:
-            pass                      # kept by the backend: the record says so
+        self.backend.settle()
 
     def save_state(self) -> dict:
         return dict(write_cache=self.write_cache, udma_mode=self.udma_mode,

@@ -213,11 +213,7 @@ class VirtioBlk(VirtioDevice, DeviceState):
 
     def quiesce(self) -> None:
         """Acknowledged writes on stable storage before the state is taken."""
-        try:
-            if not self.backend.closed and not self.backend.readonly:
-                self.backend.flush()
-        except BlockError:
-            pass                      # kept by the backend: the record says so
+        self.backend.settle()
 
     def save_state(self) -> dict:
         return dict(writeback_failed=self.backend.failed)
