@@ -35,10 +35,9 @@ _DESC = struct.Struct("<QIHH")
 
 def store_u16(mem, gpa: int, value: int) -> None:
     """Store a ring index (avail.idx, used_event) the device reads while it runs, as one
-    16-bit store. struct.pack_into clears the field before storing it, and mem.write of two
-    bytes is a memcpy whose stores depend on the C library: a device reading in between the
-    first may see 0,
-    which near the 16-bit wrap it takes for a full queue (tests/test_virtqueue.py)."""
+    16-bit store. struct.pack_into clears the field before storing it (a device reading in
+    between sees 0, which near the 16-bit wrap it takes for a full queue), and mem.write of
+    two bytes is a memcpy whose stores are the C library's choice (tests/test_virtqueue.py)."""
     with mem.view(gpa, 2) as v, v.cast("H") as h:
         h[0] = value
 
