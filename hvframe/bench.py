@@ -26,9 +26,7 @@ with such a file and exits 1 when a scenario got slower by more than ``--thresho
 """
 from __future__ import annotations
 
-import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -210,6 +208,7 @@ def run(registry, spec: str, *, rounds: int = 5, exits: int = 2000,
     if rounds < 1 or exits < 1:
         raise ConfigError("bench: --rounds and --exits must be at least 1")
     results: list[Result] = []
+    import tempfile     # here: device plugins import this module on every run's path
     with tempfile.TemporaryDirectory(prefix="hvframe-bench-") as scratch:
         m, rig, bench = build(registry, spec, scratch)
         try:
@@ -296,11 +295,13 @@ def table(device: str, results: list[Result], compared: dict[str, float] | None 
 
 
 def as_json(device: str, results: list[Result]) -> str:
+    import json
     return json.dumps({"device": device, "results": [r.as_json() for r in results]}, indent=1)
 
 
 def load_baseline(path: str) -> dict[str, float]:
     """{scenario name: ns per op} of a saved `--json` run; ConfigError if unusable."""
+    import json
     try:
         with open(path) as f:
             data = json.load(f)

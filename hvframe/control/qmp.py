@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import logging
 import os
 import selectors
 import socket
@@ -38,7 +37,6 @@ from typing import Any, Callable
 from .. import concurrency
 from ..errors import ConfigError
 
-log = logging.getLogger(__name__)
 
 JSON_LIMIT = 1 << 20        # bytes of one JSON value being received
 OUTPUT_LIMIT = 4 << 20      # bytes queued for a client that does not read
@@ -414,7 +412,8 @@ class QmpServer:
         except QmpError as e:
             reply = {"error": {"class": e.cls, "desc": e.desc}, **reply}
         except Exception as e:       # a bug in a command: an error reply, never a dead monitor
-            log.exception("QMP command failed")
+            import logging      # only here: every run imports this module
+            logging.getLogger(__name__).exception("QMP command failed")
             reply = {"error": {"class": GENERIC_ERROR,
                                "desc": f"internal error: {type(e).__name__}: {e}"}, **reply}
         s.send(reply)
