@@ -874,10 +874,11 @@ class AhciPort:
         if v is None:
             return
         r = regs or {}
-        D2H.pack_into(v, 0, FIS_D2H, FIS_I if irq else 0, status, error, r.get("lba0", 0),
-                      r.get("lba1", 0), r.get("lba2", 0), r.get("device", 0), r.get("lba3", 0),
-                      r.get("lba4", 0), r.get("lba5", 0), r.get("count", 0),
-                      r.get("count_exp", 0))
+        # pack, then copy: pack_into would zero the FIS in guest memory before filling it in
+        v[:] = D2H.pack(FIS_D2H, FIS_I if irq else 0, status, error, r.get("lba0", 0),
+                         r.get("lba1", 0), r.get("lba2", 0), r.get("device", 0),
+                         r.get("lba3", 0), r.get("lba4", 0), r.get("lba5", 0),
+                         r.get("count", 0), r.get("count_exp", 0))
 
     def _post_pio_setup(self, result: Result, cmd: Command) -> int:
         """Post the PIO Setup FIS; the PxIS bit it sets (reported with the D2H FIS's)."""
@@ -886,15 +887,15 @@ class AhciPort:
             return 0
         to_host = result.pio == "in"
         f = cmd.fis
-        PIO_SETUP.pack_into(v, 0, FIS_PIO_SETUP, (PIO_TO_HOST | FIS_I) if to_host else 0,
-                            ST_OK | ST_DRQ, 0, f[4], f[5], f[6], f[7], f[8], f[9], f[10],
-                            f[12], f[13], result.status, min(result.transferred, 0xFFFF))
+        v[:] = PIO_SETUP.pack(FIS_PIO_SETUP, (PIO_TO_HOST | FIS_I) if to_host else 0,
+                              ST_OK | ST_DRQ, 0, f[4], f[5], f[6], f[7], f[8], f[9], f[10],
+                              f[12], f[13], result.status, min(result.transferred, 0xFFFF))
         return IS_PSS if to_host else 0
 
     def _post_sdb(self, status: int, error: int, sactive: int) -> None:
         v = self._rx("sdbfis", SDB.size)
         if v is not None:
-            SDB.pack_into(v, 0, FIS_SDB, FIS_I, status & 0x77, error, sactive)
+            v[:] = SDB.pack(FIS_SDB, FIS_I, status & 0x77, error, sactive)
 
 
 class _AbarFallback(PythonHandle):
