@@ -235,6 +235,40 @@ def test_set_irqs_eventfds(peer):
             os.close(fd)
 
 
+def test_one_vector_set_irqs_leaves_the_other_vectors_alone(peer):
+    """A SET_IRQS naming one MSI-X vector changes that vector only: a vector the client
+    masked stays masked (its interrupt goes pending, not to its eventfd) until unmasked."""
+    peer.negotiate()
+    x = peer.server.fn.msix
+    fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]
+
+    def set_irqs(flags, start, count, extra=b"", send=()):
+        msg = p.IrqSet.build(dict(argsz=20 + len(extra), flags=flags, index=p.PCI_MSIX_IRQ,
+                                  start=start, count=count)) + extra
+        assert not peer.call(p.DEVICE_SET_IRQS, msg, send).flags & p.FLAG_ERROR
+
+    def signalled(fd):
+        try:
+            return os.eventfd_read(fd)
+        except BlockingIOError:
+            return 0
+    try:
+        set_irqs(p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 0, 2, send=fds[:2])
+        set_irqs(p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_MASK, 0, 1)
+        set_irqs(p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 1, 1, send=fds[2:])
+        assert x.vector_masked(0)
+        x.notify(0)                     # the device fires the masked vector
+        x.notify(1)
+        assert signalled(fds[0]) == 0 and x.is_pending(0)
+        assert signalled(fds[1]) == 0 and signalled(fds[2]) == 1     # vector 1's new eventfd
+        set_irqs(p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_UNMASK, 0, 1)
+        assert signalled(fds[0]) == 1 and not x.is_pending(0)
+    finally:
+        set_irqs(p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_TRIGGER, 0, 0)
+        for fd in fds:
+            os.close(fd)
+
+
 @pytest.mark.parametrize("command", [p.DMA_READ, p.DMA_WRITE, p.DEVICE_FEATURE,
                                      p.MIG_DATA_READ, p.MIG_DATA_WRITE, 14, 19, 0xFFFF])
 def test_unsupported_and_unknown_commands(peer, command):
