@@ -466,10 +466,11 @@ def test_set_irqs_has_a_shorter_deadline(tmp_path):
 def test_set_irqs_behind_an_unanswered_command_gives_up_as_soon(tmp_path):
     """Waiting for the socket behind another command counts against SET_IRQS's deadline:
     the hung server's connection is shut, which ends the other command's wait too."""
-    gate = threading.Event()
+    gate, reading = threading.Event(), threading.Event()
 
     def answer(msg):
         if msg.command == p.REGION_READ:
+            reading.set()
             gate.wait(10)                       # hung on this one
         return p.encode(msg.msg_id, msg.command, flags=p.TYPE_REPLY)
     t = fake_server(tmp_path / "s", answer)
@@ -485,7 +486,7 @@ def test_set_irqs_behind_an_unanswered_command_gives_up_as_soon(tmp_path):
     reader = threading.Thread(target=read)
     try:
         reader.start()
-        time.sleep(0.1)                         # the read is waiting for its reply
+        assert reading.wait(5)                  # the read is waiting for its reply
         start = time.monotonic()
         with pytest.raises(BackendLost):
             b.set_irq_eventfd(p.PCI_MSIX_IRQ, 1, fd)
