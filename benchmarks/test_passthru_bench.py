@@ -17,8 +17,8 @@ through it. No request goes through the vfio-user socket.
 The two sides run alternately, one round each, so that both see the host in the same state
 (these hosts are shared and their load moves); each side is the best of ROUNDS. The server
 reads a copy of the image (each device holds its image locked), written the same way as the
-image (see image_copy); both are read once before timing, so both are in the page cache. extra_info records both rates and the
-fraction; the aim of the passthru issue is 0.9.
+image (see image_copy); both are read once before timing, so both are in the page cache.
+extra_info records both rates and the fraction; the aim of the passthru issue is 0.9.
 """
 import subprocess
 import sys
