@@ -132,6 +132,15 @@ class ServerMachine(SyntheticMachine):
         for irq in self.forwarded:
             self.route_irqfd(irq)
 
+    def route_msix(self, vectors) -> None:
+        """Reroute the irqfds whose messages name these MSI-X vectors (a vector whose
+        eventfd was taken away must stop signalling the old one at once)."""
+        vectors = set(vectors)
+        for irq in self.forwarded:
+            msg = irq.message
+            if msg is not None and msg[0] == MSIX_MARKER and msg[1] in vectors:
+                self.route_irqfd(irq)
+
     def set_intx(self, level: int) -> None:
         rising = level and not self.intx_level
         self.intx_level = 1 if level else 0
@@ -403,7 +412,7 @@ class DeviceServer:
             fds, msg.fds = msg.fds, []
             for i, v in enumerate(range(start, start + count)):
                 m.set_client_fd(index, v, fds[i] if fds else None)
-            self._interrupts_changed(index)
+            self._interrupts_changed(index, chosen)
         elif action == p.IRQ_SET_ACTION_TRIGGER and count == 0:
             for v in list(m.client_fds[index]):           # DATA_NONE, 0+0: all off
                 m.set_client_fd(index, v, None)
@@ -422,20 +431,28 @@ class DeviceServer:
             self._mask_vectors(index, chosen, action == p.IRQ_SET_ACTION_MASK)
         return b"", ()
 
-    def _interrupts_changed(self, index: int) -> None:
-        """Bring the device's own MSI/MSI-X state in line with the client's eventfds."""
-        m, fn, bus = self.machine, self.fn, self.bus
+    def _interrupts_changed(self, index: int, vectors=None) -> None:
+        """Bring the device's own MSI/MSI-X state in line with the client's eventfds.
+        vectors: the MSI-X vectors whose eventfds changed (None: all). Only those are
+        reprogrammed and rerouted: rewriting the others would unmask a vector the client
+        masked (SET_IRQS MASK) and shut every gate a queue worker fires through."""
+        m, fn = self.machine, self.fn
         fds = m.client_fds[index]
         if index == p.PCI_MSIX_IRQ and fn.msix is not None:
             x = fn.msix
-            for v in range(x.vectors):
+            vectors = range(x.vectors) if vectors is None else vectors
+            for v in vectors:
                 base = x.table_offset + v * MSIX_ENTRY_SIZE
-                x.bar_write(base + 0, 4, MSIX_MARKER)
-                x.bar_write(base + 4, 4, 0)
-                x.bar_write(base + 8, 4, v)
+                if x.message(v) != (MSIX_MARKER, v):
+                    x.bar_write(base + 0, 4, MSIX_MARKER)
+                    x.bar_write(base + 4, 4, 0)
+                    x.bar_write(base + 8, 4, v)
                 x.bar_write(base + 12, 4, 0 if v in fds else ENTRY_MASKED)
-            self._cfg_write(x.offset + MSIX_CONTROL, 2, MSIX_ENABLE if fds else 0)
-        elif index == p.PCI_MSI_IRQ and fn.msi is not None:
+            if x.enabled != bool(fds):
+                self._cfg_write(x.offset + MSIX_CONTROL, 2, MSIX_ENABLE if fds else 0)
+            m.route_msix(vectors)
+            return
+        if index == p.PCI_MSI_IRQ and fn.msi is not None:
             o = fn.msi.offset
             self._cfg_write(o + MSI_ADDR_LO, 4, MSI_MARKER)
             self._cfg_write(o + MSI_ADDR_HI, 4, 0)
@@ -447,7 +464,6 @@ class DeviceServer:
             if fds and m.intx_level:
                 m.unmask_intx()
         m.route_all()
-        del bus
 
     def _mask_vectors(self, index: int, vectors, mask: bool) -> None:
         fn = self.fn

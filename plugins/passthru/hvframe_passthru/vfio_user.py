@@ -4,6 +4,10 @@ Commands go one at a time (a lock around send and receive) and wait for their re
 deadline; a server that closes the socket, breaks the protocol or misses the deadline makes
 every later call raise BackendLost until reconnect() reaches a server again (which then gets
 the version handshake, the DMA map of all guest RAM and the interrupt eventfds afresh).
+
+DEVICE_SET_IRQS has a deadline of its own, shorter: the MSI-X eventfd changes are sent under
+the function's MSI-X capability lock (a vCPU masking a vector, and the device's interrupts,
+wait on it), and a server answers them at once, without device work.
 """
 from __future__ import annotations
 
@@ -17,15 +21,18 @@ from . import protocol as p
 from .backend import BackendLost, IoFd, IrqInfo, RegionInfo
 
 REPLY_DEADLINE = 5.0      # seconds a command may wait for its reply
+IRQ_REPLY_DEADLINE = 1.0  # seconds DEVICE_SET_IRQS may (see the module docstring)
 CLIENT_CAPS = {"max_msg_fds": p.MAX_FDS, "max_data_xfer_size": p.MAX_DATA_XFER,
                "max_dma_maps": p.MAX_DMA_MAPS, "pgsizes": 4096}
 
 
 class VfioUserBackend:
-    def __init__(self, path: str, *, deadline: float = REPLY_DEADLINE):
+    def __init__(self, path: str, *, deadline: float = REPLY_DEADLINE,
+                 irq_deadline: float = IRQ_REPLY_DEADLINE):
         self.path = path
         self.description = f"vfio-user={path}"
         self.deadline = deadline
+        self.irq_deadline = min(irq_deadline, deadline)
         self.conn: p.Connection | None = None
         self.max_xfer = p.MAX_DATA_XFER
         self.server_caps: dict = {}
@@ -59,8 +66,13 @@ class VfioUserBackend:
                             p.MAX_DATA_XFER)
         self.conn = conn
 
-    def _call_on(self, conn: p.Connection, command: int, payload: bytes = b"", fds=()):
+    def _call_on(self, conn: p.Connection, command: int, payload: bytes = b"", fds=(),
+                 deadline: float | None = None):
+        """deadline: this command's, in seconds, if not the connection's (each send and
+        receive of the exchange is bounded by it)."""
         msg_id = conn.next_id()
+        if deadline is not None:
+            conn.sock.settimeout(deadline)
         try:
             conn.send(p.encode(msg_id, command, payload), fds)
             while True:
@@ -79,22 +91,44 @@ class VfioUserBackend:
         except p.ProtocolError as e:
             conn.close()
             raise BackendLost(f"vfio-user={self.path}: {e}") from None
+        finally:
+            if deadline is not None:
+                try:
+                    conn.sock.settimeout(self.deadline)
+                except OSError:
+                    pass              # closed above
         if reply.flags & p.FLAG_ERROR:
             reply.close_fds()
             raise p.RemoteError(command, reply.error)
         return reply
 
-    def call(self, command: int, payload: bytes = b"", fds=()) -> p.Message:
-        """One command and its reply (RemoteError for an error reply)."""
-        with self._lock:
+    def call(self, command: int, payload: bytes = b"", fds=(),
+             deadline: float | None = None) -> p.Message:
+        """One command and its reply (RemoteError for an error reply). With a deadline, a
+        wait behind another command is bounded by it too: a server that has not answered
+        that one by then is taken for hung, and the connection is shut for both."""
+        if deadline is None:
+            self._lock.acquire()
+        elif not self._lock.acquire(timeout=deadline):
+            conn = self.conn
+            if conn is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)   # the other command's wait ends
+                except OSError:
+                    pass
+            raise BackendLost(f"vfio-user={self.path}: no reply to the command before "
+                              f"{p.COMMAND_NAMES.get(command, command)} in {deadline} s")
+        try:
             conn = self.conn
             if conn is None:
                 raise BackendLost(f"vfio-user={self.path}: not connected")
             try:
-                return self._call_on(conn, command, payload, fds)
+                return self._call_on(conn, command, payload, fds, deadline)
             except BackendLost:
                 self.conn = None
                 raise
+        finally:
+            self._lock.release()
 
     def reconnect(self) -> bool:
         with self._lock:
@@ -226,12 +260,12 @@ class VfioUserBackend:
             flags = p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_TRIGGER
         maxfds = int(self.server_caps.get("max_msg_fds", 1))
         if not fds:
-            self.call(p.DEVICE_SET_IRQS, p.IrqSet.build(dict(
+            self._set_irqs(p.IrqSet.build(dict(
                 argsz=p.IrqSet.sizeof(), flags=flags, index=index, start=0, count=0)))
             return
         for start in range(0, len(fds), maxfds):
             chunk = fds[start:start + maxfds]
-            self.call(p.DEVICE_SET_IRQS, p.IrqSet.build(dict(
+            self._set_irqs(p.IrqSet.build(dict(
                 argsz=p.IrqSet.sizeof(), flags=flags, index=index, start=start,
                 count=len(chunk))), chunk)
 
@@ -242,12 +276,15 @@ class VfioUserBackend:
             fds = list(fds)
             fds[vector] = fd
             self._irq_fds[index] = fds       # what a reconnect hands over
-        self.call(p.DEVICE_SET_IRQS, p.IrqSet.build(dict(
+        self._set_irqs(p.IrqSet.build(dict(
             argsz=p.IrqSet.sizeof(), flags=p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER,
             index=index, start=vector, count=1)), [fd])
 
+    def _set_irqs(self, payload: bytes, fds=()) -> None:
+        self.call(p.DEVICE_SET_IRQS, payload, fds, deadline=self.irq_deadline)
+
     def unmask_intx(self) -> None:
-        self.call(p.DEVICE_SET_IRQS, p.IrqSet.build(dict(
+        self._set_irqs(p.IrqSet.build(dict(
             argsz=p.IrqSet.sizeof(), flags=p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_UNMASK,
             index=p.PCI_INTX_IRQ, start=0, count=1)))
 

@@ -376,6 +376,32 @@ def test_restarted_server_gets_the_guest_irqfd_again(irqfd_rig):
     assert read_raising(r, irq, 3) == 0
 
 
+def test_hung_server_holds_the_msix_lock_only_for_the_set_irqs_deadline(irqfd_rig):
+    """A guest masking a vector while the server hangs (stopped, its socket open): the
+    SET_IRQS round trip under the MSI-X lock gives up after the backend's irq_deadline (not
+    the 5 s of other commands), the lock is free again, the device is lost; once the server
+    runs again it is reconnected and completions reach the guest's irqfd again."""
+    r = irqfd_rig
+    r.fn.backend.irq_deadline = 0.3
+    table = r.drv.bar(1)
+    irq = r.fn.msix.irqfd(1)
+    r.server.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        r.m.mmio_write(table + 16 + 12, 4, 1)             # mask vector 1
+        assert time.monotonic() - start < 2
+        assert r.fn.msix.lock.acquire(timeout=1)
+        r.fn.msix.lock.release()
+        assert wait_for(lambda: r.fn.lost)
+    finally:
+        r.server.send_signal(signal.SIGCONT)
+    assert wait_for(lambda: r.fn._reconnected or not r.fn.lost, 15)
+    r.init_driver()
+    assert not r.fn.lost and r.fn._msix_irqfds[1] == irq.fd
+    drain(irq.fd)
+    assert read_raising(r, irq, 3) == 0
+
+
 def test_reads_of_a_lost_device_are_all_ones_and_never_raise(rig):
     rig.server.send_signal(signal.SIGKILL)
     rig.server.wait(10)

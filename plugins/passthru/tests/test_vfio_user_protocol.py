@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -235,6 +236,40 @@ def test_set_irqs_eventfds(peer):
             os.close(fd)
 
 
+def test_one_vector_set_irqs_leaves_the_other_vectors_alone(peer):
+    """A SET_IRQS naming one MSI-X vector changes that vector only: a vector the client
+    masked stays masked (its interrupt goes pending, not to its eventfd) until unmasked."""
+    peer.negotiate()
+    x = peer.server.fn.msix
+    fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]
+
+    def set_irqs(flags, start, count, extra=b"", send=()):
+        msg = p.IrqSet.build(dict(argsz=20 + len(extra), flags=flags, index=p.PCI_MSIX_IRQ,
+                                  start=start, count=count)) + extra
+        assert not peer.call(p.DEVICE_SET_IRQS, msg, send).flags & p.FLAG_ERROR
+
+    def signalled(fd):
+        try:
+            return os.eventfd_read(fd)
+        except BlockingIOError:
+            return 0
+    try:
+        set_irqs(p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 0, 2, send=fds[:2])
+        set_irqs(p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_MASK, 0, 1)
+        set_irqs(p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, 1, 1, send=fds[2:])
+        assert x.vector_masked(0)
+        x.notify(0)                     # the device fires the masked vector
+        x.notify(1)
+        assert signalled(fds[0]) == 0 and x.is_pending(0)
+        assert signalled(fds[1]) == 0 and signalled(fds[2]) == 1     # vector 1's new eventfd
+        set_irqs(p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_UNMASK, 0, 1)
+        assert signalled(fds[0]) == 1 and not x.is_pending(0)
+    finally:
+        set_irqs(p.IRQ_SET_DATA_NONE | p.IRQ_SET_ACTION_TRIGGER, 0, 0)
+        for fd in fds:
+            os.close(fd)
+
+
 @pytest.mark.parametrize("command", [p.DMA_READ, p.DMA_WRITE, p.DEVICE_FEATURE,
                                      p.MIG_DATA_READ, p.MIG_DATA_WRITE, 14, 19, 0xFFFF])
 def test_unsupported_and_unknown_commands(peer, command):
@@ -394,6 +429,76 @@ def test_client_gives_up_on_a_silent_server(tmp_path):
             VfioUserBackend(str(tmp_path / "s"), deadline=0.5)
     finally:
         ls.close()
+
+
+def set_irq_msg(vector):
+    return p.IrqSet.build(dict(argsz=20, flags=p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER,
+                               index=p.PCI_MSIX_IRQ, start=vector, count=1))
+
+
+def test_set_irqs_has_a_shorter_deadline(tmp_path):
+    """SET_IRQS is sent under the MSI-X lock: a server that does not answer it is given up
+    after irq_deadline, not after the deadline of other commands."""
+    gate = threading.Event()
+
+    def answer(msg):
+        if msg.command == p.DEVICE_SET_IRQS:
+            gate.wait(10)                       # hung
+        return p.encode(msg.msg_id, msg.command, flags=p.TYPE_REPLY)
+    t = fake_server(tmp_path / "s", answer)
+    b = VfioUserBackend(str(tmp_path / "s"), deadline=5, irq_deadline=0.3)
+    fd = os.eventfd(0)
+    try:
+        b.reset()                               # other commands: answered
+        start = time.monotonic()
+        with pytest.raises(BackendLost):
+            b.set_irq_eventfd(p.PCI_MSIX_IRQ, 1, fd)
+        assert time.monotonic() - start < 2
+        with pytest.raises(BackendLost):        # and the connection is given up
+            b.reset()
+    finally:
+        gate.set()
+        os.close(fd)
+        b.close()
+        t.join(5)
+
+
+def test_set_irqs_behind_an_unanswered_command_gives_up_as_soon(tmp_path):
+    """Waiting for the socket behind another command counts against SET_IRQS's deadline:
+    the hung server's connection is shut, which ends the other command's wait too."""
+    gate, reading = threading.Event(), threading.Event()
+
+    def answer(msg):
+        if msg.command == p.REGION_READ:
+            reading.set()
+            gate.wait(10)                       # hung on this one
+        return p.encode(msg.msg_id, msg.command, flags=p.TYPE_REPLY)
+    t = fake_server(tmp_path / "s", answer)
+    b = VfioUserBackend(str(tmp_path / "s"), deadline=5, irq_deadline=0.3)
+    fd = os.eventfd(0)
+    other = []
+
+    def read():
+        try:
+            b.region_read(7, 0, 4)
+        except BaseException as e:
+            other.append((e, time.monotonic()))
+    reader = threading.Thread(target=read)
+    try:
+        reader.start()
+        assert reading.wait(5)                  # the read is waiting for its reply
+        start = time.monotonic()
+        with pytest.raises(BackendLost):
+            b.set_irq_eventfd(p.PCI_MSIX_IRQ, 1, fd)
+        assert time.monotonic() - start < 2
+        reader.join(5)
+        assert isinstance(other[0][0], BackendLost) and other[0][1] - start < 2
+    finally:
+        gate.set()
+        reader.join(5)
+        os.close(fd)
+        b.close()
+        t.join(5)
 
 
 def test_version_json_round_trip():
