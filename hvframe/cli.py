@@ -174,8 +174,10 @@ def main(argv=None) -> int:
     except HvError as e:
         print(f"hvframe: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:     # stdout's reader went away (`hvframe devices | head`): stop
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:      # a VMM bug or a host failure: one line, never a traceback
-        import os
         if os.environ.get("HVFRAME_TRACEBACK"):
             raise
         print(f"hvframe: internal error: {type(e).__name__}: {e} "
@@ -183,5 +185,25 @@ def main(argv=None) -> int:
         return EXIT_ERROR
 
 
+def entry() -> None:
+    """The `hvframe` program: main(), then an exit that skips the interpreter's teardown of
+    its modules (40-70 ms here, a sixth of a short run) once nothing is left to it: the VM is
+    closed and no other thread runs; the atexit functions (weakref finalizers among them)
+    run and stdout and stderr are flushed first. With another thread alive, the ordinary
+    exit (which waits for it)."""
+    rc = main()
+    import atexit
+    import threading
+    if threading.active_count() > 1:
+        sys.exit(rc)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass                    # its reader went away (`hvframe devices | head`)
+    os._exit(rc if isinstance(rc, int) else 0 if rc is None else 1)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,7 +1,14 @@
-"""Bad command lines: one clear line naming the problem, bhyve's error status 4, no traceback."""
+"""Bad command lines: one clear line naming the problem, bhyve's error status 4, no traceback;
+and how the program exits."""
+import fcntl
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
-from conftest import run_hvframe
+from conftest import hvframe_cmd, run_hvframe
 
 
 @pytest.mark.parametrize("args, message", [
@@ -69,3 +76,53 @@ def test_devices_of_an_unknown_name_is_one_line():
     assert p.returncode == 4
     assert p.stderr.startswith("hvframe: devices: unknown device 'com9'; installed: ")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+# ---- the program's exit ---------------------------------------------------------------------
+
+def test_a_reader_that_went_away_ends_the_listing_quietly():
+    """`hvframe devices | head -1`: the pipe's reader is gone before the listing is written."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    os.close(r)                     # every write now fails with EPIPE
+    try:
+        p = subprocess.run(hvframe_cmd() + ["devices", "-v"], stdout=w, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert p.returncode == 1
+    assert p.stderr == "", p.stderr
+
+
+def _program(tmp_path, body):
+    """Run `body`, then hvframe's program entry with `devices com1`, in a fresh interpreter."""
+    script = textwrap.dedent(body) + textwrap.dedent("""
+        import sys
+        from hvframe.cli import entry
+        sys.argv = ["hvframe", "devices", "com1"]
+        entry()
+    """)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+
+
+def test_the_program_runs_atexit_functions_and_keeps_its_status(tmp_path):
+    p = _program(tmp_path, """
+        import atexit
+        atexit.register(lambda: print("atexit function ran"))
+    """)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("com1") and p.stdout.endswith("atexit function ran\n"), p.stdout
+
+
+def test_the_program_waits_for_a_thread_still_running(tmp_path):
+    # The short exit skips the interpreter's teardown; with a thread alive it must not.
+    p = _program(tmp_path, """
+        import threading, time
+        def finish_late():
+            time.sleep(0.5)
+            open("finished", "w").close()
+        threading.Thread(target=finish_late).start()
+    """)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "finished").exists()
