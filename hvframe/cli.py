@@ -197,12 +197,27 @@ def entry() -> None:
     if threading.active_count() > 1:
         sys.exit(rc)
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    rc = rc if isinstance(rc, int) else 0 if rc is None else 1
+    for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+        if stream is None:          # started with the descriptor closed (`>&-`)
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except BrokenPipeError:
             pass                    # its reader went away (`hvframe devices | head`)
-    os._exit(rc if isinstance(rc, int) else 0 if rc is None else 1)
+        except (OSError, ValueError) as e:
+            # Output lost (a full disk, say): never a silent success.
+            _report_lost_output(name, e)
+            rc = EXIT_ERROR
+    os._exit(rc)
+
+
+def _report_lost_output(name: str, e: Exception) -> None:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else e
+    try:
+        os.write(2, f"hvframe: {name}: {why}\n".encode())
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
