@@ -37,7 +37,7 @@ from ..pci.device import BarRegion, PciFunction
 from ..pci.msi import MsixCapability
 from .device import (F_ANY_LAYOUT, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
                      ISR_CONFIG, ISR_QUEUE, NO_VECTOR, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-                     STATUS_NEEDS_RESET, VirtioDevice, bit)
+                     STATUS_NEEDS_RESET, VirtioDevice, WorkerFds, bit)
 from .native import CYCLE_IDLE, CYCLE_NOTIFY, CYCLE_YIELD, claiming
 from .virtqueue import VirtQueue, VirtqueueError, offset_of
 from .. import concurrency
@@ -198,6 +198,7 @@ class _QueueWorker:
         self.queue = queue
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.fds = fds + [self.wake_fd]
+        self.sleep_fds = WorkerFds(tuple(fds), self.wake_fd)  # for VirtioDevice.serve_sleeping
         self.thread = concurrency.DeviceThread(
             f"{transport.device.name}-q{queue.index}", self._run, wake=self.wake,
             on_error=self._failed).start()
@@ -632,6 +633,7 @@ class VirtioPciFunction(PciFunction, DeviceState):
         with claiming(q.vq):
             with _claims_lock:
                 q.claims += 1
+            self._wake_worker(q)      # out of a native sleep (VirtioDevice.serve_sleeping)
             try:
                 if not q.lock.acquire(timeout=-1 if deadline is None else deadline):
                     self.log.error("%s: queue %d still busy after %.1f s; left as it is",
@@ -688,6 +690,8 @@ class VirtioPciFunction(PciFunction, DeviceState):
             if self.status & STATUS_NEEDS_RESET:
                 return
             self.status |= STATUS_NEEDS_RESET
+        for w in self._workers:
+            w.wake()                  # a natively sleeping worker stops serving
         self._interrupt_config()
 
     # -- notifications and interrupts -----------------------------------------------------
@@ -732,6 +736,11 @@ class VirtioPciFunction(PciFunction, DeviceState):
                 return
             device = self.device
             cycle = device.serve_cycle
+            worker = self._workers[q.index] if q.index < len(self._workers) else None
+            if device.serve_sleeping is not None and worker is not None \
+                    and worker.thread.is_current():
+                fds = worker.sleep_fds
+                cycle = partial(device.serve_sleeping, fds=fds)
             try:
                 if cycle is not None and self._serve_natively(q, vq, cycle):
                     return
@@ -815,6 +824,7 @@ class VirtioPciFunction(PciFunction, DeviceState):
             with claiming(q.vq):
                 with _claims_lock:
                     q.claims += 1
+                self._wake_worker(q)
                 try:
                     q.lock.acquire()
                     q.lock.release()

@@ -40,7 +40,7 @@ from hvframe import concurrency
 from hvframe.core_native import bind as _bind
 from hvframe.errors import ConfigError
 from hvframe.snapshot.state import DeviceState
-from hvframe.virtio.device import F_VERSION_1, VirtioDevice, bit
+from hvframe.virtio.device import F_VERSION_1, VirtioDevice, WorkerFds, bit
 from hvframe.virtio.native import CYCLE_IDLE, CYCLE_PYTHON, POLL_NS, queue_state
 from hvframe.virtio.virtqueue import struct_of
 
@@ -184,6 +184,7 @@ class VirtioNet(VirtioDevice, DeviceState):
         self._watcher: concurrency.DeviceThread | None = None
         self._watch_wake = threading.Event()
         self._closed = False
+        self._doorbell_arrays: dict[int, tuple] = {}   # queue -> (WorkerFds, int[])
         self.rxqs, self.txqs = [], []
         tap = backend.framing == Framing.VNET_HDR
         for i in range(queue_pairs):
@@ -260,6 +261,14 @@ class VirtioNet(VirtioDevice, DeviceState):
         return pair < self.active_pairs and pair < len(self.ports) and self.link
 
     def serve_cycle(self, queue: int, vq, gate) -> int:
+        return self._serve(queue, vq, gate, None)
+
+    def serve_sleeping(self, queue: int, vq, gate, fds: WorkerFds) -> int:
+        """A receive queue's worker stays in C from one kick or input to the next
+        (vnet_rx_run); the others serve as serve_cycle does."""
+        return self._serve(queue, vq, gate, fds)
+
+    def _serve(self, queue: int, vq, gate, fds: WorkerFds | None) -> int:
         role, pair = self.role(queue)
         if role == QueueRole.CTRL:
             return CYCLE_PYTHON
@@ -271,7 +280,11 @@ class VirtioNet(VirtioDevice, DeviceState):
                 rq = self.rxqs[pair]
                 if not self._receiving(pair):
                     return CYCLE_IDLE     # buffers stay posted; nothing reads for this queue
-                rc = nq.call(lib.vnet_rx_cycle, rq, gate)
+                if fds is None:
+                    rc = nq.call(lib.vnet_rx_cycle, rq, gate)
+                else:
+                    rc = nq.call(lib.vnet_rx_run, rq, gate, self._doorbells(queue, fds),
+                                 len(fds.doorbells), fds.wake, POLL_NS)
                 port = rq.port
             else:
                 tq = self.txqs[pair]
@@ -282,6 +295,14 @@ class VirtioNet(VirtioDevice, DeviceState):
         if (port.gone or port.hup) and self.link:
             self._link_lost(f"queue {queue}: the backend's far side went away")
         return rc
+
+    def _doorbells(self, queue: int, fds: WorkerFds):
+        """fds.doorbells as the C array vnet_rx_run takes (made once per worker)."""
+        arr = self._doorbell_arrays.get(queue)
+        if arr is None or arr[0] != fds:
+            arr = self._doorbell_arrays[queue] = (fds, ffi.new("int[]", list(fds.doorbells)
+                                                              or [-1]))
+        return arr[1]
 
     def queue_waits(self, queue: int) -> tuple[tuple[int, int], ...]:
         role, pair = self.role(queue)
@@ -330,6 +351,8 @@ class VirtioNet(VirtioDevice, DeviceState):
         self.log.warning("%s: link down: %s", self.name, why)
         if self.transport is not None:
             self.transport.config_changed()
+            for i in range(self.pairs):
+                self.transport.notify_queue(2 * i)   # out of vnet_rx_run: stop reading
 
     def _start_watcher(self) -> None:
         """(under _lock) The link watcher, once: it runs until close()."""

@@ -509,6 +509,66 @@ int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate
     return owe_interrupt(q, irq) ? HV_VQ_CYCLE_NOTIFY : HV_VQ_CYCLE_IDLE;
 }
 
+/* A receive queue's worker, natively: serve (vnet_rx_cycle), then sleep in poll() on the
+ * queue's doorbells, the backend descriptor (as rq->wait asks: input while buffers are
+ * posted, hang-up only while they are not) and the worker's wake-up fd, and serve again,
+ * without coming back to Python (or taking the GIL) between a kick and the frames it lets
+ * in. Before sleeping, a cycle that filled the ring's last buffer with input still waiting
+ * polls avail.idx for poll_ns (the driver's refill usually follows at once: no kick, no
+ * wake-up). Comes back with the cycle's code when it is not IDLE; with IDLE when the
+ * wake-up fd is readable (left unread: the worker reads it), another thread asks for the
+ * queue, the port went away or hung up, or a descriptor failed. */
+int vnet_rx_run(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate *irq,
+                const int *doorbells, int ndoorbells, int wake_fd, uint64_t poll_ns)
+{
+    struct pollfd pfd[8];
+    if (ndoorbells < 0 || ndoorbells > 6)
+        return vnet_rx_cycle(q, rq, irq);
+    for (;;) {
+        int rc = vnet_rx_cycle(q, rq, irq);
+        if (rc != HV_VQ_CYCLE_IDLE)
+            return rc;
+        struct vnet_port *p = rq->port;
+        if (!p || p->fd < 0 || p->gone || p->hup || q->yield_req)
+            return rc;
+        if (rq->wait == VNET_WAIT_RING && rq->served && poll_ns
+            && q->shadow_avail == q->last_avail_idx && hv->vq_poll_avail(q, poll_ns))
+            continue;
+        int n = 0;
+        for (int i = 0; i < ndoorbells; i++)
+            pfd[n++] = (struct pollfd){ .fd = doorbells[i], .events = POLLIN };
+        pfd[n++] = (struct pollfd){ .fd = wake_fd, .events = POLLIN };
+        int port_at = -1;
+        if (rq->wait == VNET_WAIT_INPUT || rq->wait == VNET_WAIT_RING) {
+            port_at = n;
+            pfd[n++] = (struct pollfd){ .fd = p->fd,
+                                        .events = rq->wait == VNET_WAIT_INPUT ? POLLIN : 0 };
+        }
+        int r = poll(pfd, (nfds_t)n, -1);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return HV_VQ_CYCLE_IDLE;
+        }
+        if (pfd[ndoorbells].revents)
+            return HV_VQ_CYCLE_IDLE;        /* the worker is wanted in Python */
+        for (int i = 0; i < ndoorbells; i++) {
+            if (pfd[i].revents & (POLLNVAL | POLLERR))
+                return HV_VQ_CYCLE_IDLE;    /* a doorbell closed: the machine is going */
+            if (pfd[i].revents & POLLIN) {
+                uint64_t v;
+                if (read(pfd[i].fd, &v, sizeof(v)) < 0 && errno != EAGAIN && errno != EINTR)
+                    return HV_VQ_CYCLE_IDLE;
+            }
+        }
+        if (port_at >= 0 && (pfd[port_at].revents & (POLLNVAL | POLLERR | POLLHUP))) {
+            /* One more cycle reads what is left and notes the hang-up; Python takes the
+             * link down (never a loop on a descriptor that stays ready). */
+            return vnet_rx_cycle(q, rq, irq);
+        }
+    }
+}
+
 /* Reset: the frame in hand is dropped (counted by the caller) and the scratch forgotten. */
 int vnet_rx_drop_pending(struct vnet_rxq *rq)
 {
