@@ -91,6 +91,7 @@ struct vnet_rxq {
     uint32_t bounce_cap;
     int wait;
     uint32_t served;                /* frames placed in the last cycle */
+    uint16_t kick_at;               /* avail_event as this cycle last set it */
     /* the frame in hand (waiting for buffers): a virtio header and the frame's bytes */
     int have_frame;
     uint8_t hdr[12];
@@ -431,6 +432,14 @@ static int rx_place(struct vnet_rxq *rq, struct hv_vq *q)
     return PLACE_DONE;
 }
 
+/* avail_event, after the used ring (virtio 1.2, 2.7.10): the driver kicks once avail.idx
+ * passes it. */
+static uint16_t *avail_event(const struct hv_vq *q)
+{
+    return (uint16_t *)(q->used + HV_VRING_USED_RING_OFF
+                        + sizeof(struct hv_vring_used_elem) * q->size);
+}
+
 /* Send the interrupt for what was pushed if the driver wants one: 0, or 1 when the gate is
  * shut and Python must send it (HV_VQ_CYCLE_NOTIFY). */
 static int owe_interrupt(struct hv_vq *q, const struct hv_irq_gate *irq)
@@ -478,9 +487,16 @@ int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate
             return HV_VQ_CYCLE_PYTHON;
         }
         if (rc == PLACE_RING_EMPTY) {
-            if (!q->notifications) {
-                /* Ask for a kick, then look again: buffers posted meanwhile came without. */
+            if (!q->notifications || (q->event_idx && rq->kick_at != q->shadow_avail)) {
+                /* Ask for a kick, then look again: buffers posted meanwhile came without.
+                 * With EVENT_IDX the kick is asked for at the next buffer after those seen
+                 * (not after the last consumed: a frame waiting for more merged buffers
+                 * than are posted would never be kicked for the rest). */
                 hv->vq_set_notifications(q, 1);
+                if (q->event_idx) {
+                    rq->kick_at = q->shadow_avail;   /* ours: the guest may rewrite it */
+                    __atomic_store_n(avail_event(q), rq->kick_at, __ATOMIC_RELAXED);
+                }
                 __atomic_thread_fence(__ATOMIC_SEQ_CST);
                 continue;
             }
