@@ -469,7 +469,8 @@ int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate
         if (!rq->have_frame) {
             /* Into a buffer of ours first, then into the driver's: the frame's length decides
              * how many of its buffers it takes (reading straight into the first one, spilling
-             * into ours, measured slower here). */
+             * into ours, measured slower here twice: 256 frames of 1514 bytes placed in
+             * 590-850 us that way against 500-740 us through ours, 2026-12-02). */
             int got = p->framing == VNET_FRAMING_BE32 ? fetch_be32(rq) : fetch_vnet_hdr(rq);
             if (got == FETCH_DROPPED)
                 continue;
