@@ -16,6 +16,8 @@ kick wakes the worker without leaving the kernel; a write that does reach user s
 synthetic backend, an odd access size) signals the same eventfd. The worker pops chains, the
 device model serves them, they go back through the used ring, and one interrupt (MSI-X
 through the PCI function, or INTx with the ISR bit) covers the batch when the driver wants it.
+A device with VirtioDevice.serve_sleeping sleeps natively on the same doorbells and wake-up
+fd; claiming a queue (reset, quiesce, disable) and NEEDS_RESET write the wake-up fd.
 
 A driver that breaks the virtqueue contract (a VirtqueueError: loops, addresses outside RAM,
 an index a whole queue ahead...) gets DEVICE_NEEDS_RESET and a configuration interrupt, and
