@@ -172,7 +172,10 @@ class QueueState:
     def __init__(self, index: int, max_size: int):
         self.index = index
         self.max_size = max_size
-        self.lock = concurrency.lock(concurrency.QUEUE, f"queue {index}")  # held while served
+        # Held while served, and while a worker sleeps natively (VirtioDevice.serve_sleeping):
+        # another thread takes it only as a claim (claiming(), claims += 1, then the worker's
+        # wake-up fd), which brings the worker out of its sleep to let go.
+        self.lock = concurrency.lock(concurrency.QUEUE, f"queue {index}")
         # Threads waiting for the lock (a reset, a disable): the Python service loop lets go
         # between chains when there are any, as the native cycle does (CYCLE_YIELD).
         self.claims = 0
