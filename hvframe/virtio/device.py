@@ -80,7 +80,7 @@ class VirtioDevice:
     serve_cycle: Callable[[int, Any, Any], int] | None = None
     # A native fast path that also sleeps: serve_sleeping(queue, vq, gate, fds: WorkerFds)
     # -> a CYCLE_* code, run instead of serve_cycle by the queue's own worker (queue lock
-    # held). Between its cycles the native code waits in poll() on fds.doorbells, its own
+    # held; service_queue given the worker's WorkerFds). Between its cycles the native code waits in poll() on fds.doorbells, its own
     # descriptors and fds.wake, and serves again on a doorbell or input without the GIL; it
     # returns CYCLE_IDLE (besides serve_cycle's codes) once fds.wake is readable, leaving it
     # unread, or when another thread asks for the queue (the cycle's yield request). Whatever

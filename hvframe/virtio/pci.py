@@ -250,7 +250,7 @@ class _QueueWorker:
             if thread.stopping:
                 return
             thread.checkpoint()
-            self.transport.service_queue(self.queue)
+            self.transport.service_queue(self.queue, self.sleep_fds)
 
 
 class _Handler:
@@ -732,8 +732,9 @@ class VirtioPciFunction(PciFunction, DeviceState):
         else:
             self._interrupt_intx(ISR_CONFIG)
 
-    def service_queue(self, q: QueueState) -> None:
-        """Serve everything available on queue q (its worker thread)."""
+    def service_queue(self, q: QueueState, sleep_fds: WorkerFds | None = None) -> None:
+        """Serve everything available on queue q (its worker thread; with the worker's
+        sleep_fds a device with serve_sleeping may sleep natively in between)."""
         with q.lock:
             vq = q.vq
             if vq is None or q.broken or not self.live or self.status & STATUS_NEEDS_RESET \
@@ -741,11 +742,8 @@ class VirtioPciFunction(PciFunction, DeviceState):
                 return
             device = self.device
             cycle = device.serve_cycle
-            worker = self._workers[q.index] if q.index < len(self._workers) else None
-            if device.serve_sleeping is not None and worker is not None \
-                    and worker.thread.is_current():
-                fds = worker.sleep_fds
-                cycle = partial(device.serve_sleeping, fds=fds)
+            if sleep_fds is not None and device.serve_sleeping is not None:
+                cycle = partial(device.serve_sleeping, fds=sleep_fds)
             try:
                 if cycle is not None and self._serve_natively(q, vq, cycle):
                     return
