@@ -52,6 +52,8 @@ CDEF = """
                     const int *doorbells, int ndoorbells, int wake_fd, uint64_t poll_ns);
     int vnet_tx_cycle(struct hv_vq *q, struct vnet_txq *tq, const struct hv_irq_gate *irq,
                       uint64_t poll_ns);
+    int vnet_tx_run(struct hv_vq *q, struct vnet_txq *tq, const struct hv_irq_gate *irq,
+                    uint64_t poll_ns, const int *doorbells, int ndoorbells, int wake_fd);
 """
 
 ffibuilder = plugin_ffi(

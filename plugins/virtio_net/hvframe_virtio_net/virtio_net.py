@@ -5,8 +5,8 @@
 Queues: receive 2i and transmit 2i+1 for each queue pair i, then the control queue. Frames
 travel natively (vnet.c, GIL released) on the transport's queue workers: vnet_tx_cycle and
 vnet_rx_cycle serve the rings, read and write the backend descriptors, interrupt through the
-irqfd gates. A receive queue's worker sleeps natively too (serve_sleeping, vnet_rx_run): from
-one kick or input to the next it needs neither Python nor the GIL; whatever changes what it
+irqfd gates. The workers sleep natively too (serve_sleeping, vnet_rx_run and vnet_tx_run):
+from one kick, input or room on the backend to the next they need neither Python nor the GIL; whatever changes what it
 must do (link, queue pairs, a reconnected backend) wakes it back into Python through
 notify_queue. Python keeps the control queue, configuration, offload negotiation, link state
 and errors.
@@ -267,8 +267,8 @@ class VirtioNet(VirtioDevice, DeviceState):
         return self._serve(queue, vq, gate, None)
 
     def serve_sleeping(self, queue: int, vq, gate, fds: WorkerFds) -> int:
-        """A receive queue's worker stays in C from one kick or input to the next
-        (vnet_rx_run); the others serve as serve_cycle does."""
+        """The receive and transmit workers stay in C from one kick, input or room on the
+        backend to the next (vnet_rx_run, vnet_tx_run); the control queue is Python's."""
         return self._serve(queue, vq, gate, fds)
 
     def _serve(self, queue: int, vq, gate, fds: WorkerFds | None) -> int:
@@ -291,11 +291,17 @@ class VirtioNet(VirtioDevice, DeviceState):
                 port = rq.port
             else:
                 tq = self.txqs[pair]
-                rc = nq.call(lib.vnet_tx_cycle, tq, gate, POLL_NS)
+                if fds is None:
+                    rc = nq.call(lib.vnet_tx_cycle, tq, gate, POLL_NS)
+                else:
+                    rc = nq.call(lib.vnet_tx_run, tq, gate, POLL_NS,
+                                 self._doorbells(queue, fds), len(fds.doorbells), fds.wake)
                 port = tq.port
         except (ValueError, BufferError):
             return CYCLE_IDLE         # guest memory closed under us: the machine is going
-        if (port.gone or port.hup) and self.link:
+        # A port a reconnection already replaced (its successor waits in _pending: the link
+        # is up again on it) is not a new loss; a worker sleeping natively can wake on it.
+        if (port.gone or port.hup) and self.link and queue not in self._pending:
             self._link_lost(f"queue {queue}: the backend's far side went away")
         return rc
 
