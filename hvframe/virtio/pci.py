@@ -700,6 +700,11 @@ class VirtioPciFunction(PciFunction, DeviceState):
         self._interrupt_config()
 
     # -- notifications and interrupts -----------------------------------------------------
+    def doorbell_fd(self, index: int) -> int:
+        """The eventfd KVM signals for queue `index`'s notifications (-1 while the function
+        has no doorbells yet, before its BARs are first mapped)."""
+        return self._doorbells[index][0].fd if self._doorbells else -1
+
     def kick(self, index: int) -> None:
         """A queue notification that reached user space: hand it to the queue's worker."""
         if 0 <= index < len(self.queues) and self._doorbells:

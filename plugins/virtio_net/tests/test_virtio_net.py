@@ -419,6 +419,33 @@ def test_receive_needs_no_gil_between_input_and_its_frames(stream_rig):
     assert r.nd.recv(0)[1] == f
 
 
+def test_transmit_needs_no_gil_between_a_kick_and_its_frames(stream_rig):
+    # A guest's kick reaches the transmit worker through the doorbell's eventfd (KVM writes
+    # it, no user space involved): the worker sends without taking the GIL. The kick comes
+    # from another process while this thread keeps the GIL.
+    r = stream_rig()
+    f = frame(n=800)
+    dq = r.nd.drv.queues[1]
+    time.sleep(0.05)                         # the worker settles on its wait for a kick
+    r.nd.send(0, f, wait=False, kick=False)
+    fd = r.fn.doorbell_fd(1)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; time.sleep(0.3); "
+         "os.eventfd_write(int(sys.argv[1]), 1)", str(fd)], pass_fds=(fd,))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)              # this thread keeps the GIL while it runs
+    try:
+        end = time.monotonic() + 5.0
+        while dq.used_idx() == 0 and time.monotonic() < end:
+            pass                             # busy in Python, never letting the GIL go
+        sent = dq.used_idx()
+    finally:
+        sys.setswitchinterval(interval)
+        child.wait()
+    assert sent == 1, "the frame waited for the GIL"
+    assert r.backend.recv_frame() == f
+
+
 def test_reset_and_reinitialize(stream_rig):
     r = stream_rig()
     r.nd.send(0, frame())
