@@ -70,3 +70,35 @@ def test_synthetic_backend_leaves_doorbell_writes_to_the_bus():
     assert ev.take() == 2 and ev.take() == 0
     m.close()
     assert ev.fd == -1
+
+
+def test_synthetic_machine_matches_ioeventfds_as_kvm_does():
+    # SyntheticMachine(ioeventfds=True) stands in for KVM_IOEVENTFD: a matching write signals
+    # the eventfd and reaches no handler; a moved doorbell, another length or another value
+    # (datamatch) is ordinary I/O again.
+    m = SyntheticMachine(1 << 20, ioeventfds=True)
+    try:
+        port = CountingPort()
+        m.pio.register(0xE0, 8, port, name="doorbell")
+        ev = m.add_ioeventfd("pio", 0xE0, 2, datamatch=7)
+        m.io_write(0xE0, 2, 7)
+        assert (ev.take(), port.writes) == (1, 0)
+        m.io_write(0xE0, 2, 8)                    # datamatch differs
+        m.io_write(0xE0, 1, 7)                    # length differs
+        assert (ev.take(), port.writes) == (0, 2)
+        ev.move(0xE4)
+        m.io_write(0xE0, 2, 7)
+        assert (ev.take(), port.writes) == (0, 3)
+        m.io_write(0xE4, 2, 7)
+        assert (ev.take(), port.writes) == (1, 3)
+    finally:
+        m.close()
+    plain = SyntheticMachine(1 << 20)             # without the option: every write dispatched
+    try:
+        port = CountingPort()
+        plain.pio.register(0xE0, 2, port, name="doorbell")
+        ev = plain.add_ioeventfd("pio", 0xE0, 2)
+        plain.io_write(0xE0, 2, 1)
+        assert (ev.take(), port.writes) == (0, 1)
+    finally:
+        plain.close()

@@ -17,24 +17,52 @@ class SyntheticMachine(Machine):
 
     MSI irqfds record each message in ``msis`` when fired. With ``irqfd_eventfds=True`` they
     behave as under KVM instead: firing writes the irqfd's eventfd (device threads may write
-    it directly) and the caller, standing in for KVM, reads it (MsiIrqFd.fd)."""
+    it directly) and the caller, standing in for KVM, reads it (MsiIrqFd.fd).
+
+    With ``ioeventfds=True`` a write that an assigned ioeventfd matches (same space and
+    address, the registered length, its datamatch if it has one) signals that eventfd and
+    goes no further, as KVM_IOEVENTFD does: under KVM such a write never reaches user space,
+    so no bus handler runs and no GIL is taken. Without it the write is dispatched to the
+    handler as usual (which for a virtio doorbell signals the same eventfd from Python)."""
 
     def __init__(self, memory_size: int = 16 << 20, cpus: int = 1, *,
-                 irqfd_eventfds: bool = False, shared_memory: bool = False):
+                 irqfd_eventfds: bool = False, shared_memory: bool = False,
+                 ioeventfds: bool = False):
         super().__init__(memory_size, cpus, backend="synthetic", shared_memory=shared_memory)
         self.irqfd_eventfds = irqfd_eventfds
+        self.ioeventfds = ioeventfds
+        self._doorbells: list = []
+
+    def add_ioeventfd(self, space, addr, length, datamatch=None):
+        ev = super().add_ioeventfd(space, addr, length, datamatch)
+        self._doorbells.append(ev)
+        return ev
+
+    def _doorbell(self, space: str, addr: int, size: int, value: int) -> bool:
+        """KVM's ioeventfd match for a guest write: signalled, True; else False."""
+        for ev in self._doorbells:
+            if (ev.space == space and ev.addr == addr and ev.fd >= 0
+                    and ev.length in (0, size)
+                    and (ev.datamatch is None or ev.datamatch == value)):
+                ev.signal()
+                return True
+        return False
 
     # One exit each, through hv_bus_dispatch as KVM_EXIT_IO / KVM_EXIT_MMIO would go.
     def io_read(self, port: int, size: int = 1) -> int:
         return lib.hv_bus_dispatch(self.pio.c_bus, port, size, 0, 0)
 
     def io_write(self, port: int, size: int, value: int) -> None:
+        if self.ioeventfds and self._doorbell("pio", port, size, value):
+            return
         lib.hv_bus_dispatch(self.pio.c_bus, port, size, value, 1)
 
     def mmio_read(self, addr: int, size: int = 4) -> int:
         return lib.hv_bus_dispatch(self.mmio.c_bus, addr, size, 0, 0)
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
+        if self.ioeventfds and self._doorbell("mmio", addr, size, value):
+            return
         lib.hv_bus_dispatch(self.mmio.c_bus, addr, size, value, 1)
 
     def exit_batch(self, accesses, mmio: bool = False) -> list[int]:

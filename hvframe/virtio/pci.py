@@ -16,6 +16,8 @@ kick wakes the worker without leaving the kernel; a write that does reach user s
 synthetic backend, an odd access size) signals the same eventfd. The worker pops chains, the
 device model serves them, they go back through the used ring, and one interrupt (MSI-X
 through the PCI function, or INTx with the ISR bit) covers the batch when the driver wants it.
+A device with VirtioDevice.serve_sleeping sleeps natively on the same doorbells and wake-up
+fd; claiming a queue (reset, quiesce, disable) and NEEDS_RESET write the wake-up fd.
 
 A driver that breaks the virtqueue contract (a VirtqueueError: loops, addresses outside RAM,
 an index a whole queue ahead...) gets DEVICE_NEEDS_RESET and a configuration interrupt, and
@@ -37,7 +39,7 @@ from ..pci.device import BarRegion, PciFunction
 from ..pci.msi import MsixCapability
 from .device import (F_ANY_LAYOUT, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
                      ISR_CONFIG, ISR_QUEUE, NO_VECTOR, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-                     STATUS_NEEDS_RESET, VirtioDevice, bit)
+                     STATUS_NEEDS_RESET, VirtioDevice, WorkerFds, bit)
 from .native import CYCLE_IDLE, CYCLE_NOTIFY, CYCLE_YIELD, claiming
 from .virtqueue import VirtQueue, VirtqueueError, offset_of
 from .. import concurrency
@@ -170,7 +172,10 @@ class QueueState:
     def __init__(self, index: int, max_size: int):
         self.index = index
         self.max_size = max_size
-        self.lock = concurrency.lock(concurrency.QUEUE, f"queue {index}")  # held while served
+        # Held while served, and while a worker sleeps natively (VirtioDevice.serve_sleeping):
+        # another thread takes it only as a claim (claiming(), claims += 1, then the worker's
+        # wake-up fd), which brings the worker out of its sleep to let go.
+        self.lock = concurrency.lock(concurrency.QUEUE, f"queue {index}")
         # Threads waiting for the lock (a reset, a disable): the Python service loop lets go
         # between chains when there are any, as the native cycle does (CYCLE_YIELD).
         self.claims = 0
@@ -198,6 +203,7 @@ class _QueueWorker:
         self.queue = queue
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.fds = fds + [self.wake_fd]
+        self.sleep_fds = WorkerFds(tuple(fds), self.wake_fd)  # for VirtioDevice.serve_sleeping
         self.thread = concurrency.DeviceThread(
             f"{transport.device.name}-q{queue.index}", self._run, wake=self.wake,
             on_error=self._failed).start()
@@ -244,7 +250,7 @@ class _QueueWorker:
             if thread.stopping:
                 return
             thread.checkpoint()
-            self.transport.service_queue(self.queue)
+            self.transport.service_queue(self.queue, self.sleep_fds)
 
 
 class _Handler:
@@ -632,6 +638,7 @@ class VirtioPciFunction(PciFunction, DeviceState):
         with claiming(q.vq):
             with _claims_lock:
                 q.claims += 1
+            self._wake_worker(q)      # out of a native sleep (VirtioDevice.serve_sleeping)
             try:
                 if not q.lock.acquire(timeout=-1 if deadline is None else deadline):
                     self.log.error("%s: queue %d still busy after %.1f s; left as it is",
@@ -688,9 +695,16 @@ class VirtioPciFunction(PciFunction, DeviceState):
             if self.status & STATUS_NEEDS_RESET:
                 return
             self.status |= STATUS_NEEDS_RESET
+        for w in self._workers:
+            w.wake()                  # a natively sleeping worker stops serving
         self._interrupt_config()
 
     # -- notifications and interrupts -----------------------------------------------------
+    def doorbell_fd(self, index: int) -> int:
+        """The eventfd KVM signals for queue `index`'s notifications (-1 while the function
+        has no doorbells yet, before its BARs are first mapped)."""
+        return self._doorbells[index][0].fd if self._doorbells else -1
+
     def kick(self, index: int) -> None:
         """A queue notification that reached user space: hand it to the queue's worker."""
         if 0 <= index < len(self.queues) and self._doorbells:
@@ -723,8 +737,9 @@ class VirtioPciFunction(PciFunction, DeviceState):
         else:
             self._interrupt_intx(ISR_CONFIG)
 
-    def service_queue(self, q: QueueState) -> None:
-        """Serve everything available on queue q (its worker thread)."""
+    def service_queue(self, q: QueueState, sleep_fds: WorkerFds | None = None) -> None:
+        """Serve everything available on queue q (its worker thread; with the worker's
+        sleep_fds a device with serve_sleeping may sleep natively in between)."""
         with q.lock:
             vq = q.vq
             if vq is None or q.broken or not self.live or self.status & STATUS_NEEDS_RESET \
@@ -732,6 +747,8 @@ class VirtioPciFunction(PciFunction, DeviceState):
                 return
             device = self.device
             cycle = device.serve_cycle
+            if sleep_fds is not None and device.serve_sleeping is not None:
+                cycle = partial(device.serve_sleeping, fds=sleep_fds)
             try:
                 if cycle is not None and self._serve_natively(q, vq, cycle):
                     return
@@ -815,6 +832,7 @@ class VirtioPciFunction(PciFunction, DeviceState):
             with claiming(q.vq):
                 with _claims_lock:
                     q.claims += 1
+                self._wake_worker(q)
                 try:
                     q.lock.acquire()
                     q.lock.release()

@@ -120,9 +120,10 @@ class NetDriver:
     # -- transmit -------------------------------------------------------------------------
     def send(self, pair: int, frame: bytes, *, flags: int = 0, gso_type: int = 0,
              hdr_len: int = 0, gso_size: int = 0, csum_start: int = 0, csum_offset: int = 0,
-             wait: bool = True, pieces: int = 1, indirect: bool = False) -> None:
+             wait: bool = True, pieces: int = 1, indirect: bool = False,
+             kick: bool = True) -> None:
         """One frame after its header; `pieces` splits the frame over that many buffers,
-        `indirect` puts them in an indirect table."""
+        `indirect` puts them in an indirect table; kick=False publishes it unannounced."""
         q = 2 * pair + 1
         dq = self.drv.queues[q]
         slot = self._tx_slot[q]
@@ -137,7 +138,8 @@ class NetDriver:
             bufs.append((base + 0x40 + off, min(step, len(frame) - off), False))
         dq.add(bufs, indirect_at=base + 0x10800 if indirect else None)
         dq.publish()
-        self.drv.kick(q)
+        if kick:
+            self.drv.kick(q)
         if wait:
             self._reap(q, 1, 10.0)
 

@@ -5,7 +5,10 @@
 Queues: receive 2i and transmit 2i+1 for each queue pair i, then the control queue. Frames
 travel natively (vnet.c, GIL released) on the transport's queue workers: vnet_tx_cycle and
 vnet_rx_cycle serve the rings, read and write the backend descriptors, interrupt through the
-irqfd gates. Python keeps the control queue, configuration, offload negotiation, link state
+irqfd gates. The workers sleep natively too (serve_sleeping, vnet_rx_run and vnet_tx_run):
+from one kick, input or room on the backend to the next they need neither Python nor the GIL; whatever changes what it
+must do (link, queue pairs, a reconnected backend) wakes it back into Python through
+notify_queue. Python keeps the control queue, configuration, offload negotiation, link state
 and errors.
 
 What the receive path waits for follows its state (queue_waits): backend input while the
@@ -40,7 +43,7 @@ from hvframe import concurrency
 from hvframe.core_native import bind as _bind
 from hvframe.errors import ConfigError
 from hvframe.snapshot.state import DeviceState
-from hvframe.virtio.device import F_VERSION_1, VirtioDevice, bit
+from hvframe.virtio.device import F_VERSION_1, VirtioDevice, WorkerFds, bit
 from hvframe.virtio.native import CYCLE_IDLE, CYCLE_PYTHON, POLL_NS, queue_state
 from hvframe.virtio.virtqueue import struct_of
 
@@ -184,6 +187,7 @@ class VirtioNet(VirtioDevice, DeviceState):
         self._watcher: concurrency.DeviceThread | None = None
         self._watch_wake = threading.Event()
         self._closed = False
+        self._doorbell_arrays: dict[int, tuple] = {}   # queue -> (WorkerFds, int[])
         self.rxqs, self.txqs = [], []
         tap = backend.framing == Framing.VNET_HDR
         for i in range(queue_pairs):
@@ -260,6 +264,14 @@ class VirtioNet(VirtioDevice, DeviceState):
         return pair < self.active_pairs and pair < len(self.ports) and self.link
 
     def serve_cycle(self, queue: int, vq, gate) -> int:
+        return self._serve(queue, vq, gate, None)
+
+    def serve_sleeping(self, queue: int, vq, gate, fds: WorkerFds) -> int:
+        """The receive and transmit workers stay in C from one kick, input or room on the
+        backend to the next (vnet_rx_run, vnet_tx_run); the control queue is Python's."""
+        return self._serve(queue, vq, gate, fds)
+
+    def _serve(self, queue: int, vq, gate, fds: WorkerFds | None) -> int:
         role, pair = self.role(queue)
         if role == QueueRole.CTRL:
             return CYCLE_PYTHON
@@ -271,17 +283,35 @@ class VirtioNet(VirtioDevice, DeviceState):
                 rq = self.rxqs[pair]
                 if not self._receiving(pair):
                     return CYCLE_IDLE     # buffers stay posted; nothing reads for this queue
-                rc = nq.call(lib.vnet_rx_cycle, rq, gate)
+                if fds is None:
+                    rc = nq.call(lib.vnet_rx_cycle, rq, gate)
+                else:
+                    rc = nq.call(lib.vnet_rx_run, rq, gate, self._doorbells(queue, fds),
+                                 len(fds.doorbells), fds.wake, POLL_NS)
                 port = rq.port
             else:
                 tq = self.txqs[pair]
-                rc = nq.call(lib.vnet_tx_cycle, tq, gate, POLL_NS)
+                if fds is None:
+                    rc = nq.call(lib.vnet_tx_cycle, tq, gate, POLL_NS)
+                else:
+                    rc = nq.call(lib.vnet_tx_run, tq, gate, POLL_NS,
+                                 self._doorbells(queue, fds), len(fds.doorbells), fds.wake)
                 port = tq.port
         except (ValueError, BufferError):
             return CYCLE_IDLE         # guest memory closed under us: the machine is going
-        if (port.gone or port.hup) and self.link:
+        # A port a reconnection already replaced (its successor waits in _pending: the link
+        # is up again on it) is not a new loss; a worker sleeping natively can wake on it.
+        if (port.gone or port.hup) and self.link and queue not in self._pending:
             self._link_lost(f"queue {queue}: the backend's far side went away")
         return rc
+
+    def _doorbells(self, queue: int, fds: WorkerFds):
+        """fds.doorbells as the C array vnet_rx_run takes (made once per worker)."""
+        arr = self._doorbell_arrays.get(queue)
+        if arr is None or arr[0] != fds:
+            arr = self._doorbell_arrays[queue] = (fds, ffi.new("int[]", list(fds.doorbells)
+                                                              or [-1]))
+        return arr[1]
 
     def queue_waits(self, queue: int) -> tuple[tuple[int, int], ...]:
         role, pair = self.role(queue)
@@ -330,6 +360,8 @@ class VirtioNet(VirtioDevice, DeviceState):
         self.log.warning("%s: link down: %s", self.name, why)
         if self.transport is not None:
             self.transport.config_changed()
+            for i in range(self.pairs):
+                self.transport.notify_queue(2 * i)   # out of vnet_rx_run: stop reading
 
     def _start_watcher(self) -> None:
         """(under _lock) The link watcher, once: it runs until close()."""

@@ -7,6 +7,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -353,6 +354,96 @@ def test_rx_ring_empty_while_flooded_costs_no_cpu_and_bounded_memory(stream_rig)
     got = [r.nd.recv(0)[1] for _ in range(min(sent, 20))]
     assert all(g == f for g in got)
     assert r.dev.stats()["rx_frames"] >= 20
+
+
+def _need_kick(dq, old: int) -> bool:
+    """A driver honouring EVENT_IDX (virtio 1.2, 2.7.10): kick only if avail.idx moved past
+    the device's avail_event from `old` to the index just published."""
+    event = struct.unpack("<H", dq.mem.read(dq.used + 4 + 8 * dq.size, 2))[0]
+    return (dq.avail_idx - event - 1) & 0xFFFF < (dq.avail_idx - old) & 0xFFFF
+
+
+def test_merged_frame_waiting_for_more_buffers_asks_for_the_next_kick(stream_rig):
+    # A frame needs two buffers and the driver posted one: the device holds it, and with
+    # EVENT_IDX must ask for a kick at the driver's next buffer (an avail_event at the last
+    # consumed index would be behind the one already posted: Linux would never kick).
+    r = stream_rig(post=0)
+    f = frame(n=3000)                        # header + 3014 bytes: two 2048-byte buffers
+    r.backend.send_frame(f)
+    rq = r.dev.rxqs[0]
+    dq = r.nd.drv.queues[0]
+    first = r.nd.alloc(2048)
+    head = dq.add([(first, 2048, True)])
+    r.nd._rx_addr[(0, head)] = (first, 2048)
+    dq.publish()
+    r.nd.drv.kick(0)
+    wait_for(lambda: rq.have_frame, what="the frame held for buffers")
+    time.sleep(0.05)                         # the worker settles on its wait
+    assert dq.used_idx() == 0
+    old = dq.avail_idx
+    second = r.nd.alloc(2048)
+    head = dq.add([(second, 2048, True)])
+    r.nd._rx_addr[(0, head)] = (second, 2048)
+    dq.publish()
+    assert _need_kick(dq, old), "the device asked for no kick at the buffer it waits for"
+    r.nd.drv.kick(0)
+    assert r.nd.recv(0)[1] == f
+    assert r.dev.stats()["rx_drop_too_big"] == 0
+
+
+def test_receive_needs_no_gil_between_input_and_its_frames(stream_rig):
+    # Under KVM, vCPU threads run Python for their exits (and a guest's kick reaches a
+    # worker through its ioeventfd): a receive worker places arriving frames without taking
+    # the GIL, so a thread busy in Python does not hold receive up. The frame comes from
+    # another process while this thread keeps the GIL.
+    r = stream_rig(post=4)
+    f = frame(n=1000)
+    dq = r.nd.drv.queues[0]
+    time.sleep(0.05)                         # the worker settles on its wait for input
+    fd = r.backend.peer.fileno()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; time.sleep(0.3); "
+         "os.write(int(sys.argv[1]), bytes.fromhex(sys.argv[2]))",
+         str(fd), (struct.pack(">I", len(f)) + f).hex()], pass_fds=(fd,))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)              # this thread keeps the GIL while it runs
+    try:
+        end = time.monotonic() + 5.0
+        while dq.used_idx() == 0 and time.monotonic() < end:
+            pass                             # busy in Python, never letting the GIL go
+        placed = dq.used_idx()
+    finally:
+        sys.setswitchinterval(interval)
+        child.wait()
+    assert placed == 1, "the frame waited for the GIL"
+    assert r.nd.recv(0)[1] == f
+
+
+def test_transmit_needs_no_gil_between_a_kick_and_its_frames(stream_rig):
+    # A guest's kick reaches the transmit worker through the doorbell's eventfd (KVM writes
+    # it, no user space involved): the worker sends without taking the GIL. The kick comes
+    # from another process while this thread keeps the GIL.
+    r = stream_rig()
+    f = frame(n=800)
+    dq = r.nd.drv.queues[1]
+    time.sleep(0.05)                         # the worker settles on its wait for a kick
+    r.nd.send(0, f, wait=False, kick=False)
+    fd = r.fn.doorbell_fd(1)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; time.sleep(0.3); "
+         "os.eventfd_write(int(sys.argv[1]), 1)", str(fd)], pass_fds=(fd,))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)              # this thread keeps the GIL while it runs
+    try:
+        end = time.monotonic() + 5.0
+        while dq.used_idx() == 0 and time.monotonic() < end:
+            pass                             # busy in Python, never letting the GIL go
+        sent = dq.used_idx()
+    finally:
+        sys.setswitchinterval(interval)
+        child.wait()
+    assert sent == 1, "the frame waited for the GIL"
+    assert r.backend.recv_frame() == f
 
 
 def test_reset_and_reinitialize(stream_rig):
