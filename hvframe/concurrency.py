@@ -61,9 +61,11 @@ Rules
    One bounded exception: a passthrough function's MSI-X gate listener (hvframe_passthru)
    makes one DEVICE_SET_IRQS round trip under the MSI-X lock, so the device stops using a
    guest irqfd before a mask or retarget takes effect; the server answers it from its own
-   state without calling back into the client, and a silent server times out (BackendLost)
-   after the short IRQ_REPLY_DEADLINE, a wait behind another command on the socket
-   included.
+   state without calling back into the client. The exchange is over within the short
+   IRQ_REPLY_DEADLINE however the server paces it (one deadline for the whole exchange); a
+   wait for the socket behind another command lasts while that command is within its own
+   deadline (it then times out itself and the device is lost), so the lock is held at most
+   REPLY_DEADLINE + 2 * IRQ_REPLY_DEADLINE.
 3. Nothing a guest controls grows without a bound checked before the work is done; a full
    queue refuses (the device answers with its error status) instead of blocking.
 

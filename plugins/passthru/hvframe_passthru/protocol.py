@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 
 from construct import (Bytes, Const, GreedyBytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct,
@@ -331,6 +332,19 @@ class Connection:
         self.max_message = max_message
         self.max_fds = max_fds
         self._next_id = 0
+        # An exchange's end (time.monotonic()), or None: with it, every send and receive
+        # waits only for what is left, so a peer trickling bytes cannot stretch the exchange.
+        self.deadline_at: float | None = None
+
+    def _arm(self) -> None:
+        if self.deadline_at is not None:
+            left = self.deadline_at - time.monotonic()
+            if left <= 0:
+                raise ProtocolError("timed out")
+            try:
+                self.sock.settimeout(left)
+            except OSError as e:
+                raise ProtocolError(f"{e}") from None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -340,11 +354,13 @@ class Connection:
         return self._next_id
 
     def send(self, data: bytes, fds=()) -> None:
+        self._arm()
         try:
             if fds:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", list(fds)))]
                 sent = self.sock.sendmsg([data], anc)
                 if sent < len(data):
+                    self._arm()
                     self.sock.sendall(data[sent:])
             else:
                 self.sock.sendall(data)
@@ -355,6 +371,7 @@ class Connection:
         buf = bytearray()
         anc_space = socket.CMSG_SPACE(self.max_fds * 4)
         while len(buf) < n:
+            self._arm()
             try:
                 data, anc, msg_flags, _ = self.sock.recvmsg(n - len(buf), anc_space)
             except (OSError, ValueError) as e:

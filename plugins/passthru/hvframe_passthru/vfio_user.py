@@ -5,9 +5,13 @@ deadline; a server that closes the socket, breaks the protocol or misses the dea
 every later call raise BackendLost until reconnect() reaches a server again (which then gets
 the version handshake, the DMA map of all guest RAM and the interrupt eventfds afresh).
 
-DEVICE_SET_IRQS has a deadline of its own, shorter: the MSI-X eventfd changes are sent under
-the function's MSI-X capability lock (a vCPU masking a vector, and the device's interrupts,
-wait on it), and a server answers them at once, without device work.
+A deadline bounds a whole exchange (every send and receive waits only for what is left of
+it, and only MAX_REFUSED requests of the server's own are refused on the way), so a server
+cannot stretch one by pacing its bytes. DEVICE_SET_IRQS has a deadline of its own, shorter:
+the MSI-X eventfd changes are sent under the function's MSI-X capability lock (a vCPU masking
+a vector, and the device's interrupts, wait on it), and a server answers them at once,
+without device work. Behind a slow command it waits while that command is within its own
+deadline: slow is not hung (a reset may flush a large image), and a hung one times out.
 """
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ import os
 import select
 import socket
 import threading
+import time
 
 from . import protocol as p
 from .backend import BackendLost, IoFd, IrqInfo, RegionInfo
 
 REPLY_DEADLINE = 5.0      # seconds a command may wait for its reply
 IRQ_REPLY_DEADLINE = 1.0  # seconds DEVICE_SET_IRQS may (see the module docstring)
+MAX_REFUSED = 8           # server-to-client requests refused in one exchange before it is lost
 CLIENT_CAPS = {"max_msg_fds": p.MAX_FDS, "max_data_xfer_size": p.MAX_DATA_XFER,
                "max_dma_maps": p.MAX_DMA_MAPS, "pgsizes": 4096}
 
@@ -37,6 +43,7 @@ class VfioUserBackend:
         self.max_xfer = p.MAX_DATA_XFER
         self.server_caps: dict = {}
         self._lock = threading.Lock()      # one command on the socket at a time (LEAF-like)
+        self._busy_until: float | None = None   # the exchange in progress's deadline
         self._memory = None
         self._irq_fds: dict[int, list[int]] = {}
         self.connect()
@@ -68,19 +75,24 @@ class VfioUserBackend:
 
     def _call_on(self, conn: p.Connection, command: int, payload: bytes = b"", fds=(),
                  deadline: float | None = None):
-        """deadline: this command's, in seconds, if not the connection's (each send and
-        receive of the exchange is bounded by it)."""
+        """One exchange, over within `deadline` seconds (the connection's if None) from now,
+        however the server paces its bytes or interleaves requests of its own."""
         msg_id = conn.next_id()
-        if deadline is not None:
-            conn.sock.settimeout(deadline)
+        self._busy_until = conn.deadline_at = \
+            time.monotonic() + (self.deadline if deadline is None else deadline)
         try:
             conn.send(p.encode(msg_id, command, payload), fds)
+            refused = 0
             while True:
                 reply = conn.recv()
                 if not reply.is_reply:
                     # Server-to-client commands (DMA_READ/WRITE) are not used by our
-                    # servers: refuse them and keep waiting for our reply.
+                    # servers: refuse them and keep waiting for our reply, a few times.
                     reply.close_fds()
+                    refused += 1
+                    if refused > MAX_REFUSED:
+                        raise p.ProtocolError(f"{refused} requests of its own before the "
+                                              "reply")
                     conn.reply_error(reply, errno.ENOTSUP)
                     continue
                 if reply.msg_id != msg_id or reply.command != command:
@@ -92,11 +104,7 @@ class VfioUserBackend:
             conn.close()
             raise BackendLost(f"vfio-user={self.path}: {e}") from None
         finally:
-            if deadline is not None:
-                try:
-                    conn.sock.settimeout(self.deadline)
-                except OSError:
-                    pass              # closed above
+            conn.deadline_at = self._busy_until = None
         if reply.flags & p.FLAG_ERROR:
             reply.close_fds()
             raise p.RemoteError(command, reply.error)
@@ -105,19 +113,24 @@ class VfioUserBackend:
     def call(self, command: int, payload: bytes = b"", fds=(),
              deadline: float | None = None) -> p.Message:
         """One command and its reply (RemoteError for an error reply). With a deadline, a
-        wait behind another command is bounded by it too: a server that has not answered
-        that one by then is taken for hung, and the connection is shut for both."""
+        wait behind another command lasts while that command is within its own deadline
+        (a slow command is not a hung server: its own timeout finds that out and shuts the
+        connection), then `deadline` more at most; BackendLost if the socket is still not
+        free, the connection left as it is."""
         if deadline is None:
             self._lock.acquire()
-        elif not self._lock.acquire(timeout=deadline):
-            conn = self.conn
-            if conn is not None:
-                try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)   # the other command's wait ends
-                except OSError:
-                    pass
-            raise BackendLost(f"vfio-user={self.path}: no reply to the command before "
-                              f"{p.COMMAND_NAMES.get(command, command)} in {deadline} s")
+        else:
+            start = time.monotonic()
+            end = start + deadline
+            limit = start + self.deadline + deadline
+            while not self._lock.acquire(timeout=max(0.0, min(end, limit) - time.monotonic())):
+                busy = self._busy_until
+                if busy is not None and min(busy + deadline, limit) > end:
+                    end = min(busy + deadline, limit)
+                    continue
+                raise BackendLost(f"vfio-user={self.path}: the socket was not free for "
+                                  f"{p.COMMAND_NAMES.get(command, command)} within "
+                                  f"{time.monotonic() - start:.1f} s")
         try:
             conn = self.conn
             if conn is None:

@@ -360,8 +360,9 @@ def test_random_messages_never_crash_the_server(served, command, flags, payload,
 
 
 # -- the client against a misbehaving server ---------------------------------------------------
-def fake_server(sock_path, answer):
-    """A server that negotiates, then answers every command with answer(msg)."""
+def fake_server(sock_path, answer, raw=False):
+    """A server that negotiates, then answers every command with answer(msg) (with raw,
+    answer(msg, conn) sends what it likes itself)."""
     ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     ls.bind(str(sock_path))
     ls.listen(1)
@@ -375,7 +376,10 @@ def fake_server(sock_path, answer):
             while True:
                 msg = conn.recv()
                 msg.close_fds()
-                conn.send(answer(msg))
+                if raw:
+                    answer(msg, conn)
+                else:
+                    conn.send(answer(msg))
         except p.ProtocolError:
             pass
         finally:
@@ -463,9 +467,53 @@ def test_set_irqs_has_a_shorter_deadline(tmp_path):
         t.join(5)
 
 
-def test_set_irqs_behind_an_unanswered_command_gives_up_as_soon(tmp_path):
-    """Waiting for the socket behind another command counts against SET_IRQS's deadline:
-    the hung server's connection is shut, which ends the other command's wait too."""
+def _reading_behind(b):
+    """A thread reading a region (its reply held back by the fake server); returns the thread
+    and the list it appends (exception or None, when) to."""
+    other = []
+
+    def read():
+        try:
+            b.region_read(7, 0, 4)
+            other.append((None, time.monotonic()))
+        except BaseException as e:
+            other.append((e, time.monotonic()))
+    return threading.Thread(target=read), other
+
+
+def test_set_irqs_waits_behind_a_slow_command_that_is_within_its_deadline(tmp_path):
+    """A server taking 1 s over a region access (a reset flushing a large image, say) is slow,
+    not hung: a SET_IRQS behind it waits, and both succeed."""
+    reading = threading.Event()
+
+    def answer(msg):
+        if msg.command == p.REGION_READ:
+            reading.set()
+            time.sleep(1.0)
+            return p.encode(msg.msg_id, msg.command, p.RegionAccess.build(dict(
+                offset=0, region=7, count=4)) + bytes(4), flags=p.TYPE_REPLY)
+        return p.encode(msg.msg_id, msg.command, flags=p.TYPE_REPLY)
+    t = fake_server(tmp_path / "s", answer)
+    b = VfioUserBackend(str(tmp_path / "s"), deadline=5, irq_deadline=0.3)
+    fd = os.eventfd(0)
+    reader, other = _reading_behind(b)
+    try:
+        reader.start()
+        assert reading.wait(5)
+        b.set_irq_eventfd(p.PCI_MSIX_IRQ, 1, fd)     # no BackendLost
+        reader.join(5)
+        assert other and other[0][0] is None, other
+        b.reset()                                   # the connection is still there
+    finally:
+        reader.join(5)
+        os.close(fd)
+        b.close()
+        t.join(5)
+
+
+def test_set_irqs_behind_a_hung_command_ends_when_that_command_times_out(tmp_path):
+    """A command the server never answers times out after its own deadline and the device is
+    lost; a SET_IRQS waiting behind it gives up by then plus its own deadline."""
     gate, reading = threading.Event(), threading.Event()
 
     def answer(msg):
@@ -474,28 +522,67 @@ def test_set_irqs_behind_an_unanswered_command_gives_up_as_soon(tmp_path):
             gate.wait(10)                       # hung on this one
         return p.encode(msg.msg_id, msg.command, flags=p.TYPE_REPLY)
     t = fake_server(tmp_path / "s", answer)
-    b = VfioUserBackend(str(tmp_path / "s"), deadline=5, irq_deadline=0.3)
+    b = VfioUserBackend(str(tmp_path / "s"), deadline=1.0, irq_deadline=0.3)
     fd = os.eventfd(0)
-    other = []
-
-    def read():
-        try:
-            b.region_read(7, 0, 4)
-        except BaseException as e:
-            other.append((e, time.monotonic()))
-    reader = threading.Thread(target=read)
+    reader, other = _reading_behind(b)
     try:
         reader.start()
-        assert reading.wait(5)                  # the read is waiting for its reply
+        assert reading.wait(5)
         start = time.monotonic()
         with pytest.raises(BackendLost):
             b.set_irq_eventfd(p.PCI_MSIX_IRQ, 1, fd)
-        assert time.monotonic() - start < 2
+        assert time.monotonic() - start < 1.0 + 0.3 + 0.5
         reader.join(5)
-        assert isinstance(other[0][0], BackendLost) and other[0][1] - start < 2
+        assert isinstance(other[0][0], BackendLost) and other[0][1] - start < 1.5
     finally:
         gate.set()
         reader.join(5)
+        os.close(fd)
+        b.close()
+        t.join(5)
+
+
+@pytest.mark.parametrize("stall", ["requests of its own", "a reply a byte at a time"])
+def test_a_server_cannot_stretch_an_exchange_past_its_deadline(tmp_path, stall):
+    """Each exchange has one deadline, not one per socket call: a server that keeps sending
+    requests of its own before the reply, or sends the reply a byte at a time, is given up
+    when the exchange's deadline is past."""
+    stop = threading.Event()
+
+    def answer(msg, conn):
+        if msg.command != p.DEVICE_SET_IRQS:
+            conn.send(p.encode(msg.msg_id, msg.command, flags=p.TYPE_REPLY))
+            return
+        if stall == "requests of its own":
+            n = 0
+            while not stop.is_set():
+                n += 1
+                conn.send(p.encode(1000 + n, p.DMA_READ, p.DmaAccess.build(dict(
+                    address=0, count=4))))
+                time.sleep(0.05)
+                try:
+                    conn.sock.setblocking(False)
+                    conn.sock.recv(4096)            # the client's refusals
+                except OSError:
+                    pass
+                finally:
+                    conn.sock.setblocking(True)
+        else:
+            for byte in p.encode(msg.msg_id, msg.command, flags=p.TYPE_REPLY):
+                if stop.wait(0.25):
+                    return
+                conn.sock.send(bytes([byte]))
+    t = fake_server(tmp_path / "s", answer, raw=True)
+    b = VfioUserBackend(str(tmp_path / "s"), deadline=5, irq_deadline=0.5)
+    fd = os.eventfd(0)
+    try:
+        b.reset()
+        start = time.monotonic()
+        with pytest.raises(BackendLost):
+            b.set_irq_eventfd(p.PCI_MSIX_IRQ, 1, fd)
+        assert time.monotonic() - start < 0.5 + 0.5
+    finally:
+        stop.set()
         os.close(fd)
         b.close()
         t.join(5)
