@@ -30,7 +30,7 @@ a re-entrant lock the thread already holds is fine.
 rank           what it guards
 =============  ==============================================================================
 RESET          a device reset in progress (it waits for the device's queues: outermost)
-QUEUE          a virtqueue being served (held by its worker for a whole batch)
+QUEUE          a virtqueue being served (its worker's, for a batch or across a native sleep)
 PCI_BUS        PCI configuration accesses and the BAR remapping they cause
 DEVICE_OUTER   a device lock held around its own register lock (the 16550's transmit order)
 DEVICE         a device's register and state lock (virtio transport, AHCI HBA, 16550, ...)
@@ -66,6 +66,11 @@ Rules
    wait for the socket behind another command lasts while that command is within its own
    deadline (it then times out itself and the device is lost), so the lock is held at most
    REPLY_DEADLINE + 2 * IRQ_REPLY_DEADLINE.
+   A virtqueue worker that sleeps in C between kicks (VirtioDevice.serve_sleeping) holds
+   its queue's lock while asleep, where the checker cannot see it wait: any other thread
+   takes that lock only as a claim -- claims += 1 (and claiming() around it), then the
+   worker's wake-up -- and the worker does not go to sleep in C while a claim is counted.
+   A change the sleeping loop must see (the queue's MSI-X vector, say) wakes it too.
 3. Nothing a guest controls grows without a bound checked before the work is done; a full
    queue refuses (the device answers with its error status) instead of blocking.
 

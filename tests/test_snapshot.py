@@ -18,7 +18,7 @@ import pytest
 from conftest import hvframe_cmd, plugin_test_module, requires_kvm
 from control_helpers import VmProcess
 
-COUNT = 700
+COUNT = 2000      # counts; a cut made at count 40 leaves seconds of margin under load
 MAGIC = 0x434E5452
 
 

@@ -78,13 +78,14 @@ class VirtioDevice:
     # hvframe.virtio.native, run by the queue's worker with the queue lock held (see
     # VirtioBlk.serve_cycle). None: every chain goes to handle_chain.
     serve_cycle: Callable[[int, Any, Any], int] | None = None
-    # A native fast path that also sleeps: serve_sleeping(queue, vq, gate, fds: WorkerFds)
-    # -> a CYCLE_* code, run instead of serve_cycle by the queue's own worker (queue lock
-    # held; service_queue given the worker's WorkerFds). Between its cycles the native code waits in poll() on fds.doorbells, its own
-    # descriptors and fds.wake, and serves again on a doorbell or input without the GIL; it
-    # returns CYCLE_IDLE (besides serve_cycle's codes) once fds.wake is readable, leaving it
-    # unread, or when another thread asks for the queue (the cycle's yield request). Whatever
-    # changes what the worker must do next writes fds.wake (VirtioPciFunction.notify_queue).
+    # A native fast path that also sleeps: serve_sleeping(queue, vq, gate, fds: WorkerFds) -> a
+    # CYCLE_* code, run instead of serve_cycle by the queue's own worker (queue lock held;
+    # service_queue given the worker's WorkerFds). Between its cycles the native code waits in
+    # poll() on fds.doorbells, its own descriptors and fds.wake, and serves again on a doorbell
+    # or input without the GIL; it returns CYCLE_IDLE (besides serve_cycle's codes) once
+    # fds.wake is readable, leaving it unread, or when another thread asks for the queue (the
+    # cycle's yield request). Whatever changes what the worker must do next writes fds.wake
+    # (VirtioPciFunction.notify_queue).
     serve_sleeping: Callable[[int, Any, Any, WorkerFds], int] | None = None
 
     @property

@@ -229,8 +229,12 @@ class _QueueWorker:
             poller.register(fd, select.POLLIN)
         device, index = self.transport.device, self.queue.index
         while not thread.stopping:
-            # The device's own descriptors for this wait (VirtioDevice.queue_waits).
-            extra = {fd: ev for fd, ev in device.queue_waits(index) if fd not in self.fds}
+            # The device's own descriptors for this wait (VirtioDevice.queue_waits), only
+            # while the queue can be served: a backend with input waiting for a reset or
+            # quiesced queue would make this loop spin (the transport wakes the worker when
+            # the queue can be served again).
+            extra = {fd: ev for fd, ev in device.queue_waits(index) if fd not in self.fds} \
+                if _servable(self.transport, self.queue) else {}
             for fd, ev in extra.items():
                 poller.register(fd, ev)
             try:
@@ -251,6 +255,12 @@ class _QueueWorker:
                 return
             thread.checkpoint()
             self.transport.service_queue(self.queue, self.sleep_fds)
+
+
+def _servable(transport, q: QueueState) -> bool:
+    """Whether q's worker may serve it now (service_queue checks again under q.lock)."""
+    return not (q.vq is None or q.broken or not transport.live
+                or transport.status & STATUS_NEEDS_RESET or q.quiesced)
 
 
 class _Handler:
@@ -483,6 +493,7 @@ class VirtioPciFunction(PciFunction, DeviceState):
                 # A vector write to an enabled queue is still allowed (4.1.5.1.2 remaps).
                 if offset == QUEUE_MSIX_VECTOR:
                     q.msix_vector = self._valid_vector(value)
+                    self._wake_worker(q)   # a worker asleep in C fires the old vector's gate
                     return
             self._common_set(_COMMON_NAMES[offset], value)
 
@@ -534,6 +545,7 @@ class VirtioPciFunction(PciFunction, DeviceState):
             self.config_vector = self._valid_vector(value)
         elif name == "queue_msix_vector" and q is not None:
             q.msix_vector = self._valid_vector(value)
+            self._wake_worker(q)           # as in common_write
 
     def legacy_read(self, offset: int, size: int) -> int:
         if offset == LEGACY_ISR:
@@ -742,12 +754,14 @@ class VirtioPciFunction(PciFunction, DeviceState):
         sleep_fds a device with serve_sleeping may sleep natively in between)."""
         with q.lock:
             vq = q.vq
-            if vq is None or q.broken or not self.live or self.status & STATUS_NEEDS_RESET \
-                    or q.quiesced:
+            if not _servable(self, q):
                 return
             device = self.device
             cycle = device.serve_cycle
-            if sleep_fds is not None and device.serve_sleeping is not None:
+            # Not asleep in C while a claimant waits: its wake-up may have been read before
+            # this worker took the lock, and a queue that has never run natively has no
+            # yield request for it to set.
+            if sleep_fds is not None and device.serve_sleeping is not None and not q.claims:
                 cycle = partial(device.serve_sleeping, fds=sleep_fds)
             try:
                 if cycle is not None and self._serve_natively(q, vq, cycle):

@@ -6,10 +6,10 @@ Queues: receive 2i and transmit 2i+1 for each queue pair i, then the control que
 travel natively (vnet.c, GIL released) on the transport's queue workers: vnet_tx_cycle and
 vnet_rx_cycle serve the rings, read and write the backend descriptors, interrupt through the
 irqfd gates. The workers sleep natively too (serve_sleeping, vnet_rx_run and vnet_tx_run):
-from one kick, input or room on the backend to the next they need neither Python nor the GIL; whatever changes what it
-must do (link, queue pairs, a reconnected backend) wakes it back into Python through
-notify_queue. Python keeps the control queue, configuration, offload negotiation, link state
-and errors.
+from one kick, input or room on the backend to the next they need neither Python nor the
+GIL; whatever changes what it must do (link, queue pairs, a reconnected backend) wakes it
+back into Python through notify_queue. Python keeps the control queue, configuration, offload
+negotiation, link state and errors.
 
 What the receive path waits for follows its state (queue_waits): backend input while the
 driver has buffers; the driver's kick (notifications on, ring re-checked) when it has none,

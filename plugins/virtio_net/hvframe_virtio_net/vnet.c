@@ -543,6 +543,13 @@ int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate
  * failed (one more cycle, then Python). */
 enum { SLEEP_SERVE, SLEEP_PYTHON, SLEEP_PORT };
 
+/* Whether the worker's wake-up fd is readable now (left unread for the worker). */
+static int wake_pending(int wake_fd)
+{
+    struct pollfd pfd = { .fd = wake_fd, .events = POLLIN };
+    return poll(&pfd, 1, 0) != 0;
+}
+
 static int worker_sleep(const int *doorbells, int ndoorbells, int wake_fd, int port_fd,
                         short port_events, int watch_port)
 {
@@ -597,8 +604,13 @@ int vnet_rx_run(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate *
         if (!p || p->fd < 0 || p->gone || p->hup || q->yield_req)
             return rc;
         if (rq->wait == VNET_WAIT_RING && rq->served && poll_ns
-            && q->shadow_avail == q->last_avail_idx && hv->vq_poll_avail(q, poll_ns))
+            && q->shadow_avail == q->last_avail_idx && hv->vq_poll_avail(q, poll_ns)) {
+            /* Under steady traffic this path never sleeps: the wake-up fd is looked at
+             * here too, so a stop, pause or reset is not put off behind the traffic. */
+            if (wake_pending(wake_fd))
+                return HV_VQ_CYCLE_IDLE;
             continue;
+        }
         int watch = rq->wait == VNET_WAIT_INPUT || rq->wait == VNET_WAIT_RING;
         int s = worker_sleep(doorbells, ndoorbells, wake_fd, p->fd,
                              rq->wait == VNET_WAIT_INPUT ? POLLIN : 0, watch);

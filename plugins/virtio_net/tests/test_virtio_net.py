@@ -45,8 +45,8 @@ class Rig:
     """A synthetic machine with one virtio-net at slot 3 on `backend`, a driver bound."""
 
     def __init__(self, backend, features=ALL, *, pairs=1, mtu=None, legacy=False,
-                 rx_buf_size=2048, post=64, queue_size=None):
-        self.m = SyntheticMachine(64 << 20)
+                 rx_buf_size=2048, post=64, queue_size=None, irqfd_eventfds=False):
+        self.m = SyntheticMachine(64 << 20, irqfd_eventfds=irqfd_eventfds)
         self.backend = backend
         self.dev = VirtioNet(backend, mac=MAC, queue_pairs=pairs, mtu=mtu)
         self.fn = VirtioPciFunction(self.dev, name="virtio-net test")
@@ -354,6 +354,84 @@ def test_rx_ring_empty_while_flooded_costs_no_cpu_and_bounded_memory(stream_rig)
     got = [r.nd.recv(0)[1] for _ in range(min(sent, 20))]
     assert all(g == f for g in got)
     assert r.dev.stats()["rx_frames"] >= 20
+
+
+@pytest.mark.parametrize("why", ["reset", "needs_reset", "quiesce"])
+def test_a_queue_that_cannot_be_served_costs_no_cpu_while_input_waits(stream_rig, why):
+    """Input waiting while the receive queue cannot be served (the driver reset the device
+    and has not started it again; NEEDS_RESET, which Linux never answers; a checkpoint's
+    quiesce): the worker sleeps instead of waking on the input again and again."""
+    r = stream_rig(post=4)
+    if why == "reset":
+        r.nd.drv.set_status(0)
+    elif why == "needs_reset":
+        r.fn.needs_reset("test")
+    else:
+        r.fn.quiesce()
+    try:
+        time.sleep(0.2)
+        r.backend.send_frame(frame())
+        t0 = time.thread_time(), time.process_time()
+        time.sleep(1.0)
+        cpu = time.process_time() - t0[1] - (time.thread_time() - t0[0])
+        assert cpu < 0.2, f"device threads used {cpu:.3f}s of CPU in 1 s"
+    finally:
+        if why == "quiesce":
+            r.fn.unquiesce()
+    if why == "quiesce":          # and the frame is delivered once the queue is served again
+        assert r.nd.recv(0)[1] == frame()
+
+
+def test_receive_interrupts_follow_the_queues_new_msix_vector(stream_rig):
+    """A driver moves an enabled queue to another MSI-X vector (allowed, virtio 1.2
+    4.1.5.1.2): the worker asleep in C fires the new vector from then on, not the old one."""
+    r = stream_rig(post=8, irqfd_eventfds=True)
+    time.sleep(0.2)
+
+    def fired(v):
+        try:
+            return os.eventfd_read(r.fn.msix.irqfd(v).fd)
+        except BlockingIOError:
+            return 0
+    old = r.fn.queues[0].msix_vector
+    new = r.fn.msix.vectors - 1
+    assert new != old
+    r.nd.drv.common_write("queue_select", 2, 0)
+    r.nd.drv.common_write("queue_msix_vector", 2, new)
+    time.sleep(0.1)
+    fired(old)
+    r.backend.send_frame(frame())
+    wait_for(lambda: r.dev.stats()["rx_frames"] == 1, what="the frame placed")
+    wait_for(lambda: fired(new), what="the new vector fired")
+    assert fired(old) == 0
+
+
+def test_a_claim_on_a_queue_that_never_ran_natively_is_not_slept_through(stream_rig):
+    """The interleaving a legacy driver's queue_pfn=0 can meet right after the queue is
+    built: the worker read the claimant's wake-up before taking the queue's lock, and the
+    queue has no native state for a yield request yet. The worker must not go to sleep in C
+    while the claim is counted."""
+    from hvframe.virtio.native import claiming
+    from hvframe.virtio.pci import _claims_lock
+    r = stream_rig(post=4)
+    time.sleep(0.2)
+    q, w = r.fn.queues[0], r.fn._workers[0]
+    assert w.thread.pause()                 # parked, its wake-up fd drained
+    q.vq.__dict__.pop("_native_queue", None)  # as a queue built a moment ago
+    with claiming(q.vq):                    # no native state: no yield request
+        with _claims_lock:
+            q.claims += 1
+        r.fn._wake_worker(q)
+        os.eventfd_read(w.wake_fd)          # the worker's loop read it (poll returned) ...
+        w.thread.resume()                   # ... and takes the queue's lock first
+        time.sleep(0.3)
+        got = q.lock.acquire(timeout=3)
+        if got:
+            q.lock.release()
+        with _claims_lock:
+            q.claims -= 1
+    r.fn._wake_worker(q)
+    assert got, "the claimant never got the queue's lock"
 
 
 def _need_kick(dq, old: int) -> bool:
