@@ -469,6 +469,25 @@ def test_merged_frame_waiting_for_more_buffers_asks_for_the_next_kick(stream_rig
     assert r.dev.stats()["rx_drop_too_big"] == 0
 
 
+def _used_while_holding_the_gil(dq, fd, action, *args):
+    """Another process does `action` (Python, with os, sys and `fd` at hand) on descriptor
+    fd after 0.3 s, while this thread spins in Python keeping the GIL until dq's used index
+    moves (5 s at most); the used index then."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; time.sleep(0.3); "
+         f"fd = int(sys.argv[1]); {action}", str(fd), *args], pass_fds=(fd,))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)              # this thread keeps the GIL while it runs
+    try:
+        end = time.monotonic() + 5.0
+        while dq.used_idx() == 0 and time.monotonic() < end:
+            pass                             # busy in Python, never letting the GIL go
+        return dq.used_idx()
+    finally:
+        sys.setswitchinterval(interval)
+        child.wait()
+
+
 def test_receive_needs_no_gil_between_input_and_its_frames(stream_rig):
     # Under KVM, vCPU threads run Python for their exits (and a guest's kick reaches a
     # worker through its ioeventfd): a receive worker places arriving frames without taking
@@ -479,20 +498,9 @@ def test_receive_needs_no_gil_between_input_and_its_frames(stream_rig):
     dq = r.nd.drv.queues[0]
     time.sleep(0.05)                         # the worker settles on its wait for input
     fd = r.backend.peer.fileno()
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import os, sys, time; time.sleep(0.3); "
-         "os.write(int(sys.argv[1]), bytes.fromhex(sys.argv[2]))",
-         str(fd), (struct.pack(">I", len(f)) + f).hex()], pass_fds=(fd,))
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(30.0)              # this thread keeps the GIL while it runs
-    try:
-        end = time.monotonic() + 5.0
-        while dq.used_idx() == 0 and time.monotonic() < end:
-            pass                             # busy in Python, never letting the GIL go
-        placed = dq.used_idx()
-    finally:
-        sys.setswitchinterval(interval)
-        child.wait()
+    placed = _used_while_holding_the_gil(
+        dq, fd, "os.write(fd, bytes.fromhex(sys.argv[2]))",
+        (struct.pack(">I", len(f)) + f).hex())
     assert placed == 1, "the frame waited for the GIL"
     assert r.nd.recv(0)[1] == f
 
@@ -506,20 +514,7 @@ def test_transmit_needs_no_gil_between_a_kick_and_its_frames(stream_rig):
     dq = r.nd.drv.queues[1]
     time.sleep(0.05)                         # the worker settles on its wait for a kick
     r.nd.send(0, f, wait=False, kick=False)
-    fd = r.fn.doorbell_fd(1)
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import os, sys, time; time.sleep(0.3); "
-         "os.eventfd_write(int(sys.argv[1]), 1)", str(fd)], pass_fds=(fd,))
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(30.0)              # this thread keeps the GIL while it runs
-    try:
-        end = time.monotonic() + 5.0
-        while dq.used_idx() == 0 and time.monotonic() < end:
-            pass                             # busy in Python, never letting the GIL go
-        sent = dq.used_idx()
-    finally:
-        sys.setswitchinterval(interval)
-        child.wait()
+    sent = _used_while_holding_the_gil(dq, r.fn.doorbell_fd(1), "os.eventfd_write(fd, 1)")
     assert sent == 1, "the frame waited for the GIL"
     assert r.backend.recv_frame() == f
 
