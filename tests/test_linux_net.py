@@ -206,8 +206,11 @@ def test_namespace_pings_linux_guest_on_tap(vmm, tmp_path, guests):
             g = start_guest(vmm, tmp_path, "tap", kernel_cmdline(static_ip(GUEST_ADDR)),
                             net_args(vmm, "tap:tap0"), ns)
             guests.append(g)
-            out = g.wait_for("IP-Config: Complete:", BOOT_TIMEOUT,
+            # The line after "IP-Config: Complete:", whole: the console may be read between
+            # the two lines (a CI run failed that way once).
+            out = g.wait_for(f"mask=255.255.255.0, gw={HOST_ADDR}", BOOT_TIMEOUT,
                              lambda: f"the frames on tap0:\n{frames.text()}")
+            assert "IP-Config: Complete:" in out
             assert f"addr={GUEST_ADDR}, mask=255.255.255.0, gw={HOST_ADDR}" in out
             assert f"device=eth0, hwaddr={GUEST_MAC}" in out
             replies = ping_replies(ns, GUEST_ADDR)
