@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -467,79 +468,67 @@ def test_set_irqs_has_a_shorter_deadline(tmp_path):
         t.join(5)
 
 
-def _reading_behind(b):
-    """A thread reading a region (its reply held back by the fake server); returns the thread
-    and the list it appends (exception or None, when) to."""
-    other = []
-
-    def read():
-        try:
-            b.region_read(7, 0, 4)
-            other.append((None, time.monotonic()))
-        except BaseException as e:
-            other.append((e, time.monotonic()))
-    return threading.Thread(target=read), other
-
-
-def test_set_irqs_waits_behind_a_slow_command_that_is_within_its_deadline(tmp_path):
-    """A server taking 1 s over a region access (a reset flushing a large image, say) is slow,
-    not hung: a SET_IRQS behind it waits, and both succeed."""
+@contextmanager
+def _set_irqs_behind_a_read(tmp_path, *, hold, release=lambda: None, deadline):
+    """A fake server that answers a REGION_READ once hold() returns (other commands at
+    once), a backend on it (`deadline`, SET_IRQS 0.3 s), an eventfd, and a thread whose
+    region read the server is holding when this yields (backend, eventfd, the read's
+    outcome: a list that gets (exception or None, when), complete once the block is left).
+    release() lets the server go on."""
     reading = threading.Event()
 
     def answer(msg):
         if msg.command == p.REGION_READ:
             reading.set()
-            time.sleep(1.0)
+            hold()
             return p.encode(msg.msg_id, msg.command, p.RegionAccess.build(dict(
                 offset=0, region=7, count=4)) + bytes(4), flags=p.TYPE_REPLY)
         return p.encode(msg.msg_id, msg.command, flags=p.TYPE_REPLY)
     t = fake_server(tmp_path / "s", answer)
-    b = VfioUserBackend(str(tmp_path / "s"), deadline=5, irq_deadline=0.3)
+    b = VfioUserBackend(str(tmp_path / "s"), deadline=deadline, irq_deadline=0.3)
     fd = os.eventfd(0)
-    reader, other = _reading_behind(b)
+    outcome = []
+
+    def read():
+        try:
+            b.region_read(7, 0, 4)
+            outcome.append((None, time.monotonic()))
+        except BaseException as e:
+            outcome.append((e, time.monotonic()))
+    reader = threading.Thread(target=read)
     try:
         reader.start()
         assert reading.wait(5)
-        b.set_irq_eventfd(p.PCI_MSIX_IRQ, 1, fd)     # no BackendLost
-        reader.join(5)
-        assert other and other[0][0] is None, other
-        b.reset()                                   # the connection is still there
+        yield b, fd, outcome
     finally:
+        release()
         reader.join(5)
         os.close(fd)
         b.close()
         t.join(5)
+
+
+def test_set_irqs_waits_behind_a_slow_command_that_is_within_its_deadline(tmp_path):
+    """A server taking 1 s over a region access (a reset flushing a large image, say) is slow,
+    not hung: a SET_IRQS behind it waits, and both succeed."""
+    with _set_irqs_behind_a_read(tmp_path, hold=lambda: time.sleep(1.0),
+                                 deadline=5) as (b, fd, read):
+        b.set_irq_eventfd(p.PCI_MSIX_IRQ, 1, fd)     # no BackendLost
+        b.reset()                                   # the connection is still there
+    assert read and read[0][0] is None, read        # the read behind it succeeded too
 
 
 def test_set_irqs_behind_a_hung_command_ends_when_that_command_times_out(tmp_path):
     """A command the server never answers times out after its own deadline and the device is
     lost; a SET_IRQS waiting behind it gives up by then plus its own deadline."""
-    gate, reading = threading.Event(), threading.Event()
-
-    def answer(msg):
-        if msg.command == p.REGION_READ:
-            reading.set()
-            gate.wait(10)                       # hung on this one
-        return p.encode(msg.msg_id, msg.command, flags=p.TYPE_REPLY)
-    t = fake_server(tmp_path / "s", answer)
-    b = VfioUserBackend(str(tmp_path / "s"), deadline=1.0, irq_deadline=0.3)
-    fd = os.eventfd(0)
-    reader, other = _reading_behind(b)
-    try:
-        reader.start()
-        assert reading.wait(5)
+    gate = threading.Event()
+    with _set_irqs_behind_a_read(tmp_path, hold=lambda: gate.wait(10), release=gate.set,
+                                 deadline=1.0) as (b, fd, read):
         start = time.monotonic()
         with pytest.raises(BackendLost):
             b.set_irq_eventfd(p.PCI_MSIX_IRQ, 1, fd)
         assert time.monotonic() - start < 1.0 + 0.3 + 0.5
-        reader.join(5)
-        assert isinstance(other[0][0], BackendLost) and other[0][1] - start < 1.5
-    finally:
-        gate.set()
-        reader.join(5)
-        os.close(fd)
-        b.close()
-        t.join(5)
+    assert isinstance(read[0][0], BackendLost) and read[0][1] - start < 1.5
 
 
 @pytest.mark.parametrize("stall", ["requests of its own", "a reply a byte at a time"])
