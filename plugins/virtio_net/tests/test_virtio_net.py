@@ -635,6 +635,23 @@ def test_tap_tx_rx_byte_for_byte(netns):
         r.close()
 
 
+def test_tap_transmit_copied_and_gathered_frames_byte_for_byte(netns):
+    """Frames up to 4 KiB leave in one write() of a copy, longer ones in a writev() of the
+    guest's buffers (vnet.c, VNET_TX_COPY_MAX): both whole and in order, from one buffer or
+    several, either side of the boundary."""
+    r = TapRig(netns)
+    try:
+        peer = bytes.fromhex("020000ccdd02")
+        for i, (n, pieces) in enumerate([(4096 - 14, 1), (4096 - 14, 3), (4097 - 14, 1),
+                                         (4097 - 14, 4), (9000, 1), (9000, 5), (60, 2)]):
+            f = frame(dst=peer, src=MAC, n=n, seed=i)
+            r.nd.send(0, f, pieces=pieces)
+            assert r.recv_peer(lambda g: g[12:14] == b"\x88\xb5") == f, (n, pieces)
+        assert r.dev.stats()["tx_frames"] == 7
+    finally:
+        r.close()
+
+
 def test_tap_offloads_follow_acked_features(netns):
     r = TapRig(netns, features=BASIC | bit(L.F_CSUM) | bit(L.F_GUEST_CSUM))
     try:
