@@ -48,6 +48,7 @@ enum { VNET_WAIT_KICK = 0,          /* its doorbell */
                                      * 4-8 KiB the copy costs more than writev's path) */
 #define VNET_NOTIFY_EVERY 64        /* frames between interrupt checks in a long batch */
 #define VNET_MAC_TABLE 64
+#define VNET_PREFETCH_MAX 1536      /* bytes of the next buffer brought into the cache */
 #define VNET_MAX_DOORBELLS 6        /* a queue's doorbells a native sleep watches */
 
 /* One backend descriptor, shared by the queue pairs it serves. */
@@ -451,6 +452,22 @@ static int owe_interrupt(struct hv_vq *q, const struct hv_irq_gate *irq)
     return hv->vq_needs_notification(q) && !hv->irq_gate_fire(irq);
 }
 
+/* Bring the next receive buffer into the cache, for writing, while the next read() runs:
+ * copying a frame into a cold buffer of the driver's took 0.2-0.4 us of the 1.8-2.2 us a
+ * 1514-byte frame cost here, 0.07 us with this (2026-12-02). The chain is only looked at
+ * (rx_place walks it again, as the driver may have changed it meanwhile). */
+static void rx_prefetch_next(struct vnet_rxq *rq, struct hv_vq *q)
+{
+    if (hv->vq_peek_at(q, 0, &rq->ch) != HV_VQ_CHAIN || rq->ch.n == rq->ch.nr)
+        return;
+    const uint8_t *b = rq->ch.iov[rq->ch.nr].iov_base;
+    size_t len = rq->ch.iov[rq->ch.nr].iov_len;
+    if (len > VNET_PREFETCH_MAX)
+        len = VNET_PREFETCH_MAX;
+    for (size_t off = 0; off < len; off += 64)
+        __builtin_prefetch(b + off, 1, 3);
+}
+
 int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate *irq)
 {
     struct vnet_port *p = rq->port;
@@ -515,6 +532,7 @@ int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate
         }
         rq->have_frame = 0;
         if (rc == PLACE_DONE) {
+            rx_prefetch_next(rq, q);
             rq->served++;
             if (q->notifications)
                 hv->vq_set_notifications(q, 0);
