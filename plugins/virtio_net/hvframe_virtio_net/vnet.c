@@ -49,6 +49,7 @@ enum { VNET_WAIT_KICK = 0,          /* its doorbell */
 #define VNET_NOTIFY_EVERY 64        /* frames between interrupt checks in a long batch */
 #define VNET_MAC_TABLE 64
 #define VNET_PREFETCH_MAX 1536      /* bytes of the next buffer brought into the cache */
+#define VNET_PREFETCH_MIN 512       /* ... after a frame at least this long */
 #define VNET_MAX_DOORBELLS 6        /* a queue's doorbells a native sleep watches */
 
 /* One backend descriptor, shared by the queue pairs it serves. */
@@ -458,6 +459,9 @@ static int owe_interrupt(struct hv_vq *q, const struct hv_irq_gate *irq)
  * (rx_place walks it again, as the driver may have changed it meanwhile). */
 static void rx_prefetch_next(struct vnet_rxq *rq, struct hv_vq *q)
 {
+    if (rq->frame_len < VNET_PREFETCH_MIN)
+        return;                     /* small frames (and the next is likely alike): a few
+                                     * lines, cheaper to miss than the extra walk */
     if (hv->vq_peek_at(q, 0, &rq->ch) != HV_VQ_CHAIN || rq->ch.n == rq->ch.nr)
         return;
     const uint8_t *b = rq->ch.iov[rq->ch.nr].iov_base;
