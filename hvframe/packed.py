@@ -339,7 +339,7 @@ class Declarations:
         path = self._cache_path()
         try:
             with open(path, "rb") as f:
-                cached_key, plans = marshal.load(f)
+                cached_key, plans = marshal.loads(f.read())    # load(f) reads byte by byte
             if cached_key == key and isinstance(plans, dict):
                 self._plans = plans
                 return plans
@@ -361,7 +361,7 @@ class Declarations:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "wb") as f:
-                marshal.dump((key, plans), f)
+                f.write(marshal.dumps((key, plans)))
             os.replace(tmp, path)
         except OSError:
             try:
