@@ -162,6 +162,32 @@ class MsiIrqFd:
         self.machine._forget_irqfd(self)
 
 
+class CoalescedWrites:
+    """Guest writes to one address range that the VM buffers instead of exiting for each
+    (Machine.coalesce_writes). They reach the bus handler later, in order, before any later
+    exit of any vCPU is handled, and at the latest a few milliseconds after they were made
+    (the machine's drain thread), at a pause and at close: a handler sees them exactly as it
+    would have, only not at once. So a device enables it only while a write has no effect a
+    guest waits for without making another access (an interrupt, say)."""
+
+    def __init__(self, machine: "Machine", space: str, addr: int, length: int):
+        self.machine, self.space, self.addr, self.length = machine, space, addr, length
+        self.enabled = False
+
+    def enable(self, on: bool) -> None:
+        """Buffer the range's writes (True) or let each exit again (False); what was buffered
+        before is still handed on in order."""
+        if on == self.enabled:
+            return
+        self.machine._coalesce(self, on)
+        self.enabled = on
+
+    def close(self) -> None:
+        """Stop buffering and hand on what was buffered (with no lock held)."""
+        self.enable(False)
+        self.machine.drain_coalesced()
+
+
 class Machine:
     """What every device sees. Its services, all declared here:
 
@@ -169,6 +195,7 @@ class Machine:
       pio, mmio      the port and MMIO buses handlers are registered on
       irq(), irq_source(), signal_msi(), add_msi_irqfd()   interrupts
       add_ioeventfd()                                      doorbells
+      coalesce_writes()                                    writes buffered, not exited for
       pci            the PCI bus (None until pci_bus() makes it)
       lpc            the LPC bridge, when the machine has one (set_lpc_bridge)
       fw_cfg         the fw_cfg interface, when it has one (fw_cfg_device() makes it)
@@ -218,6 +245,9 @@ class Machine:
         self.vcpus: list = []
         self.vm = None
         self._kvm = None
+        self._coalesced_zones = 0          # coalesce_writes() ranges: run() starts the drain thread
+        self._drain_stop = threading.Event()
+        self._drain_thread: threading.Thread | None = None
         if backend == "kvm":
             from .kvm import Kvm, KvmVm
             try:
@@ -364,6 +394,40 @@ class Machine:
         self.on_close(ev.close)
         return ev
 
+    # How long a buffered write may wait for the next exit before the drain thread hands it on.
+    COALESCED_DRAIN_INTERVAL = 0.002
+
+    def coalesce_writes(self, space: str, addr: int, length: int) -> CoalescedWrites | None:
+        """Writes to [addr, addr + length) buffered by KVM instead of exiting one by one
+        (KVM_REGISTER_COALESCED_MMIO); see CoalescedWrites. None when this machine cannot
+        (no KVM_CAP_COALESCED_PIO, or ports asked for on MMIO-only support)."""
+        if space not in ("pio", "mmio"):
+            raise ValueError("space must be 'pio' or 'mmio'")
+        if self.vm is not None and not self.vm.has_coalesced_pio:
+            return None
+        zone = CoalescedWrites(self, space, addr, length)
+        self._coalesced_zones += 1
+        self.on_close(zone.close)
+        return zone
+
+    def _coalesce(self, zone: CoalescedWrites, on: bool) -> None:
+        if self.vm is not None:
+            self.vm.coalesce(zone.addr, zone.length, pio=zone.space == "pio", assign=on)
+
+    def drain_coalesced(self) -> int:
+        """Hand every buffered write to its handler now (also done before each exit, by the
+        drain thread, at a pause and at close). Never call it holding a lock."""
+        if self.vm is None or not self._coalesced_zones:
+            return 0
+        concurrency.may_block("handing on buffered guest writes")
+        return self.vm.drain_coalesced()
+
+    def _drain_loop(self) -> None:
+        # Owned by the machine, stopped by close(). Writes a guest buffered and then made no
+        # exit for (it halted, say) reach their handler within the interval.
+        while not self._drain_stop.wait(self.COALESCED_DRAIN_INTERVAL):
+            self.drain_coalesced()
+
     # -- lifecycle -------------------------------------------------------------------------
     def add_device(self, device: "Device") -> "Device":
         """Hold a device: started, paused, resumed and closed with the machine."""
@@ -395,6 +459,7 @@ class Machine:
             lib.hv_vcpu_stop(v.c)
         running = [t for t in self._vcpu_threads if t.is_alive()]
         parked = self.pause_gate.wait_parked(len(running), deadline)
+        self.drain_coalesced()          # the devices see every write before they pause
         for d in self.devices:
             d.pause()
         return parked
@@ -434,6 +499,11 @@ class Machine:
         if self.__dict__.setdefault("_closed_by", token) is not token:
             return
         stuck = self._stop_vcpu_threads()
+        self._drain_stop.set()
+        if self._drain_thread is not None:
+            self._drain_thread.join(concurrency.JOIN_DEADLINE)
+        if not stuck:
+            self.drain_coalesced()      # what the guest wrote last reaches its device
         for fn in reversed(self._closers):
             try:
                 fn()
@@ -547,6 +617,10 @@ class Machine:
         threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}",
                                     daemon=True) for v in self.vcpus]
         self._vcpu_threads = threads       # close() stops and joins any still running
+        if self._coalesced_zones and self.vm is not None and self._drain_thread is None:
+            self._drain_thread = threading.Thread(target=self._drain_loop, name="coalesced-drain",
+                                                  daemon=True)
+            self._drain_thread.start()      # close() stops and joins it
         for t in threads:
             t.start()
         try:

@@ -65,7 +65,8 @@ def _make_factory(name: str, base: int, irq: int):
         uart = Uart16550(set_irq=machine.irq_source(irq), backend=backend, name=name, acpi=acpi)
         try:
             if options.native and isinstance(backend, NATIVE_OUTPUT):
-                uart.map_native(machine.pio, base, name=name)
+                uart.map_native(machine.pio, base, name=name,
+                                thr_writes=machine.coalesce_writes("pio", base, 1))
             else:
                 machine.pio.register(base, PORT_COUNT, uart, name=name, access=BYTE_PORTS)
         except BaseException:

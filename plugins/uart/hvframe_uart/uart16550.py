@@ -51,7 +51,7 @@ the ring first and hands on to the backend, whose own bound drops and counts.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
 from hvframe import concurrency
 from hvframe.device import AcpiIsaDevice, Device
@@ -59,6 +59,9 @@ from hvframe.dispatch import Access, Bus
 from hvframe.packed import Declarations, declared_later
 from hvframe.snapshot.state import DeviceState
 from hvframe.regblock import Fifo, FifoDrainer, Full, Kind, Reg, RegisterBlock
+
+if TYPE_CHECKING:
+    from hvframe.machine import CoalescedWrites
 
 # Register offsets (DLAB selects DLL/DLM at 0/1).
 RBR = THR = DLL = 0
@@ -212,6 +215,7 @@ class Uart16550(Device, DeviceState):
         self._native_on = False                         # THR and LSR served natively now
         self._native_lsr = 0                            # the LSR bits last given to it
         self._native_pushed = 0                         # ring entries pushed when switched on
+        self._thr_writes: Optional[CoalescedWrites] = None   # buffered THR writes (map_native)
 
     @property
     def native_block(self) -> Optional[RegisterBlock]:
@@ -223,15 +227,20 @@ class Uart16550(Device, DeviceState):
         """The thread handing the native ring to the backend (map_native), if any."""
         return self._drainer
 
-    def map_native(self, bus: Bus, base: int, name: str = "16550") -> None:
+    def map_native(self, bus: Bus, base: int, name: str = "16550",
+                   thr_writes: CoalescedWrites | None = None) -> None:
         """Serve this UART's 8 ports of bus at base, with LSR reads and THR writes answered
         natively while the mode is plain (see the module docstring). The backend's write()
-        must never wait (it is called from the drain thread under the transmit lock)."""
+        must never wait (it is called from the drain thread under the transmit lock).
+        thr_writes (Machine.coalesce_writes of the THR port), if given, is enabled while the
+        mode is plain: a polled console's THR writes are then buffered by KVM and reach the
+        ring at the guest's next LSR poll, one exit per byte instead of two."""
         block = RegisterBlock(LAYOUTS.REGISTERS, NATIVE_REGS, self, fifos=NATIVE_FIFOS, name=name)
         block.map(bus, base, access=BYTE_PORTS)
         self._drainer = FifoDrainer(block, "tx", self.flush_native, name=f"{name}-tx-drain")
         with self._lock:
             self._native = block
+            self._thr_writes = thr_writes
             self._sync_native()
         self._drainer.start()
 
@@ -287,6 +296,8 @@ class Uart16550(Device, DeviceState):
     def close(self) -> None:
         """Release a backend reader blocked on backpressure, hand on what the native ring
         holds, then close the backend. Idempotent."""
+        if self._thr_writes is not None:
+            self._thr_writes.close()    # THR writes still buffered reach the ring first
         with self._lock:
             if self._closed:
                 return
@@ -503,6 +514,9 @@ class Uart16550(Device, DeviceState):
             return
         block.set_native(NATIVE_NAMES, plain)
         self._native_on = plain
+        if self._thr_writes is not None:
+            # Plain mode raises no interrupt on a THR write, so a buffered one is only late.
+            self._thr_writes.enable(plain)
         pushed = block.counts("tx").pushed
         if plain:
             self._native_pushed = pushed
