@@ -19,8 +19,9 @@ from hvframe import packed
 from hvframe.packed import Declarations, PackedError
 
 DECLARING_MODULES = ["hvframe.acpi.tables", "hvframe.acpi.aml", "hvframe.acpi.mptable",
-                     "hvframe.loader.elf", "hvframe.loader.pvh", "hvframe.loader.bzimage",
-                     "hvframe.snapshot.state", "hvframe_uart.uart16550"]
+                     "hvframe.acpi.smbios", "hvframe.loader.elf", "hvframe.loader.pvh",
+                     "hvframe.loader.bzimage", "hvframe.pci.config_space",
+                     "hvframe.snapshot.state", "hvframe.snapshot.pci", "hvframe_uart.uart16550"]
 
 
 def declarations(modname: str) -> Declarations:
@@ -153,7 +154,8 @@ def _fields(con):
 
 
 # Declarations only a checkpoint reads (through construct, which a checkpoint imports anyway).
-CHECKPOINT_ONLY = {"hvframe_uart.uart16550": {"UART_STATE"}}
+CHECKPOINT_ONLY = {"hvframe_uart.uart16550": {"UART_STATE"},
+                   "hvframe.snapshot.pci": {"PCI_FUNCTION_STATE"}}
 
 
 def test_every_run_path_declaration_compiles():
@@ -254,10 +256,13 @@ def test_the_run_path_imports_no_construct(tmp_path):
         from hvframe.loader.elf import ElfFile
         from hvframe.loader import pvh, bzimage
         from hvframe.platform import acpi_pm, reset_control
-        from hvframe.lpc import i8042, rtc, bootrom
+        from hvframe.lpc import i8042, rtc, bootrom, fw_cfg
+        from hvframe.acpi import smbios
+        from hvframe.pci import config_space, hostbridge
         from hvframe_uart import uart16550
         build_acpi(ncpus=2)
         build_mptable(0x9FC00, 2, [3])
+        smbios.build(2, [(0, 64 << 20)], __import__("uuid").uuid4())
         ElfFile(open(sys.argv[1], "rb").read())
         print("construct" in sys.modules)
     ''')
