@@ -272,6 +272,14 @@ def _compiler_files() -> tuple:
     return tuple(os.path.join(here, f) for f in ("packed.py", "layout.py"))
 
 
+def _fnv1a(data: bytes) -> int:
+    # A stable 32-bit hash for a file name (hash() is salted per process; zlib costs an import).
+    h = 0x811C9DC5
+    for b in data:
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
 def _stamp(paths) -> tuple:
     out = []
     for p in paths:
@@ -326,11 +334,18 @@ class Declarations:
         return p
 
     def _key(self) -> tuple:
-        return (PLAN_VERSION, sys.version_info[:2],
+        # The module's path is part of the key: the cache is per user, not per checkout as
+        # __pycache__ is, and two checkouts' copies can have equal stamps (cp -a, rsync -a, a
+        # reproducible build's fixed mtimes) yet declare different layouts.
+        return (PLAN_VERSION, sys.version_info[:2], os.path.abspath(self._filename),
                 _stamp((self._filename, *_compiler_files())))
 
     def _cache_path(self) -> str:
-        return os.path.join(cache_dir(), f"{self._modname}.{sys.implementation.cache_tag}.plans")
+        # One file per checkout (a hash of the module's directory), so that runs from two
+        # worktrees do not keep compiling over each other's plans.
+        where = _fnv1a(os.path.abspath(os.path.dirname(self._filename)).encode())
+        return os.path.join(cache_dir(),
+                            f"{self._modname}.{where:08x}.{sys.implementation.cache_tag}.plans")
 
     def _load_plans(self) -> dict[str, tuple]:
         if self._plans is not None:

@@ -271,3 +271,23 @@ def test_the_run_path_imports_no_construct(tmp_path):
     subprocess.run(run, env=env, check=True, capture_output=True)      # fills the cache
     r = subprocess.run(run, env=env, check=True, capture_output=True, text=True)
     assert r.stdout.strip() == "False"
+
+
+def test_two_installs_with_equal_stamps_do_not_share_plans(tmp_path):
+    """Two checkouts (worktrees, venvs, an rsync -a copy, a reproducible build's fixed mtimes)
+    of a declaring module with the same name, size and mtime but different declarations:
+    each run builds with its own declarations, whichever ran first."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    (one / "probe_layouts.py").write_text(MODULE)
+    swapped = MODULE.replace('"a" / Int8ul, "b" / Int16ul', '"b" / Int16ul, "a" / Int8ul')
+    assert len(swapped) == len(MODULE) and swapped != MODULE
+    (two / "probe_layouts.py").write_text(swapped)
+    for d in (one, two):
+        os.utime(d / "probe_layouts.py", ns=(10**18, 10**18))
+    cache = tmp_path / "cache"
+    assert _probe(one, cache)[0] == "010302"
+    assert _probe(two, cache)[0] == "030201"
+    assert _probe(one, cache) == ["010302", "False"]     # each keeps its own plans cached
+    assert _probe(two, cache) == ["030201", "False"]
