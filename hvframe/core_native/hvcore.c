@@ -537,8 +537,11 @@ void hv_coalesced_free(struct hv_coalesced *c)
 }
 
 /* Hand every buffered write to its bus, oldest first; returns how many. KVM writes an entry
- * and then moves `last` on (with a barrier); the entry is copied out before `first` moves on
- * and frees its slot. The caller must hold no device lock (a write may reach any handler). */
+ * and then moves `last` on (with a barrier); the entry is copied out, handed on, and only
+ * then does `first` move on and free its slot: a drainer that finds first == last without
+ * the lock (a vCPU's exit, pause(), close()) may then rely on every write having been handled,
+ * not merely taken by another drainer still handing it on. The caller must hold no device
+ * lock (a write may reach any handler). */
 int hv_coalesced_drain(struct hv_coalesced *c)
 {
     struct kvm_coalesced_mmio_ring *r = c->ring;
@@ -551,12 +554,12 @@ int hv_coalesced_drain(struct hv_coalesced *c)
         if (first == __atomic_load_n(&r->last, __ATOMIC_ACQUIRE) || first >= c->max)
             break;
         struct kvm_coalesced_mmio e = r->coalesced_mmio[first];
-        __atomic_store_n(&r->first, (first + 1) % c->max, __ATOMIC_RELEASE);
         uint32_t len = e.len <= 8 ? e.len : 8;
         uint64_t val = 0;
         memcpy(&val, e.data, len);
         if (len)
             hv_bus_dispatch(e.pio ? c->pio : c->mmio, e.phys_addr, len, val, 1);
+        __atomic_store_n(&r->first, (first + 1) % c->max, __ATOMIC_RELEASE);
         n++;
     }
     c->drained += n;
