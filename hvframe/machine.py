@@ -173,14 +173,31 @@ class CoalescedWrites:
     def __init__(self, machine: "Machine", space: str, addr: int, length: int):
         self.machine, self.space, self.addr, self.length = machine, space, addr, length
         self.enabled = False
+        self.refused = False      # KVM would not buffer the range: its writes always exit
 
     def enable(self, on: bool) -> None:
         """Buffer the range's writes (True) or let each exit again (False); what was buffered
-        before is still handed on in order."""
-        if on == self.enabled:
+        before is still handed on in order. Called from a guest's register write: if KVM
+        refuses (ENOSPC on a full bus, ENOMEM), that is said once and the range's writes
+        simply exit from then on, which is always correct, rather than failing the write."""
+        if on == self.enabled or (on and self.refused):
             return
-        self.machine._coalesce(self, on)
+        try:
+            self.machine._coalesce(self, on)
+        except (HvError, OSError) as e:     # KvmError, or the ioctl's OSError
+            # Refused on: writes keep exiting. Refused off: still registered, so writes stay
+            # buffered and reach the handler in order at the next exit or drain, only late.
+            self._refuse(e, on)
+            return
         self.enabled = on
+
+    def _refuse(self, e: BaseException, on: bool) -> None:
+        if not self.refused:
+            then = ("each write exits instead" if on else
+                    "its writes stay buffered, handed on at the next exit or drain")
+            print(f"hvframe: KVM would not {'buffer' if on else 'stop buffering'} guest writes "
+                  f"to {self.space} {self.addr:#x}+{self.length}: {e}; {then}", file=sys.stderr)
+        self.refused = True
 
     def close(self) -> None:
         """Stop buffering and hand on what was buffered (with no lock held)."""

@@ -1,5 +1,6 @@
 """The 16550's polled console served natively (Uart16550.map_native): what the native register
 block answers, when it hands back to Python, and that output keeps its order throughout."""
+import os
 import threading
 
 import pytest
@@ -214,3 +215,43 @@ def test_interrupt_driven_transmit_is_not_buffered(com1):
     assert uart.native_block.served == served
     uart.close()                                # hands on what is buffered
     assert path.read_bytes() == b"ipq"
+
+
+class RefusingMachine(SyntheticMachine):
+    """A VM whose KVM refuses to buffer the THR port (ENOSPC: its port bus is full, say)."""
+
+    def _coalesce(self, zone, on):
+        if on:
+            import errno
+            from hvframe.kvm import KvmError
+            raise KvmError(f"KVM_(UN)REGISTER_COALESCED_MMIO: {os.strerror(errno.ENOSPC)}")
+        super()._coalesce(zone, on)
+
+
+def test_kvm_refusing_to_buffer_thr_writes_costs_only_exits(tmp_path, capfd):
+    """A guest's LCR or IER write that makes the console plain asks KVM to buffer THR
+    writes; KVM saying no must not fail that write (the guest's divisor, mode and interrupt
+    enables all take) nor lose a byte: THR writes then simply exit, each handled at once."""
+    from hvframe import dispatch
+    failures = []
+    dispatch.failure_listeners.append(lambda *a: failures.append(a))
+    path = tmp_path / "com1.out"
+    m = RefusingMachine()
+    try:
+        uart, = rig(m, f"-l com1,file={path}")
+        uart.start()
+        guest_init(m)
+        assert m.io_read(COM1 + LCR, 1) == 0x03 and m.io_read(COM1 + MCR, 1) == 0x0B
+        served = uart.native_block.served
+        for c in b"ok":
+            putc(m, c)
+        assert uart.native_block.served == served + 4     # each THR write handled at once
+        m.io_write(COM1 + IER, 1, 0x02)
+        assert m.io_read(COM1 + IIR, 1) == 0xC2           # THRE, as without the refusal
+        uart.close()
+        assert path.read_bytes() == b"ok"
+    finally:
+        dispatch.failure_listeners.pop()
+        m.close()
+    assert failures == []
+    assert capfd.readouterr().err.count("buffer") <= 1   # said once, not per register write
