@@ -42,6 +42,7 @@ PCI_FUNCTION   one PCI function's INTx pin and the status bit that mirrors it
 MSI            MSI and MSI-X capability state
 MACHINE        interrupt sources and irqfds, the dispatch buses' range tables
 KVM            the VM's own state: GSI routes, interrupt line levels (ioctls only)
+               and a coalesced range's (un)registration (CoalescedWrites, under the device)
 LEAF           calls nothing while held: queues' condition variables, tables, counters
 =============  ==============================================================================
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Callable
 
 from .core_native import lib
@@ -168,20 +169,61 @@ class CoalescedWrites:
     exit of any vCPU is handled, and at the latest a few milliseconds after they were made
     (the machine's drain thread), at a pause and at close: a handler sees them exactly as it
     would have, only not at once. So a device enables it only while a write has no effect a
-    guest waits for without making another access (an interrupt, say)."""
+    guest waits for without making another access (an interrupt, say).
+
+    Turning it off takes effect at once; turning it on again takes one of BURST tokens, of
+    which one comes back every SETTLE seconds. Without one, the drain thread (settle()) turns
+    it on once a token is back, the writes exiting until then: each KVM (un)registration
+    waits for an SRCU grace period (milliseconds under nested KVM), and a guest decides how
+    often the device flips (a 16550's ETBEI, around every write burst of Linux's 8250
+    driver), so a guest that flips it all the time must not cost one each time."""
+
+    BURST = 4        # re-registrations allowed at once (a driver's set-up flips a few times)
+    SETTLE = 1.0     # seconds for one more
 
     def __init__(self, machine: "Machine", space: str, addr: int, length: int):
         self.machine, self.space, self.addr, self.length = machine, space, addr, length
-        self.enabled = False
+        self.enabled = False      # registered with KVM now
+        self.wanted = False       # the device would have it on
         self.refused = False      # KVM would not buffer the range: its writes always exit
+        self._tokens = float(self.BURST)
+        self._tokens_at = time.monotonic()
+        # Held across the (un)register ioctl; taken under the device's lock (enable()).
+        self._lock = concurrency.lock(concurrency.KVM, f"coalesced {space} {addr:#x}")
 
     def enable(self, on: bool) -> None:
         """Buffer the range's writes (True) or let each exit again (False); what was buffered
         before is still handed on in order. Called from a guest's register write: if KVM
         refuses (ENOSPC on a full bus, ENOMEM), that is said once and the range's writes
         simply exit from then on, which is always correct, rather than failing the write."""
-        if on == self.enabled or (on and self.refused):
+        with self._lock:
+            self.wanted = on
+            if on == self.enabled or (on and self.refused):
+                return
+            if on and not self._take_token():
+                return            # settle() turns it on once a token is back
+            self._set(on)
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(float(self.BURST),
+                           self._tokens + (now - self._tokens_at) / self.SETTLE)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def settle(self) -> None:
+        """Turn the range on if it is wanted and a token is back (the machine's drain
+        thread, every few milliseconds; no lock held)."""
+        if not self.wanted or self.enabled or self.refused:
             return
+        with self._lock:
+            if self.wanted and not self.enabled and not self.refused and self._take_token():
+                self._set(True)
+
+    def _set(self, on: bool) -> None:
         try:
             self.machine._coalesce(self, on)
         except (HvError, OSError) as e:     # KvmError, or the ioctl's OSError
@@ -262,7 +304,7 @@ class Machine:
         self.vcpus: list = []
         self.vm = None
         self._kvm = None
-        self._coalesced_zones = 0          # coalesce_writes() ranges: run() starts the drain thread
+        self._coalesced_zones: list[CoalescedWrites] = []   # run() starts the drain thread
         self._drain_stop = threading.Event()
         self._drain_thread: threading.Thread | None = None
         if backend == "kvm":
@@ -423,7 +465,7 @@ class Machine:
         if self.vm is not None and not self.vm.has_coalesced_pio:
             return None
         zone = CoalescedWrites(self, space, addr, length)
-        self._coalesced_zones += 1
+        self._coalesced_zones.append(zone)
         self.on_close(zone.close)
         return zone
 
@@ -444,6 +486,13 @@ class Machine:
         # exit for (it halted, say) reach their handler within the interval.
         while not self._drain_stop.wait(self.COALESCED_DRAIN_INTERVAL):
             self.drain_coalesced()
+            self.settle_coalesced()
+
+    def settle_coalesced(self) -> None:
+        """Turn back on the coalesced ranges a device has wanted on long enough (see
+        CoalescedWrites.SETTLE); the drain thread calls it. No lock may be held."""
+        for zone in self._coalesced_zones:
+            zone.settle()
 
     # -- lifecycle -------------------------------------------------------------------------
     def add_device(self, device: "Device") -> "Device":

@@ -255,3 +255,51 @@ def test_kvm_refusing_to_buffer_thr_writes_costs_only_exits(tmp_path, capfd):
         m.close()
     assert failures == []
     assert capfd.readouterr().err.count("buffer") <= 1   # said once, not per register write
+
+
+class CountingMachine(SyntheticMachine):
+    """Counts the KVM_(UN)REGISTER_COALESCED_MMIO calls a guest's register writes cause."""
+
+    def __init__(self):
+        super().__init__()
+        self.zone_ioctls = 0
+
+    def _coalesce(self, zone, on):
+        self.zone_ioctls += 1
+        super()._coalesce(zone, on)
+
+
+def test_a_guest_toggling_thr_interrupts_costs_no_ioctl_per_toggle(tmp_path, monkeypatch):
+    """Each (un)registration of the THR zone is an ioctl KVM answers with an SRCU grace
+    period (milliseconds under nested KVM, held under the UART lock on the vCPU's exit
+    path). A guest flipping ETBEI on and off (Linux's 8250 around every interactive write
+    burst, or a guest doing it in a loop) must not make one per flip: the zone comes back
+    only once the console has stayed plain for a while (the machine's drain thread sees to
+    it), and every byte still arrives in order."""
+    from hvframe.machine import CoalescedWrites
+    monkeypatch.setattr(CoalescedWrites, "SETTLE", 60.0)   # no token back during the loop
+    path = tmp_path / "com1.out"
+    m = CountingMachine()
+    try:
+        uart, = rig(m, f"-l com1,file={path}")
+        uart.start()
+        guest_init(m)
+        before = m.zone_ioctls
+        text = b"".join(b"line %d\n" % i for i in range(200))
+        for line in text.splitlines(keepends=True):
+            m.io_write(COM1 + IER, 1, 0x02)          # start_tx: THR interrupts on
+            m.io_write(COM1 + IER, 1, 0x00)          # stop_tx: off again, a plain console
+            for c in line:
+                putc(m, c)
+        assert m.zone_ioctls - before <= 2 * CoalescedWrites.BURST   # not 2 per line
+        monkeypatch.setattr(CoalescedWrites, "SETTLE", 0.01)
+        import time
+        time.sleep(0.05)                             # plain for a while now: a token is back
+        m.settle_coalesced()                         # the drain thread's periodic call
+        served = uart.native_block.served
+        m.io_write(COM1 + THR, 1, ord("!"))
+        assert uart.native_block.served == served    # plain long enough: buffered again
+        uart.close()
+        assert path.read_bytes() == text + b"!"
+    finally:
+        m.close()
