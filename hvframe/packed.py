@@ -261,8 +261,14 @@ class declared_later:
 
 # -- the cache -----------------------------------------------------------------------------------
 
-def cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+def cache_dir() -> str | None:
+    """Where plans are kept; None when there is no home to keep them in (no HOME and no
+    passwd entry leave "~" as it is): never a directory relative to where the run started.
+    A relative XDG_CACHE_HOME is ignored, as the XDG spec says."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.path.isabs(base):
+        return None
     return os.path.join(base, "hvframe", "layouts")
 
 
@@ -340,12 +346,14 @@ class Declarations:
         return (PLAN_VERSION, sys.version_info[:2], os.path.abspath(self._filename),
                 _stamp((self._filename, *_compiler_files())))
 
-    def _cache_path(self) -> str:
+    def _cache_path(self) -> str | None:
         # One file per checkout (a hash of the module's directory), so that runs from two
         # worktrees do not keep compiling over each other's plans.
         where = _fnv1a(os.path.abspath(os.path.dirname(self._filename)).encode())
-        return os.path.join(cache_dir(),
-                            f"{self._modname}.{where:08x}.{sys.implementation.cache_tag}.plans")
+        base = cache_dir()
+        if base is None:
+            return None
+        return os.path.join(base, f"{self._modname}.{where:08x}.{sys.implementation.cache_tag}.plans")
 
     def _load_plans(self) -> dict[str, tuple]:
         if self._plans is not None:
@@ -353,6 +361,8 @@ class Declarations:
         key = self._key()
         path = self._cache_path()
         try:
+            if path is None:
+                raise FileNotFoundError("no cache directory")
             with open(path, "rb") as f:
                 cached_key, plans = marshal.loads(f.read())    # load(f) reads byte by byte
             if cached_key == key and isinstance(plans, dict):
@@ -367,7 +377,8 @@ class Declarations:
             if plan is not None:
                 plans[name] = plan
         self._plans = plans
-        self._store(path, key, plans)
+        if path is not None:
+            self._store(path, key, plans)
         return plans
 
     @staticmethod

@@ -291,3 +291,25 @@ def test_two_installs_with_equal_stamps_do_not_share_plans(tmp_path):
     assert _probe(two, cache)[0] == "030201"
     assert _probe(one, cache) == ["010302", "False"]     # each keeps its own plans cached
     assert _probe(two, cache) == ["030201", "False"]
+
+
+@pytest.mark.parametrize("xdg", [None, "relative/cache"])
+def test_no_home_directory_means_no_cache_not_one_in_the_working_directory(
+        tmp_path, monkeypatch, xdg):
+    """A uid with no passwd entry and no HOME (a container run as an arbitrary uid):
+    expanduser("~") stays "~". The plans must not then be written under ./~/.cache of
+    whatever directory the run was started in (nor under a relative XDG_CACHE_HOME, which
+    the XDG spec says to ignore); the run compiles them and goes on."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HOME", raising=False)
+    if xdg is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    monkeypatch.setattr(os.path, "expanduser", lambda p: p)
+    (tmp_path / "probe_layouts.py").write_text(MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "probe_layouts", raising=False)
+    mod = importlib.import_module("probe_layouts")
+    assert mod.LAYOUTS.Thing.build(dict(a=1, b=0x203)).hex() == "010302"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe_layouts.py"]
