@@ -12,7 +12,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
-from .core_native import lib
+from .core_native import ffi, lib
 from .dispatch import Bus
 from .errors import HvError
 from .memory import GuestMemory
@@ -166,8 +166,8 @@ class MsiIrqFd:
 class CoalescedWrites:
     """Guest writes to one address range that the VM buffers instead of exiting for each
     (Machine.coalesce_writes). They reach the bus handler later, in order, before any later
-    exit of any vCPU is handled, and at the latest a few milliseconds after they were made
-    (the machine's drain thread), at a pause and at close: a handler sees them exactly as it
+    exit of any vCPU is handled, and at the latest 2 ms (20 ms after a quiet spell) after
+    they were made (the machine's drain thread), at a pause and at close: a handler sees them exactly as it
     would have, only not at once. So a device enables it only while a write has no effect a
     guest waits for without making another access (an interrupt, say).
 
@@ -453,8 +453,12 @@ class Machine:
         self.on_close(ev.close)
         return ev
 
-    # How long a buffered write may wait for the next exit before the drain thread hands it on.
+    # How long a buffered write may wait for the next exit before the drain thread hands it on:
+    # while the guest has been writing lately, and after QUIET seconds without a write (an
+    # idle or halted guest), when waking every 2 ms would cost a few % of a core for nothing.
     COALESCED_DRAIN_INTERVAL = 0.002
+    COALESCED_IDLE_INTERVAL = 0.02
+    COALESCED_QUIET = 0.1
 
     def coalesce_writes(self, space: str, addr: int, length: int) -> CoalescedWrites | None:
         """Writes to [addr, addr + length) buffered by KVM instead of exiting one by one
@@ -483,10 +487,19 @@ class Machine:
 
     def _drain_loop(self) -> None:
         # Owned by the machine, stopped by close(). Writes a guest buffered and then made no
-        # exit for (it halted, say) reach their handler within the interval.
-        while not self._drain_stop.wait(self.COALESCED_DRAIN_INTERVAL):
+        # exit for (it halted, say) reach their handler within the interval. The ring's count
+        # of writes handed on (by any drainer: mostly the vCPUs' own exits) says whether the
+        # guest is writing: the last bytes of a burst come right after other writes.
+        ring = self.vm.coalesced
+        interval, seen, active_at = self.COALESCED_DRAIN_INTERVAL, -1, time.monotonic()
+        while not self._drain_stop.wait(interval):
             self.drain_coalesced()
             self.settle_coalesced()
+            drained, now = ring.drained, time.monotonic()
+            if drained != seen:
+                seen, active_at = drained, now
+            interval = (self.COALESCED_DRAIN_INTERVAL if now - active_at < self.COALESCED_QUIET
+                        else self.COALESCED_IDLE_INTERVAL)
 
     def settle_coalesced(self) -> None:
         """Turn back on the coalesced ranges a device has wanted on long enough (see
@@ -683,7 +696,8 @@ class Machine:
         threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}",
                                     daemon=True) for v in self.vcpus]
         self._vcpu_threads = threads       # close() stops and joins any still running
-        if self._coalesced_zones and self.vm is not None and self._drain_thread is None:
+        if self._coalesced_zones and self.vm is not None and self.vm.coalesced != ffi.NULL \
+                and self._drain_thread is None:
             self._drain_thread = threading.Thread(target=self._drain_loop, name="coalesced-drain",
                                                   daemon=True)
             self._drain_thread.start()      # close() stops and joins it

@@ -86,3 +86,45 @@ def test_polled_console_on_stdout_through_the_command_line(guest_dir):
                      "-a", f"count={n}"], input=b"")
     assert p.returncode == 1, p.stderr
     assert payload_of(p.stdout, n) == expected_payload(n)
+
+
+def test_an_idle_guest_does_not_keep_the_drain_thread_busy(guest_dir, tmp_path):
+    """A guest that printed and then sits halted (an idle VM with a plain console, the common
+    case) made the drain thread wake every 2 ms for ever: 500 wake-ups and about 2.5% of a
+    core a second for nothing. Once nothing has been buffered for a while it wakes rarely,
+    and the last bytes still arrive."""
+    from hvframe.loader import load_kernel
+    from hvframe.platform.acpi_pm import AcpiPm
+    from hvframe_uart.backends import FileBackend
+    from hvframe_uart.uart16550 import Uart16550
+    n = 300
+    path = tmp_path / "com1.out"
+    m = Machine(64 << 20, 1)
+    try:
+        boot = load_kernel(m.memory, guest_dir["console"], cmdline=f"count={n} halt=1")
+        m.create_vcpus()
+        m.boot_direct(boot)
+        uart = Uart16550(set_irq=m.irq_source(4), backend=FileBackend(str(path)))
+        m.on_close(uart.close)
+        uart.map_native(m.pio, 0x3F8, name="com1", thr_writes=m.coalesce_writes("pio", 0x3F8, 1))
+        AcpiPm(m)
+        wakeups = []
+        drain = m.drain_coalesced
+        m.drain_coalesced = lambda: (wakeups.append(threading.current_thread().name), drain())[1]
+        uart.start()
+        runner = threading.Thread(target=m.run, kwargs={"timeout": 120}, daemon=True)
+        runner.start()
+        done = b"\r\nconsole done count=%d\r\n" % n
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not path.read_bytes().endswith(done):
+            time.sleep(0.05)
+        assert path.read_bytes().endswith(done)
+        time.sleep(1.0)                              # idle since
+        before = wakeups.count("coalesced-drain")
+        time.sleep(1.0)
+        idle = wakeups.count("coalesced-drain") - before
+        assert 0 < idle <= 100, idle                 # not 500
+        m.request_exit(2, "test over")
+        runner.join(10)
+    finally:
+        m.close()
