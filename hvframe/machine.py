@@ -167,9 +167,9 @@ class CoalescedWrites:
     """Guest writes to one address range that the VM buffers instead of exiting for each
     (Machine.coalesce_writes). They reach the bus handler later, in order, before any later
     exit of any vCPU is handled, and at the latest 2 ms (20 ms after a quiet spell) after
-    they were made (the machine's drain thread), at a pause and at close: a handler sees them exactly as it
-    would have, only not at once. So a device enables it only while a write has no effect a
-    guest waits for without making another access (an interrupt, say).
+    they were made (the machine's drain thread), at a pause and at close: a handler sees them
+    exactly as it would have, only not at once. So a device enables it only while a write has
+    no effect a guest waits for without making another access (an interrupt, say).
 
     Turning it off takes effect at once; turning it on again takes one of BURST tokens, of
     which one comes back every SETTLE seconds. Without one, the drain thread (settle()) turns

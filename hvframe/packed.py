@@ -353,7 +353,8 @@ class Declarations:
         base = cache_dir()
         if base is None:
             return None
-        return os.path.join(base, f"{self._modname}.{where:08x}.{sys.implementation.cache_tag}.plans")
+        name = f"{self._modname}.{where:08x}.{sys.implementation.cache_tag}.plans"
+        return os.path.join(base, name)
 
     def _load_plans(self) -> dict[str, tuple]:
         if self._plans is not None:
