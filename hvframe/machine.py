@@ -306,6 +306,7 @@ class Machine:
         self._kvm = None
         self._coalesced_zones: list[CoalescedWrites] = []   # run() starts the drain thread
         self._drain_stop = threading.Event()
+        self._coalesced_abandoned = False  # close() found a drainer stuck: drain no more
         self._drain_thread: threading.Thread | None = None
         if backend == "kvm":
             from .kvm import Kvm, KvmVm
@@ -480,7 +481,7 @@ class Machine:
     def drain_coalesced(self) -> int:
         """Hand every buffered write to its handler now (also done before each exit, by the
         drain thread, at a pause and at close). Never call it holding a lock."""
-        if self.vm is None or not self._coalesced_zones:
+        if self.vm is None or not self._coalesced_zones or self._coalesced_abandoned:
             return 0
         concurrency.may_block("handing on buffered guest writes")
         return self.vm.drain_coalesced()
@@ -581,7 +582,16 @@ class Machine:
         self._drain_stop.set()
         if self._drain_thread is not None:
             self._drain_thread.join(concurrency.JOIN_DEADLINE)
-        if not stuck:
+            if self._drain_thread.is_alive():
+                print("hvframe: while closing: coalesced-drain did not stop; the VM and guest "
+                      "RAM are left as they are", file=sys.stderr)
+                stuck = [*stuck, self._drain_thread.name]
+        if stuck:
+            # A thread that did not stop may be inside the ring's drain, holding its lock
+            # (a handler that blocks): draining now (here, or a device's close) would wait
+            # for it for ever, and freeing the VM would unmap the ring under it.
+            self._coalesced_abandoned = True
+        else:
             self.drain_coalesced()      # what the guest wrote last reaches its device
         for fn in reversed(self._closers):
             try:
