@@ -272,10 +272,21 @@ def cache_dir() -> str | None:
     return os.path.join(base, "hvframe", "layouts")
 
 
+_COMPILER_FILES: tuple | None = None
+
+
 def _compiler_files() -> tuple:
-    # The compiler's own sources are part of the key: a change there recompiles every plan.
-    here = os.path.dirname(__file__)
-    return tuple(os.path.join(here, f) for f in ("packed.py", "layout.py"))
+    # The compiler's own sources and construct's are part of the key: a change in either (an
+    # upgrade of construct, say) recompiles every plan. Found once, without importing it.
+    global _COMPILER_FILES
+    if _COMPILER_FILES is None:
+        from importlib.util import find_spec
+        here = os.path.dirname(__file__)
+        spec = find_spec("construct")
+        construct_init = spec.origin if spec is not None and spec.origin else ""
+        _COMPILER_FILES = (os.path.join(here, "packed.py"), os.path.join(here, "layout.py"),
+                           construct_init)
+    return _COMPILER_FILES
 
 
 def _fnv1a(data: bytes) -> int:
@@ -339,12 +350,16 @@ class Declarations:
         p = self._packed[name] = Packed(name, plans[name])
         return p
 
-    def _key(self) -> tuple:
+    def _key(self) -> tuple | None:
         # The module's path is part of the key: the cache is per user, not per checkout as
         # __pycache__ is, and two checkouts' copies can have equal stamps (cp -a, rsync -a, a
-        # reproducible build's fixed mtimes) yet declare different layouts.
-        return (PLAN_VERSION, sys.version_info[:2], os.path.abspath(self._filename),
-                _stamp((self._filename, *_compiler_files())))
+        # reproducible build's fixed mtimes) yet declare different layouts. None (nothing is
+        # cached) when a source cannot be looked at (an install without its .py files).
+        try:
+            stamps = _stamp((self._filename, *_compiler_files()))
+        except OSError:
+            return None
+        return (PLAN_VERSION, sys.version_info[:2], os.path.abspath(self._filename), stamps)
 
     def _cache_path(self) -> str | None:
         # One file per checkout (a hash of the module's directory), so that runs from two
@@ -360,7 +375,7 @@ class Declarations:
         if self._plans is not None:
             return self._plans
         key = self._key()
-        path = self._cache_path()
+        path = self._cache_path() if key is not None else None
         try:
             if path is None:
                 raise FileNotFoundError("no cache directory")

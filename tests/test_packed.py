@@ -313,3 +313,24 @@ def test_no_home_directory_means_no_cache_not_one_in_the_working_directory(
     mod = importlib.import_module("probe_layouts")
     assert mod.LAYOUTS.Thing.build(dict(a=1, b=0x203)).hex() == "010302"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["probe_layouts.py"]
+
+
+def test_a_module_whose_source_is_gone_is_compiled_not_cached(tmp_path):
+    """An install without its .py files (or one removed under a running program): the
+    layouts still work, through construct, and nothing is written to the cache."""
+    (tmp_path / "probe_layouts.py").write_text(MODULE)
+    cache = tmp_path / "cache"
+    code = textwrap.dedent('''
+        import os, sys
+        sys.path.insert(0, sys.argv[1])
+        import probe_layouts
+        os.unlink(probe_layouts.__file__)
+        print(probe_layouts.LAYOUTS.Thing.build(dict(a=1, b=0x203)).hex())
+    ''')
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["010302"]
+    assert not (cache / "hvframe" / "layouts").exists() or \
+        not any((cache / "hvframe" / "layouts").iterdir())
