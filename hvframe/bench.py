@@ -149,7 +149,8 @@ def build(registry, spec: str, scratch: str):
     if kind is None:
         raise ConfigError(f"bench {spec}: no device {name!r} (see `hvframe devices`)")
     dt = registry.get(name, kind)
-    bench = dt.benchmarks or Benchmarks()
+    declared = dt.benchmarks() if callable(dt.benchmarks) else dt.benchmarks
+    bench = declared or Benchmarks()
     if bench.defaults is not None:
         given = dt.parse_conf(conf)
         extra = {k: v for k, v in bench.defaults(scratch).items() if k not in given}

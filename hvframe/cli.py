@@ -50,13 +50,24 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):  # one line, bhyve's error status, no usage dump
-        print(f"hvframe: {message} (see `hvframe {self.prog.split()[-1]} --help`)", file=sys.stderr)
+        print(f"hvframe: {message} (see `{self.prog} --help`)", file=sys.stderr)
         sys.exit(EXIT_ERROR)
+
+    def parse_args(self, args=None, namespace=None):
+        # Arguments no parser took are reported by the top parser; name the command's help.
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = self._commands.get(ns.command) if self._commands else None
+            (command or self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
+    _commands: dict | None = None
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hvframe", description="A bhyve-style virtual machine monitor on KVM.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    p._commands = sub.choices
     r = sub.add_parser("run", help="run a guest (the embedded demo guest when none is given)")
     r.add_argument("-c", dest="cpus", metavar="N", help="vCPUs: N or cpus=N (default 1)")
     r.add_argument("-m", dest="memory", metavar="SIZE", help="guest RAM, e.g. 512M or 2G (default 256M; bare number = MiB)")

@@ -10,6 +10,9 @@ Threads, and who owns them
   and writers (UART sockets, the capacity watcher). The owner stops and joins them in its
   ``close()``, which ``Machine.close()`` calls; a thread that dies of an exception is logged
   and its owner told (``on_error``), never a silently dead queue.
+* **The coalesced-drain thread** (owned by the Machine; started by ``run()`` when a device
+  asked for ``coalesce_writes()``, stopped and joined by ``close()``) hands on guest writes
+  KVM buffered when no vCPU exit has done so for a couple of milliseconds.
 * **The main thread** builds the machine, waits for it and closes it.
 * **Control-plane threads** (hvframe.control), owned by the run's Lifecycle: the QMP control
   thread (commands, events) and the signal thread (signals, the SIGTERM grace timer). A
@@ -39,8 +42,15 @@ PCI_FUNCTION   one PCI function's INTx pin and the status bit that mirrors it
 MSI            MSI and MSI-X capability state
 MACHINE        interrupt sources and irqfds, the dispatch buses' range tables
 KVM            the VM's own state: GSI routes, interrupt line levels (ioctls only)
+               and a coalesced range's (un)registration (CoalescedWrites, under the device)
 LEAF           calls nothing while held: queues' condition variables, tables, counters
 =============  ==============================================================================
+
+Above every rank: the core's lock on the VM's ring of buffered writes (``hv_coalesced``;
+Machine.coalesce_writes). A vCPU takes it before it handles an exit, and the drain thread,
+``Machine.pause()`` and ``close()`` take it too, and it is held while the buffered writes
+reach their handlers: so ``drain_coalesced()`` is only ever called with no lock held (it
+says so to the checker with ``may_block``).
 
 Below every rank: the C mutex of a native register block (hvframe.regblock), held inside
 the core for a few instructions per access or call, never across a call into Python. Its

@@ -435,8 +435,9 @@ class DeviceType:
     # another process that maps it (passthru to a vfio-user server).
     shared_memory: bool = False
     # What `hvframe bench NAME` measures (hvframe.bench.Benchmarks): register exits and
-    # data paths. None: one read at the start of each range the device registers.
-    benchmarks: Benchmarks | None = None
+    # data paths. None: one read at the start of each range the device registers. A function
+    # returning one is called by `hvframe bench` only, so a run need not import hvframe.bench.
+    benchmarks: Benchmarks | Callable[[], Benchmarks] | None = None
     # Command lines shown by `hvframe devices NAME`, e.g. ("-s 3,virtio-blk,disk.img,ro",).
     examples: tuple[str, ...] = ()
     options_class: type | None = field(default=None, init=False)

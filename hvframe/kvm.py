@@ -134,6 +134,9 @@ class KvmVm:
         n = lib.hv_ioctl_int(kvm.fd, lib.KVM_CHECK_EXTENSION, lib.KVM_CAP_IRQ_ROUTING)
         self.max_gsi = n if n > 0 else 0   # GSIs (and table entries) KVM accepts
         self.has_irqfd = lib.hv_ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, lib.KVM_CAP_IRQFD) > 0
+        self.has_coalesced_pio = lib.hv_ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION,
+                                                  lib.KVM_CAP_COALESCED_PIO) > 0
+        self.coalesced = ffi.NULL      # the buffered-writes ring (attach_coalesced)
         if self.max_gsi:
             with self._routes_lock:
                 self._commit_routes()      # the PC's routing from the start (the PIT on pin 2)
@@ -166,6 +169,27 @@ class KvmVm:
             e.flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
             e.datamatch = datamatch
         _check(lib.hv_ioctl(self.fd, lib.KVM_IOEVENTFD, e), "KVM_IOEVENTFD")
+
+    def attach_coalesced(self, vcpu_fd: int, pio_bus, mmio_bus) -> None:
+        """Map the VM's ring of buffered writes (through any vCPU's fd), for the vCPUs to
+        drain before their exits and for drain_coalesced()."""
+        if self.has_coalesced_pio and self.coalesced == ffi.NULL:
+            c = lib.hv_coalesced_new(vcpu_fd, pio_bus, mmio_bus)
+            if c == ffi.NULL:
+                raise KvmError("mapping the coalesced-writes ring failed")
+            self.coalesced = c
+
+    def coalesce(self, addr: int, length: int, *, pio: bool, assign: bool = True) -> None:
+        """Have guest writes to [addr, addr + length) buffered in the ring instead of exiting
+        (or stop that, assign=False; what is buffered stays there to be drained)."""
+        z = ffi.new("struct kvm_coalesced_mmio_zone *")
+        z.addr, z.size, z.pio = addr, length, 1 if pio else 0
+        req = lib.KVM_REGISTER_COALESCED_MMIO if assign else lib.KVM_UNREGISTER_COALESCED_MMIO
+        _check(lib.hv_ioctl(self.fd, req, z), "KVM_(UN)REGISTER_COALESCED_MMIO")
+
+    def drain_coalesced(self) -> int:
+        """Hand the buffered writes to their handlers; the caller holds no device lock."""
+        return lib.hv_coalesced_drain(self.coalesced) if self.coalesced != ffi.NULL else 0
 
     def signal_msi(self, address: int, data: int) -> bool:
         """Deliver one MSI through the in-kernel LAPICs; False if KVM refused or nobody took it."""
@@ -266,6 +290,9 @@ class KvmVm:
         _check(lib.hv_ioctl(self.fd, lib.KVM_IRQFD, a), "KVM_IRQFD")
 
     def close(self):
+        if self.coalesced != ffi.NULL:
+            lib.hv_coalesced_free(self.coalesced)
+            self.coalesced = ffi.NULL
         os.close(self.fd)
 
 
@@ -399,5 +426,7 @@ def setup_vcpus(vm: KvmVm, ncpus: int, pio_bus, mmio_bus, policy: str) -> list[K
     for i in range(ncpus):
         v = KvmVcpu(vm, i, pio_bus, mmio_bus)
         v.set_cpuid(guest_cpuid(supported, i, ncpus, policy))
+        vm.attach_coalesced(v.fd, pio_bus, mmio_bus)
+        v.c.coalesced = vm.coalesced           # before the vCPU first runs
         vcpus.append(v)
     return vcpus

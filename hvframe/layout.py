@@ -3,9 +3,11 @@ register file and in-memory structure: struct.Struct objects and field tables co
 at import time, so that hot paths never parse through construct."""
 from __future__ import annotations
 
+import re
 import struct
 
-from construct import FormatField, Renamed, Struct
+from construct import (Array, Bytes, Const, Flag, FormatField, GreedyBytes, GreedyRange, Padded,
+                       Pass, Rebuild, Renamed, StringEncoded, Struct, Switch)
 
 
 def fields_of(st: Struct) -> dict[str, tuple[int, int]]:
@@ -95,3 +97,117 @@ def c_layouts(structs: dict[str, Struct], constants: dict[str, int]) -> tuple[st
     checks = "".join(f'_Static_assert(sizeof(struct {n}) == {st.sizeof()}, "{n} layout");\n'
                      for n, st in structs.items())
     return decls, checks
+
+
+# -- compiled plans for hvframe.packed ---------------------------------------------------------
+# A plan is plain data (tuples, dicts, str, bytes, int) that marshal can store: see
+# hvframe.packed.Packed for how it is built and parsed with. Only what hvframe's declarations
+# use is compiled; anything else makes plan_of return None (that layout stays construct-only,
+# and asking for its compiled form is an error a test sees).
+
+class NotCompilable(TypeError):
+    pass
+
+
+def _padded_string_length(c) -> int | None:
+    # PaddedString(n, "ascii") is StringEncoded(FixedSized(n, NullStripped(GreedyBytes))).
+    if isinstance(c, StringEncoded) and c.encoding == "ascii":
+        fixed = c.subcon
+        if type(fixed).__name__ == "FixedSized" and isinstance(fixed.length, int) \
+                and type(fixed.subcon).__name__ == "NullStripped" and fixed.subcon.pad == b"\0":
+            return fixed.length
+    return None
+
+
+def _this_field(keyfunc) -> str:
+    m = re.fullmatch(r"this\['(\w+)'\]", repr(keyfunc))
+    if not m:
+        raise NotCompilable(f"switch on {keyfunc!r}")
+    return m.group(1)
+
+
+def _member(c, path: tuple, fmt: list, items: list) -> None:
+    """Append one fixed-size member's struct codes and items."""
+    if c.parsed is not None:
+        raise NotCompilable(f"{path}: parse hooks")
+    if isinstance(c, Renamed):
+        _member(c.subcon, path, fmt, items)
+    elif isinstance(c, FormatField):
+        if c.fmtstr[0] != "<":
+            raise NotCompilable(f"{path}: {c.fmtstr!r} is not little-endian")
+        fmt.append(c.fmtstr[1:])
+        items.append((path, "n", None))
+    elif isinstance(c, Rebuild) and isinstance(c.subcon, FormatField):
+        # The value is computed by a function of the declaration: the caller supplies it.
+        _member(c.subcon, path, fmt, items)
+    elif isinstance(c, Const):
+        if isinstance(c.subcon, FormatField):
+            fmt.append(c.subcon.fmtstr[1:])
+        elif isinstance(c.subcon, Bytes) and isinstance(c.subcon.length, int):
+            fmt.append(f"{c.subcon.length}s")
+        else:
+            raise NotCompilable(f"{path}: const of {c.subcon!r}")
+        items.append((path, "c", c.value))
+    elif isinstance(c, Padded) and c.subcon is Pass and c.pattern == b"\0" \
+            and isinstance(c.length, int):
+        fmt.append(f"{c.length}x")
+    elif isinstance(c, Bytes) and isinstance(c.length, int):
+        fmt.append(f"{c.length}s")
+        items.append((path, "b", c.length))
+    elif c is Flag:
+        fmt.append("?")
+        items.append((path, "f", None))
+    elif (n := _padded_string_length(c)) is not None:
+        fmt.append(f"{n}s")
+        items.append((path, "s", n))
+    elif isinstance(c, Array) and isinstance(c.count, int) and not c.discard:
+        for i in range(c.count):
+            _member(c.subcon, path + (i,), fmt, items)
+    elif isinstance(c, Struct):
+        for sc in c.subcons:
+            _member(sc, path + (sc.name,) if sc.name else path, fmt, items)
+    else:
+        raise NotCompilable(f"{path}: {c!r}")
+
+
+def _struct_plan(st: Struct) -> tuple:
+    fmt, items, fields, tail = ["<"], [], [], None
+    off = 0
+    for i, sc in enumerate(st.subcons):
+        last = i == len(st.subcons) - 1
+        c = sc.subcon if isinstance(sc, Renamed) else sc
+        if last and sc.name and isinstance(c, GreedyRange) and not c.discard:
+            tail = ("R", sc.name, _element_plan(c.subcon))
+        elif last and sc.name and c is GreedyBytes:
+            tail = ("G", sc.name)
+        elif last and sc.name and isinstance(c, Switch):
+            cases = {k: _struct_plan(v) for k, v in c.cases.items() if isinstance(v, Struct)}
+            if len(cases) != len(c.cases):
+                raise NotCompilable(f"{sc.name}: a case that is not a Struct")
+            tail = ("W", sc.name, _this_field(c.keyfunc), cases)
+        else:
+            _member(sc, (sc.name,) if sc.name else (), fmt, items)
+            size = struct.calcsize("".join(fmt)) - off
+            if sc.name:
+                fields.append((sc.name, off, size))
+            off += size
+    items = tuple((p, k, a) for p, k, a in items)
+    return ("S", "".join(fmt), items, tail, tuple(fields))
+
+
+def _element_plan(c) -> tuple:
+    if isinstance(c, FormatField) and c.fmtstr[0] == "<":
+        return ("N", c.fmtstr)
+    if isinstance(c, Struct):
+        return _struct_plan(c)
+    raise NotCompilable(f"range of {c!r}")
+
+
+def plan_of(con) -> tuple | None:
+    """The compiled plan of a Struct declaration, or None if it uses what plans cannot say."""
+    if not isinstance(con, Struct):
+        return None
+    try:
+        return _struct_plan(con)
+    except NotCompilable:
+        return None

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Callable
 
-from .core_native import lib
+from .core_native import ffi, lib
 from .dispatch import Bus
 from .errors import HvError
 from .memory import GuestMemory
@@ -162,6 +163,90 @@ class MsiIrqFd:
         self.machine._forget_irqfd(self)
 
 
+class CoalescedWrites:
+    """Guest writes to one address range that the VM buffers instead of exiting for each
+    (Machine.coalesce_writes). They reach the bus handler later, in order, before any later
+    exit of any vCPU is handled, and at the latest 2 ms (20 ms after a quiet spell) after
+    they were made (the machine's drain thread), at a pause and at close: a handler sees them
+    exactly as it would have, only not at once. So a device enables it only while a write has
+    no effect a guest waits for without making another access (an interrupt, say).
+
+    Turning it off takes effect at once; turning it on again takes one of BURST tokens, of
+    which one comes back every SETTLE seconds. Without one, the drain thread (settle()) turns
+    it on once a token is back, the writes exiting until then: each KVM (un)registration
+    waits for an SRCU grace period (milliseconds under nested KVM), and a guest decides how
+    often the device flips (a 16550's ETBEI, around every write burst of Linux's 8250
+    driver), so a guest that flips it all the time must not cost one each time."""
+
+    BURST = 4        # re-registrations allowed at once (a driver's set-up flips a few times)
+    SETTLE = 1.0     # seconds for one more
+
+    def __init__(self, machine: "Machine", space: str, addr: int, length: int):
+        self.machine, self.space, self.addr, self.length = machine, space, addr, length
+        self.enabled = False      # registered with KVM now
+        self.wanted = False       # the device would have it on
+        self.refused = False      # KVM would not buffer the range: its writes always exit
+        self._tokens = float(self.BURST)
+        self._tokens_at = time.monotonic()
+        # Held across the (un)register ioctl; taken under the device's lock (enable()).
+        self._lock = concurrency.lock(concurrency.KVM, f"coalesced {space} {addr:#x}")
+
+    def enable(self, on: bool) -> None:
+        """Buffer the range's writes (True) or let each exit again (False); what was buffered
+        before is still handed on in order. Called from a guest's register write: if KVM
+        refuses (ENOSPC on a full bus, ENOMEM), that is said once and the range's writes
+        simply exit from then on, which is always correct, rather than failing the write."""
+        with self._lock:
+            self.wanted = on
+            if on == self.enabled or (on and self.refused):
+                return
+            if on and not self._take_token():
+                return            # settle() turns it on once a token is back
+            self._set(on)
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(float(self.BURST),
+                           self._tokens + (now - self._tokens_at) / self.SETTLE)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def settle(self) -> None:
+        """Turn the range on if it is wanted and a token is back (the machine's drain
+        thread, every few milliseconds; no lock held)."""
+        if not self.wanted or self.enabled or self.refused:
+            return
+        with self._lock:
+            if self.wanted and not self.enabled and not self.refused and self._take_token():
+                self._set(True)
+
+    def _set(self, on: bool) -> None:
+        try:
+            self.machine._coalesce(self, on)
+        except (HvError, OSError) as e:     # KvmError, or the ioctl's OSError
+            # Refused on: writes keep exiting. Refused off: still registered, so writes stay
+            # buffered and reach the handler in order at the next exit or drain, only late.
+            self._refuse(e, on)
+            return
+        self.enabled = on
+
+    def _refuse(self, e: BaseException, on: bool) -> None:
+        if not self.refused:
+            then = ("each write exits instead" if on else
+                    "its writes stay buffered, handed on at the next exit or drain")
+            print(f"hvframe: KVM would not {'buffer' if on else 'stop buffering'} guest writes "
+                  f"to {self.space} {self.addr:#x}+{self.length}: {e}; {then}", file=sys.stderr)
+        self.refused = True
+
+    def close(self) -> None:
+        """Stop buffering and hand on what was buffered (with no lock held)."""
+        self.enable(False)
+        self.machine.drain_coalesced()
+
+
 class Machine:
     """What every device sees. Its services, all declared here:
 
@@ -169,6 +254,7 @@ class Machine:
       pio, mmio      the port and MMIO buses handlers are registered on
       irq(), irq_source(), signal_msi(), add_msi_irqfd()   interrupts
       add_ioeventfd()                                      doorbells
+      coalesce_writes()                                    writes buffered, not exited for
       pci            the PCI bus (None until pci_bus() makes it)
       lpc            the LPC bridge, when the machine has one (set_lpc_bridge)
       fw_cfg         the fw_cfg interface, when it has one (fw_cfg_device() makes it)
@@ -218,6 +304,10 @@ class Machine:
         self.vcpus: list = []
         self.vm = None
         self._kvm = None
+        self._coalesced_zones: list[CoalescedWrites] = []   # run() starts the drain thread
+        self._drain_stop = threading.Event()
+        self._coalesced_abandoned = False  # close() found a drainer stuck: drain no more
+        self._drain_thread: threading.Thread | None = None
         if backend == "kvm":
             from .kvm import Kvm, KvmVm
             try:
@@ -364,6 +454,60 @@ class Machine:
         self.on_close(ev.close)
         return ev
 
+    # How long a buffered write may wait for the next exit before the drain thread hands it on:
+    # while the guest has been writing lately, and after QUIET seconds without a write (an
+    # idle or halted guest), when waking every 2 ms would cost a few % of a core for nothing.
+    COALESCED_DRAIN_INTERVAL = 0.002
+    COALESCED_IDLE_INTERVAL = 0.02
+    COALESCED_QUIET = 0.1
+
+    def coalesce_writes(self, space: str, addr: int, length: int) -> CoalescedWrites | None:
+        """Writes to [addr, addr + length) buffered by KVM instead of exiting one by one
+        (KVM_REGISTER_COALESCED_MMIO); see CoalescedWrites. None when this machine cannot
+        (no KVM_CAP_COALESCED_PIO, or ports asked for on MMIO-only support)."""
+        if space not in ("pio", "mmio"):
+            raise ValueError("space must be 'pio' or 'mmio'")
+        if self.vm is not None and not self.vm.has_coalesced_pio:
+            return None
+        zone = CoalescedWrites(self, space, addr, length)
+        self._coalesced_zones.append(zone)
+        self.on_close(zone.close)
+        return zone
+
+    def _coalesce(self, zone: CoalescedWrites, on: bool) -> None:
+        if self.vm is not None:
+            self.vm.coalesce(zone.addr, zone.length, pio=zone.space == "pio", assign=on)
+
+    def drain_coalesced(self) -> int:
+        """Hand every buffered write to its handler now (also done before each exit, by the
+        drain thread, at a pause and at close). Never call it holding a lock."""
+        if self.vm is None or not self._coalesced_zones or self._coalesced_abandoned:
+            return 0
+        concurrency.may_block("handing on buffered guest writes")
+        return self.vm.drain_coalesced()
+
+    def _drain_loop(self) -> None:
+        # Owned by the machine, stopped by close(). Writes a guest buffered and then made no
+        # exit for (it halted, say) reach their handler within the interval. The ring's count
+        # of writes handed on (by any drainer: mostly the vCPUs' own exits) says whether the
+        # guest is writing: the last bytes of a burst come right after other writes.
+        ring = self.vm.coalesced
+        interval, seen, active_at = self.COALESCED_DRAIN_INTERVAL, -1, time.monotonic()
+        while not self._drain_stop.wait(interval):
+            self.drain_coalesced()
+            self.settle_coalesced()
+            drained, now = ring.drained, time.monotonic()
+            if drained != seen:
+                seen, active_at = drained, now
+            interval = (self.COALESCED_DRAIN_INTERVAL if now - active_at < self.COALESCED_QUIET
+                        else self.COALESCED_IDLE_INTERVAL)
+
+    def settle_coalesced(self) -> None:
+        """Turn back on the coalesced ranges a device has wanted on long enough (see
+        CoalescedWrites.SETTLE); the drain thread calls it. No lock may be held."""
+        for zone in self._coalesced_zones:
+            zone.settle()
+
     # -- lifecycle -------------------------------------------------------------------------
     def add_device(self, device: "Device") -> "Device":
         """Hold a device: started, paused, resumed and closed with the machine."""
@@ -395,6 +539,7 @@ class Machine:
             lib.hv_vcpu_stop(v.c)
         running = [t for t in self._vcpu_threads if t.is_alive()]
         parked = self.pause_gate.wait_parked(len(running), deadline)
+        self.drain_coalesced()          # the devices see every write before they pause
         for d in self.devices:
             d.pause()
         return parked
@@ -434,6 +579,20 @@ class Machine:
         if self.__dict__.setdefault("_closed_by", token) is not token:
             return
         stuck = self._stop_vcpu_threads()
+        self._drain_stop.set()
+        if self._drain_thread is not None:
+            self._drain_thread.join(concurrency.JOIN_DEADLINE)
+            if self._drain_thread.is_alive():
+                print("hvframe: while closing: coalesced-drain did not stop; the VM and guest "
+                      "RAM are left as they are", file=sys.stderr)
+                stuck = [*stuck, self._drain_thread.name]
+        if stuck:
+            # A thread that did not stop may be inside the ring's drain, holding its lock
+            # (a handler that blocks): draining now (here, or a device's close) would wait
+            # for it for ever, and freeing the VM would unmap the ring under it.
+            self._coalesced_abandoned = True
+        else:
+            self.drain_coalesced()      # what the guest wrote last reaches its device
         for fn in reversed(self._closers):
             try:
                 fn()
@@ -547,6 +706,11 @@ class Machine:
         threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}",
                                     daemon=True) for v in self.vcpus]
         self._vcpu_threads = threads       # close() stops and joins any still running
+        if self._coalesced_zones and self.vm is not None and self.vm.coalesced != ffi.NULL \
+                and self._drain_thread is None:
+            self._drain_thread = threading.Thread(target=self._drain_loop, name="coalesced-drain",
+                                                  daemon=True)
+            self._drain_thread.start()      # close() stops and joins it
         for t in threads:
             t.start()
         try:

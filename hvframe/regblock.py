@@ -54,15 +54,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, NamedTuple
-
-from construct import Struct
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, NamedTuple
 
 from . import concurrency
 from .core_native import ffi, lib
 from .dispatch import Access, Bus, PythonHandle, Range
 from .device import PortHandler
-from .layout import fields_of
+from .packed import Packed
+
+if TYPE_CHECKING:
+    from construct import Struct
 
 
 class Kind(enum.IntEnum):
@@ -110,17 +111,22 @@ class FifoCounts(NamedTuple):
 class RegisterBlock:
     """A device's declared registers in the native core, for one bus range.
 
-    ``layout`` gives every register's offset and size (fixed-size construct Struct); ``regs``
-    the semantics of those served natively, by field name; ``handler`` is the device's
-    Python handler (read/write with offsets within the block), which gets every access the
-    block does not answer itself."""
+    ``layout`` gives every register's offset and size (a fixed-size construct Struct, or its
+    compiled form from hvframe.packed, which spares a run the import of construct); ``regs``
+    the semantics of those served natively, by field name; ``handler`` is the device's Python
+    handler (read/write with offsets within the block), which gets every access the block
+    does not answer itself."""
 
-    def __init__(self, layout: Struct, regs: Mapping[str, Reg], handler: PortHandler, *,
+    def __init__(self, layout: Packed | Struct, regs: Mapping[str, Reg], handler: PortHandler, *,
                  fifos: Mapping[str, Fifo] | None = None, name: str = ""):
         self.name = name or type(handler).__name__
         self.layout = layout
         self.handler = handler
-        fields = fields_of(layout)
+        if isinstance(layout, Packed):
+            fields = layout.fields
+        else:           # a construct Struct (a test's, a third party's): compiled here
+            from .layout import fields_of
+            fields = fields_of(layout)
         self.length = layout.sizeof()
         fifos = dict(fifos or {})
         if len(regs) > min(lib.HV_REGBLOCK_MAX_REGS, 64):

@@ -33,7 +33,9 @@ from conftest import hvframe_cmd, run_hvframe
     (["run", "-o", "cpu.policy=fast"], "cpu.policy=fast: use one of auto, host, emulator-safe"),
     (["run", "-o", "memory"], "use -o path=value"),
     (["run", "--initrd", "/etc/hostname"], "--initrd needs --kernel"),
-    (["run", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run", "--bogus"], "unrecognized arguments: --bogus (see `hvframe run --help`)"),
+    (["run", "-s"], "expected one argument (see `hvframe run --help`)"),
+    (["bogus"], "invalid choice: 'bogus'"),
 ])
 def test_bad_command_line_gives_one_line_and_status_4(args, message):
     p = run_hvframe(args, input="")
@@ -43,6 +45,13 @@ def test_bad_command_line_gives_one_line_and_status_4(args, message):
     assert lines[0].startswith("hvframe: ")
     assert message in lines[0]
     assert "Traceback" not in p.stderr
+
+
+def test_the_help_a_bad_command_line_points_at_exists():
+    bad = run_hvframe(["run", "--bogus"], input="").stderr
+    hint = bad[bad.index("(see `") + 6:bad.index(" --help`)")].split()
+    assert hint == ["hvframe", "run"]
+    assert run_hvframe([*hint[1:], "--help"], input="").returncode == 0
 
 
 def test_kernel_that_is_not_a_kernel(tmp_path):

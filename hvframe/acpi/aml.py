@@ -7,7 +7,7 @@ Resource descriptors (for _CRS) are declared with construct below and joined by
 """
 from __future__ import annotations
 
-from construct import Const, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+from ..packed import Declarations
 
 # -- opcodes ------------------------------------------------------------------------------
 ZERO_OP = 0x00
@@ -183,54 +183,61 @@ def return_(value) -> bytes:
 # -- resource descriptors (ACPI 6.x section 6.4) --------------------------------------------
 # Small items: tag byte = type << 3 | length.  Large items: 0x80 | type, then a 16-bit length
 # of the rest.
-IoDescriptor = Struct(
-    "tag" / Const(0x47, Int8ul),       # small type 0x08, length 7
-    "decode16" / Int8ul,
-    "min" / Int16ul,
-    "max" / Int16ul,
-    "alignment" / Int8ul,
-    "length" / Int8ul,
-)
+def _declare():
+    from construct import Const, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
-IrqNoFlagsDescriptor = Struct(
-    "tag" / Const(0x22, Int8ul),       # small type 0x04, length 2
-    "mask" / Int16ul,
-)
-
-EndTagDescriptor = Struct(
-    "tag" / Const(0x79, Int8ul),       # small type 0x0F, length 1
-    "checksum" / Int8ul,
-)
-
-Memory32FixedDescriptor = Struct(
-    "tag" / Const(0x86, Int8ul),
-    "length" / Const(9, Int16ul),
-    "info" / Int8ul,                   # bit 0: read-write
-    "base" / Int32ul,
-    "size" / Int32ul,
-)
-
-
-def _address_space_descriptor(tag: int, field):
-    """Word/DWord/QWord Address Space Descriptors (ACPI 6.4.3.5): the same fields, at the
-    width of `field`; the length counts the bytes after the 3-byte header."""
-    return Struct(
-        "tag" / Const(tag, Int8ul),
-        "length" / Const(3 + 5 * field.sizeof(), Int16ul),
-        "resource_type" / Int8ul,          # 0 memory, 1 I/O, 2 bus number
-        "general_flags" / Int8ul,
-        "type_flags" / Int8ul,
-        "granularity" / field,
-        "min" / field,
-        "max" / field,
-        "translation" / field,
-        "range_length" / field,
+    IoDescriptor = Struct(
+        "tag" / Const(0x47, Int8ul),       # small type 0x08, length 7
+        "decode16" / Int8ul,
+        "min" / Int16ul,
+        "max" / Int16ul,
+        "alignment" / Int8ul,
+        "length" / Int8ul,
     )
 
+    IrqNoFlagsDescriptor = Struct(
+        "tag" / Const(0x22, Int8ul),       # small type 0x04, length 2
+        "mask" / Int16ul,
+    )
 
-WordAddressSpaceDescriptor = _address_space_descriptor(0x88, Int16ul)
-DWordAddressSpaceDescriptor = _address_space_descriptor(0x87, Int32ul)
-QWordAddressSpaceDescriptor = _address_space_descriptor(0x8A, Int64ul)
+    EndTagDescriptor = Struct(
+        "tag" / Const(0x79, Int8ul),       # small type 0x0F, length 1
+        "checksum" / Int8ul,
+    )
+
+    Memory32FixedDescriptor = Struct(
+        "tag" / Const(0x86, Int8ul),
+        "length" / Const(9, Int16ul),
+        "info" / Int8ul,                   # bit 0: read-write
+        "base" / Int32ul,
+        "size" / Int32ul,
+    )
+
+    def _address_space_descriptor(tag: int, field):
+        """Word/DWord/QWord Address Space Descriptors (ACPI 6.4.3.5): the same fields, at the
+        width of `field`; the length counts the bytes after the 3-byte header."""
+        return Struct(
+            "tag" / Const(tag, Int8ul),
+            "length" / Const(3 + 5 * field.sizeof(), Int16ul),
+            "resource_type" / Int8ul,          # 0 memory, 1 I/O, 2 bus number
+            "general_flags" / Int8ul,
+            "type_flags" / Int8ul,
+            "granularity" / field,
+            "min" / field,
+            "max" / field,
+            "translation" / field,
+            "range_length" / field,
+        )
+
+    WordAddressSpaceDescriptor = _address_space_descriptor(0x88, Int16ul)
+    DWordAddressSpaceDescriptor = _address_space_descriptor(0x87, Int32ul)
+    QWordAddressSpaceDescriptor = _address_space_descriptor(0x8A, Int64ul)
+    return locals()
+
+
+LAYOUTS = Declarations(__name__, __file__, _declare)
+__getattr__ = LAYOUTS.module_getattr
+L = LAYOUTS
 
 RES_MEMORY, RES_IO, RES_BUS = 0, 1, 2
 # General flags for a bridge's window: ResourceProducer (bit 0 clear), PosDecode (bit 1 clear),
@@ -241,7 +248,7 @@ MEM_RW_CACHEABLE = 0x03         # memory type flags: read-write, cacheable
 
 
 def io(min_: int, max_: int, alignment: int, length: int) -> bytes:
-    return IoDescriptor.build(dict(decode16=1, min=min_, max=max_, alignment=alignment, length=length))
+    return L.IoDescriptor.build(dict(decode16=1, min=min_, max=max_, alignment=alignment, length=length))
 
 
 def irq_noflags(*irqs: int) -> bytes:
@@ -250,11 +257,11 @@ def irq_noflags(*irqs: int) -> bytes:
         if not 0 <= i <= 15:
             raise AmlError(f"IRQ {i} is not an ISA IRQ")
         mask |= 1 << i
-    return IrqNoFlagsDescriptor.build(dict(mask=mask))
+    return L.IrqNoFlagsDescriptor.build(dict(mask=mask))
 
 
 def memory32_fixed(base: int, size: int, rw: bool = True) -> bytes:
-    return Memory32FixedDescriptor.build(dict(info=int(rw), base=base, size=size))
+    return L.Memory32FixedDescriptor.build(dict(info=int(rw), base=base, size=size))
 
 
 def _addr(struct, rtype: int, tflags: int, min_: int, max_: int) -> bytes:
@@ -266,21 +273,21 @@ def _addr(struct, rtype: int, tflags: int, min_: int, max_: int) -> bytes:
 
 
 def word_bus_number(min_: int, max_: int) -> bytes:
-    return _addr(WordAddressSpaceDescriptor, RES_BUS, 0, min_, max_)
+    return _addr(L.WordAddressSpaceDescriptor, RES_BUS, 0, min_, max_)
 
 
 def dword_io(min_: int, max_: int) -> bytes:
-    return _addr(DWordAddressSpaceDescriptor, RES_IO, IO_ENTIRE_RANGE, min_, max_)
+    return _addr(L.DWordAddressSpaceDescriptor, RES_IO, IO_ENTIRE_RANGE, min_, max_)
 
 
 def dword_memory(min_: int, max_: int) -> bytes:
-    return _addr(DWordAddressSpaceDescriptor, RES_MEMORY, MEM_RW_CACHEABLE, min_, max_)
+    return _addr(L.DWordAddressSpaceDescriptor, RES_MEMORY, MEM_RW_CACHEABLE, min_, max_)
 
 
 def qword_memory(min_: int, max_: int) -> bytes:
-    return _addr(QWordAddressSpaceDescriptor, RES_MEMORY, MEM_RW_CACHEABLE, min_, max_)
+    return _addr(L.QWordAddressSpaceDescriptor, RES_MEMORY, MEM_RW_CACHEABLE, min_, max_)
 
 
 def resource_template(*descriptors: bytes) -> bytes:
     """ResourceTemplate(){...}: the descriptors and an End Tag (checksum 0) in a Buffer."""
-    return buffer(b"".join(descriptors) + EndTagDescriptor.build(dict(checksum=0)))
+    return buffer(b"".join(descriptors) + L.EndTagDescriptor.build(dict(checksum=0)))

@@ -14,6 +14,8 @@ from ..pci.windows import ECAM_BASE, ECAM_BUSES, MMIO32_WINDOW
 from ..platform.acpi_pm import PM1A_CNT, PM1A_EVT, PM_TMR
 from ..platform.reset_control import RESET_CONTROL_PORT as RESET_PORT
 from . import tables as T
+
+L = T.LAYOUTS      # the tables' compiled layouts
 from .dsdt import build_dsdt_aml
 
 ACPI_BASE = 0xE0000
@@ -45,7 +47,7 @@ _NO_GAS = dict(space_id=0, bit_width=0, bit_offset=0, access_size=0, address=0)
 
 
 def build_fadt(*, facs: int, dsdt: int) -> bytes:
-    return T.build_sdt(T.Fadt, dict(
+    return T.build_sdt(L.Fadt, dict(
         header=T.header("FACP", T.FADT_REVISION),
         firmware_ctrl=facs, dsdt=dsdt, reserved0=0, preferred_pm_profile=0,
         sci_int=SCI_IRQ, smi_cmd=0, acpi_enable=0, acpi_disable=0, s4bios_req=0, pstate_cnt=0,
@@ -73,39 +75,41 @@ def build_fadt(*, facs: int, dsdt: int) -> bytes:
 
 
 def build_facs() -> bytes:
-    return T.Facs.build(dict(hardware_signature=0, firmware_waking_vector=0, global_lock=0,
+    return L.Facs.build(dict(hardware_signature=0, firmware_waking_vector=0, global_lock=0,
                              flags=0, x_firmware_waking_vector=0, version=T.FACS_VERSION,
                              ospm_flags=0))
+
+
+def _madt_entry(kind: int, **body) -> dict:
+    # The entry's length is a Rebuild in the declaration; a compiled layout is given it.
+    return dict(type=kind, length=2 + L.MadtEntry.case(kind).sizeof(), body=body)
 
 
 def build_madt(ncpus: int, ioapic_id: int | None = None) -> bytes:
     if not 1 <= ncpus <= 255:
         raise ValueError(f"ncpus must be 1..255 for xAPIC MADT entries, not {ncpus}")
-    entries = [dict(type=T.MADT_LOCAL_APIC,
-                    body=dict(processor_uid=i, apic_id=i, flags=T.LAPIC_ENABLED))
+    entries = [_madt_entry(T.MADT_LOCAL_APIC, processor_uid=i, apic_id=i, flags=T.LAPIC_ENABLED)
                for i in range(ncpus)]
-    entries.append(dict(type=T.MADT_IO_APIC, body=dict(
-        io_apic_id=ncpus if ioapic_id is None else ioapic_id, reserved=0,
-        address=IOAPIC_ADDRESS, gsi_base=0)))
-    entries.append(dict(type=T.MADT_INT_SRC_OVERRIDE,
-                        body=dict(bus=0, source=0, gsi=2, flags=T.MPS_INTI_CONFORMING)))
-    entries.append(dict(type=T.MADT_INT_SRC_OVERRIDE,
-                        body=dict(bus=0, source=SCI_IRQ, gsi=SCI_IRQ,
-                                  flags=T.MPS_INTI_ACTIVE_HIGH | T.MPS_INTI_LEVEL)))
-    entries.append(dict(type=T.MADT_LOCAL_APIC_NMI, body=dict(
-        processor_uid=0xFF, flags=T.MPS_INTI_ACTIVE_HIGH | T.MPS_INTI_EDGE, lint=1)))
-    return T.build_sdt(T.Madt, dict(header=T.header("APIC", MADT_REVISION),
+    entries.append(_madt_entry(T.MADT_IO_APIC, io_apic_id=ncpus if ioapic_id is None else ioapic_id,
+                               reserved=0, address=IOAPIC_ADDRESS, gsi_base=0))
+    entries.append(_madt_entry(T.MADT_INT_SRC_OVERRIDE, bus=0, source=0, gsi=2,
+                               flags=T.MPS_INTI_CONFORMING))
+    entries.append(_madt_entry(T.MADT_INT_SRC_OVERRIDE, bus=0, source=SCI_IRQ, gsi=SCI_IRQ,
+                               flags=T.MPS_INTI_ACTIVE_HIGH | T.MPS_INTI_LEVEL))
+    entries.append(_madt_entry(T.MADT_LOCAL_APIC_NMI, processor_uid=0xFF,
+                               flags=T.MPS_INTI_ACTIVE_HIGH | T.MPS_INTI_EDGE, lint=1))
+    return T.build_sdt(L.Madt, dict(header=T.header("APIC", MADT_REVISION),
                                     local_apic_address=LAPIC_ADDRESS,
                                     flags=T.MADT_PCAT_COMPAT, entries=entries))
 
 
 def build_mcfg(ecam_base: int = ECAM_BASE, buses: int = ECAM_BUSES) -> bytes:
-    return T.build_sdt(T.Mcfg, dict(header=T.header("MCFG", MCFG_REVISION), allocations=[
+    return T.build_sdt(L.Mcfg, dict(header=T.header("MCFG", MCFG_REVISION), allocations=[
         dict(base_address=ecam_base, segment=0, start_bus=0, end_bus=buses - 1)]))
 
 
 def build_dsdt(**kwargs) -> bytes:
-    return T.build_sdt(T.Dsdt, dict(header=T.header("DSDT", DSDT_REVISION),
+    return T.build_sdt(L.Dsdt, dict(header=T.header("DSDT", DSDT_REVISION),
                                     aml=build_dsdt_aml(**kwargs)))
 
 
@@ -140,8 +144,8 @@ def build_acpi(*, ncpus: int, base: int = ACPI_BASE, size: int = ACPI_SIZE,
 
     # Addresses first (sizes of RSDT/XSDT/FADT do not depend on the addresses they hold).
     order = ["RSDP", "XSDT", "RSDT", "FACS", "FACP", "APIC", "MCFG", "DSDT"]
-    sizes = {"RSDP": T.Rsdp.sizeof(), "XSDT": 36 + 8 * 3, "RSDT": 36 + 4 * 3, "FACS": len(facs),
-             "FACP": T.Fadt.sizeof(), "APIC": len(madt), "MCFG": len(mcfg), "DSDT": len(dsdt)}
+    sizes = {"RSDP": L.Rsdp.sizeof(), "XSDT": 36 + 8 * 3, "RSDT": 36 + 4 * 3, "FACS": len(facs),
+             "FACP": L.Fadt.sizeof(), "APIC": len(madt), "MCFG": len(mcfg), "DSDT": len(dsdt)}
     addr, off = {}, 0
     for sig in order:
         off = _align(off)
@@ -156,8 +160,8 @@ def build_acpi(*, ncpus: int, base: int = ACPI_BASE, size: int = ACPI_SIZE,
     built = {
         "FACS": facs, "APIC": madt, "MCFG": mcfg, "DSDT": dsdt,
         "FACP": build_fadt(facs=addr["FACS"], dsdt=addr["DSDT"]),
-        "XSDT": T.build_sdt(T.Xsdt, dict(header=T.header("XSDT", XSDT_REVISION), entries=pointed)),
-        "RSDT": T.build_sdt(T.Rsdt, dict(header=T.header("RSDT", RSDT_REVISION), entries=pointed)),
+        "XSDT": T.build_sdt(L.Xsdt, dict(header=T.header("XSDT", XSDT_REVISION), entries=pointed)),
+        "RSDT": T.build_sdt(L.Rsdt, dict(header=T.header("RSDT", RSDT_REVISION), entries=pointed)),
         "RSDP": T.build_rsdp(addr["XSDT"], addr["RSDT"]),
     }
     blob = bytearray(off)

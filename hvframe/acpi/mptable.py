@@ -10,11 +10,8 @@ slot (pins 16-19 by the swizzle), then local interrupts ExtINT -> LINT0 and NMI 
 """
 from __future__ import annotations
 
-from construct import (Bytes, Const, GreedyRange, Int8ul, Int16ul, Int32ul, PaddedString,
-                       Padding, Rebuild, Struct, Switch, this)
-
-from ..layout import offset_of
 from ..memory import GuestMemory
+from ..packed import Declarations
 from .tables import MPS_INTI_ACTIVE_HIGH, MPS_INTI_CONFORMING, MPS_INTI_LEVEL, checksum_fix
 
 MP_BASE = 0x9FC00
@@ -29,67 +26,78 @@ ISA_BUS_ID = 1
 SCI_IRQ = 9
 INTX_GSI_BASE = 16
 
-MpFloatingPointer = Struct(
-    "signature" / Const(b"_MP_"),
-    "physptr" / Int32ul,
-    "length" / Const(1, Int8ul),         # in 16-byte units
-    "spec_rev" / Int8ul,
-    "checksum" / Int8ul,
-    "feature1" / Int8ul,                 # 0: a configuration table is present
-    "feature2" / Int8ul,                 # bit 7 IMCRP: 0 = virtual wire mode
-    "feature3_5" / Bytes(3),
-)
-assert MpFloatingPointer.sizeof() == 16
-
 ENTRY_PROCESSOR, ENTRY_BUS, ENTRY_IOAPIC, ENTRY_IOINT, ENTRY_LINT = range(5)
 CPU_ENABLED = 1 << 0
 CPU_BSP = 1 << 1
 INT_TYPE_INT, INT_TYPE_NMI, INT_TYPE_SMI, INT_TYPE_EXTINT = range(4)
-
-_IntAssignment = Struct(
-    "int_type" / Int8ul,
-    "flags" / Int16ul,
-    "src_bus_id" / Int8ul,
-    "src_bus_irq" / Int8ul,
-    "dst_apic_id" / Int8ul,
-    "dst_pin" / Int8ul,
-)
-
-MpEntryBodies = {
-    ENTRY_PROCESSOR: Struct(
-        "apic_id" / Int8ul,
-        "apic_version" / Int8ul,
-        "cpu_flags" / Int8ul,
-        "cpu_signature" / Int32ul,
-        "feature_flags" / Int32ul,
-        Padding(8),
-    ),
-    ENTRY_BUS: Struct("bus_id" / Int8ul, "bus_type" / PaddedString(6, "ascii")),
-    ENTRY_IOAPIC: Struct("apic_id" / Int8ul, "apic_version" / Int8ul, "flags" / Int8ul,
-                         "address" / Int32ul),
-    ENTRY_IOINT: _IntAssignment,
-    ENTRY_LINT: _IntAssignment,
-}
-MpEntry = Struct("type" / Int8ul, "body" / Switch(this.type, MpEntryBodies))
 MP_ENTRY_SIZES = {ENTRY_PROCESSOR: 20, ENTRY_BUS: 8, ENTRY_IOAPIC: 8, ENTRY_IOINT: 8, ENTRY_LINT: 8}
-
-MpConfigTable = Struct(
-    "signature" / Const(b"PCMP"),
-    "base_table_length" / Int16ul,
-    "spec_rev" / Int8ul,
-    "checksum" / Int8ul,
-    "oem_id" / PaddedString(8, "ascii"),
-    "product_id" / PaddedString(12, "ascii"),
-    "oem_table_pointer" / Int32ul,
-    "oem_table_size" / Int16ul,
-    "entry_count" / Rebuild(Int16ul, lambda ctx: len(ctx.entries)),
-    "lapic_address" / Int32ul,
-    "ext_table_length" / Int16ul,
-    "ext_table_checksum" / Int8ul,
-    Padding(1),
-    "entries" / GreedyRange(MpEntry),
-)
 MP_HEADER_SIZE = 44
+
+
+def _declare():
+    from construct import (Bytes, Const, GreedyRange, Int8ul, Int16ul, Int32ul, PaddedString,
+                           Padding, Rebuild, Struct, Switch, this)
+
+    MpFloatingPointer = Struct(
+        "signature" / Const(b"_MP_"),
+        "physptr" / Int32ul,
+        "length" / Const(1, Int8ul),         # in 16-byte units
+        "spec_rev" / Int8ul,
+        "checksum" / Int8ul,
+        "feature1" / Int8ul,                 # 0: a configuration table is present
+        "feature2" / Int8ul,                 # bit 7 IMCRP: 0 = virtual wire mode
+        "feature3_5" / Bytes(3),
+    )
+    assert MpFloatingPointer.sizeof() == 16
+
+    _IntAssignment = Struct(
+        "int_type" / Int8ul,
+        "flags" / Int16ul,
+        "src_bus_id" / Int8ul,
+        "src_bus_irq" / Int8ul,
+        "dst_apic_id" / Int8ul,
+        "dst_pin" / Int8ul,
+    )
+
+    MpEntryBodies = {
+        ENTRY_PROCESSOR: Struct(
+            "apic_id" / Int8ul,
+            "apic_version" / Int8ul,
+            "cpu_flags" / Int8ul,
+            "cpu_signature" / Int32ul,
+            "feature_flags" / Int32ul,
+            Padding(8),
+        ),
+        ENTRY_BUS: Struct("bus_id" / Int8ul, "bus_type" / PaddedString(6, "ascii")),
+        ENTRY_IOAPIC: Struct("apic_id" / Int8ul, "apic_version" / Int8ul, "flags" / Int8ul,
+                             "address" / Int32ul),
+        ENTRY_IOINT: _IntAssignment,
+        ENTRY_LINT: _IntAssignment,
+    }
+    MpEntry = Struct("type" / Int8ul, "body" / Switch(this.type, MpEntryBodies))
+
+    MpConfigTable = Struct(
+        "signature" / Const(b"PCMP"),
+        "base_table_length" / Int16ul,
+        "spec_rev" / Int8ul,
+        "checksum" / Int8ul,
+        "oem_id" / PaddedString(8, "ascii"),
+        "product_id" / PaddedString(12, "ascii"),
+        "oem_table_pointer" / Int32ul,
+        "oem_table_size" / Int16ul,
+        "entry_count" / Rebuild(Int16ul, lambda ctx: len(ctx.entries)),
+        "lapic_address" / Int32ul,
+        "ext_table_length" / Int16ul,
+        "ext_table_checksum" / Int8ul,
+        Padding(1),
+        "entries" / GreedyRange(MpEntry),
+    )
+    assert all(1 + b.sizeof() == MP_ENTRY_SIZES[k] for k, b in MpEntryBodies.items())
+    return locals()
+
+
+LAYOUTS = Declarations(__name__, __file__, _declare)
+__getattr__ = LAYOUTS.module_getattr
 
 CPU_SIGNATURE = 0x600            # family 6
 CPU_FEATURES = (1 << 0) | (1 << 9)   # FPU, APIC
@@ -127,8 +135,8 @@ def mp_entries(ncpus: int, pci_slots) -> list[dict]:
     return e
 
 
-_CONFIG_CHECKSUM = offset_of(MpConfigTable, "checksum")
-_POINTER_CHECKSUM = offset_of(MpFloatingPointer, "checksum")
+_CONFIG_CHECKSUM = LAYOUTS.MpConfigTable.fields["checksum"][0]
+_POINTER_CHECKSUM = LAYOUTS.MpFloatingPointer.fields["checksum"][0]
 
 
 def build_mptable(base: int, ncpus: int, pci_slots=()) -> bytes:
@@ -139,16 +147,16 @@ def build_mptable(base: int, ncpus: int, pci_slots=()) -> bytes:
     table_len = MP_HEADER_SIZE + sum(MP_ENTRY_SIZES[x["type"]] for x in entries)
     cfg = dict(base_table_length=table_len, spec_rev=SPEC_REV, checksum=0, oem_id="HVFRAME",
                product_id="HVFRAME", oem_table_pointer=0, oem_table_size=0,
-               lapic_address=LAPIC_ADDRESS, ext_table_length=0, ext_table_checksum=0,
-               entries=entries)
+               entry_count=len(entries), lapic_address=LAPIC_ADDRESS, ext_table_length=0,
+               ext_table_checksum=0, entries=entries)
     # Built once with checksum 0, which is then filled in place (the same bytes as building
     # again with it, at half the cost).
-    table = bytearray(MpConfigTable.build(cfg))
+    table = bytearray(LAYOUTS.MpConfigTable.build(cfg))
     assert len(table) == table_len
     table[_CONFIG_CHECKSUM] = checksum_fix(table)
     fp = dict(physptr=base + 16, spec_rev=SPEC_REV, checksum=0, feature1=0, feature2=0,
               feature3_5=bytes(3))
-    pointer = bytearray(MpFloatingPointer.build(fp))
+    pointer = bytearray(LAYOUTS.MpFloatingPointer.build(fp))
     pointer[_POINTER_CHECKSUM] = checksum_fix(pointer)
     return bytes(pointer + table)
 

@@ -28,8 +28,10 @@ struct hv_vcpu {
     uint32_t internal_suberror; uint32_t internal_ndata; uint64_t internal_data[16];
     uint32_t event_type; uint64_t fail_reason;
     uint64_t exits_io; uint64_t exits_mmio; uint64_t exits_other;
+    struct hv_coalesced *coalesced;
     ...;
 };
+struct hv_coalesced { uint32_t max; uint64_t drained; ...; };
 enum { HV_EXIT_STOPPED, HV_EXIT_SHUTDOWN, HV_EXIT_INTERNAL, HV_EXIT_HLT,
        HV_EXIT_SYSTEM_EVENT, HV_EXIT_FAIL_ENTRY, HV_EXIT_UNKNOWN, HV_EXIT_ERROR };
 
@@ -58,6 +60,9 @@ struct hv_vcpu *hv_vcpu_new(int fd, int index, size_t run_size, struct hv_bus *p
 void hv_vcpu_free(struct hv_vcpu *v);
 void hv_vcpu_stop(struct hv_vcpu *v);
 int hv_vcpu_run(struct hv_vcpu *v);
+struct hv_coalesced *hv_coalesced_new(int vcpu_fd, struct hv_bus *pio, struct hv_bus *mmio);
+void hv_coalesced_free(struct hv_coalesced *c);
+int hv_coalesced_drain(struct hv_coalesced *c);
 int hv_floor_run(int fd, void *run_area, uint16_t stop_port, uint64_t *exits);
 int hv_ioctl(int fd, unsigned long request, void *arg);
 int hv_ioctl_int(int fd, unsigned long request, unsigned long arg);
@@ -102,6 +107,9 @@ int hv_irq_line(int vm_fd, uint32_t irq, int level);
 #define KVM_CAP_IRQCHIP ...
 #define KVM_CAP_PIT2 ...
 #define KVM_CAP_IMMEDIATE_EXIT ...
+#define KVM_CAP_COALESCED_PIO ...
+#define KVM_REGISTER_COALESCED_MMIO ...
+#define KVM_UNREGISTER_COALESCED_MMIO ...
 #define KVM_CAP_NR_VCPUS ...
 #define KVM_CAP_MAX_VCPUS ...
 #define KVM_PIT_SPEAKER_DUMMY ...
@@ -111,6 +119,7 @@ int hv_irq_line(int vm_fd, uint32_t irq, int level);
 #define KVM_SYSTEM_EVENT_CRASH ...
 #define KVM_INTERNAL_ERROR_EMULATION ...
 
+struct kvm_coalesced_mmio_zone { uint64_t addr; uint32_t size; uint32_t pio; ...; };
 struct kvm_userspace_memory_region {
     uint32_t slot; uint32_t flags; uint64_t guest_phys_addr; uint64_t memory_size;
     uint64_t userspace_addr;

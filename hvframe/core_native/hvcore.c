@@ -504,6 +504,69 @@ void hv_vcpu_free(struct hv_vcpu *v)
     free(v);
 }
 
+/* ---- coalesced writes ------------------------------------------------------------------- */
+
+/* Map the VM's coalesced ring through a vCPU fd (the page after kvm_run). */
+struct hv_coalesced *hv_coalesced_new(int vcpu_fd, struct hv_bus *pio, struct hv_bus *mmio)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    struct hv_coalesced *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    c->ring = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd,
+                   page * KVM_COALESCED_MMIO_PAGE_OFFSET);
+    if (c->ring == MAP_FAILED) {
+        free(c);
+        return NULL;
+    }
+    c->ring_size = page;
+    c->max = (page - sizeof(struct kvm_coalesced_mmio_ring)) / sizeof(struct kvm_coalesced_mmio);
+    c->pio = pio;
+    c->mmio = mmio;
+    pthread_mutex_init(&c->lock, NULL);
+    return c;
+}
+
+void hv_coalesced_free(struct hv_coalesced *c)
+{
+    if (!c)
+        return;
+    munmap(c->ring, c->ring_size);
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+}
+
+/* Hand every buffered write to its bus, oldest first; returns how many. KVM writes an entry
+ * and then moves `last` on (with a barrier); the entry is copied out, handed on, and only
+ * then does `first` move on and free its slot: a drainer that finds first == last without
+ * the lock (a vCPU's exit, pause(), close()) may then rely on every write having been handled,
+ * not merely taken by another drainer still handing it on. The caller must hold no device
+ * lock (a write may reach any handler). */
+int hv_coalesced_drain(struct hv_coalesced *c)
+{
+    struct kvm_coalesced_mmio_ring *r = c->ring;
+    if (__atomic_load_n(&r->first, __ATOMIC_RELAXED) == __atomic_load_n(&r->last, __ATOMIC_ACQUIRE))
+        return 0;
+    int n = 0;
+    pthread_mutex_lock(&c->lock);
+    for (;;) {
+        uint32_t first = r->first;
+        if (first == __atomic_load_n(&r->last, __ATOMIC_ACQUIRE) || first >= c->max)
+            break;
+        struct kvm_coalesced_mmio e = r->coalesced_mmio[first];
+        uint32_t len = e.len <= 8 ? e.len : 8;
+        uint64_t val = 0;
+        memcpy(&val, e.data, len);
+        if (len)
+            hv_bus_dispatch(e.pio ? c->pio : c->mmio, e.phys_addr, len, val, 1);
+        __atomic_store_n(&r->first, (first + 1) % c->max, __ATOMIC_RELEASE);
+        n++;
+    }
+    c->drained += n;
+    pthread_mutex_unlock(&c->lock);
+    return n;
+}
+
 /* Ask the vCPU to leave hv_vcpu_run: safe from any thread, and before the loop starts. */
 void hv_vcpu_stop(struct hv_vcpu *v)
 {
@@ -569,6 +632,8 @@ int hv_vcpu_run(struct hv_vcpu *v)
             __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
         int rc = ioctl(v->fd, KVM_RUN, 0);
         completion_pending = 0;
+        if (v->coalesced)
+            hv_coalesced_drain(v->coalesced);     /* what the guest wrote before this exit */
         if (rc < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);

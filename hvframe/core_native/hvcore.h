@@ -47,6 +47,19 @@ struct hv_bus {
     uint64_t unclaimed;      /* accesses nobody claimed (all-ones reads, dropped writes) */
 };
 
+/* Writes KVM buffers without an exit (KVM_REGISTER_COALESCED_MMIO, ports or MMIO): one ring
+ * page per VM, which every vCPU drains, in order, before it handles an exit of its own, so a
+ * guest sees each buffered write done before any later access it makes is answered. */
+struct hv_coalesced {
+    void *ring;              /* struct kvm_coalesced_mmio_ring, mapped from a vCPU fd */
+    size_t ring_size;
+    uint32_t max;            /* entries in the ring */
+    struct hv_bus *pio;
+    struct hv_bus *mmio;
+    pthread_mutex_t lock;    /* one drainer at a time; taken before any device lock */
+    uint64_t drained;        /* buffered writes handed to the buses */
+};
+
 /* Why hv_vcpu_run returned. */
 enum {
     HV_EXIT_STOPPED = 0,     /* stop requested (hv_vcpu_stop) */
@@ -79,5 +92,8 @@ struct hv_vcpu {
     uint64_t exits_io;
     uint64_t exits_mmio;
     uint64_t exits_other;
+    struct hv_coalesced *coalesced;  /* set before the vCPU first runs; NULL: none */
 };
+
+int hv_coalesced_drain(struct hv_coalesced *c);
 #endif

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from construct import Bytes, Const, ConstructError, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+from ..packed import Declarations, PackedError
 
 ELFMAG = b"\x7fELF"
 ELFCLASS32 = 1
@@ -17,90 +17,95 @@ PT_NOTE = 4
 SHT_NOTE = 7
 PN_XNUM = 0xFFFF
 
-ElfIdent = Struct(
-    "magic" / Const(ELFMAG),
-    "ei_class" / Int8ul,
-    "ei_data" / Int8ul,
-    "ei_version" / Int8ul,
-    "ei_osabi" / Int8ul,
-    "ei_abiversion" / Int8ul,
-    "ei_pad" / Bytes(7),
-)
+def _declare():
+    from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
-
-def _ehdr(word):
-    return Struct(
-        "e_ident" / ElfIdent,
-        "e_type" / Int16ul,
-        "e_machine" / Int16ul,
-        "e_version" / Int32ul,
-        "e_entry" / word,
-        "e_phoff" / word,
-        "e_shoff" / word,
-        "e_flags" / Int32ul,
-        "e_ehsize" / Int16ul,
-        "e_phentsize" / Int16ul,
-        "e_phnum" / Int16ul,
-        "e_shentsize" / Int16ul,
-        "e_shnum" / Int16ul,
-        "e_shstrndx" / Int16ul,
+    ElfIdent = Struct(
+        "magic" / Const(ELFMAG),
+        "ei_class" / Int8ul,
+        "ei_data" / Int8ul,
+        "ei_version" / Int8ul,
+        "ei_osabi" / Int8ul,
+        "ei_abiversion" / Int8ul,
+        "ei_pad" / Bytes(7),
     )
 
+    def _ehdr(word):
+        return Struct(
+            "e_ident" / ElfIdent,
+            "e_type" / Int16ul,
+            "e_machine" / Int16ul,
+            "e_version" / Int32ul,
+            "e_entry" / word,
+            "e_phoff" / word,
+            "e_shoff" / word,
+            "e_flags" / Int32ul,
+            "e_ehsize" / Int16ul,
+            "e_phentsize" / Int16ul,
+            "e_phnum" / Int16ul,
+            "e_shentsize" / Int16ul,
+            "e_shnum" / Int16ul,
+            "e_shstrndx" / Int16ul,
+        )
 
-Elf32_Ehdr = _ehdr(Int32ul)
-Elf64_Ehdr = _ehdr(Int64ul)
+    Elf32_Ehdr = _ehdr(Int32ul)
+    Elf64_Ehdr = _ehdr(Int64ul)
 
-Elf32_Phdr = Struct(
-    "p_type" / Int32ul,
-    "p_offset" / Int32ul,
-    "p_vaddr" / Int32ul,
-    "p_paddr" / Int32ul,
-    "p_filesz" / Int32ul,
-    "p_memsz" / Int32ul,
-    "p_flags" / Int32ul,
-    "p_align" / Int32ul,
-)
-# ELF64 moves p_flags up next to p_type to keep the 64-bit fields aligned.
-Elf64_Phdr = Struct(
-    "p_type" / Int32ul,
-    "p_flags" / Int32ul,
-    "p_offset" / Int64ul,
-    "p_vaddr" / Int64ul,
-    "p_paddr" / Int64ul,
-    "p_filesz" / Int64ul,
-    "p_memsz" / Int64ul,
-    "p_align" / Int64ul,
-)
-
-
-def _shdr(word):
-    return Struct(
-        "sh_name" / Int32ul,
-        "sh_type" / Int32ul,
-        "sh_flags" / word,
-        "sh_addr" / word,
-        "sh_offset" / word,
-        "sh_size" / word,
-        "sh_link" / Int32ul,
-        "sh_info" / Int32ul,
-        "sh_addralign" / word,
-        "sh_entsize" / word,
+    Elf32_Phdr = Struct(
+        "p_type" / Int32ul,
+        "p_offset" / Int32ul,
+        "p_vaddr" / Int32ul,
+        "p_paddr" / Int32ul,
+        "p_filesz" / Int32ul,
+        "p_memsz" / Int32ul,
+        "p_flags" / Int32ul,
+        "p_align" / Int32ul,
+    )
+    # ELF64 moves p_flags up next to p_type to keep the 64-bit fields aligned.
+    Elf64_Phdr = Struct(
+        "p_type" / Int32ul,
+        "p_flags" / Int32ul,
+        "p_offset" / Int64ul,
+        "p_vaddr" / Int64ul,
+        "p_paddr" / Int64ul,
+        "p_filesz" / Int64ul,
+        "p_memsz" / Int64ul,
+        "p_align" / Int64ul,
     )
 
+    def _shdr(word):
+        return Struct(
+            "sh_name" / Int32ul,
+            "sh_type" / Int32ul,
+            "sh_flags" / word,
+            "sh_addr" / word,
+            "sh_offset" / word,
+            "sh_size" / word,
+            "sh_link" / Int32ul,
+            "sh_info" / Int32ul,
+            "sh_addralign" / word,
+            "sh_entsize" / word,
+        )
 
-Elf32_Shdr = _shdr(Int32ul)
-Elf64_Shdr = _shdr(Int64ul)
+    Elf32_Shdr = _shdr(Int32ul)
+    Elf64_Shdr = _shdr(Int64ul)
 
-# Same layout in ELF32 and ELF64; name and desc follow, each padded to the note alignment.
-Elf_Nhdr = Struct(
-    "n_namesz" / Int32ul,
-    "n_descsz" / Int32ul,
-    "n_type" / Int32ul,
-)
+    # Same layout in ELF32 and ELF64; name and desc follow, each padded to the note alignment.
+    Elf_Nhdr = Struct(
+        "n_namesz" / Int32ul,
+        "n_descsz" / Int32ul,
+        "n_type" / Int32ul,
+    )
+    return locals()
+
+
+LAYOUTS = Declarations(__name__, __file__, _declare)
+__getattr__ = LAYOUTS.module_getattr
+L = LAYOUTS
 
 CLASSES = {
-    ELFCLASS32: (Elf32_Ehdr, Elf32_Phdr, Elf32_Shdr),
-    ELFCLASS64: (Elf64_Ehdr, Elf64_Phdr, Elf64_Shdr),
+    ELFCLASS32: (L.Elf32_Ehdr, L.Elf32_Phdr, L.Elf32_Shdr),
+    ELFCLASS64: (L.Elf64_Ehdr, L.Elf64_Phdr, L.Elf64_Shdr),
 }
 
 
@@ -122,7 +127,7 @@ class ElfFile:
         self.data = memoryview(data)
         if bytes(self.data[:4]) != ELFMAG or len(data) < 16:
             raise ElfFormatError("no ELF magic")
-        ident = ElfIdent.parse(bytes(self.data[:16]))
+        ident = L.ElfIdent.parse(bytes(self.data[:16]))
         if ident.ei_class not in CLASSES:
             raise ElfFormatError(f"unknown ELF class {ident.ei_class}")
         if ident.ei_data != ELFDATA2LSB:
@@ -145,7 +150,7 @@ class ElfFile:
     def _parse(self, t, offset: int, what: str):
         try:
             return t.parse(self.bytes_at(offset, t.sizeof(), what))
-        except ConstructError as e:  # pragma: no cover - sizes are checked above
+        except PackedError as e:  # pragma: no cover - sizes are checked above
             raise ElfFormatError(f"bad {what}: {e}") from None
 
     def _table(self, t, offset: int, count: int, entsize: int, what: str) -> list:
@@ -194,9 +199,10 @@ class ElfFile:
             except ElfFormatError:
                 continue
             pos = 0
-            while pos + Elf_Nhdr.sizeof() <= len(blob):
-                n = Elf_Nhdr.parse(blob[pos:pos + Elf_Nhdr.sizeof()])
-                name_at = pos + Elf_Nhdr.sizeof()
+            nhdr = L.Elf_Nhdr
+            while pos + nhdr.sizeof() <= len(blob):
+                n = nhdr.parse(blob[pos:pos + nhdr.sizeof()])
+                name_at = pos + nhdr.sizeof()
                 desc_at = name_at + _pad(n.n_namesz, step)
                 end = desc_at + _pad(n.n_descsz, step)
                 if desc_at + n.n_descsz > len(blob):

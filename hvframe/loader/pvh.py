@@ -3,10 +3,9 @@
 pointing at the start_info."""
 from __future__ import annotations
 
-from construct import Const, Int32ul, Int64ul, Struct
-
 from ..errors import ConfigError
 from ..memory import GuestMemory
+from ..packed import Declarations
 from .common import (CMDLINE_ADDR, CMDLINE_MAX, PVH_INFO_ADDR, PVH_INFO_END, ZERO_PAGE_END,
                      BootState, align_up, encode_cmdline, load_initrd, overlaps)
 from .elf import PT_LOAD, ElfFile
@@ -14,38 +13,47 @@ from .elf import PT_LOAD, ElfFile
 HVM_START_MAGIC = 0x336EC578
 HVM_START_VERSION = 1       # version 1 adds the memory map
 
-HvmStartInfo = Struct(
-    "magic" / Const(HVM_START_MAGIC, Int32ul),
-    "version" / Int32ul,
-    "flags" / Int32ul,
-    "nr_modules" / Int32ul,
-    "modlist_paddr" / Int64ul,
-    "cmdline_paddr" / Int64ul,
-    "rsdp_paddr" / Int64ul,
-    "memmap_paddr" / Int64ul,    # version >= 1
-    "memmap_entries" / Int32ul,  # version >= 1
-    "reserved" / Int32ul,
-)
 
-HvmModlistEntry = Struct(
-    "paddr" / Int64ul,
-    "size" / Int64ul,
-    "cmdline_paddr" / Int64ul,
-    "reserved" / Int64ul,
-)
+def _declare():
+    from construct import Const, Int32ul, Int64ul, Struct
 
-HvmMemmapEntry = Struct(
-    "addr" / Int64ul,
-    "size" / Int64ul,
-    "type" / Int32ul,
-    "reserved" / Int32ul,
-)
+    HvmStartInfo = Struct(
+        "magic" / Const(HVM_START_MAGIC, Int32ul),
+        "version" / Int32ul,
+        "flags" / Int32ul,
+        "nr_modules" / Int32ul,
+        "modlist_paddr" / Int64ul,
+        "cmdline_paddr" / Int64ul,
+        "rsdp_paddr" / Int64ul,
+        "memmap_paddr" / Int64ul,    # version >= 1
+        "memmap_entries" / Int32ul,  # version >= 1
+        "reserved" / Int32ul,
+    )
+
+    HvmModlistEntry = Struct(
+        "paddr" / Int64ul,
+        "size" / Int64ul,
+        "cmdline_paddr" / Int64ul,
+        "reserved" / Int64ul,
+    )
+
+    HvmMemmapEntry = Struct(
+        "addr" / Int64ul,
+        "size" / Int64ul,
+        "type" / Int32ul,
+        "reserved" / Int32ul,
+    )
+    return locals()
+
+
+LAYOUTS = Declarations(__name__, __file__, _declare)
+__getattr__ = LAYOUTS.module_getattr
 
 # Everything PVH lives in the page at 0x6000: start_info, then one module slot, then the map.
 START_INFO_ADDR = PVH_INFO_ADDR
-MODLIST_ADDR = align_up(START_INFO_ADDR + HvmStartInfo.sizeof(), 0x20)
-MEMMAP_ADDR = align_up(MODLIST_ADDR + HvmModlistEntry.sizeof(), 0x20)
-MEMMAP_MAX = (PVH_INFO_END - MEMMAP_ADDR) // HvmMemmapEntry.sizeof()
+MODLIST_ADDR = align_up(START_INFO_ADDR + LAYOUTS.HvmStartInfo.sizeof(), 0x20)
+MEMMAP_ADDR = align_up(MODLIST_ADDR + LAYOUTS.HvmModlistEntry.sizeof(), 0x20)
+MEMMAP_MAX = (PVH_INFO_END - MEMMAP_ADDR) // LAYOUTS.HvmMemmapEntry.sizeof()
 
 
 def load_segments(memory: GuestMemory, elf: ElfFile, path: str, cmdline_end: int) -> list[tuple[int, int]]:
@@ -92,13 +100,13 @@ def load_pvh(memory: GuestMemory, elf: ElfFile, entry: int, path: str, cmdline: 
         # The initrd goes as high as possible in low RAM (below 4 GiB, which the 32-bit entry can
         # reach), clear of the kernel segments.
         addr, size = load_initrd(memory, e820, initrd_path, memory.lowmem_end, used)
-        memory.write(MODLIST_ADDR, HvmModlistEntry.build(dict(paddr=addr, size=size, cmdline_paddr=0,
+        memory.write(MODLIST_ADDR, LAYOUTS.HvmModlistEntry.build(dict(paddr=addr, size=size, cmdline_paddr=0,
                                                                reserved=0)))
         nr_modules = 1
     for i, (addr, size, kind) in enumerate(e820):
-        memory.write(MEMMAP_ADDR + i * HvmMemmapEntry.sizeof(),
-                     HvmMemmapEntry.build(dict(addr=addr, size=size, type=kind, reserved=0)))
-    memory.write(START_INFO_ADDR, HvmStartInfo.build(dict(
+        memory.write(MEMMAP_ADDR + i * LAYOUTS.HvmMemmapEntry.sizeof(),
+                     LAYOUTS.HvmMemmapEntry.build(dict(addr=addr, size=size, type=kind, reserved=0)))
+    memory.write(START_INFO_ADDR, LAYOUTS.HvmStartInfo.build(dict(
         version=HVM_START_VERSION, flags=0,
         nr_modules=nr_modules, modlist_paddr=MODLIST_ADDR if nr_modules else 0,
         cmdline_paddr=CMDLINE_ADDR, rsdp_paddr=rsdp_paddr,

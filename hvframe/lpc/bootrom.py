@@ -20,10 +20,10 @@ from ..device import Device
 import mmap
 
 from ..core_native import ffi
-from construct import Struct
 
 from ..errors import ConfigError
 from ..snapshot.state import DeviceState
+from ..packed import declared_later
 
 FOUR_GIB = 1 << 32
 MAX_SIZE = 256 << 10
@@ -35,7 +35,11 @@ class BootRom(Device, DeviceState):
     name = "bootrom"
     # Read-only: the image comes from the same file on restore; nothing of it changes.
     state_version = 1
-    state_layout = Struct()
+
+    @declared_later
+    def state_layout():
+        from construct import Struct
+        return Struct()
 
     def save_state(self) -> dict:
         return {}

@@ -27,9 +27,8 @@ from ..device import Device
 import struct
 
 from ..memory import GuestMemoryError
-from construct import Bytes, Int16ul, Int32ul, PrefixedArray, Prefixed, GreedyBytes, Struct
-
 from .. import concurrency
+from ..packed import declared_later
 from ..snapshot.state import DeviceState
 
 SELECTOR_PORT = 0x510
@@ -68,10 +67,14 @@ class FwCfg(Device, DeviceState):
     # The items come from the configuration (rebuilt alike on restore); what the guest can
     # change is where it reads, the DMA address it is writing, and the writable files.
     state_version = 1
-    state_layout = Struct(
-        "selector" / Int16ul, "offset" / Int32ul, "dma_addr" / Bytes(8),
-        "writable" / PrefixedArray(Int16ul, Struct("key" / Int16ul,
-                                                   "data" / Prefixed(Int32ul, GreedyBytes))))
+
+    @declared_later
+    def state_layout():
+        from construct import Bytes, Int16ul, Int32ul, PrefixedArray, Prefixed, GreedyBytes, Struct
+        return Struct(
+            "selector" / Int16ul, "offset" / Int32ul, "dma_addr" / Bytes(8),
+            "writable" / PrefixedArray(Int16ul, Struct("key" / Int16ul,
+                                                       "data" / Prefixed(Int32ul, GreedyBytes))))
 
     def __init__(self, machine, *, register: bool = True):
         self.machine = machine

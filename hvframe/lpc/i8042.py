@@ -32,10 +32,9 @@ from ..device import Device
 
 from collections import deque
 
-from construct import Bytes, Flag, Int8ul, Int16sl, PrefixedArray, Struct
-
 from .. import concurrency
 from ..snapshot.state import DeviceState
+from ..packed import declared_later
 
 DATA_PORT = 0x60
 STATUS_PORT = 0x64
@@ -69,10 +68,14 @@ class I8042(Device, DeviceState):
     CAPACITY = CAPACITY
     # -1 stands for None (no command pending, output register empty).
     state_version = 1
-    state_layout = Struct("ccb" / Int8ul, "ram" / Bytes(32), "output_port" / Int8ul,
-                          "pending_cmd" / Int16sl, "obuf" / Int16sl, "obuf_aux" / Flag,
-                          "kbd_tx" / PrefixedArray(Int8ul, Int8ul), "last_was_cmd" / Flag,
-                          "kbd_pending" / Int16sl, "scancode_set" / Int8ul)
+
+    @declared_later
+    def state_layout():
+        from construct import Bytes, Flag, Int8ul, Int16sl, PrefixedArray, Struct
+        return Struct("ccb" / Int8ul, "ram" / Bytes(32), "output_port" / Int8ul,
+                      "pending_cmd" / Int16sl, "obuf" / Int16sl, "obuf_aux" / Flag,
+                      "kbd_tx" / PrefixedArray(Int8ul, Int8ul), "last_was_cmd" / Flag,
+                      "kbd_pending" / Int16sl, "scancode_set" / Int8ul)
 
     def __init__(self, machine):
         self.machine = machine

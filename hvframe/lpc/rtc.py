@@ -20,10 +20,10 @@ from __future__ import annotations
 from ..device import Device
 
 import time
-from construct import Bytes, Flag, Float64l, Int8ul, Struct
 
 from .. import concurrency
 from ..snapshot.state import DeviceState
+from ..packed import declared_later
 
 RTC_PORT = 0x70
 CMOS_SIZE = 128
@@ -79,8 +79,12 @@ class Rtc(Device, DeviceState):
     # The guest's clock is kept as its offset from the host's: restored elsewhere it goes on
     # from the host's time as QEMU's does (base=utc), not from when it was saved.
     state_version = 1
-    state_layout = Struct("index" / Int8ul, "nmi_disabled" / Flag, "offset" / Float64l,
-                          "cmos" / Bytes(CMOS_SIZE))
+
+    @declared_later
+    def state_layout():
+        from construct import Bytes, Flag, Float64l, Int8ul, Struct
+        return Struct("index" / Int8ul, "nmi_disabled" / Flag, "offset" / Float64l,
+                      "cmos" / Bytes(CMOS_SIZE))
 
     def __init__(self, machine, *, clock=time.time):
         self.machine = machine

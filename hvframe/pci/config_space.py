@@ -11,63 +11,69 @@ anything.
 """
 from __future__ import annotations
 
-from construct import Bytes, Int8ul, Int16ul, Int32ul, Struct
-
-from ..layout import fields_of
+from ..packed import Declarations
 
 CONVENTIONAL_SIZE = 256
 EXTENDED_SIZE = 4096
 HEADER_SIZE = 64
 
-# Type-0 (endpoint) configuration header, PCI Local Bus Specification 3.0 section 6.1.
-TYPE0_HEADER = Struct(
-    "vendor_id" / Int16ul,
-    "device_id" / Int16ul,
-    "command" / Int16ul,
-    "status" / Int16ul,
-    "revision_id" / Int8ul,
-    "prog_if" / Int8ul,
-    "subclass" / Int8ul,
-    "class_code" / Int8ul,
-    "cache_line_size" / Int8ul,
-    "latency_timer" / Int8ul,
-    "header_type" / Int8ul,
-    "bist" / Int8ul,
-    "bar0" / Int32ul,
-    "bar1" / Int32ul,
-    "bar2" / Int32ul,
-    "bar3" / Int32ul,
-    "bar4" / Int32ul,
-    "bar5" / Int32ul,
-    "cardbus_cis" / Int32ul,
-    "subsystem_vendor_id" / Int16ul,
-    "subsystem_id" / Int16ul,
-    "expansion_rom" / Int32ul,
-    "capabilities_ptr" / Int8ul,
-    "reserved" / Bytes(7),
-    "interrupt_line" / Int8ul,
-    "interrupt_pin" / Int8ul,
-    "min_gnt" / Int8ul,
-    "max_lat" / Int8ul,
-)
 
-# Every capability in the list starts with these two bytes.
-CAPABILITY_HEADER = Struct(
-    "cap_id" / Int8ul,
-    "next" / Int8ul,
-)
+def _declare():
+    from construct import Bytes, Int8ul, Int16ul, Int32ul, Struct
+
+    # Type-0 (endpoint) configuration header, PCI Local Bus Specification 3.0 section 6.1.
+    TYPE0_HEADER = Struct(
+        "vendor_id" / Int16ul,
+        "device_id" / Int16ul,
+        "command" / Int16ul,
+        "status" / Int16ul,
+        "revision_id" / Int8ul,
+        "prog_if" / Int8ul,
+        "subclass" / Int8ul,
+        "class_code" / Int8ul,
+        "cache_line_size" / Int8ul,
+        "latency_timer" / Int8ul,
+        "header_type" / Int8ul,
+        "bist" / Int8ul,
+        "bar0" / Int32ul,
+        "bar1" / Int32ul,
+        "bar2" / Int32ul,
+        "bar3" / Int32ul,
+        "bar4" / Int32ul,
+        "bar5" / Int32ul,
+        "cardbus_cis" / Int32ul,
+        "subsystem_vendor_id" / Int16ul,
+        "subsystem_id" / Int16ul,
+        "expansion_rom" / Int32ul,
+        "capabilities_ptr" / Int8ul,
+        "reserved" / Bytes(7),
+        "interrupt_line" / Int8ul,
+        "interrupt_pin" / Int8ul,
+        "min_gnt" / Int8ul,
+        "max_lat" / Int8ul,
+    )
+
+    # Every capability in the list starts with these two bytes.
+    CAPABILITY_HEADER = Struct(
+        "cap_id" / Int8ul,
+        "next" / Int8ul,
+    )
+    return locals()
 
 
-FIELDS: dict[str, tuple[int, int]] = fields_of(TYPE0_HEADER)
-CAP_FIELDS: dict[str, tuple[int, int]] = fields_of(CAPABILITY_HEADER)
-assert sum(s for _, s in FIELDS.values()) == HEADER_SIZE == TYPE0_HEADER.sizeof()
+LAYOUTS = Declarations(__name__, __file__, _declare)
+__getattr__ = LAYOUTS.module_getattr
+
+FIELDS: dict[str, tuple[int, int]] = LAYOUTS.TYPE0_HEADER.fields
+CAP_FIELDS: dict[str, tuple[int, int]] = LAYOUTS.CAPABILITY_HEADER.fields
+assert sum(s for _, s in FIELDS.values()) == HEADER_SIZE == LAYOUTS.TYPE0_HEADER.sizeof()
 
 BAR_OFFSETS = tuple(FIELDS[f"bar{i}"][0] for i in range(6))
 ROM_OFFSET = FIELDS["expansion_rom"][0]
 COMMAND_OFFSET = FIELDS["command"][0]
 STATUS_OFFSET = FIELDS["status"][0]
 CAP_PTR_OFFSET = FIELDS["capabilities_ptr"][0]
-CAP_HEADER_SIZE = CAPABILITY_HEADER.sizeof()
+CAP_HEADER_SIZE = LAYOUTS.CAPABILITY_HEADER.sizeof()
 
 # Command register bits.
 CMD_IO = 1 << 0
@@ -147,8 +153,8 @@ class ConfigSpace:
         self.put(off, size, value)
 
     def header(self):
-        """The header parsed by construct (for tools and tests)."""
-        return TYPE0_HEADER.parse(bytes(self.data[:HEADER_SIZE]))
+        """The header parsed (for tools and tests)."""
+        return LAYOUTS.TYPE0_HEADER.parse(bytes(self.data[:HEADER_SIZE]))
 
     def capabilities(self) -> list[tuple[int, int]]:
         """Walk the capability list: [(offset, cap_id)], stopping at loops or bad pointers."""
@@ -158,7 +164,7 @@ class ConfigSpace:
         ptr, seen = self["capabilities_ptr"] & 0xFC, set()
         while ptr and ptr not in seen and HEADER_SIZE <= ptr <= CONVENTIONAL_SIZE - CAP_HEADER_SIZE:
             seen.add(ptr)
-            cap = CAPABILITY_HEADER.parse(bytes(self.data[ptr:ptr + CAP_HEADER_SIZE]))
+            cap = LAYOUTS.CAPABILITY_HEADER.parse(bytes(self.data[ptr:ptr + CAP_HEADER_SIZE]))
             out.append((ptr, cap.cap_id))
             ptr = cap.next & 0xFC
         return out

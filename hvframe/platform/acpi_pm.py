@@ -13,10 +13,10 @@ from __future__ import annotations
 from ..device import Device
 
 import time
-from construct import Int16ul, Int32ul, Struct
 
 from .. import concurrency
 from ..snapshot.state import DeviceState
+from ..packed import declared_later
 from ..dispatch import Access, Partial
 
 PM1A_EVT = 0x400   # PM1_STS (2 bytes) + PM1_EN (2 bytes)
@@ -44,8 +44,12 @@ DWORD_READ_ONLY = Access(sizes=(4,), aligned=True, partial=Partial.DROP)
 class AcpiPm(Device, DeviceState):
     name = "acpi-pm"
     state_version = 1
-    state_layout = Struct("sts" / Int16ul, "en" / Int16ul, "cnt" / Int16ul,
-                          "power_button_presses" / Int32ul)
+
+    @declared_later
+    def state_layout():
+        from construct import Int16ul, Int32ul, Struct
+        return Struct("sts" / Int16ul, "en" / Int16ul, "cnt" / Int16ul,
+                      "power_button_presses" / Int32ul)
 
     def __init__(self, machine):
         self.machine = machine

@@ -1,9 +1,9 @@
 """The PC reset control register at port 0xcf9: writing RST_CPU resets the machine, which
 ends the run with exit status 0 (reboot), as bhyve does."""
-from construct import Int8ul, Struct
 
 from ..device import Device
 from ..snapshot.state import DeviceState
+from ..packed import declared_later
 
 RESET_CONTROL_PORT = 0xCF9
 RST_CPU = 1 << 2
@@ -12,7 +12,11 @@ RST_CPU = 1 << 2
 class ResetControl(Device, DeviceState):
     name = "reset-control"
     state_version = 1
-    state_layout = Struct("value" / Int8ul)
+
+    @declared_later
+    def state_layout():
+        from construct import Int8ul, Struct
+        return Struct("value" / Int8ul)
 
     def __init__(self, machine):
         self.machine = machine

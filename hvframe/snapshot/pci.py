@@ -9,17 +9,26 @@ LPC bridge).
 """
 from __future__ import annotations
 
-from construct import Array, Bytes, Flag, GreedyBytes, Int16ul, Int32ul, Prefixed, PrefixedArray, Struct
-
+from ..packed import Declarations, declared_later
 from ..pci.config_space import EXTENDED_SIZE
 from .state import DeviceState
 
-PCI_FUNCTION_STATE = Struct(
-    "config" / Bytes(EXTENDED_SIZE),
-    "intx_level" / Flag,
-    "msix_entries" / PrefixedArray(Int16ul, Array(4, Int32ul)),
-    "msix_pending" / Prefixed(Int16ul, GreedyBytes),     # little-endian bit string
-)
+
+def _declare():
+    # A checkpoint's record of a PCI function: only checkpoints import construct for it.
+    from construct import Array, Bytes, Flag, GreedyBytes, Int16ul, Int32ul, Prefixed, PrefixedArray, Struct
+
+    PCI_FUNCTION_STATE = Struct(
+        "config" / Bytes(EXTENDED_SIZE),
+        "intx_level" / Flag,
+        "msix_entries" / PrefixedArray(Int16ul, Array(4, Int32ul)),
+        "msix_pending" / Prefixed(Int16ul, GreedyBytes),     # little-endian bit string
+    )
+    return locals()
+
+
+LAYOUTS = Declarations(__name__, __file__, _declare)
+__getattr__ = LAYOUTS.module_getattr
 
 
 def save_pci(fn) -> dict:
@@ -57,7 +66,7 @@ class PlainPciState(DeviceState):
     """A PCI function whose state is all in its configuration space."""
 
     state_version = 1
-    state_layout = PCI_FUNCTION_STATE
+    state_layout = declared_later(lambda: LAYOUTS.module_getattr("PCI_FUNCTION_STATE"))
 
     def save_state(self) -> dict:
         return save_pci(self)

@@ -22,13 +22,25 @@ line saying so rather than misread.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
-
-from construct import ConstructError, GreedyBytes, Int16ul, Struct
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import ConfigError
+from ..packed import Declarations
 
-RECORD = Struct("version" / Int16ul, "body" / GreedyBytes)
+if TYPE_CHECKING:
+    from construct import Struct
+
+
+def _declare():
+    # Only a checkpoint reads or writes records: a run that takes none never imports construct.
+    from construct import GreedyBytes, Int16ul, Struct
+
+    RECORD = Struct("version" / Int16ul, "body" / GreedyBytes)
+    return locals()
+
+
+LAYOUTS = Declarations(__name__, __file__, _declare)
+__getattr__ = LAYOUTS.module_getattr
 
 
 class DeviceState(ABC):
@@ -58,15 +70,16 @@ class DeviceState(ABC):
 
 
 def encode(device: DeviceState) -> bytes:
-    return RECORD.build(dict(version=device.state_version,
+    return LAYOUTS.module_getattr("RECORD").build(dict(version=device.state_version,
                              body=device.state_layout.build(device.save_state())))
 
 
 def parse_record(device: DeviceState, data: bytes, label: str):
     """Parse a record for `device` without giving it to the device; ConfigError (one line)
     for a record of another version or one that does not parse."""
+    from construct import ConstructError
     try:
-        rec = RECORD.parse(data)
+        rec = LAYOUTS.module_getattr("RECORD").parse(data)
     except ConstructError:
         raise ConfigError(f"snapshot: {label}: record too short") from None
     if rec.version != device.state_version:

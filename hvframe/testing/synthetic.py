@@ -9,6 +9,7 @@ device benchmarks.
 from __future__ import annotations
 
 from ..core_native import ffi, lib
+from .. import concurrency
 from ..machine import Machine
 
 
@@ -23,7 +24,11 @@ class SyntheticMachine(Machine):
     address, the registered length, its datamatch if it has one) signals that eventfd and
     goes no further, as KVM_IOEVENTFD does: under KVM such a write never reaches user space,
     so no bus handler runs and no GIL is taken. Without it the write is dispatched to the
-    handler as usual (which for a virtio doorbell signals the same eventfd from Python)."""
+    handler as usual (which for a virtio doorbell signals the same eventfd from Python).
+
+    Writes to a range a device coalesces (Machine.coalesce_writes, enabled) are held back as
+    KVM holds them and reach the bus, in order, before the next access that is not one of
+    them, or at drain_coalesced()."""
 
     def __init__(self, memory_size: int = 16 << 20, cpus: int = 1, *,
                  irqfd_eventfds: bool = False, shared_memory: bool = False,
@@ -32,6 +37,31 @@ class SyntheticMachine(Machine):
         self.irqfd_eventfds = irqfd_eventfds
         self.ioeventfds = ioeventfds
         self._doorbells: list = []
+        self._zones: list = []              # coalesced ranges enabled now
+        self._buffered: list[tuple] = []    # (bus, address, size, value) held back
+
+    def _coalesce(self, zone, on: bool) -> None:
+        # Held back here, in the caller's thread: no drain thread on the synthetic backend.
+        if on:
+            self._zones.append(zone)
+        else:
+            self._zones.remove(zone)
+
+    def drain_coalesced(self) -> int:
+        concurrency.may_block("handing on buffered guest writes")
+        held, self._buffered = self._buffered, []
+        for bus, addr, size, value in held:
+            lib.hv_bus_dispatch(bus, addr, size, value, 1)
+        return len(held)
+
+    def _held_back(self, space: str, addr: int, size: int, value: int) -> bool:
+        for z in self._zones:
+            if z.space == space and z.addr <= addr and addr + size <= z.addr + z.length:
+                bus = self.pio.c_bus if space == "pio" else self.mmio.c_bus
+                self._buffered.append((bus, addr, size, value))
+                return True
+        self.drain_coalesced()
+        return False
 
     def add_ioeventfd(self, space, addr, length, datamatch=None):
         ev = super().add_ioeventfd(space, addr, length, datamatch)
@@ -50,17 +80,29 @@ class SyntheticMachine(Machine):
 
     # One exit each, through hv_bus_dispatch as KVM_EXIT_IO / KVM_EXIT_MMIO would go.
     def io_read(self, port: int, size: int = 1) -> int:
+        if self._buffered:
+            self.drain_coalesced()
         return lib.hv_bus_dispatch(self.pio.c_bus, port, size, 0, 0)
 
     def io_write(self, port: int, size: int, value: int) -> None:
+        if self._zones and self._held_back("pio", port, size, value):
+            return
+        if self._buffered:
+            self.drain_coalesced()
         if self.ioeventfds and self._doorbell("pio", port, size, value):
             return
         lib.hv_bus_dispatch(self.pio.c_bus, port, size, value, 1)
 
     def mmio_read(self, addr: int, size: int = 4) -> int:
+        if self._buffered:
+            self.drain_coalesced()
         return lib.hv_bus_dispatch(self.mmio.c_bus, addr, size, 0, 0)
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
+        if self._zones and self._held_back("mmio", addr, size, value):
+            return
+        if self._buffered:
+            self.drain_coalesced()
         if self.ioeventfds and self._doorbell("mmio", addr, size, value):
             return
         lib.hv_bus_dispatch(self.mmio.c_bus, addr, size, value, 1)

@@ -49,10 +49,13 @@ class ConsoleRun:
     native_served: int      # COM1 accesses answered by the native register block
     python_calls: int       # COM1 accesses its register block passed to Python
     exit_code: int
+    port_exits: int = 0     # port I/O exits the vCPU took
 
 
-def hvframe_console(guest: str, count: int, native: bool = True) -> ConsoleRun:
-    """One run of the console guest with COM1 on a file backend."""
+def hvframe_console(guest: str, count: int, native: bool = True,
+                    coalesce: bool = True) -> ConsoleRun:
+    """One run of the console guest with COM1 on a file backend; coalesce: its THR writes
+    buffered by KVM while it is a plain polled console (as `hvframe run` does)."""
     from hvframe.platform.acpi_pm import AcpiPm
     with tempfile.TemporaryDirectory(prefix="hvframe-console-") as tmp:
         path = os.path.join(tmp, "com1.out")
@@ -64,7 +67,8 @@ def hvframe_console(guest: str, count: int, native: bool = True) -> ConsoleRun:
             uart = Uart16550(set_irq=m.irq_source(COM1_IRQ), backend=FileBackend(path))
             m.on_close(uart.close)
             if native:
-                uart.map_native(m.pio, COM1, name="com1")
+                thr = m.coalesce_writes("pio", COM1, 1) if coalesce else None
+                uart.map_native(m.pio, COM1, name="com1", thr_writes=thr)
             else:
                 m.pio.register(COM1, PORT_COUNT, uart, name="com1")
             AcpiPm(m)
@@ -75,11 +79,12 @@ def hvframe_console(guest: str, count: int, native: bool = True) -> ConsoleRun:
             block = uart.native_block
             served = block.served if block is not None else 0
             passed = block.passed if block is not None else 0
+            exits = sum(v.c.exits_io for v in m.vcpus)
         finally:
             m.close()
         with open(path, "rb") as f:
             output = f.read()
-    return ConsoleRun(dt, output, served, passed, code)
+    return ConsoleRun(dt, output, served, passed, code, exits)
 
 
 def qemu_binary() -> str | None:

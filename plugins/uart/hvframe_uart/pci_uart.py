@@ -3,14 +3,15 @@ with IDs Linux's 8250_pci and other drivers of QEMU's pci-serial already know (1
 class 07:00:02, a 16550-compatible serial controller) and its interrupt on INTA."""
 from __future__ import annotations
 
-from construct import Struct
-
+from hvframe.packed import declared_later
 from hvframe.pci.device import PciFunction
-from hvframe.snapshot.pci import PCI_FUNCTION_STATE, load_pci, save_pci
+from hvframe.snapshot import pci as pci_state
+from hvframe.snapshot.pci import load_pci, save_pci
 from hvframe.snapshot.state import DeviceState
 
 from .backends import open_backend
-from .uart16550 import UART_STATE, Uart16550
+from . import uart16550
+from .uart16550 import Uart16550
 
 VENDOR, DEVICE = 0x1B36, 0x0002
 CLASS_16550_SERIAL = 0x070002
@@ -19,7 +20,11 @@ INTA = 1
 
 class PciUart(PciFunction, DeviceState):
     state_version = 1
-    state_layout = Struct("pci" / PCI_FUNCTION_STATE, "uart" / UART_STATE)
+
+    @declared_later
+    def state_layout():
+        from construct import Struct
+        return Struct("pci" / pci_state.PCI_FUNCTION_STATE, "uart" / uart16550.UART_STATE)
 
     def __init__(self, backend, name: str = "uart"):
         super().__init__(VENDOR, DEVICE, CLASS_16550_SERIAL, pin=INTA, name=name)

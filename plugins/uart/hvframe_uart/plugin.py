@@ -3,13 +3,17 @@ and uart: the same on PCI."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
-from hvframe.bench import Benchmarks, Register
 from hvframe.device import AcpiIsaDevice, DeviceOptions, DeviceType, PciOptions, option
 from hvframe.hookspecs import hookimpl
 
 from .backends import SPEC_HELP, FileBackend, NullBackend, StdioBackend, open_backend
 from .uart16550 import BYTE_PORTS, Uart16550
+
+if TYPE_CHECKING:
+    from hvframe.bench import Benchmarks
 
 # name: (I/O base, ISA IRQ). COM3/COM4 share IRQs with COM1/COM2, as on PCs.
 COM_PORTS = {
@@ -61,7 +65,8 @@ def _make_factory(name: str, base: int, irq: int):
         uart = Uart16550(set_irq=machine.irq_source(irq), backend=backend, name=name, acpi=acpi)
         try:
             if options.native and isinstance(backend, NATIVE_OUTPUT):
-                uart.map_native(machine.pio, base, name=name)
+                uart.map_native(machine.pio, base, name=name,
+                                thr_writes=machine.coalesce_writes("pio", base, 1))
             else:
                 machine.pio.register(base, PORT_COUNT, uart, name=name, access=BYTE_PORTS)
         except BaseException:
@@ -74,6 +79,7 @@ def _make_factory(name: str, base: int, irq: int):
 def uart_benchmarks(bar: int | None) -> Benchmarks:
     """`hvframe bench`: every 16550 register read, and the writes a console makes (THR) and
     a probe makes (SCR); ports relative to the I/O BAR (PCI) or the COM port's base."""
+    from hvframe.bench import Benchmarks, Register
     names = ("RBR", "IER", "IIR", "LCR", "MCR", "LSR", "MSR", "SCR")
     return Benchmarks(registers=(
         *(Register(f"{n} read", off, 1, bar=bar) for off, n in enumerate(names)),
@@ -86,7 +92,7 @@ def uart_device_types() -> list[DeviceType]:
                           summary="16550A UART on PCI (1b36:0002), I/O BAR 0, INTA",
                           options=PciUartOptions,
                           examples=("-s 4,uart,stdio", "-s 4,uart,tcp=127.0.0.1:4444"),
-                          benchmarks=uart_benchmarks(bar=0))
+                          benchmarks=partial(uart_benchmarks, bar=0))
     return [pci_uart] + [
         DeviceType(
             name=name,
@@ -96,7 +102,7 @@ def uart_device_types() -> list[DeviceType]:
             options=ComOptions,
             examples=(f"-l {name},stdio", f"-l {name},file=/tmp/{name}.log",
                       f"-l {name},tcp=127.0.0.1:4444", f"-o lpc.{name}.native=off"),
-            benchmarks=uart_benchmarks(bar=None),
+            benchmarks=partial(uart_benchmarks, bar=None),
         )
         for name, (base, irq) in COM_PORTS.items()
     ]

@@ -51,16 +51,17 @@ the ring first and hands on to the backend, whose own bound drops and counts.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Optional, Protocol, Sequence
-
-from construct import Flag, Int8ul, Int16ul, PrefixedArray, Struct
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
 from hvframe import concurrency
 from hvframe.device import AcpiIsaDevice, Device
 from hvframe.dispatch import Access, Bus
-from hvframe.layout import offsets_of
+from hvframe.packed import Declarations, declared_later
 from hvframe.snapshot.state import DeviceState
 from hvframe.regblock import Fifo, FifoDrainer, Full, Kind, Reg, RegisterBlock
+
+if TYPE_CHECKING:
+    from hvframe.machine import CoalescedWrites
 
 # Register offsets (DLAB selects DLL/DLM at 0/1).
 RBR = THR = DLL = 0
@@ -115,11 +116,34 @@ MSR_RI = 0x40
 MSR_DCD = 0x80
 MSR_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS
 
-# The register file with DLAB clear: what the native register block serves.
-REGISTERS = Struct("rbr_thr" / Int8ul, "ier" / Int8ul, "iir_fcr" / Int8ul, "lcr" / Int8ul,
-                   "mcr" / Int8ul, "lsr" / Int8ul, "msr" / Int8ul, "scr" / Int8ul)
-assert offsets_of(REGISTERS) == {"rbr_thr": THR, "ier": IER, "iir_fcr": IIR, "lcr": LCR,
-                                 "mcr": MCR, "lsr": LSR, "msr": MSR, "scr": SCR}
+
+
+def _declare():
+    from construct import Flag, Int8ul, Int16ul, PrefixedArray, Struct
+
+    # The register file with DLAB clear: what the native register block serves.
+    REGISTERS = Struct("rbr_thr" / Int8ul, "ier" / Int8ul, "iir_fcr" / Int8ul, "lcr" / Int8ul,
+                       "mcr" / Int8ul, "lsr" / Int8ul, "msr" / Int8ul, "scr" / Int8ul)
+
+    # A 16550's checkpoint record: its registers, the RX FIFO (each byte with whether it came
+    # from the host, which decides where a cleared FIFO's bytes go) and the host bytes waiting
+    # for room, the transmit FIFO not yet handed to the backend.
+    UART_STATE = Struct(
+        "ier" / Int8ul, "lcr" / Int8ul, "mcr" / Int8ul, "scr" / Int8ul, "dll" / Int8ul,
+        "dlm" / Int8ul, "fifo_enabled" / Flag, "rx_trigger" / Int8ul,
+        "rx" / PrefixedArray(Int16ul, Struct("byte" / Int8ul, "from_host" / Flag)),
+        "backlog" / PrefixedArray(Int16ul, Int8ul), "last_rx" / Int8ul, "overrun" / Flag,
+        "tx" / PrefixedArray(Int16ul, Int8ul), "thre_pending" / Flag, "msr_lines" / Int8ul,
+        "msr_delta" / Int8ul,
+    )
+    return locals()
+
+
+LAYOUTS = Declarations(__name__, __file__, _declare)
+__getattr__ = LAYOUTS.module_getattr
+assert {n: o for n, (o, _) in LAYOUTS.REGISTERS.fields.items()} == {
+    "rbr_thr": THR, "ier": IER, "iir_fcr": IIR, "lcr": LCR, "mcr": MCR, "lsr": LSR, "msr": MSR,
+    "scr": SCR}
 NATIVE_RING = 16384     # bytes THR writes may queue natively before the drain thread runs
 NATIVE_REGS = {
     # THR writes feed the ring; RBR reads (same offset) stay Python.
@@ -144,19 +168,6 @@ class Backend(Protocol):
 # Eight byte-wide registers: a wider access is that many byte cycles to consecutive registers,
 # as on the ISA bus, so the model only ever sees bytes.
 BYTE_PORTS = Access(sizes=(1,))
-
-
-# A 16550's checkpoint record: its registers, the RX FIFO (each byte with whether it came
-# from the host, which decides where a cleared FIFO's bytes go) and the host bytes waiting
-# for room, the transmit FIFO not yet handed to the backend.
-UART_STATE = Struct(
-    "ier" / Int8ul, "lcr" / Int8ul, "mcr" / Int8ul, "scr" / Int8ul, "dll" / Int8ul,
-    "dlm" / Int8ul, "fifo_enabled" / Flag, "rx_trigger" / Int8ul,
-    "rx" / PrefixedArray(Int16ul, Struct("byte" / Int8ul, "from_host" / Flag)),
-    "backlog" / PrefixedArray(Int16ul, Int8ul), "last_rx" / Int8ul, "overrun" / Flag,
-    "tx" / PrefixedArray(Int16ul, Int8ul), "thre_pending" / Flag, "msr_lines" / Int8ul,
-    "msr_delta" / Int8ul,
-)
 
 
 class Uart16550(Device, DeviceState):
@@ -204,6 +215,7 @@ class Uart16550(Device, DeviceState):
         self._native_on = False                         # THR and LSR served natively now
         self._native_lsr = 0                            # the LSR bits last given to it
         self._native_pushed = 0                         # ring entries pushed when switched on
+        self._thr_writes: Optional[CoalescedWrites] = None   # buffered THR writes (map_native)
 
     @property
     def native_block(self) -> Optional[RegisterBlock]:
@@ -215,21 +227,26 @@ class Uart16550(Device, DeviceState):
         """The thread handing the native ring to the backend (map_native), if any."""
         return self._drainer
 
-    def map_native(self, bus: Bus, base: int, name: str = "16550") -> None:
+    def map_native(self, bus: Bus, base: int, name: str = "16550",
+                   thr_writes: CoalescedWrites | None = None) -> None:
         """Serve this UART's 8 ports of bus at base, with LSR reads and THR writes answered
         natively while the mode is plain (see the module docstring). The backend's write()
-        must never wait (it is called from the drain thread under the transmit lock)."""
-        block = RegisterBlock(REGISTERS, NATIVE_REGS, self, fifos=NATIVE_FIFOS, name=name)
+        must never wait (it is called from the drain thread under the transmit lock).
+        thr_writes (Machine.coalesce_writes of the THR port), if given, is enabled while the
+        mode is plain: a polled console's THR writes are then buffered by KVM and reach the
+        ring at the guest's next LSR poll, one exit per byte instead of two."""
+        block = RegisterBlock(LAYOUTS.REGISTERS, NATIVE_REGS, self, fifos=NATIVE_FIFOS, name=name)
         block.map(bus, base, access=BYTE_PORTS)
         self._drainer = FifoDrainer(block, "tx", self.flush_native, name=f"{name}-tx-drain")
         with self._lock:
             self._native = block
+            self._thr_writes = thr_writes
             self._sync_native()
         self._drainer.start()
 
     # ---- checkpoint (hvframe.snapshot.state) -------------------------------------------------
     state_version = 1
-    state_layout = UART_STATE
+    state_layout = declared_later(lambda: LAYOUTS.module_getattr("UART_STATE"))
 
     def quiesce(self) -> None:
         """What the guest wrote natively goes to the backend before the state is taken."""
@@ -279,6 +296,8 @@ class Uart16550(Device, DeviceState):
     def close(self) -> None:
         """Release a backend reader blocked on backpressure, hand on what the native ring
         holds, then close the backend. Idempotent."""
+        if self._thr_writes is not None:
+            self._thr_writes.close()    # THR writes still buffered reach the ring first
         with self._lock:
             if self._closed:
                 return
@@ -495,6 +514,9 @@ class Uart16550(Device, DeviceState):
             return
         block.set_native(NATIVE_NAMES, plain)
         self._native_on = plain
+        if self._thr_writes is not None:
+            # Plain mode raises no interrupt on a THR write, so a buffered one is only late.
+            self._thr_writes.enable(plain)
         pushed = block.counts("tx").pushed
         if plain:
             self._native_pushed = pushed

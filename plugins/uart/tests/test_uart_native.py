@@ -1,5 +1,6 @@
 """The 16550's polled console served natively (Uart16550.map_native): what the native register
 block answers, when it hands back to Python, and that output keeps its order throughout."""
+import os
 import threading
 
 import pytest
@@ -46,6 +47,7 @@ def test_polled_console_needs_no_python(com1):
     text = bytes(range(256)) * 8
     for c in text:
         putc(m, c)
+    m.drain_coalesced()                         # the last THR write, buffered as KVM would
     assert block.passed == passed               # every LSR read and THR write was native
     assert block.served >= 2 * len(text)
     uart.close()
@@ -132,11 +134,13 @@ def test_a_full_ring_is_busy_then_python_empties_it_in_order(com1):
         data = bytes(i & 0xFF for i in range(NATIVE_RING))
         for c in data:
             m.io_write(COM1 + THR, 1, c)
+        m.drain_coalesced()                         # as KVM hands them on at the next exit
         assert block.level("tx") == NATIVE_RING
         assert m.io_read(COM1 + LSR, 1) == 0x00     # THRE and TEMT clear: no room
         assert uart.read(LSR, 1) == 0x00            # Python's LSR says the same
         passed = block.passed
         m.io_write(COM1 + THR, 1, ord("!"))         # no room: Python transmits, ring first
+        m.drain_coalesced()
         assert block.passed == passed + 1
         assert block.level("tx") == 0
         assert m.io_read(COM1 + LSR, 1) == 0x60
@@ -175,3 +179,127 @@ def test_close_hands_on_what_the_ring_holds(com1):
     assert path.read_bytes() == b"last words"
     assert not uart.native_drainer.is_alive()
     assert not uart.native_block.native("lsr")      # after close every access is Python's
+
+
+def test_polled_thr_writes_wait_for_the_guests_next_access(com1):
+    """The THR port is coalesced while the console is plain (Machine.coalesce_writes): a
+    write reaches the ring at the guest's next access, as under KVM, where it took no exit
+    of its own; output is unchanged."""
+    m, uart, path = com1
+    guest_init(m)
+    block = uart.native_block
+    served = block.served
+    m.io_write(COM1 + THR, 1, ord("a"))
+    assert block.served == served               # buffered: not handled yet
+    assert m.io_read(COM1 + LSR, 1) & 0x20       # the poll hands it on first, then is answered
+    assert block.served == served + 2
+    assert block.level("tx") + len(path.read_bytes()) >= 1
+    uart.close()
+    assert path.read_bytes() == b"a"
+
+
+def test_interrupt_driven_transmit_is_not_buffered(com1):
+    """With ETBEI set a THR write must raise THRE at once: it exits and is handled then."""
+    m, uart, path = com1
+    guest_init(m)
+    m.io_write(COM1 + IER, 1, 0x02)
+    assert m.io_read(COM1 + IIR, 1) == 0xC2     # THRE for the empty THR, taken
+    passed = uart.native_block.passed
+    m.io_write(COM1 + THR, 1, ord("i"))
+    assert uart.native_block.passed == passed + 1     # handled by Python, no access after
+    assert m.irq_levels[4] == 1
+    m.io_write(COM1 + IER, 1, 0x00)
+    putc(m, ord("p"))                           # plain again: buffered again
+    served = uart.native_block.served
+    m.io_write(COM1 + THR, 1, ord("q"))
+    assert uart.native_block.served == served
+    uart.close()                                # hands on what is buffered
+    assert path.read_bytes() == b"ipq"
+
+
+class RefusingMachine(SyntheticMachine):
+    """A VM whose KVM refuses to buffer the THR port (ENOSPC: its port bus is full, say)."""
+
+    def _coalesce(self, zone, on):
+        if on:
+            import errno
+            from hvframe.kvm import KvmError
+            raise KvmError(f"KVM_(UN)REGISTER_COALESCED_MMIO: {os.strerror(errno.ENOSPC)}")
+        super()._coalesce(zone, on)
+
+
+def test_kvm_refusing_to_buffer_thr_writes_costs_only_exits(tmp_path, capfd):
+    """A guest's LCR or IER write that makes the console plain asks KVM to buffer THR
+    writes; KVM saying no must not fail that write (the guest's divisor, mode and interrupt
+    enables all take) nor lose a byte: THR writes then simply exit, each handled at once."""
+    from hvframe import dispatch
+    failures = []
+    dispatch.failure_listeners.append(lambda *a: failures.append(a))
+    path = tmp_path / "com1.out"
+    m = RefusingMachine()
+    try:
+        uart, = rig(m, f"-l com1,file={path}")
+        uart.start()
+        guest_init(m)
+        assert m.io_read(COM1 + LCR, 1) == 0x03 and m.io_read(COM1 + MCR, 1) == 0x0B
+        served = uart.native_block.served
+        for c in b"ok":
+            putc(m, c)
+        assert uart.native_block.served == served + 4     # each THR write handled at once
+        m.io_write(COM1 + IER, 1, 0x02)
+        assert m.io_read(COM1 + IIR, 1) == 0xC2           # THRE, as without the refusal
+        uart.close()
+        assert path.read_bytes() == b"ok"
+    finally:
+        dispatch.failure_listeners.pop()
+        m.close()
+    assert failures == []
+    assert capfd.readouterr().err.count("buffer") <= 1   # said once, not per register write
+
+
+class CountingMachine(SyntheticMachine):
+    """Counts the KVM_(UN)REGISTER_COALESCED_MMIO calls a guest's register writes cause."""
+
+    def __init__(self):
+        super().__init__()
+        self.zone_ioctls = 0
+
+    def _coalesce(self, zone, on):
+        self.zone_ioctls += 1
+        super()._coalesce(zone, on)
+
+
+def test_a_guest_toggling_thr_interrupts_costs_no_ioctl_per_toggle(tmp_path, monkeypatch):
+    """Each (un)registration of the THR zone is an ioctl KVM answers with an SRCU grace
+    period (milliseconds under nested KVM, held under the UART lock on the vCPU's exit
+    path). A guest flipping ETBEI on and off (Linux's 8250 around every interactive write
+    burst, or a guest doing it in a loop) must not make one per flip: the zone comes back
+    only once the console has stayed plain for a while (the machine's drain thread sees to
+    it), and every byte still arrives in order."""
+    from hvframe.machine import CoalescedWrites
+    monkeypatch.setattr(CoalescedWrites, "SETTLE", 60.0)   # no token back during the loop
+    path = tmp_path / "com1.out"
+    m = CountingMachine()
+    try:
+        uart, = rig(m, f"-l com1,file={path}")
+        uart.start()
+        guest_init(m)
+        before = m.zone_ioctls
+        text = b"".join(b"line %d\n" % i for i in range(200))
+        for line in text.splitlines(keepends=True):
+            m.io_write(COM1 + IER, 1, 0x02)          # start_tx: THR interrupts on
+            m.io_write(COM1 + IER, 1, 0x00)          # stop_tx: off again, a plain console
+            for c in line:
+                putc(m, c)
+        assert m.zone_ioctls - before <= 2 * CoalescedWrites.BURST   # not 2 per line
+        monkeypatch.setattr(CoalescedWrites, "SETTLE", 0.01)
+        import time
+        time.sleep(0.05)                             # plain for a while now: a token is back
+        m.settle_coalesced()                         # the drain thread's periodic call
+        served = uart.native_block.served
+        m.io_write(COM1 + THR, 1, ord("!"))
+        assert uart.native_block.served == served    # plain long enough: buffered again
+        uart.close()
+        assert path.read_bytes() == text + b"!"
+    finally:
+        m.close()
