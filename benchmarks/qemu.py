@@ -241,6 +241,51 @@ def alternate(runs: dict, rounds: int) -> dict[object, list]:
     return out
 
 
+# ---- guest work, counted by KVM -------------------------------------------------------------
+# On hosts where KVM runs guest kernel code in its instruction emulator (the nested kvm_pvm hosts
+# of the platform notes; SeaBIOS is nearly all such code) a boot's time is, to within a few
+# percent, the number of instructions emulated times a cost per instruction that is KVM's and the
+# same under both VMMs. The count does not move with the host's load, where a timed pair of
+# runs moves by 30% either way, so it says whether the VMM made the guest do more work.
+PERF = shutil.which("perf")
+EMULATED, TO_USER = "kvm:kvm_emulate_insn", "kvm:kvm_userspace_exit"
+
+
+@dataclass
+class GuestWork:
+    emulated: int       # guest instructions KVM's instruction emulator executed
+    exits: int          # exits to the VMM's user space (port I/O, MMIO, ...)
+
+
+def guest_work(cmd: Sequence[str], timeout: float = 300.0) -> "GuestWork | str":
+    """Run `cmd` to its exit under `perf stat`, counting KVM's tracepoints for the emulated
+    instructions and the exits to user space of all its threads. The command must end by
+    itself; the tracepoints slow it, so it is not timed. Returns the reason instead where it
+    cannot be counted here (no perf; tracepoints not readable: perf needs root, or a permissive
+    perf_event_paranoid, and tracefs; the command did not end within `timeout`)."""
+    if PERF is None:
+        return "perf is not installed (Debian: apt-get install linux-perf)"
+    with tempfile.NamedTemporaryFile("r", suffix=".perf") as out:
+        p = subprocess.Popen([PERF, "stat", "-x", ",", "-o", out.name, "-e", EMULATED, "-e", TO_USER,
+                              "--", *cmd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, env=hvframe_env(), start_new_session=True)
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)        # perf and the VMM under it
+            p.communicate()
+            return f"{shlex.join(cmd)} did not end within {timeout:.0f} s"
+        counts = {}
+        for line in out.read().splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2] in (EMULATED, TO_USER):
+                counts[fields[2]] = fields[0]
+    if not all(v.isdigit() for v in counts.values()) or len(counts) != 2:
+        return (f"perf stat could not count {EMULATED} and {TO_USER} here "
+                f"(exit {p.returncode}: {err.decode(errors='replace').strip()[-300:]!r})")
+    return GuestWork(int(counts[EMULATED]), int(counts[TO_USER]))
+
+
 STARTUP_PARTS = r"""
 import json, sys, time
 t = {"interpreter": time.perf_counter()}
