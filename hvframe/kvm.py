@@ -25,6 +25,9 @@ BOOT_CS, BOOT_DS, BOOT_TSS = 0x10, 0x18, 0x20   # Linux boot protocol selectors
 # message-signalled routes get GSIs from here up.
 FIRST_MSI_GSI = 24
 IOAPIC_PINS = 24
+# <linux/kvm.h>: _IO(KVMIO, 0x71), taking struct kvm_reinject_control (u8 pit_reinject, 31 reserved)
+KVM_REINJECT_CONTROL = 0xAE71
+KVM_CAP_REINJECT_CONTROL = 24
 
 
 def default_irqchip_routes() -> list[tuple[int, int, int]]:
@@ -119,6 +122,7 @@ class KvmVm:
         pit = ffi.new("struct kvm_pit_config *")
         pit.flags = lib.KVM_PIT_SPEAKER_DUMMY
         _check(lib.hv_ioctl(self.fd, lib.KVM_CREATE_PIT2, pit), "KVM_CREATE_PIT2")
+        self._pit_drop_lost_ticks(kvm)
         self._host_base = int(ffi.cast("uintptr_t", ffi.from_buffer(memory.buffer)))
         self._next_slot = 0
         # GSI routing: the irqchip's default routes plus one MSI route per allocated GSI.
@@ -142,6 +146,19 @@ class KvmVm:
                 self._commit_routes()      # the PC's routing from the start (the PIT on pin 2)
         for r in memory.regions:
             self.add_memory_slot(r.gpa, r.size, self._host_base + r.host_offset)
+
+    def _pit_drop_lost_ticks(self, kvm: Kvm) -> None:
+        """The PIT drops the ticks it could not deliver, as hardware does (QEMU's
+        lost_tick_policy=discard). KVM's default reinjects each one once the guest has
+        acknowledged the previous: a guest that falls behind -- an emulated kernel on a nested
+        host, a descheduled vCPU -- then takes its backlog back to back, and while it does,
+        every device interrupt on a vector below the timer's (0x30) waits: Linux's AHCI
+        completions did for seconds and its 5 s IDENTIFY timeouts fired (jiffies advance with
+        each reinjected tick). Guests keep time from the TSC, not by counting ticks."""
+        if lib.hv_ioctl_int(kvm.fd, lib.KVM_CHECK_EXTENSION, KVM_CAP_REINJECT_CONTROL) <= 0:
+            return
+        control = ffi.new("uint8_t[32]")          # struct kvm_reinject_control: pit_reinject = 0
+        _check(lib.hv_ioctl(self.fd, KVM_REINJECT_CONTROL, control), "KVM_REINJECT_CONTROL")
 
     def add_memory_slot(self, gpa: int, size: int, host_addr: int, readonly: bool = False) -> int:
         m = ffi.new("struct kvm_userspace_memory_region *")

@@ -154,6 +154,20 @@ def test_busy_guest_is_kicked_out_of_kvm_run_on_stop(guest_dir):
     assert time.monotonic() - t0 < 15
 
 
+def test_pit_drops_the_ticks_a_guest_could_not_take(guest_dir):
+    """A guest that kept interrupts off for 100 tick periods gets one tick when it turns them
+    on again, then ticks at the PIT's rate: about 20 in the next 20 periods. KVM's PIT by
+    default reinjects every missed tick back to back (about 120 here), and a slow emulated
+    Linux, always behind, took no interrupt below the timer's vector for seconds: its AHCI
+    disk commands timed out though the HBA had completed them at once."""
+    p = run_hvframe(["run", "-m", "64M", "-l", "com1,stdio", "--kernel", guest_dir["pit_ticks"]],
+                    input="")
+    assert p.returncode == 1, p.stderr
+    m = re.search(r"pit: (\d+) ticks in 20 periods after 100 with interrupts off", p.stdout)
+    assert m, p.stdout
+    assert 5 <= int(m.group(1)) <= 40, p.stdout
+
+
 def test_fw_cfg_answers_with_its_signature_when_configured():
     p = run_hvframe(["run", "-l", "fwcfg,qemu"], input="")
     assert p.returncode == 1, p.stderr

@@ -113,6 +113,10 @@ def test_linux_ahci_attaches_disk_and_cd_and_mounts_root_read_write(tmp_path):
                             "-s", f"4,ahci,hd:{image},model=HVF Root Disk,ser=HVFROOT1,cd:{iso}"],
                      CMDLINE + " acpi=off root=/dev/sda rw", timeout=900)
     assert "ata1: SATA link up" in out and "ata2: SATA link up" in out
+    # Every command completed in time. libata retries a timed-out IDENTIFY after a COMRESET,
+    # and that often works: without this a lost or late completion hid behind the retry.
+    assert not re.search(r"qc timeout|failed to IDENTIFY|failed command", out), \
+        [line for line in out.splitlines() if re.search(r"ata\d", line)]
     assert "ata1.00: ATA-10: HVF Root Disk" in out
     assert "ata1.00: 49152 sectors, multi 0: LBA48 NCQ (depth 32)" in out
     assert "ata2.00: ATAPI:" in out
