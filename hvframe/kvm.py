@@ -25,9 +25,6 @@ BOOT_CS, BOOT_DS, BOOT_TSS = 0x10, 0x18, 0x20   # Linux boot protocol selectors
 # message-signalled routes get GSIs from here up.
 FIRST_MSI_GSI = 24
 IOAPIC_PINS = 24
-# <linux/kvm.h>: _IO(KVMIO, 0x71), taking struct kvm_reinject_control (u8 pit_reinject, 31 reserved)
-KVM_REINJECT_CONTROL = 0xAE71
-KVM_CAP_REINJECT_CONTROL = 24
 
 
 def default_irqchip_routes() -> list[tuple[int, int, int]]:
@@ -155,10 +152,10 @@ class KvmVm:
         every device interrupt on a vector below the timer's (0x30) waits: Linux's AHCI
         completions did for seconds and its 5 s IDENTIFY timeouts fired (jiffies advance with
         each reinjected tick). Guests keep time from the TSC, not by counting ticks."""
-        if lib.hv_ioctl_int(kvm.fd, lib.KVM_CHECK_EXTENSION, KVM_CAP_REINJECT_CONTROL) <= 0:
+        if lib.hv_ioctl_int(kvm.fd, lib.KVM_CHECK_EXTENSION, lib.KVM_CAP_REINJECT_CONTROL) <= 0:
             return
-        control = ffi.new("uint8_t[32]")          # struct kvm_reinject_control: pit_reinject = 0
-        _check(lib.hv_ioctl(self.fd, KVM_REINJECT_CONTROL, control), "KVM_REINJECT_CONTROL")
+        control = ffi.new("struct kvm_reinject_control *")      # pit_reinject = 0
+        _check(lib.hv_ioctl(self.fd, lib.KVM_REINJECT_CONTROL, control), "KVM_REINJECT_CONTROL")
 
     def add_memory_slot(self, gpa: int, size: int, host_addr: int, readonly: bool = False) -> int:
         m = ffi.new("struct kvm_userspace_memory_region *")
