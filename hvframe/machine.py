@@ -619,6 +619,11 @@ class Machine:
                     pass
         if stuck:
             return
+        self._release_kvm_and_ram()
+
+    def _release_kvm_and_ram(self) -> None:
+        """The last of close(): the vCPUs, the VM, /dev/kvm and guest RAM. Also for a test
+        whose stuck thread has since returned, to give back what close() left alone."""
         vcpus, self.vcpus = self.vcpus, []     # request_exit() no longer reaches them
         for v in vcpus:
             v.close()

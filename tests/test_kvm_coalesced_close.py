@@ -58,3 +58,11 @@ def test_close_returns_while_a_drainer_is_stuck_in_a_handler(guest_dir, monkeypa
         assert m.vm is not None             # left alone: the stuck drainer still uses the ring
     finally:
         port.release.set()
+        # Unstuck, the drainer returns; give back what close() left alone, so that later
+        # tests (tests/test_machine_lifetime.py counts KVM mappings) start clean.
+        if m._drain_thread is not None:
+            m._drain_thread.join(10)
+        for t in m._vcpu_threads:
+            t.join(10)
+        if m.vm is not None and not (m._drain_thread and m._drain_thread.is_alive()):
+            m._release_kvm_and_ram()
