@@ -3,6 +3,7 @@ Linux's printk console does) through COM1 served natively: every byte arrives, i
 THR writes are buffered by KVM (coalesced) and cost no exit of their own."""
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -45,24 +46,27 @@ def test_buffered_thr_writes_halve_the_exits_and_change_no_byte(guest_dir):
     assert buffered.port_exits < 1.1 * n        # only the polls leave KVM
 
 
-def test_the_last_bytes_of_a_guest_that_halts_for_good_still_arrive(guest_dir, tmp_path):
-    """After its last THR write the guest halts with interrupts off: no exit will ever hand
-    the buffered writes on, so the machine's drain thread must."""
+@contextmanager
+def halted_console(guest: str, path, n: int, before_run=None):
+    """COM1 (native, THR coalesced) on a file, the console guest printing n bytes and then
+    halting for good; yields the machine once the "console done" line is in the file (the
+    test fails if it is not within a minute), then stops and closes it. before_run(m) is
+    called after the machine is built, before its vCPU starts."""
     from hvframe.loader import load_kernel
     from hvframe.platform.acpi_pm import AcpiPm
     from hvframe_uart.backends import FileBackend
     from hvframe_uart.uart16550 import Uart16550
-    n = 3000
-    path = tmp_path / "com1.out"
     m = Machine(64 << 20, 1)
     try:
-        boot = load_kernel(m.memory, guest_dir["console"], cmdline=f"count={n} halt=1")
+        boot = load_kernel(m.memory, guest, cmdline=f"count={n} halt=1")
         m.create_vcpus()
         m.boot_direct(boot)
         uart = Uart16550(set_irq=m.irq_source(4), backend=FileBackend(str(path)))
         m.on_close(uart.close)
         uart.map_native(m.pio, 0x3F8, name="com1", thr_writes=m.coalesce_writes("pio", 0x3F8, 1))
         AcpiPm(m)
+        if before_run is not None:
+            before_run(m)
         uart.start()
         runner = threading.Thread(target=m.run, kwargs={"timeout": 120}, daemon=True)
         runner.start()
@@ -72,12 +76,21 @@ def test_the_last_bytes_of_a_guest_that_halts_for_good_still_arrive(guest_dir, t
             time.sleep(0.05)
         out = path.read_bytes()
         assert out.endswith(done), out[-80:]
-        assert not m.exited                      # it is halted, not gone
-        assert payload_of(out, n) == expected_payload(n)
+        yield m
         m.request_exit(2, "test over")
         runner.join(10)
     finally:
         m.close()
+
+
+def test_the_last_bytes_of_a_guest_that_halts_for_good_still_arrive(guest_dir, tmp_path):
+    """After its last THR write the guest halts with interrupts off: no exit will ever hand
+    the buffered writes on, so the machine's drain thread must."""
+    n = 3000
+    path = tmp_path / "com1.out"
+    with halted_console(guest_dir["console"], path, n) as m:
+        assert not m.exited                      # it is halted, not gone
+        assert payload_of(path.read_bytes(), n) == expected_payload(n)
 
 
 def test_polled_console_on_stdout_through_the_command_line(guest_dir):
@@ -93,38 +106,15 @@ def test_an_idle_guest_does_not_keep_the_drain_thread_busy(guest_dir, tmp_path):
     case) made the drain thread wake every 2 ms for ever: 500 wake-ups and about 2.5% of a
     core a second for nothing. Once nothing has been buffered for a while it wakes rarely,
     and the last bytes still arrive."""
-    from hvframe.loader import load_kernel
-    from hvframe.platform.acpi_pm import AcpiPm
-    from hvframe_uart.backends import FileBackend
-    from hvframe_uart.uart16550 import Uart16550
-    n = 300
-    path = tmp_path / "com1.out"
-    m = Machine(64 << 20, 1)
-    try:
-        boot = load_kernel(m.memory, guest_dir["console"], cmdline=f"count={n} halt=1")
-        m.create_vcpus()
-        m.boot_direct(boot)
-        uart = Uart16550(set_irq=m.irq_source(4), backend=FileBackend(str(path)))
-        m.on_close(uart.close)
-        uart.map_native(m.pio, 0x3F8, name="com1", thr_writes=m.coalesce_writes("pio", 0x3F8, 1))
-        AcpiPm(m)
-        wakeups = []
+    wakeups = []
+
+    def count_drains(m):
         drain = m.drain_coalesced
         m.drain_coalesced = lambda: (wakeups.append(threading.current_thread().name), drain())[1]
-        uart.start()
-        runner = threading.Thread(target=m.run, kwargs={"timeout": 120}, daemon=True)
-        runner.start()
-        done = b"\r\nconsole done count=%d\r\n" % n
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not path.read_bytes().endswith(done):
-            time.sleep(0.05)
-        assert path.read_bytes().endswith(done)
+
+    with halted_console(guest_dir["console"], tmp_path / "com1.out", 300, count_drains):
         time.sleep(1.0)                              # idle since
         before = wakeups.count("coalesced-drain")
         time.sleep(1.0)
         idle = wakeups.count("coalesced-drain") - before
         assert 0 < idle <= 100, idle                 # not 500
-        m.request_exit(2, "test over")
-        runner.join(10)
-    finally:
-        m.close()
