@@ -58,24 +58,21 @@ def _get(obj, path: tuple):
     return obj
 
 
-def _put(rec: Record, path: tuple, value) -> None:
-    for i, key in enumerate(path[:-1]):
-        nxt = path[i + 1]
+def _put(rec, path: tuple, value) -> None:
+    """Set rec[path[0]][path[1]]... = value, making the Records (name keys) and lists (index
+    keys) on the way."""
+    for key, nxt in zip(path, path[1:]):
         if isinstance(rec, list):
-            while len(rec) <= key:
-                rec.append(None)
-            if rec[key] is None:
-                rec[key] = [] if isinstance(nxt, int) else Record()
-            rec = rec[key]
+            rec.extend([None] * (key + 1 - len(rec)))
+            missing = rec[key] is None
         else:
-            if key not in rec:
-                rec[key] = [] if isinstance(nxt, int) else Record()
-            rec = rec[key]
-    last = path[-1]
+            missing = key not in rec
+        if missing:
+            rec[key] = [] if isinstance(nxt, int) else Record()
+        rec = rec[key]
     if isinstance(rec, list):
-        while len(rec) <= last:
-            rec.append(None)
-    rec[last] = value
+        rec.extend([None] * (path[-1] + 1 - len(rec)))
+    rec[path[-1]] = value
 
 
 class Packed:

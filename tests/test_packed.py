@@ -15,8 +15,8 @@ import textwrap
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from hvframe import packed
 from hvframe.packed import Declarations, PackedError
+from hvframe.packed import _put as _set     # nested dicts and lists from item paths
 
 DECLARING_MODULES = ["hvframe.acpi.tables", "hvframe.acpi.aml", "hvframe.acpi.mptable",
                      "hvframe.acpi.smbios", "hvframe.loader.elf", "hvframe.loader.pvh",
@@ -72,23 +72,6 @@ def _value(code: str, kind: str, arg):
         return st.floats(allow_nan=False)
     lo, hi = _INT_CODES[code]
     return st.integers(lo, hi)
-
-
-def _set(obj: dict, path: tuple, value) -> None:
-    for i, key in enumerate(path[:-1]):
-        nxt = path[i + 1]
-        if isinstance(obj, list):
-            while len(obj) <= key:
-                obj.append(None)
-            if obj[key] is None:
-                obj[key] = [] if isinstance(nxt, int) else {}
-        elif key not in obj:
-            obj[key] = [] if isinstance(nxt, int) else {}
-        obj = obj[key]
-    if isinstance(obj, list):
-        while len(obj) <= path[-1]:
-            obj.append(None)
-    obj[path[-1]] = value
 
 
 @st.composite
