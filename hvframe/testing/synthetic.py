@@ -54,14 +54,9 @@ class SyntheticMachine(Machine):
             lib.hv_bus_dispatch(bus, addr, size, value, 1)
         return len(held)
 
-    def _held_back(self, space: str, addr: int, size: int, value: int) -> bool:
-        for z in self._zones:
-            if z.space == space and z.addr <= addr and addr + size <= z.addr + z.length:
-                bus = self.pio.c_bus if space == "pio" else self.mmio.c_bus
-                self._buffered.append((bus, addr, size, value))
-                return True
-        self.drain_coalesced()
-        return False
+    def _coalesced(self, space: str, addr: int, size: int) -> bool:
+        return any(z.space == space and z.addr <= addr and addr + size <= z.addr + z.length
+                   for z in self._zones)
 
     def add_ioeventfd(self, space, addr, length, datamatch=None):
         ev = super().add_ioeventfd(space, addr, length, datamatch)
@@ -78,34 +73,30 @@ class SyntheticMachine(Machine):
                 return True
         return False
 
-    # One exit each, through hv_bus_dispatch as KVM_EXIT_IO / KVM_EXIT_MMIO would go.
-    def io_read(self, port: int, size: int = 1) -> int:
+    # One exit each, through hv_bus_dispatch as KVM_EXIT_IO / KVM_EXIT_MMIO would go; first,
+    # as KVM does, what a coalesced range buffered (or, a write to one, only buffered).
+    def _guest_access(self, space: str, addr: int, size: int, value: int, is_write: int) -> int:
+        bus = self.pio.c_bus if space == "pio" else self.mmio.c_bus
+        if is_write and self._zones and self._coalesced(space, addr, size):
+            self._buffered.append((bus, addr, size, value))
+            return 0
         if self._buffered:
             self.drain_coalesced()
-        return lib.hv_bus_dispatch(self.pio.c_bus, port, size, 0, 0)
+        if is_write and self.ioeventfds and self._doorbell(space, addr, size, value):
+            return 0
+        return lib.hv_bus_dispatch(bus, addr, size, value, is_write)
+
+    def io_read(self, port: int, size: int = 1) -> int:
+        return self._guest_access("pio", port, size, 0, 0)
 
     def io_write(self, port: int, size: int, value: int) -> None:
-        if self._zones and self._held_back("pio", port, size, value):
-            return
-        if self._buffered:
-            self.drain_coalesced()
-        if self.ioeventfds and self._doorbell("pio", port, size, value):
-            return
-        lib.hv_bus_dispatch(self.pio.c_bus, port, size, value, 1)
+        self._guest_access("pio", port, size, value, 1)
 
     def mmio_read(self, addr: int, size: int = 4) -> int:
-        if self._buffered:
-            self.drain_coalesced()
-        return lib.hv_bus_dispatch(self.mmio.c_bus, addr, size, 0, 0)
+        return self._guest_access("mmio", addr, size, 0, 0)
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
-        if self._zones and self._held_back("mmio", addr, size, value):
-            return
-        if self._buffered:
-            self.drain_coalesced()
-        if self.ioeventfds and self._doorbell("mmio", addr, size, value):
-            return
-        lib.hv_bus_dispatch(self.mmio.c_bus, addr, size, value, 1)
+        self._guest_access("mmio", addr, size, value, 1)
 
     def exit_batch(self, accesses, mmio: bool = False) -> list[int]:
         """Run many exits in one call into C: accesses are (address, size, value, is_write).
