@@ -82,6 +82,10 @@ static int64_t vblk_request(struct vblk_disk *b, struct hv_chain *ch, uint32_t t
         goto ioerr;
     if (vblk_needs_bounce(b, data, cnt))
         return -1;
+    /* After a failed write-through fdatasync every write fails until a reset: Python
+     * answers it (a later fdatasync here would succeed and forget the lost write-back). */
+    if (type == VBLK_T_OUT && b->write_through && b->wb_errno)
+        return -1;
     if (type == VBLK_T_IN) {
         if (total && hv->file_rw(b->fd, data, cnt, sector * VBLK_SECTOR, 0))
             goto ioerr;

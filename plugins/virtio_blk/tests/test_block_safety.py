@@ -18,6 +18,7 @@ from hvframe.testing.helpers import requires_kvm, run_hvframe
 from hvframe.block import BlockBackend, BlockError
 from hvframe.block import backend as backend_mod
 from hvframe.errors import ConfigError
+from hvframe.virtio import native as virtio_native
 from test_virtio_blk import ALL, DISK_SECTORS, Rig, blk_type
 from hvframe_virtio_blk.virtio_blk import (MAX_DISCARD_SEGMENTS, MAX_WRITE_ZEROES_SEGMENTS,
                                            S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_IN,
@@ -138,27 +139,39 @@ def test_virtio_blk_write_through_writes_fail_after_a_flush_error(tmp_path, monk
         r.close()
 
 
-def test_native_write_through_flush_failure_is_sticky(tmp_path):
-    """The native path's own fdatasync (write-through) fails: that write gets IOERR, and a
-    later FLUSH fails too although the disk's next fdatasync would succeed (the kernel
-    reports a lost write-back once). /dev/null takes the write, then refuses fdatasync."""
-    r = Rig(tmp_path, "direct")
-    fn_dev = r.fn.device
-    be = fn_dev.backend
+@pytest.mark.parametrize("worker_poll", ["default", "long"])
+def test_native_write_through_flush_failure_is_sticky(tmp_path, monkeypatch, worker_poll):
+    """The native path's own fdatasync (write-through) fails: that write gets IOERR, and later
+    writes and FLUSHes fail too although the disk's next fdatasync would succeed (the kernel
+    reports a lost write-back once). /dev/null, put under the image's descriptor number, takes
+    the write, then refuses fdatasync. dup2 rather than swapping ``backend.fd``: a queue
+    worker already polling in its native cycle holds the number it was given. "long" keeps
+    the worker in that cycle from one request to the next (interrupts through irqfd, a long
+    poll), so the native path itself must refuse the write after the failure."""
+    if worker_poll == "long":
+        monkeypatch.setattr(virtio_native, "POLL_NS", 500_000_000)
+    r = Rig(tmp_path, "direct", irqfd_eventfds=worker_poll == "long")
+    be = r.fn.device.backend
     devnull = os.open("/dev/null", os.O_RDWR)
+    image = os.dup(be.fd)                   # keeps the image's description (and its lock)
     try:
         assert r.request(T_OUT, 2, data=b"\x01" * 512)[0] == S_OK
-        real_fd, be.fd = be.fd, devnull
+        os.dup2(devnull, be.fd)
         try:
             assert r.request(T_OUT, 2, data=b"\x02" * 512)[0] == S_IOERR
         finally:
-            be.fd = real_fd
-        assert be.failed
+            os.dup2(image, be.fd)
+        # the image's own fdatasync would succeed now: the error must not be forgotten
+        assert r.request(T_OUT, 2, data=b"\x03" * 512)[0] == S_IOERR
         assert r.request(T_FLUSH, 0)[0] == S_IOERR
         assert r.request(T_FLUSH, 0)[0] == S_IOERR
+        assert r.request(T_IN, 2, read_len=512)[0] == S_OK
         r.drv.initialize(ALL)
         assert r.request(T_FLUSH, 0)[0] == S_OK
+        assert r.request(T_OUT, 2, data=b"\x04" * 512)[0] == S_OK
+        assert r.image()[1024:1536] == b"\x04" * 512
     finally:
+        os.close(image)
         os.close(devnull)
         r.close()
 
