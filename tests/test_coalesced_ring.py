@@ -106,3 +106,23 @@ def test_a_second_drainer_waits_for_a_write_the_first_is_still_handing_on():
         port.release.set()
         ring.close()
         m.close()
+
+
+def test_the_synthetic_machine_holds_back_only_what_kvms_ring_holds():
+    """A guest writing a coalesced port with no other exit: the synthetic backend buffers as
+    many writes as KVM's one-page ring holds (169) and no more; the next write exits, after
+    the buffered ones, as KVM hands it to user space when the ring is full."""
+    m = SyntheticMachine()
+    port = SlowPort()
+    port.release.set()
+    m.pio.register(0x3F8, 1, port)
+    m.coalesce_writes("pio", 0x3F8, 1).enable(True)
+    try:
+        held = (PAGE - 8) // ENTRY.size - 1
+        for i in range(held):
+            m.io_write(0x3F8, 1, i & 0xFF)
+        assert port.log == []
+        m.io_write(0x3F8, 1, 0xAA)
+        assert port.log == [i & 0xFF for i in range(held)] + [0xAA]
+    finally:
+        m.close()
