@@ -9,7 +9,8 @@ import pytest
 
 from conftest import requires_kvm, run_hvframe
 from hvframe.machine import Machine
-from hvframe_uart.console_bench import expected_payload, hvframe_console, payload_of
+from hvframe_uart.console_bench import (console_machine, expected_payload, hvframe_console,
+                                        payload_of)
 
 pytestmark = [requires_kvm, pytest.mark.kvm]
 COUNT = 100000
@@ -52,19 +53,7 @@ def halted_console(guest: str, path, n: int, before_run=None):
     halting for good; yields the machine once the "console done" line is in the file (the
     test fails if it is not within a minute), then stops and closes it. before_run(m) is
     called after the machine is built, before its vCPU starts."""
-    from hvframe.loader import load_kernel
-    from hvframe.platform.acpi_pm import AcpiPm
-    from hvframe_uart.backends import FileBackend
-    from hvframe_uart.uart16550 import Uart16550
-    m = Machine(64 << 20, 1)
-    try:
-        boot = load_kernel(m.memory, guest, cmdline=f"count={n} halt=1")
-        m.create_vcpus()
-        m.boot_direct(boot)
-        uart = Uart16550(set_irq=m.irq_source(4), backend=FileBackend(str(path)))
-        m.on_close(uart.close)
-        uart.map_native(m.pio, 0x3F8, name="com1", thr_writes=m.coalesce_writes("pio", 0x3F8, 1))
-        AcpiPm(m)
+    with console_machine(guest, str(path), f"count={n} halt=1") as (m, uart):
         if before_run is not None:
             before_run(m)
         uart.start()
@@ -79,8 +68,6 @@ def halted_console(guest: str, path, n: int, before_run=None):
         yield m
         m.request_exit(2, "test over")
         runner.join(10)
-    finally:
-        m.close()
 
 
 def test_the_last_bytes_of_a_guest_that_halts_for_good_still_arrive(guest_dir, tmp_path):

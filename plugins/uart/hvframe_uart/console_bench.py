@@ -10,6 +10,7 @@ so start-up (QEMU's firmware, say) is not counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -52,26 +53,38 @@ class ConsoleRun:
     port_exits: int = 0     # port I/O exits the vCPU took
 
 
+@contextlib.contextmanager
+def console_machine(guest: str, path: str, cmdline: str, native: bool = True,
+                    coalesce: bool = True):
+    """The console guest's machine, built and not yet run: COM1 on a file backend at `path`,
+    served natively (its THR writes buffered by KVM while it is a plain polled console, as
+    `hvframe run` does, unless coalesce=False) or all in Python; the ACPI PM block for the
+    guest's power-off. Yields (machine, uart) and closes the machine after."""
+    from hvframe.platform.acpi_pm import AcpiPm
+    m = Machine(64 << 20, 1)
+    try:
+        boot = load_kernel(m.memory, guest, cmdline=cmdline)
+        m.create_vcpus()
+        m.boot_direct(boot)
+        uart = Uart16550(set_irq=m.irq_source(COM1_IRQ), backend=FileBackend(path))
+        m.on_close(uart.close)
+        if native:
+            thr = m.coalesce_writes("pio", COM1, 1) if coalesce else None
+            uart.map_native(m.pio, COM1, name="com1", thr_writes=thr)
+        else:
+            m.pio.register(COM1, PORT_COUNT, uart, name="com1")
+        AcpiPm(m)
+        yield m, uart
+    finally:
+        m.close()
+
+
 def hvframe_console(guest: str, count: int, native: bool = True,
                     coalesce: bool = True) -> ConsoleRun:
-    """One run of the console guest with COM1 on a file backend; coalesce: its THR writes
-    buffered by KVM while it is a plain polled console (as `hvframe run` does)."""
-    from hvframe.platform.acpi_pm import AcpiPm
+    """One run of the console guest (console_machine) until it powers off."""
     with tempfile.TemporaryDirectory(prefix="hvframe-console-") as tmp:
         path = os.path.join(tmp, "com1.out")
-        m = Machine(64 << 20, 1)
-        try:
-            boot = load_kernel(m.memory, guest, cmdline=f"count={count}")
-            m.create_vcpus()
-            m.boot_direct(boot)
-            uart = Uart16550(set_irq=m.irq_source(COM1_IRQ), backend=FileBackend(path))
-            m.on_close(uart.close)
-            if native:
-                thr = m.coalesce_writes("pio", COM1, 1) if coalesce else None
-                uart.map_native(m.pio, COM1, name="com1", thr_writes=thr)
-            else:
-                m.pio.register(COM1, PORT_COUNT, uart, name="com1")
-            AcpiPm(m)
+        with console_machine(guest, path, f"count={count}", native, coalesce) as (m, uart):
             uart.start()
             t0 = time.perf_counter()
             code = m.run()
@@ -80,8 +93,6 @@ def hvframe_console(guest: str, count: int, native: bool = True,
             served = block.served if block is not None else 0
             passed = block.passed if block is not None else 0
             exits = sum(v.c.exits_io for v in m.vcpus)
-        finally:
-            m.close()
         with open(path, "rb") as f:
             output = f.read()
     return ConsoleRun(dt, output, served, passed, code, exits)
