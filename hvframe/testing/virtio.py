@@ -139,6 +139,16 @@ class RawQueue:
         self.mem.write(q.avail + 2, struct.pack("<H", idx))
         return idx
 
+    def post(self, chains, build) -> int:
+        """Publish a chain built by ``build(*chain)`` (which returns its head) for every
+        tuple in `chains` whose first item, its fault, is not one of the ring's own
+        (``"head_oob"``, ``"avail_ahead"``: those go to publish). Returns how many entries
+        the device should answer."""
+        faults = {c[0] for c in chains}
+        heads = [build(*c) for c in chains if c[0] not in ("head_oob", "avail_ahead")]
+        self.publish(heads, head_oob="head_oob" in faults, avail_ahead="avail_ahead" in faults)
+        return len(heads) + ("head_oob" in faults)
+
 
 class BareTransport:
     """What VirtioPciFunction.service_queue (a queue worker's loop body, native cycle

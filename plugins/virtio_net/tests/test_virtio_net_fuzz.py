@@ -148,11 +148,9 @@ def test_malformed_tx_chains(rig, chains, caplog):
     caplog.set_level(logging.ERROR)
     fresh(rig)
     b = Builder(rig, 1)
-    heads = [b.tx_chain(f, n) for f, n in chains if f not in ("head_oob", "avail_ahead")]
-    faults = {f for f, _ in chains}
-    b.publish(heads, head_oob="head_oob" in faults, avail_ahead="avail_ahead" in faults)
+    expect = b.post(chains, b.tx_chain)
     rig.nd.drv.kick(1)
-    rig.nd.drv.wait_answered(1, len(heads) + (1 if "head_oob" in faults else 0), grace=0.02)
+    rig.nd.drv.wait_answered(1, expect, grace=0.02)
     # Only well-formed frames went out, whole and in order (those before a fatal fault).
     got = []
     rig.backend.peer.setblocking(False)
@@ -174,9 +172,7 @@ def test_malformed_rx_chains(rig, chains, frames, caplog):
     caplog.set_level(logging.ERROR)
     fresh(rig)
     b = Builder(rig, 0)
-    heads = [b.rx_chain(f, n) for f, n in chains if f not in ("head_oob", "avail_ahead")]
-    faults = {f for f, _ in chains}
-    b.publish(heads, head_oob="head_oob" in faults, avail_ahead="avail_ahead" in faults)
+    b.post(chains, b.rx_chain)
     rig.nd.drv.kick(0)
     for n in frames:
         rig.backend.send_frame(frame(n=n))
