@@ -32,7 +32,7 @@ from contextlib import closing
 
 from fuzzlib import machines, virtio
 from fuzzlib.observe import Finding, Observer, check_image
-from fuzzlib.provider import Provider
+from fuzzlib.provider import Provider, operations
 from fuzzlib.virtio import RINGS, SIZES, TABLES
 
 from hvframe.memory import FOUR_GIB, GuestMemoryError
@@ -84,10 +84,8 @@ def one_input(data: bytes) -> None:
     flags = p.u8()
     with Observer() as obs, closing(Rig(ro=bool(flags & 1), eventfds=bool(flags & 2))) as rig:
         obs.check("set-up")
-        for step in range(MAX_OPS):
-            if p.done():
-                break
-            _op(rig, p, p.u8() % N_OPS)
+        for step, op in operations(p, MAX_OPS, N_OPS):
+            _op(rig, p, op)
             rig.pump()
             obs.check(f"step {step}")
         rig.check_image("after the operations")

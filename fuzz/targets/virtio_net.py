@@ -35,7 +35,7 @@ from contextlib import closing
 
 from fuzzlib import machines, virtio
 from fuzzlib.observe import Finding, Observer
-from fuzzlib.provider import Provider
+from fuzzlib.provider import Provider, operations
 from fuzzlib.virtio import RINGS, TABLES
 
 from hvframe.memory import FOUR_GIB, GuestMemoryError
@@ -126,10 +126,8 @@ def one_input(data: bytes) -> None:
     flags = p.u8()
     with Observer() as obs, closing(Rig(eventfds=bool(flags & 2))) as rig:
         obs.check("set-up")
-        for step in range(MAX_OPS):
-            if p.done():
-                break
-            _op(rig, p, p.u8() % N_OPS)
+        for step, op in operations(p, MAX_OPS, N_OPS):
+            _op(rig, p, op)
             rig.pump()
             rig.drain_peer()
             rig.check_rx_used()

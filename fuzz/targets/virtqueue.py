@@ -26,7 +26,7 @@ import struct
 
 from fuzzlib import guarded, machines
 from fuzzlib.observe import Finding, Observer
-from fuzzlib.provider import Provider
+from fuzzlib.provider import Provider, operations
 
 from hvframe.memory import FOUR_GIB
 from hvframe.virtio import virtqueue as vqm
@@ -220,10 +220,7 @@ def one_input(data: bytes) -> None:
             except VirtqueueError:
                 return                              # the same in both: nothing to serve
             served = False
-            for step in range(MAX_OPS):
-                if p.done():
-                    break
-                op = p.u8() % N_OPS
+            for step, op in operations(p, MAX_OPS, N_OPS):
                 if op == OP_DESC:
                     which = p.u8() % 5
                     table = desc if which == 4 else TABLES + 0x400 * which
