@@ -289,7 +289,9 @@ def ram(mem, p: Provider) -> None:
 # -- their encoders, for seeds -------------------------------------------------------------
 
 def enc_init(e: Encoder, op: int, bits: int, size_exp: int) -> Encoder:
-    """A bring-up with the device's features (bits 6 and 7 clear) on a ring placement 0-2."""
+    """A bring-up with the device's features (bits 6 and 7 clear) on a ring placement 0-2
+    (bits 4-5; 3 would take an address)."""
+    assert not bits & 0xC0 and (bits >> 4) & 3 != 3, f"{bits:#x} needs more than this encodes"
     return e.u8(op).u8(bits).u8(size_exp)
 
 
