@@ -191,12 +191,6 @@ class BringUp:
             pass                      # the driver gave up (refused features, rings off RAM)
 
 
-def write(mem, gpa: int, data: bytes) -> None:
-    """A guest write the harness makes; skipped where it is not RAM."""
-    if mem.contains(gpa, len(data)):
-        mem.write(gpa, data)
-
-
 def access(read, write, address: int, p: Provider) -> None:
     """One register access of any size, a read or a write of any value."""
     size = p.PickValueInList(SIZES)
@@ -221,9 +215,9 @@ def op_desc(rig: VirtioRig, p: Provider) -> None:
         mem = rig.mem
         table = q.desc if p.u8() & 3 else TABLES + 0x400 * (p.u8() % 8)
         i = p.u16() % max(q.size, 1)
-        write(mem, table + 16 * i, struct.pack("<QIHH", machines.addr(p, mem),
-                                               machines.length(p) & 0xFFFFFFFF,
-                                               p.u16(), p.u16()))
+        machines.ram_write(mem, table + 16 * i,
+                           struct.pack("<QIHH", machines.addr(p, mem),
+                                       machines.length(p) & 0xFFFFFFFF, p.u16(), p.u16()))
 
 
 def op_avail(rig: VirtioRig, p: Provider) -> None:
@@ -232,11 +226,12 @@ def op_avail(rig: VirtioRig, p: Provider) -> None:
     if q is not None:
         mem = rig.mem
         if p.ConsumeBool():
-            write(mem, q.avail + 4 + 2 * (q.avail_idx % q.size), struct.pack("<H", p.u16()))
+            machines.ram_write(mem, q.avail + 4 + 2 * (q.avail_idx % q.size),
+                               struct.pack("<H", p.u16()))
             q.avail_idx = (q.avail_idx + 1) & 0xFFFF
         else:
             q.avail_idx = p.u16()
-        write(mem, q.avail + 2, struct.pack("<H", q.avail_idx))
+        machines.ram_write(mem, q.avail + 2, struct.pack("<H", q.avail_idx))
 
 
 def op_kick(rig: VirtioRig, p: Provider) -> None:
@@ -260,17 +255,7 @@ def op_bar0(rig: VirtioRig, p: Provider) -> None:
 
 
 def op_cfg(rig: VirtioRig, p: Provider) -> None:
-    cfg_access(rig.m, rig.slot, p)
-
-
-def cfg_access(m, slot: int, p: Provider) -> None:
-    """A configuration-space read or write of any register and size through 0xcf8/0xcfc."""
-    reg = p.u8()
-    size = p.PickValueInList(CFG_SIZES)
-    if p.ConsumeBool():
-        machines.cfg_write(m, slot, reg, size, p.u32() & ((1 << 8 * size) - 1))
-    else:
-        machines.cfg_read(m, slot, reg, size)
+    machines.cfg_access(p, rig.m, rig.slot)
 
 
 def op_status(rig: VirtioRig, p: Provider) -> None:
@@ -278,12 +263,7 @@ def op_status(rig: VirtioRig, p: Provider) -> None:
 
 
 def op_ram(rig: VirtioRig, p: Provider) -> None:
-    ram(rig.mem, p)
-
-
-def ram(mem, p: Provider) -> None:
-    """Up to 64 raw bytes anywhere (skipped where it is not RAM)."""
-    write(mem, machines.addr(p, mem), p.ConsumeBytes(p.u8() % 65))
+    machines.raw_ram(p, rig.mem)
 
 
 # -- their encoders, for seeds -------------------------------------------------------------

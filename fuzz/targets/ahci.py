@@ -159,12 +159,7 @@ def _op(rig: Rig, p: Provider, op: int) -> None:
         else:
             m.mmio_read(rig.drv.abar + off, size)
     elif op == OP_CFG:
-        reg = p.u8()
-        size = p.PickValueInList((1, 2, 4))
-        if p.ConsumeBool():
-            machines.cfg_write(m, SLOT, reg, size, p.u32() & ((1 << 8 * size) - 1))
-        else:
-            machines.cfg_read(m, SLOT, reg, size)
+        machines.cfg_access(p, m, SLOT)
         rig.drv.abar = machines.cfg_read(m, SLOT, 0x24) & ~0xF   # follow a moved ABAR
     elif op == OP_RECOVER:
         port = rig.ports[p.u8() & 1]
@@ -174,10 +169,7 @@ def _op(rig: Rig, p: Provider, op: int) -> None:
         port.write("is", 0xFFFFFFFF)
         port.write("cmd", port.read("cmd") | regs.CMD_ST)
     elif op == OP_RAM:
-        at = machines.addr(p, mem)
-        chunk = p.ConsumeBytes(p.u8() % 65)
-        if mem.contains(at, len(chunk)):
-            mem.write(at, chunk)
+        machines.raw_ram(p, mem)
     else:
         _ncq_batch(rig, p)
 

@@ -206,7 +206,4 @@ def _op(rig: Rig, p: Provider, op: int, where: str) -> None:
         else:
             m.io_read(port, size)
     else:
-        at = machines.addr(p, mem)
-        chunk = p.ConsumeBytes(p.u8() % 33)
-        if mem.contains(at, len(chunk)):
-            mem.write(at, chunk)
+        machines.raw_ram(p, mem, most=32)

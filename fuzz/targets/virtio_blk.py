@@ -129,15 +129,15 @@ def _request(rig: Rig, p: Provider) -> None:
     sector = p.PickValueInList(SECTOR_CHOICES)
     n = p.PickValueInList(DATA_LENS)
     hdr = HDRS + 16 * slot
-    virtio.write(mem, hdr, struct.pack("<IIQ", rtype, 0, sector))
+    machines.ram_write(mem, hdr, struct.pack("<IIQ", rtype, 0, sector))
     base = (FOUR_GIB + 0x8000 * (slot % 4)) if bits & 16 else DATA + 0x8000 * slot
     to_device = rtype in (T_OUT, T_DISCARD, T_WRITE_ZEROES)
     if n and to_device:
         if rtype == T_OUT:
-            virtio.write(mem, base, bytes([0xA0 + slot]) * n)
+            machines.ram_write(mem, base, bytes([0xA0 + slot]) * n)
         else:                         # discard / write-zeroes segments
             seg = struct.pack("<QII", p.PickValueInList(SECTOR_CHOICES), p.u8(), p.u8() & 1)
-            virtio.write(mem, base, seg * (n // 16 + 1))
+            machines.ram_write(mem, base, seg * (n // 16 + 1))
     bufs = [(hdr, 8, False), (hdr + 8, 8, False)] if bits & 8 else [(hdr, 16, False)]
     split = 1 + (bits & 3)
     if n:

@@ -184,10 +184,10 @@ def _tx(rig: Rig, p: Provider) -> None:
     if q is None:
         return
     mem = rig.mem
-    virtio.write(mem, HDRS + 16 * slot, hdr)
+    machines.ram_write(mem, HDRS + 16 * slot, hdr)
     base = DATA + 0x4000 * slot
     n = min(n, 0x4000 * (16 - slot))
-    virtio.write(mem, base, _frame(n, slot))
+    machines.ram_write(mem, base, _frame(n, slot))
     bufs = [(HDRS + 16 * slot, hlen, False)] if hlen else []
     if n:
         step = -(-n // pieces)
@@ -221,7 +221,7 @@ def _ctrl(rig: Rig, p: Provider) -> None:
     body = p.ConsumeBytes(p.u8() % 40)
     if q is None:
         return
-    virtio.write(rig.mem, CTRL, bytes([cls, cmd]) + body)
+    machines.ram_write(rig.mem, CTRL, bytes([cls, cmd]) + body)
     bufs = [(CTRL, 2 + len(body), False), (CTRL + 0x800, 1, True)]
     if _submit(rig, q, bufs) is not None:
         drv.kick(q.index)
@@ -268,8 +268,8 @@ def _recover(rig: Rig) -> None:
             raise Finding("the peer hung up but the link reads up")
         return
     f = MAC + _frame(60, 99)
-    virtio.write(mem, HDRS, bytes(12))
-    virtio.write(mem, DATA, f)
+    machines.ram_write(mem, HDRS, bytes(12))
+    machines.ram_write(mem, DATA, f)
     drv.submit(1, [(HDRS, 12, False), (DATA, len(f), False)])
     drv.kick(1)
     rig.pump()
