@@ -18,6 +18,7 @@ import sys
 FUZZ_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, FUZZ_DIR)
 
+from fuzzlib import virtio  # noqa: E402
 from fuzzlib.machines import enc_addr, enc_length  # noqa: E402
 from fuzzlib.provider import Encoder  # noqa: E402
 from fuzzlib.runner import load_target  # noqa: E402
@@ -31,8 +32,7 @@ def target(name):
 
 # -- virtqueue ---------------------------------------------------------------------------------
 
-def virtqueue_seeds():
-    t = target("virtqueue")
+def virtqueue_seeds(t):
     from hvframe_virtio_blk import virtio_blk as vb
     low, high = t.LOW, t.HIGH
 
@@ -111,13 +111,12 @@ def virtqueue_seeds():
 
 # -- virtio-blk through PCI ------------------------------------------------------------------
 
-def virtio_blk_seeds():
-    t = target("virtio_blk")
+def virtio_blk_seeds(t):
     from hvframe_virtio_blk import virtio_blk as vb
     low, high = t.LOW, t.HIGH
 
     def init(e, bits, qsize_exp=4):
-        e.u8(t.OP_INIT).u8(bits).u8(qsize_exp)
+        virtio.enc_init(e, t.OP_INIT, bits, qsize_exp)
 
     def req(e, slot, rtype, sector, n, bits=0, q=0):
         e.u8(t.OP_REQUEST).u8(q).u8(slot).u8(bits).pick(t.TYPES, rtype) \
@@ -126,16 +125,10 @@ def virtio_blk_seeds():
             e.pick(t.SECTOR_CHOICES, 1).u8(2).u8(0)
 
     def access(e, op, off, size, value=None):
-        e.u8(op)
-        e.u16(off) if op == t.OP_BAR4 else e.u8(off)
-        e.pick(t.SIZES, size).bool(value is not None)
-        if value is not None:
-            e.u64(value)
+        virtio.enc_access(e, op, off, size, value, wide=op == t.OP_BAR4)
 
     def cfg(e, reg, size, value=None):
-        e.u8(t.OP_CFG).u8(reg).pick((1, 2, 4), size).bool(value is not None)
-        if value is not None:
-            e.u32(value)
+        virtio.enc_cfg(e, t.OP_CFG, reg, size, value)
 
     seeds = {}
     e = Encoder().u8(0)
@@ -170,7 +163,7 @@ def virtio_blk_seeds():
     req(e, 0, vb.T_OUT, 0, 512)
     req(e, 1, vb.T_WRITE_ZEROES, 0, 16)
     cfg(e, 0x04, 2, 0)                          # decoding off
-    e.u8(t.OP_KICK).u8(1).u16(0).bool(False).pick(t.SIZES, 2)
+    virtio.enc_kick(e, t.OP_KICK, 0, legacy=False)
     cfg(e, 0x04, 2, 7)
     cfg(e, 0x20, 4, 0xFFFFFFFF)                 # size BAR4, then move it
     cfg(e, 0x20, 4)
@@ -185,32 +178,28 @@ def virtio_blk_seeds():
     access(e, t.OP_BAR4, 0x2000, 4)             # device config (read)
     access(e, t.OP_BAR4, 0x3000, 2, 0)          # notify
     e.u8(t.OP_MSIX).u8(1).u8(3).pick(t.SIZES, 4).u64(1).bool(True).u16(0xC000)
-    e.u8(t.OP_AVAIL).u8(0).bool(False).u16(300)  # avail index a queue ahead
-    e.u8(t.OP_KICK).u8(1).u16(0).bool(False).pick(t.SIZES, 2)
+    virtio.enc_avail(e, t.OP_AVAIL, 0, idx=300)      # avail index a queue ahead
+    virtio.enc_kick(e, t.OP_KICK, 0, legacy=False)
     seeds["registers-and-bad-avail"] = e
 
     e = Encoder().u8(0)
     init(e, 2 | 8)
     cfg(e, 0x40 + 0x14, 1, 0)                   # poke at the capability list area
-    e.u8(t.OP_DESC).u8(0).u8(1).u16(0)
-    enc_addr(e, low - 8, low, high)
-    enc_length(e, 16)
-    e.u16(1).u16(1)
-    e.u8(t.OP_AVAIL).u8(0).bool(True).u16(0)
-    e.u8(t.OP_KICK).u8(1).u16(0).bool(True)
+    virtio.enc_desc(e, t.OP_DESC, 0, 0, low - 8, 16, 1, 1, low, high)
+    virtio.enc_avail(e, t.OP_AVAIL, 0, head=0)
+    virtio.enc_kick(e, t.OP_KICK, 0, legacy=True)
     seeds["desc-at-ram-end"] = e
     return seeds
 
 
 # -- virtio-net ------------------------------------------------------------------------------
 
-def virtio_net_seeds():
-    t = target("virtio_net")
+def virtio_net_seeds(t):
     from hvframe_virtio_net import layout as L
     low, high = t.LOW, t.HIGH
 
     def init(e, bits, qsize_exp=5):
-        e.u8(t.OP_INIT).u8(bits).u8(qsize_exp)
+        virtio.enc_init(e, t.OP_INIT, bits, qsize_exp)
 
     def tx(e, q, slot, n, hflags=0, gso=0, csum=(0, 0), pieces=1, hlen=12, indirect=False):
         e.u8(t.OP_TX).u8(q).u8(slot).u8(hflags).pick(t.GSO_TYPES, gso).u16(0).u16(0) \
@@ -278,22 +267,18 @@ def virtio_net_seeds():
 
     e = Encoder().u8(0)
     init(e, 2)
-    e.u8(t.OP_DESC).u8(1).u8(1).u16(0)
-    enc_addr(e, low - 8, low, high)
-    enc_length(e, 16)
-    e.u16(1).u16(1)
-    e.u8(t.OP_AVAIL).u8(1).bool(True).u16(0)
-    e.u8(t.OP_KICK).u8(1).u16(1).bool(True)
-    e.u8(t.OP_AVAIL).u8(0).bool(False).u16(300)  # avail index a queue ahead
-    e.u8(t.OP_KICK).u8(1).u16(0).bool(True)
+    virtio.enc_desc(e, t.OP_DESC, 1, 0, low - 8, 16, 1, 1, low, high)
+    virtio.enc_avail(e, t.OP_AVAIL, 1, head=0)
+    virtio.enc_kick(e, t.OP_KICK, 1, legacy=True)
+    virtio.enc_avail(e, t.OP_AVAIL, 0, idx=300)      # avail index a queue ahead
+    virtio.enc_kick(e, t.OP_KICK, 0, legacy=True)
     seeds["desc-at-ram-end-bad-avail"] = e
     return seeds
 
 
 # -- AHCI ------------------------------------------------------------------------------------
 
-def ahci_seeds():
-    t = target("ahci")
+def ahci_seeds(t):
     from hvframe_ahci import ata, atapi
     low, high = t.LOW, t.HIGH
 
@@ -402,8 +387,7 @@ HD_SECTORS_MINUS_1 = 127
 
 # -- PCI -------------------------------------------------------------------------------------
 
-def pci_config_seeds():
-    t = target("pci_config")
+def pci_config_seeds(t):
 
     def fn(e, address):
         e.u8(1).pick(t.ADDRESSES, address)
@@ -504,8 +488,7 @@ def pci_config_seeds():
 
 # -- fw_cfg ----------------------------------------------------------------------------------
 
-def fw_cfg_seeds():
-    t = target("fw_cfg")
+def fw_cfg_seeds(t):
     from hvframe.lpc import fw_cfg as fc
     low, high = t.LOW, t.HIGH
 
@@ -560,8 +543,7 @@ def fw_cfg_seeds():
 
 # -- UART ------------------------------------------------------------------------------------
 
-def uart_seeds():
-    t = target("uart")
+def uart_seeds(t):
     from hvframe_uart import uart16550 as u
 
     def write(e, offset, value, size=1):
@@ -621,13 +603,13 @@ SEEDS = {"virtqueue": virtqueue_seeds, "virtio_blk": virtio_blk_seeds,
 def main(names) -> int:
     bad = 0
     for name in names or SEEDS:
-        seeds = SEEDS[name]()
+        t = target(name)
+        seeds = SEEDS[name](t)
         out = os.path.join(FUZZ_DIR, "corpus", name)
         os.makedirs(out, exist_ok=True)
         for old in os.listdir(out):
             if old.startswith("seed-"):
                 os.unlink(os.path.join(out, old))
-        t = target(name)
         for i, (label, enc) in enumerate(seeds.items()):
             data = enc.getvalue()
             with open(os.path.join(out, f"seed-{i:02d}-{label}"), "wb") as f:

@@ -116,6 +116,27 @@ def addr(p: Provider, mem) -> int:
     return SPECIAL_ADDRS[p.u8() % len(SPECIAL_ADDRS)]
 
 
+def ram_write(mem, gpa: int, data: bytes) -> None:
+    """A guest write the harness makes; skipped where it is not RAM."""
+    if mem.contains(gpa, len(data)):
+        mem.write(gpa, data)
+
+
+def raw_ram(p: Provider, mem, most: int = 64) -> None:
+    """Up to `most` raw bytes at a steered address (skipped where it is not RAM)."""
+    ram_write(mem, addr(p, mem), p.ConsumeBytes(p.u8() % (most + 1)))
+
+
+def cfg_access(p: Provider, m, slot: int) -> None:
+    """A configuration-space read or write of any register and size through 0xcf8/0xcfc."""
+    reg = p.u8()
+    size = p.PickValueInList((1, 2, 4))
+    if p.ConsumeBool():
+        cfg_write(m, slot, reg, size, p.u32() & ((1 << 8 * size) - 1))
+    else:
+        cfg_read(m, slot, reg, size)
+
+
 def enc_addr(e: Encoder, a: int, low: int, high: int = 0) -> Encoder:
     if 0 <= a < low:
         return e.u8(ADDR_LOW).u32(a)

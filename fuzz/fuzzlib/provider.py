@@ -60,6 +60,15 @@ class Provider:
         return self.ConsumeUInt(8)
 
 
+def operations(p: Provider, max_ops: int, n_ops: int):
+    """The operations an input asks for, as (step, operation number): one byte each, read
+    just before the operation decodes its own, until max_ops or the input is used up."""
+    for step in range(max_ops):
+        if p.done():
+            return
+        yield step, p.u8() % n_ops
+
+
 class Encoder:
     """The inverse of Provider: each call appends the bytes the matching Provider call reads."""
 

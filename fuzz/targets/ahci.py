@@ -27,9 +27,11 @@ if __name__ == "__main__":
     run_target(os.path.abspath(__file__))
     raise SystemExit(0)
 
+from contextlib import closing
+
 from fuzzlib import machines
 from fuzzlib.observe import Finding, Observer, check_image
-from fuzzlib.provider import Provider
+from fuzzlib.provider import Provider, operations
 
 from hvframe.memory import FOUR_GIB, GuestMemoryError
 from hvframe.pci.bus import attach, ensure_pci_bus
@@ -82,7 +84,10 @@ class Rig:
         self.ports = [self.drv.port(0), self.drv.port(1)]
 
     def close(self):
-        machines.teardown(self.m)
+        try:
+            self.hba.wait_idle(IDLE_TIMEOUT)
+        finally:
+            machines.teardown(self.m)
 
     def settle(self, where: str) -> None:
         if not self.hba.wait_idle(IDLE_TIMEOUT):
@@ -104,24 +109,14 @@ def one_input(data: bytes) -> None:
     p = Provider(data)
     flags = p.u8()
     with Observer() as obs:
-        rig = None
-        try:
-            rig = Rig(ro=bool(flags & 1))
+        with closing(Rig(ro=bool(flags & 1))) as rig:
             if flags & 2:
                 rig.drv.write("ghc", regs.GHC_AE | regs.GHC_IE)
-            for step in range(MAX_OPS):
-                if p.done():
-                    break
-                _op(rig, p, p.u8() % N_OPS)
+            for step, op in operations(p, MAX_OPS, N_OPS):
+                _op(rig, p, op)
                 rig.settle(f"step {step}")
                 obs.check(f"step {step}")
             rig.check_image("at the end")
-        finally:
-            if rig is not None:
-                try:
-                    rig.hba.wait_idle(IDLE_TIMEOUT)
-                finally:
-                    rig.close()
         obs.check("closing")
 
 
@@ -164,12 +159,7 @@ def _op(rig: Rig, p: Provider, op: int) -> None:
         else:
             m.mmio_read(rig.drv.abar + off, size)
     elif op == OP_CFG:
-        reg = p.u8()
-        size = p.PickValueInList((1, 2, 4))
-        if p.ConsumeBool():
-            machines.cfg_write(m, SLOT, reg, size, p.u32() & ((1 << 8 * size) - 1))
-        else:
-            machines.cfg_read(m, SLOT, reg, size)
+        machines.cfg_access(p, m, SLOT)
         rig.drv.abar = machines.cfg_read(m, SLOT, 0x24) & ~0xF   # follow a moved ABAR
     elif op == OP_RECOVER:
         port = rig.ports[p.u8() & 1]
@@ -179,10 +169,7 @@ def _op(rig: Rig, p: Provider, op: int) -> None:
         port.write("is", 0xFFFFFFFF)
         port.write("cmd", port.read("cmd") | regs.CMD_ST)
     elif op == OP_RAM:
-        at = machines.addr(p, mem)
-        chunk = p.ConsumeBytes(p.u8() % 65)
-        if mem.contains(at, len(chunk)):
-            mem.write(at, chunk)
+        machines.raw_ram(p, mem)
     else:
         _ncq_batch(rig, p)
 

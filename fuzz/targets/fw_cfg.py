@@ -26,10 +26,11 @@ if __name__ == "__main__":
     raise SystemExit(0)
 
 import struct
+from contextlib import closing
 
 from fuzzlib import machines
 from fuzzlib.observe import Finding, Observer
-from fuzzlib.provider import Provider
+from fuzzlib.provider import Provider, operations
 
 from hvframe.lpc import bridge
 from hvframe.lpc import fw_cfg as fc
@@ -139,19 +140,11 @@ class Rig:
 
 def one_input(data: bytes) -> None:
     p = Provider(data)
-    with Observer() as obs:
-        rig = None
-        try:
-            rig = Rig()
-            for step in range(MAX_OPS):
-                if p.done():
-                    break
-                _op(rig, p, p.u8() % N_OPS, f"step {step}")
-                obs.check(f"step {step}")
-                rig.check_items(f"step {step}")
-        finally:
-            if rig is not None:
-                rig.close()
+    with Observer() as obs, closing(Rig()) as rig:
+        for step, op in operations(p, MAX_OPS, N_OPS):
+            _op(rig, p, op, f"step {step}")
+            obs.check(f"step {step}")
+            rig.check_items(f"step {step}")
 
 
 def _value(p: Provider, size: int) -> int:
@@ -213,7 +206,4 @@ def _op(rig: Rig, p: Provider, op: int, where: str) -> None:
         else:
             m.io_read(port, size)
     else:
-        at = machines.addr(p, mem)
-        chunk = p.ConsumeBytes(p.u8() % 33)
-        if mem.contains(at, len(chunk)):
-            mem.write(at, chunk)
+        machines.raw_ram(p, mem, most=32)

@@ -29,9 +29,11 @@ if __name__ == "__main__":
     run_target(os.path.abspath(__file__))
     raise SystemExit(0)
 
+from contextlib import closing
+
 from fuzzlib import machines
 from fuzzlib.observe import Finding, Observer
-from fuzzlib.provider import Provider
+from fuzzlib.provider import Provider, operations
 
 from hvframe.memory import FOUR_GIB
 from hvframe.pci.bus import ECAM_BASE, INTX_GSI_BASE, attach, ensure_pci_bus
@@ -172,20 +174,12 @@ def _cfg(rig: Rig, address, reg: int, size: int, value: int | None, ecam: bool) 
 def one_input(data: bytes) -> None:
     p = Provider(data)
     flags = p.u8()
-    with Observer() as obs:
-        rig = None
-        try:
-            rig = Rig(eventfds=bool(flags & 1))
-            rig.check("set-up")
-            for step in range(MAX_OPS):
-                if p.done():
-                    break
-                _op(rig, p, p.u8() % N_OPS)
-                obs.check(f"step {step}")
-                rig.check(f"step {step}")
-        finally:
-            if rig is not None:
-                rig.close()
+    with Observer() as obs, closing(Rig(eventfds=bool(flags & 1))) as rig:
+        rig.check("set-up")
+        for step, op in operations(p, MAX_OPS, N_OPS):
+            _op(rig, p, op)
+            obs.check(f"step {step}")
+            rig.check(f"step {step}")
 
 
 def _op(rig: Rig, p: Provider, op: int) -> None:

@@ -24,9 +24,11 @@ if __name__ == "__main__":
     run_target(os.path.abspath(__file__))
     raise SystemExit(0)
 
+from contextlib import closing
+
 from fuzzlib import machines
 from fuzzlib.observe import Finding, Observer
-from fuzzlib.provider import Provider
+from fuzzlib.provider import Provider, operations
 
 from hvframe_uart import uart16550 as u
 from hvframe_uart.uart16550 import Uart16550
@@ -152,20 +154,12 @@ def one_input(data: bytes) -> None:
     p = Provider(data)
     flags = p.u8()
     limit = (flags & 63) + 1 if flags & 64 else u.DEFAULT_BACKLOG_LIMIT
-    with Observer() as obs:
-        rig = None
-        try:
-            rig = Rig(limit)
-            for step in range(MAX_OPS):
-                if p.done():
-                    break
-                where = f"step {step}"
-                _op(rig, p, p.u8() % N_OPS, where)
-                obs.check(where)
-                rig.check(where)
-        finally:
-            if rig is not None:
-                rig.close()
+    with Observer() as obs, closing(Rig(limit)) as rig:
+        for step, op in operations(p, MAX_OPS, N_OPS):
+            where = f"step {step}"
+            _op(rig, p, op, where)
+            obs.check(where)
+            rig.check(where)
 
 
 def _op(rig: Rig, p: Provider, op: int, where: str) -> None:

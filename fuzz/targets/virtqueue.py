@@ -26,11 +26,12 @@ import struct
 
 from fuzzlib import guarded, machines
 from fuzzlib.observe import Finding, Observer
-from fuzzlib.provider import Provider
+from fuzzlib.provider import Provider, operations
 
 from hvframe.memory import FOUR_GIB
 from hvframe.virtio import virtqueue as vqm
-from hvframe.virtio.pci import QueueState, VirtioPciFunction
+from hvframe.testing.virtio import BareTransport
+from hvframe.virtio.pci import QueueState
 from hvframe.virtio.virtqueue import VirtQueue, VirtqueueError
 from hvframe_virtio_blk import virtio_blk as vb
 
@@ -57,31 +58,6 @@ PLACE_DEFAULT, PLACE_LOW_END, PLACE_HIGH_END, PLACE_ANY = range(4)
 MODE_CYCLE, MODE_FAST = 0, 1
 
 
-class FakeTransport:
-    """What VirtioPciFunction.service_queue needs, without PCI (as plugins/virtio_blk/tests/test_vblk_fast.py)."""
-
-    msix = None                   # no irqfd gate: every interrupt comes back to Python
-
-    def __init__(self, device):
-        self.device = device
-        self.live = True
-        self.status = 0
-        self.name = "vblk-fuzz"
-        self.resets = []
-        self.interrupts = 0
-
-    def interrupt_queue(self, q):
-        self.interrupts += 1
-
-    def needs_reset(self, why):
-        self.resets.append(why)
-
-    service_queue = VirtioPciFunction.service_queue
-    _serve_natively = VirtioPciFunction._serve_natively
-    _serve_chain = VirtioPciFunction._serve_chain
-    _irq_gate = VirtioPciFunction._irq_gate
-
-
 class World:
     def __init__(self, slot: int, native: bool, ro: bool, img: bytes):
         self.native = native
@@ -92,7 +68,7 @@ class World:
         self.dev = vb.VirtioBlk(self.backend, queue_size=256)
         if not native:
             self.dev.serve_cycle = None
-        self.t = FakeTransport(self.dev)
+        self.t = BareTransport(self.dev, name="vblk-fuzz")
         self.qs = QueueState(0, 256)
 
     def close(self):
@@ -244,10 +220,7 @@ def one_input(data: bytes) -> None:
             except VirtqueueError:
                 return                              # the same in both: nothing to serve
             served = False
-            for step in range(MAX_OPS):
-                if p.done():
-                    break
-                op = p.u8() % N_OPS
+            for step, op in operations(p, MAX_OPS, N_OPS):
                 if op == OP_DESC:
                     which = p.u8() % 5
                     table = desc if which == 4 else TABLES + 0x400 * which

@@ -4,6 +4,8 @@
   rig(machine, "-s 3,my-device,...")   devices built as `hvframe run` builds them (rig.py)
   PciConfig           a function's configuration space through ports 0xcf8/0xcfc (pci.py)
   VirtioPciDriver     a virtio driver: feature negotiation, split queues, kicks (virtio.py)
+  RawQueue            raw (malformed) descriptors and avail entries in its queues (virtio.py)
+  BareTransport       what a queue worker's loop body needs, without PCI (virtio.py)
   hvframe.testing.ahci.AhciDriver   the AHCI plugin's driver (when hvframe-ahci is installed)
 
 and a pytest plugin (hvframe.testing.plugin, loaded through the pytest11 entry point) with
@@ -20,7 +22,8 @@ _WHERE = {
     "SyntheticMachine": "synthetic", "ExitBatch": "synthetic",
     "rig": "rig", "parse_args": "rig",
     "PciConfig": "pci",
-    "VirtioPciDriver": "virtio", "DriverQueue": "virtio",
+    "VirtioPciDriver": "virtio", "DriverQueue": "virtio", "RawQueue": "virtio",
+    "BareTransport": "virtio",
     "HandlerFailures": "failures", "HandlerFailure": "failures",
 }
 
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
     from .pci import PciConfig  # noqa: F401
     from .rig import parse_args, rig  # noqa: F401
     from .synthetic import ExitBatch, SyntheticMachine  # noqa: F401
-    from .virtio import DriverQueue, VirtioPciDriver  # noqa: F401
+    from .virtio import BareTransport, DriverQueue, RawQueue, VirtioPciDriver  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 
 from ..core_native import api as lib
 from ..layout import offset_of, offsets_of
 from ..virtio.device import (F_RING_EVENT_IDX, F_VERSION_1, NO_VECTOR, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
-                     STATUS_DRIVER_OK, STATUS_FEATURES_OK, bit)
+                     STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, bit)
 from ..virtio.pci import (CAP_ID_VENDOR, CFG_COMMON, CFG_DEVICE, CFG_ISR, CFG_NOTIFY,
-                  LEGACY_HEADER_SIZE, LEGACY_MSIX_SIZE, VirtioPciCommonCfg,
+                  LEGACY_HEADER_SIZE, LEGACY_MSIX_SIZE, VirtioPciCommonCfg, VirtioPciFunction,
                   VirtioPciLegacyHeader, VirtioPciNotifyCap)
 from ..virtio.virtqueue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
                         avail_ring_size)
@@ -101,6 +102,79 @@ class DriverQueue:
         if self.event_idx:   # used_event: interrupt me at the next completion
             store_u16(self.mem, self.avail + 4 + 2 * self.size, self.last_used)
         return out
+
+
+class RawQueue:
+    """Raw descriptors and avail entries in a queue a driver laid out, without the driver's
+    checks: for tests that hand a device malformed chains."""
+
+    def __init__(self, mem, q: DriverQueue):
+        self.mem, self.q = mem, q
+        self.next_desc = 0
+
+    def desc(self, addr: int, length: int, flags: int, nxt: int = 0, table: int | None = None,
+             index: int | None = None) -> int:
+        """One descriptor: the next free one of the queue's table, or `index` of `table`."""
+        i = self.next_desc if index is None else index
+        if index is None:
+            self.next_desc += 1
+        base = self.q.desc if table is None else table
+        self.mem.write(base + 16 * i, _DESC.pack(addr, length, flags, nxt))
+        return i
+
+    def publish(self, heads, *, head_oob: bool = False, avail_ahead: bool = False) -> int:
+        """Put `heads` on the available ring and publish them; with `head_oob` also a head
+        past the table, with `avail_ahead` an index more than a queue ahead. Returns the
+        index published."""
+        q = self.q
+        for h in heads:
+            self.mem.write(q.avail + 4 + 2 * (q.avail_idx % q.size), struct.pack("<H", h))
+            q.avail_idx = (q.avail_idx + 1) & 0xFFFF
+        if head_oob:
+            self.mem.write(q.avail + 4 + 2 * (q.avail_idx % q.size), struct.pack("<H", 0xFFF0))
+            q.avail_idx = (q.avail_idx + 1) & 0xFFFF
+        idx = q.avail_idx
+        if avail_ahead:
+            idx = (q.last_used + q.size + 3) & 0xFFFF
+        self.mem.write(q.avail + 2, struct.pack("<H", idx))
+        return idx
+
+    def post(self, chains, build) -> int:
+        """Publish a chain built by ``build(*chain)`` (which returns its head) for every
+        tuple in `chains` whose first item, its fault, is not one of the ring's own
+        (``"head_oob"``, ``"avail_ahead"``: those go to publish). Returns how many entries
+        the device should answer."""
+        faults = {c[0] for c in chains}
+        heads = [build(*c) for c in chains if c[0] not in ("head_oob", "avail_ahead")]
+        self.publish(heads, head_oob="head_oob" in faults, avail_ahead="avail_ahead" in faults)
+        return len(heads) + ("head_oob" in faults)
+
+
+class BareTransport:
+    """What VirtioPciFunction.service_queue (a queue worker's loop body, native cycle
+    included) needs of its transport, without PCI: a test or fuzz target serves a queue on
+    its own thread and counts the interrupts and reset requests."""
+
+    msix = None                       # no irqfd gate: every interrupt comes back to Python
+
+    def __init__(self, device, name: str = "virtio-test"):
+        self.device = device
+        self.live = True
+        self.status = 0
+        self.name = name
+        self.resets: list[str] = []
+        self.interrupts = 0
+
+    def interrupt_queue(self, q):
+        self.interrupts += 1
+
+    def needs_reset(self, why):
+        self.resets.append(why)
+
+    service_queue = VirtioPciFunction.service_queue
+    _serve_natively = VirtioPciFunction._serve_natively
+    _serve_chain = VirtioPciFunction._serve_chain
+    _irq_gate = VirtioPciFunction._irq_gate
 
 
 class VirtioPciDriver:
@@ -315,6 +389,20 @@ class VirtioPciDriver:
                     if len(done) >= count:
                         return done
                     raise TimeoutError(f"queue {q}: {len(done)} of {count} requests completed")
+
+    def wait_answered(self, q: int, used_idx: int, *, grace: float,
+                      timeout: float = 5.0) -> None:
+        """Poll until queue q's used index is `used_idx` or the device asks for a reset
+        (a device that gives up on malformed chains need not interrupt), then give a
+        worker that is mid-batch `grace` seconds to finish."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.status() & STATUS_NEEDS_RESET or self.queues[q].used_idx() == used_idx:
+                time.sleep(grace)
+                return
+            time.sleep(0.002)
+        raise TimeoutError(f"queue {q}: the device neither completed the chains nor asked "
+                           "for a reset")
 
     def _eventfd_interrupt(self, q: int):
         """The MSI-X irqfd of queue q when the machine leaves irqfd eventfds to their reader

@@ -11,7 +11,6 @@ served the IN/OUT chains it can, and never a chain the VirtQueue rejects.
 import os
 import struct
 import tempfile
-import types
 
 import pytest
 from hvframe.testing.helpers import assert_c_struct_matches
@@ -25,7 +24,8 @@ from hvframe.memory import FOUR_GIB, GuestMemory
 from hvframe.virtio import native
 from hvframe.virtio import virtqueue as vq
 from hvframe.virtio.native import queue_state
-from hvframe.virtio.pci import QueueState, VirtioPciFunction
+from hvframe.testing.virtio import BareTransport
+from hvframe.virtio.pci import QueueState
 from hvframe.virtio.virtqueue import VirtQueue
 from hvframe_virtio_blk import virtio_blk as vb
 from hvframe_virtio_blk._native import ffi as vblk_ffi, lib as vblk_lib
@@ -77,31 +77,6 @@ def test_c_layouts_match_construct_declarations():
 
 
 # -- the rig ------------------------------------------------------------------------------------
-
-class Fake:
-    """The transport state service_queue uses, without PCI."""
-
-    def __init__(self, device):
-        self.device = device
-        self.live = True
-        self.status = 0
-        self.name = "vblk-test"
-        self.resets = []
-        self.interrupts = 0
-
-    msix = None                       # no irqfd gate: every interrupt comes back to Python
-
-    def interrupt_queue(self, q):
-        self.interrupts += 1
-
-    def needs_reset(self, why):
-        self.resets.append(why)
-
-    service_queue = VirtioPciFunction.service_queue
-    _serve_natively = VirtioPciFunction._serve_natively
-    _serve_chain = VirtioPciFunction._serve_chain
-    _irq_gate = VirtioPciFunction._irq_gate
-
 
 class Guest:
     """Guest RAM with a split queue; descriptors are written raw (malformed ones too)."""
@@ -211,7 +186,7 @@ def run_one(scenario, fast, *, image=None, backend_kw=None, guest_kw=None, workd
             dev.serve_cycle = counting
         else:
             dev.serve_cycle = None
-        t = Fake(dev)
+        t = BareTransport(dev, name="vblk-test")
         qs = QueueState(0, 256)
         qs.size = g.size
         qs.vq = VirtQueue(g.mem, g.size, DESC, AVAIL, USED, **g.queue_kw)
