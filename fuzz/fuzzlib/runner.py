@@ -12,7 +12,7 @@ import importlib.util
 import os
 import sys
 
-INSTRUMENTED = ["hvframe", "hvframe_virtio_blk", "hvframe_ahci", "hvframe_uart"]
+INSTRUMENTED = ["hvframe", "hvframe_virtio_blk", "hvframe_virtio_net", "hvframe_ahci", "hvframe_uart"]
 FUZZ_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
