@@ -30,7 +30,7 @@ and no polling while another task wants the CPU. Before 2026-12-02 these steps w
 not yield to a worker woken on the same CPU): 45-150 us of a 500-700 us round were the
 rig's, charged to the device. The receive worker reads the first frame of a round when it
 arrives, finds no buffers and keeps it (the frame in hand): the timed part reads 255 frames
-and one EAGAIN, the raw loop 256.
+(the read that finds the tap empty comes after the round's interrupt), the raw loop 256.
 
 Nothing is asserted here: the figures are reported (extra_info and a printed line); the
 line-rate targets against raw tap and QEMU with a guest are benchmarked with the stream
