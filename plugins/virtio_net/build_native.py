@@ -31,15 +31,18 @@ CDEF = """
         uint8_t guest_csum, guest_tso4, guest_tso6, guest_ecn;
         uint32_t rx_max_plain;
     };
+    struct vnet_poll { uint64_t window; uint64_t since; };
     struct vnet_rxq {
         struct vnet_port *port; struct vnet_filter *filter; struct vnet_feat *feat;
         uint8_t *bounce; uint32_t bounce_cap; int wait; uint32_t served; int have_frame;
+        struct vnet_poll poll;
         uint64_t frames, bytes, drop_filtered, drop_bad, drop_too_big, bad_buffers;
         ...;
     };
     struct vnet_txq {
         struct vnet_port *port; struct vnet_feat *feat;
         uint8_t *bounce; uint32_t bounce_cap; int wait; uint32_t served; uint32_t repoll;
+        struct vnet_poll poll;
         uint64_t frames, bytes, drop_bad, drop_oversize, drop_error, drop_gone;
         ...;
     };

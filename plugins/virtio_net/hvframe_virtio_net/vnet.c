@@ -28,6 +28,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/uio.h>
 
@@ -51,6 +52,18 @@ enum { VNET_WAIT_KICK = 0,          /* its doorbell */
 #define VNET_PREFETCH_MAX 1536      /* bytes of the next buffer brought into the cache */
 #define VNET_PREFETCH_MIN 512       /* ... after a frame at least this long */
 #define VNET_MAX_DOORBELLS 6        /* a queue's doorbells a native sleep watches */
+#define VNET_POLL_GROW_START 4000   /* ns: the first poll window after none (QEMU's) */
+
+/* A worker's poll for the driver's next batch, adapted as QEMU's iothreads and KVM's halt
+ * polling adapt theirs: a wait longer than the longest window (poll_ns) halves the window (the
+ * poll was CPU spent for nothing, and kept the core from a thread woken on it: the vCPU the
+ * cycle just interrupted, in the datapath benchmark 30 us of a 500 us round), a shorter wait
+ * the window did not cover doubles it, up to poll_ns. Traffic that keeps coming polls at the
+ * full window; a queue used in bursts far apart stops polling. */
+struct vnet_poll {
+    uint64_t window;                /* ns, 0 at first: it grows when waits are short */
+    uint64_t since;                 /* when the queue went idle (CLOCK_MONOTONIC ns), or 0 */
+};
 
 /* One backend descriptor, shared by the queue pairs it serves. */
 struct vnet_port {
@@ -96,6 +109,7 @@ struct vnet_rxq {
     uint32_t bounce_cap;
     int wait;
     uint32_t served;                /* frames placed in the last cycle */
+    struct vnet_poll poll;          /* for buffers, after a cycle that used up the ring */
     uint16_t kick_at;               /* avail_event as this cycle last set it */
     /* the frame in hand (waiting for buffers): a virtio header and the frame's bytes */
     int have_frame;
@@ -119,6 +133,7 @@ struct vnet_txq {
     int wait;
     uint32_t served;
     uint32_t repoll;
+    struct vnet_poll poll;          /* for the driver's next batch */
     uint64_t frames, bytes, drop_bad, drop_oversize, drop_error, drop_gone;
     struct hv_chain ch;
     struct iovec iov[VNET_TX_MAX_IOV + 1];
@@ -145,6 +160,40 @@ static int fatal_errno(int e)
 }
 
 /* Copy n bytes from a chain's readable buffers, starting `skip` bytes in, to dst. */
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* The queue goes idle: the window to poll for (the caller polls if it is not 0). */
+static uint64_t poll_start(struct vnet_poll *pl, uint64_t max_ns)
+{
+    if (pl->window > max_ns)
+        pl->window = max_ns;
+    pl->since = now_ns();
+    return pl->window;
+}
+
+/* Work came back: the poll found it (no change), or a kick after a sleep did (adapt). */
+static void poll_found(struct vnet_poll *pl, uint64_t max_ns, int polled)
+{
+    if (!pl->since)
+        return;
+    uint64_t waited = now_ns() - pl->since;
+    pl->since = 0;
+    if (polled || waited <= pl->window)
+        return;
+    if (waited > max_ns)
+        pl->window /= 2;
+    else if (pl->window < max_ns) {
+        pl->window = pl->window ? pl->window * 2 : VNET_POLL_GROW_START;
+        if (pl->window > max_ns)
+            pl->window = max_ns;
+    }
+}
+
 static uint32_t gather(const struct hv_chain *ch, uint64_t skip, uint8_t *dst, uint32_t n)
 {
     uint32_t got = 0;
@@ -552,15 +601,6 @@ int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate
     return owe_interrupt(q, irq) ? HV_VQ_CYCLE_NOTIFY : HV_VQ_CYCLE_IDLE;
 }
 
-/* A receive queue's worker, natively: serve (vnet_rx_cycle), then sleep in poll() on the
- * queue's doorbells, the backend descriptor (as rq->wait asks: input while buffers are
- * posted, hang-up only while they are not) and the worker's wake-up fd, and serve again,
- * without coming back to Python (or taking the GIL) between a kick and the frames it lets
- * in. Before sleeping, a cycle that filled the ring's last buffer with input still waiting
- * polls avail.idx for poll_ns (the driver's refill usually follows at once: no kick, no
- * wake-up). Comes back with the cycle's code when it is not IDLE; with IDLE when the
- * wake-up fd is readable (left unread: the worker reads it), another thread asks for the
- * queue, the port went away or hung up, or a descriptor failed. */
 /* A queue worker's sleep between cycles: poll() on the queue's doorbells (read when they
  * fire), the worker's wake-up fd and, if port_events, the backend descriptor. SLEEP_SERVE:
  * serve again; SLEEP_PYTHON: the worker is wanted in Python (wake-up fd readable, left
@@ -612,10 +652,11 @@ static int worker_sleep(const int *doorbells, int ndoorbells, int wake_fd, int p
  * posted, hang-up only while they are not) and the worker's wake-up fd, and serve again,
  * without coming back to Python (or taking the GIL) between a kick and the frames it lets
  * in. Before sleeping, a cycle that filled the ring's last buffer with input still waiting
- * polls avail.idx for poll_ns (the driver's refill usually follows at once: no kick, no
- * wake-up). Comes back with the cycle's code when it is not IDLE; with IDLE when the
- * wake-up fd is readable (left unread: the worker reads it), another thread asks for the
- * queue, the port went away or hung up, or a descriptor failed. */
+ * polls avail.idx for its window (struct vnet_poll, at most poll_ns): under traffic the
+ * driver's refill follows at once, with no kick and no wake-up. Comes back with the cycle's
+ * code when it is not IDLE; with IDLE when the wake-up fd is readable (left unread: the
+ * worker reads it), another thread asks for the queue, the port went away or hung up, or a
+ * descriptor failed. */
 int vnet_rx_run(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate *irq,
                 const int *doorbells, int ndoorbells, int wake_fd, uint64_t poll_ns)
 {
@@ -629,18 +670,23 @@ int vnet_rx_run(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate *
         if (!p || p->fd < 0 || p->gone || p->hup || q->yield_req)
             return rc;
         if (rq->wait == VNET_WAIT_RING && rq->served && poll_ns
-            && q->shadow_avail == q->last_avail_idx && hv->vq_poll_avail(q, poll_ns)) {
-            /* Under steady traffic this path never sleeps: the wake-up fd is looked at
-             * here too, so a stop, pause or reset is not put off behind the traffic. */
-            if (wake_pending(wake_fd))
-                return HV_VQ_CYCLE_IDLE;
-            continue;
+            && q->shadow_avail == q->last_avail_idx) {
+            uint64_t window = poll_start(&rq->poll, poll_ns);
+            if (window && hv->vq_poll_avail(q, window)) {
+                poll_found(&rq->poll, poll_ns, 1);
+                /* Under steady traffic this path never sleeps: the wake-up fd is looked at
+                 * here too, so a stop, pause or reset is not put off behind the traffic. */
+                if (wake_pending(wake_fd))
+                    return HV_VQ_CYCLE_IDLE;
+                continue;
+            }
         }
         int watch = rq->wait == VNET_WAIT_INPUT || rq->wait == VNET_WAIT_RING;
         int s = worker_sleep(doorbells, ndoorbells, wake_fd, p->fd,
                              rq->wait == VNET_WAIT_INPUT ? POLLIN : 0, watch);
         if (s == SLEEP_PYTHON)
             return HV_VQ_CYCLE_IDLE;
+        poll_found(&rq->poll, poll_ns, 0);      /* the refill's kick, after a sleep */
         if (s == SLEEP_PORT)
             /* One more cycle reads what is left and notes the hang-up; Python takes the
              * link down (never a loop on a descriptor that stays ready). */
@@ -845,6 +891,7 @@ int vnet_tx_cycle(struct hv_vq *q, struct vnet_txq *tq, const struct hv_irq_gate
     if (!p || p->fd < 0)
         return HV_VQ_CYCLE_PYTHON;  /* no backend: Python drops what comes */
     hv->vq_set_notifications(q, 0);
+    poll_found(&tq->poll, poll_ns, 0);          /* a kick (or room) after the last sleep */
     uint32_t batch = 0, since_check = 0;
     for (;;) {
         if (q->yield_req) {
@@ -868,9 +915,13 @@ int vnet_tx_cycle(struct hv_vq *q, struct vnet_txq *tq, const struct hv_irq_gate
                 tq->wait = VNET_WAIT_KICK;
                 return HV_VQ_CYCLE_NOTIFY;
             }
-            if ((batch || owed) && poll_ns && hv->vq_poll_avail(q, poll_ns)) {
-                batch = owed = 0;
-                continue;
+            if ((batch || owed) && poll_ns) {
+                uint64_t window = poll_start(&tq->poll, poll_ns);
+                if (window && hv->vq_poll_avail(q, window)) {
+                    poll_found(&tq->poll, poll_ns, 1);
+                    batch = owed = 0;
+                    continue;
+                }
             }
             batch = owed = 0;
             hv->vq_set_notifications(q, 1);
@@ -880,6 +931,7 @@ int vnet_tx_cycle(struct hv_vq *q, struct vnet_txq *tq, const struct hv_irq_gate
                 tq->wait = VNET_WAIT_KICK;
                 return HV_VQ_CYCLE_IDLE;
             }
+            poll_found(&tq->poll, poll_ns, 1);  /* came as the poll ended: covered */
             hv->vq_set_notifications(q, 0);
         }
         if (rc != HV_VQ_CHAIN) {

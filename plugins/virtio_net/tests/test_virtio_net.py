@@ -24,6 +24,7 @@ from hvframe_virtio_net import layout as L
 from hvframe_virtio_net.backend import Offloads
 from hvframe_virtio_net.plugin import default_mac
 from hvframe_virtio_net.testdriver import NetDriver, StreamPair, in_netns, tap_peer_socket
+from hvframe_virtio_net import virtio_net
 from hvframe_virtio_net.virtio_net import VirtioNet, format_mac
 
 SLOT = 3
@@ -354,6 +355,28 @@ def test_rx_ring_empty_while_flooded_costs_no_cpu_and_bounded_memory(stream_rig)
     got = [r.nd.recv(0)[1] for _ in range(min(sent, 20))]
     assert all(g == f for g in got)
     assert r.dev.stats()["rx_frames"] >= 20
+
+
+def test_transmit_polls_for_the_next_batch_only_while_batches_come_close(stream_rig,
+                                                                         monkeypatch):
+    """The transmit worker's poll for the driver's next batch adapts, as QEMU's iothreads and
+    KVM's halt polling adapt theirs: batches that follow within the longest window grow it
+    (the next is found without a kick's wake-up), batches far apart shrink it (an idle queue
+    stops spinning after each: CPU, and the core the interrupted vCPU may be woken on)."""
+    monkeypatch.setattr(virtio_net, "POLL_NS", 20_000_000)   # room for Python's pace
+    r = stream_rig()
+    window = lambda: r.dev.txqs[0].poll.window          # noqa: E731
+    assert window() == 0                                # none before traffic
+    for i in range(30):
+        r.nd.send(0, frame(seed=i))
+        assert r.backend.recv_frame() == frame(seed=i)
+    grown = window()
+    assert 4_000 <= grown <= 20_000_000
+    for i in range(6):
+        time.sleep(0.05)                                # longer than the longest window
+        r.nd.send(0, frame(seed=i))
+        assert r.backend.recv_frame() == frame(seed=i)
+    assert window() <= grown // 16
 
 
 @pytest.mark.parametrize("why", ["reset", "needs_reset", "quiesce"])
