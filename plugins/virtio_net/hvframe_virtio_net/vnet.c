@@ -159,7 +159,6 @@ static int fatal_errno(int e)
            || e == ENXIO || e == EBADF;
 }
 
-/* Copy n bytes from a chain's readable buffers, starting `skip` bytes in, to dst. */
 static uint64_t now_ns(void)
 {
     struct timespec t;
@@ -194,6 +193,7 @@ static void poll_found(struct vnet_poll *pl, uint64_t max_ns, int polled)
     }
 }
 
+/* Copy n bytes from a chain's readable buffers, starting `skip` bytes in, to dst. */
 static uint32_t gather(const struct hv_chain *ch, uint64_t skip, uint8_t *dst, uint32_t n)
 {
     uint32_t got = 0;
