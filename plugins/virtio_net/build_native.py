@@ -15,7 +15,7 @@ from hvframe_virtio_net import layout  # noqa: E402
 CDEF = """
     int vnet_bind(const struct hv_api *api);
     struct vnet_port {
-        int fd; int framing; uint32_t max_frame; int gone; int hup;
+        int fd; int framing; uint32_t max_frame; int gone; int hup; int moved;
         uint8_t *rx_buf; uint32_t rx_cap, rx_start, rx_end, rx_skip;
         uint8_t *tx_buf; uint32_t tx_cap, tx_off, tx_len;
         uint64_t rx_oversize, rx_runt, rx_truncated, tx_partial;

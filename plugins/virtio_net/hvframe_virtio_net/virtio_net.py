@@ -402,6 +402,9 @@ class VirtioNet(VirtioDevice, DeviceState):
             for old in self.ports:
                 for k in _PORT_COUNTERS:
                     self._retired[k] += getattr(old.c, k)
+                # A transmit worker asleep in C on it may wake on a kick before it hears of
+                # the new port: it hands the frame back instead of dropping it (SEND_MOVED).
+                old.c.moved = 1
             self.ports = [self._new_port(fd) for fd in fds]
             for i in range(self.pairs):
                 port = self.ports[i % len(self.ports)]

@@ -72,6 +72,7 @@ struct vnet_port {
     uint32_t max_frame;
     int gone;                       /* EOF or a fatal error: the far side went away */
     int hup;                        /* hang-up seen with input still to read */
+    int moved;                      /* a reconnection replaced it (Python has the new one) */
     /* BE32 receive: bytes [rx_start, rx_end) of rx_buf (rx_cap bytes) are unparsed */
     uint8_t *rx_buf;
     uint32_t rx_cap, rx_start, rx_end;
@@ -705,7 +706,7 @@ int vnet_rx_drop_pending(struct vnet_rxq *rq)
 
 /* ---- transmit -------------------------------------------------------------------------- */
 
-enum { SEND_OK, SEND_DROPPED, SEND_AGAIN, SEND_GONE };
+enum { SEND_OK, SEND_DROPPED, SEND_AGAIN, SEND_GONE, SEND_MOVED };
 
 /* Write the rest of a partly written stream frame: SEND_OK when nothing is left. */
 static int flush_pending(struct vnet_port *p)
@@ -864,6 +865,10 @@ static int tx_send(struct vnet_txq *tq, const struct hv_chain *ch)
         return SEND_DROPPED;
     }
     if (p->gone) {
+        /* Gone and replaced: the frame waits for the new connection, which the worker
+         * takes up in Python, instead of being dropped on the old one. */
+        if (__atomic_load_n(&p->moved, __ATOMIC_ACQUIRE))
+            return SEND_MOVED;
         tq->drop_gone++;
         return SEND_DROPPED;
     }
@@ -940,6 +945,11 @@ int vnet_tx_cycle(struct hv_vq *q, struct vnet_txq *tq, const struct hv_irq_gate
             return HV_VQ_CYCLE_PYTHON;  /* invalid: NEEDS_RESET; too long: Python drops it */
         }
         int sr = tx_send(tq, &tq->ch);
+        if (sr == SEND_MOVED) {
+            hv->vq_set_notifications(q, 1);
+            tq->wait = VNET_WAIT_KICK;
+            return owe_interrupt(q, irq) ? HV_VQ_CYCLE_NOTIFY : HV_VQ_CYCLE_YIELD;
+        }
         if (sr == SEND_AGAIN) {
             tq->wait = VNET_WAIT_OUTPUT;
             return owe_interrupt(q, irq) ? HV_VQ_CYCLE_NOTIFY : HV_VQ_CYCLE_IDLE;

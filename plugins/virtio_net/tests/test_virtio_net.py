@@ -330,6 +330,28 @@ def test_link_comes_back_when_the_backend_reconnects(stream_rig):
     assert r.nd.recv(0)[1] == f
 
 
+def test_a_frame_sent_the_moment_the_link_is_back_goes_out(stream_rig, monkeypatch):
+    """The transmit worker, asleep in C on the lost connection, is woken by the driver's kick
+    before the link watcher has told it about the new connection: the frame goes out on the
+    new one instead of being dropped on the old. The watcher is kept dormant and the link
+    brought back by hand, so the kick always comes first."""
+    monkeypatch.setattr(virtio_net, "LINK_POLL_S", 60.0)
+    r = stream_rig()
+    be = r.backend
+    f0 = frame(seed=20)
+    r.nd.send(0, f0)
+    assert be.recv_frame() == f0               # the transmit worker has run, and sleeps
+    be.peer.close()
+    wait_for(lambda: not r.nd.config(6, 2) & L.S_LINK_UP, what="link down")
+    be.reconnect()
+    assert r.dev._relink()                     # link up; no worker has been told yet
+    assert r.nd.config(6, 2) & L.S_LINK_UP
+    f = frame(seed=22)
+    r.nd.send(0, f)
+    assert be.recv_frame() == f
+    assert r.dev.stats()["tx_drop_gone"] == 0
+
+
 def test_rx_ring_empty_while_flooded_costs_no_cpu_and_bounded_memory(stream_rig):
     from hvframe.testing.helpers import rss_kib
     r = stream_rig(post=0)
