@@ -142,7 +142,14 @@ def main(argv=None) -> int:
             return EXIT_ERROR
         return serve_device(argv[1:])
     args = make_parser().parse_args(argv)
+    vm_setup = None
     try:
+        if args.command == "run" and not args.incoming:
+            # KVM's VM is made on a thread meanwhile (its ioctls wait on the kernel, not on
+            # the GIL); the first machine takes it, and whatever happens it is closed below.
+            from .kvm import VmSetup, kvm_available
+            if kvm_available() is None:
+                vm_setup = VmSetup()
         if args.command == "ctl":
             from .control.ctl import ctl_main
             return ctl_main(args)
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
         return Lifecycle(cfg, registry, name=name, qmp_paths=qmp_paths(args.qmp),
                          verbose=args.verbose, timeout=args.timeout, grace=grace,
                          notes=bhyve_notes(args), restore=args.restore,
-                         incoming=args.incoming).run()
+                         incoming=args.incoming, vm_setup=vm_setup).run()
     except HvError as e:
         print(f"hvframe: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -194,6 +201,9 @@ def main(argv=None) -> int:
         print(f"hvframe: internal error: {type(e).__name__}: {e} "
               "(HVFRAME_TRACEBACK=1 shows where)", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if vm_setup is not None:
+            vm_setup.close()
 
 
 def entry() -> None:

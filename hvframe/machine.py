@@ -21,6 +21,7 @@ from .control.pause import PauseGate
 
 if TYPE_CHECKING:
     from .device import Device
+    from .kvm import VmSetup
     from .lpc.bootrom import BootRom
     from .lpc.bridge import LpcBridge
     from .lpc.fw_cfg import FwCfg
@@ -272,7 +273,10 @@ class Machine:
     irqfd_eventfds: bool = False
 
     def __init__(self, memory_size: int, cpus: int = 1, *, backend: str = "kvm",
-                 cpu_policy: str = "auto", shared_memory: bool = False):
+                 cpu_policy: str = "auto", shared_memory: bool = False,
+                 vm_setup: "VmSetup | None" = None):
+        """vm_setup (KVM only): the VM made ahead on a thread (hvframe.kvm.VmSetup), taken
+        here instead of making one."""
         if cpus < 1:
             raise HvError("cpus must be at least 1")
         self.cpus = cpus
@@ -311,14 +315,24 @@ class Machine:
         if backend == "kvm":
             from .kvm import Kvm, KvmVm
             try:
-                self._kvm = Kvm()
+                if vm_setup is not None:
+                    self._kvm, self.vm = vm_setup.take()
+                else:
+                    self._kvm = Kvm()
                 limit = self._kvm.max_vcpus()
                 if cpus > limit:
                     raise HvError(f"-c {cpus}: this host's KVM allows at most {limit} vCPUs")
-                self.vm = KvmVm(self._kvm, self.memory)
+                if self.vm is None:
+                    self.vm = KvmVm(self._kvm, self.memory)
+                else:
+                    self.vm.attach_memory(self.memory)
             except BaseException:   # no machine to close(): give back what was taken
+                if self.vm is not None:
+                    self.vm.close()
+                    self.vm = None
                 if self._kvm is not None:
                     self._kvm.close()
+                    self._kvm = None
                 self.memory.close()
                 raise
         elif backend != "synthetic":
