@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import HvError
 
@@ -30,8 +30,7 @@ class GuestMemoryError(Exception):
     """A guest-physical range is not (entirely) backed by guest RAM."""
 
 
-@dataclass(frozen=True)
-class RamRegion:
+class RamRegion(NamedTuple):
     gpa: int          # guest-physical start
     size: int
     host_offset: int  # offset into the single host mapping

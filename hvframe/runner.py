@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import Config
 from .cpuid import POLICIES
@@ -102,8 +102,7 @@ def add_option(cfg: Config, arg: str) -> None:
     cfg.set(path, value)
 
 
-@dataclass
-class RunPlan:
+class RunPlan(NamedTuple):
     memory_size: int
     cpus: int
     cpu_policy: str

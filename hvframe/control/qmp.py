@@ -31,8 +31,7 @@ import socket
 import stat
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from .. import concurrency
 from ..errors import ConfigError
@@ -58,15 +57,13 @@ class QmpError(Exception):
         self.desc = desc
 
 
-@dataclass(frozen=True)
-class Arg:
+class Arg(NamedTuple):
     name: str
     type: type          # str, int, bool, list or dict
     required: bool = False
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     name: str
     handler: Callable[..., Any]    # handler(**arguments) -> the "return" value
     args: tuple[Arg, ...] = ()
