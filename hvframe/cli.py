@@ -132,6 +132,26 @@ def config_from_args(args, registry):
     return cfg
 
 
+def _memory_size_hint(args) -> int | None:
+    """Guest RAM's size as the run's plan will find it, from the command line alone (-m, or
+    else the last -o memory.size=), for the VM made ahead; None when in doubt (the machine
+    then makes its RAM itself, and reports a bad size)."""
+    from .device import parse_size
+    from .runner import DEFAULT_MEMORY
+    text = args.memory
+    if text is None:
+        text = DEFAULT_MEMORY
+        for o in args.options:
+            path, eq, value = o.partition("=")
+            if eq and path == "memory.size":
+                text = value
+    try:
+        size = parse_size(text, default_unit="m")
+    except ValueError:
+        return None
+    return size if size >= (1 << 20) and size % 4096 == 0 else None
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve-device"]:     # its options are the passthru plugin's to parse
@@ -149,7 +169,7 @@ def main(argv=None) -> int:
             # the GIL); the first machine takes it, and whatever happens it is closed below.
             from .kvm import VmSetup, kvm_available
             if kvm_available() is None:
-                vm_setup = VmSetup()
+                vm_setup = VmSetup(_memory_size_hint(args))
         if args.command == "ctl":
             from .control.ctl import ctl_main
             return ctl_main(args)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from .core_native import ffi, lib
 from .cpuid import CpuidEntry, guest_cpuid
 from .errors import HvError
-from .memory import GuestMemory
+from .memory import HUGE_PAGE, GuestMemory
 from . import concurrency
 
 KVM_API_VERSION = 12
@@ -329,38 +329,57 @@ class KvmVm:
 
 
 class VmSetup:
-    """/dev/kvm opened and the VM made (a KvmVm without its RAM) on a thread of its own, while
-    the caller goes on importing and configuring: those ioctls take milliseconds (KVM waits
-    out its SRCU grace periods) and hold no GIL. `hvframe run` starts one before it loads the
-    plugins and hands it to the first Machine, which take()s it; close() gives back one never
-    taken. The thread belongs to whoever made this; take() and close() join it."""
+    """/dev/kvm opened and the VM made (a KvmVm, with its guest RAM when its size is given)
+    on a thread of its own, while the caller goes on importing and configuring: those
+    ioctls take milliseconds (KVM waits out its SRCU grace periods), and so does the first
+    touch of the RAM's first huge page, where the boot structures go (GuestMemory.prefault);
+    none of it holds the GIL. `hvframe run` starts one before it loads the plugins and hands
+    it to the first Machine, which take()s it; close() gives back one never taken. The
+    thread belongs to whoever made this; take() and close() join it."""
 
-    def __init__(self):
+    def __init__(self, memory_size: int | None = None):
+        self._memory_size = memory_size
         self._kvm: Kvm | None = None
         self._vm: KvmVm | None = None
+        self._memory: GuestMemory | None = None
         self._error: BaseException | None = None
         self._taken = False
         self._thread = threading.Thread(target=self._run, name="kvm-vm-setup", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        kvm = None
+        kvm = vm = None
         try:
             kvm = Kvm()
-            self._vm = KvmVm(kvm)
-            self._kvm = kvm
+            vm = KvmVm(kvm)
         except BaseException as e:      # noqa: BLE001 - raised again by take()
             if kvm is not None:
                 kvm.close()
             self._error = e
+            return
+        self._kvm, self._vm = kvm, vm
+        if self._memory_size:
+            memory = None
+            try:
+                memory = GuestMemory(self._memory_size)
+                memory.prefault(0, min(memory.lowmem_end, HUGE_PAGE))
+                vm.attach_memory(memory)
+                self._memory = memory
+            except Exception:       # noqa: BLE001 - the machine makes RAM (and says why not)
+                if memory is not None:
+                    memory.close()
+                self._vm = None     # its slots may hold that RAM
+                vm.close()
 
     def _join(self) -> bool:
         concurrency.may_block("the VM set-up thread")
         self._thread.join(concurrency.JOIN_DEADLINE)
         return not self._thread.is_alive()
 
-    def take(self) -> tuple[Kvm, KvmVm]:
-        """The /dev/kvm handle and the VM, once; raises what setting them up raised."""
+    def take(self, memory_size: int | None = None, shared: bool = False
+             ) -> tuple[Kvm, KvmVm | None, GuestMemory | None]:
+        """The /dev/kvm handle, the VM (None if it could not be kept) and its guest RAM if it
+        was made for memory_size (not shared), once; raises what setting up KVM raised."""
         if self._taken:
             raise KvmError("the VM set up ahead was taken already")
         self._taken = True
@@ -368,15 +387,23 @@ class VmSetup:
             raise KvmError(f"setting up the VM took more than {concurrency.JOIN_DEADLINE:g} s")
         if self._error is not None:
             raise self._error
-        return self._kvm, self._vm
+        vm, memory = self._vm, self._memory
+        if memory is not None and (memory.size != memory_size or shared):
+            vm.close()          # its memory slots are that RAM's: both go
+            memory.close()
+            vm = memory = None
+        return self._kvm, vm, memory
 
     def close(self) -> None:
-        """Give back the VM if nobody took it."""
+        """Give back the VM (and its RAM) if nobody took them."""
         if self._taken:
             return
         self._taken = True
-        if self._join() and self._vm is not None:
-            self._vm.close()
+        if self._join() and self._kvm is not None:
+            if self._vm is not None:
+                self._vm.close()
+            if self._memory is not None:
+                self._memory.close()
             self._kvm.close()
 
 

@@ -275,15 +275,27 @@ class Machine:
     def __init__(self, memory_size: int, cpus: int = 1, *, backend: str = "kvm",
                  cpu_policy: str = "auto", shared_memory: bool = False,
                  vm_setup: "VmSetup | None" = None):
-        """vm_setup (KVM only): the VM made ahead on a thread (hvframe.kvm.VmSetup), taken
-        here instead of making one."""
+        """vm_setup (KVM only): the VM made ahead on a thread (hvframe.kvm.VmSetup), with
+        its guest RAM when made for this size, taken here instead of making them."""
         if cpus < 1:
             raise HvError("cpus must be at least 1")
         self.cpus = cpus
         self.backend = backend
         self.cpu_policy = cpu_policy
-        # Shared (memfd-backed) when a device in another process must map guest RAM.
-        self.memory = GuestMemory(memory_size, shared=shared_memory)
+        kvm = vm = memory = None
+        if backend == "kvm" and vm_setup is not None:
+            kvm, vm, memory = vm_setup.take(memory_size, shared_memory)
+        if memory is None:
+            try:
+                # Shared (memfd-backed) when a device in another process must map guest RAM.
+                memory = GuestMemory(memory_size, shared=shared_memory)
+            except BaseException:
+                if vm is not None:
+                    vm.close()
+                if kvm is not None:
+                    kvm.close()
+                raise
+        self.memory = memory
         self.pio = Bus("port")
         self.mmio = Bus("MMIO")
         self.devices = []
@@ -314,17 +326,16 @@ class Machine:
         self._drain_thread: threading.Thread | None = None
         if backend == "kvm":
             from .kvm import Kvm, KvmVm
+            self._kvm, self.vm = kvm, vm
             try:
-                if vm_setup is not None:
-                    self._kvm, self.vm = vm_setup.take()
-                else:
+                if self._kvm is None:
                     self._kvm = Kvm()
                 limit = self._kvm.max_vcpus()
                 if cpus > limit:
                     raise HvError(f"-c {cpus}: this host's KVM allows at most {limit} vCPUs")
                 if self.vm is None:
                     self.vm = KvmVm(self._kvm, self.memory)
-                else:
+                elif self.vm.memory is None:
                     self.vm.attach_memory(self.memory)
             except BaseException:   # no machine to close(): give back what was taken
                 if self.vm is not None:

@@ -62,16 +62,44 @@ def test_the_vm_made_ahead_is_taken_once_or_given_back():
     unused.close()
     assert fds() == before
 
-    setup = VmSetup()
-    m = Machine(16 << 20, vm_setup=setup)
-    try:
-        with pytest.raises(KvmError, match="taken already"):
-            setup.take()
-        setup.close()                               # taken: closing it leaves the VM alone
-        assert m.vm.memory is m.memory and m.vm.fd in {int(f) for f in fds()}
-    finally:
-        m.close()
+    unused = VmSetup(16 << 20)                      # with its RAM
+    unused.close()
     assert fds() == before
+
+    # RAM made ahead for the machine's size, for another size, or none: each machine has
+    # RAM of its own size in its VM's memory slots, and runs.
+    for ahead in (16 << 20, 32 << 20, None):
+        setup = VmSetup(ahead)
+        m = Machine(16 << 20, vm_setup=setup)
+        try:
+            with pytest.raises(KvmError, match="taken already"):
+                setup.take()
+            setup.close()                           # taken: closing it leaves the VM alone
+            assert m.memory.size == 16 << 20 and m.vm.memory is m.memory
+            assert m.vm.fd in {int(f) for f in fds()}
+            # Real mode at 0x1000: mov al, [0x2000]; out 0xe0, al; hlt
+            m.memory.write(0x1000, bytes.fromhex("a00020e6e0f4"))
+            m.memory.write(0x2000, b"\x5a")
+            seen = []
+
+            class Probe:
+                def read(self, offset, size):
+                    return 0
+
+                def write(self, offset, size, value):
+                    seen.append(value)
+                    m.request_exit(1, "probe written")
+            m.pio.register(0xE0, 1, Probe(), name="probe")
+            m.create_vcpus()
+            regs = m.vcpus[0].get_regs()
+            sregs = m.vcpus[0].get_sregs()
+            sregs.cs.base, sregs.cs.selector, regs.rip = 0, 0, 0x1000
+            m.vcpus[0].set_sregs(sregs)
+            m.vcpus[0].set_regs(regs)
+            assert m.run(timeout=10) == 1 and seen == [0x5A]     # it ran from that RAM
+        finally:
+            m.close()
+        assert fds() == before
 
 
 @requires_kvm
