@@ -736,13 +736,13 @@ class Machine:
         threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}",
                                     daemon=True) for v in self.vcpus]
         self._vcpu_threads = threads       # close() stops and joins any still running
+        for t in threads:                  # the guest first: the drain thread is for later
+            t.start()
         if self._coalesced_zones and self.vm is not None and self.vm.coalesced != ffi.NULL \
                 and self._drain_thread is None:
             self._drain_thread = threading.Thread(target=self._drain_loop, name="coalesced-drain",
                                                   daemon=True)
             self._drain_thread.start()      # close() stops and joins it
-        for t in threads:
-            t.start()
         try:
             # Wait in short slices so that Ctrl-C (when the terminal is not raw) is seen.
             remaining = timeout
