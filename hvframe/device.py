@@ -383,7 +383,7 @@ class DeviceOptions:
         cached = cls.__dict__.get("_hvframe_declared")
         if cached is not None:
             return cached
-        hints = typing.get_type_hints(cls)
+        hints = None        # the annotations, evaluated only if an option's type needs them
         opts, groups = [], []
         seen = set()
         for klass in reversed(cls.__mro__):
@@ -397,7 +397,11 @@ class DeviceOptions:
                     continue
                 default = klass._hvframe_defaults[attr]
                 choices = spec["choices"]
-                otype = spec["type"] or ("choice" if choices else _type_of(hints.get(attr)))
+                otype = spec["type"] or ("choice" if choices else None)
+                if otype is None:
+                    if hints is None:
+                        hints = typing.get_type_hints(cls)
+                    otype = _type_of(hints.get(attr))
                 opts.append(Option(spec["name"] or attr.replace("_", "-"), otype, default,
                                    spec["help"], choices, spec["required"], spec["unit"],
                                    spec["hex"], spec["positional"], spec["example"], attr,

@@ -106,8 +106,12 @@ def qmp_paths(specs: list[str]) -> list[str]:
 
 # -- `hvframe ctl` ---------------------------------------------------------------------------
 
-def add_ctl_parser(sub) -> None:
+def add_ctl_parser(sub, arguments: bool = True) -> None:
+    """`hvframe ctl`'s parser; without arguments, its name and help only (another command
+    is being parsed)."""
     c = sub.add_parser("ctl", help="control a running VM by name (as bhyvectl)")
+    if not arguments:
+        return
     c.add_argument("--vm", required=True, metavar="NAME", help="the VM's name")
     c.add_argument("--get-all", action="store_true", help="every vCPU's registers")
     c.add_argument("--cpu", type=int, metavar="N", help="only this vCPU (with --get-all)")
