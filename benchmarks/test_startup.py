@@ -82,7 +82,7 @@ t0 = time.perf_counter(); marks = []
 def mark(what): marks.append((what, time.perf_counter()))
 os.environ["HVFRAME_RUN_DIR"] = tempfile.mkdtemp(prefix="hvframe-phases-")
 from hvframe import cli; mark("import hvframe.cli (argparse)")
-args = cli.make_parser().parse_args(["run", "-l", "com1,null"]); mark("command line parsed")
+args = cli.make_parser("run").parse_args(["run", "-l", "com1,null"]); mark("command line parsed")
 from hvframe.kvm import VmSetup
 setup = VmSetup(cli._memory_size_hint(args)); mark("VM set-up thread started (native core)")
 from hvframe.plugins import Registry
