@@ -157,8 +157,9 @@ def _memory_size_hint(args) -> int | None:
     """Guest RAM's size as the run's plan will find it, from the command line alone (-m, or
     else the last -o memory.size=), for the VM made ahead; None when in doubt (the machine
     then makes its RAM itself, and reports a bad size)."""
+    # Only what the VM set-up thread needs anyway: it starts before the rest is imported.
     from .device import parse_size
-    from .runner import DEFAULT_MEMORY
+    from .memory import DEFAULT_MEMORY
     text = args.memory
     if text is None:
         text = DEFAULT_MEMORY

@@ -15,6 +15,7 @@ from .errors import HvError
 GiB = 1 << 30
 MiB = 1 << 20
 HUGE_PAGE = 2 * MiB            # x86's transparent huge page
+DEFAULT_MEMORY = "256M"        # `hvframe run` without -m
 FOUR_GIB = 4 * GiB
 # Like bhyve, RAM below 4 GiB stops at 3 GiB; the top GiB is the PCI hole (MMIO BARs, ECAM,
 # IOAPIC, LAPIC, firmware). RAM beyond that is placed above 4 GiB.

@@ -11,9 +11,9 @@ from .cpuid import POLICIES
 from .device import parse_size
 from .errors import ConfigError
 from .machine import EXIT_ERROR, Machine
+from .memory import DEFAULT_MEMORY
 from .plugins import Registry
 
-DEFAULT_MEMORY = "256M"
 MAX_CPUS = 254     # the MP table's APIC IDs (the IOAPIC takes the next one); the MADT allows 255
 TOP_LEVEL_KEYS = {"cpus", "memory", "pci", "lpc", "boot", "cpu", "platform", "config"}
 _PCI_ADDR = re.compile(r"^\d+(:\d+){0,2}$")
