@@ -292,16 +292,18 @@ STARTUP_PARTS = r"""
 import json, sys, time
 t = {"interpreter": time.perf_counter()}
 import hvframe.cli as cli
-from hvframe.plugins import Registry
 t["import hvframe.cli"] = time.perf_counter()
-args = cli.make_parser().parse_args(sys.argv[1:])
+args = cli.make_parser("run").parse_args(sys.argv[1:])
+from hvframe.kvm import VmSetup
+setup = VmSetup(cli._memory_size_hint(args))     # as `hvframe run`: the VM made meanwhile
+from hvframe.plugins import Registry
 registry = Registry()
 t["plugin registry"] = time.perf_counter()
 cfg = cli.config_from_args(args, registry)
 t["configuration (loads the device plugins named)"] = time.perf_counter()
 from hvframe import runner
-m, _ = runner.build_machine(cfg, registry)
-t["build machine (RAM, devices, ACPI/MP tables, kernel, vCPUs)"] = time.perf_counter()
+m, _ = runner.build_machine(cfg, registry, vm_setup=setup)
+t["build machine (takes the VM and RAM made ahead; devices, ACPI/MP tables, kernel, vCPUs)"] = time.perf_counter()
 m.start_devices()
 t["start devices"] = time.perf_counter()
 m.run()

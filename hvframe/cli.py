@@ -64,11 +64,45 @@ class _Parser(argparse.ArgumentParser):
     _commands: dict | None = None
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. With command, the other commands get their names and help
+    but not their arguments (a run does not pay for making ctl's)."""
     p = _Parser(prog="hvframe", description="A bhyve-style virtual machine monitor on KVM.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     p._commands = sub.choices
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     r = sub.add_parser("run", help="run a guest (the embedded demo guest when none is given)")
+    if wanted("run"):
+        _run_arguments(r)
+    d = sub.add_parser("devices", help="list installed devices, their kinds and packages "
+                                       "(-v or NAMEs: summaries and options too)")
+    if wanted("devices"):
+        d.add_argument("-v", "--verbose", action="store_true",
+                       help="summaries and options of every device (imports every plugin)")
+        d.add_argument("names", nargs="*", metavar="NAME", help="describe just these devices")
+    b = sub.add_parser("bench", help="time a device's register exits and data paths on the "
+                                     "synthetic machine")
+    if wanted("bench"):
+        _bench_arguments(b)
+    n = sub.add_parser("new-device", help="write a new device plugin package from the template")
+    if wanted("new-device"):
+        n.add_argument("name", help="device name, e.g. my-dev")
+        n.add_argument("--kind", required=True, choices=("port", "pci", "virtio"),
+                       help="port: an LPC port device; pci: MMIO BAR and MSI-X; virtio: a "
+                            "virtio-pci device")
+        n.add_argument("--dir", default=".", help="where to make the package's directory "
+                                                  "(default .)")
+    sub.add_parser("serve-device", add_help=False,
+                   help="run one PCI device as a vfio-user server (the passthru plugin)")
+    from .control.ctl import add_ctl_parser
+    add_ctl_parser(sub, arguments=wanted("ctl"))
+    return p
+
+
+def _run_arguments(r) -> None:
     r.add_argument("-c", dest="cpus", metavar="N", help="vCPUs: N or cpus=N (default 1)")
     r.add_argument("-m", dest="memory", metavar="SIZE", help="guest RAM, e.g. 512M or 2G (default 256M; bare number = MiB)")
     r.add_argument("-s", dest="slots", action="append", default=[], metavar="SLOT,EMU[,CONF]",
@@ -82,15 +116,11 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("-a", "--cmdline", help="kernel command line")
     r.add_argument("-v", "--verbose", action="store_true", help="say why the guest stopped")
     r.add_argument("--timeout", type=float, help="stop the guest after this many seconds (exit 4)")
-    from .control.ctl import add_bhyve_flags, add_ctl_parser
+    from .control.ctl import add_bhyve_flags
     add_bhyve_flags(r)          # bhyve's other flags, the VM name, --qmp, --grace
-    d = sub.add_parser("devices", help="list installed devices, their kinds and packages "
-                                       "(-v or NAMEs: summaries and options too)")
-    d.add_argument("-v", "--verbose", action="store_true",
-                   help="summaries and options of every device (imports every plugin)")
-    d.add_argument("names", nargs="*", metavar="NAME", help="describe just these devices")
-    b = sub.add_parser("bench", help="time a device's register exits and data paths on the "
-                                     "synthetic machine")
+
+
+def _bench_arguments(b) -> None:
     b.add_argument("device", metavar="DEVICE[,options]", help="a device and its options, as after -s N, or -l")
     b.add_argument("--json", action="store_true", help="print the results as JSON (a baseline)")
     b.add_argument("--baseline", metavar="FILE", help="compare with a saved --json run; exit 1 "
@@ -99,15 +129,6 @@ def make_parser() -> argparse.ArgumentParser:
                    help="how much slower than the baseline is a regression (default 20%%)")
     b.add_argument("--rounds", type=int, default=5, help="rounds per scenario, best kept (default 5)")
     b.add_argument("--exits", type=int, default=2000, help="exits per round (default 2000)")
-    n = sub.add_parser("new-device", help="write a new device plugin package from the template")
-    n.add_argument("name", help="device name, e.g. my-dev")
-    n.add_argument("--kind", required=True, choices=("port", "pci", "virtio"),
-                   help="port: an LPC port device; pci: MMIO BAR and MSI-X; virtio: a virtio-pci device")
-    n.add_argument("--dir", default=".", help="where to make the package's directory (default .)")
-    sub.add_parser("serve-device", add_help=False,
-                   help="run one PCI device as a vfio-user server (the passthru plugin)")
-    add_ctl_parser(sub)
-    return p
 
 
 def config_from_args(args, registry):
@@ -132,6 +153,27 @@ def config_from_args(args, registry):
     return cfg
 
 
+def _memory_size_hint(args) -> int | None:
+    """Guest RAM's size as the run's plan will find it, from the command line alone (-m, or
+    else the last -o memory.size=), for the VM made ahead; None when in doubt (the machine
+    then makes its RAM itself, and reports a bad size)."""
+    # Only what the VM set-up thread needs anyway: it starts before the rest is imported.
+    from .device import parse_size
+    from .memory import DEFAULT_MEMORY
+    text = args.memory
+    if text is None:
+        text = DEFAULT_MEMORY
+        for o in args.options:
+            path, eq, value = o.partition("=")
+            if eq and path == "memory.size":
+                text = value
+    try:
+        size = parse_size(text, default_unit="m")
+    except ValueError:
+        return None
+    return size if size >= (1 << 20) and size % 4096 == 0 else None
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve-device"]:     # its options are the passthru plugin's to parse
@@ -141,8 +183,16 @@ def main(argv=None) -> int:
             print("hvframe: serve-device needs the hvframe-passthru plugin", file=sys.stderr)
             return EXIT_ERROR
         return serve_device(argv[1:])
-    args = make_parser().parse_args(argv)
+    # Only the command given gets its arguments made (none given, or an option first: all).
+    args = make_parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
+    vm_setup = None
     try:
+        if args.command == "run" and not args.incoming:
+            # KVM's VM is made on a thread meanwhile (its ioctls wait on the kernel, not on
+            # the GIL); the first machine takes it, and whatever happens it is closed below.
+            from .kvm import VmSetup, kvm_available
+            if kvm_available() is None:
+                vm_setup = VmSetup(_memory_size_hint(args))
         if args.command == "ctl":
             from .control.ctl import ctl_main
             return ctl_main(args)
@@ -181,7 +231,7 @@ def main(argv=None) -> int:
         return Lifecycle(cfg, registry, name=name, qmp_paths=qmp_paths(args.qmp),
                          verbose=args.verbose, timeout=args.timeout, grace=grace,
                          notes=bhyve_notes(args), restore=args.restore,
-                         incoming=args.incoming).run()
+                         incoming=args.incoming, vm_setup=vm_setup).run()
     except HvError as e:
         print(f"hvframe: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -194,6 +244,9 @@ def main(argv=None) -> int:
         print(f"hvframe: internal error: {type(e).__name__}: {e} "
               "(HVFRAME_TRACEBACK=1 shows where)", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if vm_setup is not None:
+            vm_setup.close()
 
 
 def entry() -> None:

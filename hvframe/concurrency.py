@@ -14,6 +14,10 @@ Threads, and who owns them
   asked for ``coalesce_writes()``, stopped and joined by ``close()``) hands on guest writes
   KVM buffered when no vCPU exit has done so for a couple of milliseconds.
 * **The main thread** builds the machine, waits for it and closes it.
+* **The VM set-up thread** (hvframe.kvm.VmSetup, owned by `hvframe run`'s main()): makes the
+  VM with KVM's ioctls while the main thread loads plugins, then ends; the first machine
+  joins it when it takes the VM, and main() joins it (closing a VM nobody took) on the way
+  out. It takes no lock but the new VM's own.
 * **Control-plane threads** (hvframe.control), owned by the run's Lifecycle: the QMP control
   thread (commands, events) and the signal thread (signals, the SIGTERM grace timer). A
   pause parks vCPU threads at the machine's PauseGate, outside any device code and lock.

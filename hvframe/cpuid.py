@@ -13,20 +13,36 @@ Policies (`-o cpu.policy=...`):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 POLICIES = ("auto", "host", "emulator-safe")
 
 
-@dataclass
 class CpuidEntry:
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
+    """One entry of KVM's CPUID table (struct kvm_cpuid_entry2), changed in place while the
+    guest's table is made from the host's."""
+    __slots__ = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+    def __init__(self, function: int, index: int, flags: int, eax: int, ebx: int, ecx: int,
+                 edx: int):
+        self.function, self.index, self.flags = function, index, flags
+        self.eax, self.ebx, self.ecx, self.edx = eax, ebx, ecx, edx
+
+    def _values(self) -> tuple[int, ...]:
+        return (self.function, self.index, self.flags, self.eax, self.ebx, self.ecx, self.edx)
+
+    def copy(self) -> "CpuidEntry":
+        return CpuidEntry(*self._values())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CpuidEntry):
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None     # changed in place
+
+    def __repr__(self) -> str:
+        return ("CpuidEntry(function={:#x}, index={}, flags={}, eax={:#x}, ebx={:#x}, ecx={:#x}, "
+                "edx={:#x})".format(*self._values()))
 
 
 def bits(*positions: int) -> int:
@@ -87,7 +103,7 @@ def guest_cpuid(supported: list[CpuidEntry], cpu_index: int, ncpus: int, policy:
     # One core per vCPU in one package; x2APIC ID shift covers ncpus.
     core_shift = max(0, (ncpus - 1).bit_length())
     for e in supported:
-        e = CpuidEntry(**e.__dict__)
+        e = e.copy()
         if policy == "emulator-safe":
             if e.function in EMULATOR_UNSAFE_LEAVES:
                 continue

@@ -1,10 +1,9 @@
 """What a device plugin declares, and what the machine asks of every device.
 
 A plugin module returns DeviceType objects from the `hvframe_device_types` hook. A device type
-names its factory and its options, declared as a dataclass (a DeviceOptions subclass whose
-fields are made with option() and group()):
+names its factory and its options, declared as a DeviceOptions subclass whose fields are
+made with option() and group() (a plain subclass, or a dataclass):
 
-    @dataclass
     class RngOptions(PciOptions):
         rate: int = option(1 << 20, help="bytes per second the guest may take", unit="B/s")
 
@@ -13,7 +12,7 @@ fields are made with option() and group()):
 
     DeviceType("virtio-rng", "pci", create, options=RngOptions, summary="...")
 
-The runner turns `-s slot,name,conf` / `-l name,conf` / `-o path=value` into the dataclass
+The runner turns `-s slot,name,conf` / `-l name,conf` / `-o path=value` into that class
 (DeviceType.parse_conf, then DeviceType.validate: every value converted and checked, a bad one
 is a ConfigError, i.e. one line and exit status 4) and builds the device with
 DeviceType.create(machine, options, address): a PCI factory gets the function's PciAddress as
@@ -35,11 +34,9 @@ factory gets (machine, dict) with the PCI address in options["pci.address"].
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import typing
-from dataclasses import MISSING, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol, Sequence
 
 from .errors import ConfigError
 from .logs import LazyLogger, logger
@@ -57,8 +54,7 @@ class PortHandler(Protocol):
 
 # ---- the device interface ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class AcpiIsaDevice:
+class AcpiIsaDevice(NamedTuple):
     """A device the DSDT describes under the LPC bridge's ISA scope (_HID, one I/O range,
     one IRQ), e.g. a COM port: Device.acpi_isa_devices returns these."""
     name: str           # the AML name segment, e.g. "COM1"
@@ -163,12 +159,11 @@ def _to_bool(text: Any) -> bool:
 OPTION_TYPES = ("str", "int", "size", "bool", "path", "choice")
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     """One typed device option. type: str, int, size, bool, path (must exist), choice.
     hex: shown (defaults, examples) in hex; unit: what a number counts (shown in listings);
     positional: a bare conf item may give it (in declaration order); attr: the field of the
-    options dataclass that holds it (name with - as _ by default)."""
+    options class that holds it (name with - as _ by default)."""
 
     name: str
     type: str = "str"
@@ -247,11 +242,20 @@ ROM_OPTION = Option("rom", "path", help="expansion ROM image behind the ROM BAR"
 _META = "hvframe"
 
 
+class _Declared:
+    """What option() and group() leave in a DeviceOptions class body, until the class is
+    made (DeviceOptions.__init_subclass__ takes them out)."""
+    __slots__ = ("default", "spec")
+
+    def __init__(self, default: Any, spec: dict):
+        self.default, self.spec = default, spec
+
+
 def option(default: Any = None, *, help: str = "", type: str | None = None,
            choices: Sequence[str] = (), unit: str = "", hex: bool = False,
            required: bool = False, positional: bool = False, name: str | None = None,
            example: str = "", min: int | None = None, max: int | None = None) -> Any:
-    """A field of a DeviceOptions dataclass: one option of the device.
+    """A field of a DeviceOptions class: one option of the device.
 
     type defaults from the field's annotation (bool, int, str; "choice" when choices are
     given); say "size" for 512M-style sizes and "path" for files that must exist. name is the
@@ -259,11 +263,10 @@ def option(default: Any = None, *, help: str = "", type: str | None = None,
     spec = dict(help=help, type=type, choices=tuple(choices), unit=unit, hex=hex,
                 required=required, positional=positional, name=name, example=example,
                 min=min, max=max)
-    return field(default=default, metadata={_META: spec})
+    return _Declared(default, spec)
 
 
-@dataclass(frozen=True)
-class Group:
+class Group(NamedTuple):
     """A nested, numbered set of options, e.g. AHCI's port.N.{path,ro,...}: the field holds
     {N: options_class instance} in the order of N."""
     name: str
@@ -274,10 +277,9 @@ class Group:
 
 
 def group(options_class: type, *, name: str, help: str = "", max_count: int | None = None) -> Any:
-    """A field of a DeviceOptions dataclass holding numbered groups of options_class (a
+    """A field of a DeviceOptions class holding numbered groups of options_class (a
     DeviceOptions subclass), written NAME.N.OPTION in the configuration tree."""
-    return field(default_factory=dict, metadata={_META: dict(group=options_class, name=name,
-                                                                help=help, max_count=max_count)})
+    return _Declared(None, dict(group=options_class, name=name, help=help, max_count=max_count))
 
 
 _COMMON_FIELDS: set[str] = set()     # PciOptions' fields, once it is defined below
@@ -293,34 +295,117 @@ def _type_of(annotation: Any) -> str:
     return "str"
 
 
-@dataclass
 class DeviceOptions:
-    """Base of a device's options dataclass (see option() and group()). check() runs after
-    every field is converted: cross-field rules, raising ValueError (or ConfigError)."""
+    """Base of a device's options class, whose fields are made with option() and group()
+    (see the module docstring). check() runs after every field is converted: cross-field
+    rules, raising ValueError (or ConfigError).
+
+    A subclass is a declaration: its fields, in order, are what option() and group() made
+    (those of its bases first). It may be a dataclass (@dataclass, which then makes
+    __init__, __eq__ and __repr__ as for any dataclass) or a plain subclass, which gets
+    them from here: keyword arguments, defaults for the rest, equal when of one class with
+    equal fields. hvframe's own devices are plain subclasses, so a run imports no dataclass
+    machinery (about a tenth of a short run's start-up)."""
+
+    _hvframe_own: dict = {}         # this class's own fields: attr -> spec (option/group)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own, defaults = {}, {}
+        for attr, value in list(vars(cls).items()):
+            if isinstance(value, _Declared):
+                own[attr] = value.spec
+                defaults[attr] = value.default
+                if "group" in value.spec:
+                    # A dict for each instance (for a dataclass, by its default_factory).
+                    import dataclasses
+                    setattr(cls, attr, dataclasses.field(default_factory=dict))
+                else:
+                    setattr(cls, attr, value.default)
+        cls._hvframe_own = own
+        cls._hvframe_defaults = defaults
+
+    def __init__(self, **values: Any):
+        for klass in reversed(type(self).__mro__):
+            for attr, spec in vars(klass).get("_hvframe_own", {}).items():
+                if attr in values:
+                    setattr(self, attr, values.pop(attr))
+                elif "group" in spec:
+                    setattr(self, attr, {})
+                else:
+                    setattr(self, attr, klass._hvframe_defaults[attr])
+        if values:
+            raise TypeError(f"{type(self).__name__}() got unexpected options: "
+                            f"{', '.join(sorted(values))}")
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, a) for a in self._field_names())
+
+    @classmethod
+    def _field_names(cls) -> list[str]:
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).get("_hvframe_own", {}):
+                if attr not in names:
+                    names.append(attr)
+        return names
+
+    def __eq__(self, other: Any) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None     # mutable, as a dataclass with eq
+
+    def __repr__(self) -> str:
+        return f"{type(self).__qualname__}(" + ", ".join(
+            f"{a}={getattr(self, a)!r}" for a in self._field_names()) + ")"
+
+    @classmethod
+    def _make(cls, values: dict[str, Any]) -> "DeviceOptions":
+        """An instance from {attr: value}. A dataclass subclass's __init__ takes only its
+        dataclass fields: those of plain bases (PciOptions.rom) are set after it."""
+        fields = next((vars(k)["__dataclass_fields__"] for k in cls.__mro__
+                       if "__dataclass_fields__" in vars(k)), None)
+        if fields is None:
+            return cls(**values)
+        inst = cls(**{k: v for k, v in values.items() if k in fields})
+        for klass in reversed(cls.__mro__):
+            for attr, spec in vars(klass).get("_hvframe_own", {}).items():
+                if attr not in fields:
+                    default = {} if "group" in spec else klass._hvframe_defaults[attr]
+                    setattr(inst, attr, values.get(attr, default))
+        return inst
 
     @classmethod
     def declared(cls) -> tuple[tuple[Option, ...], tuple[Group, ...]]:
-        """The options and groups the dataclass declares (made once per class)."""
+        """The options and groups the class declares (made once per class)."""
         cached = cls.__dict__.get("_hvframe_declared")
         if cached is not None:
             return cached
-        hints = typing.get_type_hints(cls)
+        hints = None        # the annotations, evaluated only if an option's type needs them
         opts, groups = [], []
-        for f in dataclasses.fields(cls):
-            spec = f.metadata.get(_META)
-            if spec is None:
-                continue
-            if "group" in spec:
-                groups.append(Group(spec["name"], spec["group"], f.name, spec["help"],
-                                    spec["max_count"]))
-                continue
-            default = None if f.default is MISSING else f.default
-            choices = spec["choices"]
-            otype = spec["type"] or ("choice" if choices else _type_of(hints.get(f.name)))
-            opts.append(Option(spec["name"] or f.name.replace("_", "-"), otype, default,
-                               spec["help"], choices, spec["required"], spec["unit"],
-                               spec["hex"], spec["positional"], spec["example"], f.name,
-                               spec["min"], spec["max"]))
+        seen = set()
+        for klass in reversed(cls.__mro__):
+            for attr, spec in vars(klass).get("_hvframe_own", {}).items():
+                if attr in seen:
+                    continue
+                seen.add(attr)
+                if "group" in spec:
+                    groups.append(Group(spec["name"], spec["group"], attr, spec["help"],
+                                        spec["max_count"]))
+                    continue
+                default = klass._hvframe_defaults[attr]
+                choices = spec["choices"]
+                otype = spec["type"] or ("choice" if choices else None)
+                if otype is None:
+                    if hints is None:
+                        hints = typing.get_type_hints(cls)
+                    otype = _type_of(hints.get(attr))
+                opts.append(Option(spec["name"] or attr.replace("_", "-"), otype, default,
+                                   spec["help"], choices, spec["required"], spec["unit"],
+                                   spec["hex"], spec["positional"], spec["example"], attr,
+                                   spec["min"], spec["max"]))
         # Options every PCI device has (rom) after the device's own, in listings.
         opts.sort(key=lambda o: o.attr in _COMMON_FIELDS)
         out = (tuple(opts), tuple(groups))
@@ -334,7 +419,7 @@ class DeviceOptions:
     @classmethod
     def from_raw(cls, raw: dict[str, Any], where: str, device: str = "") -> "DeviceOptions":
         """Convert a configuration group ({option: text, group: {N: {...}}}) into the
-        dataclass; ConfigError names the bad value."""
+        options class; ConfigError names the bad value."""
         opts, groups = cls.declared()
         by_name = {o.name: o for o in opts}
         by_group = {g.name: g for g in groups}
@@ -368,7 +453,7 @@ class DeviceOptions:
                     raise ConfigError(f"{where}: {g.name}.{index}: give its options")
                 out[int(index)] = g.options_class.from_raw(sub, f"{where}: {g.name}.{index}")
             values[g.attr] = out
-        inst = cls(**values)
+        inst = cls._make(values)
         try:
             inst.check()
         except ValueError as e:
@@ -393,61 +478,63 @@ class DeviceOptions:
         return out
 
 
-@dataclass
 class PciOptions(DeviceOptions):
     """Options every PCI device has (derive a PCI device's options from this)."""
     rom: str | None = option(None, type="path", help="expansion ROM image behind the ROM BAR")
 
 
-_COMMON_FIELDS = {f.name for f in dataclasses.fields(PciOptions)}
+_COMMON_FIELDS = set(PciOptions._field_names())
 
 
-@dataclass
 class NoOptions(DeviceOptions):
     """For a device without options."""
 
 
-@dataclass
 class NoPciOptions(PciOptions):
     """For a PCI device without options of its own."""
 
 
 # ---- device types ------------------------------------------------------------------------------
 
-@dataclass
 class DeviceType:
     """A kind of device a plugin offers.
 
-    options: the options dataclass (a DeviceOptions subclass; PciOptions for PCI devices), or,
-    the older way, a tuple of Option (the factory then gets a dict). factory: see create()."""
+    options: the options class (a DeviceOptions subclass; PciOptions for PCI devices), or,
+    the older way, a tuple of Option (the factory then gets a dict). factory: see create().
 
-    name: str
-    kind: str
-    factory: Callable[..., Any]
-    summary: str = ""
-    aliases: tuple[str, ...] = ()
-    options: Any = ()
-    # Older declarations: names given, in order, to conf items that are not `key=value` with a
-    # known key (an options dataclass marks its positional options with option(positional=)).
-    positional: tuple[str, ...] = ()
-    package: str = field(default="", compare=False)  # filled in by the plugin manager
-    # Guest RAM must be shareable (memfd) for a device of this type: its model runs in
-    # another process that maps it (passthru to a vfio-user server).
-    shared_memory: bool = False
-    # What `hvframe bench NAME` measures (hvframe.bench.Benchmarks): register exits and
-    # data paths. None: one read at the start of each range the device registers. A function
-    # returning one is called by `hvframe bench` only, so a run need not import hvframe.bench.
-    benchmarks: Benchmarks | Callable[[], Benchmarks] | None = None
-    # Command lines shown by `hvframe devices NAME`, e.g. ("-s 3,virtio-blk,disk.img,ro",).
-    examples: tuple[str, ...] = ()
-    options_class: type | None = field(default=None, init=False)
+    positional: older declarations' names given, in order, to conf items that are not
+    `key=value` with a known key (an options class marks its positional options with
+    option(positional=)). package: filled in by the plugin manager. shared_memory: guest RAM
+    must be shareable (memfd) for a device of this type: its model runs in another process
+    that maps it (passthru to a vfio-user server). benchmarks: what `hvframe bench NAME`
+    measures (hvframe.bench.Benchmarks): register exits and data paths; None: one read at
+    the start of each range the device registers; a function returning one is called by
+    `hvframe bench` only, so a run need not import hvframe.bench. examples: command lines
+    shown by `hvframe devices NAME`, e.g. ("-s 3,virtio-blk,disk.img,ro",)."""
+
+    def __init__(self, name: str, kind: str, factory: Callable[..., Any], summary: str = "",
+                 aliases: tuple[str, ...] = (), options: Any = (),
+                 positional: tuple[str, ...] = (), package: str = "",
+                 shared_memory: bool = False,
+                 benchmarks: Benchmarks | Callable[[], Benchmarks] | None = None,
+                 examples: tuple[str, ...] = ()):
+        self.name, self.kind, self.factory, self.summary = name, kind, factory, summary
+        self.aliases, self.options, self.positional = aliases, options, positional
+        self.package, self.shared_memory, self.benchmarks = package, shared_memory, benchmarks
+        self.examples = examples
+        self.options_class: type | None = None
+        self.__post_init__()
+
+    def __repr__(self) -> str:
+        return (f"DeviceType({self.name!r}, {self.kind!r}, summary={self.summary!r}, "
+                f"package={self.package!r})")
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"device {self.name}: kind must be one of {KINDS}")
         if isinstance(self.options, type):
             if not issubclass(self.options, DeviceOptions):
-                raise TypeError(f"device {self.name}: options must be a DeviceOptions dataclass")
+                raise TypeError(f"device {self.name}: options must be a DeviceOptions subclass")
             if self.kind == "pci" and not issubclass(self.options, PciOptions):
                 raise TypeError(f"device {self.name}: a PCI device's options derive from "
                                 f"hvframe.device.PciOptions")
@@ -495,7 +582,7 @@ class DeviceType:
         return out
 
     def validate(self, raw: dict[str, Any], where: str = "") -> Any:
-        """Typed options with defaults filled in (the options dataclass, or a dict for older
+        """Typed options with defaults filled in (the options class, or a dict for older
         declarations); raises ConfigError naming the bad value."""
         label = f"{where or self.name}"
         if self.options_class is not None:

@@ -14,8 +14,7 @@ import enum
 import errno
 import os
 import sys
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from .core_native import ffi, lib
 from .errors import ConfigError
@@ -100,15 +99,20 @@ class Partial(enum.IntEnum):
     ZERO = lib.HV_PARTIAL_ZERO     # write the unit with the untouched bytes zero (W1C, W1S)
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(NamedTuple):
     offset: int
     size: int
     partial: Partial = Partial.MERGE
 
 
-@dataclass(frozen=True)
-class Access:
+class _AccessRecord(NamedTuple):
+    sizes: tuple[int, ...] = (1, 2, 4, 8)
+    aligned: bool = False
+    partial: Partial = Partial.DROP
+    fields: tuple[Field, ...] = ()
+
+
+class Access(_AccessRecord):
     """The accesses a range's handler takes, as QEMU's MemoryRegionOps.impl says it: the bus
     turns every guest access into those, so the handler has no byte-lane code.
 
@@ -125,19 +129,18 @@ class Access:
     VMM; a handler that must not lose such bits takes whole-unit writes only (sizes without
     1 and 2) or uses Partial.ZERO with write-1 semantics.
     """
-    sizes: tuple[int, ...] = (1, 2, 4, 8)
-    aligned: bool = False
-    partial: Partial = Partial.DROP
-    fields: tuple[Field, ...] = ()
+    __slots__ = ()
 
-    def __post_init__(self):
-        if not self.sizes or any(s not in (1, 2, 4, 8) for s in self.sizes):
-            raise ValueError(f"access sizes must be among 1, 2, 4, 8: {self.sizes}")
+    def __new__(cls, sizes: tuple[int, ...] = (1, 2, 4, 8), aligned: bool = False,
+                partial: Partial = Partial.DROP, fields: tuple[Field, ...] = ()) -> "Access":
+        if not sizes or any(s not in (1, 2, 4, 8) for s in sizes):
+            raise ValueError(f"access sizes must be among 1, 2, 4, 8: {sizes}")
         end = 0
-        for f in self.fields:
+        for f in fields:
             if f.size not in (1, 2, 4, 8) or f.offset < end:
                 raise ValueError(f"fields must be 1/2/4/8 bytes, sorted, not overlapping: {f}")
             end = f.offset + f.size
+        return super().__new__(cls, sizes, aligned, partial, fields)
 
     @classmethod
     def of_struct(cls, st, *, partial: Partial = Partial.MERGE,
@@ -179,18 +182,21 @@ def _c_access(access: Access):
     return c, None
 
 
-@dataclass
 class Range:
-    base: int
-    length: int
-    name: str
-    handler: Any
-    handle: int  # Python handle, or -1 for native
-    fn: Any = None       # native handler (handle == -1)
-    opaque: Any = None
-    fallback: "PythonHandle | None" = None   # what the native handler passes to Python
-    access: Access | None = None
-    c_access: Any = None
+    """A registered range: its handler (Python handle, or -1 for native with its function
+    fn and opaque), what the native handler passes to Python (fallback), and its Access."""
+    __slots__ = ("base", "length", "name", "handler", "handle", "fn", "opaque", "fallback",
+                 "access", "c_access")
+
+    def __init__(self, base: int, length: int, name: str, handler: Any, handle: int,
+                 fn: Any = None, opaque: Any = None, fallback: "PythonHandle | None" = None,
+                 access: Access | None = None, c_access: Any = None):
+        self.base, self.length, self.name, self.handler = base, length, name, handler
+        self.handle, self.fn, self.opaque, self.fallback = handle, fn, opaque, fallback
+        self.access, self.c_access = access, c_access
+
+    def __repr__(self) -> str:
+        return f"Range({self.name!r}, {self.base:#x}+{self.length:#x})"
 
     @property
     def end(self) -> int:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import errno
 import heapq
 import os
+import threading
 from contextlib import contextmanager
 
 from .core_native import ffi, lib
 from .cpuid import CpuidEntry, guest_cpuid
 from .errors import HvError
-from .memory import GuestMemory
+from .memory import HUGE_PAGE, GuestMemory
 from . import concurrency
 
 KVM_API_VERSION = 12
@@ -108,10 +109,21 @@ class Kvm:
 
 
 class KvmVm:
-    def __init__(self, kvm: Kvm, memory: GuestMemory):
+    def __init__(self, kvm: Kvm, memory: GuestMemory | None = None):
+        """The VM and its VM-wide state (irqchip, PIT, the PC's GSI routes); with memory,
+        its RAM too (else attach_memory() gives it, before any vCPU runs)."""
         self.kvm = kvm
-        self.memory = memory
+        self.memory: GuestMemory | None = None
         self.fd = _check(lib.hv_ioctl_int(kvm.fd, lib.KVM_CREATE_VM, 0), "KVM_CREATE_VM")
+        try:
+            self._setup(kvm)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        if memory is not None:
+            self.attach_memory(memory)
+
+    def _setup(self, kvm: Kvm) -> None:
         _check(lib.hv_ioctl_int(self.fd, lib.KVM_SET_TSS_ADDR, TSS_ADDR), "KVM_SET_TSS_ADDR")
         addr = ffi.new("uint64_t *", IDENTITY_MAP_ADDR)
         lib.hv_ioctl(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, addr)  # VMX only; harmless elsewhere
@@ -120,7 +132,6 @@ class KvmVm:
         pit.flags = lib.KVM_PIT_SPEAKER_DUMMY
         _check(lib.hv_ioctl(self.fd, lib.KVM_CREATE_PIT2, pit), "KVM_CREATE_PIT2")
         self._pit_drop_lost_ticks(kvm)
-        self._host_base = int(ffi.cast("uintptr_t", ffi.from_buffer(memory.buffer)))
         self._next_slot = 0
         # GSI routing: the irqchip's default routes plus one MSI route per allocated GSI.
         # Guest table writes (vCPU threads) and devices change routes concurrently; the lock
@@ -141,6 +152,13 @@ class KvmVm:
         if self.max_gsi:
             with self._routes_lock:
                 self._commit_routes()      # the PC's routing from the start (the PIT on pin 2)
+
+    def attach_memory(self, memory: GuestMemory) -> None:
+        """Guest RAM's memory slots (once, before any vCPU runs)."""
+        if self.memory is not None:
+            raise KvmError("the VM has its guest RAM already")
+        self.memory = memory
+        self._host_base = int(ffi.cast("uintptr_t", ffi.from_buffer(memory.buffer)))
         for r in memory.regions:
             self.add_memory_slot(r.gpa, r.size, self._host_base + r.host_offset)
 
@@ -308,6 +326,85 @@ class KvmVm:
             lib.hv_coalesced_free(self.coalesced)
             self.coalesced = ffi.NULL
         os.close(self.fd)
+
+
+class VmSetup:
+    """/dev/kvm opened and the VM made (a KvmVm, with its guest RAM when its size is given)
+    on a thread of its own, while the caller goes on importing and configuring: those
+    ioctls take milliseconds (KVM waits out its SRCU grace periods), and so does the first
+    touch of the RAM's first huge page, where the boot structures go (GuestMemory.prefault);
+    none of it holds the GIL. `hvframe run` starts one before it loads the plugins and hands
+    it to the first Machine, which take()s it; close() gives back one never taken. The
+    thread belongs to whoever made this; take() and close() join it."""
+
+    def __init__(self, memory_size: int | None = None):
+        self._memory_size = memory_size
+        self._kvm: Kvm | None = None
+        self._vm: KvmVm | None = None
+        self._memory: GuestMemory | None = None
+        self._error: BaseException | None = None
+        self._taken = False
+        self._thread = threading.Thread(target=self._run, name="kvm-vm-setup", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        kvm = vm = None
+        try:
+            kvm = Kvm()
+            vm = KvmVm(kvm)
+        except BaseException as e:      # noqa: BLE001 - raised again by take()
+            if kvm is not None:
+                kvm.close()
+            self._error = e
+            return
+        self._kvm, self._vm = kvm, vm
+        if self._memory_size:
+            memory = None
+            try:
+                memory = GuestMemory(self._memory_size)
+                memory.prefault(0, min(memory.lowmem_end, HUGE_PAGE))
+                vm.attach_memory(memory)
+                self._memory = memory
+            except Exception:       # noqa: BLE001 - the machine makes RAM (and says why not)
+                if memory is not None:
+                    memory.close()
+                self._vm = None     # its slots may hold that RAM
+                vm.close()
+
+    def _join(self) -> bool:
+        concurrency.may_block("the VM set-up thread")
+        self._thread.join(concurrency.JOIN_DEADLINE)
+        return not self._thread.is_alive()
+
+    def take(self, memory_size: int | None = None, shared: bool = False
+             ) -> tuple[Kvm, KvmVm | None, GuestMemory | None]:
+        """The /dev/kvm handle, the VM (None if it could not be kept) and its guest RAM if it
+        was made for memory_size (not shared), once; raises what setting up KVM raised."""
+        if self._taken:
+            raise KvmError("the VM set up ahead was taken already")
+        self._taken = True
+        if not self._join():
+            raise KvmError(f"setting up the VM took more than {concurrency.JOIN_DEADLINE:g} s")
+        if self._error is not None:
+            raise self._error
+        vm, memory = self._vm, self._memory
+        if memory is not None and (memory.size != memory_size or shared):
+            vm.close()          # its memory slots are that RAM's: both go
+            memory.close()
+            vm = memory = None
+        return self._kvm, vm, memory
+
+    def close(self) -> None:
+        """Give back the VM (and its RAM) if nobody took them."""
+        if self._taken:
+            return
+        self._taken = True
+        if self._join() and self._kvm is not None:
+            if self._vm is not None:
+                self._vm.close()
+            if self._memory is not None:
+                self._memory.close()
+            self._kvm.close()
 
 
 def _flat_segment(seg, selector: int, code: bool) -> None:

@@ -21,6 +21,7 @@ from .control.pause import PauseGate
 
 if TYPE_CHECKING:
     from .device import Device
+    from .kvm import VmSetup
     from .lpc.bootrom import BootRom
     from .lpc.bridge import LpcBridge
     from .lpc.fw_cfg import FwCfg
@@ -272,14 +273,29 @@ class Machine:
     irqfd_eventfds: bool = False
 
     def __init__(self, memory_size: int, cpus: int = 1, *, backend: str = "kvm",
-                 cpu_policy: str = "auto", shared_memory: bool = False):
+                 cpu_policy: str = "auto", shared_memory: bool = False,
+                 vm_setup: "VmSetup | None" = None):
+        """vm_setup (KVM only): the VM made ahead on a thread (hvframe.kvm.VmSetup), with
+        its guest RAM when made for this size, taken here instead of making them."""
         if cpus < 1:
             raise HvError("cpus must be at least 1")
         self.cpus = cpus
         self.backend = backend
         self.cpu_policy = cpu_policy
-        # Shared (memfd-backed) when a device in another process must map guest RAM.
-        self.memory = GuestMemory(memory_size, shared=shared_memory)
+        kvm = vm = memory = None
+        if backend == "kvm" and vm_setup is not None:
+            kvm, vm, memory = vm_setup.take(memory_size, shared_memory)
+        if memory is None:
+            try:
+                # Shared (memfd-backed) when a device in another process must map guest RAM.
+                memory = GuestMemory(memory_size, shared=shared_memory)
+            except BaseException:
+                if vm is not None:
+                    vm.close()
+                if kvm is not None:
+                    kvm.close()
+                raise
+        self.memory = memory
         self.pio = Bus("port")
         self.mmio = Bus("MMIO")
         self.devices = []
@@ -310,15 +326,24 @@ class Machine:
         self._drain_thread: threading.Thread | None = None
         if backend == "kvm":
             from .kvm import Kvm, KvmVm
+            self._kvm, self.vm = kvm, vm
             try:
-                self._kvm = Kvm()
+                if self._kvm is None:
+                    self._kvm = Kvm()
                 limit = self._kvm.max_vcpus()
                 if cpus > limit:
                     raise HvError(f"-c {cpus}: this host's KVM allows at most {limit} vCPUs")
-                self.vm = KvmVm(self._kvm, self.memory)
+                if self.vm is None:
+                    self.vm = KvmVm(self._kvm, self.memory)
+                elif self.vm.memory is None:
+                    self.vm.attach_memory(self.memory)
             except BaseException:   # no machine to close(): give back what was taken
+                if self.vm is not None:
+                    self.vm.close()
+                    self.vm = None
                 if self._kvm is not None:
                     self._kvm.close()
+                    self._kvm = None
                 self.memory.close()
                 raise
         elif backend != "synthetic":
@@ -711,13 +736,13 @@ class Machine:
         threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}",
                                     daemon=True) for v in self.vcpus]
         self._vcpu_threads = threads       # close() stops and joins any still running
+        for t in threads:                  # the guest first: the drain thread is for later
+            t.start()
         if self._coalesced_zones and self.vm is not None and self.vm.coalesced != ffi.NULL \
                 and self._drain_thread is None:
             self._drain_thread = threading.Thread(target=self._drain_loop, name="coalesced-drain",
                                                   daemon=True)
             self._drain_thread.start()      # close() stops and joins it
-        for t in threads:
-            t.start()
         try:
             # Wait in short slices so that Ctrl-C (when the terminal is not raw) is seen.
             remaining = timeout

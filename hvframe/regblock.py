@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, NamedTuple
 
 from . import concurrency
@@ -81,16 +80,14 @@ class Full(enum.IntEnum):
     DROP = lib.HV_FIFO_FULL_DROP        # dropped and counted (FifoCounts.dropped)
 
 
-@dataclass(frozen=True)
-class Fifo:
+class Fifo(NamedTuple):
     """A bounded ring of ``capacity`` entries (a power of two), each as wide as the data port
     that feeds it."""
     capacity: int
     when_full: Full = Full.PYTHON
 
 
-@dataclass(frozen=True)
-class Reg:
+class Reg(NamedTuple):
     """One register's semantics (see the module docstring). ``write_mask`` None: all bits of
     the register. ``native`` False: served by Python until set_native() switches it on."""
     kind: Kind

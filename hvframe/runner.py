@@ -4,16 +4,16 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import Config
 from .cpuid import POLICIES
 from .device import parse_size
 from .errors import ConfigError
 from .machine import EXIT_ERROR, Machine
+from .memory import DEFAULT_MEMORY
 from .plugins import Registry
 
-DEFAULT_MEMORY = "256M"
 MAX_CPUS = 254     # the MP table's APIC IDs (the IOAPIC takes the next one); the MADT allows 255
 TOP_LEVEL_KEYS = {"cpus", "memory", "pci", "lpc", "boot", "cpu", "platform", "config"}
 _PCI_ADDR = re.compile(r"^\d+(:\d+){0,2}$")
@@ -102,8 +102,7 @@ def add_option(cfg: Config, arg: str) -> None:
     cfg.set(path, value)
 
 
-@dataclass
-class RunPlan:
+class RunPlan(NamedTuple):
     memory_size: int
     cpus: int
     cpu_policy: str
@@ -186,13 +185,16 @@ def add_devices(m: Machine, cfg: Config, registry: Registry, *, direct_boot: boo
         add_pci_devices(m, registry, cfg.group("pci"), direct_boot=direct_boot)
 
 
-def build_machine(cfg: Config, registry: Registry, *, backend: str = "kvm") -> tuple[Machine, RunPlan]:
+def build_machine(cfg: Config, registry: Registry, *, backend: str = "kvm",
+                  vm_setup=None) -> tuple[Machine, RunPlan]:
+    """The machine the configuration describes, ready to start; vm_setup: a VM made ahead
+    (hvframe.kvm.VmSetup) for it to take."""
     p = plan(cfg)
     if p.demo and not cfg.has("lpc.com1.device") and registry.get("com1", "lpc") is not None:
         cfg.set("lpc.com1.device", "com1")
         cfg.set("lpc.com1.backend", "stdio")
     m = Machine(p.memory_size, p.cpus, backend=backend, cpu_policy=p.cpu_policy,
-                shared_memory=_needs_shared_memory(cfg, registry))
+                shared_memory=_needs_shared_memory(cfg, registry), vm_setup=vm_setup)
     try:
         add_devices(m, cfg, registry, direct_boot=not p.firmware)
         if p.firmware:

@@ -12,9 +12,7 @@ each means here (bhyve_notes, printed with -v).
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
 
 from ..errors import ConfigError, HvError
 from . import rundir
@@ -108,8 +106,12 @@ def qmp_paths(specs: list[str]) -> list[str]:
 
 # -- `hvframe ctl` ---------------------------------------------------------------------------
 
-def add_ctl_parser(sub) -> None:
+def add_ctl_parser(sub, arguments: bool = True) -> None:
+    """`hvframe ctl`'s parser; without arguments, its name and help only (another command
+    is being parsed)."""
     c = sub.add_parser("ctl", help="control a running VM by name (as bhyvectl)")
+    if not arguments:
+        return
     c.add_argument("--vm", required=True, metavar="NAME", help="the VM's name")
     c.add_argument("--get-all", action="store_true", help="every vCPU's registers")
     c.add_argument("--cpu", type=int, metavar="N", help="only this vCPU (with --get-all)")
@@ -133,6 +135,10 @@ class QmpClient:
     nothing else): greeting, capabilities, then one command at a time; events are skipped."""
 
     def __init__(self, path: str, timeout: float = 30.0):
+        # Imported here: `hvframe run` imports this module for its bhyve flags.
+        import json
+        import socket
+        self._json = json
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
@@ -151,7 +157,7 @@ class QmpClient:
                     obj, end = self._dec.raw_decode(s)
                     self._buf = s[end:]
                     return obj
-                except json.JSONDecodeError:
+                except self._json.JSONDecodeError:
                     pass
             data = self.sock.recv(65536)
             if not data:
@@ -162,7 +168,7 @@ class QmpClient:
         msg = {"execute": name, "id": name}
         if arguments:
             msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode())
+        self.sock.sendall(self._json.dumps(msg).encode())
         while True:
             reply = self._read()
             if "event" in reply:

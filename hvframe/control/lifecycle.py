@@ -38,13 +38,15 @@ USER_DEADLINE = 10.0       # how long closing waits for a QMP command using the 
 class Lifecycle:
     def __init__(self, cfg, registry, *, name: str, qmp_paths=(), verbose: bool = False,
                  timeout: float | None = None, grace: float | None = DEFAULT_GRACE,
-                 notes=(), restore: str | None = None, incoming: str | None = None):
+                 notes=(), restore: str | None = None, incoming: str | None = None,
+                 vm_setup=None):
         from ..runner import build_machine
         self.cfg, self.registry, self.name = cfg, registry, name
         self.qmp_paths = list(qmp_paths)
         self.verbose, self.timeout, self.grace = verbose, timeout, grace
         self.notes = list(notes)
         self._build = build_machine
+        self._vm_setup = vm_setup      # a VM made ahead (hvframe.kvm.VmSetup) for the first machine
         self._cond = concurrency.condition(concurrency.lock(concurrency.LEAF, "lifecycle"))
         self._machine: Machine | None = None
         self._users = 0
@@ -344,7 +346,8 @@ class Lifecycle:
                 stop = self._host_stop
             if stop is not None:       # quit while the machine was being reset
                 return stop[0], stop[1]
-            m, _ = self._build(self.cfg, self.registry)
+            vm_setup, self._vm_setup = self._vm_setup, None
+            m, _ = self._build(self.cfg, self.registry, vm_setup=vm_setup)
             try:
                 if self._snapshot is not None:       # the first machine starts from it
                     from ..snapshot.checkpoint import restore

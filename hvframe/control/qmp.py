@@ -24,15 +24,13 @@ for at most its deadline and never a vCPU or device thread.
 from __future__ import annotations
 
 import codecs
-import json
 import os
 import selectors
 import socket
 import stat
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from .. import concurrency
 from ..errors import ConfigError
@@ -58,15 +56,13 @@ class QmpError(Exception):
         self.desc = desc
 
 
-@dataclass(frozen=True)
-class Arg:
+class Arg(NamedTuple):
     name: str
     type: type          # str, int, bool, list or dict
     required: bool = False
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     name: str
     handler: Callable[..., Any]    # handler(**arguments) -> the "return" value
     args: tuple[Arg, ...] = ()
@@ -109,6 +105,8 @@ class JsonStream:
     def __init__(self, limit: int = JSON_LIMIT, max_depth: int = MAX_DEPTH):
         self.limit, self.max_depth = limit, max_depth
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        import json      # here: a run that no client talks to needs no JSON
+        self._json = json
         self._decoder = json.JSONDecoder()
         self._buf = ""
         self._reset()
@@ -189,7 +187,7 @@ class JsonStream:
     def _decode(self, text: str) -> tuple[bool, Any]:
         try:
             value, end = self._decoder.raw_decode(text)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (self._json.JSONDecodeError, RecursionError) as e:
             return False, f"JSON parse error, {getattr(e, 'msg', 'nesting too deep')}"
         if text[end:].strip():
             return False, "JSON parse error, extra data after a value"
@@ -211,7 +209,7 @@ class _Session:
         self.server = server
 
     def send(self, obj: dict) -> None:
-        data = json.dumps(obj, separators=(", ", ": ")).encode() + b"\r\n"
+        data = self.stream._json.dumps(obj, separators=(", ", ": ")).encode() + b"\r\n"
         if len(self.out) + len(data) > OUTPUT_LIMIT:
             raise FramingError("client does not read its replies")
         self.out += data

@@ -3,7 +3,6 @@ placement of the initrd in free guest RAM."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..memory import E820_RAM, GuestMemory
@@ -22,11 +21,18 @@ KERNEL_MIN_ADDR = 0x100000    # nothing is loaded below 1 MiB except the boot st
 INITRD_MIN_ADDR = 0x100000
 
 
-@dataclass
 class BootState:
-    rip: int                  # 32-bit entry: flat protected mode, paging off, IF=0
-    regs: dict[str, int] = field(default_factory=dict)
-    description: str = ""
+    """Where a loaded kernel is entered: rip (32-bit entry: flat protected mode, paging off,
+    IF=0), the registers its boot protocol sets, and what was loaded."""
+    __slots__ = ("rip", "regs", "description")
+
+    def __init__(self, rip: int, regs: dict[str, int] | None = None, description: str = ""):
+        self.rip = rip
+        self.regs = {} if regs is None else regs
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"BootState(rip={self.rip:#x}, regs={self.regs!r}, description={self.description!r})"
 
 
 def align_up(v: int, a: int) -> int:

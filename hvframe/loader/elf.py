@@ -2,7 +2,7 @@
 declared with construct, plus a small bounds-checked reader for the parts the loader needs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..packed import Declarations, PackedError
 
@@ -113,8 +113,7 @@ class ElfFormatError(Exception):
     """The data is not a well-formed little-endian ELF32/ELF64 file."""
 
 
-@dataclass
-class Note:
+class Note(NamedTuple):
     name: bytes      # without the terminating NUL
     type: int
     desc: bytes

@@ -8,8 +8,6 @@
   bootrom   [platform]  firmware image at the top of 4 GiB, when given a path
                         (`-l bootrom,FILE`, i.e. platform.bootrom.path=FILE)
 """
-from dataclasses import dataclass
-
 from ..device import DeviceOptions, DeviceType, NoOptions, PciOptions, option
 from ..hookspecs import hookimpl
 from . import bootrom, i8042, rtc
@@ -18,19 +16,16 @@ from . import bootrom, i8042, rtc
 # has them, not by every machine that only needs this plugin's RTC and i8042.
 
 
-@dataclass
 class LpcOptions(PciOptions):
     reboot_timeout: int | None = option(None, unit="ms", help="how long SeaBIOS waits after "
                                         "'No bootable device' before rebooting (fw_cfg "
                                         "etc/boot-fail-wait)")
 
 
-@dataclass
 class FwCfgOptions(DeviceOptions):
     flavor: str = option("qemu", choices=("qemu",), positional=True, help="interface")
 
 
-@dataclass
 class BootRomOptions(DeviceOptions):
     path: str | None = option(None, type="path", positional=True, example="bios.bin",
                               help="firmware image (none: no ROM)")

@@ -2,7 +2,6 @@
 and uart: the same on PCI."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -29,14 +28,12 @@ NATIVE_OUTPUT = (StdioBackend, FileBackend, NullBackend)
 BACKEND_HELP = f"where the port's bytes go: {SPEC_HELP.removeprefix('use ')}"
 
 
-@dataclass
 class ComOptions(DeviceOptions):
     backend: str = option("null", positional=True, example="stdio", help=BACKEND_HELP)
     native: bool = option(True, help="answer a polled console's LSR reads and THR writes in "
                                      "the native core (stdio, file and null backends)")
 
 
-@dataclass
 class PciUartOptions(PciOptions):
     backend: str = option("null", positional=True, example="stdio", help=BACKEND_HELP)
 
