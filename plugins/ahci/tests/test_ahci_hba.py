@@ -235,7 +235,7 @@ def test_interrupt_through_intx(setup):
     p.start(ie=regs.IS_DHRS | regs.IS_PSS)
     drv.write("ghc", regs.GHC_AE | regs.GHC_IE)
     p.run(0, h2d(IDENTIFY_DEVICE), [(BUF, 512)])
-    assert drv.read("is") == 1 and wait_level(m, line, 1) == 1
+    assert wait_level(m, line, 1) == 1 and drv.read("is") == 1
     assert drv.config_read(0x06, 2) & 0x08                     # PCI status: interrupt
     p.write("is", 0xFFFFFFFF)
     assert m.irq_levels[line] == 1                             # IS.IPS is sticky ...
@@ -260,10 +260,16 @@ def test_interrupt_through_msi(setup):
     p.start(ie=regs.IS_DHRS)
     drv.write("ghc", regs.GHC_AE | regs.GHC_IE)
     line = drv.config_read(0x3C, 1)
+    # PxCI clears before PxIS is set and the message sent (what an interrupt handler that
+    # reads PxCI needs): a driver polling PxCI sees the command done a moment before its
+    # interrupt, so each check waits for the completion to be over.
+    hba = hba_of(m)
     p.run(0, h2d(IDENTIFY_DEVICE), [(BUF, 512)])
+    assert hba.wait_idle(5)
     assert m.msis == [(0xFEE00000, 0x41)]
     assert not m.irq_levels.get(line)
     p.run(1, h2d(IDENTIFY_DEVICE), [(BUF, 512)])               # IS still set: no new message
+    assert hba.wait_idle(5)
     assert len(m.msis) == 1
     drv.write("is", 1)                                         # handler clears IS, PxIS still
     assert len(m.msis) == 2                                    # pending: a new message
