@@ -378,8 +378,11 @@ class VirtioPciFunction(PciFunction, DeviceState):
     def _pci_cfg_access(self, offset: int, size: int) -> tuple[int, int, int] | None:
         """(BAR4 offset, length, data config offset) when a config access at offset/size
         touches pci_cfg_data and the window the driver set up is a valid BAR4 access."""
+        data = self._pci_cfg_cap + CFG_CAP_DATA
+        if not (offset < data + 4 and data < offset + size):
+            return None              # every other config access: no window to look at
         bar, off, length, data = self._pci_cfg_window()
-        if offset < data + 4 and data < offset + size and bar == MODERN_BAR \
+        if bar == MODERN_BAR \
                 and length in (1, 2, 4) and off % length == 0 and off + length <= MODERN_BAR_SIZE:
             return off, length, data
         return None

@@ -471,6 +471,12 @@ def test_pci_cfg_capability_window(rig):
     d.cfg_write(cap + 8, 4, 0x2000)          # device config: capacity
     d.cfg_write(cap + 12, 4, 4)
     assert d.cfg_read(cap + 16) == DISK_SECTORS
+    # A byte window read by a byte access of pci_cfg_data; config registers elsewhere are
+    # plain config space, whatever the window says.
+    d.cfg_write(cap + 12, 4, 1)
+    d.cfg_write(cap + 8, 4, 0x2001)
+    assert d.cfg_read(cap + 16, 1) == (DISK_SECTORS >> 8) & 0xFF
+    assert d.cfg_read(0, 2) == 0x1AF4 and d.cfg_read(cap + 8) == 0x2001
 
 
 # -- command line ---------------------------------------------------------------------------
