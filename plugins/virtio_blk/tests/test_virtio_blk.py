@@ -558,3 +558,20 @@ def test_capacity_watcher_that_dies_is_reported_and_close_still_returns(tmp_path
     r.close()
     assert time.monotonic() - started < 2.0
     assert watcher not in watcher_threads()
+
+
+def test_a_run_with_virtio_blk_does_not_import_the_bench_tool(tmp_path):
+    """Start-up pays for what the command line asks for: the device's `hvframe bench`
+    scenarios are declared by a function, so building the device leaves hvframe.bench out."""
+    import subprocess
+    import sys
+    path = make_disk(tmp_path)
+    code = ("import sys\n"
+            "from hvframe.synthetic import SyntheticMachine\n"
+            "from hvframe.testing import rig\n"
+            "m = SyntheticMachine(16 << 20)\n"
+            f"dev, = rig(m, '-s {SLOT},virtio-blk,{path}')\n"
+            "m.close()\n"
+            "print('hvframe.bench' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "False"
