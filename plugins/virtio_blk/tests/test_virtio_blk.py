@@ -45,16 +45,23 @@ class Rig:
     """A synthetic machine with one virtio-blk at slot 2 and a driver bound to it."""
 
     def __init__(self, tmp_path, conf="", *, legacy=False, msix=True, sectors=DISK_SECTORS,
-                 features=ALL, irqfd_eventfds=False):
+                 features=ALL, irqfd_eventfds=False, start=False, bind=True):
         self.path = make_disk(tmp_path, sectors)
         self.m = SyntheticMachine(64 << 20, irqfd_eventfds=irqfd_eventfds)
         # Built as `hvframe run` builds it; the driver turns decoding on, as a guest's would.
         self.fn, = testing.rig(self.m, f"-s {SLOT},virtio-blk,{self.path}{',' + conf if conf else ''}",
                        direct_boot=False)
+        if start:                       # as `hvframe run` does before the first vCPU runs
+            self.m.start_devices()
+        self.mem = self.m.memory
+        if bind:
+            self.bind(legacy=legacy, msix=msix, features=features)
+
+    def bind(self, *, legacy=False, msix=True, features=ALL):
+        """The driver finds the function and sets it up, to DRIVER_OK."""
         self.drv = VirtioPciDriver(self.m, SLOT, legacy=legacy, msix=msix)
         self.features = self.drv.initialize(features)
         self.buf = self.drv.data_base
-        self.mem = self.m.memory
 
     def close(self):
         self.m.close()
@@ -531,6 +538,31 @@ def test_capacity_watcher_notices_a_grown_image_and_stops_with_the_machine(tmp_p
     assert time.monotonic() - started < 2.0               # not a whole poll period per thread
     assert not mine[0].is_alive()
     assert mine[0] not in watcher_threads()
+
+
+def test_a_started_machine_starts_the_device_threads_before_the_driver_is_ready(tmp_path):
+    """`hvframe run` starts the devices before the guest runs: the queue's worker and the
+    capacity watcher are there before the driver's DRIVER_OK, which then starts no thread
+    (the vCPU would wait for it), and the disk serves requests and reports a resize."""
+    from hvframe import concurrency
+    before = set(concurrency.live_threads())
+    r = Rig(tmp_path, start=True, bind=False)
+    try:
+        threads = {t for t in concurrency.live_threads() if t not in before}
+        assert sorted(t.name for t in threads) == ["virtio-blk-q0", "virtio-blk-resize"]
+        r.bind()
+        assert {t for t in concurrency.live_threads() if t not in before} == threads
+        assert r.request(T_OUT, 3, data=b"\x5a" * 512) == (S_OK, 1)
+        assert r.request(T_IN, 3, read_len=512) == (S_OK, 513) and r.last_read == b"\x5a" * 512
+        with open(r.path, "ab") as f:
+            f.write(bytes(512 * 8))
+        deadline = time.monotonic() + 5
+        while cfg_field(r, "capacity") != DISK_SECTORS + 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cfg_field(r, "capacity") == DISK_SECTORS + 8
+    finally:
+        r.close()
+    assert not [t for t in concurrency.live_threads() if t not in before]
 
 
 def test_capacity_watcher_that_dies_is_reported_and_close_still_returns(tmp_path, caplog,
