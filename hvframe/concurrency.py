@@ -103,7 +103,6 @@ import os
 import threading
 import time
 import weakref
-from contextlib import contextmanager
 from typing import Callable
 
 from .logs import logger
@@ -266,20 +265,32 @@ def condition(lk) -> threading.Condition:
 
 # -- deferred work ----------------------------------------------------------------------------
 
-@contextmanager
-def deferring():
-    """A scope around code that holds locks while calling device code: what that code
-    defer()s runs when the outermost scope of this thread ends, with those locks released."""
-    depth = getattr(_tls, "depth", 0)
-    if depth == 0:
-        _tls.pending = []
-    _tls.depth = depth + 1
-    try:
-        yield
-    finally:
+class _DeferringScope:
+    # A plain context manager, not a @contextmanager generator: every PCI configuration
+    # access and virtio register access opens one, and a generator costs several times more.
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        depth = getattr(_tls, "depth", 0)
+        if depth == 0:
+            _tls.pending = []
+        _tls.depth = depth + 1
+
+    def __exit__(self, *exc) -> bool:
+        depth = _tls.depth - 1
         _tls.depth = depth
         if depth == 0:
             _run_pending()
+        return False
+
+
+_DEFERRING = _DeferringScope()     # the state is per thread (_tls): one object serves all
+
+
+def deferring() -> _DeferringScope:
+    """A scope around code that holds locks while calling device code: what that code
+    defer()s runs when the outermost scope of this thread ends, with those locks released."""
+    return _DEFERRING
 
 
 def _run_pending() -> None:

@@ -382,8 +382,15 @@ class PciFunction(Device):
         self._config_watchers.append((offset, length, callback))
 
     def _decode_changed(self) -> None:
-        if self.pci_bus is not None:
-            self.pci_bus.refresh()
+        # Firmware sizes every BAR (all-ones, then the address back) with decoding off: most
+        # such writes move nothing, and a walk over every BAR of the bus is not needed to see
+        # that. A BAR left out by an overlap (target set, not mapped) still asks for the walk.
+        bus = self.pci_bus
+        if bus is None:
+            return
+        machine = bus.machine
+        if any(self.decode_target(bar, machine) != bar.mapped_at for bar in self.all_bars()):
+            bus.refresh()
 
     # -- INTx -----------------------------------------------------------------------------
     def set_intx(self, level: int) -> None:

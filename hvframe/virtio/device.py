@@ -113,6 +113,11 @@ class VirtioDevice:
     def config_write(self, offset: int, data: bytes) -> None:
         """A guest write to configuration bytes [offset, offset+len(data)); default ignores."""
 
+    def start(self) -> None:
+        """The machine is about to run (its transport's Device.start): a model may start its
+        own threads here rather than on the guest's DRIVER_OK. Not called on a machine that is
+        never started, so activate() must still cope with a model that was not."""
+
     def activate(self, features: int) -> None:
         """The driver set DRIVER_OK after negotiating `features` (queues are live now)."""
 

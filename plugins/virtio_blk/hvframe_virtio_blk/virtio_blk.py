@@ -163,7 +163,13 @@ class VirtioBlk(VirtioDevice, DeviceState):
         self.log.error("%s: the capacity watcher died; size changes of the image are no longer "
                   "reported to the guest", self.backend.path)
 
+    def start(self) -> None:
+        self._start_watcher()
+
     def activate(self, features: int) -> None:
+        self._start_watcher()           # a machine that was never started (tests) starts it here
+
+    def _start_watcher(self) -> None:
         if self._watcher is None:
             self._watcher = concurrency.DeviceThread(
                 "virtio-blk-resize", self._watch_capacity, wake=self._watch_wake.set,
