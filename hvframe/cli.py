@@ -235,6 +235,9 @@ def main(argv=None) -> int:
     except HvError as e:
         print(f"hvframe: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:   # Ctrl-C before the run's own SIGINT handling is in place
+        print("hvframe: interrupted", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:     # stdout's reader went away (`hvframe devices | head`): stop
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

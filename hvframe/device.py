@@ -260,6 +260,10 @@ def option(default: Any = None, *, help: str = "", type: str | None = None,
     type defaults from the field's annotation (bool, int, str; "choice" when choices are
     given); say "size" for 512M-style sizes and "path" for files that must exist. name is the
     option as written on the command line (default: the field name with _ as -)."""
+    if isinstance(default, (list, dict, set, bytearray)):
+        # One object would be shared by every instance (a dataclass refuses it too).
+        raise TypeError(f"option(): a mutable default ({default.__class__.__name__}) would be shared "
+                        "by every instance; use None or a tuple")
     spec = dict(help=help, type=type, choices=tuple(choices), unit=unit, hex=hex,
                 required=required, positional=positional, name=name, example=example,
                 min=min, max=max)
@@ -307,33 +311,51 @@ class DeviceOptions:
     equal fields. hvframe's own devices are plain subclasses, so a run imports no dataclass
     machinery (about a tenth of a short run's start-up)."""
 
-    _hvframe_own: dict = {}         # this class's own fields: attr -> spec (option/group)
+    # attr -> (spec, default) of every field, bases' first; a redefinition keeps the base's
+    # position and replaces its declaration. Made once per class, by __init_subclass__.
+    _hvframe_fields: dict = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        own, defaults = {}, {}
+        own = {}
         for attr, value in list(vars(cls).items()):
             if isinstance(value, _Declared):
-                own[attr] = value.spec
-                defaults[attr] = value.default
+                own[attr] = (value.spec, value.default)
                 if "group" in value.spec:
                     # A dict for each instance (for a dataclass, by its default_factory).
                     import dataclasses
                     setattr(cls, attr, dataclasses.field(default_factory=dict))
                 else:
                     setattr(cls, attr, value.default)
+        if not own and "_hvframe_own" in vars(cls):
+            # @dataclass(slots=True) makes the class again from its namespace, where the
+            # declarations are already taken out: the first run's record stands.
+            own = vars(cls)["_hvframe_own"]
         cls._hvframe_own = own
-        cls._hvframe_defaults = defaults
+        fields: dict = {}
+        for klass in reversed(cls.__mro__[1:]):
+            fields.update(vars(klass).get("_hvframe_own", {}))
+        fields.update(own)
+        cls._hvframe_fields = fields
+        if "_hvframe_declared" in vars(cls):
+            delattr(cls, "_hvframe_declared")      # made again from these fields
+        if own and "__init__" not in vars(cls) and any(
+                "__dataclass_fields__" in vars(k) for k in cls.__mro__[1:]):
+            # A subclass of a dataclass options class: the dataclass's methods know nothing
+            # of this class's fields. Ours know them all (and @dataclass on this class keeps
+            # them: it does not replace methods a class defines).
+            cls.__init__ = DeviceOptions.__init__
+            cls.__eq__ = DeviceOptions.__eq__
+            cls.__repr__ = DeviceOptions.__repr__
+            cls.__hash__ = None
 
     def __init__(self, **values: Any):
-        for klass in reversed(type(self).__mro__):
-            for attr, spec in vars(klass).get("_hvframe_own", {}).items():
-                if attr in values:
-                    setattr(self, attr, values.pop(attr))
-                elif "group" in spec:
-                    setattr(self, attr, {})
-                else:
-                    setattr(self, attr, klass._hvframe_defaults[attr])
+        for attr, (spec, default) in type(self)._hvframe_fields.items():
+            if attr in values:
+                value = values.pop(attr)
+            else:
+                value = {} if "group" in spec else default
+            object.__setattr__(self, attr, value)
         if values:
             raise TypeError(f"{type(self).__name__}() got unexpected options: "
                             f"{', '.join(sorted(values))}")
@@ -343,12 +365,7 @@ class DeviceOptions:
 
     @classmethod
     def _field_names(cls) -> list[str]:
-        names: list[str] = []
-        for klass in reversed(cls.__mro__):
-            for attr in vars(klass).get("_hvframe_own", {}):
-                if attr not in names:
-                    names.append(attr)
-        return names
+        return list(cls._hvframe_fields)
 
     def __eq__(self, other: Any) -> bool:
         if other.__class__ is not self.__class__:
@@ -367,14 +384,14 @@ class DeviceOptions:
         dataclass fields: those of plain bases (PciOptions.rom) are set after it."""
         fields = next((vars(k)["__dataclass_fields__"] for k in cls.__mro__
                        if "__dataclass_fields__" in vars(k)), None)
-        if fields is None:
+        if fields is None or cls.__init__ is DeviceOptions.__init__:
             return cls(**values)
         inst = cls(**{k: v for k, v in values.items() if k in fields})
-        for klass in reversed(cls.__mro__):
-            for attr, spec in vars(klass).get("_hvframe_own", {}).items():
-                if attr not in fields:
-                    default = {} if "group" in spec else klass._hvframe_defaults[attr]
-                    setattr(inst, attr, values.get(attr, default))
+        for attr, (spec, default) in cls._hvframe_fields.items():
+            if attr not in fields:
+                # object.__setattr__: a frozen dataclass refuses setattr
+                object.__setattr__(inst, attr, values.get(attr, {} if "group" in spec
+                                                          else default))
         return inst
 
     @classmethod
@@ -385,27 +402,21 @@ class DeviceOptions:
             return cached
         hints = None        # the annotations, evaluated only if an option's type needs them
         opts, groups = [], []
-        seen = set()
-        for klass in reversed(cls.__mro__):
-            for attr, spec in vars(klass).get("_hvframe_own", {}).items():
-                if attr in seen:
-                    continue
-                seen.add(attr)
-                if "group" in spec:
-                    groups.append(Group(spec["name"], spec["group"], attr, spec["help"],
-                                        spec["max_count"]))
-                    continue
-                default = klass._hvframe_defaults[attr]
-                choices = spec["choices"]
-                otype = spec["type"] or ("choice" if choices else None)
-                if otype is None:
-                    if hints is None:
-                        hints = typing.get_type_hints(cls)
-                    otype = _type_of(hints.get(attr))
-                opts.append(Option(spec["name"] or attr.replace("_", "-"), otype, default,
-                                   spec["help"], choices, spec["required"], spec["unit"],
-                                   spec["hex"], spec["positional"], spec["example"], attr,
-                                   spec["min"], spec["max"]))
+        for attr, (spec, default) in cls._hvframe_fields.items():
+            if "group" in spec:
+                groups.append(Group(spec["name"], spec["group"], attr, spec["help"],
+                                    spec["max_count"]))
+                continue
+            choices = spec["choices"]
+            otype = spec["type"] or ("choice" if choices else None)
+            if otype is None:
+                if hints is None:
+                    hints = typing.get_type_hints(cls)
+                otype = _type_of(hints.get(attr))
+            opts.append(Option(spec["name"] or attr.replace("_", "-"), otype, default,
+                               spec["help"], choices, spec["required"], spec["unit"],
+                               spec["hex"], spec["positional"], spec["example"], attr,
+                               spec["min"], spec["max"]))
         # Options every PCI device has (rom) after the device's own, in listings.
         opts.sort(key=lambda o: o.attr in _COMMON_FIELDS)
         out = (tuple(opts), tuple(groups))

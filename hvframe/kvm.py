@@ -382,9 +382,11 @@ class VmSetup:
         was made for memory_size (not shared), once; raises what setting up KVM raised."""
         if self._taken:
             raise KvmError("the VM set up ahead was taken already")
-        self._taken = True
+        # Taken only once the thread is done: a wait that times out or is interrupted leaves
+        # what the thread makes to close(), which joins again.
         if not self._join():
             raise KvmError(f"setting up the VM took more than {concurrency.JOIN_DEADLINE:g} s")
+        self._taken = True
         if self._error is not None:
             raise self._error
         vm, memory = self._vm, self._memory
@@ -398,8 +400,10 @@ class VmSetup:
         """Give back the VM (and its RAM) if nobody took them."""
         if self._taken:
             return
+        if not self._join():
+            return          # still in KVM after the deadline: the process exit reclaims it
         self._taken = True
-        if self._join() and self._kvm is not None:
+        if self._kvm is not None:
             if self._vm is not None:
                 self._vm.close()
             if self._memory is not None:

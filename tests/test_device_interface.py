@@ -361,3 +361,73 @@ def test_virtio_models_log_through_their_device_logger(tmp_path, caplog):
             "hvframe.device." + fn.name]
     finally:
         m.close()
+
+
+# -- options classes as plugin authors write them -------------------------------------------
+class QueueBase(DeviceOptions):
+    queue_size: int = option(256, help="descriptors")
+    name_: str = option("q", name="label", help="a label")
+
+
+class NarrowerQueue(QueueBase):
+    queue_size: int = option(64, help="descriptors (16-128)", min=16, max=128)
+
+
+def lpc_type(options) -> DeviceType:
+    return DeviceType("opts", "lpc", lambda m, o: None, options=options)
+
+
+def test_a_redefined_option_keeps_its_place_and_takes_the_new_declaration():
+    assert NarrowerQueue(queue_size=32).queue_size == 32
+    assert NarrowerQueue().queue_size == 64
+    opts, _ = NarrowerQueue.declared()
+    assert [o.name for o in opts] == ["queue-size", "label"]
+    assert (opts[0].default, opts[0].min, opts[0].max) == (64, 16, 128)
+    dt = lpc_type(NarrowerQueue)
+    assert dt.validate(dt.parse_conf("queue-size=32")).queue_size == 32
+    with pytest.raises(ConfigError, match="queue-size=512 must be 16-128"):
+        dt.validate(dt.parse_conf("queue-size=512"))
+    # the base is untouched by its subclass
+    assert QueueBase.declared()[0][0].default == 256 and QueueBase().queue_size == 256
+
+
+def test_a_slots_dataclass_keeps_its_options():
+    @dataclass(slots=True)
+    class Slotted(DeviceOptions):
+        rate: int = option(1, help="rate")
+    dt = lpc_type(Slotted)
+    assert [o.name for o in dt.options] == ["rate"]
+    assert dt.validate(dt.parse_conf("rate=3")).rate == 3
+
+
+def test_a_plain_subclass_of_a_dataclass_options_class_has_all_its_fields():
+    @dataclass
+    class DataBase(DeviceOptions):
+        level: int = option(1, help="level")
+
+    class PlainMore(DataBase):
+        extra: int = option(0, help="extra")
+
+    a, b = PlainMore(level=2, extra=2), PlainMore(level=2, extra=3)
+    assert a != b and a == PlainMore(level=2, extra=2)
+    assert "extra=2" in repr(a)
+    dt = lpc_type(PlainMore)
+    o = dt.validate(dt.parse_conf("level=4,extra=5"))
+    assert (o.level, o.extra) == (4, 5)
+
+
+def test_a_frozen_dataclass_pci_options_class_takes_rom(tmp_path):
+    @dataclass(frozen=True)
+    class Frozen(PciOptions):
+        depth: int = option(2, help="depth")
+    rom = tmp_path / "rom.bin"
+    rom.write_bytes(b"\x55\xaa" + bytes(510))
+    dt = DeviceType("frozen", "pci", lambda m, o, a: None, options=Frozen)
+    o = dt.validate(dt.parse_conf(f"depth=3,rom={rom}"))
+    assert (o.depth, o.rom) == (3, str(rom))
+
+
+def test_a_mutable_option_default_is_refused_where_the_class_is_written():
+    with pytest.raises(TypeError, match="mutable default"):
+        class Shared(DeviceOptions):
+            items: list = option([], help="shared by every instance")

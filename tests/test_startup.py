@@ -116,3 +116,32 @@ def test_a_vm_that_could_not_be_made_ahead_fails_the_machine_with_its_reason(mon
     with pytest.raises(HvError, match="not accessible"):
         Machine(16 << 20, vm_setup=setup)
     setup.close()
+
+
+@requires_kvm
+def test_a_take_that_gives_up_waiting_leaves_the_vm_to_close(monkeypatch):
+    """take() that times out (or is interrupted) waiting for the set-up thread has not taken
+    anything: close() waits again and gives back the VM, /dev/kvm and the RAM the thread
+    went on to make."""
+    import threading
+    from hvframe import concurrency, kvm
+
+    before = set(os.listdir("/proc/self/fd"))
+    release = threading.Event()
+    real_run = kvm.VmSetup._run
+
+    def slow_run(self):
+        release.wait(10)
+        real_run(self)
+    monkeypatch.setattr(kvm.VmSetup, "_run", slow_run)
+    monkeypatch.setattr(concurrency, "JOIN_DEADLINE", 0.1)
+    setup = kvm.VmSetup(16 << 20)
+    with pytest.raises(kvm.KvmError, match="took more than"):
+        setup.take(16 << 20)
+    release.set()
+    monkeypatch.setattr(concurrency, "JOIN_DEADLINE", 10.0)
+    setup.close()
+    for t in threading.enumerate():
+        if t.name == "kvm-vm-setup":
+            t.join(10)          # whatever it made is open by now, unless close() gave it back
+    assert set(os.listdir("/proc/self/fd")) == before
