@@ -239,8 +239,6 @@ class Option(NamedTuple):
 
 ROM_OPTION = Option("rom", "path", help="expansion ROM image behind the ROM BAR")
 
-_META = "hvframe"
-
 
 class _Declared:
     """What option() and group() leave in a DeviceOptions class body, until the class is
@@ -534,13 +532,6 @@ class DeviceType:
         self.package, self.shared_memory, self.benchmarks = package, shared_memory, benchmarks
         self.examples = examples
         self.options_class: type | None = None
-        self.__post_init__()
-
-    def __repr__(self) -> str:
-        return (f"DeviceType({self.name!r}, {self.kind!r}, summary={self.summary!r}, "
-                f"package={self.package!r})")
-
-    def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"device {self.name}: kind must be one of {KINDS}")
         if isinstance(self.options, type):
@@ -559,6 +550,10 @@ class DeviceType:
             if self.kind == "pci" and self.option("rom") is None:
                 # Any PCI device can carry an expansion ROM, as with bhyve's rom=FILE.
                 self.options = (*self.options, ROM_OPTION)
+
+    def __repr__(self) -> str:
+        return (f"DeviceType({self.name!r}, {self.kind!r}, summary={self.summary!r}, "
+                f"package={self.package!r})")
 
     @property
     def names(self) -> tuple[str, ...]:

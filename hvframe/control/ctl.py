@@ -135,10 +135,10 @@ class QmpClient:
     nothing else): greeting, capabilities, then one command at a time; events are skipped."""
 
     def __init__(self, path: str, timeout: float = 30.0):
-        # Imported here: `hvframe run` imports this module for its bhyve flags.
+        # json and socket imported where used: `hvframe run` imports this module for its
+        # bhyve flags.
         import json
         import socket
-        self._json = json
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
@@ -150,6 +150,7 @@ class QmpClient:
         self.execute("qmp_capabilities")
 
     def _read(self) -> dict:
+        import json
         while True:
             s = self._buf.lstrip()
             if s:
@@ -157,7 +158,7 @@ class QmpClient:
                     obj, end = self._dec.raw_decode(s)
                     self._buf = s[end:]
                     return obj
-                except self._json.JSONDecodeError:
+                except json.JSONDecodeError:
                     pass
             data = self.sock.recv(65536)
             if not data:
@@ -165,10 +166,11 @@ class QmpClient:
             self._buf += data.decode()
 
     def execute(self, name: str, arguments: dict | None = None):
+        import json
         msg = {"execute": name, "id": name}
         if arguments:
             msg["arguments"] = arguments
-        self.sock.sendall(self._json.dumps(msg).encode())
+        self.sock.sendall(json.dumps(msg).encode())
         while True:
             reply = self._read()
             if "event" in reply:

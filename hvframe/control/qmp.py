@@ -105,8 +105,7 @@ class JsonStream:
     def __init__(self, limit: int = JSON_LIMIT, max_depth: int = MAX_DEPTH):
         self.limit, self.max_depth = limit, max_depth
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        import json      # here: a run that no client talks to needs no JSON
-        self._json = json
+        import json      # here, and where JSON is written: a run no client talks to needs none
         self._decoder = json.JSONDecoder()
         self._buf = ""
         self._reset()
@@ -185,9 +184,10 @@ class JsonStream:
         return None
 
     def _decode(self, text: str) -> tuple[bool, Any]:
+        import json
         try:
             value, end = self._decoder.raw_decode(text)
-        except (self._json.JSONDecodeError, RecursionError) as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             return False, f"JSON parse error, {getattr(e, 'msg', 'nesting too deep')}"
         if text[end:].strip():
             return False, "JSON parse error, extra data after a value"
@@ -209,7 +209,8 @@ class _Session:
         self.server = server
 
     def send(self, obj: dict) -> None:
-        data = self.stream._json.dumps(obj, separators=(", ", ": ")).encode() + b"\r\n"
+        import json
+        data = json.dumps(obj, separators=(", ", ": ")).encode() + b"\r\n"
         if len(self.out) + len(data) > OUTPUT_LIMIT:
             raise FramingError("client does not read its replies")
         self.out += data
