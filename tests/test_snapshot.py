@@ -452,6 +452,36 @@ def test_virtio_blk_transport_state_moves_to_a_new_machine(tmp_path):
             machine.close()
 
 
+
+def test_a_restored_virtio_device_whose_activation_fails_needs_reset(tmp_path, monkeypatch):
+    """The model's activate() raises while a live virtio-blk's record is put back: the
+    restore goes on and the device says NEEDS_RESET to its driver (the transport's path for
+    a failed activation), instead of the error escaping the restore."""
+    vb = plugin_test_module("virtio_blk", "test_virtio_blk")
+    from hvframe.snapshot.state import decode_into, encode
+    from hvframe.testing import SyntheticMachine, rig
+    from hvframe.virtio.device import STATUS_NEEDS_RESET
+    from hvframe_virtio_blk.virtio_blk import S_OK, T_OUT, VirtioBlk
+
+    a = vb.Rig(tmp_path, "locking=off")
+    m = SyntheticMachine(64 << 20)
+    try:
+        assert a.request(T_OUT, 1, data=b"\x01" * 512)[0] == S_OK
+        a.fn.quiesce()
+        record = encode(a.fn)
+        a.fn.unquiesce()
+        fn, = rig(m, f"-s {vb.SLOT},virtio-blk,{a.path},locking=off", direct_boot=False)
+
+        def broken_activate(self, features):
+            raise RuntimeError("model bug")
+        monkeypatch.setattr(VirtioBlk, "activate", broken_activate)
+        decode_into(fn, record, "virtio-blk")
+        assert fn.status & STATUS_NEEDS_RESET
+    finally:
+        m.close()
+        a.close()
+
+
 SLOW = os.environ.get("HVFRAME_SLOW_TESTS") == "1"
 
 

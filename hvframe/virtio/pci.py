@@ -381,7 +381,7 @@ class VirtioPciFunction(PciFunction, DeviceState):
         data = self._pci_cfg_cap + CFG_CAP_DATA
         if not (offset < data + 4 and data < offset + size):
             return None              # every other config access: no window to look at
-        bar, off, length, data = self._pci_cfg_window()
+        bar, off, length, _ = self._pci_cfg_window()
         if bar == MODERN_BAR \
                 and length in (1, 2, 4) and off % length == 0 and off + length <= MODERN_BAR_SIZE:
             return off, length, data
@@ -913,7 +913,7 @@ class VirtioPciFunction(PciFunction, DeviceState):
                 try:
                     self.device.activate(self.features)
                 except Exception:
-                    log.exception("%s: activation failed", self.name)
+                    self.log.exception("%s: activation failed", self.name)
                     self.needs_reset("activation failed")
             # After activation: activate() sets what negotiation implies, the record puts
             # back what the driver changed since (a virtio-net's offloads, queue pairs).
