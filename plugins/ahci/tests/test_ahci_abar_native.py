@@ -78,6 +78,7 @@ _CHILD = textwrap.dedent("""
     p.start(ie=regs.IS_DHRS | regs.IS_SDBS)
     drv.write("ghc", regs.GHC_AE | regs.GHC_IE)
     p.run(0, h2d(IDENTIFY_DEVICE), [(0x800000, 512)])   # PxIS.DHRS and HBA IS set, one MSI
+    assert hba.wait_idle(5)                             # PxCI clears before the MSI is sent
     efd = hba.msi._irqfd.fd
     assert os.eventfd_read(efd) == 1 and hba.msi.gate().open
     p.prepare(1, h2d(READ_FPDMA_QUEUED, lba=8, count=1 << 3, features=8), [(0x810000, 4096)])
