@@ -64,41 +64,50 @@ class _Parser(argparse.ArgumentParser):
     _commands: dict | None = None
 
 
+COMMANDS = {   # name -> its one-line help (`hvframe --help`)
+    "run": "run a guest (the embedded demo guest when none is given)",
+    "devices": "list installed devices, their kinds and packages (-v or NAMEs: summaries and "
+               "options too)",
+    "bench": "time a device's register exits and data paths on the synthetic machine",
+    "new-device": "write a new device plugin package from the template",
+    "serve-device": "run one PCI device as a vfio-user server (the passthru plugin)",
+    "ctl": "control a running VM by name (as bhyvectl)",
+}
+
+
 def make_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The command line's parser. With command, the other commands get their names and help
-    but not their arguments (a run does not pay for making ctl's)."""
+    """The command line's parser: every command's, or with a known command only that one's
+    (each parser argparse makes looks up its translations: a run does not pay for the
+    others'); an unknown name gets the commands' names and help, for its error."""
     p = _Parser(prog="hvframe", description="A bhyve-style virtual machine monitor on KVM.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     p._commands = sub.choices
-
-    def wanted(name: str) -> bool:
-        return command is None or command == name
-
-    r = sub.add_parser("run", help="run a guest (the embedded demo guest when none is given)")
-    if wanted("run"):
-        _run_arguments(r)
-    d = sub.add_parser("devices", help="list installed devices, their kinds and packages "
-                                       "(-v or NAMEs: summaries and options too)")
-    if wanted("devices"):
-        d.add_argument("-v", "--verbose", action="store_true",
-                       help="summaries and options of every device (imports every plugin)")
-        d.add_argument("names", nargs="*", metavar="NAME", help="describe just these devices")
-    b = sub.add_parser("bench", help="time a device's register exits and data paths on the "
-                                     "synthetic machine")
-    if wanted("bench"):
-        _bench_arguments(b)
-    n = sub.add_parser("new-device", help="write a new device plugin package from the template")
-    if wanted("new-device"):
-        n.add_argument("name", help="device name, e.g. my-dev")
-        n.add_argument("--kind", required=True, choices=("port", "pci", "virtio"),
-                       help="port: an LPC port device; pci: MMIO BAR and MSI-X; virtio: a "
-                            "virtio-pci device")
-        n.add_argument("--dir", default=".", help="where to make the package's directory "
-                                                  "(default .)")
-    sub.add_parser("serve-device", add_help=False,
-                   help="run one PCI device as a vfio-user server (the passthru plugin)")
-    from .control.ctl import add_ctl_parser
-    add_ctl_parser(sub, arguments=wanted("ctl"))
+    names = [command] if command in COMMANDS else list(COMMANDS)
+    for name in names:
+        arguments = command is None or command == name
+        if name == "ctl":
+            from .control.ctl import add_ctl_parser
+            add_ctl_parser(sub, help=COMMANDS[name], arguments=arguments)
+            continue
+        kwargs = {"add_help": False} if name == "serve-device" else {}
+        c = sub.add_parser(name, help=COMMANDS[name], **kwargs)
+        if not arguments:
+            continue
+        if name == "run":
+            _run_arguments(c)
+        elif name == "devices":
+            c.add_argument("-v", "--verbose", action="store_true",
+                           help="summaries and options of every device (imports every plugin)")
+            c.add_argument("names", nargs="*", metavar="NAME", help="describe just these devices")
+        elif name == "bench":
+            _bench_arguments(c)
+        elif name == "new-device":
+            c.add_argument("name", help="device name, e.g. my-dev")
+            c.add_argument("--kind", required=True, choices=("port", "pci", "virtio"),
+                           help="port: an LPC port device; pci: MMIO BAR and MSI-X; virtio: a "
+                                "virtio-pci device")
+            c.add_argument("--dir", default=".", help="where to make the package's directory "
+                                                      "(default .)")
     return p
 
 

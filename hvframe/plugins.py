@@ -33,6 +33,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, NamedTuple
 
+from . import hookspecs
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -165,19 +166,22 @@ def _read_with_importlib(group: str, base: str) -> list[Entry]:
 
 # ---- the plugin manager and the registry ----------------------------------------------------
 
-def _new_plugin_manager() -> pluggy.PluginManager:
+def new_plugin_manager() -> pluggy.PluginManager:
+    """pluggy's PluginManager for hvframe's hooks, which sees every function marked with
+    hvframe.hookspecs.hookimpl (imports pluggy)."""
     import pluggy
 
     from . import hookspecs
-    pm = pluggy.PluginManager("hvframe")
-    pm.add_hookspecs(hookspecs)
+    hookspecs.apply_pluggy_markers()
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    hookspecs.add_hookspecs(pm)
     return pm
 
 
 def plugin_manager(entry_points: bool = True) -> pluggy.PluginManager:
     """A PluginManager with every plugin imported (the built-ins, and with entry_points every
     installed one): for tools that want them all. `Registry()` imports lazily instead."""
-    pm = _new_plugin_manager()
+    pm = new_plugin_manager()
     modules = list(BUILTIN_PLUGINS)
     if entry_points:
         for e in read_entry_points():
@@ -216,11 +220,14 @@ class Registry:
         self._modules: dict[str, list[Entry]] = {}     # plugin module -> its entry points
         self._loaded: set[str] = set()
         self._pm = pm
+        self._unregistered: list = []                  # (module name, module) loaded without pm
         if pm is not None:
+            impls = pm.hook.hvframe_device_types.get_hookimpls()
             for plugin_name, plugin in pm.list_name_plugin():
                 if plugin is not None:
-                    self._add_plugin(plugin_name, plugin, "hvframe (built in)"
-                                     if plugin_name in BUILTIN_PLUGINS else plugin_name, [])
+                    self._add_plugin(plugin_name, [i.function for i in impls if i.plugin is plugin],
+                                     "hvframe (built in)" if plugin_name in BUILTIN_PLUGINS
+                                     else plugin_name, [])
             return
         if entries is None:
             entries = read_entry_points()
@@ -251,10 +258,18 @@ class Registry:
 
     @property
     def pm(self) -> pluggy.PluginManager:
-        """The PluginManager the imported plugins are registered with (made on first use)."""
+        """The PluginManager the imported plugins are registered with (made on first use,
+        with every plugin imported so far: a run that needs none never imports pluggy)."""
         if self._pm is None:
-            self._pm = _new_plugin_manager()
+            self._pm = new_plugin_manager()
+            for modname, mod in self._unregistered:
+                self._register(modname, mod)
+            self._unregistered = []
         return self._pm
+
+    def _register(self, modname: str, mod) -> None:
+        if self._pm.get_plugin(modname) is None and not self._pm.is_registered(mod):
+            self._pm.register(mod, name=modname)
 
     def _package(self, modname: str) -> str:
         entries = self._modules.get(modname)
@@ -269,12 +284,25 @@ class Registry:
         label = f"plugin {modname} ({package})"
         try:
             mod = importlib.import_module(modname)
+            old_style = False
             for e in entries:
                 if e.kind is None and e.attr:      # old style, `module:object`
                     mod = getattr(mod, e.attr)
+                    old_style = True
                     break
-            if self.pm.get_plugin(modname) is None and not self.pm.is_registered(mod):
-                self.pm.register(mod, name=modname)
+            # A module whose hook is a plain function marked with hvframe's hookimpl is
+            # called as it is (no pluggy); anything else is registered with pluggy now.
+            functions = None if old_style else \
+                hookspecs.plain_implementations(modname, "hvframe_device_types")
+            if functions is None:
+                pm = self.pm
+                self._register(modname, mod)
+                functions = [i.function for i in pm.hook.hvframe_device_types.get_hookimpls()
+                             if i.plugin is mod]
+            elif self._pm is None:
+                self._unregistered.append((modname, mod))
+            else:
+                self._register(modname, mod)
         except Exception as e:
             error = PluginError(f"{label} cannot be loaded: {_one_line(e)}")
             if not self._skip_broken:
@@ -282,20 +310,18 @@ class Registry:
             self.broken.append(str(error))
             return
         try:
-            self._add_plugin(modname, mod, package, [e for e in entries if e.kind is not None])
+            self._add_plugin(modname, functions, package, [e for e in entries if e.kind is not None])
         except PluginError as e:
             if not self._skip_broken:
                 raise
             self.broken.append(str(e))
 
-    def _add_plugin(self, modname: str, plugin, package: str, declared: list[Entry]) -> None:
+    def _add_plugin(self, modname: str, functions, package: str, declared: list[Entry]) -> None:
         label = f"plugin {modname} ({package})"
-        impls = [i for i in self.pm.hook.hvframe_device_types.get_hookimpls()
-                 if i.plugin is plugin]
         types: list[DeviceType] = []
-        for impl in impls:
+        for function in functions:
             try:
-                types.extend(impl.function() or ())
+                types.extend(function() or ())
             except Exception as e:
                 raise PluginError(f"{label}: hvframe_device_types failed: {_one_line(e)}") from None
         from .device import DeviceType

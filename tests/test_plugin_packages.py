@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -223,3 +224,76 @@ def test_every_entry_point_of_this_tree_matches_its_hook():
     registry = Registry(entries=entries)
     registry.load_all()
     assert {n for t in registry.types for n in t.names} == {e.name for e in entries}
+
+
+# ---- hvframe's hookimpl: plain functions on the run path, pluggy plugins for everything else ----
+
+REGISTRY_PROBE = r"""
+import sys
+from hvframe.plugins import Registry
+registry = Registry()
+com1 = registry.require("com1", "lpc", "-l com1")
+print("pluggy before the manager:", "pluggy" in sys.modules)
+pm = registry.pm                    # made on first use, with the plugins already loaded
+print("registered:", pm.get_plugin("hvframe_uart.plugin") is not None)
+names = sorted(t.name for types in pm.hook.hvframe_device_types() for t in types)
+print("com1 through pluggy:", "com1" in names, "rtc through pluggy:", "rtc" in names)
+print("same type:", registry.require("com1", "lpc", "-l com1") is com1)
+"""
+
+
+def test_plugins_loaded_without_pluggy_are_pluggy_plugins_once_a_manager_is_made(tmp_path):
+    p = subprocess.run([sys.executable, "-c", REGISTRY_PROBE], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [
+        "pluggy before the manager: False",
+        "registered: True",
+        "com1 through pluggy: True rtc through pluggy: True",
+        "same type: True"]
+
+
+@pytest.mark.parametrize("marker", [
+    # pluggy's own marker: the plugin goes through a PluginManager, as any pluggy plugin
+    "pluggy.HookimplMarker('hvframe')",
+    # hvframe's, with an option only pluggy honours: the same
+    "__import__('hvframe.hookspecs').hookspecs.hookimpl(tryfirst=True)",
+], ids=["pluggy's marker", "hookimpl with pluggy options"])
+def test_a_hook_that_needs_pluggy_goes_through_it(tmp_path, marker):
+    env = fake_distribution(tmp_path / "site", "pm-plugin", {"pm-dev": "pm_plugin:pci"},
+                            {"pm_plugin": f"""
+                                import pluggy
+                                from hvframe.device import DeviceType
+
+                                @{marker}
+                                def hvframe_device_types():
+                                    return [DeviceType("pm-dev", "pci", lambda machine, options: None,
+                                                       summary="found through pluggy")]
+                             """})
+    p, modules = probe(tmp_path, ["devices", "pm-dev"], env)
+    assert p.returncode == 0, p.stderr
+    assert "pm-dev  [pci]  found through pluggy  -- pm-plugin 1.0" in p.stdout
+    assert "pluggy" in modules
+
+
+def test_a_bad_hookimpl_option_is_one_line(tmp_path):
+    env = fake_distribution(tmp_path / "site", "opt-plugin", {"opt-dev": "opt_plugin:pci"},
+                            {"opt_plugin": PLUGIN_SOURCE.format(name="opt-dev").replace(
+                                "@hookimpl", "@hookimpl(firstly=True)")})
+    p, _ = probe(tmp_path, ["devices", "opt-dev"], env)
+    one_line_error(p, "plugin opt_plugin (opt-plugin 1.0) cannot be loaded", "TypeError",
+                   "firstly")
+
+
+def test_a_function_marked_after_the_manager_is_made_is_seen_by_it():
+    from hvframe import hookspecs
+    from hvframe.plugins import new_plugin_manager
+    pm = new_plugin_manager()
+    module = types.ModuleType("late_plugin")
+
+    def hvframe_device_types():
+        return ["late"]
+    hvframe_device_types.__module__ = "late_plugin"
+    module.hvframe_device_types = hookspecs.hookimpl(hvframe_device_types)
+    pm.register(module)
+    assert pm.hook.hvframe_device_types() == [["late"]]

@@ -106,10 +106,10 @@ def qmp_paths(specs: list[str]) -> list[str]:
 
 # -- `hvframe ctl` ---------------------------------------------------------------------------
 
-def add_ctl_parser(sub, arguments: bool = True) -> None:
-    """`hvframe ctl`'s parser; without arguments, its name and help only (another command
-    is being parsed)."""
-    c = sub.add_parser("ctl", help="control a running VM by name (as bhyvectl)")
+def add_ctl_parser(sub, help: str, arguments: bool = True) -> None:
+    """`hvframe ctl`'s parser; without arguments, its name and help only (the command listing,
+    or an unknown command's error)."""
+    c = sub.add_parser("ctl", help=help)
     if not arguments:
         return
     c.add_argument("--vm", required=True, metavar="NAME", help="the VM's name")
