@@ -18,7 +18,7 @@ PROJECT = "hvframe"
 
 # module name -> [(function, pluggy HookimplMarker options)], in definition order
 _marked: dict = {}
-_applied: set = set()       # ids of the functions pluggy's marker has been applied to
+_applied: set = set()       # the functions pluggy's marker has been applied to
 _pluggy_hookimpl = None     # pluggy.HookimplMarker(PROJECT), once pluggy is loaded
 
 
@@ -37,9 +37,9 @@ def _apply(f, options) -> None:
     if _pluggy_hookimpl is None:
         import pluggy
         _pluggy_hookimpl = pluggy.HookimplMarker(PROJECT)
-    if id(f) not in _applied:
+    if f not in _applied:
         _pluggy_hookimpl(**options)(f)      # a bad option is pluggy's TypeError, as before
-        _applied.add(id(f))
+        _applied.add(f)
 
 
 def apply_pluggy_markers() -> None:
