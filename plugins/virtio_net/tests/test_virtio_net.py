@@ -891,7 +891,10 @@ def test_tap_flood_with_no_receive_buffers_costs_no_cpu(netns):
             n += 1
         cpu = time.process_time() - time.thread_time() - t0
         assert n > 1000
-        assert cpu < 0.2, f"device threads used {cpu:.3f}s of CPU with the ring empty"
+        # A worker that spins uses the whole second; one that waits for buffers next to
+        # none. 0.4 s leaves room for this host's accounting under load (0.2 failed once
+        # beside a benchmark).
+        assert cpu < 0.4, f"device threads used {cpu:.3f}s of CPU with the ring empty"
         # Buffers again: frames flow again, whole.
         while r.nd.rx_pending(0):
             r.nd.recv(0)
