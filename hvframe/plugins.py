@@ -292,8 +292,9 @@ class Registry:
                     break
             # A module whose hook is a plain function marked with hvframe's hookimpl is
             # called as it is (no pluggy); anything else is registered with pluggy now.
-            functions = None if old_style else \
-                hookspecs.plain_implementations(modname, "hvframe_device_types")
+            plain = None if old_style else \
+                hookspecs.plain_implementation(mod, "hvframe_device_types")
+            functions = None if plain is None else [plain]
             if functions is None:
                 pm = self.pm
                 self._register(modname, mod)

@@ -297,3 +297,42 @@ def test_a_function_marked_after_the_manager_is_made_is_seen_by_it():
     module.hvframe_device_types = hookspecs.hookimpl(hvframe_device_types)
     pm.register(module)
     assert pm.hook.hvframe_device_types() == [["late"]]
+
+
+PLAIN_PROBLEMS = """
+from hvframe.device import DeviceType
+from hvframe.hookspecs import hookimpl
+
+class Old:                          # an object plugin kept beside the module's hook
+    @hookimpl
+    def hvframe_device_types(self):
+        return []
+
+def _factory():
+    @hookimpl
+    def hvframe_device_types():     # marked, but not the module's: never called
+        return [DeviceType("hidden-dev", "pci", lambda machine, options: None)]
+    return hvframe_device_types
+
+_factory()
+
+@hookimpl
+def hvframe_device_types():
+    return [DeviceType("plain-dev", "pci", lambda machine, options: None)]
+"""
+
+
+def test_only_the_modules_own_hook_is_called_and_a_reload_leaves_no_double(tmp_path,
+                                                                           monkeypatch):
+    import importlib
+    from hvframe.plugins import Entry, Registry
+    (tmp_path / "plain_problems.py").write_text(PLAIN_PROBLEMS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("plain_problems")
+    importlib.reload(module)
+    try:
+        registry = Registry(entries=[Entry("plain-dev", "plain_problems", None, "pci", "pkg 1")])
+        assert registry.require("plain-dev", "pci", "-s 3").name == "plain-dev"
+        assert registry.get("hidden-dev") is None
+    finally:
+        sys.modules.pop("plain_problems", None)
