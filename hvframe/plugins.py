@@ -170,11 +170,8 @@ def new_plugin_manager() -> pluggy.PluginManager:
     """pluggy's PluginManager for hvframe's hooks, which sees every function marked with
     hvframe.hookspecs.hookimpl (imports pluggy)."""
     import pluggy
-
-    from . import hookspecs
-    hookspecs.apply_pluggy_markers()
     pm = pluggy.PluginManager(hookspecs.PROJECT)
-    hookspecs.add_hookspecs(pm)
+    hookspecs.add_hookspecs(pm)         # pluggy's markers on every hook marked so far, too
     return pm
 
 
@@ -225,7 +222,8 @@ class Registry:
             impls = pm.hook.hvframe_device_types.get_hookimpls()
             for plugin_name, plugin in pm.list_name_plugin():
                 if plugin is not None:
-                    self._add_plugin(plugin_name, [i.function for i in impls if i.plugin is plugin],
+                    self._add_plugin(plugin_name,
+                                     [i.function for i in impls if i.plugin is plugin],
                                      "hvframe (built in)" if plugin_name in BUILTIN_PLUGINS
                                      else plugin_name, [])
             return
@@ -311,7 +309,8 @@ class Registry:
             self.broken.append(str(error))
             return
         try:
-            self._add_plugin(modname, functions, package, [e for e in entries if e.kind is not None])
+            self._add_plugin(modname, functions, package,
+                             [e for e in entries if e.kind is not None])
         except PluginError as e:
             if not self._skip_broken:
                 raise
