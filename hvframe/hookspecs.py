@@ -38,7 +38,7 @@ def hookimpl(function=None, **options):
 
     def mark(f):
         _options[f] = options
-        if _pluggy_loaded or "pluggy" in sys.modules:
+        if "pluggy" in sys.modules:
             _apply(f, options)
         return f
     return mark if function is None else mark(function)

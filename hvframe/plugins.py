@@ -190,6 +190,12 @@ def plugin_manager(entry_points: bool = True) -> pluggy.PluginManager:
     return pm
 
 
+def _hook_functions(pm: pluggy.PluginManager, plugin) -> list:
+    """The hvframe_device_types implementations a PluginManager holds for one plugin."""
+    return [i.function for i in pm.hook.hvframe_device_types.get_hookimpls()
+            if i.plugin is plugin]
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -219,11 +225,9 @@ class Registry:
         self._pm = pm
         self._unregistered: list = []                  # (module name, module) loaded without pm
         if pm is not None:
-            impls = pm.hook.hvframe_device_types.get_hookimpls()
             for plugin_name, plugin in pm.list_name_plugin():
                 if plugin is not None:
-                    self._add_plugin(plugin_name,
-                                     [i.function for i in impls if i.plugin is plugin],
+                    self._add_plugin(plugin_name, _hook_functions(pm, plugin),
                                      "hvframe (built in)" if plugin_name in BUILTIN_PLUGINS
                                      else plugin_name, [])
             return
@@ -292,16 +296,16 @@ class Registry:
             # called as it is (no pluggy); anything else is registered with pluggy now.
             plain = None if old_style else \
                 hookspecs.plain_implementation(mod, "hvframe_device_types")
-            functions = None if plain is None else [plain]
-            if functions is None:
+            if plain is None:
                 pm = self.pm
                 self._register(modname, mod)
-                functions = [i.function for i in pm.hook.hvframe_device_types.get_hookimpls()
-                             if i.plugin is mod]
-            elif self._pm is None:
-                self._unregistered.append((modname, mod))
+                functions = _hook_functions(pm, mod)
             else:
-                self._register(modname, mod)
+                functions = [plain]
+                if self._pm is None:
+                    self._unregistered.append((modname, mod))
+                else:
+                    self._register(modname, mod)
         except Exception as e:
             error = PluginError(f"{label} cannot be loaded: {_one_line(e)}")
             if not self._skip_broken:
