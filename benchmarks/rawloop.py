@@ -36,7 +36,7 @@ int hv_rig_round(uint16_t *avail_idx, uint16_t value, int doorbell_fd, const uin
                  uint16_t *used_event, int irq_fd, struct hv_rig_halt *h, int timeout_ms);
 int hv_rig_stream(uint16_t *avail_idx, uint32_t total, uint16_t ring_size, int doorbell_fd,
                   const uint16_t *used_idx, uint16_t *used_event, const uint16_t *avail_event,
-                  int irq_fd, struct hv_rig_halt *h, int timeout_ms);
+                  int irq_fd, struct hv_rig_halt *h, int timeout_ms, int delayed);
 """
 
 _SOURCE = r"""
@@ -201,7 +201,7 @@ static int need_kick(uint16_t event, uint16_t new_idx, uint16_t old_idx)
  * builds an skb per frame, so the device sends it more interrupts, not fewer. 0 or -errno. */
 int hv_rig_stream(uint16_t *avail_idx, uint32_t total, uint16_t ring_size, int doorbell_fd,
                   const uint16_t *used_idx, uint16_t *used_event, const uint16_t *avail_event,
-                  int irq_fd, struct hv_rig_halt *h, int timeout_ms)
+                  int irq_fd, struct hv_rig_halt *h, int timeout_ms, int delayed)
 {
     const uint16_t refill = ring_size > 64 ? 32 : ring_size / 2 ? ring_size / 2 : 1;
     uint16_t start = __atomic_load_n(used_idx, __ATOMIC_ACQUIRE);
@@ -233,9 +233,14 @@ int hv_rig_stream(uint16_t *avail_idx, uint32_t total, uint16_t ring_size, int d
         }
         if (progress || done == total)
             continue;                       /* "processed" what came: look again */
-        __atomic_store_n(used_event, used, __ATOMIC_RELAXED);   /* interrupt at the next */
+        /* An interrupt at the next used buffer (receive: virtqueue_enable_cb_prepare), or,
+         * `delayed`, once three quarters of those in the ring are used (transmit, whose
+         * completions only free buffers: virtqueue_enable_cb_delayed). */
+        uint16_t at = delayed ? (uint16_t)(used + (posted - done) * 3 / 4) : used;
+        __atomic_store_n(used_event, at, __ATOMIC_RELAXED);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (__atomic_load_n(used_idx, __ATOMIC_ACQUIRE) == used) {
+        if ((uint16_t)(__atomic_load_n(used_idx, __ATOMIC_ACQUIRE) - used)
+                <= (uint16_t)(at - used)) {
             int rc = halt(h, irq_fd, timeout_ms);
             if (rc < 0)
                 return rc;
@@ -347,11 +352,12 @@ class Driver:
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
 
-    def stream(self, total: int) -> None:
+    def stream(self, total: int, delayed: bool = False) -> None:
         """``total`` buffers through the ring, reposted as the device uses them (hv_rig_stream:
-        Linux's NAPI driver under load); the ring must be empty (avail.idx == used.idx)."""
+        Linux's NAPI driver under load; ``delayed``: interrupts as its transmit side asks for
+        them); the ring must be empty (avail.idx == used.idx)."""
         rc = self._lib.hv_rig_stream(self._avail_idx, total, self._size, self._doorbell,
                                      self._used_idx, self._used_event, self._avail_event,
-                                     self._irq, self.halt, 2000)
+                                     self._irq, self.halt, 2000, delayed)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))

@@ -155,7 +155,7 @@ class Rig:
     def stream(self, q, n):
         """n buffers through queue q (0 receive, 1 transmit), reposted as they are used."""
         dq = self.drv.queues[q]
-        self.rounds[q].stream(n)
+        self.rounds[q].stream(n, delayed=q == 1)
         dq.avail_idx = (dq.avail_idx + n) & 0xFFFF
 
     def rx_round(self):
