@@ -40,6 +40,13 @@ def arp_request(src_mac: bytes, src_ip: str, target_ip: str) -> bytes:
     return ethernet(BROADCAST, src_mac, ETH_ARP, body)
 
 
+def arp_reply(src_mac: bytes, src_ip: str, dst_mac: bytes, dst_ip: bytes) -> bytes:
+    """The answer to an ARP request from (dst_mac, dst_ip) for src_ip."""
+    body = struct.pack("!HHBBH6s4s6s4s", 1, ETH_IP, 6, 4, 2, src_mac, ip4(src_ip),
+                       dst_mac, dst_ip)
+    return ethernet(dst_mac, src_mac, ETH_ARP, body)
+
+
 @dataclass
 class ArpReply:
     sender_mac: bytes
@@ -52,6 +59,14 @@ def parse_arp_reply(frame: bytes) -> Optional[ArpReply]:
         return None
     _, _, _, _, op, smac, sip, _, tip = struct.unpack("!HHBBH6s4s6s4s", frame[14:42])
     return ArpReply(smac, sip, tip) if op == 2 else None
+
+
+def parse_arp_request(frame: bytes) -> Optional[ArpReply]:
+    """(sender MAC, sender IP, target IP) of an ARP request, else None."""
+    if len(frame) < 42 or struct.unpack("!H", frame[12:14])[0] != ETH_ARP:
+        return None
+    _, _, _, _, op, smac, sip, _, tip = struct.unpack("!HHBBH6s4s6s4s", frame[14:42])
+    return ArpReply(smac, sip, tip) if op == 1 else None
 
 
 def icmp_echo(dst_mac: bytes, src_mac: bytes, src_ip: str, dst_ip: str, ident: int, seq: int,
