@@ -103,9 +103,11 @@ import os
 import threading
 import time
 import weakref
-from typing import Callable
-
 from .logs import logger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable
 
 log = logger(__name__)      # logging is imported only when something is logged
 

@@ -6,9 +6,11 @@ validates them, so that a bad value is reported with the option it belongs to.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
-
 from .errors import ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 
 class Config:

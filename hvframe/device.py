@@ -35,41 +35,46 @@ factory gets (machine, dict) with the PCI address in options["pci.address"].
 from __future__ import annotations
 
 import os
-import typing
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol, Sequence
+import sys
+import types
+from collections import namedtuple
 
 from .errors import ConfigError
 from .logs import LazyLogger, logger
 
+# typing stays out of a run (its import is about 4 ms of start-up): names it gives are for
+# annotations only, and type checkers see the Protocol below.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Callable, Protocol, Sequence
+
     from .bench import Benchmarks
+else:
+    Protocol = object
 
 KINDS = ("pci", "lpc", "platform")
 
 
 class PortHandler(Protocol):
+    """A port or MMIO handler (see the module docstring); handlers need not subclass it."""
     def read(self, offset: int, size: int) -> int: ...
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
 # ---- the device interface ----------------------------------------------------------------------
 
-class AcpiIsaDevice(NamedTuple):
+class AcpiIsaDevice(namedtuple("AcpiIsaDevice", "name hid uid io_base io_length irq")):
     """A device the DSDT describes under the LPC bridge's ISA scope (_HID, one I/O range,
-    one IRQ), e.g. a COM port: Device.acpi_isa_devices returns these."""
-    name: str           # the AML name segment, e.g. "COM1"
-    hid: str            # EISA id, e.g. "PNP0501"
-    uid: int
-    io_base: int
-    io_length: int
-    irq: int
+    one IRQ), e.g. a COM port: Device.acpi_isa_devices returns these.
+
+    name: str, the AML name segment, e.g. "COM1"; hid: str, EISA id, e.g. "PNP0501";
+    uid, io_base, io_length, irq: int."""
+    __slots__ = ()
 
 
-class PciAddress(NamedTuple):
-    """Where a PCI function sits: bus, slot (device) and function numbers."""
-    bus: int
-    slot: int
-    func: int
+class PciAddress(namedtuple("PciAddress", "bus slot func")):
+    """Where a PCI function sits: bus, slot (device) and function numbers (int)."""
+    __slots__ = ()
 
     def __str__(self) -> str:
         return f"{self.bus}:{self.slot}:{self.func}"
@@ -159,25 +164,19 @@ def _to_bool(text: Any) -> bool:
 OPTION_TYPES = ("str", "int", "size", "bool", "path", "choice")
 
 
-class Option(NamedTuple):
+class Option(namedtuple("Option", "name type default help choices required unit hex positional "
+                                  "example attr min max",
+                        defaults=("str", None, "", (), False, "", False, False, "", "", None, None))):
     """One typed device option. type: str, int, size, bool, path (must exist), choice.
     hex: shown (defaults, examples) in hex; unit: what a number counts (shown in listings);
     positional: a bare conf item may give it (in declaration order); attr: the field of the
-    options class that holds it (name with - as _ by default)."""
+    options class that holds it (name with - as _ by default).
 
-    name: str
-    type: str = "str"
-    default: Any = None
-    help: str = ""
-    choices: Sequence[str] = ()
-    required: bool = False
-    unit: str = ""
-    hex: bool = False
-    positional: bool = False
-    example: str = ""
-    attr: str = ""
-    min: int | None = None
-    max: int | None = None
+    Fields and defaults: name: str; type: str = "str"; default: Any = None; help: str = "";
+    choices: Sequence[str] = (); required: bool = False; unit: str = ""; hex: bool = False;
+    positional: bool = False; example: str = ""; attr: str = ""; min: int | None = None;
+    max: int | None = None."""
+    __slots__ = ()
 
     def convert(self, value: Any) -> Any:
         t = self.type
@@ -268,14 +267,12 @@ def option(default: Any = None, *, help: str = "", type: str | None = None,
     return _Declared(default, spec)
 
 
-class Group(NamedTuple):
+class Group(namedtuple("Group", "name options_class attr help max_count", defaults=("", None))):
     """A nested, numbered set of options, e.g. AHCI's port.N.{path,ro,...}: the field holds
-    {N: options_class instance} in the order of N."""
-    name: str
-    options_class: type
-    attr: str
-    help: str = ""
-    max_count: int | None = None
+    {N: options_class instance} in the order of N.
+
+    name: str; options_class: type; attr: str; help: str = ""; max_count: int | None = None."""
+    __slots__ = ()
 
 
 def group(options_class: type, *, name: str, help: str = "", max_count: int | None = None) -> Any:
@@ -287,8 +284,46 @@ def group(options_class: type, *, name: str, help: str = "", max_count: int | No
 _COMMON_FIELDS: set[str] = set()     # PciOptions' fields, once it is defined below
 
 
+def _plain_hint(cls: type, attr: str) -> Any:
+    """The annotation of cls's field attr as typing.get_type_hints(cls) has it, when that is
+    a class or X | Y of classes (or there is none: None), without importing typing; else
+    _NOT_PLAIN. Names are looked up as get_type_hints does: the declaring class's module,
+    then its namespace, then builtins."""
+    for base in cls.__mro__:
+        ann = base.__dict__.get("__annotations__")
+        if isinstance(ann, dict) and attr in ann:
+            break
+    else:
+        return None
+    value = ann[attr]
+    if value is None:
+        return type(None)
+    if isinstance(value, str):
+        module = sys.modules.get(base.__module__)
+        try:
+            value = eval(value, dict(vars(base)), vars(module) if module is not None else {})
+        except Exception:
+            return _NOT_PLAIN       # typing raises it, naming the annotation
+    if isinstance(value, types.UnionType):
+        if all(isinstance(a, type) for a in value.__args__):
+            return value
+    elif isinstance(value, type) and not isinstance(value, types.GenericAlias):
+        return value
+    return _NOT_PLAIN
+
+
+_NOT_PLAIN = object()
+
+
 def _type_of(annotation: Any) -> str:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType):
+        args = [a for a in annotation.__args__ if a is not type(None)]
+    elif annotation is None or isinstance(annotation, type) and not isinstance(
+            annotation, types.GenericAlias):
+        args = []           # what typing.get_args gives a class
+    else:
+        import typing       # a typing construct: its module imported typing already
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if args else annotation
     if base is bool:
         return "bool"
@@ -398,7 +433,7 @@ class DeviceOptions:
         cached = cls.__dict__.get("_hvframe_declared")
         if cached is not None:
             return cached
-        hints = None        # the annotations, evaluated only if an option's type needs them
+        hints = None        # typing.get_type_hints(cls), made if an annotation is not plain
         opts, groups = [], []
         for attr, (spec, default) in cls._hvframe_fields.items():
             if "group" in spec:
@@ -408,9 +443,13 @@ class DeviceOptions:
             choices = spec["choices"]
             otype = spec["type"] or ("choice" if choices else None)
             if otype is None:
-                if hints is None:
-                    hints = typing.get_type_hints(cls)
-                otype = _type_of(hints.get(attr))
+                hint = _plain_hint(cls, attr)
+                if hint is _NOT_PLAIN:
+                    if hints is None:
+                        import typing
+                        hints = typing.get_type_hints(cls)
+                    hint = hints.get(attr)
+                otype = _type_of(hint)
             opts.append(Option(spec["name"] or attr.replace("_", "-"), otype, default,
                                spec["help"], choices, spec["required"], spec["unit"],
                                spec["hex"], spec["positional"], spec["example"], attr,

@@ -14,11 +14,15 @@ import enum
 import errno
 import os
 import sys
-from typing import Any, Callable, Mapping, NamedTuple
+from collections import namedtuple
 
 from .core_native import ffi, lib
 from .errors import ConfigError
 from . import concurrency
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Mapping
 
 # Handle -> device name, for error reports. The C core holds the handlers' bound read/write
 # methods itself (set by hv_py_set_handler, which takes its own references).
@@ -99,17 +103,12 @@ class Partial(enum.IntEnum):
     ZERO = lib.HV_PARTIAL_ZERO     # write the unit with the untouched bytes zero (W1C, W1S)
 
 
-class Field(NamedTuple):
-    offset: int
-    size: int
-    partial: Partial = Partial.MERGE
+# offset, size: int; partial: Partial
+Field = namedtuple("Field", "offset size partial", defaults=(Partial.MERGE,))
 
-
-class _AccessRecord(NamedTuple):
-    sizes: tuple[int, ...] = (1, 2, 4, 8)
-    aligned: bool = False
-    partial: Partial = Partial.DROP
-    fields: tuple[Field, ...] = ()
+# sizes: tuple[int, ...]; aligned: bool; partial: Partial; fields: tuple[Field, ...]
+_AccessRecord = namedtuple("_AccessRecord", "sizes aligned partial fields",
+                           defaults=((1, 2, 4, 8), False, Partial.DROP, ()))
 
 
 class Access(_AccessRecord):

@@ -10,7 +10,6 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
 
 from .core_native import ffi, lib
 from .dispatch import Bus
@@ -19,7 +18,10 @@ from .memory import GuestMemory
 from . import concurrency
 from .control.pause import PauseGate
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Callable
+
     from .device import Device
     from .kvm import VmSetup
     from .lpc.bootrom import BootRom

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import NamedTuple
+from collections import namedtuple
 
 from .errors import HvError
 
@@ -32,10 +32,9 @@ class GuestMemoryError(Exception):
     """A guest-physical range is not (entirely) backed by guest RAM."""
 
 
-class RamRegion(NamedTuple):
-    gpa: int          # guest-physical start
-    size: int
-    host_offset: int  # offset into the single host mapping
+# gpa: guest-physical start; host_offset: offset into the single host mapping
+class RamRegion(namedtuple("RamRegion", "gpa size host_offset")):
+    __slots__ = ()
 
     @property
     def end(self) -> int:

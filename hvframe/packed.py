@@ -28,7 +28,10 @@ import marshal
 import os
 import struct
 import sys
-from typing import Any, Callable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 # Bump when the plan format (hvframe.layout.plan_of) changes: old cache files are then ignored.
 PLAN_VERSION = 1

@@ -31,11 +31,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import TYPE_CHECKING, NamedTuple
+from collections import namedtuple
 
 from . import hookspecs
 from .errors import ConfigError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import pluggy
 
@@ -50,14 +51,10 @@ class PluginError(ConfigError):
     """A plugin that cannot be imported, or whose metadata and hooks disagree."""
 
 
-class Entry(NamedTuple):
-    """One entry point of the group. kind is None for an old-style (eager) entry."""
-
-    name: str
-    module: str
-    attr: str | None
-    kind: str | None
-    package: str          # "hvframe-uart 0.1.0"
+class Entry(namedtuple("Entry", "name module attr kind package")):
+    """One entry point of the group. kind is None for an old-style (eager) entry.
+    name, module: str; attr, kind: str or None; package: str, e.g. "hvframe-uart 0.1.0"."""
+    __slots__ = ()
 
 
 # ---- reading the metadata -------------------------------------------------------------------

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, NamedTuple
+from collections import namedtuple
 
 from . import concurrency
 from .core_native import ffi, lib
@@ -61,7 +61,10 @@ from .dispatch import Access, Bus, PythonHandle, Range
 from .device import PortHandler
 from .packed import Packed
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Callable, Iterable, Mapping
+
     from construct import Struct
 
 
@@ -80,29 +83,22 @@ class Full(enum.IntEnum):
     DROP = lib.HV_FIFO_FULL_DROP        # dropped and counted (FifoCounts.dropped)
 
 
-class Fifo(NamedTuple):
+class Fifo(namedtuple("Fifo", "capacity when_full", defaults=(Full.PYTHON,))):
     """A bounded ring of ``capacity`` entries (a power of two), each as wide as the data port
-    that feeds it."""
-    capacity: int
-    when_full: Full = Full.PYTHON
+    that feeds it. capacity: int; when_full: Full."""
+    __slots__ = ()
 
 
-class Reg(NamedTuple):
+class Reg(namedtuple("Reg", "kind reset write_mask fifo room_bits empty_bits native",
+                     defaults=(0, None, None, 0, 0, True))):
     """One register's semantics (see the module docstring). ``write_mask`` None: all bits of
-    the register. ``native`` False: served by Python until set_native() switches it on."""
-    kind: Kind
-    reset: int = 0
-    write_mask: int | None = None
-    fifo: str | None = None
-    room_bits: int = 0
-    empty_bits: int = 0
-    native: bool = True
+    the register. ``native`` False: served by Python until set_native() switches it on.
+    kind: Kind; reset: int; write_mask: int or None; fifo: str or None (the Fifo's name);
+    room_bits, empty_bits: int; native: bool."""
+    __slots__ = ()
 
 
-class FifoCounts(NamedTuple):
-    pushed: int
-    taken: int
-    dropped: int
+FifoCounts = namedtuple("FifoCounts", "pushed taken dropped")
 
 
 class RegisterBlock:

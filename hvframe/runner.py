@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import NamedTuple
+from collections import namedtuple
 
 from .config import Config
 from .cpuid import POLICIES
@@ -102,15 +102,10 @@ def add_option(cfg: Config, arg: str) -> None:
     cfg.set(path, value)
 
 
-class RunPlan(NamedTuple):
-    memory_size: int
-    cpus: int
-    cpu_policy: str
-    kernel: str | None
-    initrd: str | None
-    cmdline: str
-    demo: bool
-    firmware: bool = False   # a boot ROM (-l bootrom,FILE) starts the guest at the reset vector
+# memory_size, cpus: int; cpu_policy: str; kernel, initrd: str or None; cmdline: str;
+# demo: bool; firmware: bool, a boot ROM (-l bootrom,FILE) starts the guest at the reset vector
+RunPlan = namedtuple("RunPlan", "memory_size cpus cpu_policy kernel initrd cmdline demo firmware",
+                     defaults=(False,))
 
 
 def plan(cfg: Config) -> RunPlan:

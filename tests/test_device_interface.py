@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import typing
 from dataclasses import dataclass
 
 import pytest
 
 from conftest import run_hvframe
 from hvframe.device import (AcpiIsaDevice, Device, DeviceOptions, DeviceType, NoOptions,
-                            PciAddress, PciOptions, group, option)
+                            PciAddress, PciOptions, _type_of, group, option)
 from hvframe.errors import ConfigError
 from hvframe.testing import SyntheticMachine, rig
 
@@ -431,3 +432,39 @@ def test_a_mutable_option_default_is_refused_where_the_class_is_written():
     with pytest.raises(TypeError, match="mutable default"):
         class Shared(DeviceOptions):
             items: list = option([], help="shared by every instance")
+
+
+Count = int     # an alias, as an options class's annotation may name one
+
+
+class Annotated(DeviceOptions):
+    """Fields typed by their annotations only: plain ones (read without typing) and typing
+    constructs (read by typing.get_type_hints, as before)."""
+    plain_int: int = option(1)
+    plain_bool: bool = option(False)
+    plain_str: str = option("x")
+    optional_int: int | None = option(None)
+    alias: Count = option(2)
+    bool_or_int: bool | int = option(True)
+    typing_optional: typing.Optional[bool] = option(None)
+    typing_annotated: typing.Annotated[int, "units"] = option(3)
+    generic: list[int] | None = option(None)
+    unannotated = option("u")
+
+
+def test_option_types_from_annotations_are_what_typing_reads():
+    expected = {"plain_int": "int", "plain_bool": "bool", "plain_str": "str",
+                "optional_int": "int", "alias": "int", "bool_or_int": "bool",
+                "typing_optional": "bool", "typing_annotated": "int", "generic": "str",
+                "unannotated": "str"}
+    hints = typing.get_type_hints(Annotated)
+    assert {o.attr: o.type for o in Annotated.options()} == expected == {
+        attr: _type_of(hints.get(attr)) for attr in expected}
+
+
+def test_an_annotation_that_names_nothing_is_still_typing_s_error():
+    # class Broken(DeviceOptions): level: NoSuchType = option(1)
+    Broken = type("Broken", (DeviceOptions,), {"__annotations__": {"level": "NoSuchType"},
+                                               "level": option(1)})
+    with pytest.raises(NameError, match="NoSuchType"):
+        Broken.options()

@@ -12,13 +12,16 @@ from conftest import requires_kvm
 
 # Modules a demo run has no use for, each of which cost its start-up milliseconds: the
 # dataclass machinery (every device's options are plain DeviceOptions subclasses, the run's
-# records NamedTuples or plain classes), construct (layouts come compiled from their cache,
-# see test_packed.py), json (QMP decodes and encodes only once a client talks), pluggy and the
-# inspect it imports (the plugins named are plain hvframe.hookspecs.hookimpl functions, called
-# as they are; test_plugin_packages.py), and the command line's other commands' modules.
+# records collections.namedtuple classes or plain ones), construct (layouts come compiled from
+# their cache, see test_packed.py), json (QMP decodes and encodes only once a client talks),
+# pluggy and the inspect it imports (the plugins named are plain hvframe.hookspecs.hookimpl
+# functions, called as they are; test_plugin_packages.py), typing (annotations' names are
+# imported for type checkers only, and an options field's plain annotation, int or
+# bool | None, is read without it: hvframe.device._plain_hint), and the command line's other
+# commands' modules.
 NOT_IMPORTED = ("dataclasses", "construct", "json", "pluggy", "inspect", "hvframe.bench",
                 "hvframe.pci.bus", "hvframe.guests.build", "hvframe.snapshot.checkpoint",
-                "hvframe_virtio_blk")
+                "hvframe_virtio_blk", "typing")
 
 PROBE = r"""
 import sys

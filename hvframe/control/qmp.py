@@ -29,11 +29,14 @@ import selectors
 import socket
 import stat
 import time
-from collections import deque
-from typing import Any, Callable, NamedTuple
+from collections import deque, namedtuple
 
 from .. import concurrency
 from ..errors import ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 JSON_LIMIT = 1 << 20        # bytes of one JSON value being received
@@ -56,16 +59,11 @@ class QmpError(Exception):
         self.desc = desc
 
 
-class Arg(NamedTuple):
-    name: str
-    type: type          # str, int, bool, list or dict
-    required: bool = False
+# name: str; type: str, int, bool, list or dict; required: bool
+Arg = namedtuple("Arg", "name type required", defaults=(False,))
 
-
-class Command(NamedTuple):
-    name: str
-    handler: Callable[..., Any]    # handler(**arguments) -> the "return" value
-    args: tuple[Arg, ...] = ()
+# name: str; handler(**arguments) -> the "return" value; args: tuple[Arg, ...]
+Command = namedtuple("Command", "name handler args", defaults=((),))
 
 
 _TYPE_NAMES = {str: "string", int: "int", bool: "boolean", list: "array", dict: "object"}

@@ -2,7 +2,7 @@
 declared with construct, plus a small bounds-checked reader for the parts the loader needs."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections import namedtuple
 
 from ..packed import Declarations, PackedError
 
@@ -113,10 +113,8 @@ class ElfFormatError(Exception):
     """The data is not a well-formed little-endian ELF32/ELF64 file."""
 
 
-class Note(NamedTuple):
-    name: bytes      # without the terminating NUL
-    type: int
-    desc: bytes
+# name: bytes, without the terminating NUL; type: int; desc: bytes
+Note = namedtuple("Note", "name type desc")
 
 
 class ElfFile:

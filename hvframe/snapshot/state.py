@@ -22,12 +22,14 @@ line saying so rather than misread.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import ConfigError
 from ..packed import Declarations
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, ClassVar
+
     from construct import Struct
 
 

@@ -18,18 +18,19 @@ import select
 import stat
 import termios
 import tty
-from typing import TYPE_CHECKING, Callable, Optional
 
 from hvframe.errors import ConfigError
 from hvframe import concurrency
 from hvframe.logs import logger
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket     # imported where a socket backend is made: it costs start-up ~5 ms
+    from typing import Callable, Optional
+
+    OnInput = Callable[[bytes], None]
 
 log = logger(__name__)
-
-OnInput = Callable[[bytes], None]
 
 READ_CHUNK = 4096
 # Output queued for a slow client, terminal or file beyond this is dropped (and counted), so

@@ -3,7 +3,6 @@ and uart: the same on PCI."""
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
 
 from hvframe.device import AcpiIsaDevice, DeviceOptions, DeviceType, PciOptions, option
 from hvframe.hookspecs import hookimpl
@@ -11,6 +10,7 @@ from hvframe.hookspecs import hookimpl
 from .backends import SPEC_HELP, FileBackend, NullBackend, StdioBackend, open_backend
 from .uart16550 import BYTE_PORTS, Uart16550
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from hvframe.bench import Benchmarks
 
