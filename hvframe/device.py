@@ -286,15 +286,17 @@ _COMMON_FIELDS: set[str] = set()     # PciOptions' fields, once it is defined be
 
 def _plain_hint(cls: type, attr: str) -> Any:
     """The annotation of cls's field attr as typing.get_type_hints(cls) has it, when that is
-    a class or X | Y of classes (or there is none: None), without importing typing; else
-    _NOT_PLAIN. Names are looked up as get_type_hints does: the declaring class's module,
-    then its namespace, then builtins."""
+    a class or X | Y of classes, without importing typing; else _NOT_PLAIN. Names are looked
+    up as get_type_hints does: the declaring class's module, then its namespace, then
+    builtins."""
     for base in cls.__mro__:
         ann = base.__dict__.get("__annotations__")
         if isinstance(ann, dict) and attr in ann:
             break
     else:
-        return None
+        # None found in the classes' dicts: none at all, or (Python 3.14, no `from __future__
+        # import annotations`) annotations not yet made; typing knows which.
+        return _NOT_PLAIN
     value = ann[attr]
     if value is None:
         return type(None)
