@@ -145,11 +145,17 @@ class Access(_AccessRecord):
     def of_struct(cls, st, *, partial: Partial = Partial.MERGE,
                   overrides: Mapping[str, Partial] | None = None) -> "Access":
         """Fields from a construct Struct's fixed-size members (the declaration is the
-        layout); ``overrides`` gives single fields another partial-write rule."""
-        from .layout import fields_of
+        layout), or from its compiled form (hvframe.packed.Packed, which spares a run the
+        import of construct); ``overrides`` gives single fields another partial-write rule."""
+        from .packed import Packed
+        if isinstance(st, Packed):
+            table = st.fields
+        else:
+            from .layout import fields_of
+            table = fields_of(st)
         overrides = dict(overrides or {})
         fields = []
-        for name, (off, size) in sorted(fields_of(st).items(), key=lambda kv: kv[1][0]):
+        for name, (off, size) in sorted(table.items(), key=lambda kv: kv[1][0]):
             if name.startswith("_") or size not in (1, 2, 4, 8):
                 continue   # padding and arrays are not registers
             fields.append(Field(off, size, overrides.pop(name, partial)))

@@ -113,6 +113,12 @@ class Packed:
     def __repr__(self) -> str:
         return f"<Packed {self.name}>"
 
+    @property
+    def struct(self) -> struct.Struct:
+        """The fixed part as one struct.Struct, for a fast path's unpack_from and pack_into
+        (little-endian; padding as 'x', byte strings as 's')."""
+        return self._st
+
     def sizeof(self) -> int:
         if self._tail is not None:
             raise PackedError(f"{self.name} has no fixed size")

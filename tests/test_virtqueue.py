@@ -2,6 +2,7 @@
 import struct
 
 import pytest
+from construct import Int16ul
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -46,16 +47,16 @@ class Driver:
         self.mem.write(table + 16 * i, vq.VirtqDesc.build(dict(addr=addr, len=length, flags=flags, next=nxt)))
 
     def set_avail_idx(self, idx):
-        self.mem.write(AVAIL + vq.AVAIL_IDX_OFF, vq.Int16ul.build(idx & 0xFFFF))
+        self.mem.write(AVAIL + vq.AVAIL_IDX_OFF, Int16ul.build(idx & 0xFFFF))
 
     def set_avail_flags(self, flags):
-        self.mem.write(AVAIL + vq.AVAIL_FLAGS_OFF, vq.Int16ul.build(flags))
+        self.mem.write(AVAIL + vq.AVAIL_FLAGS_OFF, Int16ul.build(flags))
 
     def set_used_event(self, v):
-        self.mem.write(AVAIL + vq.AVAIL_RING_OFF + 2 * self.size, vq.Int16ul.build(v & 0xFFFF))
+        self.mem.write(AVAIL + vq.AVAIL_RING_OFF + 2 * self.size, Int16ul.build(v & 0xFFFF))
 
     def publish(self, head):
-        self.mem.write(AVAIL + vq.AVAIL_RING_OFF + 2 * (self.avail_idx % self.size), vq.Int16ul.build(head))
+        self.mem.write(AVAIL + vq.AVAIL_RING_OFF + 2 * (self.avail_idx % self.size), Int16ul.build(head))
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.set_avail_idx(self.avail_idx)
 

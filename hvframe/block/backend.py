@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import logging
 import mmap
 import os
 import stat
@@ -32,15 +31,17 @@ import itertools
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Sequence
 
 from .. import concurrency
 from ..core_native import ffi as _ffi      # compiled: no C declarations parsed at start-up
 from ..device import DeviceOptions, Option, option
 from ..errors import ConfigError
+from ..logs import LazyLogger
 
-log = logging.getLogger(__name__)
+log = LazyLogger(__name__)    # logging is imported when something is logged
 
 
 class _Libc:
@@ -670,7 +671,6 @@ class BlockBackend:
 #   -s 3,virtio-blk,disk.img,ro,nocache,sectorsize=512/4096,ser=ABC
 # Note the bhyve meanings: `nocache` is O_DIRECT (skip the host page cache) and `direct`
 # is write-through (every write is durable before it completes, like bhyve's O_SYNC).
-@dataclass
 class BlockOptions(DeviceOptions):
     """The disk options of a device with one disk (virtio-blk; each AHCI port)."""
     path: str | None = option(None, required=True, positional=True, example="disk.img",

@@ -11,8 +11,15 @@ crash the VMM.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections import namedtuple
+
+# typing and dataclasses stay out of a run (hvframe.device says why); type checkers see the
+# Protocol.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+else:
+    Protocol = object
 
 from .. import concurrency
 from ..device import Device
@@ -38,15 +45,11 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-@dataclass(frozen=True)
-class BarRegion:
+class BarRegion(namedtuple("BarRegion", "offset length handler access name", defaults=(None, ""))):
     """Part of a BAR with a handler and access rules of its own, mapped and moved with it
-    (QEMU's subregions): a BAR holding registers of different shapes side by side."""
-    offset: int
-    length: int
-    handler: Any
-    access: Access | None = None
-    name: str = ""
+    (QEMU's subregions): a BAR holding registers of different shapes side by side.
+    offset, length: int; handler: a PortHandler; access: Access or None; name: str."""
+    __slots__ = ()
 
 
 class NativeBar(Protocol):
@@ -59,20 +62,27 @@ class NativeBar(Protocol):
         register_native; returns the Range."""
 
 
-@dataclass
 class Bar:
     """One BAR (or the expansion ROM, index 6) and where it is currently decoded."""
 
-    index: int
-    kind: str           # "io", "mmio32", "mmio64" or "rom"
-    size: int
-    handler: Any        # the whole BAR's handler, or None when it is made of regions
-    prefetchable: bool = False
-    mapped_at: int | None = None
-    bus_name: str = ""  # the name given to the dispatch range
-    access: Access | None = None
-    regions: tuple[BarRegion, ...] = ()
-    native: NativeBar | None = None   # maps a native handler instead of `handler`
+    def __init__(self, index: int, kind: str, size: int, handler: Any,
+                 prefetchable: bool = False, mapped_at: int | None = None, bus_name: str = "",
+                 access: Access | None = None, regions: tuple[BarRegion, ...] = (),
+                 native: NativeBar | None = None):
+        self.index = index
+        self.kind = kind                # "io", "mmio32", "mmio64" or "rom"
+        self.size = size
+        self.handler = handler          # the whole BAR's handler, or None when made of regions
+        self.prefetchable = prefetchable
+        self.mapped_at = mapped_at
+        self.bus_name = bus_name        # the name given to the dispatch range
+        self.access = access
+        self.regions = regions
+        self.native = native            # maps a native handler instead of `handler`
+
+    def __repr__(self) -> str:
+        return (f"Bar(index={self.index}, kind={self.kind!r}, size={self.size:#x}, "
+                f"mapped_at={self.mapped_at if self.mapped_at is None else hex(self.mapped_at)})")
 
     @property
     def space(self) -> str:

@@ -40,14 +40,18 @@ the rest read 0 and are ignored.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
-
 from ..core_native import api_ffi as ffi
 from ..errors import ConfigError, HvError
 from .. import concurrency
 
+# typing stays out of a run (hvframe.device says why); type checkers see the Protocol.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from .device import PciFunction
+else:
+    Protocol = object
 
 CAP_ID_MSI = 0x05
 CAP_ID_MSIX = 0x11

@@ -18,10 +18,15 @@ the used ring, so whatever it promises (a write being on the disk) must be true 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections import namedtuple
 
-from construct import Struct
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+    from construct import Struct
+
+    from ..packed import Packed
 
 # -- device status (virtio 1.2, 2.1) --------------------------------------------------------
 STATUS_ACKNOWLEDGE = 1
@@ -51,14 +56,12 @@ def bit(n: int) -> int:
     return 1 << n
 
 
-@dataclass(frozen=True)
-class WorkerFds:
+class WorkerFds(namedtuple("WorkerFds", "doorbells wake")):
     """What a queue's worker sleeps on: the queue's doorbells (eventfds KVM signals) and the
     worker's wake-up eventfd, written whenever the worker is wanted back in Python (a stop,
-    a pause, a reset or quiesce claiming the queue, a device's own change of state)."""
-
-    doorbells: tuple[int, ...]
-    wake: int
+    a pause, a reset or quiesce claiming the queue, a device's own change of state).
+    doorbells: tuple[int, ...]; wake: int."""
+    __slots__ = ()
 
 
 class VirtioDevice:
@@ -71,7 +74,8 @@ class VirtioDevice:
     device_features = 0
     # The PCI class code the function shows (transitional devices keep the legacy IDs).
     pci_class = 0xFF0000
-    config_layout: Struct | None = None   # the construct declaration of the config space
+    # The config space's layout: its construct declaration or the compiled form of one.
+    config_layout: Struct | Packed | None = None
 
     transport = None                       # set by the transport
     # A native fast path: serve_cycle(queue, vq, gate) -> a CYCLE_* code of

@@ -29,11 +29,7 @@ import os
 import select
 from functools import partial
 
-from construct import (Bytes, Flag, GreedyBytes, Int8ul, Int16ul, Int32ul, Int64ul, Prefixed,
-                       PrefixedArray, Struct)
-
 from ..core_native import api_ffi as ffi
-from ..layout import fields_of
 from ..dispatch import Access, Bus, Partial
 from ..pci.device import BarRegion, PciFunction
 from ..pci.msi import MsixCapability
@@ -41,10 +37,11 @@ from .device import (F_ANY_LAYOUT, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VER
                      ISR_CONFIG, ISR_QUEUE, NO_VECTOR, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
                      STATUS_NEEDS_RESET, VirtioDevice, WorkerFds, bit)
 from .native import CYCLE_IDLE, CYCLE_NOTIFY, CYCLE_YIELD, claiming
-from .virtqueue import VirtQueue, VirtqueueError, offset_of
+from .virtqueue import VirtQueue, VirtqueueError
 from .. import concurrency
 from ..errors import ConfigError
-from ..snapshot.pci import PCI_FUNCTION_STATE, load_pci, save_pci
+from ..packed import Declarations, declared_later
+from ..snapshot.pci import load_pci, save_pci
 from ..snapshot.state import DeviceState, encode, parse_record
 
 
@@ -57,63 +54,98 @@ TRANSITIONAL_IDS = {1: 0x1000, 2: 0x1001, 5: 0x1002, 3: 0x1003, 8: 0x1004, 4: 0x
 CAP_ID_VENDOR = 0x09
 CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE, CFG_PCI = 1, 2, 3, 4, 5
 
-VirtioPciCap = Struct(
-    "cap_vndr" / Int8ul,
-    "cap_next" / Int8ul,
-    "cap_len" / Int8ul,
-    "cfg_type" / Int8ul,
-    "bar" / Int8ul,
-    "id" / Int8ul,
-    "padding" / Bytes(2),
-    "offset" / Int32ul,
-    "length" / Int32ul,
-)
-VirtioPciNotifyCap = Struct(*VirtioPciCap.subcons, "notify_off_multiplier" / Int32ul)
-VirtioPciCfgCap = Struct(*VirtioPciCap.subcons, "pci_cfg_data" / Int32ul)
 
-VirtioPciCommonCfg = Struct(
-    "device_feature_select" / Int32ul,
-    "device_feature" / Int32ul,
-    "driver_feature_select" / Int32ul,
-    "driver_feature" / Int32ul,
-    "config_msix_vector" / Int16ul,
-    "num_queues" / Int16ul,
-    "device_status" / Int8ul,
-    "config_generation" / Int8ul,
-    "queue_select" / Int16ul,
-    "queue_size" / Int16ul,
-    "queue_msix_vector" / Int16ul,
-    "queue_enable" / Int16ul,
-    "queue_notify_off" / Int16ul,
-    "queue_desc" / Int64ul,
-    "queue_driver" / Int64ul,
-    "queue_device" / Int64ul,
-    "queue_notify_data" / Int16ul,
-    "queue_reset" / Int16ul,
-)
-COMMON_SIZE = VirtioPciCommonCfg.sizeof()
+def _declare():
+    # The transport's registers and capabilities (virtio 1.2 4.1.4). A run reads them
+    # compiled (hvframe.packed); the construct objects are for tests, tools and snapshots.
+    from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
-# The legacy I/O header (4.1.4.8); the MSI-X pair exists only while MSI-X is enabled.
-VirtioPciLegacyHeader = Struct(
-    "host_features" / Int32ul,
-    "guest_features" / Int32ul,
-    "queue_pfn" / Int32ul,
-    "queue_size" / Int16ul,
-    "queue_select" / Int16ul,
-    "queue_notify" / Int16ul,
-    "device_status" / Int8ul,
-    "isr_status" / Int8ul,
-)
-VirtioPciLegacyMsix = Struct("config_msix_vector" / Int16ul, "queue_msix_vector" / Int16ul)
-LEGACY_HEADER_SIZE = VirtioPciLegacyHeader.sizeof()            # 20
-LEGACY_MSIX_SIZE = VirtioPciLegacyMsix.sizeof()                # 4
-LEGACY_NOTIFY = offset_of(VirtioPciLegacyHeader, "queue_notify")
-LEGACY_ISR = offset_of(VirtioPciLegacyHeader, "isr_status")
-# Where the configuration access window's fields sit in its capability (fields_of walks the
-# declaration: once here, not on every configuration access).
+    VirtioPciCap = Struct(
+        "cap_vndr" / Int8ul,
+        "cap_next" / Int8ul,
+        "cap_len" / Int8ul,
+        "cfg_type" / Int8ul,
+        "bar" / Int8ul,
+        "id" / Int8ul,
+        "padding" / Bytes(2),
+        "offset" / Int32ul,
+        "length" / Int32ul,
+    )
+    VirtioPciNotifyCap = Struct(*VirtioPciCap.subcons, "notify_off_multiplier" / Int32ul)
+    VirtioPciCfgCap = Struct(*VirtioPciCap.subcons, "pci_cfg_data" / Int32ul)
+
+    VirtioPciCommonCfg = Struct(
+        "device_feature_select" / Int32ul,
+        "device_feature" / Int32ul,
+        "driver_feature_select" / Int32ul,
+        "driver_feature" / Int32ul,
+        "config_msix_vector" / Int16ul,
+        "num_queues" / Int16ul,
+        "device_status" / Int8ul,
+        "config_generation" / Int8ul,
+        "queue_select" / Int16ul,
+        "queue_size" / Int16ul,
+        "queue_msix_vector" / Int16ul,
+        "queue_enable" / Int16ul,
+        "queue_notify_off" / Int16ul,
+        "queue_desc" / Int64ul,
+        "queue_driver" / Int64ul,
+        "queue_device" / Int64ul,
+        "queue_notify_data" / Int16ul,
+        "queue_reset" / Int16ul,
+    )
+    # The legacy I/O header (4.1.4.8); the MSI-X pair exists only while MSI-X is enabled.
+    VirtioPciLegacyHeader = Struct(
+        "host_features" / Int32ul,
+        "guest_features" / Int32ul,
+        "queue_pfn" / Int32ul,
+        "queue_size" / Int16ul,
+        "queue_select" / Int16ul,
+        "queue_notify" / Int16ul,
+        "device_status" / Int8ul,
+        "isr_status" / Int8ul,
+    )
+    VirtioPciLegacyMsix = Struct("config_msix_vector" / Int16ul, "queue_msix_vector" / Int16ul)
+    return locals()
+
+
+def _declare_state():
+    # The transport's checkpoint record: the PCI function, the common configuration, each
+    # queue as the driver set it up with the device's ring positions, then the device model's
+    # own record (hvframe.snapshot.state framing). Made when a snapshot is taken or loaded.
+    from construct import (Flag, GreedyBytes, Int8ul, Int16ul, Int32ul, Int64ul, Prefixed,
+                           PrefixedArray, Struct)
+    from ..snapshot.pci import LAYOUTS as PCI_LAYOUTS
+    PCI_FUNCTION_STATE = PCI_LAYOUTS.module_getattr("PCI_FUNCTION_STATE")
+    VIRTIO_QUEUE_STATE = Struct(
+        "size" / Int16ul, "msix_vector" / Int16ul, "enabled" / Flag, "desc" / Int64ul,
+        "driver" / Int64ul, "device" / Int64ul, "pfn" / Int32ul, "broken" / Flag,
+        "live" / Flag, "last_avail_idx" / Int16ul, "used_idx" / Int16ul,
+    )
+    VIRTIO_PCI_STATE = Struct(
+        "pci" / PCI_FUNCTION_STATE,
+        "status" / Int8ul, "device_feature_select" / Int32ul, "driver_feature_select" / Int32ul,
+        "driver_features" / Int64ul, "features" / Int64ul, "config_vector" / Int16ul,
+        "config_generation" / Int8ul, "queue_select" / Int32ul, "isr" / Int8ul, "live" / Flag,
+        "queues" / PrefixedArray(Int16ul, VIRTIO_QUEUE_STATE),
+        "device" / Prefixed(Int32ul, GreedyBytes),
+    )
+    return VIRTIO_PCI_STATE
+
+
+LAYOUTS = Declarations(__name__, __file__, _declare)
+__getattr__ = LAYOUTS.module_getattr
+COMMON_SIZE = LAYOUTS.VirtioPciCommonCfg.sizeof()
+
+LEGACY_HEADER_SIZE = LAYOUTS.VirtioPciLegacyHeader.sizeof()            # 20
+LEGACY_MSIX_SIZE = LAYOUTS.VirtioPciLegacyMsix.sizeof()                # 4
+LEGACY_NOTIFY = LAYOUTS.VirtioPciLegacyHeader.fields["queue_notify"][0]
+LEGACY_ISR = LAYOUTS.VirtioPciLegacyHeader.fields["isr_status"][0]
+# Where the configuration access window's fields sit in its capability (looked up once here,
+# not on every configuration access).
 CFG_CAP_BAR, CFG_CAP_OFFSET, CFG_CAP_LENGTH, CFG_CAP_DATA = (
-    offset_of(VirtioPciCfgCap, n) for n in ("bar", "offset", "length", "pci_cfg_data"))
-QUEUE_MSIX_VECTOR = offset_of(VirtioPciCommonCfg, "queue_msix_vector")
+    LAYOUTS.VirtioPciCfgCap.fields[n][0] for n in ("bar", "offset", "length", "pci_cfg_data"))
+QUEUE_MSIX_VECTOR = LAYOUTS.VirtioPciCommonCfg.fields["queue_msix_vector"][0]
 LEGACY_PAGE = 4096          # queue_pfn unit and used-ring alignment of legacy queues
 
 # BAR layout.
@@ -129,39 +161,22 @@ def _le(value: int, size: int) -> bytes:
     return (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
-def _names_by_offset(st: Struct) -> dict[int, str]:
-    return {off: name for name, (off, _) in fields_of(st).items()}
+def _names_by_offset(layout) -> dict[int, str]:
+    return {off: name for name, (off, _) in layout.fields.items()}
 
 
 # The bus hands the register handlers one whole field per call (hvframe.dispatch.Access): a
 # narrower write merges into the field (so a 64-bit address written as two dwords works),
 # and the handler needs no byte-lane code.
-COMMON_ACCESS = Access.of_struct(VirtioPciCommonCfg)
-LEGACY_ACCESS = Access.of_struct(VirtioPciLegacyHeader)
+COMMON_ACCESS = Access.of_struct(LAYOUTS.VirtioPciCommonCfg)
+LEGACY_ACCESS = Access.of_struct(LAYOUTS.VirtioPciLegacyHeader)
 # Bytes 20-23 of the legacy BAR: the two MSI-X vectors while MSI-X is on, else the first four
 # bytes of the device configuration; both are words.
 LEGACY_WORDS = Access(sizes=(2,), aligned=True, partial=Partial.MERGE)
-_COMMON_NAMES = _names_by_offset(VirtioPciCommonCfg)
-_LEGACY_NAMES = _names_by_offset(VirtioPciLegacyHeader)
-_LEGACY_MSIX_NAMES = _names_by_offset(VirtioPciLegacyMsix)
+_COMMON_NAMES = _names_by_offset(LAYOUTS.VirtioPciCommonCfg)
+_LEGACY_NAMES = _names_by_offset(LAYOUTS.VirtioPciLegacyHeader)
+_LEGACY_MSIX_NAMES = _names_by_offset(LAYOUTS.VirtioPciLegacyMsix)
 
-
-# The transport's checkpoint record: the PCI function, the common configuration, each
-# queue as the driver set it up with the device's ring positions, then the device model's
-# own record (hvframe.snapshot.state framing).
-VIRTIO_QUEUE_STATE = Struct(
-    "size" / Int16ul, "msix_vector" / Int16ul, "enabled" / Flag, "desc" / Int64ul,
-    "driver" / Int64ul, "device" / Int64ul, "pfn" / Int32ul, "broken" / Flag,
-    "live" / Flag, "last_avail_idx" / Int16ul, "used_idx" / Int16ul,
-)
-VIRTIO_PCI_STATE = Struct(
-    "pci" / PCI_FUNCTION_STATE,
-    "status" / Int8ul, "device_feature_select" / Int32ul, "driver_feature_select" / Int32ul,
-    "driver_features" / Int64ul, "features" / Int64ul, "config_vector" / Int16ul,
-    "config_generation" / Int8ul, "queue_select" / Int32ul, "isr" / Int8ul, "live" / Flag,
-    "queues" / PrefixedArray(Int16ul, VIRTIO_QUEUE_STATE),
-    "device" / Prefixed(Int32ul, GreedyBytes),
-)
 
 _claims_lock = concurrency.lock(concurrency.LEAF, "queue claims")
 
@@ -275,7 +290,7 @@ class VirtioPciFunction(PciFunction, DeviceState):
     """A virtio device on PCI: the transport around one VirtioDevice."""
 
     state_version = 1
-    state_layout = VIRTIO_PCI_STATE
+    state_layout = declared_later(_declare_state)
 
     def __init__(self, device: VirtioDevice, *, name: str | None = None):
         nq = device.num_queues
@@ -351,18 +366,18 @@ class VirtioPciFunction(PciFunction, DeviceState):
         fields = dict(cap_vndr=CAP_ID_VENDOR, cap_next=0, cfg_type=cfg_type,
                       bar=MODERN_BAR, id=0, padding=b"\0\0", offset=offset, length=length)
         if cfg_type == CFG_NOTIFY:
-            st, fields["notify_off_multiplier"] = VirtioPciNotifyCap, NOTIFY_MULTIPLIER
+            st, fields["notify_off_multiplier"] = LAYOUTS.VirtioPciNotifyCap, NOTIFY_MULTIPLIER
         elif cfg_type == CFG_PCI:
-            st, fields["pci_cfg_data"], fields["bar"] = VirtioPciCfgCap, 0, 0
+            st, fields["pci_cfg_data"], fields["bar"] = LAYOUTS.VirtioPciCfgCap, 0, 0
         else:
-            st = VirtioPciCap
+            st = LAYOUTS.VirtioPciCap
         fields["cap_len"] = st.sizeof()
         body = st.build(fields)[2:]          # add_capability writes id and next itself
         wmask = None
         if cfg_type == CFG_PCI:
             # The driver picks bar, offset and length, then moves data through pci_cfg_data.
             wm = bytearray(len(body))
-            for name, (o, n) in fields_of(st).items():
+            for name, (o, n) in st.fields.items():
                 if name in ("bar", "offset", "length", "pci_cfg_data"):
                     wm[o - 2:o - 2 + n] = b"\xff" * n
             wmask = bytes(wm)

@@ -59,13 +59,10 @@ All ring indices are free-running 16-bit counters; positions in the rings are
 """
 from __future__ import annotations
 
-import struct
 import threading
 
-from construct import Array, Int16ul, Int32ul, Int64ul, Struct
-
-from ..layout import offset_of, struct_of
 from ..memory import GuestMemoryError
+from ..packed import Declarations
 
 # -- layouts (single source of truth) ------------------------------------------------------
 
@@ -82,59 +79,80 @@ DESC_ALIGN = 16
 AVAIL_ALIGN = 2
 USED_ALIGN = 4
 
-VirtqDesc = Struct(
-    "addr" / Int64ul,
-    "len" / Int32ul,
-    "flags" / Int16ul,
-    "next" / Int16ul,
-)
-VirtqAvailHeader = Struct(
-    "flags" / Int16ul,
-    "idx" / Int16ul,
-)
-VirtqAvailElem = Int16ul          # a descriptor-chain head
-VirtqUsedHeader = Struct(
-    "flags" / Int16ul,
-    "idx" / Int16ul,
-)
-VirtqUsedElem = Struct(
-    "id" / Int32ul,
-    "len" / Int32ul,
-)
-VirtqEvent = Int16ul              # used_event (end of avail ring), avail_event (end of used ring)
+
+def _declare():
+    # The split virtqueue's layouts (virtio 1.2 2.7). A run reads them compiled
+    # (hvframe.packed); the construct objects are there for tests and tools
+    # (hvframe.virtio.virtqueue.VirtqDesc, say).
+    from construct import Int16ul, Int32ul, Int64ul, Struct
+
+    VirtqDesc = Struct(
+        "addr" / Int64ul,
+        "len" / Int32ul,
+        "flags" / Int16ul,
+        "next" / Int16ul,
+    )
+    VirtqAvailHeader = Struct(
+        "flags" / Int16ul,
+        "idx" / Int16ul,
+    )
+    VirtqAvailElem = Int16ul          # a descriptor-chain head
+    VirtqUsedHeader = Struct(
+        "flags" / Int16ul,
+        "idx" / Int16ul,
+    )
+    VirtqUsedElem = Struct(
+        "id" / Int32ul,
+        "len" / Int32ul,
+    )
+    VirtqEvent = Int16ul              # used_event (end of avail ring), avail_event (end of used ring)
+    # The two bare numbers as one-field structs, so that their compiled forms give the run
+    # their format and size.
+    VirtqAvailSlot = Struct("head" / VirtqAvailElem)
+    VirtqEventSlot = Struct("idx" / VirtqEvent)
+    return locals()
 
 
-def virtq_avail(size: int, event_idx: bool = True) -> Struct:
-    """The whole available ring of a queue of ``size`` entries."""
-    fields = [*VirtqAvailHeader.subcons, "ring" / Array(size, VirtqAvailElem)]
+LAYOUTS = Declarations(__name__, __file__, _declare)
+__getattr__ = LAYOUTS.module_getattr
+
+
+def virtq_avail(size: int, event_idx: bool = True):
+    """The whole available ring of a queue of ``size`` entries (a construct Struct)."""
+    from construct import Array, Struct
+    d = LAYOUTS.constructs()
+    fields = [*d["VirtqAvailHeader"].subcons, "ring" / Array(size, d["VirtqAvailElem"])]
     if event_idx:
-        fields.append("used_event" / VirtqEvent)
+        fields.append("used_event" / d["VirtqEvent"])
     return Struct(*fields)
 
 
-def virtq_used(size: int, event_idx: bool = True) -> Struct:
-    """The whole used ring of a queue of ``size`` entries."""
-    fields = [*VirtqUsedHeader.subcons, "ring" / Array(size, VirtqUsedElem)]
+def virtq_used(size: int, event_idx: bool = True):
+    """The whole used ring of a queue of ``size`` entries (a construct Struct)."""
+    from construct import Array, Struct
+    d = LAYOUTS.constructs()
+    fields = [*d["VirtqUsedHeader"].subcons, "ring" / Array(size, d["VirtqUsedElem"])]
     if event_idx:
-        fields.append("avail_event" / VirtqEvent)
+        fields.append("avail_event" / d["VirtqEvent"])
     return Struct(*fields)
 
 
 # -- fast path derived from the layouts ----------------------------------------------------
 
-_DESC = struct_of(VirtqDesc)                       # addr, len, flags, next
-_USED_ELEM = struct_of(VirtqUsedElem)              # id, len
-_U16 = struct.Struct("<" + VirtqAvailElem.fmtstr[1:])
-DESC_SIZE = VirtqDesc.sizeof()
-AVAIL_ELEM_SIZE = VirtqAvailElem.sizeof()
-USED_ELEM_SIZE = VirtqUsedElem.sizeof()
-EVENT_SIZE = VirtqEvent.sizeof()
-AVAIL_FLAGS_OFF = offset_of(VirtqAvailHeader, "flags")
-AVAIL_IDX_OFF = offset_of(VirtqAvailHeader, "idx")
-AVAIL_RING_OFF = VirtqAvailHeader.sizeof()
-USED_FLAGS_OFF = offset_of(VirtqUsedHeader, "flags")
-USED_IDX_OFF = offset_of(VirtqUsedHeader, "idx")
-USED_RING_OFF = VirtqUsedHeader.sizeof()
+_DESC = LAYOUTS.VirtqDesc.struct                   # addr, len, flags, next
+_USED_ELEM = LAYOUTS.VirtqUsedElem.struct          # id, len
+_U16 = LAYOUTS.VirtqAvailSlot.struct
+DESC_SIZE = LAYOUTS.VirtqDesc.sizeof()
+AVAIL_ELEM_SIZE = LAYOUTS.VirtqAvailSlot.sizeof()
+USED_ELEM_SIZE = LAYOUTS.VirtqUsedElem.sizeof()
+EVENT_SIZE = LAYOUTS.VirtqEventSlot.sizeof()
+AVAIL_FLAGS_OFF = LAYOUTS.VirtqAvailHeader.fields["flags"][0]
+AVAIL_IDX_OFF = LAYOUTS.VirtqAvailHeader.fields["idx"][0]
+AVAIL_RING_OFF = LAYOUTS.VirtqAvailHeader.sizeof()
+USED_FLAGS_OFF = LAYOUTS.VirtqUsedHeader.fields["flags"][0]
+USED_IDX_OFF = LAYOUTS.VirtqUsedHeader.fields["idx"][0]
+USED_RING_OFF = LAYOUTS.VirtqUsedHeader.sizeof()
+assert _U16.size == AVAIL_ELEM_SIZE == EVENT_SIZE
 
 
 def desc_table_size(size: int) -> int:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from hvframe.block.backend import BlockOptions, open_from_options
 from hvframe.device import DeviceType, PciAddress, PciOptions, option
@@ -16,13 +14,13 @@ from hvframe.virtio.pci import MAX_QUEUES, VirtioPciFunction
 
 from .virtio_blk import VirtioBlk
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from hvframe.bench import Benchmarks
 
 QUEUE_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
-@dataclass
 class VirtioBlkOptions(PciOptions, BlockOptions):
     num_queues: int = option(1, help="number of request queues", min=1, max=MAX_QUEUES - 1)
     queue_size: int = option(256, unit="descriptors", help="descriptors per queue: "

@@ -19,13 +19,11 @@ from __future__ import annotations
 import errno
 import threading
 
-from construct import Flag, Struct
-
 from hvframe import concurrency
 from hvframe.snapshot.state import DeviceState
 from hvframe.block.backend import BlockBackend, BlockError, views_after
 from hvframe.virtio.device import VirtioDevice, bit
-from hvframe.virtio.virtqueue import struct_of
+from hvframe.packed import declared_later
 
 try:
     from hvframe.core_native import bind as _bind
@@ -42,10 +40,12 @@ from .layout import (  # noqa: F401  (re-exported: the names tests and tools kno
     F_SIZE_MAX, F_TOPOLOGY, F_WRITE_ZEROES, ID_BYTES, MAX_DISCARD_SECTORS,
     MAX_DISCARD_SEGMENTS, MAX_WRITE_ZEROES_SEGMENTS, S_IOERR, S_OK, S_UNSUPP, SECTOR,
     T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, VIRTIO_ID_BLOCK,
-    WRITE_ZEROES_UNMAP, VirtioBlkConfig, VirtioBlkDiscardSegment, VirtioBlkReqHeader)
+    WRITE_ZEROES_UNMAP, LAYOUTS)
 
-_HEADER = struct_of(VirtioBlkReqHeader)
-_SEGMENT = struct_of(VirtioBlkDiscardSegment)
+# VirtioBlkConfig and the other construct declarations, as the layout module gives them.
+__getattr__ = LAYOUTS.module_getattr
+_HEADER = LAYOUTS.VirtioBlkReqHeader.struct
+_SEGMENT = LAYOUTS.VirtioBlkDiscardSegment.struct
 HEADER_SIZE = _HEADER.size
 SEGMENT_SIZE = _SEGMENT.size
 
@@ -64,11 +64,16 @@ class VirtioBlk(VirtioDevice, DeviceState):
     # The disk's contents are not in a checkpoint (the image is, as with QEMU, the same file
     # on both sides); a write-back failure the guest has not reset away is.
     state_version = 1
-    state_layout = Struct("writeback_failed" / Flag)
+
+    @declared_later
+    def state_layout():
+        from construct import Flag, Struct
+        return Struct("writeback_failed" / Flag)
+
     name = "virtio-blk"
     device_type = VIRTIO_ID_BLOCK
     pci_class = 0x010000            # mass storage, SCSI: what drivers and firmware expect
-    config_layout = VirtioBlkConfig
+    config_layout = LAYOUTS.VirtioBlkConfig
 
     def __init__(self, backend: BlockBackend, *, num_queues: int = 1, queue_size: int = 256):
         self.backend = backend
@@ -106,7 +111,7 @@ class VirtioBlk(VirtioDevice, DeviceState):
         be = self.backend
         logical, physical = be.logical_sector, be.physical_sector
         exp = (physical // logical).bit_length() - 1
-        cfg = VirtioBlkConfig.build(dict(
+        cfg = LAYOUTS.VirtioBlkConfig.build(dict(
             capacity=be.size // SECTOR,
             size_max=0,
             seg_max=max(1, self.queue_max_size - 2),   # header and status take two

@@ -25,7 +25,7 @@ import time
 
 from hvframe.virtio.device import F_VERSION_1, bit
 from hvframe.virtio.harness import VirtioPciDriver
-from hvframe.virtio.virtqueue import struct_of
+from hvframe.layout import struct_of
 
 from . import layout as L
 from .backend import Framing, NetBackend, Offloads

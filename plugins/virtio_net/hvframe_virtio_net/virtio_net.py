@@ -45,7 +45,7 @@ from hvframe.errors import ConfigError
 from hvframe.snapshot.state import DeviceState
 from hvframe.virtio.device import F_VERSION_1, VirtioDevice, WorkerFds, bit
 from hvframe.virtio.native import CYCLE_IDLE, CYCLE_PYTHON, POLL_NS, queue_state
-from hvframe.virtio.virtqueue import struct_of
+from hvframe.layout import struct_of
 
 from . import layout as L
 from .backend import Framing, NetBackend, Offloads
