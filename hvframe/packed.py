@@ -113,6 +113,12 @@ class Packed:
     def __repr__(self) -> str:
         return f"<Packed {self.name}>"
 
+    @property
+    def struct(self) -> struct.Struct:
+        """The struct.Struct of the fixed part, for hot paths that pack and unpack tuples
+        themselves: one item per number or byte string, in order; padding gives none."""
+        return self._st
+
     def sizeof(self) -> int:
         if self._tail is not None:
             raise PackedError(f"{self.name} has no fixed size")

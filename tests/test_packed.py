@@ -21,7 +21,8 @@ from hvframe.packed import _put as _set     # nested dicts and lists from item p
 DECLARING_MODULES = ["hvframe.acpi.tables", "hvframe.acpi.aml", "hvframe.acpi.mptable",
                      "hvframe.acpi.smbios", "hvframe.loader.elf", "hvframe.loader.pvh",
                      "hvframe.loader.bzimage", "hvframe.pci.config_space",
-                     "hvframe.snapshot.state", "hvframe.snapshot.pci", "hvframe_uart.uart16550"]
+                     "hvframe.snapshot.state", "hvframe.snapshot.pci", "hvframe_uart.uart16550",
+                     "hvframe_ahci.regs"]
 
 
 def declarations(modname: str) -> Declarations:

@@ -26,19 +26,19 @@ NOT_IMPORTED = ("dataclasses", "construct", "json", "pluggy", "inspect", "hvfram
 PROBE = r"""
 import sys
 from hvframe.cli import main
-rc = main(["run", "-m", "32M", "-l", "com1,null"])
+rc = main(["run", "-m", "32M", *sys.argv[1:], "-l", "com1,null"])
 print(rc)
 print(" ".join(sorted(sys.modules)))
 """
 
 
-def _demo_run(tmp_path):
+def _demo_run(tmp_path, *args):
     env = dict(os.environ, HVFRAME_RUN_DIR=str(tmp_path / "run"), XDG_CACHE_HOME=str(tmp_path))
     # A user's plain run: the lock-order checker (on for the test suite) brings its own.
     env.pop("HVFRAME_LOCK_CHECK", None)
     out = None
     for _ in range(2):      # the first fills the layout cache (through construct)
-        r = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
+        r = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         out = r.stdout.split("\n")
@@ -51,6 +51,17 @@ def test_a_demo_run_imports_only_what_it_uses(tmp_path):
     assert rc == 1                                  # the demo guest powered off
     assert "hvframe_uart" in modules                # COM1's plugin, named on the command line
     assert sorted(m for m in modules if m.split(".")[0] in NOT_IMPORTED or m in NOT_IMPORTED) == []
+
+
+@requires_kvm
+def test_a_run_with_an_ahci_disk_imports_no_construct(tmp_path):
+    """The controller's layouts come compiled, its checkpoint records are declared when a
+    checkpoint asks (the plugin's own imports: plugins/ahci/tests/test_ahci_plugin.py)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    rc, modules = _demo_run(tmp_path, "-s", "0,hostbridge", "-s", f"4,ahci,hd:{disk}")
+    assert rc == 1 and "hvframe_ahci.hba" in modules
+    assert sorted(m for m in modules if m.split(".")[0] == "construct") == []
 
 
 @requires_kvm
