@@ -356,9 +356,11 @@ class DeviceOptions:
         for attr, value in list(vars(cls).items()):
             if isinstance(value, _Declared):
                 own[attr] = (value.spec, value.default)
-                if "group" in value.spec:
-                    # A dict for each instance (for a dataclass, by its default_factory).
-                    import dataclasses
+                dataclasses = sys.modules.get("dataclasses")
+                if "group" in value.spec and dataclasses is not None:
+                    # A dict for each instance: for a dataclass, by its default_factory (a
+                    # class to be made a dataclass has imported dataclasses already; a plain
+                    # class gets its dicts from __init__, and a run no dataclass machinery).
                     setattr(cls, attr, dataclasses.field(default_factory=dict))
                 else:
                     setattr(cls, attr, value.default)

@@ -417,6 +417,26 @@ def test_a_plain_subclass_of_a_dataclass_options_class_has_all_its_fields():
     assert (o.level, o.extra) == (4, 5)
 
 
+def test_a_plain_options_class_with_a_group_needs_no_dataclass_machinery():
+    """A plain class's groups get a dict per instance from __init__ (a dataclass's, from a
+    default_factory); defining and using one imports no dataclasses (AHCI's ports)."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "from hvframe.device import DeviceOptions, group, option\n"
+        "class Port(DeviceOptions):\n"
+        "    path: str | None = option(None, help='image')\n"
+        "class Hba(DeviceOptions):\n"
+        "    ports: dict = group(Port, name='port', max_count=4)\n"
+        "a, b = Hba(), Hba()\n"
+        "a.ports[0] = Port(path='x')\n"
+        "o = Hba.from_raw({'port': {'1': {'path': 'y'}}}, 'probe')\n"
+        "print(b.ports, o.ports, 'dataclasses' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["{}", "{1:", "Port(path='y')}", "False"]
+
+
 def test_a_frozen_dataclass_pci_options_class_takes_rom(tmp_path):
     @dataclass(frozen=True)
     class Frozen(PciOptions):

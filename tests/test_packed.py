@@ -22,7 +22,8 @@ DECLARING_MODULES = ["hvframe.acpi.tables", "hvframe.acpi.aml", "hvframe.acpi.mp
                      "hvframe.acpi.smbios", "hvframe.loader.elf", "hvframe.loader.pvh",
                      "hvframe.loader.bzimage", "hvframe.pci.config_space",
                      "hvframe.snapshot.state", "hvframe.snapshot.pci", "hvframe_uart.uart16550",
-                     "hvframe.virtio.virtqueue", "hvframe.virtio.pci", "hvframe_virtio_blk.layout"]
+                     "hvframe.virtio.virtqueue", "hvframe.virtio.pci", "hvframe_virtio_blk.layout",
+                     "hvframe_ahci.regs"]
 
 
 def declarations(modname: str) -> Declarations:

@@ -62,13 +62,17 @@ def test_a_demo_run_imports_only_what_it_uses(tmp_path):
 
 
 @requires_kvm
-def test_a_pc_with_a_virtio_disk_imports_only_what_it_uses(tmp_path):
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(bytes(1 << 20))
+def test_a_pc_with_virtio_and_ahci_disks_imports_only_what_it_uses(tmp_path):
+    """The disk controllers' layouts come compiled and their checkpoint records are declared
+    when a checkpoint asks (the AHCI plugin's own imports: test_ahci_plugin.py)."""
+    disks = tmp_path / "vd.img", tmp_path / "sd.img"
+    for disk in disks:
+        disk.write_bytes(bytes(1 << 20))
     rc, modules = _demo_run(tmp_path, "-s", "0,hostbridge", "-s", "31,lpc",
-                            "-s", f"2,virtio-blk,{disk}")
+                            "-s", f"2,virtio-blk,{disks[0]}", "-s", f"4,ahci,hd:{disks[1]}")
     assert rc == 1                                  # the demo guest powered off
-    assert {"hvframe_virtio_blk.virtio_blk", "hvframe.virtio.pci", "hvframe.lpc.bridge"} <= modules
+    assert {"hvframe_virtio_blk.virtio_blk", "hvframe_ahci.hba", "hvframe.virtio.pci",
+            "hvframe.lpc.bridge"} <= modules
     assert sorted(m for m in modules
                   if m.split(".")[0] in PC_NOT_IMPORTED or m in PC_NOT_IMPORTED) == []
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import errno
 import struct
 
-from construct import Flag, Int8ul, Struct
-
 from hvframe.block.backend import BlockBackend, BlockError, BlockQueue
 from hvframe.errors import ConfigError
+from hvframe.packed import declared_later
 from hvframe.snapshot.state import DeviceState
 
 from .hba import Command, Result, ata_error
@@ -73,20 +72,21 @@ def identify_block(words: list[int], strings: dict[int, tuple[str, int]]) -> byt
     return bytes(buf)
 
 
-# The disk's checkpoint record (DeviceState, version 1; inside its AHCI port's record).
-ATA_DISK_STATE = Struct(
-    "write_cache" / Flag,             # SET FEATURES' choice
-    "udma_mode" / Int8ul,
-    "writeback_failed" / Flag,        # a lost write-back: every FLUSH fails until COMRESET
-)
-
-
 class AtaDisk(DeviceState):
     signature = SIG_ATA
     reset_status = ST_OK
     atapi = False
     state_version = 1
-    state_layout = ATA_DISK_STATE
+
+    @declared_later
+    def state_layout():
+        """The disk's checkpoint record (inside its AHCI port's record)."""
+        from construct import Flag, Int8ul, Struct
+        return Struct(
+            "write_cache" / Flag,             # SET FEATURES' choice
+            "udma_mode" / Int8ul,
+            "writeback_failed" / Flag,        # a lost write-back: every FLUSH fails until COMRESET
+        )
 
     def __init__(self, backend: BlockBackend, *, model: str | None = None,
                  serial: str | None = None, nmrr: int = 0, workers: int = 4,

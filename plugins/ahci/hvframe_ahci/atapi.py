@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import struct
 
-from construct import Flag, Int8ul, Struct
-
 from hvframe.block.backend import BlockBackend, BlockError, BlockQueue
 from hvframe.errors import ConfigError
+from hvframe.packed import declared_later
 from hvframe.snapshot.state import DeviceState
 
 from .ata import FIRMWARE, identify_block
@@ -76,22 +75,23 @@ def msf(lba: int) -> bytes:
     return bytes((0, f // (75 * 60), (f // 75) % 60, f % 75))
 
 
-# The CD-ROM's checkpoint record (DeviceState, version 1; inside its AHCI port's record).
-ATAPI_CDROM_STATE = Struct(
-    "sense_key" / Int8ul, "asc" / Int8ul, "ascq" / Int8ul,    # what REQUEST SENSE returns
-    "tray_open" / Flag,
-    "prevent" / Flag,                 # PREVENT ALLOW MEDIUM REMOVAL
-    "unit_attention" / Flag,          # "medium may have changed" not yet reported
-    "media_event" / Int8ul,           # for GET EVENT STATUS NOTIFICATION
-)
-
-
 class AtapiCdrom(DeviceState):
     signature = SIG_ATAPI
     reset_status = 0x00            # a packet device is not "ready" until identified
     atapi = True
     state_version = 1
-    state_layout = ATAPI_CDROM_STATE
+
+    @declared_later
+    def state_layout():
+        """The CD-ROM's checkpoint record (inside its AHCI port's record)."""
+        from construct import Flag, Int8ul, Struct
+        return Struct(
+            "sense_key" / Int8ul, "asc" / Int8ul, "ascq" / Int8ul,    # what REQUEST SENSE returns
+            "tray_open" / Flag,
+            "prevent" / Flag,                 # PREVENT ALLOW MEDIUM REMOVAL
+            "unit_attention" / Flag,          # "medium may have changed" not yet reported
+            "media_event" / Int8ul,           # for GET EVENT STATUS NOTIFICATION
+        )
 
     def __init__(self, backend: BlockBackend, *, model: str | None = None,
                  serial: str | None = None, workers: int = 2, name: str = "ahci-cd"):

@@ -52,8 +52,6 @@ import errno
 from collections import deque
 from functools import partial
 
-from construct import (Flag, GreedyBytes, Int8ul, Int32ul, Prefixed, PrefixedArray, Struct)
-
 from hvframe.block.backend import BlockError
 from hvframe.core_native import bind, set_ram_regions
 from hvframe.core_native import ffi as core_ffi
@@ -62,8 +60,8 @@ from hvframe.memory import GuestMemoryError
 from hvframe.pci.device import PciFunction
 from hvframe.pci.msi import MsiCapability
 from hvframe.errors import ConfigError
-from hvframe.snapshot.format import SnapshotError
-from hvframe.snapshot.pci import PCI_FUNCTION_STATE, load_pci, save_pci
+from hvframe.packed import declared_later
+from hvframe.snapshot.pci import load_pci, save_pci
 from hvframe.snapshot.state import DeviceState, encode, parse_record
 
 from .regs import (ABAR_SIZE, AHCI_VERSION, CAP_ISS_SHIFT, CAP_NCS_SHIFT, CAP_PMD, CAP_S64A,
@@ -95,25 +93,9 @@ ISSUE_SPIN_NS = 0                # a port's worker may poll this long for more b
 _U32 = 0xFFFFFFFF
 QUIESCE_TIMEOUT_S = 30.0         # for the commands with the backends to come back
 
+# The port registers in a port's checkpoint record (AhciHba.state_layout), in order.
 _PORT_REGS = ("clb", "clbu", "fb", "fbu", "pxis", "ie", "cmd", "ccs", "tfd", "sig", "ssts",
               "sctl", "serr", "sntf", "sact", "ci")
-# One port's part of the HBA's checkpoint record.
-AHCI_PORT_STATE = Struct(
-    *(name / Int32ul for name in _PORT_REGS),   # cmd as written; pxis as stored (PxIS)
-    "halted" / Flag,                            # stopped by an error until ST is cleared
-    "pending" / PrefixedArray(Int8ul, Int8ul),  # slots waiting behind the error, in order
-    "held" / Int32ul,                           # slots issued during the quiesce
-    "atapi" / Flag,                             # the device is a CD-ROM
-    "device" / Prefixed(Int32ul, GreedyBytes),  # the device's record; empty: no device
-)
-# The HBA's checkpoint record (DeviceState, version 1).
-AHCI_HBA_STATE = Struct(
-    "pci" / PCI_FUNCTION_STATE,
-    "ghc" / Int32ul,
-    "is" / Int32ul,
-    "irq_level" / Flag,                         # the interrupt as last driven
-    "ports" / PrefixedArray(Int8ul, AHCI_PORT_STATE),
-)
 
 
 class TransferError(Exception):
@@ -944,7 +926,27 @@ class AhciHba(PciFunction, DeviceState):
     The vCPU takes only the mutex for the accesses served natively."""
 
     state_version = 1
-    state_layout = AHCI_HBA_STATE
+
+    @declared_later
+    def state_layout():
+        """The HBA's checkpoint record, each port's part in it."""
+        from construct import Flag, GreedyBytes, Int8ul, Int32ul, Prefixed, PrefixedArray, Struct
+        from hvframe.snapshot.pci import PCI_FUNCTION_STATE
+        port_state = Struct(
+            *(name / Int32ul for name in _PORT_REGS),   # cmd as written; pxis as stored (PxIS)
+            "halted" / Flag,                            # stopped by an error until ST is cleared
+            "pending" / PrefixedArray(Int8ul, Int8ul),  # slots waiting behind the error, in order
+            "held" / Int32ul,                           # slots issued during the quiesce
+            "atapi" / Flag,                             # the device is a CD-ROM
+            "device" / Prefixed(Int32ul, GreedyBytes),  # the device's record; empty: no device
+        )
+        return Struct(
+            "pci" / PCI_FUNCTION_STATE,
+            "ghc" / Int32ul,
+            "is" / Int32ul,
+            "irq_level" / Flag,                         # the interrupt as last driven
+            "ports" / PrefixedArray(Int8ul, port_state),
+        )
 
     def __init__(self, machine, devices: dict[int, object], name: str = "ahci"):
         super().__init__(VENDOR_INTEL, DEVICE_ICH9_AHCI, CLASS_AHCI, revision=REVISION,
@@ -1148,6 +1150,8 @@ class AhciHba(PciFunction, DeviceState):
                                          QUIESCE_TIMEOUT_S)
         if not settled:
             self.unquiesce()
+            # Here, not at the top: the snapshot format's module imports construct.
+            from hvframe.snapshot.format import SnapshotError
             raise SnapshotError(f"{self.name}: commands still with the disk after "
                               f"{QUIESCE_TIMEOUT_S:.0f} s; no checkpoint taken")
         for p in self.ports:

@@ -10,9 +10,6 @@ In the configuration tree a port is `pci.B.S.F.port.N.{type,path,ro,...}` (as in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from hvframe.block.backend import BlockOptions, open_from_options
 from hvframe.device import DeviceType, PciAddress, PciOptions, group, option
 from hvframe.errors import ConfigError
@@ -23,11 +20,15 @@ from .atapi import CD_SECTOR, AtapiCdrom
 from .hba import AhciHba
 from .regs import MAX_PORTS
 
+# typing stays out of a run; type checkers see Any.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 PORT_TYPES = ("hd", "cd")
 MODEL_MAX = 40
 
 
-@dataclass
 class AhciPortOptions(BlockOptions):
     """One port: the shared block options plus the ATA identity (port.N.* in the tree)."""
     type: str | None = option(None, choices=PORT_TYPES, help="hd (ATA disk) or cd (ATAPI CD-ROM)")
@@ -57,7 +58,6 @@ class AhciPortOptions(BlockOptions):
             self.sectorsize = str(CD_SECTOR)
 
 
-@dataclass
 class AhciOptions(PciOptions):
     ports: dict[int, AhciPortOptions] = group(AhciPortOptions, name="port", max_count=MAX_PORTS,
                                               help="the controller's ports, port.N.OPTION")

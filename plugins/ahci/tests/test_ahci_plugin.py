@@ -145,3 +145,45 @@ def test_hvframe_run_reports_a_bad_ahci_line_in_one_line():
     p = run_hvframe(["run", "-s", "4,ahci,ro"], input="")
     assert p.returncode == 4 and len(p.stderr.strip().splitlines()) == 1
     assert "before any port" in p.stderr
+
+
+# What a run with an AHCI line does before the guest starts, minus KVM: the plugin's modules
+# imported after the core modules they build on (whose own imports are theirs), and a
+# command line with a disk and a CD-ROM turned into the controller's options.
+_RUN_PATH_PROBE = r"""
+import sys
+import hvframe.block.backend, hvframe.config, hvframe.core_native, hvframe.device
+import hvframe.dispatch, hvframe.hookspecs, hvframe.memory, hvframe.packed, hvframe.pci.device
+import hvframe.pci.msi, hvframe.plugins, hvframe.runner, hvframe.snapshot.pci
+import hvframe.snapshot.state
+before = set(sys.modules)
+from hvframe.config import Config
+from hvframe.plugins import Registry
+from hvframe.runner import add_slot
+reg, cfg = Registry(), Config()
+add_slot(cfg, reg, f"4,ahci,hd:{sys.argv[1]},cd:{sys.argv[2]}")
+group = cfg.group("pci.0.4.0")
+ports = reg.require(group["device"], "pci", "probe").validate(group).ports
+assert [p.type for p in ports.values()] == ["hd", "cd"], ports
+from hvframe_ahci import ata, atapi, hba, plugin, regs
+print(" ".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_the_plugin_brings_no_construct_dataclasses_or_typing_into_a_run(images, tmp_path):
+    """construct (the layouts come compiled from their cache; checkpoint records are made
+    when a checkpoint asks), the dataclass machinery (the options are plain DeviceOptions
+    subclasses) and typing (names for type checkers only) each cost a run milliseconds."""
+    import os
+    import subprocess
+    import sys
+    hd, _, cd = images
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    for _ in range(2):      # the first fills the layout cache (through construct)
+        r = subprocess.run([sys.executable, "-c", _RUN_PATH_PROBE, str(hd), str(cd)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    added = set(r.stdout.split())
+    assert "hvframe_ahci.plugin" in added
+    assert sorted(m for m in added
+                  if m.split(".")[0] in ("construct", "dataclasses", "typing")) == []
