@@ -1,5 +1,8 @@
 """hvframe side by side with QEMU (Debian's qemu-system-x86, KVM): the same guest binary on the
-same host, both VMMs in one run, taking turns (A B A B ...), best of several rounds.
+same host, both VMMs in one run, taking turns (A B A B ...), best of several rounds. The
+whole-run rows (SeaBIOS, Linux, start-up) are judged on the median of the rounds' hvframe/QEMU
+ratios where there are three rounds or more (each round runs both, so its ratio sees the
+host's load as it was for both); the best runs' ratio is shown beside it.
 
     python -m pytest benchmarks/test_vs_qemu.py              # about 15 minutes with Linux
     HVFRAME_VS_QEMU_ROUNDS=3 python -m pytest benchmarks/test_vs_qemu.py -k 'not linux'
@@ -34,6 +37,7 @@ What is measured (commands in benchmarks/qemu.py):
   start to the guest's first byte on the serial console (a pipe).
 """
 import os
+import statistics
 import tempfile
 
 import pytest
@@ -47,6 +51,8 @@ pytestmark = [
 ]
 
 ROUNDS = int(os.environ.get("HVFRAME_VS_QEMU_ROUNDS", "5"))
+# SeaBIOS boots are 3 s each, and their ratio is judged on the median of pairs: nine pairs.
+SEABIOS_ROUNDS = int(os.environ.get("HVFRAME_VS_QEMU_SEABIOS_ROUNDS", "9"))
 LINUX_ROUNDS = int(os.environ.get("HVFRAME_VS_QEMU_LINUX_ROUNDS", "1"))
 LINUX_TIMEOUT = float(os.environ.get("HVFRAME_VS_QEMU_LINUX_TIMEOUT", "900"))
 STRICT = os.environ.get("HVFRAME_VS_QEMU_AIMS") == "1"
@@ -249,9 +255,20 @@ def compare_to_marker(benchmark, metric, hv_cmd, qemu_cmd, marker, rounds, aim, 
             False if "hvframe" in missed else None, "s")
         pytest.fail("; ".join(missed.values()))
     (hv, hv_cpu), (qm, qm_cpu) = best(runs["hvframe"]), best(runs["qemu"])
+    # Each round ran hvframe and then QEMU: the ratio within a round sees the host as it was
+    # for both, so the median of those ratios moves far less with this host's load than the
+    # ratio of two best runs does (which one lucky run decides). With three rounds or more
+    # it is the figure the aim is judged on; the best runs' ratio is shown beside it.
+    pairs = sorted(h.seconds / q_.seconds for h, q_ in zip(runs["hvframe"], runs["qemu"]))
+    ratio_text, judged = f"{hv / qm:.2f}x QEMU", hv / qm
+    if len(pairs) >= 3:
+        judged = statistics.median(pairs)
+        ratio_text = (f"{judged:.2f}x QEMU (median of {len(pairs)} pairs, {pairs[0]:.2f}-"
+                      f"{pairs[-1]:.2f}; best runs {hv / qm:.2f}x)")
     row(benchmark, metric, f"{hv:.3f} s (cpu {hv_cpu:.3f})", f"{qm:.3f} s (cpu {qm_cpu:.3f})",
-        f"{hv / qm:.2f}x QEMU", f"<= {aim}x QEMU", hv / qm <= aim, "s")
+        ratio_text, f"<= {aim}x QEMU", judged <= aim, "s")
     benchmark.extra_info["all_s"] = {k: [round(r.seconds, 3) for r in v] for k, v in runs.items()}
+    benchmark.extra_info["pair_ratios"] = [round(r, 4) for r in pairs]
 
 
 @pytest.mark.parametrize("bus", ["virtio-blk", "ahci"])
@@ -261,7 +278,7 @@ def test_seabios_to_boot_sector(benchmark, tmp, bus):
     disk, sercon = q.boot_disk(tmp), q.sercon_file(tmp)
     hv_cmd, qemu_cmd = q.hvframe_seabios(disk, bus), q.qemu_seabios(disk, bus, sercon)
     compare_to_marker(benchmark, f"SeaBIOS, reset to {bus} boot sector", hv_cmd, qemu_cmd,
-                      q.BOOT_MARKER.encode(), ROUNDS, 1.0)
+                      q.BOOT_MARKER.encode(), SEABIOS_ROUNDS, 1.0)
     guest_work_row(benchmark, f"SeaBIOS, reset to {bus} boot sector and on to power-off",
                    hv_cmd, qemu_cmd)
 
