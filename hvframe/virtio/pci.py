@@ -130,11 +130,30 @@ def _declare_state():
         "queues" / PrefixedArray(Int16ul, VIRTIO_QUEUE_STATE),
         "device" / Prefixed(Int32ul, GreedyBytes),
     )
-    return VIRTIO_PCI_STATE
+    return {"PCI_FUNCTION_STATE": PCI_FUNCTION_STATE, "VIRTIO_QUEUE_STATE": VIRTIO_QUEUE_STATE,
+            "VIRTIO_PCI_STATE": VIRTIO_PCI_STATE}
+
+
+_states: dict | None = None
+
+
+def _state(name: str):
+    global _states
+    if _states is None:
+        _states = _declare_state()
+    return _states[name]
 
 
 LAYOUTS = Declarations(__name__, __file__, _declare)
-__getattr__ = LAYOUTS.module_getattr
+
+
+def __getattr__(name: str):
+    # The checkpoint records keep the module-level names they had before they were declared
+    # late (a tool reading checkpoints imports them); asking for one imports construct.
+    if name in ("PCI_FUNCTION_STATE", "VIRTIO_QUEUE_STATE", "VIRTIO_PCI_STATE"):
+        return _state(name)
+    return LAYOUTS.module_getattr(name)
+
 COMMON_SIZE = LAYOUTS.VirtioPciCommonCfg.sizeof()
 
 LEGACY_HEADER_SIZE = LAYOUTS.VirtioPciLegacyHeader.sizeof()            # 20
@@ -290,7 +309,7 @@ class VirtioPciFunction(PciFunction, DeviceState):
     """A virtio device on PCI: the transport around one VirtioDevice."""
 
     state_version = 1
-    state_layout = declared_later(_declare_state)
+    state_layout = declared_later(lambda: _state("VIRTIO_PCI_STATE"))
 
     def __init__(self, device: VirtioDevice, *, name: str | None = None):
         nq = device.num_queues

@@ -114,7 +114,14 @@ def _declare():
 
 
 LAYOUTS = Declarations(__name__, __file__, _declare)
-__getattr__ = LAYOUTS.module_getattr
+
+
+def __getattr__(name: str):
+    # struct_of and offset_of were importable from here (plugins did); they import construct.
+    if name in ("struct_of", "offset_of"):
+        from .. import layout
+        return getattr(layout, name)
+    return LAYOUTS.module_getattr(name)
 
 
 def virtq_avail(size: int, event_idx: bool = True):

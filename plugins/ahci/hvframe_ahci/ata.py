@@ -343,3 +343,11 @@ class AtaDisk(DeviceState):
 
 
 __all__ = ["AtaDisk", "ata_string", "identify_block"]
+
+
+def __getattr__(name: str):
+    # ATA_DISK_STATE, the record's module-level name before it was declared late (tools reading
+    # checkpoints import it); asking for it imports construct.
+    if name == "ATA_DISK_STATE":
+        return AtaDisk.state_layout
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -414,3 +414,11 @@ class AtapiCdrom(DeviceState):
 
 
 __all__ = ["AtapiCdrom", "msf", "CD_SECTOR"]
+
+
+def __getattr__(name: str):
+    # ATAPI_CDROM_STATE, the record's module-level name before it was declared late (tools reading
+    # checkpoints import it); asking for it imports construct.
+    if name == "ATAPI_CDROM_STATE":
+        return AtapiCdrom.state_layout
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

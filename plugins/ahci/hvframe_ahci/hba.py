@@ -98,6 +98,51 @@ _PORT_REGS = ("clb", "clbu", "fb", "fbu", "pxis", "ie", "cmd", "ccs", "tfd", "si
               "sctl", "serr", "sntf", "sact", "ci")
 
 
+def _declare_state():
+    # The HBA's checkpoint record (DeviceState, version 1), each port's part in it: made when a
+    # checkpoint is taken or read (construct).
+    from construct import Flag, GreedyBytes, Int8ul, Int32ul, Prefixed, PrefixedArray, Struct
+    from hvframe.snapshot.pci import PCI_FUNCTION_STATE
+    AHCI_PORT_STATE = Struct(
+        *(name / Int32ul for name in _PORT_REGS),   # cmd as written; pxis as stored (PxIS)
+        "halted" / Flag,                            # stopped by an error until ST is cleared
+        "pending" / PrefixedArray(Int8ul, Int8ul),  # slots waiting behind the error, in order
+        "held" / Int32ul,                           # slots issued during the quiesce
+        "atapi" / Flag,                             # the device is a CD-ROM
+        "device" / Prefixed(Int32ul, GreedyBytes),  # the device's record; empty: no device
+    )
+    AHCI_HBA_STATE = Struct(
+        "pci" / PCI_FUNCTION_STATE,
+        "ghc" / Int32ul,
+        "is" / Int32ul,
+        "irq_level" / Flag,                         # the interrupt as last driven
+        "ports" / PrefixedArray(Int8ul, AHCI_PORT_STATE),
+    )
+    return {"AHCI_PORT_STATE": AHCI_PORT_STATE, "AHCI_HBA_STATE": AHCI_HBA_STATE,
+            "PCI_FUNCTION_STATE": PCI_FUNCTION_STATE}
+
+
+_states: dict | None = None
+
+
+def _state(name: str):
+    global _states
+    if _states is None:
+        _states = _declare_state()
+    return _states[name]
+
+
+def __getattr__(name: str):
+    # The names this module had before its records were declared late (tools reading
+    # checkpoints import them); asking for one imports construct.
+    if name in ("AHCI_PORT_STATE", "AHCI_HBA_STATE", "PCI_FUNCTION_STATE"):
+        return _state(name)
+    if name == "SnapshotError":
+        from hvframe.snapshot.format import SnapshotError
+        return SnapshotError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class TransferError(Exception):
     """Host memory the HBA cannot use for a command: answered with a fatal PxIS bit."""
 
@@ -927,26 +972,7 @@ class AhciHba(PciFunction, DeviceState):
 
     state_version = 1
 
-    @declared_later
-    def state_layout():
-        """The HBA's checkpoint record, each port's part in it."""
-        from construct import Flag, GreedyBytes, Int8ul, Int32ul, Prefixed, PrefixedArray, Struct
-        from hvframe.snapshot.pci import PCI_FUNCTION_STATE
-        port_state = Struct(
-            *(name / Int32ul for name in _PORT_REGS),   # cmd as written; pxis as stored (PxIS)
-            "halted" / Flag,                            # stopped by an error until ST is cleared
-            "pending" / PrefixedArray(Int8ul, Int8ul),  # slots waiting behind the error, in order
-            "held" / Int32ul,                           # slots issued during the quiesce
-            "atapi" / Flag,                             # the device is a CD-ROM
-            "device" / Prefixed(Int32ul, GreedyBytes),  # the device's record; empty: no device
-        )
-        return Struct(
-            "pci" / PCI_FUNCTION_STATE,
-            "ghc" / Int32ul,
-            "is" / Int32ul,
-            "irq_level" / Flag,                         # the interrupt as last driven
-            "ports" / PrefixedArray(Int8ul, port_state),
-        )
+    state_layout = declared_later(lambda: _state("AHCI_HBA_STATE"))
 
     def __init__(self, machine, devices: dict[int, object], name: str = "ahci"):
         super().__init__(VENDOR_INTEL, DEVICE_ICH9_AHCI, CLASS_AHCI, revision=REVISION,
