@@ -405,7 +405,10 @@ class Declarations:
 
     @staticmethod
     def _store(path: str, key: tuple, plans: dict) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"
+        # Two threads reaching a layout first both compile and store it: a temporary file of
+        # each one's own, so neither moves the other's half-written one into place.
+        import threading
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "wb") as f:
