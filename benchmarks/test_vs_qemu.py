@@ -1,8 +1,8 @@
 """hvframe side by side with QEMU (Debian's qemu-system-x86, KVM): the same guest binary on the
-same host, both VMMs in one run, taking turns (A B A B ...), best of several rounds. The
-whole-run rows (SeaBIOS, Linux, start-up) are judged on the median of the rounds' hvframe/QEMU
-ratios where there are three rounds or more (each round runs both, so its ratio sees the
-host's load as it was for both); the best runs' ratio is shown beside it.
+same host, both VMMs in one run, taking turns (A B A B ...), best of several rounds. Each
+ratio is given two ways: the ratio of the best runs, and (three rounds or more) the median of
+the rounds' own ratios, each round running both sides so that its ratio sees the host's load
+as it was for both. An aim counts as met only when both figures meet it.
 
     python -m pytest benchmarks/test_vs_qemu.py              # about 15 minutes with Linux
     HVFRAME_VS_QEMU_ROUNDS=3 python -m pytest benchmarks/test_vs_qemu.py -k 'not linux'
@@ -51,7 +51,7 @@ pytestmark = [
 ]
 
 ROUNDS = int(os.environ.get("HVFRAME_VS_QEMU_ROUNDS", "5"))
-# SeaBIOS boots are 3 s each, and their ratio is judged on the median of pairs: nine pairs.
+# SeaBIOS boots are 3 s each; nine pairs give the median of pairs something to stand on.
 SEABIOS_ROUNDS = int(os.environ.get("HVFRAME_VS_QEMU_SEABIOS_ROUNDS", "9"))
 LINUX_ROUNDS = int(os.environ.get("HVFRAME_VS_QEMU_LINUX_ROUNDS", "1"))
 LINUX_TIMEOUT = float(os.environ.get("HVFRAME_VS_QEMU_LINUX_TIMEOUT", "900"))
@@ -123,7 +123,27 @@ def exitbench_parts():
     runs = {"floor": lambda: exitbench.floor_run(portloop, EXITS)[0]}
     for h in ("c", "gil", "python"):
         runs[h] = lambda h=h: exitbench.hvframe_run(portloop, EXITS, h)[0]
-    return {k: min(v) / EXITS * 1e6 for k, v in q.alternate(runs, ROUNDS).items()}
+    got = q.alternate(runs, ROUNDS)
+    out = {k: min(v) / EXITS * 1e6 for k, v in got.items()}
+    out["pairs"] = {h: pair_ratios(got[h], got["floor"]) for h in ("c", "gil", "python")}
+    return out
+
+
+def pair_ratios(side, floor) -> list[float]:
+    """Each round's side/floor ratio, sorted: the rounds took turns, so each ratio sees the
+    host as it was for both (the median moves less with the host's load than min/min)."""
+    return sorted(a / b for a, b in zip(side, floor))
+
+
+def judged(best_ratio: float, pairs: list[float], unit: str, digits: int) -> tuple[str, float]:
+    """The row's ratio text and the figure its aim is judged on: the worse of the best runs'
+    ratio (one lucky run can decide it) and, with three rounds or more, the median of the
+    rounds' own ratios (which moves less with the host's load, but can sit either side)."""
+    if len(pairs) < 3:
+        return f"{best_ratio:.{digits}f}x {unit}", best_ratio
+    med = statistics.median(pairs)
+    return (f"{med:.{digits}f}x {unit} (median of {len(pairs)} pairs, {pairs[0]:.{digits}f}-"
+            f"{pairs[-1]:.{digits}f}; best runs {best_ratio:.{digits}f}x)", max(med, best_ratio))
 
 
 def us(pair):
@@ -164,6 +184,7 @@ def read_parts():
                  for n in (EXITS, 0)})
     got = q.alternate(runs, ROUNDS)
     out = {k: min(got[k]) / EXITS * 1e6 for k in ("floor", "regblock", "python")}
+    out["pairs"] = pair_ratios(got["regblock"], got["floor"])
     (w1, c1), (w0, c0) = best(got["qemu", EXITS]), best(got["qemu", 0])
     out["qemu"] = ((w1 - w0) / EXITS * 1e6, (c1 - c0) / EXITS * 1e6)
     return out
@@ -172,13 +193,13 @@ def read_parts():
 def test_port_exit_declared_register(benchmark, read_parts):
     r = {}
     pedantic(benchmark, lambda: r.update(read_parts), 1)
-    ratio = r["regblock"] / r["floor"]
+    text, figure = judged(r["regblock"] / r["floor"], r["pairs"], "floor", 3)
     row(benchmark, "port read exit, C floor (hv_floor_run) / QEMU unassigned port",
         f"{r['floor']:.2f} us", us(r["qemu"]), f"{r['floor'] / r['qemu'][0]:.2f}x QEMU", "-",
         None, "us/exit")
     row(benchmark, "port read exit, declared register (hvframe.regblock) / QEMU unassigned port",
-        f"{r['regblock']:.2f} us", us(r["qemu"]), f"{ratio:.3f}x floor", "<= 1.05x floor",
-        ratio <= 1.05, "us/exit")
+        f"{r['regblock']:.2f} us", us(r["qemu"]), text, "<= 1.05x floor",
+        figure <= 1.05, "us/exit")
     benchmark.extra_info["python_read_us"] = r["python"]
     benchmark.extra_info["python_read_x_floor"] = r["python"] / r["floor"]
 
@@ -187,10 +208,9 @@ def test_port_exit_python_handler(benchmark, exitbench_parts, port_exits):
     r = {}
     pedantic(benchmark, lambda: r.update(exitbench_parts), 1)
     py, floor = r["python"], r["floor"]
-    ratio = py / floor
+    text, figure = judged(py / floor, r["pairs"]["python"], "floor", 3)
     row(benchmark, "port exit, Python handler / QEMU isa-debugcon", f"{py:.2f} us",
-        us(port_exits["qemu-debugcon"]), f"{ratio:.3f}x floor", "<= 1.15x floor",
-        ratio <= 1.15, "us/exit")
+        us(port_exits["qemu-debugcon"]), text, "<= 1.15x floor", figure <= 1.15, "us/exit")
     benchmark.extra_info["gil_handoff_only_x_floor"] = r["gil"] / floor
 
 
@@ -255,18 +275,10 @@ def compare_to_marker(benchmark, metric, hv_cmd, qemu_cmd, marker, rounds, aim, 
             False if "hvframe" in missed else None, "s")
         pytest.fail("; ".join(missed.values()))
     (hv, hv_cpu), (qm, qm_cpu) = best(runs["hvframe"]), best(runs["qemu"])
-    # Each round ran hvframe and then QEMU: the ratio within a round sees the host as it was
-    # for both, so the median of those ratios moves far less with this host's load than the
-    # ratio of two best runs does (which one lucky run decides). With three rounds or more
-    # it is the figure the aim is judged on; the best runs' ratio is shown beside it.
     pairs = sorted(h.seconds / q_.seconds for h, q_ in zip(runs["hvframe"], runs["qemu"]))
-    ratio_text, judged = f"{hv / qm:.2f}x QEMU", hv / qm
-    if len(pairs) >= 3:
-        judged = statistics.median(pairs)
-        ratio_text = (f"{judged:.2f}x QEMU (median of {len(pairs)} pairs, {pairs[0]:.2f}-"
-                      f"{pairs[-1]:.2f}; best runs {hv / qm:.2f}x)")
+    ratio_text, figure = judged(hv / qm, pairs, "QEMU", 2)
     row(benchmark, metric, f"{hv:.3f} s (cpu {hv_cpu:.3f})", f"{qm:.3f} s (cpu {qm_cpu:.3f})",
-        ratio_text, f"<= {aim}x QEMU", judged <= aim, "s")
+        ratio_text, f"<= {aim}x QEMU", figure <= aim, "s")
     benchmark.extra_info["all_s"] = {k: [round(r.seconds, 3) for r in v] for k, v in runs.items()}
     benchmark.extra_info["pair_ratios"] = [round(r, 4) for r in pairs]
 
