@@ -234,12 +234,15 @@ def run_until(cmd: Sequence[str], marker: Optional[bytes] = None, *, first_byte:
 
 
 def alternate(runs: dict, rounds: int) -> dict[object, list]:
-    """Call each measurement in turn (A B A B ...), `rounds` times: a drift in the machine's
-    speed during the call reaches both sides alike. Returns every figure of each."""
+    """Call each measurement in turn, `rounds` times, every other round in reverse order
+    (A B, B A, A B, ...): a drift in the machine's speed during the call reaches both sides
+    alike, and neither side always runs first (after the other has warmed or loaded the
+    machine). Returns every figure of each, in round order."""
     out: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, fn in runs.items():
-            out[k].append(fn())
+    order = list(runs)
+    for r in range(rounds):
+        for k in (order if r % 2 == 0 else order[::-1]):
+            out[k].append(runs[k]())
     return out
 
 

@@ -1,5 +1,5 @@
 """hvframe side by side with QEMU (Debian's qemu-system-x86, KVM): the same guest binary on the
-same host, both VMMs in one run, taking turns (A B A B ...), best of several rounds. Each
+same host, both VMMs in one run, taking turns (A B, B A, ...), best of several rounds. Each
 ratio is given two ways: the ratio of the best runs, and (three rounds or more) the median of
 the rounds' own ratios, each round running both sides so that its ratio sees the host's load
 as it was for both. An aim counts as met only when both figures meet it.
@@ -264,8 +264,11 @@ def compare_to_marker(benchmark, metric, hv_cmd, qemu_cmd, marker, rounds, aim, 
 
     missed = {}
 
+    sides = [("hvframe", hv_cmd), ("qemu", qemu_cmd)]
+
     def turn():
-        for side, cmd in (("hvframe", hv_cmd), ("qemu", qemu_cmd)):
+        # Every other round QEMU goes first (A B, B A, ...), as in qemu.alternate.
+        for side, cmd in sides if len(runs["qemu"]) % 2 == 0 else sides[::-1]:
             if before_each:
                 before_each()
             try:
