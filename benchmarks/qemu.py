@@ -239,11 +239,15 @@ def alternate(runs: dict, rounds: int) -> dict[object, list]:
     alike, and neither side always runs first (after the other has warmed or loaded the
     machine). Returns every figure of each, in round order."""
     out: dict[str, list[float]] = {k: [] for k in runs}
-    order = list(runs)
     for r in range(rounds):
-        for k in (order if r % 2 == 0 else order[::-1]):
+        for k in turn_order(list(runs), r):
             out[k].append(runs[k]())
     return out
+
+
+def turn_order(sides: list, round_no: int) -> list:
+    """The order of the sides in round `round_no`: as given in even rounds, reversed in odd."""
+    return sides if round_no % 2 == 0 else sides[::-1]
 
 
 # ---- guest work, counted by KVM -------------------------------------------------------------

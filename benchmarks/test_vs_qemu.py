@@ -36,6 +36,7 @@ What is measured (commands in benchmarks/qemu.py):
 - start-up: `hvframe run` with the hello guest against `-M microvm -kernel`, from process
   start to the guest's first byte on the serial console (a pipe).
 """
+import itertools
 import os
 import statistics
 import tempfile
@@ -265,10 +266,10 @@ def compare_to_marker(benchmark, metric, hv_cmd, qemu_cmd, marker, rounds, aim, 
     missed = {}
 
     sides = [("hvframe", hv_cmd), ("qemu", qemu_cmd)]
+    round_no = itertools.count()
 
     def turn():
-        # Every other round QEMU goes first (A B, B A, ...), as in qemu.alternate.
-        for side, cmd in sides if len(runs["qemu"]) % 2 == 0 else sides[::-1]:
+        for side, cmd in q.turn_order(sides, next(round_no)):
             if before_each:
                 before_each()
             try:
