@@ -156,7 +156,7 @@ def config_from_args(args, registry):
     for l in args.lpc:
         add_lpc(cfg, registry, l)
     for key, value in (("boot.kernel", args.kernel), ("boot.initrd", args.initrd),
-                       ("boot.cmdline", args.cmdline)):
+                       ("boot.cmdline", args.cmdline), ("uuid", args.bhyve_uuid)):
         if value is not None:
             cfg.set(key, value)
     return cfg
@@ -231,10 +231,14 @@ def main(argv=None) -> int:
         from .control.rundir import check_name, default_name
         check_unsupported(args)
         cfg = config_from_args(args, registry)
-        name = check_name(args.vmname) if args.vmname else default_name()
+        # bhyve's VM name: the last argument, else -o name=; it is in the tree (the system
+        # UUID derives from it). An unnamed VM is called vm-PID, a name not kept.
+        if args.vmname or cfg.has("name"):
+            cfg.set("name", check_name(args.vmname or str(cfg.get("name"))))
+        name = cfg.get("name") or default_name()
         if str(cfg.get("config.dump", "")).lower() in ("1", "true", "yes", "on"):
             print(f"name={name}")       # bhyve's -o config.dump=1: the tree, then exit
-            print("\n".join(f"{k}={v}" for k, v in cfg.items() if k != "config.dump"))
+            print("\n".join(f"{k}={v}" for k, v in cfg.items() if k not in ("config.dump", "name")))
             return 0
         grace = DEFAULT_GRACE if args.grace is None else (args.grace or None)
         return Lifecycle(cfg, registry, name=name, qmp_paths=qmp_paths(args.qmp),

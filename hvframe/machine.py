@@ -21,6 +21,7 @@ from .control.pause import PauseGate
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable
+    import uuid
 
     from .device import Device
     from .kvm import VmSetup
@@ -304,6 +305,8 @@ class Machine:
         self._pci: PciBus | None = None
         self._lpc: LpcBridge | None = None
         self._fw_cfg: FwCfg | None = None
+        # SMBIOS's system UUID (hvframe.runner.system_uuid); None: the host's (lpc.bridge).
+        self.system_uuid: uuid.UUID | None = None
         self._bootrom: BootRom | None = None
         self._vcpu_threads: list[threading.Thread] = []
         self.irq_levels: dict[int, int] = {}

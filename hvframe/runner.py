@@ -15,7 +15,8 @@ from .memory import DEFAULT_MEMORY
 from .plugins import Registry
 
 MAX_CPUS = 254     # the MP table's APIC IDs (the IOAPIC takes the next one); the MADT allows 255
-TOP_LEVEL_KEYS = {"cpus", "memory", "pci", "lpc", "boot", "cpu", "platform", "config"}
+TOP_LEVEL_KEYS = {"cpus", "memory", "pci", "lpc", "boot", "cpu", "platform", "config", "name",
+                  "uuid"}
 _PCI_ADDR = re.compile(r"^\d+(:\d+){0,2}$")
 
 
@@ -99,13 +100,15 @@ def add_option(cfg: Config, arg: str) -> None:
     if path.split(".")[0] not in TOP_LEVEL_KEYS:
         raise ConfigError(f"-o {arg}: unknown setting {path!r}; settings start with "
                           f"{', '.join(sorted(TOP_LEVEL_KEYS))}")
+    if path.split(".")[0] in ("name", "uuid") and "." in path:
+        raise ConfigError(f"-o {arg}: {path.split('.')[0]} is a single value (-o {path.split('.')[0]}=...)")
     cfg.set(path, value)
 
 
 # memory_size, cpus: int; cpu_policy: str; kernel, initrd: str or None; cmdline: str;
 # demo: bool; firmware: bool, a boot ROM (-l bootrom,FILE) starts the guest at the reset vector
-RunPlan = namedtuple("RunPlan", "memory_size cpus cpu_policy kernel initrd cmdline demo firmware",
-                     defaults=(False,))
+RunPlan = namedtuple("RunPlan", "memory_size cpus cpu_policy kernel initrd cmdline demo firmware "
+                     "system_uuid", defaults=(False, None))
 
 
 def plan(cfg: Config) -> RunPlan:
@@ -132,7 +135,27 @@ def plan(cfg: Config) -> RunPlan:
     if firmware and kernel:
         raise ConfigError("--kernel cannot be used with a boot ROM (-l bootrom): the firmware boots")
     return RunPlan(mem, cpus, policy, kernel, initrd, cfg.get("boot.cmdline", ""),
-                   kernel is None and not firmware, firmware)
+                   kernel is None and not firmware, firmware,
+                   # Only firmware reads it (SMBIOS); a bad -U is refused whatever boots.
+                   system_uuid(cfg) if firmware or cfg.has("uuid") else None)
+
+
+def system_uuid(cfg: Config) -> "uuid.UUID":
+    """The UUID in the guest's SMBIOS system information (bhyve's `uuid`, -U): the one given,
+    else one derived from the host's and the VM's names (bhyve_config(5)), so that a VM keeps
+    its UUID from run to run and two VMs on one host differ. A VM with no name (`name`, set
+    from the command line's vmname) gets the host's alone."""
+    import uuid
+    text = cfg.get("uuid")
+    if text is not None:
+        try:
+            return uuid.UUID(str(text))
+        except ValueError:
+            raise ConfigError(f"system UUID {text!r} (-U, uuid=): not a UUID (use 32 hex "
+                              "digits, as in 6ba7b810-9dad-11d1-80b4-00c04fd430c8)") from None
+    name = cfg.get("name")
+    host = os.uname().nodename
+    return uuid.uuid5(uuid.NAMESPACE_DNS, f"{name}.{host}.hvframe" if name else f"{host}.hvframe")
 
 
 def demo_guest_path() -> str:
@@ -190,6 +213,7 @@ def build_machine(cfg: Config, registry: Registry, *, backend: str = "kvm",
         cfg.set("lpc.com1.backend", "stdio")
     m = Machine(p.memory_size, p.cpus, backend=backend, cpu_policy=p.cpu_policy,
                 shared_memory=_needs_shared_memory(cfg, registry), vm_setup=vm_setup)
+    m.system_uuid = p.system_uuid     # before the devices: fw_cfg's SMBIOS tables carry it
     try:
         add_devices(m, cfg, registry, direct_boot=not p.firmware)
         if p.firmware:

@@ -258,3 +258,39 @@ def test_bhyve_config_dump_prints_the_configuration_and_exits(tmp_path):
     assert lines[0] == "name=vm0"
     assert "cpus=2" in lines and "memory.size=256" in lines
     assert "pci.0.0.0.device=hostbridge" in lines and "lpc.com1.backend=stdio" in lines
+
+
+def test_bhyve_uuid_option_and_vm_name_reach_the_configuration_tree():
+    # bhyve's -U and its config variables `uuid` and `name` (bhyve_config(5)).
+    u = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
+    p = run_hvframe(["run", "-U", u, "-o", "config.dump=1", "vm7"])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0] == "name=vm7" and f"uuid={u}" in p.stdout.splitlines()
+    p = run_hvframe(["run", "-o", "name=vm8", "-o", "config.dump=1"])
+    assert p.returncode == 0 and p.stdout.splitlines()[0] == "name=vm8", p.stderr
+    assert p.stdout.count("name=") == 1
+
+
+@pytest.mark.parametrize("args", [["-U", "not-a-uuid"], ["-U", "6ba7b810-9dad-11d1-80b4"],
+                                  ["-o", "uuid=12345"], ["-o", "uuid.x=1"]])
+def test_a_bad_system_uuid_is_one_line_and_exit_4(args):
+    p = run_hvframe(["run", *args, "vm9"], input="")
+    assert p.returncode == 4, (p.stdout, p.stderr)
+    assert p.stderr.count("\n") == 1, p.stderr
+    assert "not a UUID" in p.stderr or "single value" in p.stderr, p.stderr
+
+
+def test_the_system_uuid_is_the_one_given_else_stable_per_vm_name():
+    import uuid
+    from hvframe.config import Config
+    from hvframe.runner import system_uuid
+
+    def of(**items):
+        cfg = Config()
+        for k, v in items.items():
+            cfg.set(k, v)
+        return system_uuid(cfg)
+    assert of(name="web1") == of(name="web1")             # the same VM keeps its UUID
+    assert len({of(name="web1"), of(name="web2"), of()}) == 3   # two VMs on one host differ
+    given = "6BA7B810-9DAD-11D1-80B4-00C04FD430C8"
+    assert of(name="web1", uuid=given) == uuid.UUID(given)

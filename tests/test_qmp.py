@@ -75,6 +75,10 @@ def _reply(f):
 @pytest.mark.kvm
 def test_qemu_qmp_client_runs_a_guest_through_stop_cont_reset_and_quit(vm, tmp_path):
     from qemu.qmp import QMPClient
+    from hvframe.config import Config
+    from hvframe.runner import system_uuid
+    named = Config()
+    named.set("name", "vmtest")          # the UUID SMBIOS would carry: the VM's own
     vm.wait_socket()
     vm.wait_for("tick 2")
 
@@ -89,6 +93,8 @@ def test_qemu_qmp_client_runs_a_guest_through_stop_cont_reset_and_quit(vm, tmp_p
                 events.append(ev)
         listener = asyncio.create_task(collect())
         assert (await qmp.execute("query-status"))["status"] == "running"
+        assert await qmp.execute("query-name") == {"name": "vmtest"}
+        assert await qmp.execute("query-uuid") == {"UUID": str(system_uuid(named))}
         await qmp.execute("stop")
         assert await qmp.execute("query-status") == {"running": False, "singlestep": False,
                                                      "status": "paused"}

@@ -25,18 +25,20 @@ def _need(path):
         pytest.skip("the hvframe-uart plugin (com1) is not installed")
 
 
-def boot(bios, *extra):
+def boot(bios, *extra, name=None):
     # reboot-timeout=0: SeaBIOS retries at once after "No bootable device" and resets the
     # machine through port 0xcf9, which ends the run with exit status 0.
     return run_hvframe(["run", *extra, "-s", "0,hostbridge", "-s", "31,lpc,reboot-timeout=0",
-                        "-l", "com1,stdio", "-l", f"bootrom,{bios}", "-v", "--timeout", "60"],
+                        "-l", "com1,stdio", "-l", f"bootrom,{bios}", "-v", "--timeout", "60",
+                        *([name] if name else [])],
                        input="", timeout=90)
 
 
-def check(p):
+def check(p, system_uuid=None):
     assert "SeaBIOS (version" in p.stdout, (p.stdout, p.stderr)
-    # SeaBIOS installed the SMBIOS tables fw_cfg handed it: it shows their system UUID.
-    assert f"Machine UUID {machine_uuid()}" in p.stdout, p.stdout
+    # SeaBIOS installed the SMBIOS tables fw_cfg handed it: it shows their system UUID
+    # (an unnamed VM's is the host's).
+    assert f"Machine UUID {system_uuid or machine_uuid()}" in p.stdout, p.stdout
     assert "No bootable device" in p.stdout, (p.stdout, p.stderr)
     assert p.returncode == 0, (p.returncode, p.stderr)
     assert "guest reset" in p.stderr
@@ -48,9 +50,10 @@ def test_seabios_reaches_no_bootable_device():
     check(boot(BIOS, "-m", "128M"))
 
 
-def test_seabios_256k_two_cpus_ram_above_4g():
+def test_seabios_256k_two_cpus_ram_above_4g_and_the_uuid_given_with_U():
     _need(BIOS_256K)
-    check(boot(BIOS_256K, "-m", "4G", "-c", "2"))
+    given = "5e1f0c1e-3f5a-4c1b-9d7e-0123456789ab"
+    check(boot(BIOS_256K, "-m", "4G", "-c", "2", "-U", given), given)
 
 
 def test_seabios_boots_the_mbr_of_a_virtio_blk_disk(tmp_path):
@@ -59,8 +62,15 @@ def test_seabios_boots_the_mbr_of_a_virtio_blk_disk(tmp_path):
     _need(BIOS)
     from diskimages import make_mbr_disk
     disk = make_mbr_disk(tmp_path / "mbr.img", "HVF-VIRTIO-MBR-7")
-    p = boot(BIOS, "-m", "128M", "-s", f"2,virtio-blk,{disk}")
+    p = boot(BIOS, "-m", "128M", "-s", f"2,virtio-blk,{disk}", name="mbr1")
     assert "SeaBIOS (version" in p.stdout, (p.stdout, p.stderr)
+    # A named VM's system UUID is its own (hvframe.runner.system_uuid), not the host's.
+    from hvframe.config import Config
+    from hvframe.runner import system_uuid
+    named = Config()
+    named.set("name", "mbr1")
+    assert f"Machine UUID {system_uuid(named)}" in p.stdout, p.stdout
+    assert system_uuid(named) != machine_uuid()
     assert "Booting from Hard Disk" in p.stdout
     assert "HVF-VIRTIO-MBR-7" in p.stdout, (p.stdout, p.stderr)
     assert p.returncode == 1, (p.returncode, p.stderr)    # the MBR powered off

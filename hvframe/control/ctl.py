@@ -49,7 +49,8 @@ def add_bhyve_flags(r) -> None:
     r.add_argument("-p", dest="bhyve_pin", action="append", default=[], metavar="VCPU:HOSTCPU",
                    help="bhyve: pin a vCPU to a host CPU (accepted and ignored)")
     r.add_argument("-U", dest="bhyve_uuid", metavar="UUID",
-                   help="bhyve: the system UUID (accepted and ignored: no SMBIOS tables)")
+                   help="the system UUID firmware finds in SMBIOS (default: derived from the "
+                        "host's and the VM's names)")
     r.add_argument("-K", dest="bhyve_layout", metavar="LAYOUT",
                    help="bhyve: keyboard layout (accepted and ignored: no framebuffer)")
     r.add_argument("-G", dest="bhyve_gdb", metavar="PORT", help="bhyve: GDB server (not supported)")
@@ -77,8 +78,6 @@ def bhyve_notes(args) -> list[str]:
             notes.append(f"-{flag} ({meaning}): {done}")
     for pin in args.bhyve_pin:
         notes.append(f"-p {pin} (pin a vCPU to a host CPU): accepted and ignored")
-    if args.bhyve_uuid:
-        notes.append(f"-U {args.bhyve_uuid} (system UUID): accepted and ignored")
     if args.bhyve_layout:
         notes.append(f"-K {args.bhyve_layout} (keyboard layout): accepted and ignored")
     return notes

@@ -48,6 +48,13 @@ def monitor_commands(lc) -> dict[str, Command]:
         lc.quit()
         return {}
 
+    def query_name():
+        return {"name": lc.name}
+
+    def query_uuid():
+        from ..runner import system_uuid
+        return {"UUID": str(system_uuid(lc.cfg))}     # checked when the run began
+
     def query_cpus_fast():
         with lc.using_machine() as m:
             threads = m.vcpu_thread_ids()
@@ -120,6 +127,8 @@ def monitor_commands(lc) -> dict[str, Command]:
         "system_powerdown": Command("system_powerdown", system_powerdown),
         "system_reset": Command("system_reset", system_reset),
         "quit": Command("quit", quit_),
+        "query-name": Command("query-name", query_name),
+        "query-uuid": Command("query-uuid", query_uuid),
         "query-cpus-fast": Command("query-cpus-fast", query_cpus_fast),
         "query-pci": Command("query-pci", query_pci),
         "query-block": Command("query-block", query_block),

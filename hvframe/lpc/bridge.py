@@ -8,7 +8,7 @@ finds one whenever the machine has an LPC bridge; `machine.fw_cfg` is that devic
 """
 from __future__ import annotations
 
-import socket
+import os
 import struct
 import uuid
 
@@ -62,16 +62,16 @@ def new_fw_cfg(machine) -> FwCfg:
     fw.add_file("bootorder", b"")
     # Ready-made SMBIOS tables: firmware installs them instead of building its own.
     anchor, tables = smbios.build(machine.cpus, [(r.gpa, r.size) for r in machine.memory.regions],
-                                  machine_uuid())
+                                  machine.system_uuid or machine_uuid())
     fw.add_file("etc/smbios/smbios-anchor", anchor)
     fw.add_file("etc/smbios/smbios-tables", tables)
     return fw
 
 
 def machine_uuid() -> uuid.UUID:
-    """The system UUID firmware reports, stable for this host (bhyve derives it from the host
-    and VM names)."""
-    return uuid.uuid5(uuid.NAMESPACE_DNS, f"{socket.gethostname()}.hvframe")
+    """The system UUID of a machine built without a plan (hvframe.runner.system_uuid gives a
+    run's, from -U or the host's and VM's names): this host's."""
+    return uuid.uuid5(uuid.NAMESPACE_DNS, f"{os.uname().nodename}.hvframe")
 
 
 def create(machine, options, address) -> LpcBridge:
