@@ -17,19 +17,19 @@ from conftest import requires_kvm
 # pluggy and the inspect it imports (the plugins named are plain hvframe.hookspecs.hookimpl
 # functions, called as they are; test_plugin_packages.py), typing (annotations' names are
 # imported for type checkers only, and an options field's plain annotation, int or
-# bool | None, is read without it: hvframe.device._plain_hint), and the command line's other
-# commands' modules.
+# bool | None, is read without it: hvframe.device._plain_hint), uuid (only firmware's SMBIOS
+# tables carry the system UUID), and the command line's other commands' modules.
 NOT_IMPORTED = ("dataclasses", "construct", "json", "pluggy", "inspect", "hvframe.bench",
                 "hvframe.pci.bus", "hvframe.guests.build", "hvframe.snapshot.checkpoint",
-                "hvframe_virtio_blk", "typing")
+                "hvframe_virtio_blk", "typing", "uuid", "ctypes")
 
 # A PC with disks, as SeaBIOS boots one (benchmarks/qemu.py:hvframe_seabios), less the
 # firmware: the demo guest runs on it. Its device plugins, the PCI layer and the virtio
 # transport need none of the modules above either (the PCI test device's module only when
-# one is configured).
+# one is configured). Nor ctypes: the block backend's fallocate(2) is the core's.
 PC_NOT_IMPORTED = ("dataclasses", "construct", "json", "pluggy", "inspect", "typing",
                    "hvframe.bench", "hvframe.guests.build", "hvframe.snapshot.checkpoint",
-                   "hvframe.pci.testdev")
+                   "hvframe.pci.testdev", "ctypes")
 
 PROBE = r"""
 import sys

@@ -36,33 +36,12 @@ if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
 
 from .. import concurrency
-from ..core_native import ffi as _ffi      # compiled: no C declarations parsed at start-up
+from ..core_native import ffi as _ffi, lib as _lib   # compiled: no C declarations parsed at start-up
 from ..device import DeviceOptions, Option, option
 from ..errors import ConfigError
 from ..logs import LazyLogger
 
 log = LazyLogger(__name__)    # logging is imported when something is logged
-
-
-class _Libc:
-    """fallocate(2), which Python's os module does not wrap (only posix_fallocate, which cannot
-    punch holes), called through ctypes: a cffi ABI-mode cdef would import cffi's C parser
-    (pycparser) at start-up, the largest cost of starting a machine with a disk."""
-
-    def __init__(self) -> None:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.fallocate
-        fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-        fn.restype = ctypes.c_int
-        self.fallocate = fn
-        self.get_errno = ctypes.get_errno
-
-
-try:
-    _libc: Any = _Libc()
-except (OSError, AttributeError):  # pragma: no cover - non-glibc oddities
-    _libc = None
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -379,7 +358,7 @@ class BlockBackend:
 
     @property
     def supports_discard(self) -> bool:
-        return not (self.nodelete or self.readonly) and self._discard_ok and _libc is not None
+        return not (self.nodelete or self.readonly) and self._discard_ok
 
     @property
     def closed(self) -> bool:
@@ -564,15 +543,9 @@ class BlockBackend:
             log.warning("%s: device reset, flushes are attempted again", self.path)
 
     def _fallocate(self, mode: int, offset: int, length: int) -> int:
-        """0, or the errno of a failed fallocate."""
-        if _libc is None:
-            return errno.ENOSYS
-        while True:
-            if _libc.fallocate(self.fd, mode, offset, length) == 0:
-                return 0
-            err = _libc.get_errno()
-            if err != errno.EINTR:
-                return err
+        """0, or the errno of a failed fallocate(2) (the core's: Python's os module has only
+        posix_fallocate, which cannot punch holes)."""
+        return _lib.hv_fallocate(self.fd, mode, offset, length)
 
     def discard(self, offset: int, length: int) -> None:
         """Drop the range's storage (punch a hole; later reads return zeros)."""

@@ -67,6 +67,7 @@ int hv_floor_run(int fd, void *run_area, uint16_t stop_port, uint64_t *exits);
 int hv_ioctl(int fd, unsigned long request, void *arg);
 int hv_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int hv_irq_line(int vm_fd, uint32_t irq, int level);
+int hv_fallocate(int fd, int mode, int64_t offset, int64_t length);
 
 /* KVM ABI, laid out by <linux/kvm.h> */
 #define KVM_GET_API_VERSION ...

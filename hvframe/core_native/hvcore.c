@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -747,4 +748,15 @@ int hv_irq_line(int vm_fd, uint32_t irq, int level)
     l.irq = irq;
     l.level = level;
     return hv_ioctl(vm_fd, KVM_IRQ_LINE, &l);
+}
+
+/* fallocate(2) for the block backend (punch holes, zero ranges), which Python's os module
+ * does not wrap: 0, or the errno of the failure (EINTR retried). */
+int hv_fallocate(int fd, int mode, int64_t offset, int64_t length)
+{
+    while (fallocate(fd, mode, (off_t)offset, (off_t)length) != 0) {
+        if (errno != EINTR)
+            return errno;
+    }
+    return 0;
 }
