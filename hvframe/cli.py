@@ -236,6 +236,13 @@ def main(argv=None) -> int:
         if args.vmname or cfg.has("name"):
             cfg.set("name", check_name(args.vmname or str(cfg.get("name"))))
         name = cfg.get("name") or default_name()
+        # The system UUID, checked now (a bad -U is refused before anything starts) and, when
+        # derived, fixed in the tree for the whole run: resets, QMP and checkpoints see the
+        # one the guest booted with. Only firmware reads it: other runs skip the uuid import.
+        uuid_given = cfg.has("uuid")
+        if uuid_given or cfg.get("platform.bootrom.path"):
+            from .runner import system_uuid
+            cfg.set("uuid", str(system_uuid(cfg)))
         if str(cfg.get("config.dump", "")).lower() in ("1", "true", "yes", "on"):
             print(f"name={name}")       # bhyve's -o config.dump=1: the tree, then exit
             print("\n".join(f"{k}={v}" for k, v in cfg.items() if k not in ("config.dump", "name")))
@@ -244,7 +251,8 @@ def main(argv=None) -> int:
         return Lifecycle(cfg, registry, name=name, qmp_paths=qmp_paths(args.qmp),
                          verbose=args.verbose, timeout=args.timeout, grace=grace,
                          notes=bhyve_notes(args), restore=args.restore,
-                         incoming=args.incoming, vm_setup=vm_setup).run()
+                         incoming=args.incoming, vm_setup=vm_setup,
+                         uuid_given=uuid_given).run()
     except HvError as e:
         print(f"hvframe: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -140,22 +140,35 @@ def plan(cfg: Config) -> RunPlan:
                    system_uuid(cfg) if firmware or cfg.has("uuid") else None)
 
 
+_UUID_TEXT = re.compile(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
+
+
 def system_uuid(cfg: Config) -> "uuid.UUID":
-    """The UUID in the guest's SMBIOS system information (bhyve's `uuid`, -U): the one given,
-    else one derived from the host's and the VM's names (bhyve_config(5)), so that a VM keeps
-    its UUID from run to run and two VMs on one host differ. A VM with no name (`name`, set
-    from the command line's vmname) gets the host's alone."""
+    """The UUID in the guest's SMBIOS system information (bhyve's `uuid`, -U): the one given
+    (the 8-4-4-4-12 form only), else one derived from the host's and the VM's names
+    (bhyve_config(5)), so that a VM keeps its UUID from run to run and two VMs on one host
+    differ. A VM with no name (`name`, set from the command line's vmname) gets the host's.
+    `hvframe run` fixes the derived one in the tree once (cli.main), so resets, QMP and
+    checkpoints all see the same."""
     import uuid
     text = cfg.get("uuid")
     if text is not None:
-        try:
-            return uuid.UUID(str(text))
-        except ValueError:
-            raise ConfigError(f"system UUID {text!r} (-U, uuid=): not a UUID (use 32 hex "
-                              "digits, as in 6ba7b810-9dad-11d1-80b4-00c04fd430c8)") from None
+        if not _UUID_TEXT.match(str(text)):
+            raise ConfigError(f"system UUID {text!r} (-U, uuid=): not a UUID (use the form "
+                              "6ba7b810-9dad-11d1-80b4-00c04fd430c8)")
+        return uuid.UUID(str(text))
+    host = uuid.uuid5(uuid.NAMESPACE_DNS, f"{os.uname().nodename}.hvframe")
     name = cfg.get("name")
-    host = os.uname().nodename
-    return uuid.uuid5(uuid.NAMESPACE_DNS, f"{name}.{host}.hvframe" if name else f"{host}.hvframe")
+    # Two steps, so that no host and VM name pair reads as another (names may hold dots).
+    return uuid.uuid5(host, str(name)) if name else host
+
+
+def adopt_snapshot_uuid(cfg: Config, meta: dict) -> None:
+    """A VM restored or migrated in (under whatever name) keeps the system UUID its guest
+    booted with, the one its checkpoint's configuration records, unless -U says otherwise."""
+    saved = meta.get("config", {}).get("uuid") if isinstance(meta.get("config"), dict) else None
+    if saved is not None and _UUID_TEXT.match(str(saved)):
+        cfg.set("uuid", str(saved))
 
 
 def demo_guest_path() -> str:

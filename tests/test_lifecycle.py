@@ -272,7 +272,10 @@ def test_bhyve_uuid_option_and_vm_name_reach_the_configuration_tree():
 
 
 @pytest.mark.parametrize("args", [["-U", "not-a-uuid"], ["-U", "6ba7b810-9dad-11d1-80b4"],
-                                  ["-o", "uuid=12345"], ["-o", "uuid.x=1"]])
+                                  ["-o", "uuid=12345"], ["-o", "uuid.x=1"],
+                                  ["-U", "{6ba7b810-9dad-11d1-80b4-00c04fd430c8}"],
+                                  ["-U", "6ba7b8109dad11d180b400c04fd430c8"],
+                                  ["-o", "config.dump=1", "-U", "nope"]])
 def test_a_bad_system_uuid_is_one_line_and_exit_4(args):
     p = run_hvframe(["run", *args, "vm9"], input="")
     assert p.returncode == 4, (p.stdout, p.stderr)
@@ -294,3 +297,20 @@ def test_the_system_uuid_is_the_one_given_else_stable_per_vm_name():
     assert len({of(name="web1"), of(name="web2"), of()}) == 3   # two VMs on one host differ
     given = "6BA7B810-9DAD-11D1-80B4-00C04FD430C8"
     assert of(name="web1", uuid=given) == uuid.UUID(given)
+
+
+def test_a_restored_or_migrated_vm_keeps_the_uuid_its_guest_booted_with():
+    from hvframe.config import Config
+    from hvframe.runner import adopt_snapshot_uuid, system_uuid
+    source = Config()
+    source.set("name", "vm1")
+    booted = str(system_uuid(source))
+    target = Config()
+    target.set("name", "vm1b")                  # the receiver's name differs on one host
+    assert str(system_uuid(target)) != booted
+    adopt_snapshot_uuid(target, {"config": {"name": "vm1", "uuid": booted}})
+    assert str(system_uuid(target)) == booted
+    for meta in ({}, {"config": "x"}, {"config": {"uuid": "garbage"}}):   # older or odd files
+        odd = Config()
+        adopt_snapshot_uuid(odd, meta)
+        assert not odd.has("uuid")

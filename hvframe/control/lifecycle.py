@@ -39,9 +39,10 @@ class Lifecycle:
     def __init__(self, cfg, registry, *, name: str, qmp_paths=(), verbose: bool = False,
                  timeout: float | None = None, grace: float | None = DEFAULT_GRACE,
                  notes=(), restore: str | None = None, incoming: str | None = None,
-                 vm_setup=None):
+                 vm_setup=None, uuid_given: bool = False):
         from ..runner import build_machine
         self.cfg, self.registry, self.name = cfg, registry, name
+        self.uuid_given = uuid_given        # -U: a checkpoint's system UUID does not replace it
         self.qmp_paths = list(qmp_paths)
         self.verbose, self.timeout, self.grace = verbose, timeout, grace
         self.notes = list(notes)
@@ -347,6 +348,9 @@ class Lifecycle:
             if stop is not None:       # quit while the machine was being reset
                 return stop[0], stop[1]
             vm_setup, self._vm_setup = self._vm_setup, None
+            if self._snapshot is not None and not self.uuid_given:
+                from ..runner import adopt_snapshot_uuid
+                adopt_snapshot_uuid(self.cfg, self._snapshot[1].meta)
             m, _ = self._build(self.cfg, self.registry, vm_setup=vm_setup)
             try:
                 if self._snapshot is not None:       # the first machine starts from it
