@@ -97,11 +97,12 @@ def add_option(cfg: Config, arg: str) -> None:
     path, eq, value = arg.partition("=")
     if not eq:
         raise ConfigError(f"-o {arg}: use -o path=value")
-    if path.split(".")[0] not in TOP_LEVEL_KEYS:
+    top = path.split(".")[0]
+    if top not in TOP_LEVEL_KEYS:
         raise ConfigError(f"-o {arg}: unknown setting {path!r}; settings start with "
                           f"{', '.join(sorted(TOP_LEVEL_KEYS))}")
-    if path.split(".")[0] in ("name", "uuid") and "." in path:
-        raise ConfigError(f"-o {arg}: {path.split('.')[0]} is a single value (-o {path.split('.')[0]}=...)")
+    if top in ("name", "uuid") and path != top:
+        raise ConfigError(f"-o {arg}: {top} is a single value (-o {top}=...)")
     cfg.set(path, value)
 
 
@@ -166,7 +167,8 @@ def system_uuid(cfg: Config) -> "uuid.UUID":
 def adopt_snapshot_uuid(cfg: Config, meta: dict) -> None:
     """A VM restored or migrated in (under whatever name) keeps the system UUID its guest
     booted with, the one its checkpoint's configuration records, unless -U says otherwise."""
-    saved = meta.get("config", {}).get("uuid") if isinstance(meta.get("config"), dict) else None
+    config = meta.get("config")
+    saved = config.get("uuid") if isinstance(config, dict) else None
     if saved is not None and _UUID_TEXT.match(str(saved)):
         cfg.set("uuid", str(saved))
 

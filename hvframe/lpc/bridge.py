@@ -8,7 +8,6 @@ finds one whenever the machine has an LPC bridge; `machine.fw_cfg` is that devic
 """
 from __future__ import annotations
 
-import os
 import struct
 import uuid
 
@@ -69,9 +68,11 @@ def new_fw_cfg(machine) -> FwCfg:
 
 
 def machine_uuid() -> uuid.UUID:
-    """The system UUID of a machine built without a plan (hvframe.runner.system_uuid gives a
-    run's, from -U or the host's and VM's names): this host's."""
-    return uuid.uuid5(uuid.NAMESPACE_DNS, f"{os.uname().nodename}.hvframe")
+    """The system UUID of a machine built without a plan: this host's, as
+    hvframe.runner.system_uuid derives it for an unnamed VM (the one formula)."""
+    from ..config import Config
+    from ..runner import system_uuid
+    return system_uuid(Config())
 
 
 def create(machine, options, address) -> LpcBridge:
