@@ -61,7 +61,9 @@ the core for a few instructions per access or call, never across a call into Pyt
 calls may be made with any of the locks above held. Plugins' native register files follow
 the same rule: AHCI's (hvframe_ahci/abar.c) is taken by a vCPU's ABAR exits without the GIL
 or any Python lock, and by Python only under the HBA lock (DEVICE); while held, nothing is
-called but a non-blocking eventfd write (an MSI irqfd, the port worker's wake-up).
+called but a non-blocking eventfd write (an MSI irqfd, the port worker's wake-up) and, when
+an exit serves NCQ reads itself, reads of the page cache that wait for no disk (RWF_NOWAIT,
+at most 256 KiB an exit): it waits for no thread.
 
 Rules
 -----

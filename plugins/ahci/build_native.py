@@ -16,7 +16,12 @@ _ABAR = {"AHCI_MAX_PORTS": regs.MAX_PORTS, "AHCI_ABAR_SIZE": regs.ABAR_SIZE,
          "AHCI_PORT_BASE": regs.PORT_BASE, "AHCI_PORT_STRIDE": regs.PORT_STRIDE,
          "AHCI_IS_PCS": regs.IS_PCS, "AHCI_IS_PRCS": regs.IS_PRCS,
          "AHCI_SERR_DIAG_X": regs.SERR_DIAG_X, "AHCI_SERR_DIAG_N": regs.SERR_DIAG_N,
-         "AHCI_GHC_IE": regs.GHC_IE, "AHCI_CMD_ST": regs.CMD_ST}
+         "AHCI_GHC_IE": regs.GHC_IE, "AHCI_CMD_ST": regs.CMD_ST,
+         # what a completion served in the exit writes (abar.c's serve_inline)
+         "AHCI_CMD_FRE": regs.CMD_FRE, "AHCI_CMD_CCS_SHIFT": regs.CMD_CCS_SHIFT,
+         "AHCI_ST_OK": regs.ST_OK, "AHCI_IS_SDBS": regs.IS_SDBS, "AHCI_IS_DPS": regs.IS_DPS,
+         "AHCI_FIS_SDB": regs.FIS_SDB, "AHCI_FIS_I": regs.FIS_I,
+         "AHCI_RX_SDBFIS": regs.RX["sdbfis"]}
 _ABAR.update({f"AHCI_GHC_{n.upper()}": regs.GHC_OFFSETS[n] for n in ("cap", "ghc", "is", "pi", "vs")})
 _ABAR.update({f"AHCI_PX_{n.upper()}": off for n, off in regs.PORT_OFFSETS.items()})
 
@@ -43,8 +48,10 @@ ffibuilder = plugin_ffi(
         enum { AHCI_F_IS, AHCI_F_IE, AHCI_F_CMD, AHCI_F_TFD, AHCI_F_SSTS, AHCI_F_SERR,
                AHCI_F_SACT, AHCI_F_CI, AHCI_F_PORT_FIELDS };
         enum { AHCI_H_GHC, AHCI_H_IS };
-        enum { AHCI_IRQ_LEVEL = 1, AHCI_IRQ_FIRE = 2 };
-        struct ahci_port_regs { uint32_t f[8]; uint32_t issued; int efd; ...; };
+        enum { AHCI_IRQ_LEVEL = 1, AHCI_IRQ_FIRE = 2, AHCI_IRQ_OWED = 4 };
+        #define AHCI_WAIT_IRQ ...
+        struct ahci_port_regs { uint32_t f[8]; uint32_t issued; int efd; uint64_t inline_slots;
+                                uint32_t irq_owed; ...; };
         struct ahci_hba_regs {
             uint32_t native; uint32_t nports; uint32_t cap, pi, vs; uint32_t ghc, is;
             uint32_t level; uint32_t intx; uint64_t served, passed;
@@ -78,9 +85,12 @@ ffibuilder = plugin_ffi(
                                int timeout_ms);
         void ahci_port_kick(struct ahci_hba_regs *h, uint32_t port);
         void ahci_port_worker_close(struct ahci_hba_regs *h, uint32_t port);
+        void ahci_port_inline(struct ahci_hba_regs *h, uint32_t port, struct ahci_port *nat,
+                              uint64_t fb, uint64_t max_bytes);
+        uint32_t ahci_port_take_irq(struct ahci_hba_regs *h, uint32_t port);
     """,
     structs={"ahci_cmd_header": regs.COMMAND_HEADER, "ahci_prd": regs.PRD_ENTRY,
-             "ahci_h2d": regs.H2D_FIS},
+             "ahci_h2d": regs.H2D_FIS, "ahci_sdb_fis": regs.SDB_FIS},
     constants={"AHCI_CMD_HEADER_SIZE": regs.CMD_HEADER_SIZE,
                "AHCI_CMD_TABLE_PRDT": regs.CMD_TABLE_PRDT, "AHCI_FIS_H2D": regs.FIS_H2D,
                "AHCI_H2D_COMMAND": regs.H2D_COMMAND, "AHCI_CFL_MASK": regs.HDR_CFL_MASK,

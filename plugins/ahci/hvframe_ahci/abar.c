@@ -7,8 +7,10 @@
  *           read 0);
  *   writes  of HBA IS and PxIS (write-1-to-clear, the interrupt recomputed: an MSI is sent
  *           through the vector's irqfd gate, hv_irq_gate), of PxSACT and PxCI (bits set at
- *           once; new PxCI slots are handed to the port's worker through an eventfd), and
- *           of the read-only registers (ignored);
+ *           once; new PxCI slots are handed to the port's worker through an eventfd, or,
+ *           while Python has offered it and they are all NCQ reads the page cache holds,
+ *           served and completed in the exit itself: serve_inline), and of the read-only
+ *           registers (ignored);
  * and passes everything else to the HBA's Python handler (hvframe_ahci.hba.AhciHba.read/
  * write) through the core's py_call: PxCMD, PxSCTL, GHC, CLB/FB, PxIE, PxSERR, ... -- and any
  * write whose interrupt consequence Python must deliver (INTx, a masked or not yet routed
@@ -23,7 +25,9 @@
  * through the functions at the end of this file. All changes are read-modify-writes under
  * `lock`, so a guest's W1C racing a completion on a worker loses neither; the mutex is the
  * innermost lock of the HBA (below hba.lock, hvframe.concurrency): nothing is called while
- * it is held except a non-blocking eventfd write, and it is never held across py_call.
+ * it is held except a non-blocking eventfd write and, in serve_inline, reads that wait for
+ * no disk (RWF_NOWAIT; at most inline_max bytes a write), and it is never held across
+ * py_call.
  * Stores are atomic (release) and native reads load without the lock (acquire): a read
  * racing a change sees the value before or after it. Python stores a completion's PxTFD
  * first, then clears PxCI/PxSACT, then sets PxIS, so a guest that sees a slot done sees its
@@ -39,7 +43,8 @@
 enum { AHCI_F_IS, AHCI_F_IE, AHCI_F_CMD, AHCI_F_TFD, AHCI_F_SSTS, AHCI_F_SERR, AHCI_F_SACT,
        AHCI_F_CI, AHCI_F_PORT_FIELDS };
 enum { AHCI_H_GHC, AHCI_H_IS };
-enum { AHCI_IRQ_LEVEL = 1, AHCI_IRQ_FIRE = 2 };
+enum { AHCI_IRQ_LEVEL = 1, AHCI_IRQ_FIRE = 2, AHCI_IRQ_OWED = 4 };
+#define AHCI_WAIT_IRQ (1LL << 32)        /* ahci_port_wait: an interrupt is owed */
 
 /* One port: its registers as a native read returns them. */
 struct ahci_port_regs {
@@ -47,6 +52,13 @@ struct ahci_port_regs {
     uint32_t issued;                  /* PxCI slots written and not yet taken by the worker */
     int efd;                          /* the worker's eventfd; -1: PxCI writes go to Python */
     int waiting;                      /* the worker sleeps on efd */
+    /* Served in the exit (ahci_port_inline): set while Python has nothing under way on the
+     * port, so that a PxCI write of NCQ reads the page cache holds completes at once. */
+    struct ahci_port *inline_nat;     /* the port's native NCQ state; NULL: not offered */
+    uint64_t inline_fb;               /* PxFB, guest-physical: where the SDB FIS goes */
+    uint64_t inline_max;              /* bytes one PxCI write may move in the exit */
+    uint64_t inline_slots;            /* slots served in the exit (statistics, tests) */
+    uint32_t irq_owed;                /* an exit's completion whose interrupt Python sends */
 };
 
 struct ahci_hba_regs {
@@ -206,6 +218,84 @@ static void signal_efd(int efd)
     (void)r;          /* EAGAIN: the counter is saturated, a wake-up is pending anyway */
 }
 
+/* (lock held) The interrupt after a completion in the exit: HBA IS and the level as the
+ * completion leaves them, and an MSI through the vector's open gate, as w1c sends one. What
+ * the exit cannot deliver (INTx, a masked vector, a gate shut since we looked) is owed: the
+ * worker, woken through wake, has Python recompute and deliver it (AhciHba.deliver_owed),
+ * with the MSI the change called for. */
+static void inline_irq(struct ahci_hba_regs *h, struct ahci_port_regs *p, int *wake)
+{
+    uint32_t new_is;
+    uint32_t r = irq_compute(h, h->is, -1, 0, &new_is);
+    const struct hv_irq_gate *g = h->msi;
+    int msi_native = g && LOAD(g->open) && !h->intx;
+    int owed;
+    irq_store(h, new_is, r);
+    if (msi_native)
+        owed = (r & AHCI_IRQ_FIRE) && !hv->irq_gate_fire(g);
+    else
+        owed = (r & AHCI_IRQ_FIRE) || (r & AHCI_IRQ_LEVEL) != h->intx;
+    if (!owed)
+        return;
+    STORE(p->irq_owed, p->irq_owed | AHCI_IRQ_OWED | (r & AHCI_IRQ_FIRE));
+    if (p->waiting) {
+        p->waiting = 0;
+        *wake = 1;
+    }
+}
+
+/* (lock held, PxCMD.ST set, a worker) New PxCI slots served in the exit: every one an NCQ
+ * READ the native path takes (ncq.c's checks), their SActive bits set, the transfer within
+ * inline_max, all of it in the page cache. Then they complete as _settle_native completes
+ * a batch -- PxTFD, PxCMD.CCS, PxCI, the SDB FIS, PxSACT, PxIS, the interrupt -- and 1 is
+ * returned. Anything else returns 0 with nothing changed but the lease, which is withdrawn:
+ * the worker takes the slots, and Python offers the lease again once nothing is under way.
+ * The lock is held throughout (no disk is waited for: RWF_NOWAIT), so Python's changes of
+ * the port, which take it, never see half a completion. */
+static int serve_inline(struct ahci_hba_regs *h, struct ahci_port_regs *p, uint32_t bits,
+                        int *wake)
+{
+    struct ahci_port *nat = p->inline_nat;
+    uint32_t add = bits & ~p->f[AHCI_F_CI];
+    if (!add)
+        return 1;                                      /* nothing new */
+    uint32_t cmd = p->f[AHCI_F_CMD];
+    struct ahci_sdb_fis *sdb = NULL;
+    if (p->issued || (add & ~p->f[AHCI_F_SACT]) || ahci_prepare(nat, add) != add
+        || nat->bytes > p->inline_max)
+        goto decline;
+    if (cmd & AHCI_CMD_FRE) {
+        if (p->inline_fb > UINT64_MAX - AHCI_RX_SDBFIS)
+            goto decline;
+        sdb = (struct ahci_sdb_fis *)hv->ram_translate(&nat->ram, p->inline_fb + AHCI_RX_SDBFIS,
+                                                       sizeof(*sdb));
+        if (!sdb)
+            goto decline;                              /* HBFS, from Python */
+    }
+    if (!ahci_read_all_cached(nat, add))
+        goto decline;
+    /* Accepted and done, in the order a polling guest relies on: the status, then the
+     * slots, then the events. */
+    uint32_t last = 31 - (uint32_t)__builtin_clz(add);
+    cmd = (cmd & ~(0x1Fu << AHCI_CMD_CCS_SHIFT)) | last << AHCI_CMD_CCS_SHIFT;
+    STORE(p->f[AHCI_F_TFD], (uint32_t)AHCI_ST_OK);
+    STORE(p->f[AHCI_F_CMD], cmd);
+    STORE(p->f[AHCI_F_CI], p->f[AHCI_F_CI] & ~add);
+    if (sdb) {
+        struct ahci_sdb_fis f = { .type = AHCI_FIS_SDB, .flags = AHCI_FIS_I,
+                                  .status = AHCI_ST_OK & 0x77, .error = 0, .sactive = add };
+        memcpy(sdb, &f, sizeof(f));
+    }
+    STORE(p->f[AHCI_F_SACT], p->f[AHCI_F_SACT] & ~add);
+    STORE(p->f[AHCI_F_IS], p->f[AHCI_F_IS] | AHCI_IS_SDBS | (nat->ioc & add ? AHCI_IS_DPS : 0));
+    inline_irq(h, p, wake);
+    __atomic_add_fetch(&p->inline_slots, (uint64_t)__builtin_popcount(add), __ATOMIC_RELAXED);
+    return 1;
+decline:
+    p->inline_nat = NULL;
+    return 0;
+}
+
 /* A write of the dword at off (value and mask already in its lanes): 1 done here. */
 static int write32(struct ahci_hba_regs *h, uint32_t off, uint32_t value, uint32_t mask)
 {
@@ -233,7 +323,7 @@ static int write32(struct ahci_hba_regs *h, uint32_t off, uint32_t value, uint32
             STORE(p->f[AHCI_F_SACT], p->f[AHCI_F_SACT] | bits);
         else if (p->efd < 0)
             served = 0;                                /* no worker: Python issues them */
-        else
+        else if (!p->inline_nat || !serve_inline(h, p, bits, &wake))
             issue_locked(p, bits, &wake);
         if (wake)
             signal_efd(p->efd);                        /* under the lock: not closed meanwhile */
@@ -469,6 +559,35 @@ uint32_t ahci_irq_update(struct ahci_hba_regs *h, int msi_enabled)
     return r;
 }
 
+/* Offer the port's PxCI writes to be served in the exit (nat set: the port's native NCQ
+ * state, filled in for its disk; fb: PxFB; max_bytes per write) or withdraw the offer (nat
+ * NULL). Once this returns no exit is serving with the old offer. */
+void ahci_port_inline(struct ahci_hba_regs *h, uint32_t port, struct ahci_port *nat,
+                      uint64_t fb, uint64_t max_bytes)
+{
+    if (port >= h->nports)
+        return;
+    pthread_mutex_lock(&h->lock);
+    struct ahci_port_regs *p = &h->port[port];
+    p->inline_nat = nat;
+    p->inline_fb = fb;
+    p->inline_max = max_bytes;
+    pthread_mutex_unlock(&h->lock);
+}
+
+/* What an exit left for Python to deliver (AHCI_IRQ_OWED, with AHCI_IRQ_FIRE if the change
+ * called for an MSI; 0: nothing), no longer owed once taken. */
+uint32_t ahci_port_take_irq(struct ahci_hba_regs *h, uint32_t port)
+{
+    if (port >= h->nports)
+        return 0;
+    pthread_mutex_lock(&h->lock);
+    uint32_t owed = h->port[port].irq_owed;
+    h->port[port].irq_owed = 0;
+    pthread_mutex_unlock(&h->lock);
+    return owed;
+}
+
 /* ---- the port's worker ------------------------------------------------------------------ */
 
 /* Give the port a worker: PxCI writes are then served natively. 0 or -errno. */
@@ -490,6 +609,15 @@ int ahci_port_worker_open(struct ahci_hba_regs *h, uint32_t port)
     return 0;
 }
 
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -500,7 +628,8 @@ static uint64_t now_ns(void)
 /* (the worker) Wait until slots are issued: first polling for up to spin_ns (a driver
  * that just had commands served usually issues more at once, and a sleeping thread takes
  * tens of microseconds to wake), then sleeping up to timeout_ms (< 0: forever) or a kick.
- * The slots waiting (0 on timeout or kick), or -errno (-EBADF once the worker is closed). */
+ * The slots waiting, plus AHCI_WAIT_IRQ if an interrupt is owed (0 on timeout or kick), or
+ * -errno (-EBADF once the worker is closed). */
 int64_t ahci_port_wait(struct ahci_hba_regs *h, uint32_t port, uint64_t spin_ns,
                        int timeout_ms)
 {
@@ -509,11 +638,11 @@ int64_t ahci_port_wait(struct ahci_hba_regs *h, uint32_t port, uint64_t spin_ns,
     struct ahci_port_regs *p = &h->port[port];
     if (spin_ns) {
         uint64_t end = now_ns() + spin_ns;
-        while (!LOAD(p->issued) && now_ns() < end)
-            __builtin_ia32_pause();
+        while (!LOAD(p->issued) && !LOAD(p->irq_owed) && now_ns() < end)
+            cpu_relax();
     }
     pthread_mutex_lock(&h->lock);
-    uint32_t n = p->issued;
+    int64_t n = p->issued | (p->irq_owed ? AHCI_WAIT_IRQ : 0);
     int efd = p->efd;
     p->waiting = !n && efd >= 0;
     pthread_mutex_unlock(&h->lock);
@@ -534,9 +663,9 @@ int64_t ahci_port_wait(struct ahci_hba_regs *h, uint32_t port, uint64_t spin_ns,
         (void)got;
     }
     p->waiting = 0;
-    n = p->issued;
+    n = p->issued | (p->irq_owed ? AHCI_WAIT_IRQ : 0);
     pthread_mutex_unlock(&h->lock);
-    return err ? -(int64_t)err : (int64_t)n;
+    return err ? -(int64_t)err : n;
 }
 
 /* Wake the worker out of ahci_port_wait (to stop it). */

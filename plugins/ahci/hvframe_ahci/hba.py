@@ -20,6 +20,11 @@ NCQ READ/WRITE FPDMA QUEUED commands take a native path when the slots the worke
 all such (ncq.c: the same fetch and checks in C, the transfer with the GIL released) and
 complete in batches: one Set Device Bits FIS and one interrupt per batch.
 Anything the native path declines goes the Python way below, which gives its errors.
+Shorter still: while nothing is under way on a port, Python offers its PxCI writes to the
+exit (AhciPort.offer_inline), which serves a write whose slots are all NCQ reads the page
+cache holds by itself -- fetch, transfer, SDB FIS, interrupt -- before the vCPU resumes, as
+a disk that answers at once would (abar.c's serve_inline). Anything else it hands to the
+worker as above, withdrawing the offer until the port is idle again.
 
 Non-queued commands run one at a time in slot order; NCQ commands run concurrently. An error
 stops the port as AHCI 1.3.1 section 6.2.2 says: PxIS.TFES (or HBFS/IFS/OFS for host-memory
@@ -328,14 +333,16 @@ class AhciPort:
         self.hba, self.index, self.device = hba, index, device
         self._h, self._r = hba._regs, hba._regs.port[index]
         self._cmd = self._ccs = self._inflight = 0
+        self._inline_ram = None      # the guest RAM export an offer to serve in the exit uses
         self.bit = 1 << index
         self.inflight = 0            # commands with the device (any epoch)
         self.epoch = 0               # bumped by stop/reset: late completions are dropped
         self.draining = False        # stopped with commands still in flight: nothing starts
         self.batch: list = []        # requests devices submitted during this _run()
         self._native = None          # struct ahci_port, made on first use
-        # Slots the native path took, and of those the reads served from the page cache in
-        # the exit itself (statistics, and what tests check the paths by).
+        # Slots the port's worker gave the native path, and of those the reads it moved from
+        # the page cache itself (statistics, and what tests check the paths by; slots served
+        # in the exit are inline_slots).
         self.native_slots = self.native_cached = 0
         self.held = 0                # slots issued while the HBA is quiesced
         self.reset_registers()
@@ -444,7 +451,9 @@ class AhciPort:
             v |= CMD_CR
         if cmd & CMD_FRE:
             v |= CMD_FR
-        return v | self._ccs << CMD_CCS_SHIFT
+        # While exits may serve commands (offer_inline), they keep CCS up to date.
+        ccs = self._ccs if self._inline_ram is None else self._r.f[F_CMD] >> CMD_CCS_SHIFT & 0x1F
+        return v | ccs << CMD_CCS_SHIFT
 
     # -- registers -------------------------------------------------------------------------
     def read_reg(self, name: str) -> int:
@@ -529,8 +538,12 @@ class AhciPort:
             if n <= 0:
                 continue
             with self.hba.lock:
+                self.withdraw_inline()
+                if n & lib.AHCI_WAIT_IRQ:
+                    self.hba.deliver_owed(lib.ahci_port_take_irq(self._h, self.index))
                 self._start_issued(lib.ahci_port_take(self._h, self.index))
                 self.hba.idle.notify_all()
+                self.offer_inline()
 
     def _start_issued(self, new: int) -> None:
         """(hba.lock held) Start slots new to PxCI (already set there)."""
@@ -588,22 +601,10 @@ class AhciPort:
                 or self.busy is not None or self.pending or new & ~self.sact \
                 or new & self.ncq_active:
             return False
-        nat = self._native
-        if nat is None:
-            nat = self._native = ffi.new("struct ahci_port *")
-            try:
-                set_ram_regions(nat.ram, self.hba.memory)
-            except ValueError:
-                return False             # nregions stays 0: the native path never takes
-        if not dev.native_setup(nat):
+        ready = self._native_ready()
+        if ready is None:
             return False
-        try:
-            # Guest RAM stays mapped (GuestMemory.close() refused) until the last job ends.
-            ram = ffi.from_buffer(self.hba.memory.buffer)
-        except (ValueError, BufferError):
-            return False
-        nat.ram.mem = ram
-        nat.clb = self.clb_addr
+        nat, ram = ready
         if lib.ahci_prepare(nat, new) != new:
             return False
         # Accepted, as _start_pending accepts an NCQ command: BSY clears, PxCI with it.
@@ -635,6 +636,64 @@ class AhciPort:
             self._settle_native(cached, ioc & cached, epoch, 0)
         return True
 
+    def _native_ready(self):
+        """(hba.lock held) The port's struct ahci_port set up for its disk and for guest RAM,
+        with the RAM export its buffers will point into (Guest RAM stays mapped --
+        GuestMemory.close() refused -- while the export lives); None if the native path
+        cannot serve now."""
+        nat = self._native
+        if nat is None:
+            nat = self._native = ffi.new("struct ahci_port *")
+            try:
+                set_ram_regions(nat.ram, self.hba.memory)
+            except ValueError:
+                return None              # nregions stays 0: the native path never takes
+        if not self.device.native_setup(nat):
+            return None
+        try:
+            ram = ffi.from_buffer(self.hba.memory.buffer)
+        except (ValueError, BufferError):
+            return None
+        nat.ram.mem = ram
+        nat.clb = self.clb_addr
+        return nat, ram
+
+    # -- served in the exit ----------------------------------------------------------------
+    @property
+    def inline_slots(self) -> int:
+        """Slots served in the guest's PxCI write itself (abar.c's serve_inline)."""
+        return self._r.inline_slots
+
+    def offer_inline(self) -> None:
+        """(hba.lock held) While nothing is under way on the port that could order a new
+        command (nothing in flight, pending, held or halted, no drain, no checkpoint), let a
+        guest's PxCI write of NCQ reads the page cache holds be served and completed in the
+        exit itself: no hand-off to this port's worker and back. The exit withdraws the
+        offer when it declines a write (the worker then takes the slots) and Python offers it
+        again once the port is idle. Otherwise withdraw it."""
+        self.withdraw_inline()           # first: no exit uses the state set up below
+        dev = self.device
+        if dev is None or not dev.cached_reads or not self.hba._native_on \
+                or not self.cmd & CMD_ST or self._r.efd < 0 \
+                or self.halted or self.busy is not None or self.pending or self.ncq_active \
+                or self._inflight or self.draining or self.held or self.hba.quiesced \
+                or self._r.issued:
+            return
+        ready = self._native_ready()
+        if ready is None:
+            return
+        nat, self._inline_ram = ready
+        lib.ahci_port_inline(self._h, self.index, nat, self.fb_addr, NATIVE_JOB_BYTES)
+
+    def withdraw_inline(self) -> None:
+        """(hba.lock held) PxCI writes go to the worker again; once this returns no exit is
+        serving. PxCMD.CCS is taken as the exits left it."""
+        if self._inline_ram is None:
+            return                       # not offered
+        lib.ahci_port_inline(self._h, self.index, ffi.NULL, 0, 0)
+        self._ccs = (self._r.f[F_CMD] >> CMD_CCS_SHIFT) & 0x1F
+        self._inline_ram = None
+
     @staticmethod
     def _native_transfer(nat, mask: int, ram) -> int:
         """(a BlockQueue worker) The data of `mask`'s slots; returns the slots that failed.
@@ -648,6 +707,7 @@ class AhciPort:
             failed = mask                # the worker could not run it (BlockError)
         with self.hba.lock:
             self._settle_native(mask, ioc, epoch, failed)
+            self.offer_inline()
 
     def _settle_native(self, mask: int, ioc: int, epoch: int, failed: int) -> None:
         """(hba.lock held) _native_done's work: the slots of `mask` are back."""
@@ -813,6 +873,7 @@ class AhciPort:
     def complete(self, cmd: Command, result: Result) -> None:
         with self.hba.lock:
             self._finish(cmd, result)
+            self.offer_inline()
 
     def _finish(self, cmd: Command, result: Result) -> None:
         bit = 1 << cmd.slot
@@ -1015,7 +1076,9 @@ class AhciHba(PciFunction, DeviceState):
         """A port's worker died: PxCI writes go through Python from now on, and what it had
         not taken is started here."""
         with self.lock:
+            port.withdraw_inline()
             lib.ahci_port_worker_close(self._regs, port.index)
+            self.deliver_owed(lib.ahci_port_take_irq(self._regs, port.index))
             port._start_issued(lib.ahci_port_take(self._regs, port.index))
 
     # -- native register file ---------------------------------------------------------------
@@ -1042,6 +1105,7 @@ class AhciHba(PciFunction, DeviceState):
         with self.lock:
             self._native_on = bool(on)
             lib.ahci_set_native(self._regs, 1 if on else 0)
+            self._offer_inline()
 
     @property
     def native_counts(self) -> tuple[int, int]:
@@ -1084,6 +1148,19 @@ class AhciHba(PciFunction, DeviceState):
     def msi_enabled(self) -> int:
         return 1 if self.msi is not None and self.msi.enabled else 0
 
+    def deliver_owed(self, owed: int) -> None:
+        """(hba.lock held) The interrupt a completion in an exit left to Python (abar.c's
+        inline_irq): the line as the registers are now, and the MSI the completion called
+        for unless the guest has cleared the status meanwhile."""
+        if not owed:
+            return
+        msi = self.msi_enabled()
+        r = lib.ahci_irq_update(self._regs, msi) if self._native_on else self._irq_reference(msi)
+        if r & lib.AHCI_IRQ_LEVEL:
+            r |= owed & lib.AHCI_IRQ_FIRE
+        self.drive_irq(r, msi)
+        self.idle.notify_all()
+
     def drive_irq(self, r: int, msi: int) -> None:
         """(hba.lock held) Deliver what a native recomputation (AHCI_IRQ_*) asked for."""
         level = bool(r & lib.AHCI_IRQ_LEVEL)
@@ -1113,7 +1190,12 @@ class AhciHba(PciFunction, DeviceState):
             return                       # a dword-crossing access means nothing here
         mask = ((1 << (8 * size)) - 1) << shift
         with self.lock:
-            self._write32(offset & ~3, (value << shift) & mask, mask)
+            # Nothing is served in an exit while Python changes registers.
+            self._withdraw_inline()
+            try:
+                self._write32(offset & ~3, (value << shift) & mask, mask)
+            finally:
+                self._offer_inline()
 
     def _read32(self, off: int) -> int:
         if off < PORT_BASE:
@@ -1161,12 +1243,22 @@ class AhciHba(PciFunction, DeviceState):
         finally:
             lib.ahci_set_native(self._regs, 1 if self._native_on else 0)
 
+    def _withdraw_inline(self) -> None:
+        for p in self.ports:
+            p.withdraw_inline()
+
+    def _offer_inline(self) -> None:
+        for p in self.ports:
+            p.offer_inline()
+
     # -- lifecycle -------------------------------------------------------------------------
     def wait_idle(self, timeout: float | None = 5.0) -> bool:
-        """Wait until no command is with a device (tests and shutdown)."""
+        """Wait until no command is with a device and no interrupt is owed (tests and
+        shutdown)."""
         with self.lock:
             return self.idle.wait_for(
-                lambda: not any(p.inflight or p._r.issued for p in self.ports), timeout)
+                lambda: not any(p.inflight or p._r.issued or p._r.irq_owed
+                                for p in self.ports), timeout)
 
     # -- checkpoint -------------------------------------------------------------------------
     def quiesce(self) -> None:
@@ -1174,6 +1266,7 @@ class AhciHba(PciFunction, DeviceState):
         is back from its device (NCQ batches included); then the devices' own quiesce."""
         with self.lock:
             self.quiesced = True
+            self._withdraw_inline()
             settled = self.idle.wait_for(lambda: all(p.settled() for p in self.ports),
                                          QUIESCE_TIMEOUT_S)
         if not settled:
@@ -1190,6 +1283,7 @@ class AhciHba(PciFunction, DeviceState):
         with self.lock:
             self.quiesced = False
             self._start_held()
+            self._offer_inline()
 
     def _start_held(self) -> None:
         """(hba.lock held) Start the slots a quiesce held, on ports still running."""
@@ -1233,8 +1327,11 @@ class AhciHba(PciFunction, DeviceState):
             lib.ahci_irq_store(self._regs, s["is"], 1 if s.irq_level else 0,
                                1 if self.intx_level else 0)
             self._start_held()
+            self._offer_inline()
 
     def close(self) -> None:
+        with self.lock:
+            self._withdraw_inline()
         for port, thread in self._workers:
             thread.stop()
             lib.ahci_port_worker_close(self._regs, port.index)

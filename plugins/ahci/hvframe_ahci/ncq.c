@@ -205,3 +205,23 @@ uint32_t ahci_execute_cached(struct ahci_port *p, uint32_t slots)
     }
     return done;
 }
+
+/* Whether every prepared READ of `slots` was moved now from the page cache (a vCPU's exit
+ * serves them: no disk is waited for). Stops at the first that is not cached, or a write,
+ * and answers 0; what was moved then is moved again by whoever serves them. */
+static int ahci_read_all_cached(struct ahci_port *p, uint32_t slots)
+{
+    for (unsigned s = 0; s < AHCI_SLOTS; s++) {
+        if (!(slots >> s & 1))
+            continue;
+        struct ahci_slot *sl = &p->slot[s];
+        if (sl->write)
+            return 0;
+        struct iovec iov[AHCI_MAX_IOV];
+        memcpy(iov, sl->iov, sl->niov * sizeof(*iov));
+        if (hv->file_read_cached(p->fd, iov, sl->niov, sl->offset) != 0)
+            return 0;
+        sl->err = 0;
+    }
+    return 1;
+}

@@ -47,6 +47,8 @@ def run(tmp_path, scenario, native, *, conf="", sectors=SECTORS, truncate=None, 
             port.device.workers = jobs
         if not native:
             port.device.native_setup = lambda nat: False
+            with hba.lock:
+                port.offer_inline()     # (withdrawn now: it was offered when the port started)
         scenario(m, p)
         assert hba.wait_idle(10)
         state = {name: p.read(name) for name in ("is", "sact", "ci", "tfd", "serr", "cmd")}
@@ -56,13 +58,14 @@ def run(tmp_path, scenario, native, *, conf="", sectors=SECTORS, truncate=None, 
     finally:
         m.close()
     return dict(state=state, ram=ram, image=path.read_bytes(), sdb=sdb,
-                served=port.native_slots, cached=port.native_cached)
+                served=port.native_slots + port.inline_slots,
+                cached=port.native_cached + port.inline_slots, inline=port.inline_slots)
 
 
 def both(tmp_path, scenario, **kw):
     a = run(tmp_path, scenario, True, **kw)
     b = run(tmp_path, scenario, False, **kw)
-    assert b["served"] == 0
+    assert b["served"] == 0 and b["inline"] == 0
     assert a["state"] == b["state"]
     assert a["image"] == b["image"]
     assert a["sdb"][:4] == b["sdb"][:4]
@@ -145,6 +148,7 @@ def test_cached_reads_complete_in_the_exit_and_the_rest_on_workers(tmp_path):
     r = both(tmp_path, scenario)
     assert r["served"] == 16
     assert 8 <= r["cached"] < 16      # the second round at least; not the dropped first
+    assert r["inline"] == 8           # the second round, in the PxCI write itself
     assert r["state"]["sact"] == 0 and not r["state"]["is"] & regs.IS_FATAL
     assert r["ram"][0x10000:0x18000] == r["ram"][0:0x8000]
 
