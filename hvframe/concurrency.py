@@ -62,8 +62,9 @@ calls may be made with any of the locks above held. Plugins' native register fil
 the same rule: AHCI's (hvframe_ahci/abar.c) is taken by a vCPU's ABAR exits without the GIL
 or any Python lock, and by Python only under the HBA lock (DEVICE); while held, nothing is
 called but a non-blocking eventfd write (an MSI irqfd, the port worker's wake-up) and, when
-an exit serves NCQ reads itself, reads of the page cache that wait for no disk (RWF_NOWAIT,
-at most 256 KiB an exit): it waits for no thread.
+an exit serves NCQ reads itself, reads of the page cache (RWF_NOWAIT: no disk is waited for;
+at most 256 KiB and 256 PRD entries a command): no other thread of hvframe is waited for,
+though the kernel may still sleep in a page fault on guest RAM.
 
 Rules
 -----

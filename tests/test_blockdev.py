@@ -751,3 +751,33 @@ def test_block_options_parse_like_bhyve(tmp_path):
         open_from_options(dt.validate(dt.parse_conf(f"{path},sectorsize=big")), "-s 3")
     with pytest.raises(ConfigError, match="needs path"):
         dt.validate(dt.parse_conf("ro"))
+
+
+def test_the_cores_fallocate_returns_the_errno_of_a_failure(tmp_path):
+    """hv_fallocate, the backend's fallocate(2): 0 when done, else the call's errno (which
+    the backend maps to its errors), never an exception or a silent success."""
+    from hvframe.block.backend import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+    from hvframe.core_native import lib
+    punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    path = written_image(tmp_path, MiB)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert lib.hv_fallocate(fd, punch, 4096, 8192) == 0
+        with open(path, "rb") as f:
+            f.seek(4096)
+            assert f.read(8192) == bytes(8192)
+        assert lib.hv_fallocate(fd, punch, -1, 4096) == errno.EINVAL
+        ro = os.open(path, os.O_RDONLY)
+        try:
+            assert lib.hv_fallocate(ro, punch, 0, 4096) == errno.EBADF
+        finally:
+            os.close(ro)
+        r, w = os.pipe()
+        try:
+            assert lib.hv_fallocate(w, punch, 0, 4096) == errno.ESPIPE
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        os.close(fd)
+    assert lib.hv_fallocate(fd, punch, 0, 4096) == errno.EBADF      # closed

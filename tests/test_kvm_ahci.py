@@ -44,9 +44,10 @@ def test_guest_drives_the_hba(guest, tmp_path):
     assert field(out, "read0").endswith("sum c03fbf00 first 00010203")
     assert "ahci readback ok" in out
     assert re.match(r"tags 4 sact_set f maxsact \d tfd 50 is 8 sact 0$", field(out, "ncq write"))
-    # The reads are in the page cache (the image was just written): served in the PxCI
-    # write's exit itself, so the guest never sees their SActive bits set.
-    assert re.match(r"tags 4 sact_set f maxsact 0 tfd 50 is 8 sact 0 ok$", field(out, "ncq read"))
+    # (The reads are in the page cache, so they are usually served in the PxCI write's exit
+    # itself, maxsact 0; not always: the write round's completion offers the exit the port
+    # again only after the guest can see it.)
+    assert re.match(r"tags 4 sact_set f maxsact \d tfd 50 is 8 sact 0 ok$", field(out, "ncq read"))
     assert field(out, "flush") == "tfd 50"
     assert field(out, "trim").endswith("after zero")
     oob = field(out, "oob")                 # ERR in the task file, TFES in PxIS

@@ -75,10 +75,6 @@ def _reply(f):
 @pytest.mark.kvm
 def test_qemu_qmp_client_runs_a_guest_through_stop_cont_reset_and_quit(vm, tmp_path):
     from qemu.qmp import QMPClient
-    from hvframe.config import Config
-    from hvframe.runner import system_uuid
-    named = Config()
-    named.set("name", "vmtest")          # the UUID SMBIOS would carry: the VM's own
     vm.wait_socket()
     vm.wait_for("tick 2")
 
@@ -94,7 +90,9 @@ def test_qemu_qmp_client_runs_a_guest_through_stop_cont_reset_and_quit(vm, tmp_p
         listener = asyncio.create_task(collect())
         assert (await qmp.execute("query-status"))["status"] == "running"
         assert await qmp.execute("query-name") == {"name": "vmtest"}
-        assert await qmp.execute("query-uuid") == {"UUID": str(system_uuid(named))}
+        # No firmware, no -U: the guest has no SMBIOS and so no UUID (QEMU's answer then);
+        # tests/test_seabios.py shows the one a firmware run gives.
+        assert await qmp.execute("query-uuid") == {"UUID": "00000000-0000-0000-0000-000000000000"}
         await qmp.execute("stop")
         assert await qmp.execute("query-status") == {"running": False, "singlestep": False,
                                                      "status": "paused"}
@@ -272,3 +270,18 @@ def test_fuzzed_input_never_stops_the_guest(vm):
     assert vm.proc.poll() is None
     assert _rss_kib(vm.proc.pid) - rss0 < 32 * 1024
     s.close()
+
+
+def test_query_uuid_answers_the_uuid_firmware_gives_else_none():
+    """query-uuid: the system UUID fixed in the configuration when the run began (a firmware
+    run's, or the one -U gave); a run with neither has no UUID the guest could see, and gets
+    QEMU's answer for a VM without one."""
+    from types import SimpleNamespace
+    from hvframe.config import Config
+    from hvframe.control.monitor import monitor_commands
+    cfg = Config()
+    cfg.set("name", "vm1")
+    query = monitor_commands(SimpleNamespace(cfg=cfg, name="vm1"))["query-uuid"].handler
+    assert query() == {"UUID": "00000000-0000-0000-0000-000000000000"}
+    cfg.set("uuid", "6ba7b810-9dad-11d1-80b4-00c04fd430c8")
+    assert query() == {"UUID": "6ba7b810-9dad-11d1-80b4-00c04fd430c8"}

@@ -8,6 +8,9 @@ hvframe is installed.
   hvframe processes it starts (HVFRAME_LOCK_CHECK=1 unless set), and a test fails if a thread
   took locks out of the written order or waited holding one. A test that provokes that on
   purpose takes the violations (concurrency.take_violations()).
+- Run directories: the hvframe processes a test run starts keep theirs (QMP socket, pid
+  file) in a directory of the run's own (HVFRAME_RUN_DIR, unless set), removed at the end,
+  never the user's: a VM a test names cannot meet one the user runs, nor leave files there.
 
 Fixtures:
   synthetic_machine          a SyntheticMachine (64 MiB), closed after the test
@@ -30,6 +33,24 @@ import pytest
 
 # Before hvframe makes its first lock (hvframe.concurrency reads it then).
 os.environ.setdefault("HVFRAME_LOCK_CHECK", "1")
+
+_RUN_DIR = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    if "HVFRAME_RUN_DIR" not in os.environ:
+        import tempfile
+        # Short (under /tmp): the QMP socket's path must stay under 108 bytes.
+        config.stash[_RUN_DIR] = os.environ["HVFRAME_RUN_DIR"] = tempfile.mkdtemp(prefix="hvf-run-")
+
+
+def pytest_unconfigure(config):
+    run_dir = config.stash.get(_RUN_DIR, None)
+    if run_dir is not None:
+        import shutil
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if os.environ.get("HVFRAME_RUN_DIR") == run_dir:
+            del os.environ["HVFRAME_RUN_DIR"]
 
 
 @pytest.hookimpl(wrapper=True)

@@ -51,7 +51,7 @@ ffibuilder = plugin_ffi(
         enum { AHCI_IRQ_LEVEL = 1, AHCI_IRQ_FIRE = 2, AHCI_IRQ_OWED = 4 };
         #define AHCI_WAIT_IRQ ...
         struct ahci_port_regs { uint32_t f[8]; uint32_t issued; int efd; uint64_t inline_slots;
-                                uint32_t irq_owed; ...; };
+                                uint32_t inline_cold; uint32_t irq_owed; ...; };
         struct ahci_hba_regs {
             uint32_t native; uint32_t nports; uint32_t cap, pi, vs; uint32_t ghc, is;
             uint32_t level; uint32_t intx; uint64_t served, passed;

@@ -25,9 +25,10 @@
  * through the functions at the end of this file. All changes are read-modify-writes under
  * `lock`, so a guest's W1C racing a completion on a worker loses neither; the mutex is the
  * innermost lock of the HBA (below hba.lock, hvframe.concurrency): nothing is called while
- * it is held except a non-blocking eventfd write and, in serve_inline, reads that wait for
- * no disk (RWF_NOWAIT; at most inline_max bytes a write), and it is never held across
- * py_call.
+ * it is held except a non-blocking eventfd write and, in serve_inline, reads of the page
+ * cache (RWF_NOWAIT: no disk is waited for; at most inline_max bytes and 256 PRD entries a
+ * command) -- no other thread of hvframe is ever waited for, though the kernel may still
+ * sleep in a page fault on guest RAM -- and it is never held across py_call.
  * Stores are atomic (release) and native reads load without the lock (acquire): a read
  * racing a change sees the value before or after it. Python stores a completion's PxTFD
  * first, then clears PxCI/PxSACT, then sets PxIS, so a guest that sees a slot done sees its
@@ -45,6 +46,7 @@ enum { AHCI_F_IS, AHCI_F_IE, AHCI_F_CMD, AHCI_F_TFD, AHCI_F_SSTS, AHCI_F_SERR, A
 enum { AHCI_H_GHC, AHCI_H_IS };
 enum { AHCI_IRQ_LEVEL = 1, AHCI_IRQ_FIRE = 2, AHCI_IRQ_OWED = 4 };
 #define AHCI_WAIT_IRQ (1LL << 32)        /* ahci_port_wait: an interrupt is owed */
+#define AHCI_INLINE_MAX_PRDS 256         /* PRD entries a command served in the exit may have */
 
 /* One port: its registers as a native read returns them. */
 struct ahci_port_regs {
@@ -58,6 +60,7 @@ struct ahci_port_regs {
     uint64_t inline_fb;               /* PxFB, guest-physical: where the SDB FIS goes */
     uint64_t inline_max;              /* bytes one PxCI write may move in the exit */
     uint64_t inline_slots;            /* slots served in the exit (statistics, tests) */
+    uint32_t inline_cold;             /* set when an exit declined reads the cache lacked */
     uint32_t irq_owed;                /* an exit's completion whose interrupt Python sends */
 };
 
@@ -204,7 +207,7 @@ static void issue_locked(struct ahci_port_regs *p, uint32_t bits, int *wake)
     if (!add)
         return;
     STORE(p->f[AHCI_F_CI], ci | add);
-    p->issued |= add;
+    STORE(p->issued, p->issued | add);          /* the worker's poll reads it unlocked */
     if (p->waiting) {
         p->waiting = 0;
         *wake = 1;
@@ -261,8 +264,10 @@ static int serve_inline(struct ahci_hba_regs *h, struct ahci_port_regs *p, uint3
         return 1;                                      /* nothing new */
     uint32_t cmd = p->f[AHCI_F_CMD];
     struct ahci_sdb_fis *sdb = NULL;
-    if (p->issued || (add & ~p->f[AHCI_F_SACT]) || ahci_prepare(nat, add) != add
-        || nat->bytes > p->inline_max)
+    /* Bounded before anything is walked: the bytes, and the PRD entries (Linux's driver
+     * uses at most 168 a command), so that no guest holds the mutex long. */
+    if (p->issued || (add & ~p->f[AHCI_F_SACT])
+        || prepare_bounded(nat, add, p->inline_max, AHCI_INLINE_MAX_PRDS) != add)
         goto decline;
     if (cmd & AHCI_CMD_FRE) {
         if (p->inline_fb > UINT64_MAX - AHCI_RX_SDBFIS)
@@ -272,8 +277,10 @@ static int serve_inline(struct ahci_hba_regs *h, struct ahci_port_regs *p, uint3
         if (!sdb)
             goto decline;                              /* HBFS, from Python */
     }
-    if (!ahci_read_all_cached(nat, add))
+    if (!ahci_read_all_cached(nat, add)) {
+        p->inline_cold = 1;                            /* Python waits before offering again */
         goto decline;
+    }
     /* Accepted and done, in the order a polling guest relies on: the status, then the
      * slots, then the events. */
     uint32_t last = 31 - (uint32_t)__builtin_clz(add);
@@ -529,7 +536,7 @@ uint32_t ahci_port_take(struct ahci_hba_regs *h, uint32_t port)
         return 0;
     pthread_mutex_lock(&h->lock);
     uint32_t v = h->port[port].issued;
-    h->port[port].issued = 0;
+    STORE(h->port[port].issued, 0u);
     pthread_mutex_unlock(&h->lock);
     return v;
 }
@@ -544,7 +551,7 @@ void ahci_port_stop(struct ahci_hba_regs *h, uint32_t port)
     struct ahci_port_regs *p = &h->port[port];
     STORE(p->f[AHCI_F_CI], 0u);
     STORE(p->f[AHCI_F_SACT], 0u);
-    p->issued = 0;
+    STORE(p->issued, 0u);
     pthread_mutex_unlock(&h->lock);
 }
 
@@ -583,7 +590,7 @@ uint32_t ahci_port_take_irq(struct ahci_hba_regs *h, uint32_t port)
         return 0;
     pthread_mutex_lock(&h->lock);
     uint32_t owed = h->port[port].irq_owed;
-    h->port[port].irq_owed = 0;
+    STORE(h->port[port].irq_owed, 0u);
     pthread_mutex_unlock(&h->lock);
     return owed;
 }

@@ -97,6 +97,7 @@ ISSUE_SPIN_NS = 32_000           # a port's worker polls PxCI this long before i
                                  # and the virtqueues' 32 us): a driver served at once often issues
                                  # again within a wake-up's time (NCQ 4 KiB QD32 rounds here: 79
                                  # against 90 us, median of 5 each, 2026-12-04)
+INLINE_COLD_SKIPS = 32           # offers skipped after the exit met reads not in the page cache
 _U32 = 0xFFFFFFFF
 QUIESCE_TIMEOUT_S = 30.0         # for the commands with the backends to come back
 
@@ -334,6 +335,7 @@ class AhciPort:
         self._h, self._r = hba._regs, hba._regs.port[index]
         self._cmd = self._ccs = self._inflight = 0
         self._inline_ram = None      # the guest RAM export an offer to serve in the exit uses
+        self._cold_skips = 0         # offers still skipped after the exit met uncached reads
         self.bit = 1 << index
         self.inflight = 0            # commands with the device (any epoch)
         self.epoch = 0               # bumped by stop/reset: late completions are dropped
@@ -535,7 +537,11 @@ class AhciPort:
             n = lib.ahci_port_wait(self._h, self.index, ISSUE_SPIN_NS, -1)
             if thread.stopping or n == -errno.EBADF:
                 return
-            if n <= 0:
+            if n < 0:
+                # poll() itself failed (EINTR is retried there): this worker cannot go on;
+                # its failure handler hands PxCI writes to Python (_worker_failed).
+                raise OSError(-n, f"port {self.index}: waiting for issued slots")
+            if n == 0:
                 continue
             with self.hba.lock:
                 self.withdraw_inline()
@@ -672,8 +678,16 @@ class AhciPort:
         offer when it declines a write (the worker then takes the slots) and Python offers it
         again once the port is idle. Otherwise withdraw it."""
         self.withdraw_inline()           # first: no exit uses the state set up below
+        if self._r.inline_cold:
+            # The exit met reads the page cache lacked: a disk that is read cold would pay
+            # the exit's attempt on every command; try again after a while.
+            self._r.inline_cold = 0
+            self._cold_skips = INLINE_COLD_SKIPS
+        if self._cold_skips:
+            self._cold_skips -= 1
+            return
         dev = self.device
-        if dev is None or not dev.cached_reads or not self.hba._native_on \
+        if dev is None or not dev.cached_reads or not self.hba._native_on or self.hba.closing \
                 or not self.cmd & CMD_ST or self._r.efd < 0 \
                 or self.halted or self.busy is not None or self.pending or self.ncq_active \
                 or self._inflight or self.draining or self.held or self.hba.quiesced \
@@ -1046,6 +1060,7 @@ class AhciHba(PciFunction, DeviceState):
         self.lock = concurrency.lock(concurrency.DEVICE, f"{name} hba", reentrant=True)
         self.idle = concurrency.condition(self.lock)
         self.quiesced = False            # a checkpoint: slots issued now are held
+        self.closing = False             # close() began: nothing is offered to exits again
         nports = max(devices) + 1 if devices else 1
         if nports > MAX_PORTS:
             raise ValueError(f"at most {MAX_PORTS} ports")
@@ -1189,13 +1204,19 @@ class AhciHba(PciFunction, DeviceState):
         if (offset & 3) + size > 4:
             return                       # a dword-crossing access means nothing here
         mask = ((1 << (8 * size)) - 1) << shift
+        off = offset & ~3
+        n = (off - PORT_BASE) // PORT_STRIDE if off >= PORT_BASE else -1
+        # Nothing is served in an exit while Python changes registers: the port's own, or
+        # every port's for the HBA's (GHC, a reset).
+        ports = self.ports if n < 0 else self.ports[n:n + 1]
         with self.lock:
-            # Nothing is served in an exit while Python changes registers.
-            self._withdraw_inline()
+            for p in ports:
+                p.withdraw_inline()
             try:
-                self._write32(offset & ~3, (value << shift) & mask, mask)
+                self._write32(off, (value << shift) & mask, mask)
             finally:
-                self._offer_inline()
+                for p in ports:
+                    p.offer_inline()
 
     def _read32(self, off: int) -> int:
         if off < PORT_BASE:
@@ -1267,6 +1288,8 @@ class AhciHba(PciFunction, DeviceState):
         with self.lock:
             self.quiesced = True
             self._withdraw_inline()
+            for p in self.ports:         # an interrupt an exit left to a worker: sent now
+                self.deliver_owed(lib.ahci_port_take_irq(self._regs, p.index))
             settled = self.idle.wait_for(lambda: all(p.settled() for p in self.ports),
                                          QUIESCE_TIMEOUT_S)
         if not settled:
@@ -1331,6 +1354,7 @@ class AhciHba(PciFunction, DeviceState):
 
     def close(self) -> None:
         with self.lock:
+            self.closing = True          # a late completion must not offer again
             self._withdraw_inline()
         for port, thread in self._workers:
             thread.stop()

@@ -52,8 +52,10 @@ static uint8_t *ahci_translate(const struct ahci_port *p, uint64_t gpa, uint64_t
 }
 
 /* One slot: 1 if it is an NCQ READ/WRITE the native path serves (slot state filled in and
- * PRDBC cleared), 0 to leave it to Python. */
-static int ahci_prepare_slot(struct ahci_port *p, unsigned s)
+ * PRDBC cleared), 0 to leave it to Python. A slot of more than max_bytes or max_prds PRD
+ * entries is left too (the bounds of a vCPU's exit, which holds the HBA's mutex). */
+static int ahci_prepare_slot(struct ahci_port *p, unsigned s, uint64_t max_bytes,
+                             uint32_t max_prds)
 {
     struct ahci_slot *sl = &p->slot[s];
     struct ahci_cmd_header h;
@@ -67,7 +69,7 @@ static int ahci_prepare_slot(struct ahci_port *p, unsigned s)
         return 0;
     memcpy(&h, hp, sizeof(h));
     uint32_t cfl = h.flags & AHCI_CFL_MASK;
-    if (cfl < 5 || cfl > 16)
+    if (cfl < 5 || cfl > 16 || h.prdtl > max_prds)
         return 0;
     uint64_t ctba = ((uint64_t)h.ctbau << 32) | (h.ctba & ~(uint32_t)(AHCI_CMD_TABLE_ALIGN - 1));
     uint64_t table_len = AHCI_CMD_TABLE_PRDT + (uint64_t)h.prdtl * sizeof(struct ahci_prd);
@@ -92,6 +94,8 @@ static int ahci_prepare_slot(struct ahci_port *p, unsigned s)
     if (lba > p->sectors || n > p->sectors - lba)
         return 0;                                       /* IDNF, from Python */
     uint64_t left = n * p->sector_size;
+    if (left > max_bytes)
+        return 0;
     /* The PRDs, merged where contiguous, up to the transfer length. */
     int niov = 0, ioc = 0;
     uint64_t end = UINT64_MAX;
@@ -142,7 +146,8 @@ static int ahci_prepare_slot(struct ahci_port *p, unsigned s)
 
 /* The slots of `slots` the native path takes: all of them, or none (0) when any one needs
  * the Python path -- so that a PxCI write is handled wholly one way, in slot order. */
-uint32_t ahci_prepare(struct ahci_port *p, uint32_t slots)
+static uint32_t prepare_bounded(struct ahci_port *p, uint32_t slots, uint64_t max_bytes,
+                                uint32_t max_prds)
 {
     p->ioc = 0;
     p->bytes = 0;
@@ -152,7 +157,7 @@ uint32_t ahci_prepare(struct ahci_port *p, uint32_t slots)
     for (unsigned s = 0; s < AHCI_SLOTS; s++) {
         if (!(slots >> s & 1))
             continue;
-        if (!ahci_prepare_slot(p, s)) {
+        if (!ahci_prepare_slot(p, s, max_bytes - p->bytes, max_prds)) {
             p->ioc = 0;
             p->bytes = 0;
             return 0;
@@ -160,6 +165,11 @@ uint32_t ahci_prepare(struct ahci_port *p, uint32_t slots)
         p->bytes += p->slot[s].length;
     }
     return slots;
+}
+
+uint32_t ahci_prepare(struct ahci_port *p, uint32_t slots)
+{
+    return prepare_bounded(p, slots, UINT64_MAX, UINT32_MAX);
 }
 
 /* Move the data of prepared `slots` (GIL released); returns the slots that failed, each

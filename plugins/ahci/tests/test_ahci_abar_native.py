@@ -519,3 +519,63 @@ def test_a_port_without_a_worker_issues_through_python(disk):
         assert hba.native_counts[1] > passed
     finally:
         m.close()
+
+
+def test_an_interrupt_owed_by_the_exit_is_in_the_checkpoint(disk):
+    """INTx: a read served in the exit leaves its interrupt to the port's worker. A
+    checkpoint taken before the worker got to it still carries the line raised, and the
+    restored HBA drives it."""
+    from hvframe.snapshot.state import decode_into, encode
+    line = f"{SLOT},ahci,hd:{disk}"
+    m = build_machine(line)
+    try:
+        drv = AhciDriver(m, SLOT)
+        drv.write("ghc", regs.GHC_AE | regs.GHC_IE)            # no MSI: INTx
+        p = drv.port(0)
+        p.start(ie=regs.IS_SDBS)
+        hba = hba_of(m)
+        p.prepare(1, h2d(READ_FPDMA_QUEUED, lba=8, count=1 << 3, features=8), [(BUF, 4096)])
+        with hba.lock:                                       # the worker is kept out
+            p.write("sact", 2)
+            p.write("ci", 2)
+            assert hba.ports[0].inline_slots == 1 and hba._regs.port[0].irq_owed
+            assert not hba.intx_level                        # not yet: owed
+            hba.quiesce()
+            record = encode(hba)
+            assert hba.intx_level                            # delivered by the quiesce
+            ram = m.memory.read(0, m.memory.size)
+        hba.unquiesce()
+        assert hba.wait_idle(5)
+    finally:
+        m.close()
+    m2 = build_machine(line)
+    try:
+        m2.memory.write(0, ram)
+        h2 = hba_of(m2)
+        decode_into(h2, record, "ahci")
+        assert h2.intx_level and h2.is_ == 1
+        assert AhciDriver(m2, SLOT).port(0).read("is") == regs.IS_SDBS
+    finally:
+        m2.close()
+
+
+def test_nothing_is_offered_to_the_exits_once_the_hba_closes(disk):
+    """A completion arriving while the HBA closes does not offer the exits the port again,
+    so the guest RAM export goes with the offer and RAM is unmapped at close."""
+    m = build_machine(f"{SLOT},ahci,hd:{disk}")
+    try:
+        drv = AhciDriver(m, SLOT)
+        drv.port(0).start()
+        hba = hba_of(m)
+        port = hba.ports[0]
+        assert port._inline_ram is not None                  # offered: the port is idle
+        with hba.lock:                                       # close()'s first step ...
+            hba.closing = True
+            hba._withdraw_inline()
+        assert port._r.efd >= 0                              # ... the worker not yet stopped
+        with hba.lock:
+            port.offer_inline()                              # as a late completion would
+        assert port._inline_ram is None
+    finally:
+        m.close()
+    assert m.memory.unmapped
