@@ -762,7 +762,10 @@ def test_the_cores_fallocate_returns_the_errno_of_a_failure(tmp_path):
     path = written_image(tmp_path, MiB)
     fd = os.open(path, os.O_RDWR)
     try:
-        assert lib.hv_fallocate(fd, punch, 4096, 8192) == 0
+        err = lib.hv_fallocate(fd, punch, 4096, 8192)
+        if err == errno.EOPNOTSUPP:
+            pytest.skip(f"{tmp_path}'s file system cannot punch holes")
+        assert err == 0
         with open(path, "rb") as f:
             f.seek(4096)
             assert f.read(8192) == bytes(8192)
@@ -780,4 +783,4 @@ def test_the_cores_fallocate_returns_the_errno_of_a_failure(tmp_path):
             os.close(w)
     finally:
         os.close(fd)
-    assert lib.hv_fallocate(fd, punch, 0, 4096) == errno.EBADF      # closed
+    assert lib.hv_fallocate(-1, punch, 0, 4096) == errno.EBADF      # no descriptor

@@ -41,7 +41,8 @@ def pytest_configure(config):
     if "HVFRAME_RUN_DIR" not in os.environ:
         import tempfile
         # Short (under /tmp): the QMP socket's path must stay under 108 bytes.
-        config.stash[_RUN_DIR] = os.environ["HVFRAME_RUN_DIR"] = tempfile.mkdtemp(prefix="hvf-run-")
+        config.stash[_RUN_DIR] = os.environ["HVFRAME_RUN_DIR"] = tempfile.mkdtemp(
+            prefix="hvf-run-", dir="/tmp")
 
 
 def pytest_unconfigure(config):

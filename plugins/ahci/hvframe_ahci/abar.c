@@ -277,6 +277,9 @@ static int serve_inline(struct ahci_hba_regs *h, struct ahci_port_regs *p, uint3
         if (!sdb)
             goto decline;                              /* HBFS, from Python */
     }
+    for (unsigned i = 0; i < AHCI_SLOTS; i++)
+        if ((add >> i & 1) && nat->slot[i].write)
+            goto decline;                              /* writes are the disk workers' */
     if (!ahci_read_all_cached(nat, add)) {
         p->inline_cold = 1;                            /* Python waits before offering again */
         goto decline;

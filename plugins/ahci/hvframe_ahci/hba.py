@@ -97,7 +97,8 @@ ISSUE_SPIN_NS = 32_000           # a port's worker polls PxCI this long before i
                                  # and the virtqueues' 32 us): a driver served at once often issues
                                  # again within a wake-up's time (NCQ 4 KiB QD32 rounds here: 79
                                  # against 90 us, median of 5 each, 2026-12-04)
-INLINE_COLD_SKIPS = 32           # offers skipped after the exit met reads not in the page cache
+INLINE_COLD_SKIPS = 32           # offers skipped (of an idle port) after the exit met reads not
+                                 # in the page cache
 _U32 = 0xFFFFFFFF
 QUIESCE_TIMEOUT_S = 30.0         # for the commands with the backends to come back
 
@@ -683,15 +684,15 @@ class AhciPort:
             # the exit's attempt on every command; try again after a while.
             self._r.inline_cold = 0
             self._cold_skips = INLINE_COLD_SKIPS
-        if self._cold_skips:
-            self._cold_skips -= 1
-            return
         dev = self.device
         if dev is None or not dev.cached_reads or not self.hba._native_on or self.hba.closing \
                 or not self.cmd & CMD_ST or self._r.efd < 0 \
                 or self.halted or self.busy is not None or self.pending or self.ncq_active \
                 or self._inflight or self.draining or self.held or self.hba.quiesced \
                 or self._r.issued:
+            return
+        if self._cold_skips:             # counted only where it would have been offered
+            self._cold_skips -= 1
             return
         ready = self._native_ready()
         if ready is None:

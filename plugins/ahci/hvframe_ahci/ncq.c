@@ -216,9 +216,10 @@ uint32_t ahci_execute_cached(struct ahci_port *p, uint32_t slots)
     return done;
 }
 
-/* Whether every prepared READ of `slots` was moved now from the page cache (a vCPU's exit
- * serves them: no disk is waited for). Stops at the first that is not cached, or a write,
- * and answers 0; what was moved then is moved again by whoever serves them. */
+/* Whether every prepared READ of `slots` (the caller has left writes out) was moved now
+ * from the page cache (a vCPU's exit serves them: no disk is waited for). Stops at the
+ * first that is not cached and answers 0; what was moved then is moved again by whoever
+ * serves them. */
 static int ahci_read_all_cached(struct ahci_port *p, uint32_t slots)
 {
     for (unsigned s = 0; s < AHCI_SLOTS; s++) {

@@ -579,3 +579,29 @@ def test_nothing_is_offered_to_the_exits_once_the_hba_closes(disk):
     finally:
         m.close()
     assert m.memory.unmapped
+
+
+def test_a_write_does_not_keep_reads_out_of_the_exit(disk):
+    """An NCQ write goes to the disk's workers, as always; it is not taken for a read the
+    page cache lacked, so the cached reads that follow are still served in the exit."""
+    m = build_machine(f"{SLOT},ahci,hd:{disk}")
+    try:
+        drv = AhciDriver(m, SLOT)
+        p = drv.port(0)
+        p.start()
+        hba = hba_of(m)
+        port = hba.ports[0]
+        p.prepare(2, h2d(WRITE_FPDMA_QUEUED, lba=16, count=2 << 3, features=8), [(BUF, 4096)],
+                  write=True)
+        p.write("sact", 1 << 2)
+        p.write("ci", 1 << 2)
+        assert hba.wait_idle(10) and port.inline_slots == 0
+        for n in range(4):
+            p.prepare(1, h2d(READ_FPDMA_QUEUED, lba=8 * n, count=1 << 3, features=8),
+                      [(BUF + 0x1000 * (n + 1), 4096)])
+            p.write("sact", 1 << 1)
+            p.write("ci", 1 << 1)
+            assert p.read("ci") == 0 and p.read("sact") == 0    # done in the exit
+        assert port.inline_slots == 4
+    finally:
+        m.close()
