@@ -30,6 +30,8 @@ def image(tmp_path_factory):
     with open(path, "wb") as f:
         for _ in range(IMAGE // (1 << 20)):
             f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())        # no writeback beside the timed rounds (as virtio-blk's)
     return path
 
 
