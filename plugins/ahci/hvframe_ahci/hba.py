@@ -455,8 +455,12 @@ class AhciPort:
         if cmd & CMD_FRE:
             v |= CMD_FR
         # While exits may serve commands (offer_inline), they keep CCS up to date.
-        ccs = self._ccs if self._inline_ram is None else self._r.f[F_CMD] >> CMD_CCS_SHIFT & 0x1F
+        ccs = self._ccs if self._inline_ram is None else self._native_ccs()
         return v | ccs << CMD_CCS_SHIFT
+
+    def _native_ccs(self) -> int:
+        """PxCMD.CCS as the register file has it (an exit serving commands sets it)."""
+        return (self._r.f[F_CMD] >> CMD_CCS_SHIFT) & 0x1F
 
     # -- registers -------------------------------------------------------------------------
     def read_reg(self, name: str) -> int:
@@ -706,7 +710,7 @@ class AhciPort:
         if self._inline_ram is None:
             return                       # not offered
         lib.ahci_port_inline(self._h, self.index, ffi.NULL, 0, 0)
-        self._ccs = (self._r.f[F_CMD] >> CMD_CCS_SHIFT) & 0x1F
+        self._ccs = self._native_ccs()
         self._inline_ram = None
 
     @staticmethod

@@ -194,25 +194,29 @@ uint32_t ahci_execute(struct ahci_port *p, uint32_t slots)
     return failed;
 }
 
+/* Slot s's prepared READ moved now if the page cache holds all of it (0), without waiting
+ * for a disk; else nonzero, and the slot is left as prepared. */
+static int read_slot_cached(struct ahci_port *p, unsigned s)
+{
+    struct ahci_slot *sl = &p->slot[s];
+    /* file_read_cached consumes its iovecs: work on a copy, so the slot stays as prepared. */
+    struct iovec iov[AHCI_MAX_IOV];
+    memcpy(iov, sl->iov, sl->niov * sizeof(*iov));
+    int err = hv->file_read_cached(p->fd, iov, sl->niov, sl->offset);
+    if (!err)
+        sl->err = 0;
+    return err;
+}
+
 /* The prepared READs of `slots` whose data the page cache holds, moved now without waiting
  * for a disk (the vCPU's exit stays short); returns the slots done. The others are left as
  * prepared for ahci_execute on a worker, which reads them again in full. */
 uint32_t ahci_execute_cached(struct ahci_port *p, uint32_t slots)
 {
     uint32_t done = 0;
-    for (unsigned s = 0; s < AHCI_SLOTS; s++) {
-        if (!(slots >> s & 1))
-            continue;
-        struct ahci_slot *sl = &p->slot[s];
-        if (sl->write)
-            continue;
-        struct iovec iov[AHCI_MAX_IOV];
-        memcpy(iov, sl->iov, sl->niov * sizeof(*iov));
-        if (hv->file_read_cached(p->fd, iov, sl->niov, sl->offset) == 0) {
-            sl->err = 0;
+    for (unsigned s = 0; s < AHCI_SLOTS; s++)
+        if ((slots >> s & 1) && !p->slot[s].write && read_slot_cached(p, s) == 0)
             done |= 1u << s;
-        }
-    }
     return done;
 }
 
@@ -222,17 +226,8 @@ uint32_t ahci_execute_cached(struct ahci_port *p, uint32_t slots)
  * serves them. */
 static int ahci_read_all_cached(struct ahci_port *p, uint32_t slots)
 {
-    for (unsigned s = 0; s < AHCI_SLOTS; s++) {
-        if (!(slots >> s & 1))
-            continue;
-        struct ahci_slot *sl = &p->slot[s];
-        if (sl->write)
+    for (unsigned s = 0; s < AHCI_SLOTS; s++)
+        if ((slots >> s & 1) && read_slot_cached(p, s) != 0)
             return 0;
-        struct iovec iov[AHCI_MAX_IOV];
-        memcpy(iov, sl->iov, sl->niov * sizeof(*iov));
-        if (hv->file_read_cached(p->fd, iov, sl->niov, sl->offset) != 0)
-            return 0;
-        sl->err = 0;
-    }
     return 1;
 }

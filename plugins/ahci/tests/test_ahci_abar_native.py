@@ -2,6 +2,7 @@
 without the GIL, C and Python agree on every register, and a guest's write-1-to-clear racing
 a completion on another thread loses nothing. All through the dispatch core with synthetic
 exits, as a vCPU's exits go."""
+import contextlib
 import json
 import os
 import subprocess
@@ -35,6 +36,20 @@ def disk(tmp_path):
 
 def hba_of(m) -> AhciHba:
     return next(d for d in m.devices if isinstance(d, AhciHba))
+
+
+@contextlib.contextmanager
+def started_port(disk, **start):
+    """A machine with an AHCI disk on `disk`, port 0 started (PortDriver.start(**start)):
+    (machine, driver, port driver, HBA); the machine is closed afterwards."""
+    m = build_machine(f"{SLOT},ahci,hd:{disk}")
+    try:
+        drv = AhciDriver(m, SLOT)
+        p = drv.port(0)
+        p.start(**start)
+        yield m, drv, p, hba_of(m)
+    finally:
+        m.close()
 
 
 def msi_cap(drv) -> int:
@@ -176,12 +191,7 @@ def test_the_gil_check_catches_a_python_served_exit(disk):
 
 
 def test_hot_path_counts_no_python_calls(disk):
-    m = build_machine(f"{SLOT},ahci,hd:{disk}")
-    try:
-        drv = AhciDriver(m, SLOT)
-        p = drv.port(0)
-        p.start(ie=regs.IS_DHRS)
-        hba = hba_of(m)
+    with started_port(disk, ie=regs.IS_DHRS) as (m, drv, p, hba):
         served, passed = hba.native_counts
         for off in HOT_READS:
             for size, delta in ((1, 0), (1, 3), (2, 1), (4, 0), (4, 2)):
@@ -197,8 +207,6 @@ def test_hot_path_counts_no_python_calls(disk):
         assert hba.native_counts[0] - served == len(HOT_READS) * 5 + 2 * pairs + 4
         p.read("sig")                                               # rare: Python's
         assert hba.native_counts[1] == passed + 1
-    finally:
-        m.close()
 
 
 # -- (b) C and Python agree -------------------------------------------------------------------
@@ -337,13 +345,8 @@ def test_w1c_and_sact_writes_racing_completions_lose_nothing(disk):
     (the completion toggles PxIS.DPS and PxSACT bit 31; the guest W1Cs HBA IS and writes
     PxSACT with no bit set). A read-modify-write that is not one step with the other side's loses an
     event (a wait times out) or brings one back (a count comes out too high)."""
-    m = build_machine(f"{SLOT},ahci,hd:{disk}")
-    try:
-        drv = AhciDriver(m, SLOT)
-        p = drv.port(0)
-        p.start(ie=regs.IS_SDBS)
+    with started_port(disk, ie=regs.IS_SDBS) as (m, drv, p, hba):
         drv.write("ghc", regs.GHC_AE | regs.GHC_IE)
-        hba = hba_of(m)
         port = hba.ports[0]
         rounds, deadline = 1000, time.monotonic() + 60
         seen = {"sdbs": 0, "cleared": 0}
@@ -394,8 +397,6 @@ def test_w1c_and_sact_writes_racing_completions_lose_nothing(disk):
             t.join(30)
         assert (sent, cleared) == (rounds, rounds), "an event was lost (a wait timed out)"
         assert seen == {"sdbs": rounds, "cleared": rounds}
-    finally:
-        m.close()
 
 
 @pytest.mark.parametrize("write", [False, True], ids=["reads-in-the-exit", "writes-on-the-worker"])
@@ -403,12 +404,7 @@ def test_two_vcpus_issuing_on_one_port_start_every_slot_once(disk, write):
     """Two threads write PxSACT/PxCI for disjoint NCQ slots at the same time; every command
     is started once and completes: reads the page cache holds in the exits themselves,
     writes by the port's worker."""
-    m = build_machine(f"{SLOT},ahci,hd:{disk}")
-    try:
-        drv = AhciDriver(m, SLOT)
-        p = drv.port(0)
-        p.start()
-        hba = hba_of(m)
+    with started_port(disk) as (m, drv, p, hba):
         op = WRITE_FPDMA_QUEUED if write else READ_FPDMA_QUEUED
         for s in range(32):
             p.prepare(s, h2d(op, lba=8 * s, count=s << 3, features=8),
@@ -437,8 +433,6 @@ def test_two_vcpus_issuing_on_one_port_start_every_slot_once(disk, write):
         assert bin(seen).count("1") + port.inline_slots == 32
         assert port.inline_slots == 0 if write else port.inline_slots > 0
         assert not p.read("is") & regs.IS_FATAL
-    finally:
-        m.close()
 
 
 def test_reads_in_the_exit_while_another_vcpu_stops_and_starts_the_port(disk):
@@ -446,12 +440,7 @@ def test_reads_in_the_exit_while_another_vcpu_stops_and_starts_the_port(disk):
     and clears PxIS through Python, which withdraws and offers again the serving in the
     exit each time. Nothing hangs or fails, no slot stays issued, and once the port runs
     undisturbed reads are served in the exit again, with the disk's data."""
-    m = build_machine(f"{SLOT},ahci,hd:{disk}")
-    try:
-        drv = AhciDriver(m, SLOT)
-        p = drv.port(0)
-        p.start(ie=regs.IS_SDBS)
-        hba = hba_of(m)
+    with started_port(disk, ie=regs.IS_SDBS) as (m, drv, p, hba):
         port = hba.ports[0]
         for s in range(32):
             p.prepare(s, h2d(READ_FPDMA_QUEUED, lba=8 * s, count=s << 3, features=8),
@@ -497,19 +486,12 @@ def test_reads_in_the_exit_while_another_vcpu_stops_and_starts_the_port(disk):
         image = disk.read_bytes()
         for s in range(32):
             assert m.memory.read(BUF + 0x1000 * s, 4096) == image[8 * s * 512:][:4096], s
-    finally:
-        m.close()
 
 
 def test_a_port_without_a_worker_issues_through_python(disk):
     """With its worker gone (closed, or failed), PxCI writes go to Python and still work."""
     from hvframe_ahci.hba import lib
-    m = build_machine(f"{SLOT},ahci,hd:{disk}")
-    try:
-        drv = AhciDriver(m, SLOT)
-        p = drv.port(0)
-        p.start()
-        hba = hba_of(m)
+    with started_port(disk) as (m, drv, p, hba):
         for port, thread in hba._workers:
             thread.stop()
             lib.ahci_port_worker_close(hba._regs, port.index)
@@ -517,8 +499,6 @@ def test_a_port_without_a_worker_issues_through_python(disk):
         is_ = p.run(0, h2d(READ_DMA_EXT, lba=0, count=1), [(BUF, 512)])
         assert is_ & regs.IS_DHRS and p.read("ci") == 0
         assert hba.native_counts[1] > passed
-    finally:
-        m.close()
 
 
 def test_an_interrupt_owed_by_the_exit_is_in_the_checkpoint(disk):
@@ -562,11 +542,7 @@ def test_an_interrupt_owed_by_the_exit_is_in_the_checkpoint(disk):
 def test_nothing_is_offered_to_the_exits_once_the_hba_closes(disk):
     """A completion arriving while the HBA closes does not offer the exits the port again,
     so the guest RAM export goes with the offer and RAM is unmapped at close."""
-    m = build_machine(f"{SLOT},ahci,hd:{disk}")
-    try:
-        drv = AhciDriver(m, SLOT)
-        drv.port(0).start()
-        hba = hba_of(m)
+    with started_port(disk) as (m, drv, p, hba):
         port = hba.ports[0]
         assert port._inline_ram is not None                  # offered: the port is idle
         with hba.lock:                                       # close()'s first step ...
@@ -576,20 +552,13 @@ def test_nothing_is_offered_to_the_exits_once_the_hba_closes(disk):
         with hba.lock:
             port.offer_inline()                              # as a late completion would
         assert port._inline_ram is None
-    finally:
-        m.close()
     assert m.memory.unmapped
 
 
 def test_a_write_does_not_keep_reads_out_of_the_exit(disk):
     """An NCQ write goes to the disk's workers, as always; it is not taken for a read the
     page cache lacked, so the cached reads that follow are still served in the exit."""
-    m = build_machine(f"{SLOT},ahci,hd:{disk}")
-    try:
-        drv = AhciDriver(m, SLOT)
-        p = drv.port(0)
-        p.start()
-        hba = hba_of(m)
+    with started_port(disk) as (m, drv, p, hba):
         port = hba.ports[0]
         p.prepare(2, h2d(WRITE_FPDMA_QUEUED, lba=16, count=2 << 3, features=8), [(BUF, 4096)],
                   write=True)
@@ -603,5 +572,3 @@ def test_a_write_does_not_keep_reads_out_of_the_exit(disk):
             p.write("ci", 1 << 1)
             assert p.read("ci") == 0 and p.read("sact") == 0    # done in the exit
         assert port.inline_slots == 4
-    finally:
-        m.close()
