@@ -29,7 +29,8 @@ import tempfile
 import pytest
 
 _CDEF = """
-long hv_raw_write_n(int fd, const unsigned char *buf, size_t len, int n);
+long hv_raw_write_n(int fd, const unsigned char *buf, size_t len, int n, size_t stride,
+                    int copies, int first);
 long hv_raw_read_n(int fd, unsigned char *buf, size_t cap, int n);
 struct hv_rig_halt { uint64_t poll_ns, max_ns, grow, grow_start, shrink; };
 int hv_rig_round(uint16_t *avail_idx, uint16_t value, int doorbell_fd, const uint16_t *used_idx,
@@ -48,11 +49,13 @@ _SOURCE = r"""
 #include <unistd.h>
 #include <sys/resource.h>
 
-/* n write()s of buf: n, or -errno of the first that failed. */
-long hv_raw_write_n(int fd, const unsigned char *buf, size_t len, int n)
+/* n write()s of len bytes, the i-th from copy (first + i) % copies, at buf + copy * stride:
+ * n, or -errno of the first that failed. */
+long hv_raw_write_n(int fd, const unsigned char *buf, size_t len, int n, size_t stride,
+                    int copies, int first)
 {
     for (int i = 0; i < n; i++) {
-        ssize_t k = write(fd, buf, len);
+        ssize_t k = write(fd, buf + (size_t)((first + i) % copies) * stride, len);
         if (k < 0 && errno == EINTR) {
             i--;
             continue;
@@ -281,9 +284,33 @@ def loops():
 def write_n(fd: int, data: bytes, n: int) -> None:
     """n write()s of data to fd, in C."""
     _, lib = loops()
-    rc = lib.hv_raw_write_n(fd, data, len(data), n)
+    rc = lib.hv_raw_write_n(fd, data, len(data), n, 0, 1, 0)
     if rc < 0:
         raise OSError(-rc, os.strerror(-rc))
+
+
+class Frames:
+    """`copies` copies of one frame, 64-byte aligned apart, written n at a time in turn (the
+    i-th write from copy i % copies): the raw side of a device round whose chains each hold
+    their own copy, so that both read as much memory (a 64 KiB TSO segment from one buffer
+    stays in the cache; from 256 buffers, as the device's ring holds them, it does not)."""
+
+    def __init__(self, data: bytes, copies: int):
+        ffi, self._lib = loops()
+        self.len, self.copies = len(data), copies
+        self.stride = (len(data) + 63) & ~63
+        self._buf = ffi.new("unsigned char[]", self.stride * copies)
+        view = ffi.buffer(self._buf)
+        for i in range(copies):
+            view[i * self.stride:i * self.stride + len(data)] = data
+        self.next = 0
+
+    def write_n(self, fd: int, n: int) -> None:
+        rc = self._lib.hv_raw_write_n(fd, self._buf, self.len, n, self.stride, self.copies,
+                                      self.next)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        self.next = (self.next + n) % self.copies
 
 
 class Reader:

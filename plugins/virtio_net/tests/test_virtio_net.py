@@ -514,6 +514,53 @@ def test_merged_frame_waiting_for_more_buffers_asks_for_the_next_kick(stream_rig
     assert r.dev.stats()["rx_drop_too_big"] == 0
 
 
+def test_a_burst_fills_buffers_in_order_and_gives_back_ones_too_small_for_a_header(stream_rig):
+    # 40 frames wait in the backend; the driver then posts 48 buffers in one kick, every
+    # sixth 8 bytes long (no room for the 12-byte header). One cycle places them all, the
+    # used ring published in batches: every buffer comes back once, in the order posted,
+    # the small ones empty, and the frames byte for byte in the order sent.
+    r = stream_rig(post=0)
+    sent = [frame(n=60 + 37 * i, seed=i) for i in range(40)]
+    for f in sent:
+        r.backend.send_frame(f)
+    rq = r.dev.rxqs[0]
+    wait_for(lambda: rq.have_frame, what="the first frame held for buffers")
+    dq = r.nd.drv.queues[0]
+    posted = []
+    for i in range(48):
+        size = 8 if i % 6 == 4 else 2048
+        addr = r.nd.alloc(size)
+        posted.append((dq.add([(addr, size, True)]), addr, size))
+    dq.publish()
+    r.nd.drv.kick(0)
+    used = r.nd.drv.wait_used(0, 48)
+    assert [h for h, _ in used] == [h for h, _, _ in posted]
+    got = []
+    for (head, written), (_, addr, size) in zip(used, posted):
+        if size == 8:
+            assert written == 0
+            continue
+        data = r.nd.mem.read(addr, written)
+        assert struct.unpack_from("<H", data, 10)[0] == 1       # num_buffers
+        got.append(data[L.HDR_SIZE:])
+    assert got == sent
+    st = r.dev.stats()
+    assert st["rx_frames"] == 40 and st["rx_bad_buffers"] == 8
+
+
+def test_rings_shorter_than_the_publishing_batch_keep_flowing(stream_rig):
+    # 4-entry rings: the device publishes used entries in batches longer than the ring, so
+    # it must publish a short batch when the ring's entries run out, both ways.
+    r = stream_rig(queue_size=4, post=4)
+    sent = [frame(n=200 + i, seed=i) for i in range(40)]
+    for f in sent:
+        r.backend.send_frame(f)
+    assert [r.nd.recv(0)[1] for _ in sent] == sent
+    for f in sent:
+        r.nd.send(0, f)
+    assert [r.backend.recv_frame() for _ in sent] == sent
+
+
 def _used_while_holding_the_gil(dq, fd, action, *args):
     """Another process does `action` (Python, with os, sys and `fd` at hand) on descriptor
     fd after 0.3 s, while this thread spins in Python keeping the GIL until dq's used index
