@@ -49,7 +49,8 @@ enum { VNET_WAIT_KICK = 0,          /* its doorbell */
                                      * 4-8 KiB the copy costs more than writev's path) */
 #define VNET_NOTIFY_EVERY 64        /* frames between interrupt checks in a long batch */
 #define VNET_RX_PUBLISH 16          /* receive chains placed before used.idx is published
-                                     * (sooner when input runs out or a cycle ends) */
+                                     * (sooner when input runs out or a cycle ends, and
+                                     * after half a ring shorter than 32: publish_at) */
 #define VNET_TX_PUBLISH 16          /* transmit chains sent before used.idx is published */
 #define VNET_MAC_TABLE 64
 #define VNET_PREFETCH_MAX 1536      /* bytes of the next buffer brought into the cache */
@@ -425,6 +426,15 @@ static int rx_accept(struct vnet_rxq *rq, const uint8_t *dst)
 
 enum { PLACE_DONE, PLACE_DROPPED, PLACE_RING_EMPTY, PLACE_INVALID };
 
+/* How many consumed chains a queue holds back before publishing them: `batch`, or half a
+ * ring shorter than two batches (so that the chains looked at ahead of the held ones never
+ * run past the ring's end). */
+static uint32_t publish_at(const struct hv_vq *q, uint32_t batch)
+{
+    uint32_t half = q->size / 2 ? q->size / 2 : 1;
+    return half < batch ? half : batch;
+}
+
 /* The used ring gets what was placed: one used.idx store (and one cache line handed to the
  * driver's CPU) for up to VNET_RX_PUBLISH frames, not one each. Called before anything that
  * reads used_idx or last_avail_idx (interrupt checks, notifications, the end of a cycle). */
@@ -463,7 +473,7 @@ static int rx_place(struct vnet_rxq *rq, struct hv_vq *q)
              * mistake, counted); the frame waits for the next one. */
             rq->heads[rq->pend] = ch->head;
             rq->lens[rq->pend] = 0;
-            if (++rq->pend == VNET_RX_PUBLISH)
+            if (++rq->pend >= publish_at(q, VNET_RX_PUBLISH))
                 rx_publish(rq, q);
             rq->bad_buffers++;
             continue;
@@ -502,7 +512,7 @@ static int rx_place(struct vnet_rxq *rq, struct hv_vq *q)
         }
     }
     rq->pend += nchains;
-    if (rq->pend >= VNET_RX_PUBLISH)
+    if (rq->pend >= publish_at(q, VNET_RX_PUBLISH))
         rx_publish(rq, q);
     rq->frames++;
     rq->bytes += rq->frame_len;
@@ -577,14 +587,20 @@ int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate
              * into ours, measured slower here twice: 256 frames of 1514 bytes placed in
              * 590-850 us that way against 500-740 us through ours, 2026-12-02). */
             int got = p->framing == VNET_FRAMING_BE32 ? fetch_be32(rq) : fetch_vnet_hdr(rq);
-            if (got == FETCH_DROPPED)
+            if (got == FETCH_DROPPED) {
+                /* Input dropped as fast as it comes must not keep placed frames from the
+                 * driver (nothing else publishes until a frame is placed or input ends). */
+                rx_publish(rq, q);
                 continue;
+            }
             if (got != FETCH_FRAME) {
                 rq->wait = got == FETCH_GONE ? VNET_WAIT_GONE : VNET_WAIT_INPUT;
                 break;
             }
-            if (!rx_accept(rq, rq->frame))
+            if (!rx_accept(rq, rq->frame)) {
+                rx_publish(rq, q);          /* as for FETCH_DROPPED */
                 continue;
+            }
             rq->have_frame = 1;
         }
         int rc = rx_place(rq, q);
@@ -593,8 +609,8 @@ int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate
             return HV_VQ_CYCLE_PYTHON;
         }
         if (rc == PLACE_RING_EMPTY) {
-            /* (A ring shorter than the batch ends here too, all its entries placed but not
-             * published: notifications are off after a placement, so it looks again.) */
+            /* (A merged frame needing more of a short ring than the held-back chains leave
+             * ends here too: notifications are off after a placement, so it looks again.) */
             rx_publish(rq, q);
             if (!q->notifications || (q->event_idx && rq->kick_at != q->shadow_avail)) {
                 /* Ask for a kick, then look again: buffers posted meanwhile came without.
@@ -962,10 +978,6 @@ int vnet_tx_cycle(struct hv_vq *q, struct vnet_txq *tq, const struct hv_irq_gate
             }
         }
         int rc = hv->vq_peek_at(q, tq->pend, &tq->ch);
-        if (rc == HV_VQ_STOP_EMPTY && tq->pend) {
-            tx_publish(tq, q);              /* a ring shorter than the batch */
-            rc = hv->vq_peek_at(q, 0, &tq->ch);
-        }
         if (rc == HV_VQ_STOP_EMPTY) {
             if (tx_owe_interrupt(tq, q, irq)) {
                 tq->repoll = batch || owed;
@@ -1009,7 +1021,7 @@ int vnet_tx_cycle(struct hv_vq *q, struct vnet_txq *tq, const struct hv_irq_gate
         }
         tq->heads[tq->pend] = tq->ch.head;
         tq->lens[tq->pend] = 0;
-        if (++tq->pend == VNET_TX_PUBLISH)
+        if (++tq->pend >= publish_at(q, VNET_TX_PUBLISH))
             tx_publish(tq, q);
         tq->served++;
         batch++;
