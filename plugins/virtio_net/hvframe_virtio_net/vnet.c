@@ -444,8 +444,9 @@ static void rx_publish(struct vnet_rxq *rq, struct hv_vq *q)
     rq->pend = 0;
 }
 
-/* Put the frame in hand into receive buffers: PLACE_DONE (pushed), PLACE_DROPPED (it can
- * never fit: counted), PLACE_RING_EMPTY (not enough buffers yet: keep it) or PLACE_INVALID. */
+/* Put the frame in hand into receive buffers: PLACE_DONE (placed; its chains reach the used
+ * ring with the next rx_publish), PLACE_DROPPED (it can never fit: counted), PLACE_RING_EMPTY
+ * (not enough buffers yet: keep it) or PLACE_INVALID. */
 static int rx_place(struct vnet_rxq *rq, struct hv_vq *q)
 {
     const struct vnet_feat *f = rq->feat;
@@ -966,7 +967,7 @@ int vnet_tx_cycle(struct hv_vq *q, struct vnet_txq *tq, const struct hv_irq_gate
             tx_publish(tq, q);
             hv->vq_set_notifications(q, 1);
             tq->wait = VNET_WAIT_KICK;
-            return tx_owe_interrupt(tq, q, irq) ? HV_VQ_CYCLE_NOTIFY : HV_VQ_CYCLE_YIELD;
+            return owe_interrupt(q, irq) ? HV_VQ_CYCLE_NOTIFY : HV_VQ_CYCLE_YIELD;
         }
         if (p->framing == VNET_FRAMING_BE32 && __atomic_load_n(&p->tx_len, __ATOMIC_RELAXED)) {
             port_lock(p);
@@ -1013,7 +1014,7 @@ int vnet_tx_cycle(struct hv_vq *q, struct vnet_txq *tq, const struct hv_irq_gate
             tx_publish(tq, q);
             hv->vq_set_notifications(q, 1);
             tq->wait = VNET_WAIT_KICK;
-            return tx_owe_interrupt(tq, q, irq) ? HV_VQ_CYCLE_NOTIFY : HV_VQ_CYCLE_YIELD;
+            return owe_interrupt(q, irq) ? HV_VQ_CYCLE_NOTIFY : HV_VQ_CYCLE_YIELD;
         }
         if (sr == SEND_AGAIN) {
             tq->wait = VNET_WAIT_OUTPUT;
