@@ -30,6 +30,7 @@ import pytest
 from hvframe.pci.bus import add_pci_devices
 from hvframe.plugins import Registry
 from hvframe.synthetic import SyntheticMachine
+from hvframe.virtio.device import F_RING_EVENT_IDX
 from hvframe.virtio.harness import VirtioPciDriver
 from hvframe_virtio_blk.virtio_blk import F_FLUSH, T_IN, bit
 from test_virtio_blk_bench import ROUNDS, Rig, image, offsets_for  # noqa: F401 (fixture)
@@ -58,7 +59,8 @@ class OutOfProcessRig(Rig):
             stderr=subprocess.PIPE, text=True)
         line = self.server.stderr.readline()
         assert "on " + str(sock) in line, line
-        self.m = SyntheticMachine(256 << 20, irqfd_eventfds=True, shared_memory=True)
+        self.m = SyntheticMachine(256 << 20, irqfd_eventfds=True, shared_memory=True,
+                                  ioeventfds=True)
         add_pci_devices(self.m, Registry(platform=False),
                         {"0": {str(SLOT): {"0": {"device": "passthru",
                                                  "vfio-user": str(sock)}}}},
@@ -67,10 +69,12 @@ class OutOfProcessRig(Rig):
         fn = self.m.pci.lookup(0, SLOT, 0)
         drv = _Driver(self.m, SLOT)
         drv.fn = types.SimpleNamespace(device=types.SimpleNamespace(num_queues=1))
-        drv.initialize(bit(F_FLUSH))
+        drv.initialize(bit(F_FLUSH) | bit(F_RING_EVENT_IDX))
         drv.fn = fn
-        self._setup_rings(drv, size, depth)
-        self.irq_fd = fn.msix.irqfd(1).fd            # the harness gives queue 0 vector 1
+        # The kick rings the server's doorbell as bound at its place in the BAR; the
+        # harness gives queue 0 MSI-X vector 1.
+        self._setup_rings(drv, size, depth, fn.doorbell_fd_at("mmio", drv.notify_address(0), 2, 0),
+                          fn.msix.irqfd(1).fd)
         self.fn = fn
 
     def close(self):

@@ -70,15 +70,29 @@ class SyntheticMachine(Machine):
         self._doorbells.append(ev)
         return ev
 
-    def _doorbell(self, space: str, addr: int, size: int, value: int) -> bool:
-        """KVM's ioeventfd match for a guest write: signalled, True; else False."""
+    def _matching_ioeventfd(self, space: str, addr: int, size: int, value: int):
+        """KVM's ioeventfd match for a guest write (same space and address, the registered
+        length, its datamatch if it has one), or None."""
         for ev in self._doorbells:
             if (ev.space == space and ev.addr == addr and ev.fd >= 0
                     and ev.length in (0, size)
                     and (ev.datamatch is None or ev.datamatch == value)):
-                ev.signal()
-                return True
-        return False
+                return ev
+        return None
+
+    def ioeventfd_for(self, space: str, addr: int, size: int, value: int) -> int:
+        """The eventfd a guest's write would signal under KVM (-1: none matches), for a
+        driver written in C that kicks by writing it, as KVM does (benchmarks/rawloop.py)."""
+        ev = self._matching_ioeventfd(space, addr, size, value)
+        return ev.fd if ev is not None else -1
+
+    def _doorbell(self, space: str, addr: int, size: int, value: int) -> bool:
+        """KVM's ioeventfd match for a guest write: signalled, True; else False."""
+        ev = self._matching_ioeventfd(space, addr, size, value)
+        if ev is None:
+            return False
+        ev.signal()
+        return True
 
     # One exit each, through hv_bus_dispatch as KVM_EXIT_IO / KVM_EXIT_MMIO would go; first,
     # as KVM does, what a coalesced range buffered (or, a write to one, only buffered).

@@ -496,6 +496,18 @@ class PassthruFunction(PciFunction):
         """The device's doorbell eventfds (still signalled by KVM while the device is lost)."""
         return [d.iofd.fd for bells in self._doorbells.values() for d in bells]
 
+    def doorbell_fd_at(self, space: str, addr: int, size: int, value: int) -> int:
+        """The doorbell eventfd a guest's write at addr ("pio" or "mmio") rings, as KVM's
+        ioeventfd would signal it (-1: none), for a driver written in C that kicks by
+        writing it (benchmarks/rawloop.py)."""
+        for bells in self._doorbells.values():
+            for d in bells:
+                f = d.iofd
+                if (d.addr == addr and f.pio == (space == "pio") and f.size in (0, size)
+                        and (f.datamatch is None or f.datamatch == value)):
+                    return f.fd
+        return -1
+
     def close(self) -> None:
         if self._reconnector is not None:
             self._reconnector.stop()

@@ -127,6 +127,23 @@ def test_read_and_write_are_served_out_of_process(rig):
     assert rig.request(T_IN, SECTORS, read_len=512) == 1         # past the end: IOERR
 
 
+def test_doorbell_fd_at_names_the_eventfd_a_kick_rings(rig):
+    # The server's doorbell for queue 0, at its place in the BAR: writing it (what KVM's
+    # ioeventfd does for the guest's kick) gets the request served, no socket message.
+    fd = rig.fn.doorbell_fd_at("mmio", rig.drv.notify_address(0), 2, 0)
+    assert fd in rig.fn.doorbell_fds()
+    assert rig.fn.doorbell_fd_at("mmio", rig.drv.notify_address(0) + 4, 2, 0) == -1
+    assert rig.fn.doorbell_fd_at("pio", rig.drv.notify_address(0), 2, 0) == -1
+    mem, base = rig.mem, rig.buf
+    mem.write(base, struct.pack("<IIQ", T_IN, 0, 0))
+    mem.write(base + 0x800, b"\xee")
+    rig.drv.submit(0, [(base, 16, False), (base + 0x1000, 512, True), (base + 0x800, 1, True)])
+    os.eventfd_write(fd, 1)
+    rig.drv.wait_used(0, 1, 10)
+    assert mem.read(base + 0x800, 1) == b"\0"
+    assert mem.read(base + 0x1000, 512) == rig.disk.read_bytes()[:512]
+
+
 def test_completions_interrupt_through_the_guest_msix_table(rig):
     rig.m.msis.clear()
     rig.request(T_IN, 0, read_len=512)
