@@ -20,6 +20,7 @@ pytest's skip with the reason when it cannot.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import importlib.util
 import os
@@ -38,6 +39,7 @@ struct hv_rig_halt { uint64_t poll_ns, max_ns, grow, grow_start, shrink; };
 int hv_rig_round(uint16_t *avail_idx, uint16_t value, int doorbell_fd, const uint16_t *used_idx,
                  uint16_t *used_event, const uint16_t *avail_event, int irq_fd,
                  struct hv_rig_halt *h, int timeout_ms);
+int hv_rig_wait(struct hv_rig_halt *h, int irq_fd, int timeout_ms);
 int hv_rig_batches(uint16_t *avail_idx, uint16_t *avail_ring, uint16_t ring_size,
                    const uint16_t *entries, int depth, unsigned char *hdr_dst,
                    const unsigned char *hdrs, size_t hdr_len, int batches, int doorbell_fd,
@@ -220,6 +222,12 @@ int hv_rig_round(uint16_t *avail_idx, uint16_t value, int doorbell_fd, const uin
         if (rc < 0)
             return rc;
     }
+}
+
+/* A halt on its own (for a driver whose rounds are Python): 0 or -errno. */
+int hv_rig_wait(struct hv_rig_halt *h, int irq_fd, int timeout_ms)
+{
+    return halt(h, irq_fd, timeout_ms);
 }
 
 /* `batches` rounds of a block driver, one after the other: each copies its requests' headers
@@ -426,13 +434,45 @@ def kvm_halt_params() -> dict:
     return out
 
 
+def _halt_state(ffi):
+    p = kvm_halt_params()
+    return ffi.new("struct hv_rig_halt *", {
+        "poll_ns": 0, "max_ns": p["halt_poll_ns"], "grow": p["halt_poll_ns_grow"],
+        "grow_start": p["halt_poll_ns_grow_start"], "shrink": p["halt_poll_ns_shrink"]})
+
+
+class Halt:
+    """A halted vCPU's wait for one interrupt eventfd, as Driver's (KVM's adaptive halt
+    polling, giving way to another task wanting the CPU), for a driver whose rounds are
+    Python."""
+
+    def __init__(self, irq_fd: int):
+        ffi, self._lib = loops()
+        self._irq, self.halt = irq_fd, _halt_state(ffi)
+
+    def wait(self, timeout_ms: int) -> bool:
+        """Until the interrupt (True) or timeout_ms (False)."""
+        rc = self._lib.hv_rig_wait(self.halt, self._irq, timeout_ms)
+        if rc == -errno.ETIMEDOUT:
+            return False
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        return True
+
+
 class Driver:
     """One queue's driver side in C (hv_rig_round), for a queue with EVENT_IDX negotiated:
     ``round(value)`` publishes avail.idx = value, kicks through the doorbell eventfd if the
-    device asked for a kick, and halts, with KVM's adaptive halt polling (from none, as a new
-    vCPU's), until used.idx reaches it."""
+    device asked for a kick (avail_event: a fresh ring's 0 asks for the first), and halts,
+    with KVM's adaptive halt polling (from none, as a new vCPU's), until used.idx reaches
+    it; an error if a halt lasts timeout_ms."""
 
-    def __init__(self, memory, queue, doorbell_fd: int, irq_fd: int):
+    def __init__(self, memory, queue, doorbell_fd: int, irq_fd: int, timeout_ms: int = 2000):
+        if not queue.event_idx:
+            # Without it avail_event stays 0 and no round after the first would kick.
+            raise ValueError("rawloop.Driver needs EVENT_IDX negotiated on its queue")
+        if doorbell_fd < 0 or irq_fd < 0:
+            raise ValueError(f"no doorbell ({doorbell_fd}) or interrupt ({irq_fd}) eventfd")
         ffi, self._lib = loops()
         # guest RAM is a shared mapping: these point into it for the driver's lifetime
         self._avail_idx = ffi.from_buffer("uint16_t[]", memory.view(queue.avail + 2, 2))
@@ -444,11 +484,8 @@ class Driver:
         self._avail_event = ffi.from_buffer(
             "uint16_t[]", memory.view(queue.used + 4 + 8 * queue.size, 2))
         self._size = queue.size
-        p = kvm_halt_params()
-        self.halt = ffi.new("struct hv_rig_halt *", {
-            "poll_ns": 0, "max_ns": p["halt_poll_ns"], "grow": p["halt_poll_ns_grow"],
-            "grow_start": p["halt_poll_ns_grow_start"], "shrink": p["halt_poll_ns_shrink"]})
-        self._doorbell, self._irq = doorbell_fd, irq_fd
+        self.halt = _halt_state(ffi)
+        self._doorbell, self._irq, self._timeout_ms = doorbell_fd, irq_fd, timeout_ms
         self._ffi = ffi
 
     def close(self) -> None:
@@ -460,7 +497,7 @@ class Driver:
     def round(self, value: int) -> None:
         rc = self._lib.hv_rig_round(self._avail_idx, value & 0xFFFF, self._doorbell,
                                     self._used_idx, self._used_event, self._avail_event,
-                                    self._irq, self.halt, 2000)
+                                    self._irq, self.halt, self._timeout_ms)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
 
@@ -479,7 +516,8 @@ class Driver:
                                           ffi.from_buffer("uint16_t[]", entries), depth, dst,
                                           headers, len(hdr_dst), n, self._doorbell,
                                           self._used_idx, self._used_event,
-                                          self._avail_event, self._irq, self.halt, 2000)
+                                          self._avail_event, self._irq, self.halt,
+                                          self._timeout_ms)
         finally:
             ffi.release(dst)
         if rc < 0:
@@ -491,6 +529,6 @@ class Driver:
         them); the ring must be empty (avail.idx == used.idx)."""
         rc = self._lib.hv_rig_stream(self._avail_idx, total, self._size, self._doorbell,
                                      self._used_idx, self._used_event, self._avail_event,
-                                     self._irq, self.halt, 2000, delayed)
+                                     self._irq, self.halt, self._timeout_ms, delayed)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))

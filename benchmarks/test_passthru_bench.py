@@ -27,6 +27,7 @@ import types
 
 import pytest
 
+import rawloop
 from hvframe.pci.bus import add_pci_devices
 from hvframe.plugins import Registry
 from hvframe.synthetic import SyntheticMachine
@@ -103,6 +104,7 @@ def image_copy(image):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_out_of_process_vs_in_process(benchmark, image, image_copy, case, tmp_path):
+    rawloop.loops()                 # skips here (before a machine is made) if it cannot build
     size, depth, rand = CASES[case]
     offsets = offsets_for(size, depth, rand)
 

@@ -21,7 +21,8 @@ that. The same calls from a Python loop (os.write/os.read, what this benchmark u
 each 1.2-1.4 us call here, so that reference flattered the device by 25-40%.
 
 The driver's side of a round is C (rawloop.Driver), as a guest's driver is: it stores
-avail.idx, kicks by writing the queue's doorbell eventfd (what KVM's ioeventfd does with the
+avail.idx, kicks by writing the queue's doorbell eventfd when the device asks for a kick
+(EVENT_IDX's avail_event; a sleeping worker always does; what KVM's ioeventfd does with the
 guest's notify write, no user space on the way), and waits on the queue's irqfd as a halted
 vCPU does under KVM: halt polling adapted as KVM adapts it (a halt longer than
 halt_poll_ns shrinks the poll, so rounds of several hundred microseconds soon block at once),

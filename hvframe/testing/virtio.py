@@ -366,12 +366,17 @@ class VirtioPciDriver:
             self.m.mmio_write(self.notify_address(q), 2, q)
 
     def notify_address(self, q: int) -> int:
-        """The MMIO address of queue q's kick (modern transport: a 2-byte write of q)."""
+        """The address of queue q's kick, a 2-byte write of q: MMIO (modern transport) or,
+        for a legacy driver, the I/O port."""
+        if self.legacy:
+            return self.io + L["queue_notify"]
         return self.regions[CFG_NOTIFY] + self.notify_mult * q
 
     def doorbell_fd(self, q: int) -> int:
-        """The eventfd KVM would signal for queue q's kick (-1 if none is bound)."""
-        return self.m.ioeventfd_for("mmio", self.notify_address(q), 2, q)
+        """The eventfd KVM would signal for queue q's kick (-1 if none is bound), on a
+        SyntheticMachine."""
+        return self.m.ioeventfd_for("pio" if self.legacy else "mmio", self.notify_address(q),
+                                    2, q)
 
     def wait_used(self, q: int, count: int, timeout: float = 10.0) -> list[tuple[int, int]]:
         """Wait until `count` more chains came back on queue q; returns (head, written)."""

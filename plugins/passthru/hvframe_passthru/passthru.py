@@ -497,13 +497,15 @@ class PassthruFunction(PciFunction):
         return [d.iofd.fd for bells in self._doorbells.values() for d in bells]
 
     def doorbell_fd_at(self, space: str, addr: int, size: int, value: int) -> int:
-        """The doorbell eventfd a guest's write at addr ("pio" or "mmio") rings, as KVM's
-        ioeventfd would signal it (-1: none), for a driver written in C that kicks by
-        writing it (benchmarks/rawloop.py)."""
+        """The doorbell eventfd a guest's write at addr ("pio" or "mmio") rings, matched as
+        KVM matches the ioeventfd _Doorbell.move binds (-1: none), for a driver written in C
+        that kicks by writing it (benchmarks/rawloop.py). Valid until the doorbells are bound
+        again (a lost device coming back), which closes it."""
         for bells in self._doorbells.values():
             for d in bells:
                 f = d.iofd
-                if (d.addr == addr and f.pio == (space == "pio") and f.size in (0, size)
+                length = f.size if f.size in (1, 2, 4, 8) else 0
+                if (d.addr == addr and f.pio == (space == "pio") and length in (0, size)
                         and (f.datamatch is None or f.datamatch == value)):
                     return f.fd
         return -1

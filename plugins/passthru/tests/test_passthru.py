@@ -134,6 +134,18 @@ def test_doorbell_fd_at_names_the_eventfd_a_kick_rings(rig):
     assert fd in rig.fn.doorbell_fds()
     assert rig.fn.doorbell_fd_at("mmio", rig.drv.notify_address(0) + 4, 2, 0) == -1
     assert rig.fn.doorbell_fd_at("pio", rig.drv.notify_address(0), 2, 0) == -1
+    assert rig.fn.doorbell_fd_at("mmio", rig.drv.notify_address(0), 4, 0) == -1   # size
+    # The BAR moved: the doorbell follows it.
+    bar = next(b for b in rig.fn.all_bars()
+               if b.mapped_at is not None
+               and b.mapped_at <= rig.drv.notify_address(0) < b.mapped_at + b.size)
+    old = bar.mapped_at
+    reg = 0x10 + 4 * bar.index
+    rig.drv.cfg_write(reg, 4, old + 0x100000)
+    moved = rig.drv.notify_address(0) + 0x100000
+    assert rig.fn.doorbell_fd_at("mmio", rig.drv.notify_address(0), 2, 0) == -1
+    assert rig.fn.doorbell_fd_at("mmio", moved, 2, 0) == fd
+    rig.drv.cfg_write(reg, 4, old)
     mem, base = rig.mem, rig.buf
     mem.write(base, struct.pack("<IIQ", T_IN, 0, 0))
     mem.write(base + 0x800, b"\xee")
