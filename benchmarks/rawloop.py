@@ -192,7 +192,12 @@ static int halt(struct hv_rig_halt *h, int irq_fd, int timeout_ms)
     return 0;
 }
 
-static int need_kick(uint16_t event, uint16_t new_idx, uint16_t old_idx);
+/* Whether a driver that moved avail.idx from old to new must kick (virtio 1.2, 2.7.10:
+ * the device asked to be kicked once avail.idx passes avail_event). */
+static int need_kick(uint16_t event, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
+}
 
 /* One round of a driver (split ring, EVENT_IDX), from the buffers' publication to their
  * use: avail.idx = value (release), the kick if the device asked for one (avail_event, as
@@ -254,13 +259,6 @@ int hv_rig_batches(uint16_t *avail_idx, uint16_t *avail_ring, uint16_t ring_size
             return rc;
     }
     return 0;
-}
-
-/* Whether a driver that moved avail.idx from old to new must kick (virtio 1.2, 2.7.10:
- * the device asked to be kicked once avail.idx passes avail_event). */
-static int need_kick(uint16_t event, uint16_t new_idx, uint16_t old_idx)
-{
-    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
 }
 
 /* Traffic through the ring as Linux's virtio_net driver keeps it going under load (NAPI):
