@@ -54,9 +54,12 @@ def core_ffi() -> FFI:
 
 
 def plugin_ffi(module: str, source_dir: str, sources: list[str], *, cdef: str,
-               structs: dict | None = None, constants: dict | None = None) -> FFI:
+               structs: dict | None = None, constants: dict | None = None,
+               libraries: list[str] | None = None,
+               define_macros: list[tuple[str, str | None]] | None = None) -> FFI:
     """An FFI builder for the plugin module ``module`` (dotted, e.g. ``hvframe_x._native``)
-    compiled from ``sources`` (C files in ``source_dir``, one translation unit)."""
+    compiled from ``sources`` (C files in ``source_dir``, one translation unit), linked
+    with ``libraries`` and compiled with ``define_macros``."""
     decls, checks = c_layouts(structs or {}, constants or {})
     ffi = FFI()
     ffi.include(core_ffi())
@@ -71,5 +74,30 @@ def plugin_ffi(module: str, source_dir: str, sources: list[str], *, cdef: str,
         depends=[os.path.join(source_dir, s) for s in sources]
         + [os.path.join(INCLUDE_DIR, "hvframe_native.h")],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+        libraries=list(libraries or ()),
+        define_macros=list(define_macros or ()),
     )
     return ffi
+
+
+def can_link(header: str, library: str, call: str) -> bool:
+    """Whether this build can compile ``#include <header>`` and link ``call`` (a C
+    statement) against ``-l<library>``: for an optional backend of a plugin (the module is
+    built without it when the development files are missing)."""
+    import shutil
+    import subprocess
+    import sysconfig
+    import tempfile
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if not shutil.which(cc[0]):
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(f"#include <{header}>\nint main(void) {{ {call} return 0; }}\n")
+        try:
+            r = subprocess.run([*cc, src, "-o", os.path.join(tmp, "probe"), f"-l{library}"],
+                               capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    return r.returncode == 0

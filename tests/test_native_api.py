@@ -122,6 +122,51 @@ def test_the_service_cycle_runs_a_plugins_server(echo):
     assert queue_state(vq).cycle(fn, stats, api_ffi.NULL, poll_ns=0) == CYCLE_PYTHON
 
 
+def test_the_service_cycle_runs_a_plugins_batch_server(echo):
+    mem, drv, vq, stats = rig(echo, event_idx=True)
+    fn = echo.ffi.addressof(echo.lib, "echo_serve_batch")
+    nq = queue_state(vq)
+    for round_ in range(8):                              # 64 chains: wraps the 16-entry ring
+        msgs = [bytes([round_, i]) * (i + 1) for i in range(8)]
+        for i, m in enumerate(msgs):
+            post(mem, drv, m, 32, DATA + i * 0x2000)
+        drv.publish()
+        assert nq.cycle_batch(fn, stats, api_ffi.NULL, poll_ns=0) in (CYCLE_IDLE, 2)
+        assert nq.served == 8
+        assert [w for _, w in drv.reap()] == [len(m) for m in msgs]
+        for i, m in enumerate(msgs):
+            assert mem.read(DATA + i * 0x2000 + 0x1000, len(m)) == m[::-1]
+    assert stats.chains == 64 and vq.last_avail_idx == vq.used_idx == 64
+    # a limit, then a declined chain: left available for Python, as with a chain server
+    for i in range(3):
+        post(mem, drv, b"abc", 8, DATA + i * 0x2000)
+    declined = post(mem, drv, b"", 8, DATA + 0x8000)
+    drv.publish()
+    assert nq.serve_batch(fn, stats, 2) == 2 and nq.stop == "max"
+    assert nq.cycle_batch(fn, stats, api_ffi.NULL, poll_ns=0) == CYCLE_PYTHON
+    assert nq.served == 1 and nq.stop == "declined"
+    assert vq.pop().head == declined
+
+
+@pytest.mark.parametrize("lie", [1, 2])
+def test_the_core_does_not_take_a_batch_servers_word(echo, lie):
+    """A batch server claiming more chains than it was allowed, or stopping with no stop
+    code, is a device bug: the core says "state" (the Python path takes the queue) and
+    reports none served."""
+    mem, drv, vq, stats = rig(echo)
+    post(mem, drv, b"abc", 8, DATA)
+    drv.publish()
+    stats.lie = lie
+    fn = echo.ffi.addressof(echo.lib, "echo_serve_batch")
+    nq = queue_state(vq)
+    assert nq.serve_batch(fn, stats, 4) == 0 and nq.stop == "state"
+    assert nq.cycle_batch(fn, stats, api_ffi.NULL, poll_ns=0) == CYCLE_PYTHON
+    assert nq.served == 0 and nq.stop == "state"
+    assert nq.cycle_batch(api_ffi.NULL, stats, api_ffi.NULL, poll_ns=0) == CYCLE_PYTHON
+    assert nq.stop == "state"
+    assert vq.pop() is not None                         # still there for the Python path
+
+
 def test_a_plugin_drives_the_ring_through_the_api_table(echo):
     mem, drv, vq, stats = rig(echo)
     for i in range(3):

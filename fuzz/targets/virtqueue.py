@@ -1,11 +1,13 @@
 """Fuzz target: the split-virtqueue walker, Python (VirtQueue) against native (the core's vq.c serving virtio-blk's vblk.c).
 
-Every input is played into two identical guest memories with identical disk images: world A
-is served with the native path (hv_vq_cycle over vblk_serve_chain through the transport's
-service loop, or hv_vq_serve alone through VirtioBlk.serve_fast with a fuzzed limit),
-world B with the Python path alone (VirtQueue.pop + VirtioBlk.handle_chain). After every
-service step both worlds must agree on guest RAM, the image, the queue state, the
-NEEDS_RESET outcome and the interrupts (the parity plugins/virtio_blk/tests/test_vblk_fast.py checks, on
+Every input is played into three identical guest memories with identical disk images:
+world A is served with the native batch server (aio=io_uring: hv_vq_cycle_batch over
+vblk_serve_batch through the transport's service loop), world C with the native chain server
+(aio=threads: hv_vq_cycle over vblk_serve_chain), or in both, hv_vq_serve alone through
+VirtioBlk.serve_fast with a fuzzed limit; world B with the Python path alone (VirtQueue.pop +
+VirtioBlk.handle_chain). After every service step A and C must each agree with B on guest RAM,
+the image, the queue state, the NEEDS_RESET outcome and the interrupts (the batch server
+serves a batch as if one by one, even for rings and buffers that meet) (the parity plugins/virtio_blk/tests/test_vblk_fast.py checks, on
 fuzzer-made rings). Both RAMs have PROT_NONE guard pages before, between and after their
 two regions, so a native read or write one byte outside RAM crashes the process.
 
@@ -59,13 +61,13 @@ MODE_CYCLE, MODE_FAST = 0, 1
 
 
 class World:
-    def __init__(self, slot: int, native: bool, ro: bool, img: bytes):
+    def __init__(self, slot: int, native: bool, ro: bool, img: bytes, aio: str = "io_uring"):
         self.native = native
         self.mem = guarded.fresh(LOW, HIGH, slot)
         self.path = machines.image(f"vq-{slot}.img", img)
         self.image_size = len(img)
         self.backend = machines.open_backend(self.path, readonly=ro, serial="HVFUZZ")
-        self.dev = vb.VirtioBlk(self.backend, queue_size=256)
+        self.dev = vb.VirtioBlk(self.backend, queue_size=256, aio=aio)
         if not native:
             self.dev.serve_cycle = None
         self.t = BareTransport(self.dev, name="vblk-fuzz")
@@ -171,15 +173,15 @@ def _place(p: Provider, mem, nbytes: int, align: int, default: int) -> int:
 def _compare(a: World, b: World, step: int) -> None:
     sa, sb = a.state(), b.state()
     if sa != sb:
-        raise Finding(f"step {step}: native and Python paths disagree on the queue: "
-                      f"native {sa} python {sb}")
+        raise Finding(f"step {step}: native (aio={a.dev.aio}) and Python paths disagree on "
+                      f"the queue: native {sa} python {sb}")
     ra, rb = a.mem.snapshot(), b.mem.snapshot()
     for region, (x, y) in enumerate(zip(ra, rb)):
         if x != y:
             off = next(i for i in range(len(x)) if x[i] != y[i])
             gpa = a.mem.regions[region].gpa + off
-            raise Finding(f"step {step}: guest RAM differs at {gpa:#x}: native {x[off]:#04x} "
-                          f"python {y[off]:#04x}")
+            raise Finding(f"step {step}: guest RAM differs at {gpa:#x}: native (aio={a.dev.aio}) "
+                          f"{x[off]:#04x} python {y[off]:#04x}")
     with open(a.path, "rb") as f:
         ia = f.read()
     with open(b.path, "rb") as f:
@@ -188,7 +190,7 @@ def _compare(a: World, b: World, step: int) -> None:
         raise Finding(f"step {step}: disk image size changed: {len(ia)} / {len(ib)}")
     if ia != ib:
         off = next(i for i in range(len(ia)) if ia[i] != ib[i])
-        raise Finding(f"step {step}: images differ at byte {off:#x}")
+        raise Finding(f"step {step}: images differ at byte {off:#x} (aio={a.dev.aio})")
 
 
 def one_input(data: bytes) -> None:
@@ -203,7 +205,8 @@ def one_input(data: bytes) -> None:
     worlds = []
     with Observer() as obs:
         try:
-            worlds = [World(0, True, ro, img), World(1, False, ro, img)]
+            worlds = [World(0, True, ro, img), World(1, False, ro, img),
+                      World(2, True, ro, img, aio="threads")]
             mem = worlds[0].mem
             desc = _place(p, mem, vqm.desc_table_size(size), vqm.DESC_ALIGN, DESC)
             avail = _place(p, mem, vqm.avail_ring_size(size, event_idx), vqm.AVAIL_ALIGN, AVAIL)
@@ -261,10 +264,11 @@ def one_input(data: bytes) -> None:
 
 
 def _serve(worlds, mode, limit, step):
-    a, b = worlds
-    a.serve(mode, limit)
-    b.serve(mode, limit)
+    a, b, c = worlds
+    for w in worlds:
+        w.serve(mode, limit)
     _compare(a, b, step)
+    _compare(c, b, step)
 
 
 def _request(p: Provider, g: Guest) -> None:

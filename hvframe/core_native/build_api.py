@@ -19,6 +19,9 @@ const struct hv_api *hv_api(void);
 int hv_vq_cycle(struct hv_vq *q, hv_chain_fn fn, void *ctx, const struct hv_irq_gate *irq,
                 uint64_t poll_ns);
 int hv_vq_serve(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max);
+int hv_vq_cycle_batch(struct hv_vq *q, hv_batch_fn fn, void *ctx,
+                      const struct hv_irq_gate *irq, uint64_t poll_ns);
+int hv_vq_serve_batch(struct hv_vq *q, hv_batch_fn fn, void *ctx, int max);
 int64_t hv_eventfd_wait(int fd, uint64_t spin_ns, int timeout_ms);
 void hv_api_set_py_call(hv_py_call_fn fn);
 """

@@ -103,6 +103,8 @@ static int vq_walk(const struct hv_vq *q, uint16_t head, struct hv_chain *ch)
 
     ch->head = head;
     ch->n = ch->nr = 0;
+    ch->table = NULL;
+    ch->table_len = 0;
     if (head >= q->size)
         return HV_VQ_STOP_INVALID;
     for (;;) {
@@ -122,6 +124,8 @@ static int vq_walk(const struct hv_vq *q, uint16_t head, struct hv_chain *ch)
             entries = d.len / sizeof(d);
             if (entries > 0x10000)
                 entries = 0x10000;                  /* `next` is 16-bit */
+            ch->table = table;
+            ch->table_len = entries * (uint32_t)sizeof(d);
             in_indirect = 1;
             idx = 0;
             steps = 0;
@@ -269,6 +273,32 @@ int hv_vq_serve(struct hv_vq *q, hv_chain_fn fn, void *ctx, int max)
     return vq_serve_begun(q, fn, ctx, max);
 }
 
+/* A device's batch server in place of the serve loop; what it says is checked, not trusted:
+ * a count out of range or a stop code that is no stop is a device bug (HV_VQ_STOP_STATE). */
+static int vq_serve_batch_begun(struct hv_vq *q, hv_batch_fn fn, void *ctx, int max)
+{
+    q->stop = HV_VQ_STOP_STATE;
+    if (!fn)
+        return 0;
+    int served = fn(ctx, q, max);
+    if (served < 0 || served > max) {
+        q->stop = HV_VQ_STOP_STATE;
+        return 0;
+    }
+    if (q->stop < HV_VQ_STOP_EMPTY || q->stop > HV_VQ_STOP_STATE)
+        q->stop = HV_VQ_STOP_STATE;
+    return served;
+}
+
+/* The batch server's serve loop, for Python (NativeQueue.serve_batch). */
+int hv_vq_serve_batch(struct hv_vq *q, hv_batch_fn fn, void *ctx, int max)
+{
+    q->stop = vq_begin(q);
+    if (q->stop)
+        return 0;
+    return vq_serve_batch_begun(q, fn, ctx, max);
+}
+
 /* Busy-poll until avail.idx differs from last_avail_idx (1), `ns` nanoseconds pass or another
  * thread asks for the queue (0). Catches the driver's next batch without a sleep/wake-up
  * round trip (adaptive polling, as QEMU's iothreads do). */
@@ -356,8 +386,8 @@ static int irq_gate_fire(const struct hv_irq_gate *g)
  * off), HV_VQ_CYCLE_NOTIFY (interrupt the driver, the gate being shut, then call again) or
  * HV_VQ_CYCLE_YIELD (another thread asked for the queue: notifications on, work may remain).
  * q->served counts the chains served. */
-int hv_vq_cycle(struct hv_vq *q, hv_chain_fn fn, void *ctx, const struct hv_irq_gate *irq,
-                uint64_t poll_ns)
+static int vq_cycle(struct hv_vq *q, hv_chain_fn fn, hv_batch_fn batch_fn, void *ctx,
+                    const struct hv_irq_gate *irq, uint64_t poll_ns)
 {
     /* Handed back for an interrupt right after a batch, the poll for the next one is owed. */
     int owed = q->repoll != 0;
@@ -370,7 +400,8 @@ int hv_vq_cycle(struct hv_vq *q, hv_chain_fn fn, void *ctx, const struct hv_irq_
         vq_set_notifications(q, 0);
         uint32_t batch = 0;
         do
-            batch += (uint32_t)vq_serve_begun(q, fn, ctx, (int)q->size);
+            batch += (uint32_t)(batch_fn ? vq_serve_batch_begun(q, batch_fn, ctx, (int)q->size)
+                                         : vq_serve_begun(q, fn, ctx, (int)q->size));
         while (q->stop == HV_VQ_STOP_MAX);
         q->served += batch;
         if (q->stop != HV_VQ_STOP_EMPTY)
@@ -394,6 +425,25 @@ int hv_vq_cycle(struct hv_vq *q, hv_chain_fn fn, void *ctx, const struct hv_irq_
         if (__atomic_load_n(vq_avail_idx(q), __ATOMIC_ACQUIRE) == q->last_avail_idx)
             return HV_VQ_CYCLE_IDLE;
     }
+}
+
+int hv_vq_cycle(struct hv_vq *q, hv_chain_fn fn, void *ctx, const struct hv_irq_gate *irq,
+                uint64_t poll_ns)
+{
+    return vq_cycle(q, fn, NULL, ctx, irq, poll_ns);
+}
+
+/* hv_vq_cycle with a batch server (hv_batch_fn) in place of the chain server. */
+int hv_vq_cycle_batch(struct hv_vq *q, hv_batch_fn fn, void *ctx, const struct hv_irq_gate *irq,
+                      uint64_t poll_ns)
+{
+    if (!fn) {
+        q->served = 0;
+        q->repoll = 0;
+        q->stop = HV_VQ_STOP_STATE;
+        return HV_VQ_CYCLE_PYTHON;
+    }
+    return vq_cycle(q, NULL, fn, ctx, irq, poll_ns);
 }
 
 

@@ -99,6 +99,17 @@ class NativeQueue:
         Returns a CYCLE_* code; ``served`` counts."""
         return self.call(lib.hv_vq_cycle, fn, ctx, gate, POLL_NS if poll_ns is None else poll_ns)
 
+    def serve_batch(self, fn, ctx, limit: int) -> int:
+        """serve() with a batch server ``fn`` (an ``hv_batch_fn``) in place of a chain
+        server."""
+        return self.call(lib.hv_vq_serve_batch, fn, ctx, limit)
+
+    def cycle_batch(self, fn, ctx, gate, poll_ns: int | None = None) -> int:
+        """cycle() with a batch server ``fn`` (an ``hv_batch_fn``) in place of a chain
+        server."""
+        return self.call(lib.hv_vq_cycle_batch, fn, ctx, gate,
+                         POLL_NS if poll_ns is None else poll_ns)
+
     @property
     def served(self) -> int:
         """Chains the last cycle() served natively."""

@@ -7,8 +7,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # This package, and hvframe: the build environment's, else the checkout this plugin lives in.
 sys.path[:0] = [HERE]
 sys.path.append(os.path.dirname(os.path.dirname(HERE)))
-from hvframe.native_build import plugin_ffi  # noqa: E402
+from hvframe.native_build import can_link, plugin_ffi  # noqa: E402
 from hvframe_virtio_blk import layout  # noqa: E402
+
+# Batched reads through io_uring need liburing's development files (Debian's liburing-dev);
+# without them (or with HVFRAME_NO_URING=1) the module is built without, and every read is a
+# preadv of its own.
+URING = (os.environ.get("HVFRAME_NO_URING", "") in ("", "0")
+         and can_link("liburing.h", "uring", "struct io_uring r; io_uring_queue_init(1, &r, 0);"))
 
 ffibuilder = plugin_ffi(
     "hvframe_virtio_blk._native", os.path.join(HERE, "hvframe_virtio_blk"), ["vblk.c"],
@@ -17,7 +23,15 @@ ffibuilder = plugin_ffi(
         struct vblk_disk { int fd; int readonly, direct, write_through;
                            uint32_t logical_sector; uint64_t size; int wb_errno; };
         int64_t vblk_serve_chain(void *ctx, struct hv_vq *q, struct hv_chain *ch);
+        struct vblk_batch;
+        int vblk_uring_built(void);
+        struct vblk_batch *vblk_batch_new(struct vblk_disk *disk, int *err);
+        void vblk_batch_free(struct vblk_batch *bt);
+        int vblk_batch_error(const struct vblk_batch *bt);
+        int vblk_serve_batch(void *ctx, struct hv_vq *q, int max);
     """,
+    libraries=["uring"] if URING else [],
+    define_macros=[("VBLK_HAVE_URING", None)] if URING else [],
     structs={"vblk_req_hdr": layout.VirtioBlkReqHeader},
     constants={"VBLK_T_IN": layout.T_IN, "VBLK_T_OUT": layout.T_OUT, "VBLK_S_OK": layout.S_OK,
                "VBLK_S_IOERR": layout.S_IOERR, "VBLK_SECTOR": layout.SECTOR})

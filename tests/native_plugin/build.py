@@ -8,7 +8,8 @@ from hvframe.native_build import plugin_ffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = "hvtest_echo_native"
-EchoStats = Struct("chains" / Int64ul, "bytes" / Int64ul)
+# lie: makes the batch server misbehave, for the core's checks (see echo.c)
+EchoStats = Struct("chains" / Int64ul, "bytes" / Int64ul, "lie" / Int64ul)
 ECHO_MAX = 4096
 
 
@@ -18,5 +19,6 @@ def build(tmpdir: str) -> str:
         int echo_bind(const struct hv_api *api);
         int64_t echo_serve_chain(void *ctx, struct hv_vq *q, struct hv_chain *ch);
         int echo_drain(struct hv_vq *q, struct echo_stats *st);
+        int echo_serve_batch(void *ctx, struct hv_vq *q, int max);
     """, structs={"echo_stats": EchoStats}, constants={"ECHO_MAX": ECHO_MAX})
     return ffi.compile(tmpdir=tmpdir)

@@ -46,3 +46,51 @@ int echo_drain(struct hv_vq *q, struct echo_stats *st)
     }
     return n;
 }
+
+/* A batch server (hv_batch_fn) with the same answers: up to 8 chains peeked ahead of the
+ * queue's head and served, then returned together. st->lie makes it misbehave, for the
+ * core's checks: 1 claims one chain more than it was allowed, 2 sets no stop code. */
+int echo_serve_batch(void *ctx, struct hv_vq *q, int max)
+{
+    struct echo_stats *st = ctx;
+    static __thread struct hv_chain ch;
+    uint16_t heads[8];
+    uint32_t lens[8];
+    int served = 0;
+    if (st->lie == 1) {
+        q->stop = HV_VQ_STOP_EMPTY;
+        return max + 1;
+    }
+    if (st->lie == 2) {
+        q->stop = HV_VQ_CHAIN;
+        return 0;
+    }
+    for (;;) {
+        int n = 0, stop = 0;
+        while (n < 8 && served + n < max) {
+            int rc = hv->vq_peek_at(q, (uint32_t)n, &ch);
+            if (rc != HV_VQ_CHAIN) {
+                stop = rc;
+                break;
+            }
+            int64_t used = echo_serve_chain(st, q, &ch);
+            if (used < 0) {
+                stop = (int)-used;
+                break;
+            }
+            heads[n] = ch.head;
+            lens[n] = (uint32_t)used;
+            n++;
+        }
+        hv->vq_push_n(q, heads, lens, (uint32_t)n);
+        served += n;
+        if (stop) {
+            q->stop = stop;
+            return served;
+        }
+        if (served >= max) {
+            q->stop = HV_VQ_STOP_MAX;
+            return served;
+        }
+    }
+}

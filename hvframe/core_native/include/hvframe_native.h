@@ -18,7 +18,7 @@
 #include <sys/uio.h>
 
 /* HV_CDEF_BEGIN */
-#define HV_API_VERSION 1
+#define HV_API_VERSION 2           /* 2: struct hv_chain names its indirect table */
 #define HV_RAM_MAX_REGIONS 4
 #define HV_CHAIN_MAX_SEGS 1024        /* buffers of one chain (also Linux's IOV_MAX) */
 
@@ -65,6 +65,10 @@ struct hv_chain {
     uint16_t head;
     int n, nr;                        /* buffers stored, of which readable */
     uint64_t rlen, wlen;              /* bytes readable, writable */
+    /* The indirect table the walk read (NULL: none), for a device that reads chains ahead
+     * of serving the ones before them (it checks their writes against what it read). */
+    const uint8_t *table;
+    uint32_t table_len;
     struct iovec iov[1024];
 };
 
@@ -72,6 +76,13 @@ struct hv_chain {
  * -HV_VQ_STOP_DECLINED / -HV_VQ_STOP_UNSUPPORTED (or -HV_VQ_STOP_STATE: the device cannot
  * serve at all) to leave it, untouched, to Python. */
 typedef int64_t (*hv_chain_fn)(void *ctx, struct hv_vq *q, struct hv_chain *ch);
+
+/* A device's batch server, for devices that hand the host many requests in one call (one
+ * io_uring submission for a queue's reads): serve up to max chains from the head of the
+ * queue itself (vq_peek_at, vq_push_n), stopping where a chain server would, and set q->stop
+ * as vq_serve does (HV_VQ_STOP_MAX when max were served); returns how many it served. The
+ * rings are mapped (vq_begin) before it is called. */
+typedef int (*hv_batch_fn)(void *ctx, struct hv_vq *q, int max);
 
 /* An MSI-X vector as a queue worker sees it: Python keeps `open` true only while the vector
  * may fire (enabled, unmasked, routed to the irqfd `fd`); otherwise the worker asks Python. */

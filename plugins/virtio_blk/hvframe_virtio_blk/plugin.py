@@ -1,6 +1,6 @@
 """Device type virtio-blk: `-s N,virtio-blk,PATH[,ro][,sectorsize=L[/P]][,ser=ID][,nocache]
-[,direct][,nodelete][,num-queues=N][,queue-size=N]` (bhyve's option names; see
-hvframe.block.backend for what nocache and direct mean)."""
+[,direct][,nodelete][,num-queues=N][,queue-size=N][,aio=io_uring|threads]` (bhyve's option
+names, and QEMU's aio=; see hvframe.block.backend for what nocache and direct mean)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from hvframe.errors import ConfigError
 from hvframe.hookspecs import hookimpl
 from hvframe.virtio.pci import MAX_QUEUES, VirtioPciFunction
 
-from .virtio_blk import VirtioBlk
+from .virtio_blk import AIO_MODES, VirtioBlk
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -26,6 +26,10 @@ class VirtioBlkOptions(PciOptions, BlockOptions):
     queue_size: int = option(256, unit="descriptors", help="descriptors per queue: "
                              + ", ".join(map(str, QUEUE_SIZES)))
 
+    aio: str = option("io_uring", choices=AIO_MODES,
+                      help="io_uring: a run of READs in one submission (threads where "
+                      "io_uring is unavailable); threads: a preadv each")
+
     def check(self) -> None:
         if self.queue_size not in QUEUE_SIZES:
             raise ValueError(f"queue-size={self.queue_size} must be one of "
@@ -37,7 +41,8 @@ def virtio_blk_factory(machine, options: VirtioBlkOptions, address: PciAddress) 
     backend = open_from_options(options, where)
     try:
         return VirtioPciFunction(VirtioBlk(backend, num_queues=options.num_queues,
-                                           queue_size=options.queue_size),
+                                           queue_size=options.queue_size,
+                                           aio=options.aio),
                                  name=f"virtio-blk {address}")
     except BaseException:
         backend.close()

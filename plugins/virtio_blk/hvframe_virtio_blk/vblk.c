@@ -1,5 +1,7 @@
 /* virtio-blk READ/WRITE served natively, with the GIL released: the chain server the core's
- * virtqueue loop (hv->vq_serve, hv_vq_cycle) calls for each available chain.
+ * virtqueue loop (hv->vq_serve, hv_vq_cycle) calls for each available chain, and a batch
+ * server (hv_vq_cycle_batch) that hands a run of READs to the kernel in one io_uring
+ * submission instead of one preadv each.
  *
  * It answers IN/OUT requests the way VirtioBlk.handle_chain() and BlockBackend do (the parity
  * tests in tests/test_vblk_fast.py hold the two together). What it must not decide (another
@@ -9,8 +11,12 @@
  * struct vblk_req_hdr and the VBLK_* numbers are generated from hvframe_virtio_blk.layout.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#ifdef VBLK_HAVE_URING
+#include <liburing.h>
+#endif
 
 HV_PLUGIN_API(vblk_bind)
 
@@ -44,10 +50,21 @@ static int vblk_range_ok(const struct vblk_disk *b, uint64_t sector, uint64_t le
     return len <= b->size && off <= b->size - len;
 }
 
-/* One validated IN/OUT chain: the status and the used length, or -1 to leave it to Python
- * (an O_DIRECT bounce) with nothing done. */
-static int64_t vblk_request(struct vblk_disk *b, struct hv_chain *ch, uint32_t type,
-                            uint64_t sector, uint8_t *status)
+/* What vblk_check found for an IN/OUT chain. */
+enum { VBLK_DO, VBLK_DONE, VBLK_LEAVE };
+
+/* A checked transfer: the chain's data buffers and where on the disk. */
+struct vblk_io {
+    struct iovec *data;
+    int cnt;
+    uint64_t off, total;
+};
+
+/* Check one IN/OUT chain: VBLK_DO (*io is the transfer to make), VBLK_DONE (*status says
+ * IOERR) or VBLK_LEAVE (Python answers it: an O_DIRECT bounce, a write after a failed
+ * write-through fdatasync), nothing done in the last two cases but the status. */
+static int vblk_check(struct vblk_disk *b, struct hv_chain *ch, uint32_t type, uint64_t sector,
+                      struct vblk_io *io, uint8_t *status)
 {
     struct iovec *data;
     int cnt;
@@ -74,25 +91,40 @@ static int64_t vblk_request(struct vblk_disk *b, struct hv_chain *ch, uint32_t t
     }
     for (int i = 0; i < cnt; i++)
         total += data[i].iov_len;
-    if (total % VBLK_SECTOR)
-        goto ioerr;
-    if (type == VBLK_T_OUT && b->readonly)
-        goto ioerr;
-    if (!vblk_range_ok(b, sector, total))
-        goto ioerr;
+    if (total % VBLK_SECTOR || (type == VBLK_T_OUT && b->readonly)
+        || !vblk_range_ok(b, sector, total)) {
+        *status = VBLK_S_IOERR;
+        return VBLK_DONE;
+    }
     if (vblk_needs_bounce(b, data, cnt))
-        return -1;
+        return VBLK_LEAVE;
     /* After a failed write-through fdatasync every write fails until a reset: Python
      * answers it (a later fdatasync here would succeed and forget the lost write-back). */
     if (type == VBLK_T_OUT && b->write_through && b->wb_errno)
+        return VBLK_LEAVE;
+    *io = (struct vblk_io){ data, cnt, sector * VBLK_SECTOR, total };
+    return VBLK_DO;
+}
+
+/* One validated IN/OUT chain, transferred with preadv/pwritev: the status and the used
+ * length, or -1 to leave it to Python with nothing done. */
+static int64_t vblk_request(struct vblk_disk *b, struct hv_chain *ch, uint32_t type,
+                            uint64_t sector, uint8_t *status)
+{
+    struct vblk_io io;
+    switch (vblk_check(b, ch, type, sector, &io, status)) {
+    case VBLK_LEAVE:
         return -1;
+    case VBLK_DONE:
+        return 1;
+    }
     if (type == VBLK_T_IN) {
-        if (total && hv->file_rw(b->fd, data, cnt, sector * VBLK_SECTOR, 0))
+        if (io.total && hv->file_rw(b->fd, io.data, io.cnt, io.off, 0))
             goto ioerr;
         *status = VBLK_S_OK;
-        return (int64_t)total + 1;
+        return (int64_t)io.total + 1;
     }
-    if (total && hv->file_rw(b->fd, data, cnt, sector * VBLK_SECTOR, 1))
+    if (io.total && hv->file_rw(b->fd, io.data, io.cnt, io.off, 1))
         goto ioerr;
     if (b->write_through) {
         int err = hv->file_datasync(b->fd);
@@ -109,31 +141,426 @@ ioerr:
     return 1;
 }
 
+static int vblk_disk_ok(const struct vblk_disk *b)
+{
+    return b->fd >= 0 && (b->logical_sector == 512 || b->logical_sector == 1024
+                          || b->logical_sector == 2048 || b->logical_sector == 4096);
+}
+
+/* The request header (copied out of the readable buffers) and the status byte's place;
+ * -1 when the chain has no room for either (handle_chain's own answers). */
+static int vblk_header(struct hv_chain *ch, struct vblk_req_hdr *h, uint8_t **status)
+{
+    if (ch->rlen < sizeof(*h) || ch->n == ch->nr)
+        return -1;
+    uint8_t *hp = (uint8_t *)h;
+    size_t got = 0;
+    for (int i = 0; i < ch->nr && got < sizeof(*h); i++) {
+        size_t k = ch->iov[i].iov_len;
+        if (k > sizeof(*h) - got)
+            k = sizeof(*h) - got;
+        memcpy(hp + got, ch->iov[i].iov_base, k);
+        got += k;
+    }
+    struct iovec *last = &ch->iov[ch->n - 1];
+    *status = (uint8_t *)last->iov_base + last->iov_len - 1;
+    return 0;
+}
+
 /* The chain server (hv_chain_fn): ctx is a struct vblk_disk. */
 int64_t vblk_serve_chain(void *ctx, struct hv_vq *q, struct hv_chain *ch)
 {
     struct vblk_disk *b = ctx;
     (void)q;
-    if (b->fd < 0 || !(b->logical_sector == 512 || b->logical_sector == 1024
-                       || b->logical_sector == 2048 || b->logical_sector == 4096))
+    if (!vblk_disk_ok(b))
         return -HV_VQ_STOP_STATE;
-    /* No header or no status byte: handle_chain's own answers. */
-    if (ch->rlen < sizeof(struct vblk_req_hdr) || ch->n == ch->nr)
-        return -HV_VQ_STOP_DECLINED;
     struct vblk_req_hdr h;
-    uint8_t *hp = (uint8_t *)&h;
-    size_t got = 0;
-    for (int i = 0; i < ch->nr && got < sizeof(h); i++) {
-        size_t k = ch->iov[i].iov_len;
-        if (k > sizeof(h) - got)
-            k = sizeof(h) - got;
-        memcpy(hp + got, ch->iov[i].iov_base, k);
-        got += k;
-    }
-    if (h.type != VBLK_T_IN && h.type != VBLK_T_OUT)
+    uint8_t *status;
+    if (vblk_header(ch, &h, &status) || (h.type != VBLK_T_IN && h.type != VBLK_T_OUT))
         return -HV_VQ_STOP_DECLINED;
-    struct iovec *last = &ch->iov[ch->n - 1];
-    uint8_t *status = (uint8_t *)last->iov_base + last->iov_len - 1;
     int64_t used_len = vblk_request(b, ch, h.type, h.sector, status);
     return used_len < 0 ? -HV_VQ_STOP_UNSUPPORTED : used_len;
+}
+
+/* ---- batched reads (io_uring) --------------------------------------------------------- */
+
+/* Requests handed to the kernel in one submission: the driver's batches are about this size
+ * (Linux's virtio_blk posts up to its queue depth between kicks). */
+#define VBLK_BATCH 32
+
+/* A READ with more buffers than this is served alone (its own batch). */
+#define VBLK_BATCH_SEGS 16
+
+/* Host memory [lo, hi). */
+struct vblk_span {
+    uintptr_t lo, hi;
+};
+
+/* Disjoint spans in address order. A driver's buffers mostly come in rising order, so a
+ * span past the last one costs a comparison. */
+struct vblk_spans {
+    int n;
+    struct vblk_span s[VBLK_BATCH * VBLK_BATCH_SEGS];
+};
+
+/* One queue's batch server state; only the thread holding the queue's lock uses it. */
+struct vblk_batch {
+    struct vblk_disk *disk;
+    int ring_ok;                      /* 0 after the ring failed: Python serves on without it */
+    int ring_errno;
+    /* What the batch's READs will write once submitted (data; status bytes, kept apart as
+     * they lie apart in a driver's memory), and the rings' own spans for this call. */
+    struct vblk_spans data, status_bytes;
+    struct vblk_span desc, avail, used;
+    uint16_t heads[VBLK_BATCH];
+    uint32_t lens[VBLK_BATCH];
+    uint8_t *status[VBLK_BATCH];
+    struct vblk_io io[VBLK_BATCH];
+    struct hv_chain chains[VBLK_BATCH];
+#ifdef VBLK_HAVE_URING
+    struct io_uring ring;
+#endif
+};
+
+int vblk_uring_built(void)
+{
+#ifdef VBLK_HAVE_URING
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* A queue's batch server state for disk, or NULL with *err set (ENOSYS: built without
+ * liburing; else why io_uring_queue_init failed, e.g. EPERM where io_uring is disabled). */
+struct vblk_batch *vblk_batch_new(struct vblk_disk *disk, int *err)
+{
+#ifdef VBLK_HAVE_URING
+    struct vblk_batch *bt = calloc(1, sizeof(*bt));
+    if (!bt) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    /* No interrupting the worker to run completion work (it always waits for its reads),
+     * and a submission that goes on past a failed request; older kernels refuse both. */
+    int rc = io_uring_queue_init(VBLK_BATCH, &bt->ring,
+                                 IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL);
+    if (rc == -EINVAL)
+        rc = io_uring_queue_init(VBLK_BATCH, &bt->ring, 0);
+    if (rc < 0) {
+        free(bt);
+        *err = -rc;
+        return NULL;
+    }
+    bt->disk = disk;
+    bt->ring_ok = 1;
+    *err = 0;
+    return bt;
+#else
+    (void)disk;
+    *err = ENOSYS;
+    return NULL;
+#endif
+}
+
+void vblk_batch_free(struct vblk_batch *bt)
+{
+    if (!bt)
+        return;
+#ifdef VBLK_HAVE_URING
+    io_uring_queue_exit(&bt->ring);
+#endif
+    free(bt);
+}
+
+/* 0 while the ring works, else the errno it failed with. */
+int vblk_batch_error(const struct vblk_batch *bt)
+{
+    return bt->ring_ok ? 0 : (bt->ring_errno ? bt->ring_errno : EIO);
+}
+
+/* Read request i the way vblk_request does (the answer for anything io_uring did not
+ * complete whole: a short read is finished, an error is the preadv's own). */
+static void vblk_read_sync(struct vblk_batch *bt, int i)
+{
+    struct vblk_io *io = &bt->io[i];
+    if (hv->file_rw(bt->disk->fd, io->data, io->cnt, io->off, 0)) {
+        *bt->status[i] = VBLK_S_IOERR;
+        bt->lens[i] = 1;
+    } else {
+        *bt->status[i] = VBLK_S_OK;
+        bt->lens[i] = (uint32_t)io->total + 1;
+    }
+}
+
+#ifdef VBLK_HAVE_URING
+static int vblk_retry(int rc)
+{
+    return rc == -EINTR || rc == -EAGAIN || rc == -EBUSY;
+}
+
+/* Submit the nio reads queued as SQEs (user_data: the request's place in the batch) and
+ * wait for every one: nothing is left in flight into guest RAM when this returns. */
+static void vblk_submit_reads(struct vblk_batch *bt, int nio)
+{
+    int submitted = 0, reaped = 0, tries = 0;
+    uint8_t done[VBLK_BATCH] = {0};
+    while (submitted < nio) {
+        int rc = io_uring_submit_and_wait(&bt->ring, (unsigned)(nio - submitted));
+        if (rc > 0) {
+            submitted += rc;
+            continue;
+        }
+        if (rc < 0 && vblk_retry(rc) && ++tries < 100)
+            continue;
+        /* The rest stays unsubmitted in a ring never entered again (freed by Python). */
+        bt->ring_ok = 0;
+        bt->ring_errno = rc < 0 ? -rc : EIO;
+        break;
+    }
+    while (reaped < submitted) {
+        struct io_uring_cqe *cqe;
+        int rc = io_uring_wait_cqe(&bt->ring, &cqe);
+        if (rc < 0) {
+            if (vblk_retry(rc))
+                continue;
+            /* Cannot happen with a CQ ring twice the batch; the reads still in flight
+             * complete into guest RAM, which stays mapped while the VM lives. */
+            bt->ring_ok = 0;
+            bt->ring_errno = -rc;
+            break;
+        }
+        uint64_t i = io_uring_cqe_get_data64(cqe);
+        int32_t res = cqe->res;
+        io_uring_cqe_seen(&bt->ring, cqe);
+        reaped++;
+        if (i >= VBLK_BATCH || done[i])
+            continue;
+        done[i] = 1;
+        if (res >= 0 && (uint64_t)res == bt->io[i].total) {
+            *bt->status[i] = VBLK_S_OK;
+            bt->lens[i] = (uint32_t)bt->io[i].total + 1;
+        } else {
+            vblk_read_sync(bt, i);
+        }
+    }
+    for (int i = 0; i < VBLK_BATCH; i++)
+        if (bt->status[i] && !done[i])
+            vblk_read_sync(bt, i);
+}
+#endif
+
+/* ---- serving a batch as if one by one ----------------------------------------------------
+ *
+ * A batch reads every chain (descriptors, indirect table, header) before any of its READs
+ * writes guest RAM, and returns them all to the used ring at the end; served one by one, each
+ * chain would be read after the ones before it wrote their data, status and used entry. The
+ * two differ only for a driver whose buffers meet its own rings or one another (a driver bug,
+ * or a hostile guest). Such a chain ends the batch before it, and starts the next one alone,
+ * so that every guest sees exactly what the one-by-one servers (vblk_serve_chain, Python's
+ * handle_chain) would give it. */
+
+static int vblk_span_meets(struct vblk_span a, uintptr_t lo, uintptr_t hi)
+{
+    return lo < a.hi && a.lo < hi;
+}
+
+/* The first span of set ending after lo (set->n when none). */
+static int vblk_spans_after(const struct vblk_spans *set, uintptr_t lo)
+{
+    int a = 0, b = set->n;
+    if (b == 0 || set->s[b - 1].hi <= lo)
+        return b;
+    while (a < b) {
+        int m = (a + b) / 2;
+        if (set->s[m].hi <= lo)
+            a = m + 1;
+        else
+            b = m;
+    }
+    return a;
+}
+
+static int vblk_spans_meet(const struct vblk_spans *set, uintptr_t lo, uintptr_t hi)
+{
+    int i = vblk_spans_after(set, lo);
+    return i < set->n && set->s[i].lo < hi;
+}
+
+/* Add [lo, hi), merged with the spans it meets (a chain's own buffers may overlap). */
+static void vblk_spans_add(struct vblk_spans *set, uintptr_t lo, uintptr_t hi)
+{
+    int i = vblk_spans_after(set, lo), j = i;
+    while (j < set->n && set->s[j].lo < hi) {
+        if (set->s[j].lo < lo)
+            lo = set->s[j].lo;
+        if (set->s[j].hi > hi)
+            hi = set->s[j].hi;
+        j++;
+    }
+    if (j == i && i < set->n)         /* room for it */
+        memmove(&set->s[i + 1], &set->s[i], sizeof(set->s[0]) * (size_t)(set->n - i));
+    else if (j > i + 1)               /* merged several: close the gap */
+        memmove(&set->s[i + 1], &set->s[j], sizeof(set->s[0]) * (size_t)(set->n - j));
+    set->n += 1 - (j - i);
+    set->s[i] = (struct vblk_span){ lo, hi };
+}
+
+/* Whether [p, p+len) meets the used ring, what the batch will write, or (for what the chain
+ * writes) the descriptor table or the available ring. */
+static int vblk_meets(const struct vblk_batch *bt, const void *p, size_t len, int write)
+{
+    uintptr_t lo = (uintptr_t)p, hi = lo + len;
+    if (!len)
+        return 0;
+    if (vblk_span_meets(bt->used, lo, hi))
+        return 1;
+    if (write && (vblk_span_meets(bt->desc, lo, hi) || vblk_span_meets(bt->avail, lo, hi)))
+        return 1;
+    return vblk_spans_meet(&bt->data, lo, hi) || vblk_spans_meet(&bt->status_bytes, lo, hi);
+}
+
+/* Whether the READ chain ch (writing io's buffers, when io is not NULL, and its status byte)
+ * must not join the batch: what it reads or writes meets what the batch writes or the rings
+ * as above. If it may, its writes are noted. */
+static int vblk_batch_refuses(struct vblk_batch *bt, const struct hv_chain *ch,
+                              const struct vblk_io *io, uint8_t *status)
+{
+    if (ch->n > VBLK_BATCH_SEGS)
+        return 1;
+    for (int i = 0; i < ch->nr; i++)
+        if (vblk_meets(bt, ch->iov[i].iov_base, ch->iov[i].iov_len, 0))
+            return 1;
+    if (ch->table && vblk_meets(bt, ch->table, ch->table_len, 0))
+        return 1;
+    /* Its own buffers are noted after all the checks: they may meet one another (one by
+     * one too, the chain is read before it writes, and its data lands before its status). */
+    if (vblk_meets(bt, status, 1, 1))
+        return 1;
+    for (int i = 0; io && i < io->cnt; i++)
+        if (vblk_meets(bt, io->data[i].iov_base, io->data[i].iov_len, 1))
+            return 1;
+    vblk_spans_add(&bt->status_bytes, (uintptr_t)status, (uintptr_t)status + 1);
+    for (int i = 0; io && i < io->cnt; i++) {
+        uintptr_t lo = (uintptr_t)io->data[i].iov_base;
+        if (io->data[i].iov_len)
+            vblk_spans_add(&bt->data, lo, lo + io->data[i].iov_len);
+    }
+    return 0;
+}
+
+/* The batch server (hv_batch_fn): ctx is a struct vblk_batch. Runs of READs go to the
+ * kernel in one submission; any other request is served alone, in order, after the reads
+ * before it completed (vblk_serve_chain's answers for everything). */
+int vblk_serve_batch(void *ctx, struct hv_vq *q, int max)
+{
+    struct vblk_batch *bt = ctx;
+#ifdef VBLK_HAVE_URING
+    struct vblk_disk *b = bt->disk;
+    if (!bt->ring_ok || !vblk_disk_ok(b)) {
+        q->stop = HV_VQ_STOP_STATE;
+        return 0;
+    }
+    bt->desc = (struct vblk_span){ (uintptr_t)q->desc,
+                                   (uintptr_t)q->desc + sizeof(struct hv_vring_desc) * q->size };
+    bt->avail = (struct vblk_span){ (uintptr_t)q->avail, (uintptr_t)q->avail
+                                    + HV_VRING_AVAIL_RING_OFF
+                                    + HV_VRING_AVAIL_ELEM_SIZE * q->size + HV_VRING_EVENT_SIZE };
+    bt->used = (struct vblk_span){ (uintptr_t)q->used, (uintptr_t)q->used + HV_VRING_USED_RING_OFF
+                                   + sizeof(struct hv_vring_used_elem) * q->size
+                                   + HV_VRING_EVENT_SIZE };
+    int served = 0;
+    int cap = q->size < VBLK_BATCH ? (int)q->size : VBLK_BATCH;
+    /* Rings that meet the used ring: each chain's walk would see the entries pushed before
+     * it, so each is a batch of its own. */
+    if (vblk_span_meets(bt->used, bt->desc.lo, bt->desc.hi)
+        || vblk_span_meets(bt->used, bt->avail.lo, bt->avail.hi))
+        cap = 1;
+    while (served < max) {
+        int n = 0, nio = 0, stop = 0;
+        bt->data.n = bt->status_bytes.n = 0;
+        memset(bt->status, 0, sizeof(bt->status));
+        while (n < cap && served + n < max) {
+            struct hv_chain *ch = &bt->chains[n];
+            struct vblk_req_hdr h;
+            uint8_t *status;
+            int rc = hv->vq_peek_at(q, (uint32_t)n, ch);
+            if (rc != HV_VQ_CHAIN) {
+                stop = rc;
+                break;
+            }
+            if (vblk_header(ch, &h, &status) || (h.type != VBLK_T_IN && h.type != VBLK_T_OUT)) {
+                stop = HV_VQ_STOP_DECLINED;
+                break;
+            }
+            if (h.type != VBLK_T_IN) {
+                if (n)
+                    break;            /* the reads before it complete first */
+                int64_t len = vblk_request(b, ch, h.type, h.sector, status);
+                if (len < 0) {
+                    stop = HV_VQ_STOP_UNSUPPORTED;
+                    break;
+                }
+                bt->heads[0] = ch->head;
+                bt->lens[0] = (uint32_t)len;
+                n = 1;
+                break;
+            }
+            struct vblk_io *io = &bt->io[n];
+            uint8_t answer = VBLK_S_OK;
+            int what = vblk_check(b, ch, h.type, h.sector, io, &answer);
+            if (what == VBLK_LEAVE) {
+                stop = HV_VQ_STOP_UNSUPPORTED;
+                break;
+            }
+            int alone = vblk_batch_refuses(bt, ch, what == VBLK_DO ? io : NULL, status);
+            if (alone && n)
+                break;                /* it starts the next batch, after these landed */
+            bt->heads[n] = ch->head;
+            bt->lens[n] = 1;                      /* IOERR, unless the read completes */
+            if (what == VBLK_DONE) {
+                *status = answer;
+            } else if (io->total == 0) {
+                *status = VBLK_S_OK;
+            } else if (alone) {
+                bt->status[n] = status;
+                vblk_read_sync(bt, n);
+                bt->status[n] = NULL;
+            } else {
+                struct io_uring_sqe *sqe = io_uring_get_sqe(&bt->ring);
+                if (!sqe)                         /* cannot happen: cap <= the SQ's size */
+                    break;
+                if (io->cnt == 1)                 /* no iovec to import */
+                    io_uring_prep_read(sqe, b->fd, io->data[0].iov_base,
+                                       (unsigned)io->data[0].iov_len, io->off);
+                else
+                    io_uring_prep_readv(sqe, b->fd, io->data, (unsigned)io->cnt, io->off);
+                io_uring_sqe_set_data64(sqe, (uint64_t)n);
+                bt->status[n] = status;
+                nio++;
+            }
+            n++;
+            if (alone)
+                break;
+        }
+        if (nio)
+            vblk_submit_reads(bt, nio);
+        hv->vq_push_n(q, bt->heads, bt->lens, (uint32_t)n);
+        served += n;
+        if (stop) {
+            q->stop = stop;
+            return served;
+        }
+        if (!bt->ring_ok) {
+            q->stop = HV_VQ_STOP_STATE;
+            return served;
+        }
+    }
+    q->stop = HV_VQ_STOP_MAX;
+    return served;
+#else
+    (void)bt; (void)max;
+    q->stop = HV_VQ_STOP_STATE;       /* never made without liburing (vblk_batch_new) */
+    return 0;
+#endif
 }

@@ -1,7 +1,7 @@
 """virtio-blk (virtio 1.2, section 5.2) over the shared block layer.
 
     -s N,virtio-blk,PATH[,ro][,sectorsize=L[/P]][,ser=ID][,nocache][,direct][,nodelete]
-        [,num-queues=N][,queue-size=N]
+        [,num-queues=N][,queue-size=N][,aio=io_uring|threads]
 
 Requests are served on the queue's worker thread (hvframe.virtio.pci): READ and WRITE as one
 preadv/pwritev straight between the image and guest RAM, FLUSH as fdatasync, GET_ID, DISCARD
@@ -10,13 +10,18 @@ acknowledged write is on the backend (and durable with `direct`, or after a FLUS
 READ and WRITE chains are served natively when possible (vblk_serve_chain in
 vblk.c in this package, GIL released), with the same checks and answers as
 handle_chain: serve_cycle runs the worker's whole loop natively (hv_vq_cycle), serve_fast one
-pass. Anything else, and any chain the native code declines, goes through handle_chain. Everything in a request is checked: a bad header, sector range, alignment or
+pass. With aio=io_uring (the default) the worker's loop hands each run of READs to the kernel
+in one io_uring submission (vblk_serve_batch, hv_vq_cycle_batch) instead of a preadv each;
+where io_uring is unavailable it says so once and reads as with aio=threads. A batch gives the
+guest what serving its requests one by one would: a READ whose buffers meet the rings, or
+what another request of the batch reads or writes, starts a batch of its own. Anything else, and any chain the native code declines, goes through handle_chain. Everything in a request is checked: a bad header, sector range, alignment or
 segment list gets VIRTIO_BLK_S_IOERR / S_UNSUPP in the request's own status byte; a chain with no room
 for a status byte cannot be answered and is returned with nothing written.
 """
 from __future__ import annotations
 
 import errno
+import os
 import threading
 
 from hvframe import concurrency
@@ -31,6 +36,7 @@ try:
     from ._native import ffi as _ffi, lib as _lib
     _bind(_lib.vblk_bind)
     _SERVE_CHAIN = _ffi.addressof(_lib, "vblk_serve_chain")
+    _SERVE_BATCH = _ffi.addressof(_lib, "vblk_serve_batch")
 except ImportError:  # pragma: no cover - a broken install: the Python path serves all
     _lib = None
 
@@ -41,6 +47,11 @@ from .layout import (  # noqa: F401  (re-exported: the names tests and tools kno
     MAX_DISCARD_SEGMENTS, MAX_WRITE_ZEROES_SEGMENTS, S_IOERR, S_OK, S_UNSUPP, SECTOR,
     T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, VIRTIO_ID_BLOCK,
     WRITE_ZEROES_UNMAP, LAYOUTS)
+
+# How READs reach the image (QEMU's -drive aio= names): a run of them in one io_uring
+# submission (where the kernel and the build allow it; else as threads), or one preadv each
+# on the queue's worker thread.
+AIO_MODES = ("io_uring", "threads")
 
 # VirtioBlkConfig and the other construct declarations, as the layout module gives them.
 __getattr__ = LAYOUTS.module_getattr
@@ -75,8 +86,12 @@ class VirtioBlk(VirtioDevice, DeviceState):
     pci_class = 0x010000            # mass storage, SCSI: what drivers and firmware expect
     config_layout = LAYOUTS.VirtioBlkConfig
 
-    def __init__(self, backend: BlockBackend, *, num_queues: int = 1, queue_size: int = 256):
+    def __init__(self, backend: BlockBackend, *, num_queues: int = 1, queue_size: int = 256,
+                 aio: str = "io_uring"):
+        if aio not in AIO_MODES:
+            raise ValueError(f"aio={aio!r} must be one of {', '.join(AIO_MODES)}")
         self.backend = backend
+        self.aio = aio
         self.num_queues = num_queues
         self.queue_max_size = queue_size
         self.readonly = backend.readonly
@@ -97,6 +112,9 @@ class VirtioBlk(VirtioDevice, DeviceState):
         self._watcher: concurrency.DeviceThread | None = None
         self._build_config()
         self._blk = _ffi.new("struct vblk_disk *") if _lib is not None else None
+        # Each queue's batch server state (struct vblk_batch), made by its worker on first
+        # use; None once io_uring turned out to be unavailable (or aio=threads).
+        self._batches: dict[int, object] | None = {} if aio == "io_uring" else None
         if self._blk is None:
             self.serve_fast = self.serve_cycle = None
         else:   # fixed for the backend's life; fd and size are refreshed per call
@@ -215,12 +233,45 @@ class VirtioBlk(VirtioDevice, DeviceState):
         blk = self._current_blk()
         if blk is None:
             return _CYCLE_PYTHON      # closed: handle_chain answers IOERR
+        batch = self._batch(queue, blk)
         try:
+            if batch is not None:
+                code = queue_state(vq).cycle_batch(_SERVE_BATCH, batch, gate, poll_ns)
+                err = _lib.vblk_batch_error(batch)
+                if err:
+                    self._uring_failed(err)
+                return code
             return queue_state(vq).cycle(_SERVE_CHAIN, blk, gate, poll_ns)
         except (ValueError, BufferError):
             return _CYCLE_PYTHON      # guest memory closed or unusable
         finally:
             self._keep_writeback_error(blk)
+
+    def _batch(self, queue: int, blk):
+        """Queue ``queue``'s batch server state, made on first use (by the queue's worker,
+        the lock of the queue held), or None: every read a preadv of its own."""
+        batches = self._batches
+        if batches is None:
+            return None
+        batch = batches.get(queue)
+        if batch is None:
+            err = _ffi.new("int *")
+            made = _lib.vblk_batch_new(blk, err)
+            if made == _ffi.NULL:
+                self._uring_failed(err[0])
+                return None
+            # Freed when the last reference goes: a worker inside a call keeps its own.
+            batch = batches[queue] = _ffi.gc(made, _lib.vblk_batch_free)
+        return batch
+
+    def _uring_failed(self, err: int) -> None:
+        """io_uring cannot be had (or failed): READs go one preadv each from now on."""
+        if self._batches is None:
+            return
+        self._batches = None
+        why = "built without liburing" if err == errno.ENOSYS else os.strerror(err)
+        self.log.warning("%s: io_uring unavailable (%s): each read is a system call of its own",
+                         self.backend.path, why)
 
     def quiesce(self) -> None:
         """Acknowledged writes on stable storage before the state is taken."""
@@ -329,6 +380,8 @@ class VirtioBlk(VirtioDevice, DeviceState):
         self.backend.clear_error()
 
     def close(self) -> None:
+        if self._batches:
+            self._batches = {}        # each ring closes once no worker call holds it
         if self._watcher is not None:   # kept: activate() after close() starts no other
             self._watcher.stop()      # joins with a deadline; returns at once on itself
         self.backend.close()

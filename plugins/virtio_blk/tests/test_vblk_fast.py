@@ -1,13 +1,17 @@
 """virtio-blk's native READ/WRITE path (vblk_serve_chain in the plugin's vblk.c, served by the
 core's virtqueue loop in hvframe/core_native/vq.c).
 
-Every scenario runs twice from the same guest memory and image: through the transport's
-service loop with the native cycle (hv_vq_cycle over vblk_serve_chain), and with serve_cycle
+Every scenario runs three times from the same guest memory and image: through the
+transport's service loop with the native cycle, once with the batch server (aio=io_uring:
+hv_vq_cycle_batch over vblk_serve_batch, runs of READs in one io_uring submission) and once
+with the chain server (aio=threads: hv_vq_cycle over vblk_serve_chain), and with serve_cycle
 disabled (the Python path alone).
-The two runs must leave identical guest RAM (data, status bytes, used ring), identical
-images and the same queue state and NEEDS_RESET outcome; the native path must actually have
-served the IN/OUT chains it can, and never a chain the VirtQueue rejects.
+The runs must leave identical guest RAM (data, status bytes, used ring), identical images
+and the same queue state and NEEDS_RESET outcome; the native path must actually have served
+the IN/OUT chains it can, and never a chain the VirtQueue rejects.
 """
+import errno
+import logging
 import os
 import struct
 import tempfile
@@ -146,24 +150,42 @@ class Guest:
 
 
 def run_both(scenario, **kw):
-    """Run `scenario(guest)` then the service loop, with and without the native path.
-    Returns the fast run's results (after asserting both agree)."""
-    results = []
-    for fast in (True, False):
-        results.append(run_one(scenario, fast, **kw))
-    a, b = results
-    assert a["resets"] == b["resets"]
-    assert a["state"] == b["state"]
-    assert a["image"] == b["image"]
-    assert a["interrupts"] == b["interrupts"]
-    if a["ram"] != b["ram"]:
-        diff = next(i for i in range(len(a["ram"])) if a["ram"][i] != b["ram"][i])
-        pytest.fail(f"guest RAM differs at host offset {diff:#x}")
-    return a
+    """Run `scenario(guest)` then the service loop, natively (the batch server, then the
+    chain server) and with the Python path alone. Returns the batch server's results (after
+    asserting all three agree)."""
+    b = run_one(scenario, False, **kw)
+    for aio in vb.AIO_MODES:
+        a = run_one(scenario, True, aio=aio, **kw)
+        assert a["resets"] == b["resets"], aio
+        assert a["state"] == b["state"], aio
+        assert a["image"] == b["image"], aio
+        assert a["interrupts"] == b["interrupts"], aio
+        if a["ram"] != b["ram"]:
+            diff = next(i for i in range(len(a["ram"])) if a["ram"][i] != b["ram"][i])
+            pytest.fail(f"aio={aio}: guest RAM differs at host offset {diff:#x}")
+        if aio == "io_uring":
+            first = a
+    return first
 
 
-def run_one(scenario, fast, *, image=None, backend_kw=None, guest_kw=None, workdir=None,
-            after_open=None):
+def uring_usable() -> bool:
+    """Whether this build and kernel give virtio-blk its io_uring (else aio=io_uring reads
+    as aio=threads does, and says so)."""
+    err = vblk_ffi.new("int *")
+    b = vblk_lib.vblk_batch_new(vblk_ffi.new("struct vblk_disk *"), err)
+    if b == vblk_ffi.NULL:
+        return False
+    vblk_lib.vblk_batch_free(b)
+    return True
+
+
+URING = uring_usable()
+NO_URING = ("io_uring is not available here (built without liburing-dev, or the kernel "
+            "refuses io_uring_setup): aio=io_uring falls back to aio=threads")
+
+
+def run_one(scenario, fast, *, aio="io_uring", image=None, backend_kw=None, guest_kw=None,
+            workdir=None, after_open=None):
     image = image_bytes() if image is None else image
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         path = os.path.join(d, "disk.img")
@@ -174,7 +196,7 @@ def run_one(scenario, fast, *, image=None, backend_kw=None, guest_kw=None, workd
         backend = BlockBackend.open(path, **{"serial": "HVTEST", **(backend_kw or {})})
         if after_open is not None:
             after_open(backend)
-        dev = vb.VirtioBlk(backend, queue_size=256)
+        dev = vb.VirtioBlk(backend, queue_size=256, aio=aio)
         served = []
         if fast:
             real = dev.serve_cycle
@@ -191,6 +213,8 @@ def run_one(scenario, fast, *, image=None, backend_kw=None, guest_kw=None, workd
         qs.size = g.size
         qs.vq = VirtQueue(g.mem, g.size, DESC, AVAIL, USED, **g.queue_kw)
         t.service_queue(qs)
+        # The batch server did serve (it is made on the first native cycle).
+        batched = bool(dev._batches)
         q = qs.vq
         state = (q.last_avail_idx, q.used_idx, q._shadow_avail, qs.broken)
         q.close()
@@ -201,7 +225,7 @@ def run_one(scenario, fast, *, image=None, backend_kw=None, guest_kw=None, workd
         g.mem.close()
     return dict(resets=[bool(r) for r in t.resets], state=state, image=img, ram=ram,
                 interrupts=t.interrupts, served=sum(n for n, _ in served),
-                stops=[s for _, s in served], guest=g)
+                stops=[s for _, s in served], guest=g, batched=batched)
 
 
 def used(res):
@@ -238,6 +262,7 @@ def test_reads_and_writes_match_python(event_idx, indirect, split):
         g.request(5, IN, 0, read_len=0)                     # no data: OK, nothing read
 
     r = run_both(scenario, guest_kw=dict(event_idx=event_idx))
+    assert r["batched"] == URING
     assert r["served"] == 6 and r["resets"] == []
     assert [status(r, s) for s in range(6)] == [vb.S_OK] * 6
     lens = [n for _, n in used(r)]
@@ -248,6 +273,84 @@ def test_reads_and_writes_match_python(event_idx, indirect, split):
     assert r["image"][10 * 512:10 * 512 + 2048] == bytes(range(256)) * 8
     assert r["image"][:512] == b"\xab" * 512
     assert r["interrupts"] == 1
+
+
+def test_runs_of_reads_across_batches_with_other_requests_between():
+    """More READs than one submission takes (32), broken by a WRITE, a FLUSH (the Python
+    path's), a READ past the end and a READ of nothing: every request answered as the
+    Python path answers it, READs after the WRITE seeing it, in one service pass."""
+    img = image_bytes()
+    kinds = {}
+
+    def scenario(g):
+        for slot in range(45):
+            if slot == 20:
+                kinds[slot] = "write"
+                g.request(slot, OUT, 5, data=b"\x5a" * 1024)
+            elif slot == 30:
+                kinds[slot] = "flush"
+                g.request(slot, FLUSH, 0)
+            elif slot == 33:
+                kinds[slot] = "past the end"
+                g.request(slot, IN, DISK_SECTORS, read_len=512)
+            elif slot == 40:
+                kinds[slot] = "nothing"
+                g.request(slot, IN, 0, read_len=0)
+            else:
+                kinds[slot] = "read"
+                g.request(slot, IN, slot % 8, read_len=1024, split=1 + slot % 3)
+
+    r = run_both(scenario, guest_kw=dict(size=256))
+    assert r["batched"] == URING
+    assert r["resets"] == [] and r["served"] == 44          # all but the FLUSH
+    lens = dict(used(r))
+    assert len(lens) == 45
+    for slot, kind in kinds.items():
+        want = vb.S_IOERR if kind == "past the end" else vb.S_OK
+        assert status(r, slot) == want, (slot, kind)
+        if kind == "read":
+            sector = slot % 8
+            got = data_at(r, DATA + 0x10000 * slot, 1024)
+            disk = bytearray(img)
+            if slot > 20:
+                disk[5 * 512:7 * 512] = b"\x5a" * 1024
+            assert got == bytes(disk[sector * 512:sector * 512 + 1024]), slot
+    assert r["image"][5 * 512:7 * 512] == b"\x5a" * 1024
+
+
+@pytest.mark.parametrize("layout", ["data over the next header", "data over the descriptors",
+                                    "data over an earlier status byte", "data over data",
+                                    "a failed read's status over the next header"])
+def test_buffers_that_meet_are_served_as_one_by_one(layout):
+    """A driver whose buffers meet one another: the batch server must give what serving
+    the requests one by one gives (a later request sees the earlier one's writes; a later
+    write lands after an earlier one)."""
+    def scenario(g):
+        if layout == "data over the next header":
+            g.request(0, IN, 4, read_len=512, data_addr=HDRS + 16)
+        elif layout == "data over the descriptors":
+            g.request(0, IN, 6, read_len=512, data_addr=DESC + 16 * 3)
+        elif layout == "data over an earlier status byte":
+            g.request(0, IN, 4, read_len=512)
+            g.request(1, IN, 2, read_len=512, data_addr=STATUS - 100)
+        elif layout == "data over data":
+            g.request(0, IN, 4, read_len=1024, data_addr=DATA)
+        else:
+            # Request 0 reads past the end of a truncated image: its IOERR (1) lands on
+            # the type of request 1's header, turning its READ into a WRITE.
+            g.request(0, IN, DISK_SECTORS - 1, read_len=512)
+            g.desc(2, HDRS + 16, 1, WRITE)
+        if layout != "data over an earlier status byte":
+            g.request(1, IN, 2, read_len=1024, data_addr=DATA + 512)
+        for slot in range(2, 6):
+            g.request(slot, IN, slot, read_len=512)
+
+    truncate = None
+    if layout.startswith("a failed read"):
+        def truncate(be):
+            os.ftruncate(be.fd, (DISK_SECTORS - 1) * 512)
+    r = run_both(scenario, guest_kw=dict(size=64), after_open=truncate)
+    assert r["batched"] == URING
 
 
 def test_buffers_in_high_memory_and_unaligned():
@@ -779,6 +882,63 @@ def test_cycle_serves_and_fires_the_open_gate(crig):
     # idle: kicks asked for again, and nothing more to say to the driver
     assert not crig.used_flags() & vq.VRING_USED_F_NO_NOTIFY and crig.q._notifications
     assert crig.cycle() == native.CYCLE_IDLE and crig.served == 0 and crig.irqs() == 0
+
+
+class _RingTrouble:
+    """The plugin's native module, but io_uring refused at set-up (``new``) or failing after
+    a batch (``later``), as a kernel with io_uring disabled or a broken ring would."""
+
+    def __init__(self, when):
+        self.when = when
+
+    def __getattr__(self, name):
+        return getattr(vblk_lib, name)
+
+    def vblk_batch_new(self, blk, err):
+        if self.when == "new":
+            err[0] = errno.EPERM
+            return vblk_ffi.NULL
+        return vblk_lib.vblk_batch_new(blk, err)
+
+    def vblk_batch_error(self, batch):
+        return errno.EIO if self.when == "later" else vblk_lib.vblk_batch_error(batch)
+
+
+@pytest.mark.parametrize("when", ["new", "later"])
+def test_reads_go_on_without_io_uring_and_the_log_says_so_once(crig, monkeypatch, caplog,
+                                                               when):
+    if when == "later" and not URING:
+        pytest.skip(NO_URING)
+    monkeypatch.setattr(vb, "_lib", _RingTrouble(when))
+    img = image_bytes()
+    with caplog.at_level(logging.WARNING):
+        for round_ in range(3):
+            for i in range(4):
+                crig.g.request(i, IN, round_ + i, read_len=512)
+            assert crig.cycle() == native.CYCLE_IDLE and crig.served == 4
+            for i in range(4):
+                assert crig.g.mem.read(DATA + 0x10000 * i, 512) == \
+                    img[(round_ + i) * 512:(round_ + i + 1) * 512]
+    assert crig.dev._batches is None                    # every read a preadv from now on
+    said = [r.getMessage() for r in caplog.records if "io_uring" in r.getMessage()]
+    why = os.strerror(errno.EPERM if when == "new" else errno.EIO)
+    assert len(said) == 1 and why in said[0], said
+
+
+def test_aio_threads_never_makes_a_ring(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(image_bytes())
+    dev = vb.VirtioBlk(BlockBackend.open(path), aio="threads")
+    try:
+        assert dev._batches is None
+    finally:
+        dev.close()
+    backend = BlockBackend.open(path)
+    try:
+        with pytest.raises(ValueError, match="aio="):
+            vb.VirtioBlk(backend, aio="native")
+    finally:
+        backend.close()
 
 
 def test_cycle_hands_a_shut_gate_back_once(crig):

@@ -494,6 +494,7 @@ def test_pci_cfg_capability_window(rig):
     ("{path},sectorsize=1000", "sector size"),
     ("{path}.missing", "no such file"),
     ("{path},ser=" + "x" * 21, "serial"),
+    ("{path},aio=native", "aio"),
 ])
 def test_bad_options(tmp_path, conf, message):
     path = make_disk(tmp_path)
@@ -505,12 +506,29 @@ def test_bad_options(tmp_path, conf, message):
         m.close()
 
 
-def test_runner_rejects_bad_disk_in_one_line(tmp_path):
+@pytest.mark.parametrize("conf, message", [
+    ("{tmp}/nope.img", "nope.img"),
+    ("{disk},aio=uring", "aio"),
+])
+def test_runner_rejects_bad_disk_in_one_line(tmp_path, conf, message):
     from hvframe.testing.helpers import run_hvframe
-    p = run_hvframe(["run", "-s", "2,virtio-blk," + str(tmp_path / "nope.img")])
+    disk = make_disk(tmp_path)
+    p = run_hvframe(["run", "-s", "2,virtio-blk," + conf.format(tmp=tmp_path, disk=disk)])
     assert p.returncode == 4
-    assert p.stderr.strip().count("\n") == 0 and "nope.img" in p.stderr
+    assert p.stderr.strip().count("\n") == 0 and message in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("aio", ["io_uring", "threads"])
+def test_aio_option_reaches_the_device_and_reads_work(tmp_path, aio):
+    r = Rig(tmp_path, f"aio={aio}", start=True)
+    try:
+        assert r.fn.device.aio == aio
+        status, written = r.request(T_IN, 3, read_len=2048, split=2)
+        assert (status, written) == (S_OK, 2049)
+        assert r.last_read == r.image()[3 * 512:3 * 512 + 2048]
+    finally:
+        r.close()
 
 
 # -- the capacity watcher (a DeviceThread the device owns) ------------------------------------
