@@ -96,8 +96,10 @@ def can_link(header: str, library: str, call: str) -> bool:
         with open(src, "w") as f:
             f.write(f"#include <{header}>\nint main(void) {{ {call} return 0; }}\n")
         try:
-            r = subprocess.run([*cc, src, "-o", os.path.join(tmp, "probe"), f"-l{library}"],
-                               capture_output=True, timeout=60)
+            # The flags a setuptools build would pass too (a library in another prefix).
+            flags = os.environ.get("CFLAGS", "").split() + os.environ.get("LDFLAGS", "").split()
+            r = subprocess.run([*cc, *flags, src, "-o", os.path.join(tmp, "probe"),
+                                f"-l{library}"], capture_output=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             return False
     return r.returncode == 0

@@ -148,11 +148,12 @@ def test_the_service_cycle_runs_a_plugins_batch_server(echo):
     assert vq.pop().head == declined
 
 
-@pytest.mark.parametrize("lie", [1, 2])
+@pytest.mark.parametrize("lie", [1, 2, 3])
 def test_the_core_does_not_take_a_batch_servers_word(echo, lie):
-    """A batch server claiming more chains than it was allowed, or stopping with no stop
-    code, is a device bug: the core says "state" (the Python path takes the queue) and
-    reports none served."""
+    """A batch server claiming more chains than it was allowed, stopping with no stop
+    code, or saying it stopped at the limit short of it (the cycle would call it again for
+    ever), is a device bug: the core says "state" (the Python path takes the queue) and
+    returns."""
     mem, drv, vq, stats = rig(echo)
     post(mem, drv, b"abc", 8, DATA)
     drv.publish()

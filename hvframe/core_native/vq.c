@@ -285,7 +285,9 @@ static int vq_serve_batch_begun(struct hv_vq *q, hv_batch_fn fn, void *ctx, int 
         q->stop = HV_VQ_STOP_STATE;
         return 0;
     }
-    if (q->stop < HV_VQ_STOP_EMPTY || q->stop > HV_VQ_STOP_STATE)
+    /* MAX short of max would have the cycle call again at once, for ever. */
+    if (q->stop < HV_VQ_STOP_EMPTY || q->stop > HV_VQ_STOP_STATE
+        || (q->stop == HV_VQ_STOP_MAX && served != max))
         q->stop = HV_VQ_STOP_STATE;
     return served;
 }

@@ -13,8 +13,26 @@ from hvframe_virtio_blk import layout  # noqa: E402
 # Batched reads through io_uring need liburing's development files (Debian's liburing-dev);
 # without them (or with HVFRAME_NO_URING=1) the module is built without, and every read is a
 # preadv of its own.
+# The probe uses what vblk.c does (liburing 2.2 and later).
+URING_CALLS = """
+    struct io_uring r;
+    io_uring_queue_init(1, &r, IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL);
+    struct io_uring_probe *p = io_uring_get_probe_ring(&r);
+    (void)io_uring_opcode_supported(p, IORING_OP_READ);
+    io_uring_free_probe(p);
+    struct io_uring_sqe *s = io_uring_get_sqe(&r);
+    io_uring_prep_read(s, 0, 0, 0, 0);
+    io_uring_prep_readv(s, 0, 0, 0, 0);
+    io_uring_sqe_set_data64(s, 1);
+    struct io_uring_cqe *c;
+    io_uring_submit_and_wait(&r, 1);
+    io_uring_wait_cqe(&r, &c);
+    (void)io_uring_cqe_get_data64(c);
+    io_uring_cqe_seen(&r, c);
+    io_uring_queue_exit(&r);
+"""
 URING = (os.environ.get("HVFRAME_NO_URING", "") in ("", "0")
-         and can_link("liburing.h", "uring", "struct io_uring r; io_uring_queue_init(1, &r, 0);"))
+         and can_link("liburing.h", "uring", URING_CALLS))
 
 ffibuilder = plugin_ffi(
     "hvframe_virtio_blk._native", os.path.join(HERE, "hvframe_virtio_blk"), ["vblk.c"],

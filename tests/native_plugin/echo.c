@@ -49,7 +49,8 @@ int echo_drain(struct hv_vq *q, struct echo_stats *st)
 
 /* A batch server (hv_batch_fn) with the same answers: up to 8 chains peeked ahead of the
  * queue's head and served, then returned together. st->lie makes it misbehave, for the
- * core's checks: 1 claims one chain more than it was allowed, 2 sets no stop code. */
+ * core's checks: 1 claims one chain more than it was allowed, 2 sets no stop code, 3 says it
+ * stopped at max having served none. */
 int echo_serve_batch(void *ctx, struct hv_vq *q, int max)
 {
     struct echo_stats *st = ctx;
@@ -63,6 +64,10 @@ int echo_serve_batch(void *ctx, struct hv_vq *q, int max)
     }
     if (st->lie == 2) {
         q->stop = HV_VQ_CHAIN;
+        return 0;
+    }
+    if (st->lie == 3) {
+        q->stop = HV_VQ_STOP_MAX;
         return 0;
     }
     for (;;) {

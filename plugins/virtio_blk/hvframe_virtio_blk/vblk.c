@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #ifdef VBLK_HAVE_URING
 #include <liburing.h>
@@ -208,6 +209,7 @@ struct vblk_batch {
     struct vblk_disk *disk;
     int ring_ok;                      /* 0 after the ring failed: Python serves on without it */
     int ring_errno;
+    int read_op;                      /* the kernel has IORING_OP_READ (5.6 and later) */
     /* What the batch's READs will write once submitted (data; status bytes, kept apart as
      * they lie apart in a driver's memory), and the rings' own spans for this call. */
     struct vblk_spans data, status_bytes;
@@ -252,6 +254,10 @@ struct vblk_batch *vblk_batch_new(struct vblk_disk *disk, int *err)
         *err = -rc;
         return NULL;
     }
+    struct io_uring_probe *probe = io_uring_get_probe_ring(&bt->ring);
+    bt->read_op = probe && io_uring_opcode_supported(probe, IORING_OP_READ);
+    if (probe)
+        io_uring_free_probe(probe);
     bt->disk = disk;
     bt->ring_ok = 1;
     *err = 0;
@@ -324,11 +330,14 @@ static void vblk_submit_reads(struct vblk_batch *bt, int nio)
         if (rc < 0) {
             if (vblk_retry(rc))
                 continue;
-            /* Cannot happen with a CQ ring twice the batch; the reads still in flight
-             * complete into guest RAM, which stays mapped while the VM lives. */
+            /* Not seen (the CQ ring is twice the batch). A read still in flight may land
+             * in guest RAM at any time: no request is answered, and Python's hold on the
+             * mapping is not let go, until every one has come back. */
             bt->ring_ok = 0;
             bt->ring_errno = -rc;
-            break;
+            struct timespec ms = { 0, 1000000 };
+            nanosleep(&ms, NULL);
+            continue;
         }
         uint64_t i = io_uring_cqe_get_data64(cqe);
         int32_t res = cqe->res;
@@ -528,9 +537,12 @@ int vblk_serve_batch(void *ctx, struct hv_vq *q, int max)
                 bt->status[n] = NULL;
             } else {
                 struct io_uring_sqe *sqe = io_uring_get_sqe(&bt->ring);
-                if (!sqe)                         /* cannot happen: cap <= the SQ's size */
+                if (!sqe) {                       /* not seen: cap <= the SQ's size */
+                    bt->ring_ok = 0;
+                    bt->ring_errno = EBUSY;
                     break;
-                if (io->cnt == 1)                 /* no iovec to import */
+                }
+                if (io->cnt == 1 && bt->read_op)  /* no iovec to import */
                     io_uring_prep_read(sqe, b->fd, io->data[0].iov_base,
                                        (unsigned)io->data[0].iov_len, io->off);
                 else

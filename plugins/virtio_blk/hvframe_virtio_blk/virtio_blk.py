@@ -269,9 +269,12 @@ class VirtioBlk(VirtioDevice, DeviceState):
         if self._batches is None:
             return
         self._batches = None
-        why = "built without liburing" if err == errno.ENOSYS else os.strerror(err)
-        self.log.warning("%s: io_uring unavailable (%s): each read is a system call of its own",
-                         self.backend.path, why)
+        if err == errno.ENOSYS:       # as built: not news for every disk
+            self.log.info("%s: built without liburing: each read is a system call of its own",
+                          self.backend.path)
+        else:
+            self.log.warning("%s: io_uring unavailable (%s): each read is a system call of its "
+                             "own", self.backend.path, os.strerror(err))
 
     def quiesce(self) -> None:
         """Acknowledged writes on stable storage before the state is taken."""
@@ -380,8 +383,8 @@ class VirtioBlk(VirtioDevice, DeviceState):
         self.backend.clear_error()
 
     def close(self) -> None:
-        if self._batches:
-            self._batches = {}        # each ring closes once no worker call holds it
+        # Each ring closes once no worker call holds it; none is made after this.
+        self._batches = None
         if self._watcher is not None:   # kept: activate() after close() starts no other
             self._watcher.stop()      # joins with a deadline; returns at once on itself
         self.backend.close()

@@ -925,6 +925,28 @@ def test_reads_go_on_without_io_uring_and_the_log_says_so_once(crig, monkeypatch
     assert len(said) == 1 and why in said[0], said
 
 
+def test_the_module_builds_without_liburing(tmp_path, monkeypatch):
+    """HVFRAME_NO_URING=1 (or no liburing-dev): the module still builds, and says ENOSYS
+    when asked for a ring, so aio=io_uring reads as aio=threads."""
+    import glob
+    import importlib.util
+    import runpy
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("HVFRAME_NO_URING", "1")
+    monkeypatch.syspath_prepend(here)
+    build = runpy.run_path(os.path.join(here, "build_native.py"))
+    assert build["URING"] is False
+    build["ffibuilder"].compile(tmpdir=str(tmp_path))
+    so, = glob.glob(str(tmp_path / "hvframe_virtio_blk" / "_native*.so"))
+    spec = importlib.util.spec_from_file_location("hvframe_virtio_blk._native", so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    err = mod.ffi.new("int *")
+    assert mod.lib.vblk_uring_built() == 0
+    assert mod.lib.vblk_batch_new(mod.ffi.new("struct vblk_disk *"), err) == mod.ffi.NULL
+    assert err[0] == errno.ENOSYS
+
+
 def test_aio_threads_never_makes_a_ring(tmp_path):
     path = tmp_path / "disk.img"
     path.write_bytes(image_bytes())
