@@ -107,6 +107,21 @@ static int vblk_check(struct vblk_disk *b, struct hv_chain *ch, uint32_t type, u
     return VBLK_DO;
 }
 
+/* A READ's answer in its status byte; the used length: the data and the status byte, or
+ * the status byte alone. */
+static uint32_t vblk_read_answer(uint8_t *status, int ok, uint64_t total)
+{
+    *status = ok ? VBLK_S_OK : VBLK_S_IOERR;
+    return ok ? (uint32_t)total + 1 : 1;
+}
+
+/* A checked READ done with preadv, and its answer. */
+static uint32_t vblk_read_now(int fd, struct vblk_io *io, uint8_t *status)
+{
+    int ok = io->total == 0 || hv->file_rw(fd, io->data, io->cnt, io->off, 0) == 0;
+    return vblk_read_answer(status, ok, io->total);
+}
+
 /* One validated IN/OUT chain, transferred with preadv/pwritev: the status and the used
  * length, or -1 to leave it to Python with nothing done. */
 static int64_t vblk_request(struct vblk_disk *b, struct hv_chain *ch, uint32_t type,
@@ -119,12 +134,8 @@ static int64_t vblk_request(struct vblk_disk *b, struct hv_chain *ch, uint32_t t
     case VBLK_DONE:
         return 1;
     }
-    if (type == VBLK_T_IN) {
-        if (io.total && hv->file_rw(b->fd, io.data, io.cnt, io.off, 0))
-            goto ioerr;
-        *status = VBLK_S_OK;
-        return (int64_t)io.total + 1;
-    }
+    if (type == VBLK_T_IN)
+        return vblk_read_now(b->fd, &io, status);
     if (io.total && hv->file_rw(b->fd, io.data, io.cnt, io.off, 1))
         goto ioerr;
     if (b->write_through) {
@@ -216,7 +227,7 @@ struct vblk_batch {
     struct vblk_span desc, avail, used;
     uint16_t heads[VBLK_BATCH];
     uint32_t lens[VBLK_BATCH];
-    uint8_t *status[VBLK_BATCH];
+    uint8_t *status[VBLK_BATCH];      /* of each read handed to the ring, else NULL */
     struct vblk_io io[VBLK_BATCH];
     struct hv_chain chains[VBLK_BATCH];
 #ifdef VBLK_HAVE_URING
@@ -285,20 +296,6 @@ int vblk_batch_error(const struct vblk_batch *bt)
     return bt->ring_ok ? 0 : (bt->ring_errno ? bt->ring_errno : EIO);
 }
 
-/* Read request i the way vblk_request does (the answer for anything io_uring did not
- * complete whole: a short read is finished, an error is the preadv's own). */
-static void vblk_read_sync(struct vblk_batch *bt, int i)
-{
-    struct vblk_io *io = &bt->io[i];
-    if (hv->file_rw(bt->disk->fd, io->data, io->cnt, io->off, 0)) {
-        *bt->status[i] = VBLK_S_IOERR;
-        bt->lens[i] = 1;
-    } else {
-        *bt->status[i] = VBLK_S_OK;
-        bt->lens[i] = (uint32_t)io->total + 1;
-    }
-}
-
 #ifdef VBLK_HAVE_URING
 static int vblk_retry(int rc)
 {
@@ -346,16 +343,16 @@ static void vblk_submit_reads(struct vblk_batch *bt, int nio)
         if (i >= VBLK_BATCH || done[i])
             continue;
         done[i] = 1;
-        if (res >= 0 && (uint64_t)res == bt->io[i].total) {
-            *bt->status[i] = VBLK_S_OK;
-            bt->lens[i] = (uint32_t)bt->io[i].total + 1;
-        } else {
-            vblk_read_sync(bt, i);
-        }
+        /* Anything not done whole (a short read, an error) is done again with preadv,
+         * which finishes it or gives the error vblk_request would. */
+        if (res >= 0 && (uint64_t)res == bt->io[i].total)
+            bt->lens[i] = vblk_read_answer(bt->status[i], 1, bt->io[i].total);
+        else
+            bt->lens[i] = vblk_read_now(bt->disk->fd, &bt->io[i], bt->status[i]);
     }
-    for (int i = 0; i < VBLK_BATCH; i++)
+    for (int i = 0; i < VBLK_BATCH; i++)      /* never submitted (the ring failed) */
         if (bt->status[i] && !done[i])
-            vblk_read_sync(bt, i);
+            bt->lens[i] = vblk_read_now(bt->disk->fd, &bt->io[i], bt->status[i]);
 }
 #endif
 
@@ -526,15 +523,11 @@ int vblk_serve_batch(void *ctx, struct hv_vq *q, int max)
             if (alone && n)
                 break;                /* it starts the next batch, after these landed */
             bt->heads[n] = ch->head;
-            bt->lens[n] = 1;                      /* IOERR, unless the read completes */
+            bt->lens[n] = 1;                      /* the status alone, until the read is done */
             if (what == VBLK_DONE) {
                 *status = answer;
-            } else if (io->total == 0) {
-                *status = VBLK_S_OK;
-            } else if (alone) {
-                bt->status[n] = status;
-                vblk_read_sync(bt, n);
-                bt->status[n] = NULL;
+            } else if (io->total == 0 || alone) {
+                bt->lens[n] = vblk_read_now(b->fd, io, status);
             } else {
                 struct io_uring_sqe *sqe = io_uring_get_sqe(&bt->ring);
                 if (!sqe) {                       /* not seen: cap <= the SQ's size */

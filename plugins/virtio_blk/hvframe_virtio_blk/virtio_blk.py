@@ -14,9 +14,11 @@ pass. With aio=io_uring (the default) the worker's loop hands each run of READs 
 in one io_uring submission (vblk_serve_batch, hv_vq_cycle_batch) instead of a preadv each;
 where io_uring is unavailable it says so once and reads as with aio=threads. A batch gives the
 guest what serving its requests one by one would: a READ whose buffers meet the rings, or
-what another request of the batch reads or writes, starts a batch of its own. Anything else, and any chain the native code declines, goes through handle_chain. Everything in a request is checked: a bad header, sector range, alignment or
-segment list gets VIRTIO_BLK_S_IOERR / S_UNSUPP in the request's own status byte; a chain with no room
-for a status byte cannot be answered and is returned with nothing written.
+what another request of the batch reads or writes, starts a batch of its own. Anything else,
+and any chain the native code declines, goes through handle_chain. Everything in a request
+is checked: a bad header, sector range, alignment or segment list gets VIRTIO_BLK_S_IOERR /
+S_UNSUPP in the request's own status byte; a chain with no room for a status byte cannot be
+answered and is returned with nothing written.
 """
 from __future__ import annotations
 
