@@ -812,6 +812,12 @@ class VirtioPciFunction(PciFunction, DeviceState):
                         if chain is None:
                             break
                         self._serve_chain(q, vq, chain)
+                    # The driver hears of this batch before notifications go back on, as
+                    # from the native cycle: where the driver's interrupt flag and the
+                    # device's notify flag are one word (rings at one address), the two
+                    # paths then send the same interrupts.
+                    if vq.needs_notification():
+                        self.interrupt_queue(q)
                     if not vq.enable_notifications():
                         break
                 else:
