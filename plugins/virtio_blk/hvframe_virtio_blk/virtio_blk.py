@@ -117,6 +117,8 @@ class VirtioBlk(VirtioDevice, DeviceState):
         # Each queue's batch server state (struct vblk_batch), made by its worker on first
         # use; None once io_uring turned out to be unavailable (or aio=threads).
         self._batches: dict[int, object] | None = {} if aio == "io_uring" else None
+        # Two queues' workers may find io_uring gone at once: one of them says so.
+        self._uring_lock = concurrency.lock(concurrency.LEAF, "virtio-blk io_uring switch")
         if self._blk is None:
             self.serve_fast = self.serve_cycle = None
         else:   # fixed for the backend's life; fd and size are refreshed per call
@@ -268,9 +270,10 @@ class VirtioBlk(VirtioDevice, DeviceState):
 
     def _uring_failed(self, err: int) -> None:
         """io_uring cannot be had (or failed): READs go one preadv each from now on."""
-        if self._batches is None:
-            return
-        self._batches = None
+        with self._uring_lock:
+            if self._batches is None:
+                return
+            self._batches = None
         if err == errno.ENOSYS:       # as built: not news for every disk
             self.log.info("%s: built without liburing: each read is a system call of its own",
                           self.backend.path)
