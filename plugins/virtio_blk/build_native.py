@@ -24,6 +24,9 @@ URING_CALLS = """
     io_uring_prep_read(s, 0, 0, 0, 0);
     io_uring_prep_readv(s, 0, 0, 0, 0);
     io_uring_sqe_set_data64(s, 1);
+    io_uring_sqe_set_flags(s, IOSQE_FIXED_FILE);
+    int fd = 0;
+    io_uring_register_files(&r, &fd, 1);
     struct io_uring_cqe *c;
     io_uring_submit_and_wait(&r, 1);
     io_uring_wait_cqe(&r, &c);
@@ -46,6 +49,7 @@ ffibuilder = plugin_ffi(
         struct vblk_batch *vblk_batch_new(struct vblk_disk *disk, int *err);
         void vblk_batch_free(struct vblk_batch *bt);
         int vblk_batch_error(const struct vblk_batch *bt);
+        int vblk_batch_file_registered(const struct vblk_batch *bt);
         int vblk_serve_batch(void *ctx, struct hv_vq *q, int max);
     """,
     libraries=["uring"] if URING else [],

@@ -232,6 +232,10 @@ struct vblk_batch {
     struct hv_chain chains[VBLK_BATCH];
 #ifdef VBLK_HAVE_URING
     struct io_uring ring;
+    /* The image's fd as registered with the ring (slot 0), or -1: a registered file saves
+     * each read the kernel's look-up of the fd and its reference count (3-5% of a 4 KiB
+     * read here). The backend keeps one fd for its life; a different one reads unregistered. */
+    int registered_fd;
 #endif
 };
 
@@ -271,6 +275,7 @@ struct vblk_batch *vblk_batch_new(struct vblk_disk *disk, int *err)
         io_uring_free_probe(probe);
     bt->disk = disk;
     bt->ring_ok = 1;
+    bt->registered_fd = io_uring_register_files(&bt->ring, &disk->fd, 1) == 0 ? disk->fd : -1;
     *err = 0;
     return bt;
 #else
@@ -288,6 +293,17 @@ void vblk_batch_free(struct vblk_batch *bt)
     io_uring_queue_exit(&bt->ring);
 #endif
     free(bt);
+}
+
+/* Whether the batch reads through the ring's registered file (1) or by fd number (0). */
+int vblk_batch_file_registered(const struct vblk_batch *bt)
+{
+#ifdef VBLK_HAVE_URING
+    return bt->registered_fd >= 0 && bt->registered_fd == bt->disk->fd;
+#else
+    (void)bt;
+    return 0;
+#endif
 }
 
 /* 0 while the ring works, else the errno it failed with. */
@@ -467,6 +483,7 @@ int vblk_serve_batch(void *ctx, struct hv_vq *q, int max)
         q->stop = HV_VQ_STOP_STATE;
         return 0;
     }
+    int registered = vblk_batch_file_registered(bt);
     bt->desc = (struct vblk_span){ (uintptr_t)q->desc,
                                    (uintptr_t)q->desc + sizeof(struct hv_vring_desc) * q->size };
     bt->avail = (struct vblk_span){ (uintptr_t)q->avail, (uintptr_t)q->avail
@@ -535,11 +552,14 @@ int vblk_serve_batch(void *ctx, struct hv_vq *q, int max)
                     bt->ring_errno = EBUSY;
                     break;
                 }
+                int fd = registered ? 0 : b->fd;
                 if (io->cnt == 1 && bt->read_op)  /* no iovec to import */
-                    io_uring_prep_read(sqe, b->fd, io->data[0].iov_base,
+                    io_uring_prep_read(sqe, fd, io->data[0].iov_base,
                                        (unsigned)io->data[0].iov_len, io->off);
                 else
-                    io_uring_prep_readv(sqe, b->fd, io->data, (unsigned)io->cnt, io->off);
+                    io_uring_prep_readv(sqe, fd, io->data, (unsigned)io->cnt, io->off);
+                if (registered)
+                    io_uring_sqe_set_flags(sqe, IOSQE_FIXED_FILE);
                 io_uring_sqe_set_data64(sqe, (uint64_t)n);
                 bt->status[n] = status;
                 nio++;

@@ -884,6 +884,35 @@ def test_cycle_serves_and_fires_the_open_gate(crig):
     assert crig.cycle() == native.CYCLE_IDLE and crig.served == 0 and crig.irqs() == 0
 
 
+@pytest.mark.skipif(not URING, reason=NO_URING)
+def test_batched_reads_use_the_registered_image_and_only_while_it_is_the_one(crig, tmp_path):
+    """The ring reads through the image's file as registered with it (no fd look-up per
+    read); were the backend's descriptor ever another file, reads come from that file, not
+    from the one the ring still holds."""
+    def round_(first):
+        for i in range(4):
+            crig.g.request(i, IN, first + i, read_len=512)
+        assert crig.cycle() == native.CYCLE_IDLE and crig.served == 4
+        return [crig.g.mem.read(DATA + 0x10000 * i, 512) for i in range(4)]
+
+    img = image_bytes()
+    assert round_(0) == [img[i * 512:(i + 1) * 512] for i in range(4)]
+    batch = crig.dev._batches[0]
+    assert vblk_lib.vblk_batch_file_registered(batch)
+    other = bytes(reversed(img))
+    (tmp_path / "other.img").write_bytes(other)
+    be = crig.dev.backend
+    own, be.fd = be.fd, os.open(tmp_path / "other.img", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert round_(4) == [other[(4 + i) * 512:(5 + i) * 512] for i in range(4)]
+        assert not vblk_lib.vblk_batch_file_registered(batch)
+    finally:
+        os.close(be.fd)
+        be.fd = own
+    assert round_(8) == [img[(8 + i) * 512:(9 + i) * 512] for i in range(4)]
+    assert vblk_lib.vblk_batch_file_registered(batch)
+
+
 class _RingTrouble:
     """The plugin's native module, but io_uring refused at set-up (``new``) or failing after
     a batch (``later``), as a kernel with io_uring disabled or a broken ring would."""
