@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+import rawloop
+
 from hvframe_ahci import ata, regs
 from hvframe_ahci.hba import AhciHba
 from hvframe_ahci.testdriver import AhciDriver, build_machine, h2d
@@ -32,7 +34,8 @@ def image(tmp_path_factory):
             f.write(os.urandom(1 << 20))
         f.flush()
         os.fsync(f.fileno())        # no writeback beside the timed rounds (as virtio-blk's)
-    return path
+    # Cached for every round, on both sides (rawloop.PageCacheLock says why).
+    yield from rawloop.locked_image(path)
 
 
 def ahci(image):
