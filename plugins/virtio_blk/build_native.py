@@ -27,6 +27,7 @@ URING_CALLS = """
     io_uring_sqe_set_flags(s, IOSQE_FIXED_FILE);
     int fd = 0;
     io_uring_register_files(&r, &fd, 1);
+    io_uring_unregister_files(&r);
     struct io_uring_cqe *c;
     io_uring_submit_and_wait(&r, 1);
     io_uring_wait_cqe(&r, &c);

@@ -290,6 +290,10 @@ void vblk_batch_free(struct vblk_batch *bt)
     if (!bt)
         return;
 #ifdef VBLK_HAVE_URING
+    /* The image's file let go of here, not later by the kernel's teardown of the ring (a
+     * work item): closing the backend then really closes it. */
+    if (bt->registered_fd >= 0)
+        io_uring_unregister_files(&bt->ring);
     io_uring_queue_exit(&bt->ring);
 #endif
     free(bt);
