@@ -11,6 +11,8 @@
  * struct vblk_req_hdr and the VBLK_* numbers are generated from hvframe_virtio_blk.layout.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -232,9 +234,9 @@ struct vblk_batch {
     struct hv_chain chains[VBLK_BATCH];
 #ifdef VBLK_HAVE_URING
     struct io_uring ring;
-    /* The image's fd as registered with the ring (slot 0), or -1: a registered file saves
-     * each read the kernel's look-up of the fd and its reference count (3-5% of a 4 KiB
-     * read here). The backend keeps one fd for its life; a different one reads unregistered. */
+    /* The backend's fd whose file is registered with the ring (slot 0), or -1: a registered
+     * file saves each read the kernel's look-up of the fd and its reference count (3-5% of a
+     * 4 KiB read here). The backend keeps one fd for its life; a different one reads by fd. */
     int registered_fd;
 #endif
 };
@@ -247,6 +249,29 @@ int vblk_uring_built(void)
     return 0;
 #endif
 }
+
+#ifdef VBLK_HAVE_URING
+/* Register the image open on fd with the ring: fd, or -1 (then reads go by fd number).
+ * What is registered is a second open file description of the image, made through
+ * /proc/self/fd with fd's access mode and O_DIRECT, not fd's own: the kernel lets go of a
+ * ring's registered files in a work item after the process is gone, and fd's description
+ * holds the image's OFD lock, which would then outlive a killed VMM (seen here: a QEMU
+ * started right after could not lock the image). The second one holds no lock. */
+static int vblk_register_image(struct io_uring *ring, int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0)
+        return -1;
+    char path[40];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    int own = open(path, O_RDONLY | O_CLOEXEC | (fl & O_DIRECT));
+    if (own < 0)
+        return -1;
+    int rc = io_uring_register_files(ring, &own, 1);
+    close(own);                       /* the ring holds the file now, or nothing does */
+    return rc == 0 ? fd : -1;
+}
+#endif
 
 /* A queue's batch server state for disk, or NULL with *err set (ENOSYS: built without
  * liburing; else why io_uring_queue_init failed, e.g. EPERM where io_uring is disabled). */
@@ -275,7 +300,7 @@ struct vblk_batch *vblk_batch_new(struct vblk_disk *disk, int *err)
         io_uring_free_probe(probe);
     bt->disk = disk;
     bt->ring_ok = 1;
-    bt->registered_fd = io_uring_register_files(&bt->ring, &disk->fd, 1) == 0 ? disk->fd : -1;
+    bt->registered_fd = vblk_register_image(&bt->ring, disk->fd);
     *err = 0;
     return bt;
 #else

@@ -913,6 +913,45 @@ def test_batched_reads_use_the_registered_image_and_only_while_it_is_the_one(cri
     assert vblk_lib.vblk_batch_file_registered(batch)
 
 
+_SERVE_THEN_WAIT = """
+import pathlib, sys
+sys.path.insert(0, sys.argv[1])
+import test_vblk_fast as t
+r = t.CycleRig(pathlib.Path(sys.argv[2]))
+for k in range(4):
+    r.g.request(k, t.IN, k, read_len=512)
+r.cycle()
+print(t.vblk_lib.vblk_batch_file_registered(r.dev._batches[0]), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(not URING, reason=NO_URING)
+def test_a_killed_vmm_leaves_its_image_unlocked(tmp_path):
+    """The ring's registered file is let go of by the kernel after the process is gone; it
+    must not be the description that holds the image's lock, or a VMM killed with SIGKILL
+    keeps its image locked past its death (a VM restarted at once could not open it)."""
+    import fcntl
+    import subprocess
+    import sys
+    for i in range(5):
+        d = tmp_path / str(i)
+        d.mkdir()
+        p = subprocess.Popen([sys.executable, "-c", _SERVE_THEN_WAIT,
+                              os.path.dirname(os.path.abspath(__file__)), str(d)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert p.stdout.readline().strip() == b"1"      # reading through the ring's file
+        finally:
+            p.kill()
+            p.wait()
+        fd = os.open(d / "disk.img", os.O_RDWR)
+        try:            # what BlockBackend.open takes: fails with EAGAIN if still locked
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+        finally:
+            os.close(fd)
+
+
 class _RingTrouble:
     """The plugin's native module, but io_uring refused at set-up (``new``) or failing after
     a batch (``later``), as a kernel with io_uring disabled or a broken ring would."""
