@@ -253,7 +253,7 @@ int vblk_uring_built(void)
 #ifdef VBLK_HAVE_URING
 /* Register the image open on fd with the ring: fd, or -1 (then reads go by fd number).
  * What is registered is a second open file description of the image, made through
- * /proc/self/fd with fd's access mode and O_DIRECT, not fd's own: the kernel lets go of a
+ * /proc/self/fd, read-only and with fd's O_DIRECT, not fd's own: the kernel lets go of a
  * ring's registered files in a work item after the process is gone, and fd's description
  * holds the image's OFD lock, which would then outlive a killed VMM (seen here: a QEMU
  * started right after could not lock the image). The second one holds no lock. */
