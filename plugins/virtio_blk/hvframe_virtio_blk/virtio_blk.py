@@ -11,8 +11,8 @@ READ and WRITE chains are served natively when possible (vblk_serve_chain in
 vblk.c in this package, GIL released), with the same checks and answers as
 handle_chain: serve_cycle runs the worker's whole loop natively (hv_vq_cycle), serve_fast one
 pass. With aio=io_uring (the default) the worker's loop hands each run of READs to the kernel
-in one io_uring submission (vblk_serve_batch, hv_vq_cycle_batch) instead of a preadv each;
-where io_uring is unavailable it says so once and reads as with aio=threads. A batch gives the
+in one io_uring submission (vblk_serve_batch, hv_vq_cycle_batch) instead of a preadv each,
+and shares half of a large run with a partner thread that has a ring of its own; where io_uring is unavailable it says so once and reads as with aio=threads. A batch gives the
 guest what serving its requests one by one would: a READ whose buffers meet the rings, or
 what another request of the batch reads or writes, starts a batch of its own. Anything else,
 and any chain the native code declines, goes through handle_chain. Everything in a request
@@ -87,6 +87,9 @@ class VirtioBlk(VirtioDevice, DeviceState):
     device_type = VIRTIO_ID_BLOCK
     pci_class = 0x010000            # mass storage, SCSI: what drivers and firmware expect
     config_layout = LAYOUTS.VirtioBlkConfig
+    # With io_uring, a large batch of READs is shared with a partner thread of the queue's,
+    # where a second CPU is free (vblk.c, "a partner for large batches").
+    split_reads = True
 
     def __init__(self, backend: BlockBackend, *, num_queues: int = 1, queue_size: int = 256,
                  aio: str = "io_uring"):
@@ -264,6 +267,8 @@ class VirtioBlk(VirtioDevice, DeviceState):
             if made == _ffi.NULL:
                 self._uring_failed(err[0])
                 return None
+            if self.split_reads:
+                _lib.vblk_batch_split(made, 1)
             # Freed when the last reference goes: a worker inside a call keeps its own.
             batch = batches[queue] = _ffi.gc(made, _lib.vblk_batch_free)
         return batch

@@ -1110,3 +1110,100 @@ def test_eventfd_wait_spins_then_sleeps():
         t.join()
     finally:
         os.close(fd)
+
+
+# -- a large batch shared with the queue's partner thread ---------------------------------------
+
+ONE_CPU = "one CPU to run on: no partner thread is made (nobody to share a batch with)"
+
+
+def _partner_threads():
+    """The process's threads named as vblk.c names a batch's partner."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().strip() == "vblk-partner"
+        except FileNotFoundError:
+            pass                   # gone meanwhile
+    return n
+
+
+def _shared_rounds(crig, rounds, seed):
+    """Rounds of 16 random 4 KiB reads (64 KiB: large enough to share); every request must
+    get its own sectors and an OK status whichever thread read it."""
+    import random
+    rnd = random.Random(seed)
+    img = image_bytes()
+    for _ in range(rounds):
+        blocks = rnd.sample(range(len(img) // 4096), 16)
+        for i, blk in enumerate(blocks):
+            crig.g.mem.write(DATA + 0x10000 * i, b"\xee" * 4096)
+            crig.g.mem.write(STATUS + i, b"\xff")
+            crig.g.request(i, IN, blk * 8, read_len=4096)
+        assert crig.cycle() == native.CYCLE_IDLE and crig.served == 16
+        for i, blk in enumerate(blocks):
+            assert crig.g.mem.read(DATA + 0x10000 * i, 4096) == img[blk * 4096:(blk + 1) * 4096]
+            assert crig.g.mem.read(STATUS + i, 1) == bytes([vb.S_OK])
+
+
+@pytest.mark.skipif(not URING, reason=NO_URING)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason=ONE_CPU)
+def test_the_partner_reads_its_half_of_a_large_batch(crig):
+    """Made to do every half it is offered, the partner reads eight of each sixteen, and
+    each lands where its request asked, with its status."""
+    _shared_rounds(crig, 1, seed=1)                 # makes the queue's batch state
+    batch = crig.dev._batches[0]
+    assert vblk_lib.vblk_batch_split(batch, 2) == 1
+    back = vblk_ffi.new("uint64_t *")
+    before = vblk_lib.vblk_batch_partner_reads(batch, back)
+    _shared_rounds(crig, 20, seed=2)
+    assert vblk_lib.vblk_batch_partner_reads(batch, back) - before == 20 * 8
+
+
+@pytest.mark.skipif(not URING, reason=NO_URING)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason=ONE_CPU)
+def test_reads_are_right_whichever_thread_does_them(crig):
+    """As the device runs: every large batch offers its second half to the partner, and a
+    half the partner has not begun by the time the worker is done with its own is taken back
+    and read by the worker (the partner, woken on another CPU, is often late after this
+    rig's pauses). Every half is one or the other, and every read is right either way."""
+    _shared_rounds(crig, 60, seed=3)
+    back = vblk_ffi.new("uint64_t *")
+    assert vblk_lib.vblk_batch_partner_reads(crig.dev._batches[0], back) + back[0] == 60 * 8
+
+
+@pytest.mark.skipif(not URING, reason=NO_URING)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason=ONE_CPU)
+def test_the_partner_thread_lives_and_ends_with_its_queue(tmp_path):
+    """One partner thread per queue that batches, stopped and joined when the batch state
+    goes (split turned off, or the device closed), not left behind."""
+    base = _partner_threads()
+    r = CycleRig(tmp_path)
+    try:
+        _shared_rounds(r, 1, seed=4)
+        batch = r.dev._batches[0]
+        assert _partner_threads() == base + 1
+        assert vblk_lib.vblk_batch_split(batch, 0) == 0
+        assert _partner_threads() == base
+        assert vblk_lib.vblk_batch_split(batch, 1) == 1 and _partner_threads() == base + 1
+        del batch
+    finally:
+        r.close()
+    import gc
+    gc.collect()
+    assert _partner_threads() == base
+
+
+def test_no_partner_where_the_device_says_so(tmp_path, monkeypatch):
+    """split_reads off: no partner thread, and a large batch is the worker's alone."""
+    monkeypatch.setattr(vb.VirtioBlk, "split_reads", False)
+    base = _partner_threads()
+    r = CycleRig(tmp_path)
+    try:
+        _shared_rounds(r, 3, seed=5)
+        assert _partner_threads() == base
+        if r.dev._batches:
+            assert vblk_lib.vblk_batch_partner_reads(r.dev._batches[0], vblk_ffi.NULL) == 0
+    finally:
+        r.close()
