@@ -10,6 +10,11 @@ Threads, and who owns them
   and writers (UART sockets, the capacity watcher). The owner stops and joins them in its
   ``close()``, which ``Machine.close()`` calls; a thread that dies of an exception is logged
   and its owner told (``on_error``), never a silently dead queue.
+* **Plugins' native threads**, for work that never touches Python: virtio-blk's read
+  partner (hvframe_virtio_blk/vblk.c), one per queue that batches reads, takes half of a
+  large batch from the queue's worker. It is owned by the queue's batch state and stopped
+  and joined when that is freed; it takes no lock, and the join waits for no work (the
+  worker waits for every half it hands over before it lets go of the batch state).
 * **The coalesced-drain thread** (owned by the Machine; started by ``run()`` when a device
   asked for ``coalesce_writes()``, stopped and joined by ``close()``) hands on guest writes
   KVM buffered when no vCPU exit has done so for a couple of milliseconds.
