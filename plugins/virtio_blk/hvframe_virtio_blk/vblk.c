@@ -405,6 +405,7 @@ enum { VBLK_P_SLEEP, VBLK_P_POLL, VBLK_P_JOB, VBLK_P_RUN, VBLK_P_STOP };
 
 struct vblk_partner {
     uint32_t state;                   /* VBLK_P_*, the futex the partner sleeps on */
+    uint32_t waiting;                 /* the worker sleeps on state until its job is done */
     int err;                          /* the last job's: its ring failed (vblk_ring_reads) */
     int n;                            /* the job: bt's requests idx[0..n) */
     uint8_t idx[VBLK_BATCH];
@@ -417,6 +418,7 @@ struct vblk_partner {
     struct io_uring ring;
     int registered_fd;
     pthread_t thread;
+    pid_t pid;                        /* the process whose thread it is (not a fork child) */
     int away_from;                    /* the worker's CPU, which the partner is kept off; -1 */
 };
 
@@ -461,7 +463,12 @@ static void *vblk_partner_main(void *arg)
             if (!vblk_partner_cas(p, &s, VBLK_P_RUN))
                 continue;             /* taken back by the worker */
             p->err = vblk_ring_reads(p->bt, &p->ring, p->registered_fd, p->idx, p->n);
-            __atomic_store_n(&p->state, VBLK_P_POLL, __ATOMIC_RELEASE);
+            s = VBLK_P_RUN;
+            if (!__atomic_compare_exchange_n(&p->state, &s, VBLK_P_POLL, 0, __ATOMIC_SEQ_CST,
+                                             __ATOMIC_SEQ_CST))
+                return NULL;          /* stopped meanwhile (not while a worker serves) */
+            if (__atomic_load_n(&p->waiting, __ATOMIC_SEQ_CST))
+                vblk_futex(&p->state, FUTEX_WAKE, 1);
             until = vblk_now_ns() + VBLK_PARTNER_POLL_NS;
         } else if (!until) {
             until = vblk_now_ns() + VBLK_PARTNER_POLL_NS;
@@ -485,6 +492,7 @@ static struct vblk_partner *vblk_partner_new(struct vblk_batch *bt)
     if (!p)
         return NULL;
     p->away_from = -1;
+    p->pid = getpid();
     p->bt = bt;
     p->state = VBLK_P_SLEEP;
     if (vblk_ring_init(&p->ring, bt->disk->fd, &p->registered_fd) < 0) {
@@ -507,9 +515,11 @@ static struct vblk_partner *vblk_partner_new(struct vblk_batch *bt)
 
 static void vblk_partner_free(struct vblk_partner *p)
 {
-    __atomic_store_n(&p->state, VBLK_P_STOP, __ATOMIC_RELEASE);
-    vblk_futex(&p->state, FUTEX_WAKE, 1);
-    pthread_join(p->thread, NULL);
+    if (p->pid == getpid()) {         /* a fork's child has no partner thread to stop */
+        __atomic_store_n(&p->state, VBLK_P_STOP, __ATOMIC_RELEASE);
+        vblk_futex(&p->state, FUTEX_WAKE, 1);
+        pthread_join(p->thread, NULL);
+    }
     vblk_ring_exit(&p->ring, p->registered_fd);
     free(p);
 }
@@ -517,8 +527,8 @@ static void vblk_partner_free(struct vblk_partner *p)
 /* Keep the partner off the CPU the worker runs on. Woken by the worker, it would be put on
  * the worker's CPU, and it would wait there until the worker polls no more: here 19 of 20
  * jobs went back to the worker that way, none once it was kept off. Its CPUs are the ones
- * the worker may use (the process's, as the operator set them) but this one; set again
- * only when the worker has moved. */
+ * the worker may use (the worker's affinity, as the operator set it) but this one; set
+ * again only when the worker has moved. */
 static void vblk_partner_away(struct vblk_partner *p)
 {
     int cpu = sched_getcpu();
@@ -550,28 +560,53 @@ static int vblk_partner_give(struct vblk_partner *p, const uint8_t *idx, int n)
     return 0;
 }
 
-/* The worker's own half done: the job offered is taken back if the partner has not begun
- * it (and done here), else waited for. */
-static void vblk_partner_finish(struct vblk_batch *bt, struct vblk_partner *p)
+/* The worker's own half done (err: its ring failed meanwhile): the job offered is taken
+ * back if the partner has not begun it, and done here (with preadv if the worker's ring
+ * failed: a failed ring is not entered again), else waited for: a short spin, then asleep
+ * until the partner wakes it (its half may wait for a disk). */
+static void vblk_partner_finish(struct vblk_batch *bt, struct vblk_partner *p, int err)
 {
     uint32_t s = VBLK_P_JOB;
     if (!p->always && vblk_partner_cas(p, &s, VBLK_P_POLL)) {
         p->taken_back += (uint64_t)p->n;
-        int err = vblk_ring_reads(bt, &bt->ring, bt->registered_fd, p->idx, p->n);
+        if (!err)
+            err = vblk_ring_reads(bt, &bt->ring, bt->registered_fd, p->idx, p->n);
+        else
+            for (int k = 0; k < p->n; k++) {
+                int i = p->idx[k];
+                bt->lens[i] = vblk_read_now(bt->disk->fd, &bt->io[i], bt->status[i]);
+            }
         if (err) {
             bt->ring_ok = 0;
             bt->ring_errno = err;
         }
         return;
     }
+    uint64_t until = 0;
     for (unsigned i = 1; s == VBLK_P_JOB || s == VBLK_P_RUN; i++) {
-        if (i % 64 == 0)
-            sched_yield();            /* the partner may be waiting for this CPU */
+        vblk_pause();
+        if (i % 64 == 0) {
+            if (!until)
+                until = vblk_now_ns() + VBLK_PARTNER_POLL_NS;
+            else if (vblk_now_ns() >= until) {
+                __atomic_store_n(&p->waiting, 1, __ATOMIC_SEQ_CST);
+                s = __atomic_load_n(&p->state, __ATOMIC_SEQ_CST);
+                if (s == VBLK_P_JOB || s == VBLK_P_RUN)
+                    vblk_futex(&p->state, FUTEX_WAIT, s);
+                __atomic_store_n(&p->waiting, 0, __ATOMIC_RELAXED);
+            } else {
+                sched_yield();        /* the partner may be waiting for this CPU */
+            }
+        }
         s = __atomic_load_n(&p->state, __ATOMIC_ACQUIRE);
     }
     p->reads += (uint64_t)p->n;
     if (p->err)
         p->broken = 1;
+    if (err) {
+        bt->ring_ok = 0;
+        bt->ring_errno = err;
+    }
 }
 #endif
 
@@ -685,8 +720,8 @@ static void vblk_submit_reads(struct vblk_batch *bt, const uint8_t *rd, int nio,
     int err = vblk_ring_reads(bt, &bt->ring, bt->registered_fd, rd,
                               shared ? nio - theirs : nio);
     if (shared)
-        vblk_partner_finish(bt, p);
-    if (err) {
+        vblk_partner_finish(bt, p, err);
+    else if (err) {
         bt->ring_ok = 0;
         bt->ring_errno = err;
     }

@@ -12,7 +12,8 @@ vblk.c in this package, GIL released), with the same checks and answers as
 handle_chain: serve_cycle runs the worker's whole loop natively (hv_vq_cycle), serve_fast one
 pass. With aio=io_uring (the default) the worker's loop hands each run of READs to the kernel
 in one io_uring submission (vblk_serve_batch, hv_vq_cycle_batch) instead of a preadv each,
-and shares half of a large run with a partner thread that has a ring of its own; where io_uring is unavailable it says so once and reads as with aio=threads. A batch gives the
+and shares half of a large run with a partner thread that has a ring of its own; where
+io_uring is unavailable it says so once and reads as with aio=threads. A batch gives the
 guest what serving its requests one by one would: a READ whose buffers meet the rings, or
 what another request of the batch reads or writes, starts a batch of its own. Anything else,
 and any chain the native code declines, goes through handle_chain. Everything in a request
