@@ -563,8 +563,9 @@ static int vblk_partner_give(struct vblk_partner *p, const uint8_t *idx, int n)
 /* The worker's own half done (err: its ring failed meanwhile): the job offered is taken
  * back if the partner has not begun it, and done here (with preadv if the worker's ring
  * failed: a failed ring is not entered again), else waited for: a short spin, then asleep
- * until the partner wakes it (its half may wait for a disk). */
-static void vblk_partner_finish(struct vblk_batch *bt, struct vblk_partner *p, int err)
+ * until the partner wakes it (its half may wait for a disk). Returns the worker's ring's
+ * error, err or one met taking the job back. */
+static int vblk_partner_finish(struct vblk_batch *bt, struct vblk_partner *p, int err)
 {
     uint32_t s = VBLK_P_JOB;
     if (!p->always && vblk_partner_cas(p, &s, VBLK_P_POLL)) {
@@ -576,11 +577,7 @@ static void vblk_partner_finish(struct vblk_batch *bt, struct vblk_partner *p, i
                 int i = p->idx[k];
                 bt->lens[i] = vblk_read_now(bt->disk->fd, &bt->io[i], bt->status[i]);
             }
-        if (err) {
-            bt->ring_ok = 0;
-            bt->ring_errno = err;
-        }
-        return;
+        return err;
     }
     uint64_t until = 0;
     for (unsigned i = 1; s == VBLK_P_JOB || s == VBLK_P_RUN; i++) {
@@ -603,10 +600,7 @@ static void vblk_partner_finish(struct vblk_batch *bt, struct vblk_partner *p, i
     p->reads += (uint64_t)p->n;
     if (p->err)
         p->broken = 1;
-    if (err) {
-        bt->ring_ok = 0;
-        bt->ring_errno = err;
-    }
+    return err;
 }
 #endif
 
@@ -720,8 +714,8 @@ static void vblk_submit_reads(struct vblk_batch *bt, const uint8_t *rd, int nio,
     int err = vblk_ring_reads(bt, &bt->ring, bt->registered_fd, rd,
                               shared ? nio - theirs : nio);
     if (shared)
-        vblk_partner_finish(bt, p, err);
-    else if (err) {
+        err = vblk_partner_finish(bt, p, err);
+    if (err) {
         bt->ring_ok = 0;
         bt->ring_errno = err;
     }
