@@ -116,6 +116,9 @@ class Rig:
                     + struct.pack("<QIHH", self.data + size * i, size, VIRTQ_DESC_F_NEXT, d + 2)
                     + struct.pack("<QIHH", self.status + i, 1, VIRTQ_DESC_F_WRITE, 0))
             mem.write(q.desc + 16 * d, desc)
+        # Data in the buffers, as the raw loop's (rawloop.BlockLoop says why): RAM never
+        # written reads as the zero page, which no guest's write comes from.
+        mem.write(self.data, os.urandom(size * depth))
         self.mem = mem
         self.hdr_view = mem.view(self.headers, 16 * depth)
         # avail.idx is stored by the driver in C, in one 16-bit store: struct.pack_into
@@ -168,7 +171,7 @@ def run_raw(image, write, loop):
 def run_python_loop(image, size, depth, write, offsets):
     """The same calls from a Python loop (the raw side before 2026-12-04)."""
     fd = os.open(image, os.O_RDWR)
-    bufs = [memoryview(bytearray(size)) for _ in range(depth)]
+    bufs = [memoryview(bytearray(os.urandom(size))) for _ in range(depth)]
     op = os.pwritev if write else os.preadv
     try:
         t = time.perf_counter()
