@@ -306,22 +306,16 @@ int hv_vq_serve_batch(struct hv_vq *q, hv_batch_fn fn, void *ctx, int max)
  * round trip (adaptive polling, as QEMU's iothreads do). */
 static int vq_poll_avail(struct hv_vq *q, uint64_t ns)
 {
-    struct timespec t0, t;
     const uint16_t *idx = vq_avail_idx(q);
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    uint64_t t0 = hv_now_ns();
     for (unsigned i = 1;; i++) {
         if (__atomic_load_n(idx, __ATOMIC_ACQUIRE) != q->last_avail_idx)
             return 1;
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
+        hv_cpu_relax();
         if (i % 64 == 0) {
             if (q->yield_req)
                 return 0;
-            clock_gettime(CLOCK_MONOTONIC, &t);
-            uint64_t el = (uint64_t)(t.tv_sec - t0.tv_sec) * 1000000000u
-                          + (uint64_t)t.tv_nsec - (uint64_t)t0.tv_nsec;
-            if (el >= ns)
+            if (hv_now_ns() - t0 >= ns)
                 return 0;
         }
     }
@@ -525,21 +519,15 @@ static int file_read_cached(int fd, struct iovec *iov, int cnt, uint64_t off)
  * forever). Returns the count read, 0 on timeout, or -errno. Called without the GIL. */
 int64_t hv_eventfd_wait(int fd, uint64_t spin_ns, int timeout_ms)
 {
-    struct timespec t0, t;
     uint64_t count;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    uint64_t t0 = hv_now_ns();
     for (unsigned i = 0;; i++) {
         if (read(fd, &count, sizeof(count)) == (ssize_t)sizeof(count))
             return (int64_t)count;
         if (errno != EAGAIN && errno != EINTR)
             return -errno;
-        if (i % 16 == 15) {
-            clock_gettime(CLOCK_MONOTONIC, &t);
-            uint64_t el = (uint64_t)(t.tv_sec - t0.tv_sec) * 1000000000u
-                          + (uint64_t)t.tv_nsec - (uint64_t)t0.tv_nsec;
-            if (el >= spin_ns)
-                break;
-        }
+        if (i % 16 == 15 && hv_now_ns() - t0 >= spin_ns)
+            break;
     }
     for (;;) {
         struct pollfd p = { .fd = fd, .events = POLLIN };

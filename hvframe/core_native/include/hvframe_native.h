@@ -15,6 +15,7 @@
 #define HVFRAME_NATIVE_H
 #include <stdint.h>
 #include <stddef.h>
+#include <time.h>
 #include <sys/uio.h>
 
 /* HV_CDEF_BEGIN */
@@ -143,6 +144,27 @@ struct hv_api {
     hv_py_call_fn py_call;
 };
 /* HV_CDEF_END */
+
+/* Helpers for polling loops, the core's and the plugins' (inline: nothing through the table). */
+
+/* CLOCK_MONOTONIC in nanoseconds. */
+static inline uint64_t hv_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* One turn of a spin-wait: tells the CPU (and a hypervisor's pause-loop exiting) that this
+ * thread waits for another. */
+static inline void hv_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
 
 /* In one C file of a plugin module: HV_PLUGIN_API(myplugin_bind) defines `hv`, the table,
  * and the function Python calls once at import (hvframe.core_native.bind). */

@@ -619,22 +619,6 @@ int ahci_port_worker_open(struct ahci_hba_regs *h, uint32_t port)
     return 0;
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ volatile("yield");
-#endif
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* (the worker) Wait until slots are issued: first polling for up to spin_ns (a driver
  * that just had commands served usually issues more at once, and a sleeping thread takes
  * tens of microseconds to wake), then sleeping up to timeout_ms (< 0: forever) or a kick.
@@ -647,9 +631,9 @@ int64_t ahci_port_wait(struct ahci_hba_regs *h, uint32_t port, uint64_t spin_ns,
         return -EINVAL;
     struct ahci_port_regs *p = &h->port[port];
     if (spin_ns) {
-        uint64_t end = now_ns() + spin_ns;
-        while (!LOAD(p->issued) && !LOAD(p->irq_owed) && now_ns() < end)
-            cpu_relax();
+        uint64_t end = hv_now_ns() + spin_ns;
+        while (!LOAD(p->issued) && !LOAD(p->irq_owed) && hv_now_ns() < end)
+            hv_cpu_relax();
     }
     pthread_mutex_lock(&h->lock);
     int64_t n = p->issued | (p->irq_owed ? AHCI_WAIT_IRQ : 0);

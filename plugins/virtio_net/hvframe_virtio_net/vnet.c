@@ -170,19 +170,12 @@ static int fatal_errno(int e)
            || e == ENXIO || e == EBADF;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-}
-
 /* The queue goes idle: the window to poll for (the caller polls if it is not 0). */
 static uint64_t poll_start(struct vnet_poll *pl, uint64_t max_ns)
 {
     if (pl->window > max_ns)
         pl->window = max_ns;
-    pl->since = now_ns();
+    pl->since = hv_now_ns();
     return pl->window;
 }
 
@@ -191,7 +184,7 @@ static void poll_found(struct vnet_poll *pl, uint64_t max_ns, int polled)
 {
     if (!pl->since)
         return;
-    uint64_t waited = now_ns() - pl->since;
+    uint64_t waited = hv_now_ns() - pl->since;
     pl->since = 0;
     if (polled || waited <= pl->window)
         return;
