@@ -244,6 +244,7 @@ struct vblk_batch {
      * 4 KiB read here). The backend keeps one fd for its life; a different one reads by fd. */
     int registered_fd;
     struct vblk_partner *partner;     /* NULL: this batch's reads are all the worker's */
+    int fail_submit;                  /* (tests) the ring's next submission fails with it */
 #endif
 };
 
@@ -313,7 +314,7 @@ static int vblk_retry(int rc)
  * returns. 0, or the errno the ring failed with: it must not be entered again (SQEs may be
  * left in it), and what it did not read was read with preadv. */
 static int vblk_ring_reads(struct vblk_batch *bt, struct io_uring *ring, int reg_fd,
-                           const uint8_t *idx, int n)
+                           int *fail_submit, const uint8_t *idx, int n)
 {
     const struct vblk_disk *b = bt->disk;
     int registered = reg_fd >= 0 && reg_fd == b->fd;
@@ -337,7 +338,13 @@ static int vblk_ring_reads(struct vblk_batch *bt, struct io_uring *ring, int reg
         io_uring_sqe_set_data64(sqe, idx[queued]);
     }
     while (submitted < queued) {
-        int rc = io_uring_submit_and_wait(ring, (unsigned)(queued - submitted));
+        int rc;
+        if (*fail_submit) {               /* a test's: as a kernel's refusal, SQEs left in */
+            rc = -*fail_submit;
+            *fail_submit = 0;
+        } else {
+            rc = io_uring_submit_and_wait(ring, (unsigned)(queued - submitted));
+        }
         if (rc > 0) {
             submitted += rc;
             continue;
@@ -403,6 +410,11 @@ static int vblk_ring_reads(struct vblk_batch *bt, struct io_uring *ring, int reg
 
 enum { VBLK_P_SLEEP, VBLK_P_POLL, VBLK_P_JOB, VBLK_P_RUN, VBLK_P_STOP };
 
+/* vblk_batch_split's modes: off, on, and two for tests that make the hand-over
+ * deterministic: the partner does every half offered (never taken back), or begins none
+ * (every one taken back). */
+enum { VBLK_SPLIT_OFF, VBLK_SPLIT_ON, VBLK_SPLIT_PARTNER_ALWAYS, VBLK_SPLIT_PARTNER_NEVER };
+
 struct vblk_partner {
     uint32_t state;                   /* VBLK_P_*, the futex the partner sleeps on */
     uint32_t waiting;                 /* the worker sleeps on state until its job is done */
@@ -411,34 +423,21 @@ struct vblk_partner {
     uint8_t idx[VBLK_BATCH];
     /* The worker's own */
     int broken;                       /* its ring failed: no more jobs */
-    int always;                       /* (tests) a job offered is never taken back */
+    int mode;                         /* VBLK_SPLIT_*: as the device runs, or a test's */
     uint64_t reads;                   /* reads it did */
     uint64_t taken_back;              /* reads offered to it and done by the worker */
     struct vblk_batch *bt;
     struct io_uring ring;
     int registered_fd;
+    int fail_submit;                  /* (tests) as struct vblk_batch's */
     pthread_t thread;
     pid_t pid;                        /* the process whose thread it is (not a fork child) */
     int away_from;                    /* the worker's CPU, which the partner is kept off; -1 */
 };
 
-static void vblk_pause(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
-
 static long vblk_futex(uint32_t *word, int op, uint32_t val)
 {
     return syscall(SYS_futex, word, op | FUTEX_PRIVATE_FLAG, val, NULL, NULL, 0);
-}
-
-static uint64_t vblk_now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
 static int vblk_partner_cas(struct vblk_partner *p, uint32_t *from, uint32_t to)
@@ -460,21 +459,26 @@ static void *vblk_partner_main(void *arg)
             vblk_futex(&p->state, FUTEX_WAIT, VBLK_P_SLEEP);
             until = 0;
         } else if (s == VBLK_P_JOB) {
+            if (__atomic_load_n(&p->mode, __ATOMIC_RELAXED) == VBLK_SPLIT_PARTNER_NEVER) {
+                hv_cpu_relax();         /* (tests) left for the worker to take back */
+                continue;
+            }
             if (!vblk_partner_cas(p, &s, VBLK_P_RUN))
                 continue;             /* taken back by the worker */
-            p->err = vblk_ring_reads(p->bt, &p->ring, p->registered_fd, p->idx, p->n);
+            p->err = vblk_ring_reads(p->bt, &p->ring, p->registered_fd, &p->fail_submit,
+                                     p->idx, p->n);
             s = VBLK_P_RUN;
             if (!__atomic_compare_exchange_n(&p->state, &s, VBLK_P_POLL, 0, __ATOMIC_SEQ_CST,
                                              __ATOMIC_SEQ_CST))
                 return NULL;          /* stopped meanwhile (not while a worker serves) */
             if (__atomic_load_n(&p->waiting, __ATOMIC_SEQ_CST))
                 vblk_futex(&p->state, FUTEX_WAKE, 1);
-            until = vblk_now_ns() + VBLK_PARTNER_POLL_NS;
+            until = hv_now_ns() + VBLK_PARTNER_POLL_NS;
         } else if (!until) {
-            until = vblk_now_ns() + VBLK_PARTNER_POLL_NS;
+            until = hv_now_ns() + VBLK_PARTNER_POLL_NS;
         } else if (++spins % 64) {
-            vblk_pause();
-        } else if (vblk_now_ns() >= until) {
+            hv_cpu_relax();
+        } else if (hv_now_ns() >= until) {
             vblk_partner_cas(p, &s, VBLK_P_SLEEP);
         } else {
             sched_yield();            /* a thread woken on this CPU runs at once */
@@ -568,10 +572,11 @@ static int vblk_partner_give(struct vblk_partner *p, const uint8_t *idx, int n)
 static int vblk_partner_finish(struct vblk_batch *bt, struct vblk_partner *p, int err)
 {
     uint32_t s = VBLK_P_JOB;
-    if (!p->always && vblk_partner_cas(p, &s, VBLK_P_POLL)) {
+    if (p->mode != VBLK_SPLIT_PARTNER_ALWAYS && vblk_partner_cas(p, &s, VBLK_P_POLL)) {
         p->taken_back += (uint64_t)p->n;
         if (!err)
-            err = vblk_ring_reads(bt, &bt->ring, bt->registered_fd, p->idx, p->n);
+            err = vblk_ring_reads(bt, &bt->ring, bt->registered_fd, &bt->fail_submit, p->idx,
+                                  p->n);
         else
             for (int k = 0; k < p->n; k++) {
                 int i = p->idx[k];
@@ -581,11 +586,11 @@ static int vblk_partner_finish(struct vblk_batch *bt, struct vblk_partner *p, in
     }
     uint64_t until = 0;
     for (unsigned i = 1; s == VBLK_P_JOB || s == VBLK_P_RUN; i++) {
-        vblk_pause();
+        hv_cpu_relax();
         if (i % 64 == 0) {
             if (!until)
-                until = vblk_now_ns() + VBLK_PARTNER_POLL_NS;
-            else if (vblk_now_ns() >= until) {
+                until = hv_now_ns() + VBLK_PARTNER_POLL_NS;
+            else if (hv_now_ns() >= until) {
                 __atomic_store_n(&p->waiting, 1, __ATOMIC_SEQ_CST);
                 s = __atomic_load_n(&p->state, __ATOMIC_SEQ_CST);
                 if (s == VBLK_P_JOB || s == VBLK_P_RUN)
@@ -647,23 +652,41 @@ void vblk_batch_free(struct vblk_batch *bt)
     free(bt);
 }
 
-/* Large batches shared with a partner thread (on: 1; 2, for tests, the partner does every
- * half it is offered), or not (0): whether they are now. Only while no worker serves with
- * bt (the queue's lock held). */
-int vblk_batch_split(struct vblk_batch *bt, int on)
+/* Large batches shared with a partner thread (mode: a VBLK_SPLIT_* but OFF), or not (OFF):
+ * whether they are now. Only while no worker serves with bt (the queue's lock held). */
+int vblk_batch_split(struct vblk_batch *bt, int mode)
 {
 #ifdef VBLK_HAVE_URING
-    if (on && !bt->partner)
+    if (mode < VBLK_SPLIT_OFF || mode > VBLK_SPLIT_PARTNER_NEVER)
+        return -1;
+    if (mode && !bt->partner)
         bt->partner = vblk_partner_new(bt);
-    else if (!on && bt->partner) {
+    else if (!mode && bt->partner) {
         vblk_partner_free(bt->partner);
         bt->partner = NULL;
     }
     if (bt->partner)
-        bt->partner->always = on == 2;
+        __atomic_store_n(&bt->partner->mode, mode, __ATOMIC_RELAXED);
     return bt->partner != NULL;
 #else
-    (void)bt; (void)on;
+    (void)bt; (void)mode;
+    return 0;
+#endif
+}
+
+/* (tests) The next submission of the worker's ring (partner 0) or of the partner's (1) fails
+ * with err, as a kernel's refusal would, its reads left in the ring: 1, or 0 when there is no
+ * such ring. Only while no worker serves with bt. */
+int vblk_batch_fail_next_submit(struct vblk_batch *bt, int partner, int err)
+{
+#ifdef VBLK_HAVE_URING
+    if (partner && !bt->partner)
+        return 0;
+    /* The partner reads its field in a job, which the worker's hand-over orders after this. */
+    *(partner ? &bt->partner->fail_submit : &bt->fail_submit) = err;
+    return 1;
+#else
+    (void)bt; (void)partner; (void)err;
     return 0;
 #endif
 }
@@ -711,7 +734,7 @@ static void vblk_submit_reads(struct vblk_batch *bt, const uint8_t *rd, int nio,
     int theirs = nio / 2;
     int shared = p && theirs && bytes >= VBLK_SPLIT_BYTES
                  && vblk_partner_give(p, rd + (nio - theirs), theirs);
-    int err = vblk_ring_reads(bt, &bt->ring, bt->registered_fd, rd,
+    int err = vblk_ring_reads(bt, &bt->ring, bt->registered_fd, &bt->fail_submit, rd,
                               shared ? nio - theirs : nio);
     if (shared)
         err = vblk_partner_finish(bt, p, err);
