@@ -32,7 +32,8 @@ import pytest
 _CDEF = """
 long hv_raw_write_n(int fd, const unsigned char *buf, size_t len, int n, size_t stride,
                     int copies, int first);
-long hv_raw_read_n(int fd, unsigned char *buf, size_t cap, int n);
+long hv_raw_read_n(int fd, unsigned char *buf, size_t cap, int n, size_t stride, int copies,
+                   int first);
 long hv_raw_block_n(int fd, const int64_t *offsets, int n, unsigned char *bufs, size_t size,
                     int depth, int write);
 struct hv_rig_halt { uint64_t poll_ns, max_ns, grow, grow_start, shrink; };
@@ -102,13 +103,15 @@ long hv_raw_write_n(int fd, const unsigned char *buf, size_t len, int n, size_t 
     return n;
 }
 
-/* n read()s into buf (cap bytes; each read is one frame of a tap), waiting for input if the
- * descriptor is non-blocking and empty (2 s at most): the bytes read, or -errno. */
-long hv_raw_read_n(int fd, unsigned char *buf, size_t cap, int n)
+/* n read()s of cap bytes (each read is one frame of a tap), the i-th into buffer
+ * (first + i) % copies, stride bytes apart from buf, waiting for input if the descriptor is
+ * non-blocking and empty (2 s at most): the bytes read, or -errno. */
+long hv_raw_read_n(int fd, unsigned char *buf, size_t cap, int n, size_t stride, int copies,
+                   int first)
 {
     long total = 0;
     for (int i = 0; i < n; i++) {
-        ssize_t k = read(fd, buf, cap);
+        ssize_t k = read(fd, buf + (size_t)((first + i) % copies) * stride, cap);
         if (k < 0 && (errno == EAGAIN || errno == EINTR)) {
             struct pollfd p = { .fd = fd, .events = POLLIN };
             if (errno == EAGAIN && poll(&p, 1, 2000) == 0)
@@ -406,17 +409,24 @@ class Frames:
 
 
 class Reader:
-    """n read()s from fd into one buffer of cap bytes, in C; returns the bytes read."""
+    """n read()s of cap bytes from fd, in C, the i-th into buffer i % copies (in turn across
+    calls); read_n returns the bytes read. Several buffers are the raw side of a receive
+    round whose frames each land in a buffer of their own, as the device's do in the ring's
+    buffers: one buffer stays in the cache, which no ring of `copies` buffers can (the
+    receive counterpart of Frames)."""
 
-    def __init__(self, cap: int = 70000):
+    def __init__(self, cap: int = 70000, copies: int = 1):
         ffi, self._lib = loops()
-        self._buf = ffi.new("unsigned char[]", cap)
-        self._cap = cap
+        self._stride = (cap + 63) & ~63
+        self._buf = ffi.new("unsigned char[]", self._stride * copies)
+        self._cap, self._copies, self._next = cap, copies, 0
 
     def read_n(self, fd: int, n: int) -> int:
-        rc = self._lib.hv_raw_read_n(fd, self._buf, self._cap, n)
+        rc = self._lib.hv_raw_read_n(fd, self._buf, self._cap, n, self._stride, self._copies,
+                                     self._next)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
+        self._next = (self._next + n) % self._copies
         return rc
 
 
