@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -67,28 +68,45 @@ def test_guest_uses_a_virtio_blk_served_out_of_process(guests, tmp_path):
 
 def run_killing_the_server(start, disk, sock, slot: int, guest: str) -> tuple[str, str]:
     """Run `guest` against a device served by start(disk, sock) at `slot`, SIGKILL the
-    server while the guest's writes are under way, check the VMM survives, start a new
-    server; returns the guest's console and stderr once it powered off."""
+    server once the guest says its writes are under way, check the VMM survives, start a new
+    server; returns the guest's console and stderr once it powered off. The guest writes
+    until 200 writes went through after its first outage (or a cap it never reaches here):
+    a fixed number of writes was done before a fixed wait ended on a fast host."""
     server = start(disk, sock)
     vmm = subprocess.Popen(hvframe_cmd() + ["run", "-m", "64M", "-s", "0,hostbridge", "-s",
                                             f"{slot},passthru,vfio-user={sock}", "-l", "com1,stdio",
-                                            "--kernel", guest, "-a", "count=3000"],
+                                            "--kernel", guest, "-a", "count=100000000 after=200"],
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
+    out, err, writing = [], [], threading.Event()
+
+    def collect(stream, lines, flag=None):
+        for line in stream:
+            lines.append(line)
+            if flag is not None and line.endswith(" writing\n"):
+                flag.set()
+
+    readers = [threading.Thread(target=collect, args=(vmm.stdout, out, writing), daemon=True),
+               threading.Thread(target=collect, args=(vmm.stderr, err), daemon=True)]
+    for r in readers:
+        r.start()
     try:
-        time.sleep(3)                          # writes under way
+        assert writing.wait(60), ("".join(out), "".join(err))
         server.send_signal(signal.SIGKILL)
         server.wait(10)
         server.stderr.close()
         time.sleep(1.5)
-        assert vmm.poll() is None              # the VMM survives its device process
+        assert vmm.poll() is None, ("".join(out), "".join(err))   # the VMM survives its device
         server = start(disk, sock)
-        out, err = vmm.communicate(timeout=240)
+        vmm.wait(timeout=240)
     finally:
         if vmm.poll() is None:
             vmm.kill()
             vmm.wait()
         stop(server)
+        for r in readers:
+            r.join(10)
+    out, err = "".join(out), "".join(err)
     assert vmm.returncode == 1, (out, err)
     return out, err
 

@@ -1,8 +1,10 @@
 /* AHCI under a device server that dies and comes back: the driver of ahci.c (same
- * functions), polling only, writing sector 1 + i % 8 with the host-checkable pattern `count`
- * times (cmdline count=N) with WRITE DMA EXT. A command that fails (a task file error from
+ * functions), polling only, writing sector 1 + i % 8 with the host-checkable pattern up to
+ * `count` times (cmdline count=N), or until `after` writes succeeded after the first outage
+ * (after=M, 0: no such end), with WRITE DMA EXT. A command that fails (a task file error from
  * the client while the server is gone) makes it recover the port as AHCI 1.3.1 6.2.2.1 says
  * (ST off, wait CR, clear PxSERR and PxIS, ST on) before the next one.
+ *   ahci writing                     (the first write succeeded: I/O is under way)
  *   ahci ioerr I tfd HEX is HEX8     (first failure of an outage, at command I)
  *   ahci recovered I                 (first success after an outage)
  *   ahci summary ok N errors E recovered R
@@ -50,7 +52,7 @@ static void recover(void)
 int main(const struct hvm_start_info *si)
 {
     (void)si;
-    u32 count = cmdline_u32("count", 3000);
+    u32 count = cmdline_u32("count", 3000), after = cmdline_u32("after", 0);
     int d = pci_find_class(0x010601);
     if (d < 0) {
         printf("ahci error no AHCI function\n");
@@ -63,16 +65,18 @@ int main(const struct hvm_start_info *si)
         printf("ahci error bring-up\n");
         return 0;
     }
-    u32 ok = 0, errors = 0, recovered = 0;
+    u32 ok = 0, errors = 0, recovered = 0, since = 0;
     int outage = 0;
-    for (u32 i = 0; i < count; i++) {
+    for (u32 i = 0; i < count && !(after && recovered && since >= after); i++) {
         u32 s = 1 + i % 8;
         for (u32 j = 0; j < 512; j++)
             wbuf[j] = pattern(s, j);
         struct seg seg = { wbuf, 512 };
         u32 tfd = (u32)dma_rw(0, 1, s, 1, &seg, 1);
         if (!(tfd & (TFD_ERR | TFD_BSY | TFD_DRQ | 0x10000)) && !(last_is & IS_ERRORS)) {
-            ok++;
+            if (ok++ == 0)
+                printf("ahci writing\n");
+            since += recovered != 0;
             if (outage) {
                 printf("ahci recovered %u\n", i);
                 recovered++;
