@@ -298,8 +298,9 @@ static int vblk_ring_init(struct io_uring *ring, int fd, int *registered_fd)
  * item): closing the backend then really closes it. */
 static void vblk_ring_exit(struct io_uring *ring, int registered_fd)
 {
-    if (registered_fd >= 0)
-        io_uring_unregister_files(ring);
+    if (registered_fd >= 0)           /* a signal may interrupt the kernel's wait for it */
+        while (io_uring_unregister_files(ring) == -EINTR)
+            ;
     io_uring_queue_exit(ring);
 }
 
