@@ -53,6 +53,7 @@ ffibuilder = plugin_ffi(
         int vblk_batch_file_registered(const struct vblk_batch *bt);
         int vblk_batch_split(struct vblk_batch *bt, int mode);
         int vblk_batch_fail_next_submit(struct vblk_batch *bt, int partner, int err);
+        int vblk_batch_unsubmitted(struct vblk_batch *bt, int partner);
         uint64_t vblk_batch_partner_reads(const struct vblk_batch *bt, uint64_t *taken_back);
         int vblk_serve_batch(void *ctx, struct hv_vq *q, int max);
     """,

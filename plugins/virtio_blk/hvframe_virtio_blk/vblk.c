@@ -461,7 +461,11 @@ static void *vblk_partner_main(void *arg)
             until = 0;
         } else if (s == VBLK_P_JOB) {
             if (__atomic_load_n(&p->mode, __ATOMIC_RELAXED) == VBLK_SPLIT_PARTNER_NEVER) {
-                hv_cpu_relax();         /* (tests) left for the worker to take back */
+                /* (tests) left for the worker to take back, which may need this CPU */
+                if (++spins % 64)
+                    hv_cpu_relax();
+                else
+                    sched_yield();
                 continue;
             }
             if (!vblk_partner_cas(p, &s, VBLK_P_RUN))
@@ -654,7 +658,8 @@ void vblk_batch_free(struct vblk_batch *bt)
 }
 
 /* Large batches shared with a partner thread (mode: a VBLK_SPLIT_* but OFF), or not (OFF):
- * whether they are now. Only while no worker serves with bt (the queue's lock held). */
+ * whether they are now (1 or 0; -1 for a mode there is no such). Only while no worker
+ * serves with bt (the queue's lock held). */
 int vblk_batch_split(struct vblk_batch *bt, int mode)
 {
 #ifdef VBLK_HAVE_URING
@@ -677,11 +682,11 @@ int vblk_batch_split(struct vblk_batch *bt, int mode)
 
 /* (tests) The next submission of the worker's ring (partner 0) or of the partner's (1) fails
  * with err, as a kernel's refusal would, its reads left in the ring: 1, or 0 when there is no
- * such ring. Only while no worker serves with bt. */
+ * such ring in use. Only while no worker serves with bt. */
 int vblk_batch_fail_next_submit(struct vblk_batch *bt, int partner, int err)
 {
 #ifdef VBLK_HAVE_URING
-    if (partner && !bt->partner)
+    if (partner && (!bt->partner || bt->partner->broken))
         return 0;
     /* The partner reads its field in a job, which the worker's hand-over orders after this. */
     *(partner ? &bt->partner->fail_submit : &bt->fail_submit) = err;
@@ -689,6 +694,21 @@ int vblk_batch_fail_next_submit(struct vblk_batch *bt, int partner, int err)
 #else
     (void)bt; (void)partner; (void)err;
     return 0;
+#endif
+}
+
+/* (tests) Requests queued in the worker's ring (partner 0) or the partner's (1) and never
+ * handed to the kernel: a ring that failed keeps them, and is never entered again (a later
+ * submission would hand them over). -1 when there is no such ring. */
+int vblk_batch_unsubmitted(struct vblk_batch *bt, int partner)
+{
+#ifdef VBLK_HAVE_URING
+    if (partner && !bt->partner)
+        return -1;
+    return (int)io_uring_sq_ready(partner ? &bt->partner->ring : &bt->ring);
+#else
+    (void)bt; (void)partner;
+    return -1;
 #endif
 }
 

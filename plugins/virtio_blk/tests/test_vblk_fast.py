@@ -1200,24 +1200,32 @@ def _count_partner_threads():
 
 
 def _shared_rounds(crig, rounds, seed):
-    """Rounds of 16 random 4 KiB reads (64 KiB: large enough to share); every request must
-    get its own sectors and an OK status whichever thread read it."""
+    """Rounds of 16 random 4 KiB reads (_round_of_sixteen), each served whole by one cycle."""
     import random
     rnd = random.Random(seed)
-    img = image_bytes()
     for _ in range(rounds):
-        blocks = rnd.sample(range(len(img) // 4096), 16)
-        for i, blk in enumerate(blocks):
-            crig.g.mem.write(DATA + 0x10000 * i, b"\xee" * 4096)
-            crig.g.mem.write(STATUS + i, b"\xff")
-            crig.g.request(i, IN, blk * 8, read_len=4096)
-        assert crig.cycle() == native.CYCLE_IDLE and crig.served == 16
-        idx = struct.unpack("<H", crig.g.mem.read(USED + vq.USED_IDX_OFF, 2))[0]
-        for i, blk in enumerate(blocks):
-            assert crig.g.mem.read(DATA + 0x10000 * i, 4096) == img[blk * 4096:(blk + 1) * 4096]
-            assert crig.g.mem.read(STATUS + i, 1) == bytes([vb.S_OK])
-            elem = USED + vq.USED_RING_OFF + 8 * ((idx - 16 + i) % crig.g.size)
-            assert struct.unpack("<II", crig.g.mem.read(elem, 8))[1] == 4096 + 1
+        assert _round_of_sixteen(crig, rnd) == native.CYCLE_IDLE
+
+
+def _round_of_sixteen(crig, rnd):
+    """One batch of 16 random 4 KiB reads (64 KiB: large enough to share) served by one cycle,
+    whatever it ends with; every request must get its own sectors, an OK status and its used
+    length whichever thread read it and however. Returns the cycle's code."""
+    img = image_bytes()
+    blocks = rnd.sample(range(len(img) // 4096), 16)
+    for i, blk in enumerate(blocks):
+        crig.g.mem.write(DATA + 0x10000 * i, b"\xee" * 4096)
+        crig.g.mem.write(STATUS + i, b"\xff")
+        crig.g.request(i, IN, blk * 8, read_len=4096)
+    code = crig.cycle()
+    assert crig.served == 16
+    idx = struct.unpack("<H", crig.g.mem.read(USED + vq.USED_IDX_OFF, 2))[0]
+    for i, blk in enumerate(blocks):
+        assert crig.g.mem.read(DATA + 0x10000 * i, 4096) == img[blk * 4096:(blk + 1) * 4096]
+        assert crig.g.mem.read(STATUS + i, 1) == bytes([vb.S_OK])
+        elem = USED + vq.USED_RING_OFF + 8 * ((idx - 16 + i) % crig.g.size)
+        assert struct.unpack("<II", crig.g.mem.read(elem, 8))[1] == 4096 + 1
+    return code
 
 
 @pytest.mark.skipif(not URING, reason=NO_URING)
@@ -1288,37 +1296,20 @@ def test_no_partner_where_the_device_says_so(tmp_path, monkeypatch):
 
 # -- a ring that fails, on either side ---------------------------------------------------------
 
-def _round_of_sixteen(crig, seed):
-    """One batch of 16 random 4 KiB reads (large enough to share) served by one cycle,
-    whatever it ends with; every request must get its own sectors, an OK status and its
-    used length whichever way it was read. Returns the cycle's code."""
-    import random
-    rnd = random.Random(seed)
-    img = image_bytes()
-    blocks = rnd.sample(range(len(img) // 4096), 16)
-    for i, blk in enumerate(blocks):
-        crig.g.mem.write(DATA + 0x10000 * i, b"\xee" * 4096)
-        crig.g.mem.write(STATUS + i, b"\xff")
-        crig.g.request(i, IN, blk * 8, read_len=4096)
-    code = crig.cycle()
-    assert crig.served == 16
-    idx = struct.unpack("<H", crig.g.mem.read(USED + vq.USED_IDX_OFF, 2))[0]
-    for i, blk in enumerate(blocks):
-        assert crig.g.mem.read(DATA + 0x10000 * i, 4096) == img[blk * 4096:(blk + 1) * 4096]
-        assert crig.g.mem.read(STATUS + i, 1) == bytes([vb.S_OK])
-        elem = USED + vq.USED_RING_OFF + 8 * ((idx - 16 + i) % crig.g.size)
-        assert struct.unpack("<II", crig.g.mem.read(elem, 8))[1] == 4096 + 1
-    return code
-
-
 SPLIT_ALWAYS, SPLIT_NEVER = 2, 3          # vblk.c's VBLK_SPLIT_PARTNER_ALWAYS and _NEVER
 
 
 def _batch_with_split(crig, mode):
     _shared_rounds(crig, 1, seed=10)          # makes the queue's batch state
     batch = crig.dev._batches[0]
-    assert vblk_lib.vblk_batch_split(batch, mode) == 1
+    assert vblk_lib.vblk_batch_split(batch, mode) == (1 if mode else 0)
     return batch
+
+
+def _partner_counts(batch):
+    """(reads the partner did, reads offered to it that the worker took back)"""
+    back = vblk_ffi.new("uint64_t *")
+    return vblk_lib.vblk_batch_partner_reads(batch, back), back[0]
 
 
 @pytest.mark.skipif(not URING, reason=NO_URING)
@@ -1326,29 +1317,34 @@ def _batch_with_split(crig, mode):
 def test_a_half_the_partner_never_begins_is_taken_back_and_read(crig):
     """A partner that begins no half it is offered (a test mode): the worker takes every
     one back once its own half is read, and reads it itself; no batch waits on the partner."""
+    import random
     batch = _batch_with_split(crig, SPLIT_NEVER)
-    back = vblk_ffi.new("uint64_t *")
-    done = vblk_lib.vblk_batch_partner_reads(batch, back)
-    before = back[0]
-    for seed in range(20):
-        assert _round_of_sixteen(crig, seed) == native.CYCLE_IDLE
-    assert vblk_lib.vblk_batch_partner_reads(batch, back) == done
-    assert back[0] - before == 20 * 8
+    reads, taken = _partner_counts(batch)
+    rnd = random.Random(20)
+    for _ in range(20):
+        assert _round_of_sixteen(crig, rnd) == native.CYCLE_IDLE
+    assert _partner_counts(batch) == (reads, taken + 20 * 8)
 
 
 @pytest.mark.skipif(not URING, reason=NO_URING)
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason=ONE_CPU)
 def test_a_failed_partner_ring_loses_no_read_and_gets_no_more_halves(crig):
-    """The partner's ring refuses a submission (its reads left in it): the half is read with
-    preadv, the partner is offered nothing more, and the worker's ring goes on batching."""
+    """The partner's ring refuses a submission, its half left queued in it: the half is read
+    with preadv, the ring is never entered again (the half stays queued) as the partner is
+    offered nothing more, and the worker's ring goes on batching."""
+    import random
+    rnd = random.Random(21)
     batch = _batch_with_split(crig, SPLIT_ALWAYS)
-    back = vblk_ffi.new("uint64_t *")
+    reads, taken = _partner_counts(batch)
     assert vblk_lib.vblk_batch_fail_next_submit(batch, 1, errno.EIO) == 1
-    assert _round_of_sixteen(crig, 1) == native.CYCLE_IDLE
-    reads, taken = vblk_lib.vblk_batch_partner_reads(batch, back), back[0]
-    for seed in range(2, 6):
-        assert _round_of_sixteen(crig, seed) == native.CYCLE_IDLE
-    assert (vblk_lib.vblk_batch_partner_reads(batch, back), back[0]) == (reads, taken)
+    assert _round_of_sixteen(crig, rnd) == native.CYCLE_IDLE
+    assert _partner_counts(batch) == (reads + 8, taken)       # its job, which failed
+    assert vblk_lib.vblk_batch_unsubmitted(batch, 1) == 8
+    assert vblk_lib.vblk_batch_fail_next_submit(batch, 1, errno.EIO) == 0   # none in use
+    for _ in range(4):
+        assert _round_of_sixteen(crig, rnd) == native.CYCLE_IDLE
+    assert _partner_counts(batch) == (reads + 8, taken)
+    assert vblk_lib.vblk_batch_unsubmitted(batch, 1) == 8
     assert vblk_lib.vblk_batch_error(batch) == 0 and crig.dev._batches is not None
 
 
@@ -1356,22 +1352,25 @@ def test_a_failed_partner_ring_loses_no_read_and_gets_no_more_halves(crig):
 @pytest.mark.parametrize("mode", [0, SPLIT_ALWAYS, SPLIT_NEVER],
                          ids=["alone", "partner-reads", "taken-back"])
 def test_a_failed_worker_ring_loses_no_read_and_reads_go_on_one_by_one(crig, caplog, mode):
-    """The worker's ring refuses a submission: that batch's reads (its own half, the
-    partner's, or the half taken back from it, which must not go through the failed ring)
-    are all done, the device gives up io_uring with one warning, and reads go on."""
+    """The worker's ring refuses a submission, its reads left queued in it: that batch's
+    reads (its own half, the partner's, or the half taken back from the partner, which must
+    not go through the failed ring: that would hand the queued ones over too) are all done,
+    the device gives up io_uring with one warning, and reads go on."""
+    import random
     if mode and len(os.sched_getaffinity(0)) < 2:
         pytest.skip(ONE_CPU)
-    batch = _batch_with_split(crig, mode) if mode else None
-    if batch is None:
-        _shared_rounds(crig, 1, seed=10)
-        batch = crig.dev._batches[0]
-        vblk_lib.vblk_batch_split(batch, 0)
+    rnd = random.Random(22)
+    batch = _batch_with_split(crig, mode)
+    reads, taken = _partner_counts(batch)
     assert vblk_lib.vblk_batch_fail_next_submit(batch, 0, errno.EIO) == 1
     with caplog.at_level(logging.WARNING):
-        _round_of_sixteen(crig, 1)
+        _round_of_sixteen(crig, rnd)
+        assert vblk_lib.vblk_batch_unsubmitted(batch, 0) == (16 if mode == 0 else 8)
+        assert _partner_counts(batch) == {0: (0, 0), SPLIT_ALWAYS: (reads + 8, taken),
+                                          SPLIT_NEVER: (reads, taken + 8)}[mode]
         assert vblk_lib.vblk_batch_error(batch) == errno.EIO
         assert crig.dev._batches is None
-        for seed in range(2, 5):
-            assert _round_of_sixteen(crig, seed) == native.CYCLE_IDLE
+        for _ in range(3):
+            assert _round_of_sixteen(crig, rnd) == native.CYCLE_IDLE
     said = [r.getMessage() for r in caplog.records if "io_uring" in r.getMessage()]
     assert len(said) == 1 and os.strerror(errno.EIO) in said[0], said
