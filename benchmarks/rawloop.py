@@ -42,7 +42,7 @@ int hv_rig_round(uint16_t *avail_idx, uint16_t value, int doorbell_fd, const uin
                  struct hv_rig_halt *h, int timeout_ms);
 int hv_rig_wait(struct hv_rig_halt *h, int irq_fd, int timeout_ms);
 int hv_rig_batches(uint16_t *avail_idx, uint16_t *avail_ring, uint16_t ring_size,
-                   const uint16_t *entries, int depth, unsigned char *hdr_dst,
+                   const uint16_t *entries, int sets, int depth, unsigned char *hdr_dst,
                    const unsigned char *hdrs, size_t hdr_len, int batches, int doorbell_fd,
                    const uint16_t *used_idx, uint16_t *used_event, const uint16_t *avail_event,
                    int irq_fd, struct hv_rig_halt *h, int timeout_ms);
@@ -121,6 +121,8 @@ long hv_raw_read_n(int fd, unsigned char *buf, size_t cap, int n, size_t stride,
         }
         if (k < 0)
             return -errno;
+        if ((size_t)k > cap)
+            return -EMSGSIZE;               /* a tap says the whole frame's length: cut short */
         total += k;
     }
     return total;
@@ -262,23 +264,26 @@ int hv_rig_wait(struct hv_rig_halt *h, int irq_fd, int timeout_ms)
     return halt(h, irq_fd, timeout_ms);
 }
 
-/* `batches` rounds of a block driver, one after the other: each copies its requests' headers
- * (hdr_len bytes, the next of hdrs) to hdr_dst, puts `depth` entries in the available ring
- * (the batch must not wrap inside it), then is an hv_rig_round. What Linux's virtio-blk
- * driver does per batch, in C: driven from Python the copies and the call cost 2-4 us a
- * batch, with the device's worker polling meanwhile. 0 or -errno. */
+/* `batches` rounds of a driver, one after the other: each copies its requests' headers
+ * (hdr_len bytes, the next of hdrs; none when hdr_len is 0) to hdr_dst, puts `depth` entries
+ * in the available ring (set b % sets of `entries`, `sets` batches' worth; the batch must not
+ * wrap inside the ring), then is an hv_rig_round. What Linux's virtio-blk driver does per
+ * batch, in C: driven from Python the copies and the call cost 2-4 us a batch, with the
+ * device's worker polling meanwhile. 0 or -errno. */
 int hv_rig_batches(uint16_t *avail_idx, uint16_t *avail_ring, uint16_t ring_size,
-                   const uint16_t *entries, int depth, unsigned char *hdr_dst,
+                   const uint16_t *entries, int sets, int depth, unsigned char *hdr_dst,
                    const unsigned char *hdrs, size_t hdr_len, int batches, int doorbell_fd,
                    const uint16_t *used_idx, uint16_t *used_event, const uint16_t *avail_event,
                    int irq_fd, struct hv_rig_halt *h, int timeout_ms)
 {
     uint16_t idx = __atomic_load_n(avail_idx, __ATOMIC_RELAXED);
-    if (depth <= 0 || ring_size % depth)
+    if (depth <= 0 || sets <= 0 || ring_size % depth)
         return -EINVAL;
     for (int b = 0; b < batches; b++) {
-        memcpy(hdr_dst, hdrs + (size_t)b * hdr_len, hdr_len);
-        memcpy(avail_ring + idx % ring_size, entries, sizeof(uint16_t) * (size_t)depth);
+        if (hdr_len)
+            memcpy(hdr_dst, hdrs + (size_t)b * hdr_len, hdr_len);
+        memcpy(avail_ring + idx % ring_size, entries + (size_t)(b % sets) * (size_t)depth,
+               sizeof(uint16_t) * (size_t)depth);
         idx = (uint16_t)(idx + depth);
         int rc = hv_rig_round(avail_idx, idx, doorbell_fd, used_idx, used_event, avail_event,
                               irq_fd, h, timeout_ms);
@@ -385,15 +390,18 @@ def write_n(fd: int, data: bytes, n: int) -> None:
 
 
 class Frames:
-    """`copies` copies of one frame, 64-byte aligned apart, written n at a time in turn (the
-    i-th write from copy i % copies): the raw side of a device round whose chains each hold
-    their own copy, so that both read as much memory (a 64 KiB TSO segment from one buffer
-    stays in the cache; from 256 buffers, as the device's ring holds them, it does not)."""
+    """`copies` copies of one frame, `stride` bytes apart (default: the frame's length,
+    64-byte aligned), written n at a time in turn (the i-th write from copy i % copies): the
+    raw side of a device round whose chains each hold their own copy, as far apart as the
+    device's, so that both read as much memory (a 64 KiB TSO segment from one buffer stays in
+    the cache; from 256 buffers, as the device's ring holds them, it does not)."""
 
-    def __init__(self, data: bytes, copies: int):
+    def __init__(self, data: bytes, copies: int, stride: int | None = None):
         ffi, self._lib = loops()
         self.len, self.copies = len(data), copies
-        self.stride = (len(data) + 63) & ~63
+        self.stride = (len(data) + 63) & ~63 if stride is None else stride
+        if self.stride < len(data):
+            raise ValueError(f"stride {self.stride} is less than the frame ({len(data)} bytes)")
         self._buf = ffi.new("unsigned char[]", self.stride * copies)
         view = ffi.buffer(self._buf)
         for i in range(copies):
@@ -582,25 +590,34 @@ class Driver:
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
 
-    def batches(self, hdr_dst, headers: bytes, entries: bytes, depth: int) -> None:
+    def batches(self, hdr_dst, headers: bytes, entries: bytes, depth: int,
+                batches: int | None = None) -> None:
         """Rounds of `depth` requests, one per len(headers) // len(hdr_dst) bytes of
-        `headers`: each batch's headers copied to hdr_dst (a writable view of guest RAM) and
-        `entries` (depth heads, packed) put in the available ring, then a round
+        `headers` (hdr_dst None: `batches` rounds and no headers): each batch's headers copied
+        to hdr_dst (a writable view of guest RAM) and the next `depth` heads of `entries`
+        (packed; whole batches, taken in turn) put in the available ring, then a round
         (hv_rig_batches). The ring's size must be a multiple of depth."""
         ffi = self._ffi
-        n = len(headers) // len(hdr_dst)
-        if n * len(hdr_dst) != len(headers) or len(entries) != 2 * depth:
-            raise ValueError("headers must be whole batches, entries one batch's heads")
-        dst = ffi.from_buffer(hdr_dst)
+        sets = len(entries) // (2 * depth)
+        if sets < 1 or len(entries) != 2 * depth * sets:
+            raise ValueError("entries must be whole batches of heads")
+        if hdr_dst is None:
+            n, dst, headers, hdr_len = batches, ffi.NULL, ffi.NULL, 0
+        else:
+            n = len(headers) // len(hdr_dst)
+            if n * len(hdr_dst) != len(headers):
+                raise ValueError("headers must be whole batches")
+            dst, hdr_len = ffi.from_buffer(hdr_dst), len(hdr_dst)
         try:
             rc = self._lib.hv_rig_batches(self._avail_idx, self._avail_ring, self._size,
-                                          ffi.from_buffer("uint16_t[]", entries), depth, dst,
-                                          headers, len(hdr_dst), n, self._doorbell,
+                                          ffi.from_buffer("uint16_t[]", entries), sets, depth,
+                                          dst, headers, hdr_len, n, self._doorbell,
                                           self._used_idx, self._used_event,
                                           self._avail_event, self._irq, self.halt,
                                           self._timeout_ms)
         finally:
-            ffi.release(dst)
+            if dst != ffi.NULL:
+                ffi.release(dst)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
 

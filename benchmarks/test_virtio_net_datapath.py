@@ -48,7 +48,7 @@ Two drivers (the `driver` parameter):
   comment says what it models). The taps' queues are lengthened to hold the backlog. The
   two wake-ups are paid once per 2048 frames, and what is left is the per-frame cost.
 
-Each device round is also set beside the raw round just before it: the median of those
+Each device round is also set beside the raw round of its setup: the median of those
 ratios (pairs' median) is steadier than the ratio of the two minima on this host, where both
 move by 20-40% from one run to the next.
 
@@ -80,6 +80,7 @@ STREAM_FRAMES = 2048
 ROUNDS = 20
 SIZES = (64, 1514)
 RX_BUF = 0x800                  # each receive buffer (Rig.prepare_rx), the raw loop's too
+TX_SLOT = 0x800                 # each transmit chain's frame, this far apart (Rig.prepare_tx)
 MAC = bytes.fromhex("020000aabb01")
 PEER = bytes.fromhex("020000ccdd02")
 _U16 = struct.Struct("<H")
@@ -140,7 +141,7 @@ class Rig:
         dq = self.drv.queues[1]
         f = bytes(L.HDR_SIZE) + frame(size)
         for i in range(dq.size):
-            addr = self.base + i * 0x800
+            addr = self.base + i * TX_SLOT
             self.mem.write(addr, f)
             self.mem.write(dq.desc + 16 * i, struct.pack("<QIHH", addr, len(f), 0, 0))
             self.mem.write(dq.avail + 4 + 2 * i, _U16.pack(i))
@@ -189,7 +190,6 @@ def test_virtio_net_datapath_vs_raw_tap(benchmark, netns, driver, direction, siz
     rawloop.loops()                             # skips here if the C loop cannot be built
     rig = Rig(netns)
     ring = rig.drv.queues[0 if direction == "rx" else 1].size
-    reader, one_reader = rawloop.Reader(RX_BUF, copies=ring), rawloop.Reader()
     one_times = []
     raw, raw_peer = raw_tap(netns)
     fd = raw.queue_fds()[0]
@@ -203,7 +203,7 @@ def test_virtio_net_datapath_vs_raw_tap(benchmark, netns, driver, direction, siz
         f = frame(size)
         if direction == "tx":
             wire = rig.prepare_tx(size)
-            frames = rawloop.Frames(wire, ring)
+            frames = rawloop.Frames(wire, ring, TX_SLOT)       # as Rig.prepare_tx lays them
             one_round = rig.tx_round if driver == "burst" else lambda: rig.stream(1, n)
 
             def raw_round():
@@ -219,6 +219,7 @@ def test_virtio_net_datapath_vs_raw_tap(benchmark, netns, driver, direction, siz
                 py_times.append(time.perf_counter() - t)
         else:
             rig.prepare_rx()
+            reader, one_reader = rawloop.Reader(RX_BUF, copies=ring), rawloop.Reader()
             one_round = rig.rx_round if driver == "burst" else lambda: rig.stream(0, n)
 
             def raw_round():
@@ -252,7 +253,7 @@ def test_virtio_net_datapath_vs_raw_tap(benchmark, netns, driver, direction, siz
         benchmark.pedantic(one_round, setup=setup, rounds=ROUNDS, iterations=1)
         hv = benchmark.stats.stats.min
         rawt, pyt = min(raw_times), min(py_times)
-        # Each round beside the raw round just before it (its setup): the host's noise,
+        # Each round beside the raw round of its setup: the host's noise,
         # which moves both by 20-40% here from minute to minute, mostly cancels in the pair.
         pairs = statistics.median(r / d for r, d in zip(raw_times[1:],
                                                          benchmark.stats.stats.data))
