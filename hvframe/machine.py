@@ -480,6 +480,12 @@ class Machine:
         backend it reaches the bus handler as usual, so a device must treat both alike."""
         if space not in ("pio", "mmio"):
             raise ValueError("space must be 'pio' or 'mmio'")
+        # KVM_IOEVENTFD's own rules, on both backends: a synthetic machine that took what KVM
+        # refuses (EINVAL) would let a device pass its tests and fail on real hardware.
+        if length not in (0, 1, 2, 4, 8):
+            raise ValueError(f"ioeventfd length {length}: KVM takes 0, 1, 2, 4 or 8")
+        if length == 0 and datamatch is not None:
+            raise ValueError("ioeventfd of length 0 (any write) with a datamatch: KVM refuses it")
         ev = IoEventFd(self, space, addr, length, datamatch)
         self.on_close(ev.close)
         return ev

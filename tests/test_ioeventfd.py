@@ -108,3 +108,18 @@ def test_synthetic_machine_matches_ioeventfds_as_kvm_does():
         assert (ev.take(), port.writes) == (0, 1)
     finally:
         plain.close()
+
+
+@pytest.mark.parametrize("length, datamatch", [(0, 7), (3, None), (16, None)],
+                         ids=["any-write-with-datamatch", "odd-length", "too-long"])
+def test_what_kvm_refuses_the_synthetic_machine_refuses_too(length, datamatch):
+    """KVM_IOEVENTFD takes lengths 0, 1, 2, 4 and 8, and no datamatch with length 0 (any
+    write): a doorbell KVM would refuse is refused on the synthetic backend as well, so a
+    device cannot pass its tests with one and fail on real hardware."""
+    m = SyntheticMachine(1 << 20)
+    try:
+        with pytest.raises(ValueError, match="KVM"):
+            m.add_ioeventfd("pio", 0xE0, length, datamatch=datamatch)
+        assert m.ioeventfd_for("pio", 0xE0, length, 7) == -1
+    finally:
+        m.close()
