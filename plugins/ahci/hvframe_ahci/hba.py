@@ -412,8 +412,11 @@ class AhciPort:
 
     def comreset(self) -> None:
         """The link comes up and the device sends its signature FIS. The driver starts over,
-        so a failed write-back stops being reported (as after a virtio device reset)."""
+        so a failed write-back stops being reported (as after a virtio device reset). The
+        driver starting over also gets the in-exit service offered again at once: the skips
+        after a cold read were about the workload before the reset."""
         self._stop()
+        self._cold_skips = 0
         if self.device is None:
             self.ssts, self.tfd, self.sig = 0, 0x7F, _U32
             return

@@ -165,6 +165,39 @@ def test_cached_reads_complete_in_the_exit_and_the_rest_on_workers(tmp_path):
     assert r["ram"][0x10000:0x18000] == r["ram"][0:0x8000]
 
 
+def test_a_comreset_ends_the_skips_after_cold_reads(tmp_path):
+    """After reads the page cache lacked, the exit skips its offers for a while; a COMRESET
+    (the driver starting over) ends that at once: the next cached reads are all served in
+    the PxCI write's exit."""
+    from hvframe_ahci.hba import INLINE_COLD_SKIPS
+    rounds = INLINE_COLD_SKIPS
+    skipping = []                   # the skips left when the COMRESET came, in each run
+
+    def scenario(m, p):
+        port = next(d for d in m.devices if isinstance(d, AhciHba)).ports[0]
+        fd = port.device.backend.fd
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)      # as the test above says why
+        for slot in range(8):                           # from the disk: the skips begin
+            ncq(p, slot, 64 * slot, 8, [(BUF + 0x1000 * slot, 4096)])
+        issue(p, 0xFF)
+        assert port.hba.wait_idle(10)
+        skipping.append(port._cold_skips)
+        p.stop()
+        p.write("sctl", 1)                              # COMRESET, then the link up
+        p.write("sctl", 0)
+        p.start(ie=regs.IS_SDBS | regs.IS_DHRS | regs.IS_TFES)
+        for n in range(rounds):                         # one read at a time, cached
+            ncq(p, 9, 64 * (n % 8), 8, [(BUF + 0x20000 + 0x1000 * n, 4096)])
+            issue(p, 1 << 9)
+            assert port.hba.wait_idle(10)
+    r = both(tmp_path, scenario)
+    assert skipping[0] > 0          # the native run met the cold reads (both() runs it first)
+    assert r["inline"] == rounds
+    assert r["state"]["sact"] == 0 and not r["state"]["is"] & regs.IS_FATAL
+
+
 def test_batches_one_after_another(tmp_path):
     def scenario(m, p):
         for round_ in range(3):
