@@ -138,12 +138,12 @@ class _Doorbell:
         if vm is None or addr == self.addr:
             self.addr = addr
             return
-        length = f.size if f.size in (1, 2, 4, 8) else 0
         if self.addr is not None:
-            vm.ioeventfd(self.addr, length, f.fd, pio=f.pio, datamatch=f.datamatch, assign=False)
+            vm.ioeventfd(self.addr, f.size, f.fd, pio=f.pio, datamatch=f.datamatch,
+                         assign=False)
             self.addr = None
         if addr is not None:
-            vm.ioeventfd(addr, length, f.fd, pio=f.pio, datamatch=f.datamatch)
+            vm.ioeventfd(addr, f.size, f.fd, pio=f.pio, datamatch=f.datamatch)
             self.addr = addr
 
     def close(self) -> None:
@@ -431,9 +431,17 @@ class PassthruFunction(PciFunction):
         for i, h in self._bars.items():
             for d in self._doorbells.pop(i, []):
                 d.close()
-            bells = [_Doorbell(m, f) for f in self.backend.region_io_fds(i)]
-            self._doorbells[i] = bells
             bar = self.bars[i]
+            bells = []
+            for f in self.backend.region_io_fds(i):
+                # Inside its BAR and of a size KVM matches, or not bound at all (its writes
+                # stay trapped): a doorbell past the BAR would swallow writes meant for
+                # whatever is mapped there.
+                if f.size in (1, 2, 4, 8) and 0 <= f.offset and f.offset + f.size <= bar.size:
+                    bells.append(_Doorbell(m, f))
+                else:
+                    os.close(f.fd)
+            self._doorbells[i] = bells
             for d in bells:
                 d.move(bar.mapped_at)
 

@@ -32,6 +32,10 @@ CLIENT_CAPS = {"max_msg_fds": p.MAX_FDS, "max_data_xfer_size": p.MAX_DATA_XFER,
                "max_dma_maps": p.MAX_DMA_MAPS, "pgsizes": 4096}
 
 
+# Write sizes a KVM ioeventfd matches with a datamatch (KVM_IOEVENTFD refuses others).
+KVM_IOEVENTFD_SIZES = (1, 2, 4, 8)
+
+
 class VfioUserBackend:
     def __init__(self, path: str, *, deadline: float = REPLY_DEADLINE,
                  irq_deadline: float = IRQ_REPLY_DEADLINE):
@@ -249,6 +253,8 @@ class VfioUserBackend:
                 s = p.SubRegionIoFd.parse(body[i * esz:(i + 1) * esz])
                 if s.type != p.IO_FD_TYPE_IOEVENTFD or s.fd_index >= len(r.fds):
                     continue
+                if s.size not in KVM_IOEVENTFD_SIZES:
+                    continue    # KVM would refuse it: those writes stay trapped (the server's)
                 out.append(IoFd(s.offset, s.size, os.dup(r.fds[s.fd_index]),
                                 bool(s.flags & p.IOEVENTFD_FLAG_PIO),
                                 s.datamatch if s.flags & p.IOEVENTFD_FLAG_DATAMATCH else None))

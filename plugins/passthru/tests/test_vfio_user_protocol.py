@@ -581,3 +581,38 @@ def test_version_json_round_trip():
     payload = p.version_payload({"max_msg_fds": 3})
     assert p.parse_version(payload) == (0, 1, {"max_msg_fds": 3})
     assert json.loads(payload[4:-1])["capabilities"]["max_msg_fds"] == 3
+
+
+def test_client_keeps_only_doorbells_kvm_can_bind(tmp_path):
+    """A server's sub-regions of a size KVM's ioeventfd does not match (with a datamatch:
+    1, 2, 4 or 8 bytes) are left out, their descriptors not kept: those writes stay
+    trapped, for the server to answer."""
+    efds = [os.eventfd(0) for _ in range(3)]
+
+    def answer(msg, conn):
+        if msg.command != p.DEVICE_GET_REGION_IO_FDS:
+            conn.send(p.encode(msg.msg_id, msg.command, flags=p.TYPE_REPLY | p.FLAG_ERROR,
+                               error=errno.ENOTSUP))
+            return
+        subs = b"".join(p.SubRegionIoFd.build(dict(
+            offset=0x100 * i, size=size, fd_index=i, type=p.IO_FD_TYPE_IOEVENTFD,
+            flags=p.IOEVENTFD_FLAG_DATAMATCH, padding=0, datamatch=i))
+            for i, size in enumerate((4, 3, 0)))
+        head = p.RegionIoFdsRequest.build(dict(argsz=p.RegionIoFdsRequest.sizeof() + len(subs),
+                                               flags=0, index=4, count=3))
+        conn.send(p.encode(msg.msg_id, msg.command, head + subs, flags=p.TYPE_REPLY), efds)
+
+    t = fake_server(tmp_path / "s", answer, raw=True)
+    b = VfioUserBackend(str(tmp_path / "s"), deadline=2)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        got = b.region_io_fds(4)
+        assert [(f.offset, f.size, f.datamatch) for f in got] == [(0, 4, 0)]
+        assert len(os.listdir("/proc/self/fd")) == before + 1      # the one kept, no more
+        for f in got:
+            os.close(f.fd)
+    finally:
+        b.close()
+        t.join(5)
+        for fd in efds:
+            os.close(fd)
