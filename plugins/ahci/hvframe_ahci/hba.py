@@ -417,6 +417,7 @@ class AhciPort:
         after a cold read were about the workload before the reset."""
         self._stop()
         self._cold_skips = 0
+        self._r.inline_cold = 0
         if self.device is None:
             self.ssts, self.tfd, self.sig = 0, 0x7F, _U32
             return
@@ -1260,17 +1261,22 @@ class AhciHba(PciFunction, DeviceState):
     def reset(self) -> None:
         """GHC.HR: every port stops and re-runs COMRESET; GHC.IE and IS clear. Other vCPUs'
         accesses wait for it in Python (native accesses off meanwhile), so none of them
-        sees, or changes, half a reset."""
-        lib.ahci_set_native(self._regs, 0)
-        try:
-            self.ghc = GHC_AE
-            lib.ahci_hba_update(self._regs, lib.AHCI_H_IS, _U32, 0)
-            for p in self.ports:
-                p.reset_registers()
-                p.comreset()
-            self.update_irq()
-        finally:
-            lib.ahci_set_native(self._regs, 1 if self._native_on else 0)
+        sees, or changes, half a reset. Takes the HBA's lock (reentrant: a GHC write holds
+        it already) and withdraws the serving in the exit meanwhile, as a register write
+        does: a device server's VFIO_USER_DEVICE_RESET calls it from its own thread."""
+        with self.lock:
+            self._withdraw_inline()
+            lib.ahci_set_native(self._regs, 0)
+            try:
+                self.ghc = GHC_AE
+                lib.ahci_hba_update(self._regs, lib.AHCI_H_IS, _U32, 0)
+                for p in self.ports:
+                    p.reset_registers()
+                    p.comreset()
+                self.update_irq()
+            finally:
+                lib.ahci_set_native(self._regs, 1 if self._native_on else 0)
+                self._offer_inline()
 
     def _withdraw_inline(self) -> None:
         for p in self.ports:
