@@ -486,6 +486,8 @@ class Machine:
             raise ValueError(f"ioeventfd length {length}: KVM takes 0, 1, 2, 4 or 8")
         if length == 0 and datamatch is not None:
             raise ValueError("ioeventfd of length 0 (any write) with a datamatch: KVM refuses it")
+        if datamatch is not None and not 0 <= datamatch < 1 << 64:
+            raise ValueError(f"ioeventfd datamatch {datamatch}: KVM takes a 64-bit value")
         ev = IoEventFd(self, space, addr, length, datamatch)
         self.on_close(ev.close)
         return ev

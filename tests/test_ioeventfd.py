@@ -110,8 +110,9 @@ def test_synthetic_machine_matches_ioeventfds_as_kvm_does():
         plain.close()
 
 
-@pytest.mark.parametrize("length, datamatch", [(0, 7), (3, None), (16, None)],
-                         ids=["any-write-with-datamatch", "odd-length", "too-long"])
+@pytest.mark.parametrize("length, datamatch", [(0, 7), (3, None), (16, None), (2, -1)],
+                         ids=["any-write-with-datamatch", "odd-length", "too-long",
+                              "datamatch-not-64-bit"])
 def test_what_kvm_refuses_the_synthetic_machine_refuses_too(length, datamatch):
     """KVM_IOEVENTFD takes lengths 0, 1, 2, 4 and 8, and no datamatch with length 0 (any
     write): a doorbell KVM would refuse is refused on the synthetic backend as well, so a
