@@ -1,9 +1,10 @@
 /* AHCI under a device server that dies and comes back: the driver of ahci.c (same
  * functions), polling only, writing sector 1 + i % 8 with the host-checkable pattern up to
- * `count` times (cmdline count=N), or until `after` writes succeeded after the first outage
- * (after=M, 0: no such end), with WRITE DMA EXT. A command that fails (a task file error from
- * the client while the server is gone) makes it recover the port as AHCI 1.3.1 6.2.2.1 says
- * (ST off, wait CR, clear PxSERR and PxIS, ST on) before the next one.
+ * `count` times (cmdline count=N), or until `after` more succeeded after the one that
+ * recovered from the first outage (after=M, 0: no such end), with WRITE DMA EXT. A command
+ * that fails (a task file error from the client while the server is gone) makes it recover
+ * the port as AHCI 1.3.1 6.2.2.1 says (ST off, wait CR, clear PxSERR and PxIS, ST on) before
+ * the next one.
  *   ahci writing                     (the first write succeeded: I/O is under way)
  *   ahci ioerr I tfd HEX is HEX8     (first failure of an outage, at command I)
  *   ahci recovered I                 (first success after an outage)

@@ -1,8 +1,9 @@
 /* virtio-blk under a device server that dies and comes back: the driver of virtio_blk.c
  * (same functions), polling only, writing sector 1 + i % 8 with the host-checkable pattern
- * up to `count` times (cmdline count=N), or until `after` writes succeeded after the first
- * outage (after=M, 0: no such end). A request that fails (VIRTIO_BLK_S_IOERR from the client
- * while the server is gone) makes it reset and set the device up again before the next one.
+ * up to `count` times (cmdline count=N), or until `after` more succeeded after the one that
+ * recovered from the first outage (after=M, 0: no such end). A request that fails
+ * (VIRTIO_BLK_S_IOERR from the client while the server is gone) makes it reset and set the
+ * device up again before the next one.
  *   vblk writing                 (the first write succeeded: I/O is under way)
  *   vblk ioerr I status S        (first failure of an outage, at request I)
  *   vblk recovered I             (first success after an outage)
