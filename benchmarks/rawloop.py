@@ -277,8 +277,8 @@ int hv_rig_batches(uint16_t *avail_idx, uint16_t *avail_ring, uint16_t ring_size
                    int irq_fd, struct hv_rig_halt *h, int timeout_ms)
 {
     uint16_t idx = __atomic_load_n(avail_idx, __ATOMIC_RELAXED);
-    if (depth <= 0 || sets <= 0 || ring_size % depth)
-        return -EINVAL;
+    if (depth <= 0 || sets <= 0 || ring_size % depth || idx % depth)
+        return -EINVAL;                     /* (a batch would wrap inside the ring) */
     for (int b = 0; b < batches; b++) {
         if (hdr_len)
             memcpy(hdr_dst, hdrs + (size_t)b * hdr_len, hdr_len);
@@ -592,8 +592,8 @@ class Driver:
 
     def batches(self, hdr_dst, headers: bytes, entries: bytes, depth: int,
                 batches: int | None = None) -> None:
-        """Rounds of `depth` requests, one per len(headers) // len(hdr_dst) bytes of
-        `headers` (hdr_dst None: `batches` rounds and no headers): each batch's headers copied
+        """Rounds of `depth` requests, one per len(hdr_dst) bytes of `headers` (hdr_dst
+        None: `batches` rounds and no headers): each batch's headers copied
         to hdr_dst (a writable view of guest RAM) and the next `depth` heads of `entries`
         (packed; whole batches, taken in turn) put in the available ring, then a round
         (hv_rig_batches). The ring's size must be a multiple of depth."""
@@ -602,8 +602,12 @@ class Driver:
         if sets < 1 or len(entries) != 2 * depth * sets:
             raise ValueError("entries must be whole batches of heads")
         if hdr_dst is None:
+            if batches is None or headers is not None:
+                raise ValueError("without headers, give the number of batches (and no headers)")
             n, dst, headers, hdr_len = batches, ffi.NULL, ffi.NULL, 0
         else:
+            if batches is not None:
+                raise ValueError("with headers, their length gives the number of batches")
             n = len(headers) // len(hdr_dst)
             if n * len(hdr_dst) != len(headers):
                 raise ValueError("headers must be whole batches")
@@ -616,7 +620,7 @@ class Driver:
                                           self._avail_event, self._irq, self.halt,
                                           self._timeout_ms)
         finally:
-            if dst != ffi.NULL:
+            if hdr_dst is not None:
                 ffi.release(dst)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))

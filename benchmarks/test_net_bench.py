@@ -525,7 +525,7 @@ def test_device_tx_vs_raw_tap_write(benchmark, ns, tap, case):
     # turn, as the device reads each chain's own: 64 KiB segments written from one buffer
     # came from the cache, the device's from memory, and the device measured 0.35-0.57 of
     # that (2026-12-04). One buffer's figure stays beside it (fraction_of_raw_one_buffer).
-    frames = rawloop.Frames(data, DEV_QUEUE // 2)
+    frames = rawloop.Frames(data, DEV_QUEUE // 2, len(frame) + 64)   # TxQueue's spacing
 
     def raw_round():
         t = time.perf_counter()
