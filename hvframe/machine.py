@@ -41,12 +41,34 @@ class IoEventFd:
         self.machine, self.space, self.addr = machine, space, addr
         self.length, self.datamatch = length, datamatch
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._assign(True)
+        try:
+            self._assign(True)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
 
     def _assign(self, assign: bool) -> None:
-        if self.machine.vm is not None and self.addr is not None:
+        if self.addr is None:
+            return
+        if self.machine.vm is not None:
             self.machine.vm.ioeventfd(self.addr, self.length, self.fd, pio=self.space == "pio",
                                       datamatch=self.datamatch, assign=assign)
+        elif assign:
+            self.machine.check_ioeventfd(self)
+
+    def collides(self, other: "IoEventFd") -> bool:
+        """Whether KVM would refuse both bound at once (EEXIST, ioeventfd_check_collision):
+        the same space and address, and either matching any write (length 0) or the same
+        length with no datamatch on either side or the same one."""
+        if other is self or other.space != self.space or other.addr != self.addr \
+                or other.addr is None or other.fd < 0:
+            return False
+        if self.length == 0 or other.length == 0:
+            return True
+        return self.length == other.length and (
+            self.datamatch is None or other.datamatch is None
+            or self.datamatch == other.datamatch)
 
     def move(self, addr: int | None) -> None:
         """Follow a BAR the guest moved: the old address must stop signalling. None parks
@@ -54,7 +76,11 @@ class IoEventFd:
         if addr != self.addr:
             self._assign(False)
             self.addr = addr
-            self._assign(True)
+            try:
+                self._assign(True)
+            except BaseException:
+                self.addr = None        # bound nowhere: a later move starts from nothing
+                raise
 
     def signal(self) -> None:
         os.eventfd_write(self.fd, 1)
@@ -472,6 +498,10 @@ class Machine:
         update at the end under KVM); a no-op context on the synthetic backend."""
         from contextlib import nullcontext
         return self.vm.routing_batch() if self.vm is not None else nullcontext()
+
+    def check_ioeventfd(self, ev: IoEventFd) -> None:
+        """(No KVM) Refuse ev where KVM would (HvError, as KVM's EEXIST): the synthetic
+        backend keeps no doorbells of its own, so there is nothing to collide with here."""
 
     def add_ioeventfd(self, space: str, addr: int | None, length: int,
                       datamatch: int | None = None) -> "IoEventFd":

@@ -7,6 +7,7 @@ from hvframe.exitbench import CountingPort
 from hvframe.loader import load_kernel
 from hvframe.machine import Machine
 from hvframe.platform.acpi_pm import AcpiPm
+from hvframe.errors import HvError
 from hvframe.synthetic import SyntheticMachine
 
 COUNT = 3000
@@ -122,5 +123,28 @@ def test_what_kvm_refuses_the_synthetic_machine_refuses_too(length, datamatch):
         with pytest.raises(ValueError, match="KVM"):
             m.add_ioeventfd("pio", 0xE0, length, datamatch=datamatch)
         assert m.ioeventfd_for("pio", 0xE0, length, 7) == -1
+    finally:
+        m.close()
+
+
+def test_two_doorbells_kvm_would_call_one_are_refused():
+    """KVM_IOEVENTFD's EEXIST on the synthetic backend too: a second doorbell at the same
+    address and length is refused unless both match different values; one that matches any
+    write collides with everything there; a doorbell moved away frees its place."""
+    m = SyntheticMachine(1 << 20)
+    try:
+        a = m.add_ioeventfd("pio", None, 2, datamatch=0)
+        b = m.add_ioeventfd("pio", None, 2, datamatch=1)
+        c = m.add_ioeventfd("pio", None, 2)
+        a.move(0xE0)
+        b.move(0xE0)                                  # another value: KVM takes both
+        with pytest.raises(HvError, match="EEXIST"):
+            c.move(0xE0)                              # any value at 0xE0: both collide
+        assert c.addr is None                         # bound nowhere
+        a.move(None)
+        b.move(0xE4)
+        c.move(0xE0)                                  # free now
+        assert m.ioeventfd_for("pio", 0xE0, 2, 5) == c.fd
+        assert m.ioeventfd_for("mmio", 0xE0, 2, 5) == -1          # another bus
     finally:
         m.close()

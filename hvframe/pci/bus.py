@@ -209,9 +209,17 @@ class PciBus:
                     bar.map(space, target)
                 except ConfigError:
                     continue
-            # Devices with doorbells (ioeventfds) at BAR addresses must follow every move.
-            for fn, bar, old in before.values():
-                if bar.mapped_at != old:
+            # Devices with doorbells (ioeventfds) at BAR addresses must follow every move:
+            # first every moved BAR's doorbells leave their old place, then they take their
+            # new one. In one pass a BAR mapped where another just left could bind its
+            # doorbells before the other's were gone (KVM refuses that, EEXIST, and the old
+            # ones would go on taking the writes meant for the new BAR).
+            moved = [(fn, bar) for fn, bar, old in before.values() if bar.mapped_at != old]
+            for fn, bar in moved:
+                if before[id(bar)][2] is not None:
+                    fn.bar_remapped(bar, None)
+            for fn, bar in moved:
+                if bar.mapped_at is not None:
                     fn.bar_remapped(bar, bar.mapped_at)
 
     # -- firmware's job -------------------------------------------------------------------

@@ -12,6 +12,7 @@ import mmap
 
 from ..core_native import ffi, lib
 from .. import concurrency
+from ..errors import HvError
 from ..machine import Machine
 
 
@@ -69,6 +70,14 @@ class SyntheticMachine(Machine):
         ev = super().add_ioeventfd(space, addr, length, datamatch)
         self._doorbells.append(ev)
         return ev
+
+    def check_ioeventfd(self, ev) -> None:
+        """KVM's EEXIST, here too: a doorbell bound where another is (see IoEventFd.collides)
+        would be refused on real hardware, so it is refused in tests as well."""
+        for other in self._doorbells:
+            if ev.collides(other):
+                raise HvError(f"KVM_IOEVENTFD: {ev.space} {ev.addr:#x} is another doorbell's "
+                              f"(EEXIST)")
 
     def _matching_ioeventfd(self, space: str, addr: int, size: int, value: int):
         """KVM's ioeventfd match for a guest write (same space and address, the registered

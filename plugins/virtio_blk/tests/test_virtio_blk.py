@@ -625,3 +625,35 @@ def test_a_run_with_virtio_blk_does_not_import_the_bench_tool(tmp_path):
             "print('hvframe.bench' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "False"
+
+
+def test_a_bar_mapped_where_another_just_left_gets_the_doorbells(tmp_path):
+    """Two virtio-blk functions. The guest puts the first's BAR where the second's is (it
+    stays unmapped: they would overlap), then moves the second's away: in that one refresh
+    the first maps where the second was. Every doorbell leaves its old place before any
+    takes its new one: KVM refuses a doorbell bound where another still is (EEXIST, which the
+    synthetic machine refuses too), and the old one would take the first's kicks. Each
+    device's doorbell is the one rung at its new place."""
+    m = SyntheticMachine(64 << 20)             # kicks reach the bus; doorbells are still bound
+    a_path, b_path = make_disk(tmp_path, name="a.img"), make_disk(tmp_path, name="b.img")
+    first, second = testing.rig(m, "-s", f"2,virtio-blk,{a_path}", "-s", f"3,virtio-blk,{b_path}",
+                                direct_boot=False)
+    try:
+        da, db = VirtioPciDriver(m, 2), VirtioPciDriver(m, 3)
+        for d in (da, db):
+            d.initialize(ALL)
+        at = second.bar(MODERN_BAR).mapped_at
+        da.cfg_write(0x10 + 4 * MODERN_BAR, 4, at)                # onto the second's: waits
+        assert first.bar(MODERN_BAR).mapped_at is None
+        assert first._doorbells[0][0].addr is None
+        away = at + 0x1000000
+        db.cfg_write(0x10 + 4 * MODERN_BAR, 4, away)              # the second moves away
+        assert first.bar(MODERN_BAR).mapped_at == at
+        assert second.bar(MODERN_BAR).mapped_at == away
+        assert first._doorbells[0][0].addr == at + NOTIFY_OFF
+        assert second._doorbells[0][0].addr == away + NOTIFY_OFF
+        # A kick of queue 0 at each new place rings that device's doorbell (as KVM matches).
+        assert m.ioeventfd_for("mmio", at + NOTIFY_OFF, 2, 0) == first._doorbells[0][0].fd
+        assert m.ioeventfd_for("mmio", away + NOTIFY_OFF, 2, 0) == second._doorbells[0][0].fd
+    finally:
+        m.close()
