@@ -389,6 +389,11 @@ def write_n(fd: int, data: bytes, n: int) -> None:
         raise OSError(-rc, os.strerror(-rc))
 
 
+def _aligned(n: int) -> int:
+    """n rounded up to a cache line (64 bytes): buffers side by side share none."""
+    return (n + 63) & ~63
+
+
 class Frames:
     """`copies` copies of one frame, `stride` bytes apart (default: the frame's length,
     64-byte aligned), written n at a time in turn (the i-th write from copy i % copies): the
@@ -399,7 +404,7 @@ class Frames:
     def __init__(self, data: bytes, copies: int, stride: int | None = None):
         ffi, self._lib = loops()
         self.len, self.copies = len(data), copies
-        self.stride = (len(data) + 63) & ~63 if stride is None else stride
+        self.stride = _aligned(len(data)) if stride is None else stride
         if self.stride < len(data):
             raise ValueError(f"stride {self.stride} is less than the frame ({len(data)} bytes)")
         self._buf = ffi.new("unsigned char[]", self.stride * copies)
@@ -425,7 +430,7 @@ class Reader:
 
     def __init__(self, cap: int = 70000, copies: int = 1):
         ffi, self._lib = loops()
-        self._stride = (cap + 63) & ~63
+        self._stride = _aligned(cap)
         self._buf = ffi.new("unsigned char[]", self._stride * copies)
         self._cap, self._copies, self._next = cap, copies, 0
 
