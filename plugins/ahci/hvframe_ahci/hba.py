@@ -1245,7 +1245,7 @@ class AhciHba(PciFunction, DeviceState):
             name = GHC_BY_OFFSET.get(off)
             if name == "ghc":
                 if value & mask & GHC_HR:
-                    self.reset()
+                    self._reset()            # write() holds the lock, the offers withdrawn
                 else:
                     self.ghc = GHC_AE | (((self.ghc & ~mask) | (value & mask)) & GHC_IE)
                     self.update_irq()
@@ -1259,24 +1259,30 @@ class AhciHba(PciFunction, DeviceState):
             self.ports[n].write_reg(name, value, mask)
 
     def reset(self) -> None:
-        """GHC.HR: every port stops and re-runs COMRESET; GHC.IE and IS clear. Other vCPUs'
-        accesses wait for it in Python (native accesses off meanwhile), so none of them
-        sees, or changes, half a reset. Takes the HBA's lock (reentrant: a GHC write holds
-        it already) and withdraws the serving in the exit meanwhile, as a register write
-        does: a device server's VFIO_USER_DEVICE_RESET calls it from its own thread."""
+        """The HBA reset from outside a register write (a device server's
+        VFIO_USER_DEVICE_RESET, from its own thread): under the HBA's lock, with the serving
+        in the exit withdrawn meanwhile, as a register write has them."""
         with self.lock:
             self._withdraw_inline()
-            lib.ahci_set_native(self._regs, 0)
             try:
-                self.ghc = GHC_AE
-                lib.ahci_hba_update(self._regs, lib.AHCI_H_IS, _U32, 0)
-                for p in self.ports:
-                    p.reset_registers()
-                    p.comreset()
-                self.update_irq()
+                self._reset()
             finally:
-                lib.ahci_set_native(self._regs, 1 if self._native_on else 0)
                 self._offer_inline()
+
+    def _reset(self) -> None:
+        """(hba.lock held, offers withdrawn) GHC.HR: every port stops and re-runs COMRESET;
+        GHC.IE and IS clear. Other vCPUs' accesses wait for it in Python (native accesses off
+        meanwhile), so none of them sees, or changes, half a reset."""
+        lib.ahci_set_native(self._regs, 0)
+        try:
+            self.ghc = GHC_AE
+            lib.ahci_hba_update(self._regs, lib.AHCI_H_IS, _U32, 0)
+            for p in self.ports:
+                p.reset_registers()
+                p.comreset()
+            self.update_irq()
+        finally:
+            lib.ahci_set_native(self._regs, 1 if self._native_on else 0)
 
     def _withdraw_inline(self) -> None:
         for p in self.ports:
