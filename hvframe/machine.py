@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 EXIT_REBOOT, EXIT_POWEROFF, EXIT_HALT, EXIT_TRIPLEFAULT, EXIT_ERROR = 0, 1, 2, 3, 4
 
 
+# Write sizes a KVM ioeventfd matches (KVM_IOEVENTFD takes these, and 0 for any write without
+# a datamatch; it refuses any other length).
+IOEVENTFD_SIZES = (1, 2, 4, 8)
+
+
 class IoEventFd:
     """An eventfd KVM signals on guest writes to one address; see Machine.add_ioeventfd."""
 
@@ -512,7 +517,7 @@ class Machine:
             raise ValueError("space must be 'pio' or 'mmio'")
         # KVM_IOEVENTFD's own rules, on both backends: a synthetic machine that took what KVM
         # refuses (EINVAL) would let a device pass its tests and fail on real hardware.
-        if length not in (0, 1, 2, 4, 8):
+        if length != 0 and length not in IOEVENTFD_SIZES:
             raise ValueError(f"ioeventfd length {length}: KVM takes 0, 1, 2, 4 or 8")
         if length == 0 and datamatch is not None:
             raise ValueError("ioeventfd of length 0 (any write) with a datamatch: KVM refuses it")

@@ -47,6 +47,7 @@ import threading
 
 from hvframe import concurrency
 from hvframe.errors import ConfigError
+from hvframe.machine import IOEVENTFD_SIZES
 from hvframe.pci.config_space import (CAP_PTR_OFFSET, CMD_BUS_MASTER, CMD_INTX_DISABLE,
                                       CMD_PARITY, CMD_SERR, COMMAND_OFFSET)
 from hvframe.pci.device import PciFunction
@@ -437,7 +438,7 @@ class PassthruFunction(PciFunction):
                 # Inside its BAR and of a size KVM matches, or not bound at all (its writes
                 # stay trapped): a doorbell past the BAR would swallow writes meant for
                 # whatever is mapped there.
-                if f.size in (1, 2, 4, 8) and 0 <= f.offset and f.offset + f.size <= bar.size:
+                if f.size in IOEVENTFD_SIZES and 0 <= f.offset and f.offset + f.size <= bar.size:
                     bells.append(_Doorbell(m, f))
                 else:
                     os.close(f.fd)

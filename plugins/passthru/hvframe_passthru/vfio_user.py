@@ -22,6 +22,8 @@ import socket
 import threading
 import time
 
+from hvframe.machine import IOEVENTFD_SIZES
+
 from . import protocol as p
 from .backend import BackendLost, IoFd, IrqInfo, RegionInfo
 
@@ -30,10 +32,6 @@ IRQ_REPLY_DEADLINE = 1.0  # seconds DEVICE_SET_IRQS may (see the module docstrin
 MAX_REFUSED = 8           # server-to-client requests refused in one exchange before it is lost
 CLIENT_CAPS = {"max_msg_fds": p.MAX_FDS, "max_data_xfer_size": p.MAX_DATA_XFER,
                "max_dma_maps": p.MAX_DMA_MAPS, "pgsizes": 4096}
-
-
-# Write sizes a KVM ioeventfd matches with a datamatch (KVM_IOEVENTFD refuses others).
-KVM_IOEVENTFD_SIZES = (1, 2, 4, 8)
 
 
 class VfioUserBackend:
@@ -253,7 +251,7 @@ class VfioUserBackend:
                 s = p.SubRegionIoFd.parse(body[i * esz:(i + 1) * esz])
                 if s.type != p.IO_FD_TYPE_IOEVENTFD or s.fd_index >= len(r.fds):
                     continue
-                if s.size not in KVM_IOEVENTFD_SIZES:
+                if s.size not in IOEVENTFD_SIZES:
                     continue    # KVM would refuse it: those writes stay trapped (the server's)
                 out.append(IoFd(s.offset, s.size, os.dup(r.fds[s.fd_index]),
                                 bool(s.flags & p.IOEVENTFD_FLAG_PIO),
