@@ -214,11 +214,11 @@ class PciBus:
             # new one. In one pass a BAR mapped where another just left could bind its
             # doorbells before the other's were gone (KVM refuses that, EEXIST, and the old
             # ones would go on taking the writes meant for the new BAR).
-            moved = [(fn, bar) for fn, bar, old in before.values() if bar.mapped_at != old]
-            for fn, bar in moved:
-                if before[id(bar)][2] is not None:
+            moved = [(fn, bar, old) for fn, bar, old in before.values() if bar.mapped_at != old]
+            for fn, bar, old in moved:
+                if old is not None:
                     fn.bar_remapped(bar, None)
-            for fn, bar in moved:
+            for fn, bar, _ in moved:
                 if bar.mapped_at is not None:
                     fn.bar_remapped(bar, bar.mapped_at)
 
