@@ -105,10 +105,14 @@ if [ -z "$src_version" ]; then
 fi
 
 patch_spec=$(printf '%s\n' "$P1_FILE" "$P1_OLD" "$P1_SED" "$P1_NEW" "$P2_FILE" "$P2_OLD" "$P2_SED" "$P2_NEW")
-hash=$( { printf 'recipe: %s\nsource: %s %s\npatches:\n%s\nconfig:\n' \
-            "$RECIPE" "$SRC_PKG" "$src_version" "$patch_spec"; cat "$config"; } \
-        | sha256sum | cut -c1-16)
-out="$cache/vmlinux-6.1-hvframe-$hash"
+cache_path() {
+    local hash
+    hash=$( { printf 'recipe: %s\nsource: %s %s\npatches:\n%s\nconfig:\n' \
+                "$RECIPE" "$SRC_PKG" "$src_version" "$patch_spec"; cat "$config"; } \
+            | sha256sum | cut -c1-16)
+    echo "$cache/vmlinux-6.1-hvframe-$hash"
+}
+out=$(cache_path)
 
 if [ -f "$out" ]; then
     echo "$out"
@@ -139,8 +143,18 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 [ -f "$TARBALL" ] || die "$TARBALL missing although $SRC_PKG is installed"
 installed=$(pkg_installed_version "$SRC_PKG")
-[ "$installed" = "$src_version" ] \
-    || die "$SRC_PKG $installed was installed but the cache hash used $src_version; re-run"
+[ -n "$installed" ] || die "$SRC_PKG is not installed after apt-get install"
+if [ "$installed" != "$src_version" ]; then
+    # apt's lists were stale (a fresh machine): the install brought a newer source than the
+    # candidate the cache name was taken from.  The kernel is built from what is installed.
+    log "$SRC_PKG $installed installed (apt's candidate was $src_version)"
+    src_version=$installed
+    out=$(cache_path)
+    if [ -f "$out" ]; then
+        echo "$out"
+        exit 0
+    fi
+fi
 
 # --- source tree: unpack fresh unless the stamp says it is this version with these patches
 tree="$cache/$TREE_NAME"
