@@ -10,8 +10,8 @@ import pytest
 from hvframe import concurrency
 from hvframe.pci.bus import attach, ensure_pci_bus
 from hvframe.synthetic import SyntheticMachine
-from hvframe.virtio.device import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_NEEDS_RESET,
-                                   VirtioDevice)
+from hvframe.virtio.device import (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
+                                   STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VirtioDevice)
 from hvframe.virtio.harness import VirtioPciDriver
 from hvframe.virtio.pci import (COMMON_OFF, ISR_OFF, MODERN_BAR, VirtioPciCfgCap,
                                 VirtioPciCommonCfg, VirtioPciFunction)
@@ -380,6 +380,30 @@ def test_a_reset_is_not_starved_by_a_driver_that_keeps_posting():
         t.join(DEADLINE)
     finally:
         stop.set()
+        r.close()
+
+
+def test_driver_ok_cleared_without_a_reset_does_not_activate_the_device_again():
+    """Only a reset clears status bits (virtio 1.2, 2.1.2). A driver that writes the status
+    without DRIVER_OK and then with it, while a worker serves, must not run activate() anew
+    under that worker; the queue carries on."""
+    r = SlowRig()
+    try:
+        activations = []
+        first = r.dev.activate
+        r.dev.activate = lambda features: (activations.append(features), first(features))
+        r.post()
+        ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+        r.drv.set_status(ok)
+        assert r.drv.status() & STATUS_DRIVER_OK
+        r.drv.set_status(ok | STATUS_DRIVER_OK)
+        assert activations == []
+        r.dev.release.set()
+        assert r.drv.wait_used(0, 1)
+        r.drv.submit(0, [(r.buf, 64, False)])
+        r.drv.kick(0)
+        assert r.drv.wait_used(0, 1)
+    finally:
         r.close()
 
 

@@ -654,6 +654,9 @@ class VirtioPciFunction(PciFunction, DeviceState):
                 value &= ~STATUS_FEATURES_OK
             else:
                 self.features = self.driver_features
+        # Only a reset clears what the driver set (virtio 1.2, 2.1.2): clearing DRIVER_OK and
+        # setting it again would activate the device anew under its running workers.
+        value |= old & (STATUS_FEATURES_OK | STATUS_DRIVER_OK)
         self.status = value | (old & STATUS_NEEDS_RESET)
         if value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
             self._activate()
@@ -739,11 +742,11 @@ class VirtioPciFunction(PciFunction, DeviceState):
 
     def needs_reset(self, why: str) -> None:
         """The driver broke the contract: DEVICE_NEEDS_RESET and a configuration interrupt."""
-        self.log.warning("%s: %s; device needs reset", self.name, why)
         with self._lock:
             if self.status & STATUS_NEEDS_RESET:
-                return
+                return                # said once until the reset: a guest cannot flood the log
             self.status |= STATUS_NEEDS_RESET
+        self.log.warning("%s: %s; device needs reset", self.name, why)
         for w in self._workers:
             w.wake()                  # a natively sleeping worker stops serving
         self._interrupt_config()

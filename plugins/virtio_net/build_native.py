@@ -51,6 +51,8 @@ CDEF = """
            VNET_WAIT_OUTPUT = 4 };
     int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate *irq);
     int vnet_rx_drop_pending(struct vnet_rxq *rq);
+    int vnet_rx_held(const struct vnet_rxq *rq);
+    uint32_t vnet_rx_discard(struct vnet_rxq *rq);
     int vnet_rx_run(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate *irq,
                     const int *doorbells, int ndoorbells, int wake_fd, uint64_t poll_ns);
     int vnet_tx_cycle(struct hv_vq *q, struct vnet_txq *tq, const struct hv_irq_gate *irq,

@@ -46,7 +46,8 @@ class NetDriver:
                         else L.LEGACY_HDR_SIZE)
         self.pairs = self.dev.pairs
         self.rx_buf_size = rx_buf_size
-        self.ctrl_q = 2 * self.pairs
+        # The control queue: after every pair with F_MQ, at 2 without (virtio 1.2, 5.1.2).
+        self.ctrl_q = 2 * self.pairs if self.features & bit(L.F_MQ) else 2
         self._next = self.drv.data_base
         self._rx_addr: dict[tuple[int, int], int] = {}     # (queue, head) -> buffer
         self._used: dict[int, list[tuple[int, int]]] = {}   # queue -> reaped, not consumed

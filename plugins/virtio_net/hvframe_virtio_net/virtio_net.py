@@ -2,7 +2,8 @@
 
     -s N,virtio-net,BACKEND[,mac=..][,mtu=..][,queues=N]
 
-Queues: receive 2i and transmit 2i+1 for each queue pair i, then the control queue. Frames
+Queues: receive 2i and transmit 2i+1 for each queue pair i, then the control queue (at 2 when
+the driver did not take F_MQ: virtio 1.2, 5.1.2). Frames
 travel natively (vnet.c, GIL released) on the transport's queue workers: vnet_tx_cycle and
 vnet_rx_cycle serve the rings, read and write the backend descriptors, interrupt through the
 irqfd gates. The workers sleep natively too (serve_sleeping, vnet_rx_run and vnet_tx_run):
@@ -121,6 +122,7 @@ class _Port:
 
 class QueueRole:
     RX, TX, CTRL = "rx", "tx", "ctrl"
+    UNUSED = "unused"               # without F_MQ, the queues of every pair but the first
 
 
 class VirtioNet(VirtioDevice, DeviceState):
@@ -166,6 +168,7 @@ class VirtioNet(VirtioDevice, DeviceState):
         self.active_pairs = 1
         self.reset_drops = 0
         self.python_drops = 0
+        self._ctrl_warned = False
         self._guest_offload_bits = 0
         self.guest_offloads = Offloads()
 
@@ -238,16 +241,23 @@ class VirtioNet(VirtioDevice, DeviceState):
 
     def _take_pending(self, queue: int) -> None:
         """(on the queue's worker, between cycles) Switch to the port a reconnection made."""
+        role, pair = self.role(queue)
+        if role not in (QueueRole.RX, QueueRole.TX):
+            return                        # (without MQ the control queue is at 2)
         port = self._pending.pop(queue, None)
         if port is None:
             return
-        role, pair = self.role(queue)
         if role == QueueRole.RX:
             rq = self.rxqs[pair]
-            # A stream frame in hand lives in the old port's buffer: it goes with it.
-            if lib.vnet_rx_drop_pending(rq):
-                with self._lock:
-                    self.reset_drops += 1
+            # What the old port read and the driver had no buffers for (the frame in hand,
+            # the rest of its stream buffer) goes with it, counted.
+            # (The old port's counters were retired with it: what this adds is added here.)
+            before = [getattr(rq.port, k) for k in _PORT_COUNTERS]
+            dropped = lib.vnet_rx_discard(rq)
+            with self._lock:
+                self.reset_drops += dropped
+                for k, was in zip(_PORT_COUNTERS, before):
+                    self._retired[k] += getattr(rq.port, k) - was
             rq.port = port.c
         else:
             self.txqs[pair].port = port.c
@@ -255,13 +265,25 @@ class VirtioNet(VirtioDevice, DeviceState):
 
     # -- queues ---------------------------------------------------------------------------
     def role(self, queue: int) -> tuple[str, int]:
-        if queue == 2 * self.pairs:
+        """A queue's role and pair. The control queue follows the last pair the driver may
+        use: after all of them with F_MQ, at 2 without (virtio 1.2, 5.1.2)."""
+        ctrl = 2 * self.pairs if self.features & bit(L.F_MQ) else 2
+        if queue == ctrl:
             return QueueRole.CTRL, 0
+        if queue > ctrl:
+            return QueueRole.UNUSED, 0
         return (QueueRole.RX if queue % 2 == 0 else QueueRole.TX), queue // 2
 
+    def _data_queues(self) -> range:
+        """The receive and transmit queues the driver can use."""
+        return range(2 * self.pairs if self.features & bit(L.F_MQ) else 2)
+
     def _receiving(self, pair: int) -> bool:
-        """Whether receive queue `pair` reads its port now."""
-        return pair < self.active_pairs and pair < len(self.ports) and self.link
+        """(on the queue's worker) Whether receive queue `pair` is served now: while the link
+        is up, and after it went down until what its port had read is delivered."""
+        if pair >= self.active_pairs or pair >= len(self.ports):
+            return False
+        return self.link or bool(lib.vnet_rx_held(self.rxqs[pair]))
 
     def serve_cycle(self, queue: int, vq, gate) -> int:
         return self._serve(queue, vq, gate, None)
@@ -275,6 +297,8 @@ class VirtioNet(VirtioDevice, DeviceState):
         role, pair = self.role(queue)
         if role == QueueRole.CTRL:
             return CYCLE_PYTHON
+        if role == QueueRole.UNUSED:
+            return CYCLE_IDLE
         if self._pending:
             self._take_pending(queue)
         try:
@@ -283,7 +307,13 @@ class VirtioNet(VirtioDevice, DeviceState):
                 rq = self.rxqs[pair]
                 if not self._receiving(pair):
                     return CYCLE_IDLE     # buffers stay posted; nothing reads for this queue
-                if fds is None:
+                if not self.link:
+                    # Delivering what was read before the link went down, reading no more
+                    # (a reconnecting backend's descriptor now holds an idle cable, soon a
+                    # new peer whose frames are the new port's), one cycle at a time.
+                    rq.port.gone = 1
+                    rc = nq.call(lib.vnet_rx_cycle, rq, gate)
+                elif fds is None:
                     rc = nq.call(lib.vnet_rx_cycle, rq, gate)
                 else:
                     rc = nq.call(lib.vnet_rx_run, rq, gate, self._doorbells(queue, fds),
@@ -360,8 +390,8 @@ class VirtioNet(VirtioDevice, DeviceState):
         self.log.warning("%s: link down: %s", self.name, why)
         if self.transport is not None:
             self.transport.config_changed()
-            for i in range(self.pairs):
-                self.transport.notify_queue(2 * i)   # out of vnet_rx_run: stop reading
+            for q in self._data_queues()[::2]:
+                self.transport.notify_queue(q)   # out of vnet_rx_run: stop reading
 
     def _start_watcher(self) -> None:
         """(under _lock) The link watcher, once: it runs until close()."""
@@ -387,7 +417,7 @@ class VirtioNet(VirtioDevice, DeviceState):
                 self.log.warning("%s: link up again", self.name)
                 if self.transport is not None:
                     self.transport.config_changed()
-                    for q in range(2 * self.pairs):
+                    for q in self._data_queues():
                         self.transport.notify_queue(q)
 
     def _relink(self) -> bool:
@@ -497,6 +527,7 @@ class VirtioNet(VirtioDevice, DeviceState):
         # The queues are stopped: nothing runs on the structs now.
         with self._lock:
             self.features = 0
+            self._ctrl_warned = False
             self._set_guest_offloads(0)
             for rq in self.rxqs:
                 if lib.vnet_rx_drop_pending(rq):
@@ -635,7 +666,10 @@ class VirtioNet(VirtioDevice, DeviceState):
     # -- control queue --------------------------------------------------------------------
     def _control(self, chain) -> int:
         if not chain.writable or not len(chain.writable[0]):
-            self.log.warning("%s: control command without room for its ack dropped", self.name)
+            if not self._ctrl_warned:         # once until the reset: the guest can repeat it
+                self._ctrl_warned = True
+                self.log.warning("%s: control command without room for its ack dropped",
+                                 self.name)
             return 0
         if chain.read_len() > CTRL_MAX:
             data = b""                  # no command is this long: ERR
@@ -714,8 +748,8 @@ class VirtioNet(VirtioDevice, DeviceState):
             else:
                 return False
         if wake and self.transport is not None:
-            for i in range(self.pairs):
-                self.transport.notify_queue(2 * i)   # the receive queues look again
+            for q in self._data_queues()[::2]:
+                self.transport.notify_queue(q)   # the receive queues look again
         return True
 
     @staticmethod

@@ -286,6 +286,8 @@ static int filter_pass(const struct vnet_filter *f, const uint8_t *dst)
 static int fetch_vnet_hdr(struct vnet_rxq *rq)
 {
     struct vnet_port *p = rq->port;
+    if (p->gone)
+        return FETCH_GONE;
     ssize_t n;
     do
         n = read(p->fd, rq->bounce, rq->bounce_cap);
@@ -351,8 +353,14 @@ static int fetch_be32(struct vnet_rxq *rq)
                 return FETCH_FRAME;
             }
         }
-        if (p->gone)
+        if (p->gone) {
+            /* No more input will come (the far side went, or the link is down and what was
+             * read before is delivered): a frame's beginning without its end is lost. */
+            if (p->rx_end > p->rx_start && !p->rx_skip)
+                p->rx_truncated++;
+            p->rx_start = p->rx_end = p->rx_skip = 0;
             return FETCH_GONE;
+        }
         /* Need more: make room at the end (the unparsed rest moves to the front). */
         if (p->rx_start) {
             memmove(p->rx_buf, p->rx_buf + p->rx_start, p->rx_end - p->rx_start);
@@ -379,12 +387,30 @@ static int fetch_be32(struct vnet_rxq *rq)
     }
 }
 
-/* A fetched frame: checks the receive filter and the header against what the driver
- * accepts; 1 to deliver, 0 dropped (counted). */
+/* A stream's far side hung up while the frame in hand waits for buffers: read what it sent
+ * before going, as far as the stream buffer's free end holds it (the frame in hand lies in
+ * the buffer, so nothing moves), to be delivered when the driver posts buffers. What does
+ * not fit goes with the connection when the link goes down. */
+static void stream_read_rest(struct vnet_port *p)
+{
+    if (p->framing != VNET_FRAMING_BE32)
+        return;
+    while (p->rx_end < p->rx_cap) {
+        ssize_t n = read(p->fd, p->rx_buf + p->rx_end, p->rx_cap - p->rx_end);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return;
+        p->rx_end += (uint32_t)n;
+    }
+}
+
+/* A fetched frame: the receive filter and the MTU the driver was promised; 1 to deliver,
+ * 0 dropped (counted). */
 static int rx_accept(struct vnet_rxq *rq, const uint8_t *dst)
 {
     const struct vnet_feat *f = rq->feat;
-    struct vnet_hdr *h = (struct vnet_hdr *)rq->hdr;
+    const struct vnet_hdr *h = (const struct vnet_hdr *)rq->hdr;
     if (!filter_pass(rq->filter, dst)) {
         rq->drop_filtered++;
         return 0;
@@ -393,6 +419,17 @@ static int rx_accept(struct vnet_rxq *rq, const uint8_t *dst)
         rq->drop_too_big++;         /* longer than the MTU the driver was promised */
         return 0;
     }
+    return 1;
+}
+
+/* The frame in hand's header against the receive offloads the driver has now: checked
+ * before every placement, not once at fetch, because a frame waiting for buffers may outlive
+ * a CTRL_GUEST_OFFLOADS_SET that turned its offloads off (5.1.6.5.6.1). Idempotent; 1 to
+ * place, 0 dropped (counted). */
+static int rx_offloads(struct vnet_rxq *rq)
+{
+    const struct vnet_feat *f = rq->feat;
+    struct vnet_hdr *h = (struct vnet_hdr *)rq->hdr;
     if ((h->flags & VNET_HDR_F_NEEDS_CSUM) && !f->guest_csum && h->gso_type == VNET_GSO_NONE) {
         /* The backend still has offloads the driver turned off: finish the checksum. */
         if (complete_csum((uint8_t *)rq->frame, rq->frame_len, h->csum_start, h->csum_offset)) {
@@ -597,6 +634,11 @@ int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate
             }
             rq->have_frame = 1;
         }
+        if (!rx_offloads(rq)) {
+            rq->have_frame = 0;
+            rx_publish(rq, q);              /* as for FETCH_DROPPED */
+            continue;
+        }
         int rc = rx_place(rq, q);
         if (rc == PLACE_INVALID) {
             rx_owe_interrupt(rq, q, irq);   /* the used entries so far go with the reset */
@@ -623,8 +665,10 @@ int vnet_rx_cycle(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate
             /* Hang-up with input still unread: the worker must not wake for it (it would
              * at once again); the input waits for buffers, the link goes down. */
             struct pollfd pf = { .fd = p->fd, .events = 0 };
-            if (poll(&pf, 1, 0) == 1 && (pf.revents & (POLLHUP | POLLERR)))
+            if (poll(&pf, 1, 0) == 1 && (pf.revents & (POLLHUP | POLLERR))) {
                 p->hup = 1;
+                stream_read_rest(p);
+            }
             break;
         }
         rq->have_frame = 0;
@@ -736,6 +780,57 @@ int vnet_rx_run(struct hv_vq *q, struct vnet_rxq *rq, const struct hv_irq_gate *
              * link down (never a loop on a descriptor that stays ready). */
             return vnet_rx_cycle(q, rq, irq);
     }
+}
+
+/* Whether anything read from the backend is still here: a frame in hand, or stream bytes
+ * not parsed yet (what was read before the link went down, to be delivered; the cycle that
+ * finds only the beginning of a frame counts it truncated). (On the queue's worker.) */
+int vnet_rx_held(const struct vnet_rxq *rq)
+{
+    const struct vnet_port *p = rq->port;
+    return rq->have_frame || (p && p->framing == VNET_FRAMING_BE32 && p->rx_end > p->rx_start);
+}
+
+/* A port given up (a reconnection replaced it): the frame in hand and every complete frame
+ * left in its stream buffer are dropped, returned as a count for the caller's counter; the
+ * beginning of one is counted as truncated. (On the queue's worker, between cycles.) */
+uint32_t vnet_rx_discard(struct vnet_rxq *rq)
+{
+    uint32_t dropped = rq->have_frame ? 1 : 0;
+    rq->have_frame = 0;
+    rq->wait = VNET_WAIT_INPUT;
+    struct vnet_port *p = rq->port;
+    if (!p || p->framing != VNET_FRAMING_BE32)
+        return dropped;
+    for (;;) {
+        uint32_t avail = p->rx_end - p->rx_start;
+        if (p->rx_skip) {
+            uint32_t k = avail < p->rx_skip ? avail : p->rx_skip;
+            p->rx_start += k;
+            p->rx_skip -= k;
+            if (p->rx_skip)
+                break;
+            continue;
+        }
+        if (avail < VNET_STREAM_LEN_SIZE)
+            break;
+        const uint8_t *b = p->rx_buf + p->rx_start;
+        uint32_t len = (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];
+        if (len > p->max_frame) {
+            p->rx_oversize++;
+            p->rx_start += VNET_STREAM_LEN_SIZE;
+            p->rx_skip = len;
+            continue;
+        }
+        if (avail - VNET_STREAM_LEN_SIZE < len)
+            break;
+        p->rx_start += VNET_STREAM_LEN_SIZE + len;
+        dropped++;
+    }
+    if (p->rx_end > p->rx_start && !p->rx_skip)
+        p->rx_truncated++;
+    p->rx_start = p->rx_end = p->rx_skip = 0;
+    return dropped;
 }
 
 /* Reset: the frame in hand is dropped (counted by the caller) and the scratch forgotten. */

@@ -21,7 +21,7 @@ from hvframe.virtio.device import (F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VER
                                    STATUS_NEEDS_RESET, bit)
 from hvframe.virtio.pci import VirtioPciFunction
 from hvframe_virtio_net import layout as L
-from hvframe_virtio_net.backend import Offloads
+from hvframe_virtio_net.backend import Framing, Offloads
 from hvframe_virtio_net.plugin import default_mac
 from hvframe_virtio_net.testdriver import NetDriver, StreamPair, in_netns, tap_peer_socket
 from hvframe_virtio_net import virtio_net
@@ -56,7 +56,7 @@ class Rig:
         self.m.pci.assign_bars()
         self.nd = NetDriver(self.m, SLOT, features, legacy=legacy, rx_buf_size=rx_buf_size,
                             queue_size=queue_size)
-        for p in range(pairs):
+        for p in range(pairs if self.nd.features & bit(L.F_MQ) else 1):
             if post:
                 self.nd.post_rx(p, post)
 
@@ -213,6 +213,24 @@ def test_two_queue_pairs_and_vq_pairs_set(stream_rig):
     assert r.dev.stats()["tx_frames"] == 2
 
 
+def test_control_queue_is_queue_2_when_the_driver_takes_no_mq(stream_rig):
+    """virtio 1.2, 5.1.2: without F_MQ the driver uses one pair and the control queue is 2,
+    whatever max_virtqueue_pairs says; the device must answer there (Linux spins waiting)."""
+    r = stream_rig(ALL & ~bit(L.F_MQ), pairs=2)
+    assert not r.nd.features & bit(L.F_MQ) and r.nd.ctrl_q == 2
+    assert r.nd.ctrl(L.CTRL_RX, L.CTRL_RX_PROMISC, b"\0") == L.CTRL_OK
+    assert r.nd.ctrl(L.CTRL_MQ, L.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 2)) == L.CTRL_ERR
+    # Pair 0 carries the traffic, the filter setting applied.
+    be = r.backend
+    f = frame(seed=5)
+    r.nd.send(0, f)
+    assert be.recv_frame() == f
+    be.send_frame(frame(dst=bytes.fromhex("020000999999")))     # not ours: filtered now
+    be.send_frame(f)
+    assert r.nd.recv(0)[1] == f
+    assert r.dev.stats()["rx_drop_filtered"] == 1
+
+
 def test_ctrl_rx_filter_promisc_allmulti_mac_table(stream_rig):
     r = stream_rig()
     be, nd = r.backend, r.nd
@@ -280,6 +298,76 @@ def test_ctrl_guest_offloads_only_what_was_negotiated():
         r.close()
 
 
+class DatagramTap(StreamPair):
+    """A tap stand-in: one SEQPACKET datagram is a virtio_net_hdr and its frame, so the test
+    hands the device the headers a tap with offloads on would."""
+    framing = Framing.VNET_HDR
+
+    def __init__(self):
+        super().__init__()
+        self.dev_end.close()
+        self.peer.close()
+        self.dev_end, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.dev_end.setblocking(False)
+
+    def capabilities(self):
+        return Offloads(csum=True, tso4=True, tso6=True, ecn=True)
+
+    def send(self, f, flags=0, gso_type=0, gso_size=0, csum_start=0, csum_offset=0):
+        hdr = struct.pack("<BBHHHHH", flags, gso_type, 0, gso_size, csum_start, csum_offset, 0)
+        self.peer.send(hdr + f)
+
+
+def _udp_needing_csum():
+    """An IPv4/UDP frame to MAC with the pseudo-header sum in place, and a checker."""
+    payload = bytes(range(41))
+    src, dst = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    ulen = 8 + len(payload)
+    pseudo = src + dst + struct.pack(">BBH", 0, 17, ulen)
+
+    def fold(b):
+        b += b"\0" * (len(b) % 2)
+        t = sum(struct.unpack(f">{len(b) // 2}H", b))
+        while t >> 16:
+            t = (t & 0xFFFF) + (t >> 16)
+        return t
+    udp = struct.pack(">HHHH", 1, 2, ulen, fold(pseudo)) + payload
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0, 64, 17, 0, src, dst)
+    return MAC + bytes(6) + b"\x08\x00" + ip + udp, lambda f: fold(pseudo + f[34:]) == 0xFFFF
+
+
+def test_a_frame_held_for_buffers_follows_offloads_turned_off_meanwhile():
+    """5.1.6.5.6.1: after CTRL_GUEST_OFFLOADS_SET turned offloads off, no frame reaches the
+    driver with them, including the one that was waiting for buffers when the command came:
+    its checksum is completed, or (a segment train the driver cannot take) it is dropped and
+    counted."""
+    off = struct.pack("<Q", 0)
+    f, csum_ok = _udp_needing_csum()
+    assert not csum_ok(f)
+    big = frame(n=3000)
+    for offloaded, kw in ((f, dict(flags=L.HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=6)),
+                          (big, dict(flags=L.HDR_F_NEEDS_CSUM, gso_type=L.GSO_TCPV4,
+                                     gso_size=1448, csum_start=34, csum_offset=16))):
+        be = DatagramTap()
+        r = Rig(be, post=0)
+        try:
+            be.send(offloaded, **kw)
+            wait_for(lambda: r.dev.rxqs[0].have_frame == 1, what="the frame in hand")
+            assert r.nd.ctrl(L.CTRL_GUEST_OFFLOADS, L.CTRL_GUEST_OFFLOADS_SET, off) == L.CTRL_OK
+            plain = frame(seed=7)
+            be.send(plain)
+            r.nd.post_rx(0, 8, 4096)
+            fields, got = r.nd.recv(0)
+            if offloaded is f:              # completed here, delivered plain
+                assert fields[0] == 0 and fields[1] == L.GSO_NONE and csum_ok(got)
+                fields, got = r.nd.recv(0)
+            else:                           # no way to deliver it without TSO: counted
+                assert r.dev.stats()["rx_drop_bad"] == 1
+            assert got == plain and fields[:2] == (0, L.GSO_NONE)
+        finally:
+            r.close()
+
+
 def test_features_follow_backend_capabilities(stream_rig):
     r = stream_rig()
     offered = r.nd.drv.device_features()
@@ -328,6 +416,46 @@ def test_link_comes_back_when_the_backend_reconnects(stream_rig):
     assert be.recv_frame() == f
     be.send_frame(f)
     assert r.nd.recv(0)[1] == f
+
+
+def test_frames_read_before_the_peer_hung_up_reach_the_driver_after_link_down(stream_rig):
+    """The peer sends ten frames and goes while the driver has two buffers: the link goes
+    down, and the eight frames the device read (or reads at the hang-up) are delivered when
+    the driver posts buffers, in order, none lost."""
+    r = stream_rig(post=2)
+    be = r.backend
+    sent = [frame(n=200, seed=i) for i in range(10)]
+    for f in sent:
+        be.send_frame(f)
+    be.peer.close()
+    wait_for(lambda: not r.nd.config(6, 2) & L.S_LINK_UP, what="link down")
+    time.sleep(0.1)                     # the receive worker settles with the ring empty
+    r.nd.post_rx(0, 16)
+    assert [r.nd.recv(0)[1] for _ in sent] == sent
+    st = r.dev.stats()
+    assert st["reset_drops"] == st["rx_truncated"] == 0 and st["rx_frames"] == 10
+
+
+def test_frames_held_when_the_backend_reconnects_are_counted(stream_rig):
+    """A new connection before the driver posted buffers: what the old one left in the device
+    (the frame in hand, the rest of the stream buffer) is dropped and counted, and the new
+    connection's frames flow."""
+    r = stream_rig(post=2)
+    be = r.backend
+    for i in range(10):
+        be.send_frame(frame(n=200, seed=i))
+    be.peer.sendall(struct.pack(">I", 300) + bytes(100))     # and the start of one more
+    be.peer.close()
+    wait_for(lambda: not r.nd.config(6, 2) & L.S_LINK_UP, what="link down")
+    be.reconnect()
+    wait_for(lambda: r.nd.config(6, 2) & L.S_LINK_UP, what="link up again")
+    new = frame(n=300, seed=99)
+    be.send_frame(new)
+    r.nd.post_rx(0, 16)
+    got = [r.nd.recv(0)[1] for _ in range(3)]
+    assert got == [frame(n=200, seed=0), frame(n=200, seed=1), new]
+    st = r.dev.stats()
+    assert (st["reset_drops"], st["rx_truncated"]) == (8, 1)
 
 
 def test_a_frame_sent_the_moment_the_link_is_back_goes_out(stream_rig, monkeypatch):
