@@ -112,12 +112,15 @@ cache_path() {
             | sha256sum | cut -c1-16)
     echo "$cache/vmlinux-6.1-hvframe-$hash"
 }
-out=$(cache_path)
-
-if [ -f "$out" ]; then
-    echo "$out"
-    exit 0
-fi
+# Sets $out; if that kernel is cached, prints its path and ends the script.
+take_cached() {
+    out=$(cache_path)
+    if [ -f "$out" ]; then
+        echo "$out"
+        exit 0
+    fi
+}
+take_cached
 
 # --- not cached: build.  One build at a time per cache dir.
 mkdir -p "$cache" || die "cannot create cache dir $cache"
@@ -125,10 +128,7 @@ exec 9>"$cache/.lock"
 if command -v flock >/dev/null 2>&1; then
     flock 9 || die "cannot lock $cache/.lock"
 fi
-if [ -f "$out" ]; then   # built by a concurrent run while we waited
-    echo "$out"
-    exit 0
-fi
+take_cached               # built by a concurrent run while we waited
 
 # Build dependencies: command (or header) -> Debian package.
 need=()
@@ -149,11 +149,7 @@ if [ "$installed" != "$src_version" ]; then
     # candidate the cache name was taken from.  The kernel is built from what is installed.
     log "$SRC_PKG $installed installed (apt's candidate was $src_version)"
     src_version=$installed
-    out=$(cache_path)
-    if [ -f "$out" ]; then
-        echo "$out"
-        exit 0
-    fi
+    take_cached
 fi
 
 # --- source tree: unpack fresh unless the stamp says it is this version with these patches
