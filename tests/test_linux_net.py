@@ -221,6 +221,23 @@ def test_namespace_pings_linux_guest_on_tap(vmm, tmp_path, guests):
                 f"the console's end:\n{g.text()[-2000:]}\nthe VMM's stderr:\n{g.stderr_text()}")
 
 
+@SLOW
+def test_linux_guest_with_two_queue_pairs_on_a_multi_queue_tap(tmp_path, guests):
+    """queues=2 on a multi-queue tap: Linux's driver takes MQ, so its control queue is the
+    fifth (after both pairs) and it sets the pairs it uses there; a control command left
+    unanswered would hang its probe (it waits for the ack), so the pings prove both."""
+    with Netns() as ns:
+        ns.add_tap("tap0", f"{HOST_ADDR}/24", multi_queue=True)
+        g = start_guest("hvframe", tmp_path, "mq", kernel_cmdline(static_ip(GUEST_ADDR)),
+                        ["-s", f"3,virtio-net,tap=tap0,mac={GUEST_MAC},queues=2"], ns)
+        guests.append(g)
+        out = g.wait_for(f"mask=255.255.255.0, gw={HOST_ADDR}", BOOT_TIMEOUT)
+        assert f"device=eth0, hwaddr={GUEST_MAC}" in out
+        replies = ping_replies(ns, GUEST_ADDR)
+        assert replies >= 8, (f"{replies} of 10 pings answered; the console's end:\n"
+                              f"{g.text()[-2000:]}\nthe VMM's stderr:\n{g.stderr_text()}")
+
+
 # ---- two VMs on the socket backend -----------------------------------------------------------
 
 LINK_LOCAL = "fe80::5054:ff:fe12:3456"
