@@ -114,10 +114,11 @@ class _Port:
     """One backend descriptor's native state (struct vnet_port) and the buffers it points
     to; alive while a queue uses it."""
 
-    __slots__ = ("c", "bufs")
+    __slots__ = ("c", "bufs", "counted")
 
     def __init__(self, c, bufs):
         self.c, self.bufs = c, bufs
+        self.counted: dict[str, int] | None = None   # once retired: what _retired has of it
 
 
 class QueueRole:
@@ -244,24 +245,31 @@ class VirtioNet(VirtioDevice, DeviceState):
         role, pair = self.role(queue)
         if role not in (QueueRole.RX, QueueRole.TX):
             return                        # (without MQ the control queue is at 2)
-        port = self._pending.pop(queue, None)
-        if port is None:
-            return
-        if role == QueueRole.RX:
-            rq = self.rxqs[pair]
-            # What the old port read and the driver had no buffers for (the frame in hand,
-            # the rest of its stream buffer) goes with it, counted.
-            # (The old port's counters were retired with it: what this adds is added here.)
-            before = [getattr(rq.port, k) for k in _PORT_COUNTERS]
-            dropped = lib.vnet_rx_discard(rq)
-            with self._lock:
-                self.reset_drops += dropped
-                for k, was in zip(_PORT_COUNTERS, before):
-                    self._retired[k] += getattr(rq.port, k) - was
-            rq.port = port.c
-        else:
-            self.txqs[pair].port = port.c
-        self._queue_port[queue] = port     # the old one goes once no queue holds it
+        # Under _lock: a reset (another thread) may drop the frame in hand meanwhile.
+        with self._lock:
+            port = self._pending.pop(queue, None)
+            if port is None:
+                return
+            old = self._queue_port[queue]
+            if role == QueueRole.RX:
+                # What the old port read and the driver had no buffers for (the frame in
+                # hand, the rest of its stream buffer) goes with it, counted.
+                rq = self.rxqs[pair]
+                self.reset_drops += lib.vnet_rx_discard(rq)
+                rq.port = port.c
+            else:
+                self.txqs[pair].port = port.c
+            self._settle_counters(old)
+            self._queue_port[queue] = port     # the old one goes once no queue holds it
+
+    def _settle_counters(self, port: _Port) -> None:
+        """(under _lock) A retired port's counters into _retired: what they gained since it
+        was retired (cycles that were under way, the discard above) is not lost."""
+        now = {k: getattr(port.c, k) for k in _PORT_COUNTERS}
+        was = port.counted or dict.fromkeys(_PORT_COUNTERS, 0)
+        for k in _PORT_COUNTERS:
+            self._retired[k] += now[k] - was[k]
+        port.counted = now
 
     # -- queues ---------------------------------------------------------------------------
     def role(self, queue: int) -> tuple[str, int]:
@@ -308,10 +316,8 @@ class VirtioNet(VirtioDevice, DeviceState):
                 if not self._receiving(pair):
                     return CYCLE_IDLE     # buffers stay posted; nothing reads for this queue
                 if not self.link:
-                    # Delivering what was read before the link went down, reading no more
-                    # (a reconnecting backend's descriptor now holds an idle cable, soon a
-                    # new peer whose frames are the new port's), one cycle at a time.
-                    rq.port.gone = 1
+                    # Delivering what was read before the link went down (the port is gone:
+                    # _link_lost), one cycle at a time.
                     rc = nq.call(lib.vnet_rx_cycle, rq, gate)
                 elif fds is None:
                     rc = nq.call(lib.vnet_rx_cycle, rq, gate)
@@ -381,6 +387,11 @@ class VirtioNet(VirtioDevice, DeviceState):
             if not self.link:
                 return
             self.link = False
+            # No worker reads these descriptors again: peer_gone() may put another
+            # connection behind the same number. The receive queues deliver what was read
+            # already (fetch_be32 parses to the end of its buffer before it looks at gone).
+            for port in {id(p): p for p in list(self._queue_port.values()) + self.ports}.values():
+                port.c.gone = 1
             try:
                 self.backend.peer_gone()
             except Exception:
@@ -430,8 +441,7 @@ class VirtioNet(VirtioDevice, DeviceState):
                           "stays down", self.name, len(fds), len(self.ports))
                 return False
             for old in self.ports:
-                for k in _PORT_COUNTERS:
-                    self._retired[k] += getattr(old.c, k)
+                self._settle_counters(old)
                 # A transmit worker asleep in C on it may wake on a kick before it hears of
                 # the new port: it hands the frame back instead of dropping it (SEND_MOVED).
                 old.c.moved = 1

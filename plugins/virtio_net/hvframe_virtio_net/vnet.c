@@ -332,6 +332,8 @@ static int fetch_be32(struct vnet_rxq *rq)
             p->rx_start += k;
             p->rx_skip -= k;
             avail -= k;
+            if (!p->rx_skip)
+                continue;           /* skipped whole: what follows may be a frame */
         } else if (avail >= VNET_STREAM_LEN_SIZE) {
             const uint8_t *b = p->rx_buf + p->rx_start;
             uint32_t len = (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3];

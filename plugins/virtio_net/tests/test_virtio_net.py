@@ -436,6 +436,32 @@ def test_frames_read_before_the_peer_hung_up_reach_the_driver_after_link_down(st
     assert st["reset_drops"] == st["rx_truncated"] == 0 and st["rx_frames"] == 10
 
 
+def test_frames_after_a_skipped_oversize_frame_follow_at_once_and_after_a_hang_up(stream_rig):
+    """An oversize frame is skipped whole; the frames after it in the same read are parsed
+    then and there (not left until more input comes), and, after a hang-up, delivered like
+    any other frame read before it."""
+    oversize = struct.pack(">I", 2000) + bytes(2000)
+    r = stream_rig(backend=StreamPair(max_frame=1000))
+    a = frame(n=200, seed=1)
+    r.backend.peer.sendall(oversize + struct.pack(">I", len(a)) + a)
+    assert r.nd.recv(0, timeout=3)[1] == a
+
+    r = stream_rig(backend=StreamPair(max_frame=1000), post=0)
+    be = r.backend
+    held, after = frame(n=200, seed=0), [frame(n=200, seed=2), frame(n=200, seed=3)]
+    be.send_frame(held)
+    wait_for(lambda: r.dev.rxqs[0].have_frame == 1, what="a frame in hand")
+    be.peer.sendall(oversize)
+    for f in after:
+        be.send_frame(f)
+    be.peer.close()
+    wait_for(lambda: not r.nd.config(6, 2) & L.S_LINK_UP, what="link down")
+    r.nd.post_rx(0, 16)
+    assert [r.nd.recv(0, timeout=5)[1] for _ in range(3)] == [held] + after
+    st = r.dev.stats()
+    assert (st["rx_oversize"], st["rx_truncated"], st["reset_drops"]) == (1, 0, 0)
+
+
 def test_frames_held_when_the_backend_reconnects_are_counted(stream_rig):
     """A new connection before the driver posted buffers: what the old one left in the device
     (the frame in hand, the rest of the stream buffer) is dropped and counted, and the new

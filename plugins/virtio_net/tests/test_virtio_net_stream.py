@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import subprocess
+import sys
 import time
 
 import pytest
 
-from hvframe_virtio_net import layout as L
+from hvframe_virtio_net import layout as L, virtio_net
 from hvframe_virtio_net.backends import open_backend
 from hvframe.testing.netframes import (StreamReader, arp_request, be32_frame, ip4, open_when_listening,
                        parse_arp_reply, write_all)
@@ -177,3 +179,47 @@ def test_device_link_follows_listen_peers_coming_and_going(sockdir, rigs):
         peer.close()
         wait_for(lambda: not link_up(r), what=f"link down after peer {n}")
         wait_for(lambda: r.fn.config_generation != gen, what="a configuration interrupt")
+
+
+def test_a_new_peer_on_the_same_descriptor_is_never_read_by_the_old_port(sockdir, monkeypatch):
+    """socket=listen: puts the next peer behind the same descriptor number. The link watcher's
+    relink is made to land at the worst moment: after the receive worker decided to deliver
+    what the old connection left (link down, a frame in hand), before it looks at the link
+    again. The old port must not read the new peer's bytes: the guest gets the old
+    connection's whole frames, then the new peer's frame whole, and the old one's half frame
+    is counted, never glued to the new stream."""
+    monkeypatch.setattr(virtio_net, "LINK_POLL_S", 60.0)     # only the relink forced below
+    path = os.path.join(sockdir, "l.sock")
+    be = open_backend(f"socket=listen:{path}", {}, 1)
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    first.connect(path)
+    wait_for(be.link_up, what="the first peer attached")
+    r = Rig(be, post=0)
+    dev, real, late = r.dev, r.dev._receiving, {}
+    new = frame(n=400, seed=42)
+
+    def receiving(pair):
+        got = real(pair)
+        if got and not dev.link and not late and sys._getframe(1).f_code.co_name == "_serve":
+            late["peer"] = second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            second.connect(path)
+            wait_for(be.link_up, what="the second peer attached")
+            second.sendall(be32_frame(new))
+            r.nd.post_rx(0, 16)
+            assert dev._relink()              # the watcher thread, as if it ran just now
+        return got
+    monkeypatch.setattr(dev, "_receiving", receiving)
+    try:
+        old = [frame(n=200, seed=0), frame(n=200, seed=1)]
+        half = MAC + bytes(6) + b"\x88\xb5" + bytes(86)       # 100 bytes of a 300-byte frame
+        first.sendall(b"".join(be32_frame(f) for f in old) + struct.pack(">I", 300) + half)
+        wait_for(lambda: dev.rxqs[0].have_frame == 1, what="a frame in hand")
+        first.close()
+        wait_for(lambda: late, what="the relink at the worst moment")
+        got = [r.nd.recv(0, timeout=5)[1] for _ in range(3)]
+        assert got == old + [new]
+        assert dev.stats()["rx_truncated"] == 1
+    finally:
+        r.close()
+        if late:
+            late["peer"].close()
