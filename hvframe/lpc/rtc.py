@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from ..device import Device
 
+import math
 import time
 
 from .. import concurrency
@@ -72,6 +73,9 @@ def memory_bytes(lowmem_end: int, highmem_size: int, cpus: int) -> dict[int, int
     out[0x5B], out[0x5C], out[0x5D] = high & 0xFF, (high >> 8) & 0xFF, high >> 16
     out[0x5F] = max(cpus - 1, 0) & 0xFF
     return out
+
+
+MAX_CLOCK_OFFSET = 1e10     # seconds (about 317 years) either side of the host's clock
 
 
 class Rtc(Device, DeviceState):
@@ -209,6 +213,10 @@ class Rtc(Device, DeviceState):
                         cmos=bytes(self.cmos))
 
     def load_state(self, s) -> None:
+        # A record's offset is a float off the file: NaN or one past what gmtime() takes would
+        # stop the timer thread at its first tick (the restore refuses it, in one line).
+        if not math.isfinite(s.offset) or abs(s.offset) > MAX_CLOCK_OFFSET:
+            raise ValueError(f"clock offset {s.offset!r} s is not a time this RTC can keep")
         with self._cond:
             self.index, self.nmi_disabled, self.offset = s.index, s.nmi_disabled, s.offset
             self.cmos[:] = s.cmos
