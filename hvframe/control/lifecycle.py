@@ -180,7 +180,7 @@ class Lifecycle:
         from ..snapshot import checkpoint
         from ..snapshot.migrate import DONE, GO, READY, connect, expect
         kind, _, rest = uri.partition(":")
-        if kind not in ("file", "unix", "tcp") or not rest:
+        if kind not in ("file", "unix", "tcp") or not rest or "\0" in rest:
             raise QmpError(f"uri {uri!r}: use file:PATH, unix:PATH or tcp:HOST:PORT")
         with self.using_machine() as m:
             try:

@@ -33,16 +33,21 @@ HANDOVER_TIMEOUT = 120.0
 def parse_address(uri: str, where: str) -> tuple[int, object]:
     """'unix:PATH' or 'tcp:HOST:PORT' -> (family, address)."""
     kind, _, rest = uri.partition(":")
+    if "\0" in rest:
+        rest = ""                   # (the socket calls refuse it with ValueError)
     if kind == "unix" and rest:
         return socket.AF_UNIX, rest
     if kind == "tcp" and rest:
         host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
         try:
-            return socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET, \
-                (host.strip("[]") or "0.0.0.0", int(port))
-        except ValueError:
-            pass
-    raise ConfigError(f"{where} {uri}: use unix:PATH or tcp:HOST:PORT")
+            port_n = int(port)
+            host.encode("idna")     # a name the resolver cannot take (a label over 63 bytes)
+        except (ValueError, UnicodeError):
+            port_n = -1
+        if 0 <= port_n <= 0xFFFF:
+            return socket.AF_INET6 if ":" in host else socket.AF_INET, (host or "0.0.0.0", port_n)
+    raise ConfigError(f"{where} {uri}: use unix:PATH or tcp:HOST:PORT (a port 0-65535)")
 
 
 def connect(uri: str, timeout: float = 30.0) -> socket.socket:
