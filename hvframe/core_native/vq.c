@@ -17,6 +17,7 @@
 #endif
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -303,7 +304,13 @@ int hv_vq_serve_batch(struct hv_vq *q, hv_batch_fn fn, void *ctx, int max)
 
 /* Busy-poll until avail.idx differs from last_avail_idx (1), `ns` nanoseconds pass or another
  * thread asks for the queue (0). Catches the driver's next batch without a sleep/wake-up
- * round trip (adaptive polling, as QEMU's iothreads do). */
+ * round trip (adaptive polling, as QEMU's iothreads do). Every 64 looks it yields the CPU:
+ * the thread that would end the poll (the driver's vCPU) is often runnable on this very CPU,
+ * where the scheduler put it when the worker's interrupt woke it, and waited out the whole
+ * window behind the spin (KVM's halt polling stops on single_task_running() for the same
+ * reason). With nothing else to run the yield is one system call. Streaming receive, its
+ * worker and the driver on one CPU, spent 9% of the worker's time here: 1.38-1.43 million
+ * frames/s without the yield, 1.62-1.65 million with it (2026-12-05). */
 static int vq_poll_avail(struct hv_vq *q, uint64_t ns)
 {
     const uint16_t *idx = vq_avail_idx(q);
@@ -317,6 +324,7 @@ static int vq_poll_avail(struct hv_vq *q, uint64_t ns)
                 return 0;
             if (hv_now_ns() - t0 >= ns)
                 return 0;
+            sched_yield();
         }
     }
 }

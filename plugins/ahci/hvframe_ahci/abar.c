@@ -36,6 +36,7 @@
  */
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <pthread.h>
 #include <time.h>
 #include <unistd.h>
@@ -631,9 +632,14 @@ int64_t ahci_port_wait(struct ahci_hba_regs *h, uint32_t port, uint64_t spin_ns,
         return -EINVAL;
     struct ahci_port_regs *p = &h->port[port];
     if (spin_ns) {
+        /* Yielding every 64 turns: the vCPU that would issue may be runnable on this CPU
+         * (as vq_poll_avail in the core). */
         uint64_t end = hv_now_ns() + spin_ns;
-        while (!LOAD(p->issued) && !LOAD(p->irq_owed) && hv_now_ns() < end)
+        for (unsigned i = 1; !LOAD(p->issued) && !LOAD(p->irq_owed) && hv_now_ns() < end; i++) {
             hv_cpu_relax();
+            if (i % 64 == 0)
+                sched_yield();
+        }
     }
     pthread_mutex_lock(&h->lock);
     int64_t n = p->issued | (p->irq_owed ? AHCI_WAIT_IRQ : 0);
