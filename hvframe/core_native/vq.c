@@ -306,9 +306,9 @@ int hv_vq_serve_batch(struct hv_vq *q, hv_batch_fn fn, void *ctx, int max)
  * thread asks for the queue (0). Catches the driver's next batch without a sleep/wake-up
  * round trip (adaptive polling, as QEMU's iothreads do). Every 64 looks it yields the CPU:
  * the thread that would end the poll (the driver's vCPU) is often runnable on this very CPU,
- * where the scheduler put it when the worker's interrupt woke it, and waited out the whole
- * window behind the spin (KVM's halt polling stops on single_task_running() for the same
- * reason). With nothing else to run the yield is one system call. Streaming receive, its
+ * as the driver's kick woke the worker onto the driver's CPU and preempted it there, and it
+ * waited out the whole window behind the spin (KVM's halt polling stops on
+ * single_task_running() for the same reason). With nothing else to run the yield is one system call. Streaming receive, its
  * worker and the driver on one CPU, spent 9% of the worker's time here: 1.38-1.43 million
  * frames/s without the yield, 1.62-1.65 million with it (2026-12-05). */
 static int vq_poll_avail(struct hv_vq *q, uint64_t ns)
